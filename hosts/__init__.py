@@ -1,0 +1,27 @@
+"""The simulated host machine: guest RAM with MTE tag storage, a KVM-like
+kernel interface (copy-tags ioctl, dirty log, VMM mappings) and guest vCPU
+workloads.  It knows nothing about migration."""
+
+from .constants import GRANULE, GRANULES_PER_PAGE, PAGE_SIZE, PACKED_TAGS_PER_PAGE
+from .errors import KernelError, TagCheckFault
+from .counters import Counters
+from .memory import GuestMemory
+from .kernel import (
+    KVM_ARM_TAGS_FROM_GUEST,
+    KVM_ARM_TAGS_TO_GUEST,
+    DirtyLog,
+    Kernel,
+    Memslot,
+    Vm,
+)
+from .mapping import TagCheckMode, VmmMapping
+from .vcpu import VcpuSet, VcpuState
+from .host import SimulatedHost
+
+__all__ = [
+    "GRANULE", "GRANULES_PER_PAGE", "PAGE_SIZE", "PACKED_TAGS_PER_PAGE",
+    "KernelError", "TagCheckFault", "Counters", "GuestMemory",
+    "KVM_ARM_TAGS_FROM_GUEST", "KVM_ARM_TAGS_TO_GUEST", "DirtyLog", "Kernel",
+    "Memslot", "Vm", "TagCheckMode", "VmmMapping", "VcpuSet", "VcpuState",
+    "SimulatedHost",
+]

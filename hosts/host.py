@@ -1,0 +1,45 @@
+"""A simulated host with one guest: kernel, VM with MTE, guest RAM, vCPUs
+and their workload, and the VMM's own mappings of guest RAM.  This is what a
+VMM process owns; the migration code drives it through these handles."""
+
+from .kernel import Kernel
+from .mapping import VmmDirtyTracker
+from .vcpu import VcpuSet
+from .workloads import make_workload
+
+
+class SimulatedHost:
+    """``device_prot_mte``: whether the VMM's device emulation reaches guest
+    RAM through a PROT_MTE mapping (the prot-mte design) or an untagged one."""
+
+    def __init__(self, ram_size: int, *, mte: bool = True, vcpus: int = 2,
+                 workload: str = "idle", workload_params: dict | None = None,
+                 rate: float | None = 0, seed: int = 1, device_prot_mte: bool = False,
+                 memslot_sizes: list[int] | None = None):
+        self.kernel = Kernel()
+        self.vm = self.kernel.create_vm(ram_size, memslot_sizes)
+        if mte:
+            self.vm.enable_mte()  # before any vCPU exists, as KVM requires
+        self.vmm_dirty = VmmDirtyTracker(self.vm.memory.npages)
+        self.ram = self.vm.map_guest_ram(prot_mte=False, dirty_tracker=self.vmm_dirty)
+        self.device_mapping = (self.vm.map_guest_ram(prot_mte=True, dirty_tracker=self.vmm_dirty)
+                               if device_prot_mte else self.ram)
+        self.workload = make_workload(workload, self.vm, seed=seed, vcpus=vcpus,
+                                      params=workload_params, device=self.device_mapping)
+        self.vcpus = VcpuSet(self.vm, self.workload, vcpus, rate, seed)
+
+    @property
+    def memory(self):
+        return self.vm.memory
+
+    @property
+    def counters(self):
+        return self.kernel.counters
+
+    def prepare_guest(self) -> None:
+        """Boot-time population of guest memory by the workload."""
+        self.workload.prepare()
+
+    def close(self) -> None:
+        self.vcpus.shutdown()
+        self.vm.close()

@@ -1,0 +1,343 @@
+"""The simulated kernel: the VMM's only way into guest memory and tags.
+
+It follows the KVM/arm64 rules that matter to the design question:
+KVM_CAP_ARM_MTE only before vCPUs exist, tag sanitising on the guest's first
+touch of an untagged page, KVM_ARM_MTE_COPY_TAGS with the documented checks
+and partial-copy return, and KVM_GET_DIRTY_LOG get-and-clear per memslot.
+Operations run in bulk on slices; the counters record what a real machine
+would have executed.
+"""
+
+import threading
+from dataclasses import dataclass
+
+from .constants import GRANULE, GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE, RAM_BASE_IPA
+from .counters import Counters
+from .errors import KernelError, efault, einval
+from .memory import GuestMemory
+from . import tags as tagops
+
+KVM_ARM_TAGS_TO_GUEST = 0
+KVM_ARM_TAGS_FROM_GUEST = 1
+_INT_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Memslot:
+    """A KVM memory slot: guest IPA range backed by RAM at ``ram_offset``."""
+    slot: int
+    guest_phys_addr: int
+    size: int
+    ram_offset: int
+
+    @property
+    def first_page(self) -> int:
+        """First page of guest RAM (GuestMemory page number) the slot covers."""
+        return self.ram_offset // PAGE_SIZE
+
+    @property
+    def npages(self) -> int:
+        return self.size // PAGE_SIZE
+
+    def contains(self, ipa: int) -> bool:
+        return self.guest_phys_addr <= ipa < self.guest_phys_addr + self.size
+
+
+class DirtyLog:
+    """What KVM_GET_DIRTY_LOG returned for one memslot.  The simulation keeps
+    one byte per page instead of one bit (bulk slicing is cheaper in Python);
+    page numbers given out are GuestMemory page numbers."""
+
+    def __init__(self, slot: Memslot, bitmap: bytes):
+        self.slot = slot
+        self.bitmap = bitmap
+
+    def count(self) -> int:
+        return self.bitmap.count(1)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """Dirty page runs [start, end), one find per run, not per page."""
+        out, bm, base, pos, n = [], self.bitmap, self.slot.first_page, 0, len(self.bitmap)
+        while True:
+            start = bm.find(1, pos)
+            if start < 0:
+                return out
+            end = bm.find(0, start)
+            end = n if end < 0 else end
+            out.append((base + start, base + end))
+            pos = end
+
+
+class Kernel:
+    """One host's kernel.  Holds the operation counters for everything the
+    VMM, the guest and the kernel itself do on this host."""
+
+    def __init__(self):
+        self.counters = Counters()
+
+    def create_vm(self, ram_size: int, memslot_sizes: list[int] | None = None) -> "Vm":
+        self.counters.add("syscalls.kvm_create_vm")
+        return Vm(self, ram_size, memslot_sizes)
+
+
+class Vm:
+    def __init__(self, kernel: Kernel, ram_size: int, memslot_sizes: list[int] | None = None):
+        self.kernel = kernel
+        self.counters = kernel.counters
+        self.memory = GuestMemory(ram_size)
+        self.mte_enabled = False
+        self.vcpu_count = 0
+        # The MMU lock orders guest stores + dirty marking against dirty-log
+        # harvesting, as KVM's mmu_lock does with write-protection.
+        self.mmu_lock = threading.Lock()
+        self.memslots: list[Memslot] = []
+        self._dirty: dict[int, bytearray] = {}
+        sizes = memslot_sizes or [ram_size]
+        if sum(sizes) != ram_size or any(s <= 0 or s % PAGE_SIZE for s in sizes):
+            raise ValueError("memslot sizes must be page multiples that add up to the RAM size")
+        offset = 0
+        for slot, size in enumerate(sizes):
+            self.memslots.append(Memslot(slot, RAM_BASE_IPA + offset, size, offset))
+            offset += size
+        self._mappings = []
+
+    # -- KVM_ENABLE_CAP / KVM_CREATE_VCPU -------------------------------------
+    def enable_mte(self) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_ARM_MTE): only before any vCPU exists."""
+        self.counters.add("syscalls.kvm_enable_cap")
+        if self.vcpu_count:
+            raise einval("KVM_CAP_ARM_MTE must be enabled before any vCPU is created")
+        self.mte_enabled = True
+
+    def create_vcpu(self) -> int:
+        self.counters.add("syscalls.kvm_create_vcpu")
+        self.vcpu_count += 1
+        return self.vcpu_count - 1
+
+    # -- address translation ---------------------------------------------------
+    def memslot_for(self, ipa: int) -> Memslot | None:
+        for slot in self.memslots:
+            if slot.contains(ipa):
+                return slot
+        return None
+
+    def ipa_to_ram(self, ipa: int, length: int) -> int:
+        """RAM byte offset of a guest access that must stay inside one memslot."""
+        slot = self.memslot_for(ipa)
+        if slot is None or ipa + length > slot.guest_phys_addr + slot.size:
+            raise efault(f"guest access {ipa:#x}+{length:#x} is outside every memslot")
+        return slot.ram_offset + (ipa - slot.guest_phys_addr)
+
+    def page_to_ipa(self, page: int) -> int:
+        offset = page * PAGE_SIZE
+        for slot in self.memslots:
+            if slot.ram_offset <= offset < slot.ram_offset + slot.size:
+                return slot.guest_phys_addr + offset - slot.ram_offset
+        raise ValueError(f"page {page} is outside guest RAM")
+
+    # -- MTE page state -------------------------------------------------------
+    def sanitise(self, first_page: int, end_page: int) -> None:
+        """Clear tags and set PG_mte_tagged on each untagged page in the range,
+        as the host does on the first stage-2 (or PROT_MTE) mapping of a page.
+        One bulk clear per run of untagged pages."""
+        if not self.mte_enabled:
+            return
+        tagged = self.memory.tagged
+        pos = first_page
+        while pos < end_page:
+            start = tagged.find(0, pos, end_page)
+            if start < 0:
+                return
+            end = tagged.find(1, start, end_page)
+            end = end_page if end < 0 else end
+            n = end - start
+            self.memory.tags[start * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE] = bytes(n * PACKED_TAGS_PER_PAGE)
+            tagged[start:end] = b"\x01" * n
+            self.counters.add("kernel.tag_clears", n)
+            pos = end
+
+    # -- guest accesses (used only by vCPU threads) -----------------------------
+    def guest_write(self, ipa: int, data) -> None:
+        """A guest store of ``data`` at ``ipa``: sanitise on first touch, store,
+        then log the pages dirty (after the store, as the write-protect fault
+        retry guarantees)."""
+        n = len(data)
+        off = self.ipa_to_ram(ipa, n)
+        first, end = off // PAGE_SIZE, -(-(off + n) // PAGE_SIZE)
+        with self.mmu_lock:
+            self.sanitise(first, end)
+            self.memory.data[off:off + n] = data
+            self._mark_dirty(first, end)
+
+    def guest_set_tags(self, ipa: int, length: int, tag: int) -> None:
+        """STG/ST2G over ``length`` bytes (granule aligned) with one tag.  A tag
+        store is a store: the pages are logged dirty even if data is unchanged."""
+        if ipa % GRANULE or length % GRANULE:
+            raise ValueError("tag stores are granule aligned")
+        if not self.mte_enabled:
+            return  # without MTE the tag instructions are NOPs
+        off = self.ipa_to_ram(ipa, length)
+        first, end = off // PAGE_SIZE, -(-(off + length) // PAGE_SIZE)
+        with self.mmu_lock:
+            self.sanitise(first, end)
+            tagops.fill_granules(self.memory.tags, off // GRANULE, length // GRANULE, tag)
+            self._mark_dirty(first, end)
+        self.counters.add("guest.tag_store_granules", length // GRANULE)
+
+    def guest_store_tags_packed(self, ipa: int, packed) -> None:
+        """The guest kernel's bulk tag store (STGM at EL1) over whole pages from
+        packed tags; dirties the pages like any store."""
+        if ipa % PAGE_SIZE or len(packed) % PACKED_TAGS_PER_PAGE:
+            raise ValueError("bulk tag stores cover whole pages")
+        if not self.mte_enabled:
+            return
+        npages = len(packed) // PACKED_TAGS_PER_PAGE
+        off = self.ipa_to_ram(ipa, npages * PAGE_SIZE)
+        first = off // PAGE_SIZE
+        with self.mmu_lock:
+            self.sanitise(first, first + npages)
+            self.memory.tags[first * PACKED_TAGS_PER_PAGE:(first + npages) * PACKED_TAGS_PER_PAGE] = packed
+            self._mark_dirty(first, first + npages)
+        self.counters.add("guest.tag_store_granules", npages * GRANULES_PER_PAGE)
+
+    def guest_read(self, ipa: int, length: int) -> bytes:
+        off = self.ipa_to_ram(ipa, length)
+        with self.mmu_lock:
+            self.sanitise(off // PAGE_SIZE, -(-(off + length) // PAGE_SIZE))
+            return bytes(self.memory.data[off:off + length])
+
+    def guest_tags(self, ipa: int, length: int) -> bytes:
+        """The allocation tags of a granule-aligned range, one byte per granule."""
+        off = self.ipa_to_ram(ipa, length)
+        g0, n = off // GRANULE, length // GRANULE
+        packed_lo, packed_hi = g0 // 2, -(-(g0 + n) // 2)
+        unpacked = tagops.unpack(self.memory.tags[packed_lo:packed_hi])
+        skip = g0 - 2 * packed_lo
+        return bytes(unpacked[skip:skip + n])
+
+    # -- dirty logging (KVM_MEM_LOG_DIRTY_PAGES / KVM_GET_DIRTY_LOG) ------------
+    def enable_dirty_logging(self, slot: int) -> None:
+        self.counters.add("syscalls.kvm_set_user_memory_region")
+        with self.mmu_lock:
+            self._dirty.setdefault(slot, bytearray(self.memslots[slot].npages))
+
+    def disable_dirty_logging(self, slot: int) -> None:
+        self.counters.add("syscalls.kvm_set_user_memory_region")
+        with self.mmu_lock:
+            self._dirty.pop(slot, None)
+
+    def dirty_logging(self) -> bool:
+        return bool(self._dirty)
+
+    def get_dirty_log(self, slot: int) -> DirtyLog:
+        """KVM_GET_DIRTY_LOG: return the slot's dirty pages and clear the log
+        (write-protecting the pages again) atomically against guest stores."""
+        self.counters.add("syscalls.kvm_get_dirty_log")
+        if not 0 <= slot < len(self.memslots):
+            raise einval(f"no memslot {slot}")
+        with self.mmu_lock:
+            bitmap = self._dirty.get(slot)
+            if bitmap is None:
+                raise KernelError("ENOENT", f"dirty logging is not enabled on memslot {slot}")
+            snapshot = bytes(bitmap)
+            bitmap[:] = bytes(len(bitmap))
+        return DirtyLog(self.memslots[slot], snapshot)
+
+    def _mark_dirty(self, first_page: int, end_page: int) -> None:
+        # Caller holds mmu_lock.  Pages are in GuestMemory numbering.
+        for slot_no, bitmap in self._dirty.items():
+            slot = self.memslots[slot_no]
+            a = max(first_page, slot.first_page) - slot.first_page
+            b = min(end_page, slot.first_page + slot.npages) - slot.first_page
+            if a < b:
+                newly = bitmap.count(0, a, b)
+                if newly:
+                    self.counters.add("kvm.write_protect_faults", newly)
+                bitmap[a:b] = b"\x01" * (b - a)
+
+    # -- KVM_ARM_MTE_COPY_TAGS -------------------------------------------------
+    def mte_copy_tags(self, guest_ipa: int, length: int, buf, flags: int,
+                      reserved: tuple[int, int] = (0, 0)) -> int:
+        """KVM_ARM_MTE_COPY_TAGS.  ``buf`` holds one byte per granule (the tag in
+        the low nibble): written for FROM_GUEST, read for TO_GUEST.  Returns the
+        guest bytes covered; a failure after some pages returns the bytes done."""
+        self.counters.add("syscalls.kvm_arm_mte_copy_tags")
+        if any(reserved):
+            raise einval("reserved fields must be zero")
+        if not self.mte_enabled:
+            raise einval("MTE is not enabled for this VM")
+        if flags & ~KVM_ARM_TAGS_FROM_GUEST:
+            raise einval(f"unknown flags {flags:#x}")
+        if guest_ipa % PAGE_SIZE or length % PAGE_SIZE:
+            raise einval("guest_ipa and length must be page aligned")
+        if length > _INT_MAX:
+            raise einval("length does not fit the return value")
+        from_guest = flags & KVM_ARM_TAGS_FROM_GUEST
+        view = memoryview(buf).cast("B")
+        done = 0
+        error: KernelError | None = None
+        while done < length:
+            ipa = guest_ipa + done
+            slot = self.memslot_for(ipa)
+            if slot is None:
+                error = efault(f"guest address {ipa:#x} is outside every memslot")
+                break
+            span = min(length - done, slot.guest_phys_addr + slot.size - ipa)
+            tag_offset = (done // PAGE_SIZE) * GRANULES_PER_PAGE
+            room = (len(view) - tag_offset) // GRANULES_PER_PAGE
+            npages = min(span // PAGE_SIZE, max(room, 0))
+            first = (slot.ram_offset + ipa - slot.guest_phys_addr) // PAGE_SIZE
+            if npages:
+                out = view[tag_offset:tag_offset + npages * GRANULES_PER_PAGE]
+                if from_guest:
+                    self._tags_to_user(first, npages, out)
+                else:
+                    self._tags_from_user(first, npages, out)
+                done += npages * PAGE_SIZE
+            if npages * PAGE_SIZE < span:
+                error = efault("tag buffer is too small for the requested length")
+                break
+        if done:
+            return done
+        if error:
+            raise error
+        return 0
+
+    def _tags_to_user(self, first: int, npages: int, out: memoryview) -> None:
+        mem = self.memory
+        end = first + npages
+        tagops.unpack_into(mem.tags[first * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE], out)
+        # Pages not marked tagged read as zeros (their storage is not trusted).
+        pos = first
+        while pos < end:
+            start = mem.tagged.find(0, pos, end)
+            if start < 0:
+                break
+            stop = mem.tagged.find(1, start, end)
+            stop = end if stop < 0 else stop
+            out[(start - first) * GRANULES_PER_PAGE:(stop - first) * GRANULES_PER_PAGE] = bytes((stop - start) * GRANULES_PER_PAGE)
+            pos = stop
+        tagged = mem.tagged.count(1, first, end)
+        self.counters.add("kernel.page_tag_reads", tagged)
+        self.counters.add("kernel.page_zero_fills", npages - tagged)
+        self.counters.add("bytes.tags_to_user", npages * GRANULES_PER_PAGE)
+
+    def _tags_from_user(self, first: int, npages: int, src: memoryview) -> None:
+        mem = self.memory
+        end = first + npages
+        mem.tags[first * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE] = tagops.pack(src)
+        mem.tagged[first:end] = b"\x01" * npages
+        self.counters.add("kernel.page_tag_writes", npages)
+        self.counters.add("bytes.tags_from_user", npages * GRANULES_PER_PAGE)
+
+    # -- VMM mappings ------------------------------------------------------------
+    def map_guest_ram(self, prot_mte: bool = False, dirty_tracker=None):
+        """mmap() the guest RAM into the VMM, untagged or with PROT_MTE."""
+        from .mapping import VmmMapping
+        self.counters.add("syscalls.mmap")
+        mapping = VmmMapping(self, prot_mte=prot_mte, dirty_tracker=dirty_tracker)
+        self._mappings.append(mapping)
+        return mapping
+
+    def close(self) -> None:
+        self.memory.close()

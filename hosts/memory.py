@@ -1,0 +1,107 @@
+"""Guest RAM and its MTE tag storage, as the host kernel holds them.
+
+Both live in memfd (tmpfs) files mapped shared, so RAM the guest never touched
+costs no host memory, and which pages were ever populated can be asked of the
+file with SEEK_DATA / SEEK_HOLE -- the simulated equivalent of what mincore or
+/proc/PID/pagemap tell a real VMM.  Tag storage is RAM/32 bytes, packed two
+tags per byte; ``tagged`` is the per-page PG_mte_tagged flag.
+"""
+
+import mmap
+import os
+
+from .constants import GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
+from .tags import all_zero
+
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+class GuestMemory:
+    def __init__(self, size: int, name: str = "guest-ram"):
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"guest RAM size must be a positive multiple of {PAGE_SIZE}, got {size}")
+        self.size = size
+        self.npages = size // PAGE_SIZE
+        self._data_fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self._tags_fd = os.memfd_create(name + "-tags", os.MFD_CLOEXEC)
+        os.ftruncate(self._data_fd, size)
+        os.ftruncate(self._tags_fd, self.npages * PACKED_TAGS_PER_PAGE)
+        self._data_map = mmap.mmap(self._data_fd, size)
+        self._tags_map = mmap.mmap(self._tags_fd, self.npages * PACKED_TAGS_PER_PAGE)
+        #: guest RAM bytes; the kernel's direct view (the linear map)
+        self.data = memoryview(self._data_map)
+        #: packed tag storage, PACKED_TAGS_PER_PAGE bytes per page
+        self.tags = memoryview(self._tags_map)
+        #: PG_mte_tagged, one byte per page (0 or 1)
+        self.tagged = bytearray(self.npages)
+
+    # -- which pages exist -------------------------------------------------
+    def populated_ranges(self, first_page: int = 0, end_page: int | None = None) -> list[tuple[int, int]]:
+        """Page ranges [start, end) that hold host memory, found with
+        SEEK_DATA/SEEK_HOLE on the backing file: never reads (and so never
+        populates) a page."""
+        end_page = self.npages if end_page is None else end_page
+        ranges: list[tuple[int, int]] = []
+        offset, limit = first_page * PAGE_SIZE, end_page * PAGE_SIZE
+        while offset < limit:
+            try:
+                start = os.lseek(self._data_fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after offset
+                break
+            if start >= limit:
+                break
+            hole = min(os.lseek(self._data_fd, start, os.SEEK_HOLE), limit)
+            ranges.append((start // PAGE_SIZE, -(-hole // PAGE_SIZE)))
+            offset = hole
+        return ranges
+
+    def populated_pages(self) -> int:
+        return sum(e - s for s, e in self.populated_ranges())
+
+    def prefault(self, first_page: int, end_page: int) -> None:
+        """Allocate host memory for a page range ahead of use (as a VMM's
+        -mem-prealloc does), so first-touch faults happen now, not later."""
+        os.posix_fallocate(self._data_fd, first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE)
+
+    # -- loading -------------------------------------------------------------
+    def load_image(self, path: str, offset: int = 0, repeat: bool = False) -> int:
+        """Copy a raw image file into RAM at byte ``offset`` (page aligned);
+        with ``repeat`` the image is repeated until RAM is full.  Reads land
+        in place; an all-zero 1 MiB chunk is not written, so it stays
+        unpopulated as it would in a VMM that maps a sparse image.  Returns
+        the bytes of RAM the image covers."""
+        if offset % PAGE_SIZE or not 0 <= offset < self.size:
+            raise ValueError(f"image offset {offset} must be page aligned and inside RAM")
+        chunk = bytearray(1 << 20)
+        pos = offset
+        with open(path, "rb", buffering=0) as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ValueError(f"image {path} is empty")
+            while pos < self.size:
+                n = f.readinto(memoryview(chunk)[:min(len(chunk), self.size - pos)])
+                if n == 0:
+                    if not repeat:
+                        break
+                    f.seek(0)
+                    continue
+                if not all_zero(memoryview(chunk)[:n]):
+                    self.data[pos:pos + n] = memoryview(chunk)[:n]
+                pos += n
+        return pos - offset
+
+    # -- helpers -------------------------------------------------------------
+    def page_tags(self, page: int) -> memoryview:
+        o = page * PACKED_TAGS_PER_PAGE
+        return self.tags[o:o + PACKED_TAGS_PER_PAGE]
+
+    @staticmethod
+    def granule_of(offset: int) -> int:
+        return offset // (PAGE_SIZE // GRANULES_PER_PAGE)
+
+    def close(self) -> None:
+        for view in (self.data, self.tags):
+            view.release()
+        self._data_map.close()
+        self._tags_map.close()
+        os.close(self._data_fd)
+        os.close(self._tags_fd)
