@@ -1,0 +1,211 @@
+"""The mte-migrate command line (also `python -m migrate`)."""
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+from .errors import ConfigError, MigrationError
+from .units import parse_rate, parse_size
+
+DESCRIPTION = """\
+Live migration of a simulated Arm64 KVM guest that uses MTE memory tags,
+between two host processes over TCP, with pluggable ways for the VMM to reach
+the tags (PROT_MTE mapping, KVM_ARM_MTE_COPY_TAGS, ...).  With no command,
+`run` migrates the built-in default scenario: a 1 GiB allocator guest with
+the tag-ioctl strategy."""
+
+EPILOG = """\
+examples:
+  mte-migrate run                                  # the default scenario
+  mte-migrate run --scenario hot-set --max-passes 5 --json out.json
+  mte-migrate run --strategy none --scenario allocator   # validation fails: tags lost
+  mte-migrate dest --listen 0.0.0.0:4444 --scenario allocator     # terminal 1
+  mte-migrate source --connect HOST:4444 --scenario allocator     # terminal 2
+  mte-migrate validate --scenario retag-churn      # compare every page and tag
+exit status: 0 migrated and validated; 1 failed; 2 bad usage; 130 cancelled."""
+
+
+def _add_guest_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("guest and scenario")
+    g.add_argument("--scenario", metavar="NAME|FILE", help="scenario name from scenarios/ or a TOML file (default: built-in 'default')")
+    g.add_argument("--ram", metavar="SIZE", help="guest RAM, e.g. 512MiB, 16GiB")
+    g.add_argument("--image", metavar="FILE", help="load guest RAM from this raw image")
+    g.add_argument("--image-repeat", action="store_true", help="repeat the image to fill RAM")
+    g.add_argument("--workload", help="guest workload (idle, allocator, retag-churn, stream, hot-set, random, device-dma)")
+    g.add_argument("--rate", metavar="PAGES/S", help="guest dirtying rate in pages per second ('max' for flat out)")
+    g.add_argument("--vcpus", type=int, metavar="N", help="number of vCPUs")
+    g.add_argument("--seed", type=int, help="workload seed (same seed, same guest)")
+    g.add_argument("--fill", type=float, metavar="FRACTION", help="share of RAM the workload populates at boot (0..1)")
+    g.add_argument("--spec", help=argparse.SUPPRESS)  # internal: full spec from `run`
+
+
+def _add_migration_options(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("migration")
+    m.add_argument("--strategy", help="tag strategy (see `mte-migrate strategies`; default tag-ioctl)")
+    m.add_argument("--compression", metavar="auto|none|LEVEL", help="zstd: auto (default) decides from measured throughput")
+    m.add_argument("--max-bandwidth", metavar="RATE", help="cap the sending rate, e.g. 125M (bytes/s), 1GiB; default none")
+    m.add_argument("--downtime-limit", type=float, metavar="MS", help="converged when estimated downtime <= this (default 300)")
+    m.add_argument("--max-passes", type=int, metavar="N", help="stop-and-copy after N dirty passes anyway (default 30)")
+    m.add_argument("--batch-pages", type=int, metavar="N", help="pages per frame (default 256)")
+    m.add_argument("--tag-batch-pages", type=int, metavar="N", help="pages per KVM_ARM_MTE_COPY_TAGS call (default 256)")
+    m.add_argument("--no-checksum", action="store_true", help="no CRC32 per frame")
+    m.add_argument("--timeout", type=float, metavar="S", help="peer silent this long is dead (default 10)")
+    m.add_argument("--vm-uuid", help="identity of the guest (checked by a destination started with --expect-uuid)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mte-migrate", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mte-migrate {__version__}")
+    parser.add_argument("--debug", action="store_true", help="log state transitions")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="migrate between a destination and a source process on loopback",
+                       description="Start a destination and a source host process on loopback, migrate, report.")
+    _add_guest_options(p)
+    _add_migration_options(p)
+
+    p = sub.add_parser("validate", help="migrate, then compare every page and every tag",
+                       description="Run a migration with full validation and print the first mismatches.")
+    _add_guest_options(p)
+    _add_migration_options(p)
+
+    p = sub.add_parser("dest", help="run the destination host: listen and receive one migration")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any)")
+    p.add_argument("--expect-uuid", metavar="UUID", help="refuse any guest with another --vm-uuid")
+    p.add_argument("--run-after", type=float, default=0.0, metavar="S", help="keep the migrated guest running this long")
+    _add_guest_options(p)
+    _add_migration_options(p)
+
+    p = sub.add_parser("source", help="run the source host: boot the guest and migrate it to a destination")
+    p.add_argument("--connect", required=True, metavar="HOST:PORT", help="destination address")
+    p.add_argument("--warmup", type=float, default=0.2, metavar="S", help="let the guest run this long first (default 0.2)")
+    _add_guest_options(p)
+    _add_migration_options(p)
+
+    sub.add_parser("scenarios", help="list the scenarios, one a line")
+    sub.add_parser("strategies", help="list the tag strategies, one a line")
+    return parser
+
+
+def resolve(args):
+    """Scenario + command-line overrides -> (GuestSpec, MigrationConfig, name)."""
+    from . import scenario as scen
+    from .hostproc import spec_from_json
+    if getattr(args, "spec", None):
+        with open(args.spec) as f:
+            guest, config, name = spec_from_json(f.read())
+    else:
+        s = scen.load(args.scenario)
+        guest, config, name = s.guest, s.migration, s.name
+    try:
+        if args.ram:
+            guest.ram = parse_size(args.ram, "--ram")
+        if args.image:
+            guest.image = args.image
+        if args.image_repeat:
+            guest.image_repeat = True
+        if args.workload:
+            guest.workload = args.workload
+        if args.rate:
+            guest.rate = None if args.rate in ("max", "unlimited") else float(args.rate)
+        if args.vcpus is not None:
+            guest.vcpus = args.vcpus
+        if args.seed is not None:
+            guest.seed = args.seed
+        if args.fill is not None:
+            guest.params = {**guest.params, "fill": args.fill}
+        if args.strategy:
+            config.strategy = args.strategy
+        if args.compression:
+            config.compression = args.compression
+        if args.max_bandwidth:
+            config.max_bandwidth = parse_rate(args.max_bandwidth, "--max-bandwidth")
+        if args.downtime_limit is not None:
+            config.downtime_limit_ms = args.downtime_limit
+        if args.max_passes is not None:
+            config.max_passes = args.max_passes
+        if args.batch_pages is not None:
+            config.batch_pages = args.batch_pages
+        if args.tag_batch_pages is not None:
+            config.tag_batch_pages = args.tag_batch_pages
+        if args.no_checksum:
+            config.checksum = False
+        if args.timeout is not None:
+            config.timeout_s = args.timeout
+        if args.vm_uuid:
+            config.vm_uuid = args.vm_uuid
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if guest.ram <= 0 or guest.ram % 4096:
+        raise ConfigError(f"guest RAM must be a positive multiple of 4 KiB, got {guest.ram}")
+    if guest.vcpus < 1:
+        raise ConfigError("a guest needs at least one vCPU")
+    from hosts.workloads import WORKLOADS
+    if guest.workload not in WORKLOADS:
+        raise ConfigError(f"unknown workload {guest.workload!r}; known: {', '.join(WORKLOADS)}")
+    if args.command == "validate":
+        config.validate = "full"
+    return guest, config.check(), name
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["run"] + (argv if argv is not None else sys.argv[1:]))
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"mte-migrate: error: {exc}", file=sys.stderr)
+        return 2
+    except MigrationError as exc:
+        print(f"mte-migrate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mte-migrate: cancelled", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from .report import summary, write_json
+    if args.command == "scenarios":
+        from . import scenario as scen
+        names = scen.available()
+        if "default" not in names:
+            print(f"default\t{scen.builtin_default().description} (built-in)")
+        for name, path in names.items():
+            try:
+                print(f"{name}\t{scen.load(str(path)).description}")
+            except ConfigError as exc:
+                print(f"{name}\t(invalid: {exc})")
+        return 0
+    if args.command == "strategies":
+        from .strategies import STRATEGIES
+        for name, cls in STRATEGIES.items():
+            label = "[proposal] " if cls.proposal else ""
+            print(f"{name}\t{label}{cls.description}")
+        return 0
+    guest, config, name = resolve(args)
+    if args.command in ("run", "validate"):
+        from .runner import run_pair
+        result = run_pair(guest, config, name, args.quiet)
+        if args.json:
+            write_json(result, args.json)
+        if not args.quiet:
+            print(summary(result), file=sys.stderr)
+        ok = result["status"] == "completed" and result["validation"]["ok"]
+        return 0 if ok else (130 if result["status"] == "cancelled" else 1)
+    from .hostproc import run_dest, run_source
+    if args.command == "source":
+        return run_source(guest, config, name, args.connect, args.json, args.quiet, args.warmup)
+    if args.command == "dest":
+        return run_dest(guest, config, name, args.listen, args.strategy or config.strategy if args.spec else args.strategy,
+                        args.expect_uuid, args.json, args.quiet, args.run_after)
+    raise ConfigError(f"unknown command {args.command}")

@@ -1,0 +1,95 @@
+"""Configuration of one migration and of the guest it moves."""
+
+from dataclasses import dataclass, field, fields, replace
+
+from .errors import ConfigError
+
+
+@dataclass
+class MigrationConfig:
+    strategy: str = "tag-ioctl"
+    """Tag strategy (see ``mte-migrate strategies``)."""
+    compression: str = "auto"
+    """'auto' (compress when the link is the bottleneck, decided from measured
+    throughput and ratio), 'none', or a zstd level such as '1' or '-5'."""
+    max_bandwidth: int | None = None
+    """Cap on the sending rate in bytes per second (None: uncapped), as QEMU's
+    max-bandwidth."""
+    downtime_limit_ms: float = 300.0
+    """Stop-and-copy once the estimated downtime is at most this."""
+    max_passes: int = 30
+    """Stop-and-copy after this many dirty passes even if not converged."""
+    batch_pages: int = 256
+    """Pages per PAGES frame (at most 1024)."""
+    tag_batch_pages: int = 256
+    """Pages per KVM_ARM_MTE_COPY_TAGS call for the tag-ioctl strategy."""
+    checksum: bool = True
+    """CRC32 on every frame."""
+    validate: str = "digest"
+    """'digest': compare per-chunk digests at completion and detail the
+    chunks that differ; 'full': compare every page and every tag."""
+    timeout_s: float = 10.0
+    """A peer silent for this long is declared dead."""
+    vm_uuid: str = ""
+    """Identity of the guest; a destination told to expect one refuses others."""
+
+    def check(self) -> "MigrationConfig":
+        from .strategies import STRATEGIES
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; known: {', '.join(STRATEGIES)}")
+        if self.compression not in ("auto", "none"):
+            try:
+                level = int(self.compression)
+            except ValueError:
+                raise ConfigError(f"compression must be 'auto', 'none' or a zstd level, got {self.compression!r}") from None
+            if not -7 <= level <= 22:
+                raise ConfigError(f"zstd level {level} is out of range (-7..22)")
+        if not 1 <= self.batch_pages <= 1024:
+            raise ConfigError(f"batch_pages must be 1..1024, got {self.batch_pages}")
+        if self.tag_batch_pages < 1:
+            raise ConfigError("tag_batch_pages must be at least 1")
+        if self.max_passes < 0:
+            raise ConfigError("max_passes must be 0 or more")
+        if self.downtime_limit_ms <= 0:
+            raise ConfigError("downtime limit must be positive")
+        if self.max_bandwidth is not None and self.max_bandwidth <= 0:
+            raise ConfigError("max bandwidth must be positive")
+        if self.validate not in ("digest", "full"):
+            raise ConfigError(f"validate must be 'digest' or 'full', got {self.validate!r}")
+        if self.timeout_s <= 0:
+            raise ConfigError("timeout must be positive")
+        return self
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MigrationConfig":
+        known = {f.name for f in fields(cls)}
+        return replace(cls(), **{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class GuestSpec:
+    ram: int = 1 << 30
+    """Guest RAM in bytes."""
+    vcpus: int = 2
+    mte: bool = True
+    workload: str = "allocator"
+    rate: float | None = 20000
+    """Target dirtying rate in pages per second for the whole guest (None: flat out)."""
+    seed: int = 1
+    params: dict = field(default_factory=dict)
+    """Workload parameters (fill, tagged, hot_pages, dma_policy, ...)."""
+    image: str | None = None
+    """Raw image file to load into guest RAM before the workload starts."""
+    image_offset: int = 0
+    image_repeat: bool = False
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GuestSpec":
+        known = {f.name for f in fields(cls)}
+        return replace(cls(), **{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,230 @@
+"""The destination VMM's migration engine.  It treats the stream as hostile,
+applies pages in place, and resumes the guest only after the source has seen
+a matching digest and said GO.  On any failure it discards what it received
+and never resumes a partial guest."""
+
+import asyncio
+import logging
+import socket
+import time
+
+from hosts.constants import GRANULE, PAGE_SIZE
+from hosts.vcpu import VcpuState
+from hosts.workloads import make_workload
+
+from . import PROTOCOL_VERSION
+from . import frames as fr
+from .digest import MemoryDigest, chunk_count, page_detail, state_digest
+from .errors import (Cancelled, HandshakeMismatch, MigrationError, PeerError, ProtocolError, one_line)
+from .machine import Connection, dest_machine
+from .pages import BatchApplier, BatchStats
+from .progress import Progress
+from .report import empty_result
+from .strategies import STRATEGIES
+from .transport import FrameChannel, tune
+from .units import fmt_bytes
+
+log = logging.getLogger("migrate.dest")
+T = fr.FrameType
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class DestVmm:
+    """``strategy``: the strategy this destination insists on, or None to
+    accept any it supports.  ``expect_uuid``: refuse any other guest."""
+
+    def __init__(self, host, config, scenario: str = "custom", strategy: str | None = None,
+                 expect_uuid: str | None = None, progress: Progress | None = None):
+        self.host = host
+        self.config = config
+        self.scenario = scenario
+        self.required_strategy = strategy
+        self.expect_uuid = expect_uuid
+        self.progress = progress or Progress(False)
+        self.result = empty_result(scenario, strategy or "any")
+        self.result["guest_on"] = "nowhere"
+        self.stats = BatchStats()
+        self.machine = None
+        self.resumed = False
+
+    async def serve(self, listener: socket.socket) -> dict:
+        """Accept one migration on ``listener``; refuse any other connection."""
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        sock, peer = await loop.sock_accept(listener)
+        tune(sock)
+        refuser = asyncio.ensure_future(self._refuse_others(listener))
+        try:
+            return await self.receive(sock)
+        finally:
+            refuser.cancel()
+
+    async def _refuse_others(self, listener) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            try:
+                for b in fr.encode(fr.Error("busy", "this destination is already receiving a migration")):
+                    await loop.sock_sendall(sock, b)
+            except OSError:
+                pass
+            finally:
+                sock.close()
+
+    async def receive(self, sock: socket.socket) -> dict:
+        host, cfg, res = self.host, self.config, self.result
+        res["ram"]["total_bytes"] = host.memory.size
+        t_start = time.perf_counter()
+        before = host.counters.snapshot()
+        conn = Connection(dest_machine(), cfg.checksum)
+        self.machine = conn.machine
+        chan = self.chan = FrameChannel(sock, conn, cfg.timeout_s)
+        try:
+            hello = await chan.recv()
+            mismatch = self._check_hello(hello)
+            if mismatch:
+                await chan.send(fr.Error("mismatch", mismatch))
+                raise HandshakeMismatch(mismatch)
+            res["strategy"] = hello.strategy
+            self.strategy = STRATEGIES[hello.strategy](host, cfg)
+            self.strategy.setup_dest()
+            applier = BatchApplier(self.strategy, host.memory.npages)
+            await chan.send(fr.Welcome(PROTOCOL_VERSION))
+            res["setup_time_ms"] = _ms(time.perf_counter() - t_start)
+            state = None
+            while True:
+                frame = await chan.recv()
+                ftype = frame.type
+                if ftype == T.PAGES:
+                    self.stats.add(applier.apply(frame))
+                elif ftype == T.PASS_END:
+                    res["dirty_sync_count"] = frame.pass_no
+                elif ftype == T.STATE:
+                    state = frame.state
+                    self._load_state(state)
+                elif ftype == T.COMPLETE:
+                    await self._confirm(chan, state)
+                elif ftype == T.INSPECT:
+                    self._check_chunks(frame.chunks)
+                    detail = await asyncio.get_running_loop().run_in_executor(None, page_detail, host.memory, frame.chunks)
+                    await chan.send(fr.Inspection(frame.chunks, detail))
+                elif ftype == T.GO:
+                    self._resume()
+                    await chan.send(fr.Resumed())
+                    res["status"] = "completed"
+                    break
+                elif ftype == T.ERROR:
+                    raise PeerError(f"source: {frame.message}", frame.code)
+                elif ftype == T.ABORT:
+                    raise Cancelled(f"source aborted: {frame.reason}")
+        except asyncio.CancelledError:
+            self._fail(Cancelled("cancelled by the user"), chan)
+        except MigrationError as exc:
+            self._fail(exc, chan)
+        except Exception as exc:
+            log.exception("internal error")
+            self._fail(MigrationError(f"internal error: {type(exc).__name__}: {one_line(exc)}"), chan)
+        finally:
+            if not self.resumed:
+                await self._report_failure(chan)
+            chan.close()
+            if getattr(self, "strategy", None) is not None:
+                self.strategy.close()
+            res["total_time_ms"] = _ms(time.perf_counter() - t_start)
+            res["counters"] = type(host.counters).delta(host.counters.snapshot(), before)
+            s = self.stats
+            res["ram"].update(transferred_bytes=chan.bytes_received, zero_pages=s.zero_pages,
+                              normal_pages=s.normal_pages, normal_bytes=s.data_bytes)
+            res["tags"].update(tagged_pages=s.tagged_pages, raw_bytes=s.tag_raw, wire_bytes=s.tag_wire)
+            res["wire"].update(bytes_sent=chan.bytes_sent, bytes_received=chan.bytes_received,
+                               data_bytes=s.data_wire, tag_bytes=s.tag_wire)
+        return res
+
+    # -- handshake ----------------------------------------------------------------
+    def _check_hello(self, hello) -> str | None:
+        """The first capability that does not match, as a sentence; None if all do."""
+        host = self.host
+        if hello.type != T.HELLO:
+            return f"expected HELLO, got {hello.type.name}"
+        if hello.version != PROTOCOL_VERSION:
+            return f"protocol version differs: source {hello.version}, destination {PROTOCOL_VERSION}"
+        if hello.ram_size != host.memory.size:
+            return f"RAM size differs: source {fmt_bytes(hello.ram_size)}, destination {fmt_bytes(host.memory.size)}"
+        if hello.page_size != PAGE_SIZE:
+            return f"page size differs: source {hello.page_size}, destination {PAGE_SIZE}"
+        if hello.granule != GRANULE:
+            return f"tag granule differs: source {hello.granule}, destination {GRANULE}"
+        if hello.mte != host.vm.mte_enabled:
+            return f"MTE differs: source {'on' if hello.mte else 'off'}, destination {'on' if host.vm.mte_enabled else 'off'}"
+        if hello.vcpus != host.vcpus.count:
+            return f"vCPU count differs: source {hello.vcpus}, destination {host.vcpus.count}"
+        if hello.strategy not in STRATEGIES:
+            return f"strategy {hello.strategy!r} is not supported here (supported: {', '.join(STRATEGIES)})"
+        if self.required_strategy and hello.strategy != self.required_strategy:
+            return f"strategy differs: source {hello.strategy}, destination {self.required_strategy}"
+        wanted = STRATEGIES[hello.strategy].tag_format
+        if hello.tag_format != wanted:
+            return f"tag format differs: source {hello.tag_format}, destination {wanted} for {hello.strategy}"
+        if hello.compression != "zstd":
+            return f"compression differs: source {hello.compression}, destination zstd"
+        if self.expect_uuid and hello.vm_uuid != self.expect_uuid:
+            return f"VM identity differs: source {hello.vm_uuid or '(none)'}, destination expects {self.expect_uuid}"
+        return None
+
+    # -- state and completion --------------------------------------------------------
+    def _load_state(self, state: dict) -> None:
+        """Check and stage vCPU + workload state; nothing runs until GO."""
+        try:
+            vcpus = [VcpuState.from_wire(v) for v in state["vcpus"]]
+            wl = state["workload"]
+            workload = make_workload(wl["name"], self.host.vm, seed=int(wl["seed"]), vcpus=len(vcpus),
+                                     params=dict(wl["params"]), device=self.host.device_mapping)
+            workload.set_state(wl["state"])
+            self.host.vcpus.set_states(vcpus)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise ProtocolError(f"STATE is not a valid guest state: {type(exc).__name__}: {one_line(exc)}") from None
+        self._staged_workload = workload
+
+    async def _confirm(self, chan, state) -> None:
+        loop = asyncio.get_running_loop()
+        digest = await loop.run_in_executor(None, MemoryDigest, self.host.memory)
+        sdigest = state_digest(state) if state is not None else ""
+        await chan.send(fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs()))
+
+    def _check_chunks(self, chunks) -> None:
+        limit = chunk_count(self.host.memory.npages)
+        bad = [c for c in chunks if c >= limit]
+        if bad:
+            raise ProtocolError(f"INSPECT names chunk {bad[0]}, outside guest RAM ({limit} chunks)")
+
+    def _resume(self) -> None:
+        host = self.host
+        host.workload = self._staged_workload
+        host.vcpus.workload = self._staged_workload
+        host.vcpus.start()
+        self.resumed = True
+        self.result["guest_on"] = "destination"
+
+    # -- failure -------------------------------------------------------------------
+    def _fail(self, exc: MigrationError, chan) -> None:
+        self.result["status"] = exc.status
+        self.result["error"] = one_line(exc)
+        self._error = exc
+        self.progress.message(f"migration {exc.status}: {self.result['error']}")
+
+    async def _report_failure(self, chan) -> None:
+        """Tell the source why (unless it told us), then discard what arrived."""
+        err = getattr(self, "_error", None)
+        if err is not None and not isinstance(err, (PeerError, Cancelled)) and not chan.closed \
+                and self.machine is not None and not self.machine.finished and not isinstance(err, HandshakeMismatch):
+            try:
+                async with asyncio.timeout(1.0):
+                    await chan.send(fr.Error(err.code, one_line(err)))
+            except Exception:
+                pass
+        if self.machine is not None:
+            self.machine.fail("discarding the partial guest")
+        self.result["guest_on"] = "nowhere (partial state discarded)"

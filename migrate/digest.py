@@ -1,0 +1,147 @@
+"""Digests of guest memory and tags, read straight from the simulated
+kernel's storage -- never through a tag strategy -- for validation.
+
+RAM is cut into 1 MiB chunks (256 pages).  A chunk's data CRC covers its
+bytes, with never-populated pages counted as zeros without reading them (a
+read would populate them); its tag CRC covers the *effective* tags: packed
+storage for pages marked tagged, zeros for the rest (FROM_GUEST semantics).
+The digest is sha256 over the per-chunk CRCs, so two hosts agree exactly
+when every chunk does, and the chunk CRCs say where they differ.
+"""
+
+import bisect
+import hashlib
+import zlib
+from array import array
+
+from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
+
+CHUNK_PAGES = 256
+_ZERO_CHUNK = bytes(CHUNK_PAGES * PAGE_SIZE)
+_ZERO_TAGS = bytes(CHUNK_PAGES * PACKED_TAGS_PER_PAGE)
+
+
+def chunk_count(npages: int) -> int:
+    return -(-npages // CHUNK_PAGES)
+
+
+class MemoryDigest:
+    """Per-chunk CRCs of one guest's RAM and tags."""
+
+    def __init__(self, memory, chunks: list[int] | None = None):
+        self.memory = memory
+        self.nchunks = chunk_count(memory.npages)
+        wanted = range(self.nchunks) if chunks is None else chunks
+        self.data_crcs = array("I", [0]) * self.nchunks
+        self.tag_crcs = array("I", [0]) * self.nchunks
+        populated = memory.populated_ranges()
+        ends = [b for _, b in populated]
+        for c in wanted:
+            # Only the populated ranges that can overlap this chunk.
+            first, _ = self._chunk_bounds(c)
+            self.data_crcs[c] = self._data_crc(c, populated[bisect.bisect_right(ends, first):])
+            self.tag_crcs[c] = self._tag_crc(c)
+
+    def _chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        first = chunk * CHUNK_PAGES
+        return first, min(first + CHUNK_PAGES, self.memory.npages)
+
+    def _data_crc(self, chunk: int, populated) -> int:
+        first, end = self._chunk_bounds(chunk)
+        crc, pos = 0, first
+        data = self.memory.data
+        for a, b in populated:
+            if a >= end:
+                break
+            a, b = max(a, pos), min(b, end)
+            if a > pos:
+                crc = zlib.crc32(_ZERO_CHUNK[:(a - pos) * PAGE_SIZE], crc)
+            crc = zlib.crc32(data[a * PAGE_SIZE:b * PAGE_SIZE], crc)
+            pos = b
+        if pos < end:
+            crc = zlib.crc32(_ZERO_CHUNK[:(end - pos) * PAGE_SIZE], crc)
+        return crc
+
+    def _tag_crc(self, chunk: int) -> int:
+        first, end = self._chunk_bounds(chunk)
+        return zlib.crc32(effective_tags(self.memory, first, end))
+
+    def data_digest(self) -> str:
+        return hashlib.sha256(self.data_crcs.tobytes()).hexdigest()
+
+    def tag_digest(self) -> str:
+        return hashlib.sha256(self.tag_crcs.tobytes()).hexdigest()
+
+    def chunk_crcs(self) -> bytes:
+        return self.data_crcs.tobytes() + self.tag_crcs.tobytes()
+
+    @staticmethod
+    def split_chunk_crcs(raw: bytes, nchunks: int) -> tuple[array, array]:
+        if len(raw) != 8 * nchunks:
+            raise ValueError(f"expected {8 * nchunks} bytes of chunk CRCs, got {len(raw)}")
+        data, tags = array("I"), array("I")
+        data.frombytes(raw[:4 * nchunks])
+        tags.frombytes(raw[4 * nchunks:])
+        return data, tags
+
+
+def effective_tags(memory, first: int, end: int) -> bytes:
+    """Packed tags of pages [first, end) as KVM would report them: zeros for
+    pages not marked tagged (their storage is never read)."""
+    tagged = memory.tagged
+    n = end - first
+    ntagged = tagged.count(1, first, end)
+    if ntagged == 0:
+        return _ZERO_TAGS[:n * PACKED_TAGS_PER_PAGE] if n <= CHUNK_PAGES else bytes(n * PACKED_TAGS_PER_PAGE)
+    if ntagged == n:
+        return bytes(memory.tags[first * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE])
+    out = bytearray(n * PACKED_TAGS_PER_PAGE)
+    pos = first
+    while pos < end:
+        a = tagged.find(1, pos, end)
+        if a < 0:
+            break
+        b = tagged.find(0, a, end)
+        b = end if b < 0 else b
+        out[(a - first) * PACKED_TAGS_PER_PAGE:(b - first) * PACKED_TAGS_PER_PAGE] = \
+            memory.tags[a * PACKED_TAGS_PER_PAGE:b * PACKED_TAGS_PER_PAGE]
+        pos = b
+    return bytes(out)
+
+
+def page_detail(memory, chunks: list[int]) -> bytes:
+    """For each page of the chunks: data CRC (4 bytes LE) + effective packed
+    tags (128 bytes).  Used to find which pages and granules differ."""
+    out = bytearray()
+    populated = memory.populated_ranges()
+    zero_crc = zlib.crc32(bytes(PAGE_SIZE))
+    for c in chunks:
+        first = c * CHUNK_PAGES
+        end = min(first + CHUNK_PAGES, memory.npages)
+        present = bytearray(end - first)
+        for a, b in populated:
+            a, b = max(a, first), min(b, end)
+            if a < b:
+                present[a - first:b - first] = b"\x01" * (b - a)
+        tags = effective_tags(memory, first, end)
+        for i, page in enumerate(range(first, end)):
+            crc = zlib.crc32(memory.data[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]) if present[i] else zero_crc
+            out += crc.to_bytes(4, "little")
+            out += tags[i * PACKED_TAGS_PER_PAGE:(i + 1) * PACKED_TAGS_PER_PAGE]
+    return bytes(out)
+
+
+DETAIL_PER_PAGE = 4 + PACKED_TAGS_PER_PAGE
+
+
+def state_digest(state: dict) -> str:
+    """Digest of vCPU + device state in canonical form."""
+    import msgpack
+
+    def canon(x):
+        if isinstance(x, dict):
+            return sorted((str(k), canon(v)) for k, v in x.items())
+        if isinstance(x, (list, tuple)):
+            return [canon(v) for v in x]
+        return x
+    return hashlib.sha256(msgpack.packb(canon(state))).hexdigest()

@@ -1,0 +1,63 @@
+"""Migration errors.  Each maps to an error frame on the wire (``code``) so the
+peer always learns why, and to a one-line message for the user."""
+
+
+class MigrationError(Exception):
+    code = "error"
+    status = "failed"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ProtocolError(MigrationError):
+    """The peer sent something malformed, out of range or out of order."""
+    code = "protocol"
+
+
+class HandshakeMismatch(MigrationError):
+    """Source and destination cannot migrate this guest (sizes, versions...)."""
+    code = "mismatch"
+
+
+class PeerError(MigrationError):
+    """The peer reported an error (its message is ours)."""
+    code = "peer"
+
+    def __init__(self, message: str, remote_code: str = "error"):
+        super().__init__(message)
+        self.remote_code = remote_code
+
+
+class TransportError(MigrationError):
+    """The connection broke, or the peer stopped answering."""
+    code = "transport"
+
+
+class PeerTimeout(TransportError):
+    code = "timeout"
+
+
+class ValidationFailed(MigrationError):
+    """The destination's memory, tags or vCPU state differ from the source's."""
+    code = "validation"
+
+
+class Cancelled(MigrationError):
+    """The user cancelled (Ctrl-C / SIGTERM)."""
+    code = "cancelled"
+    status = "cancelled"
+
+
+class ConfigError(MigrationError):
+    """Bad command line or scenario."""
+    code = "config"
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())

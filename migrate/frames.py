@@ -1,0 +1,442 @@
+"""Wire frames: typed dataclasses with explicit encode/decode.  No I/O.
+
+Every frame is a 16-byte header, a msgpack map (the "meta") and an optional
+raw payload::
+
+    magic "MT" | type u8 | flags u8 | meta_len u32 | payload_len u32 | crc32 u32
+    meta (msgpack map, <= MAX_META bytes)
+    payload (<= MAX_PAYLOAD bytes)
+
+All integers little-endian.  With FLAG_CRC set, crc32 covers the header's
+first 12 bytes, the meta and the payload, so corruption is caught at the frame
+where it happens.  Lengths are checked against the bounds before anything is
+allocated; field types are checked before anything is used.
+"""
+
+import enum
+import struct
+import zlib
+from array import array
+from dataclasses import dataclass, field
+
+import msgpack
+
+from .errors import ProtocolError
+
+MAGIC = b"MT"
+HEADER = struct.Struct("<2sBBIII")
+HEADER_SIZE = HEADER.size
+FLAG_CRC = 0x01
+MAX_META = 64 * 1024
+MAX_BATCH_PAGES = 1024
+PAGE_SIZE = 4096
+PACKED_TAGS_PER_PAGE = 128
+# A batch of MAX_BATCH_PAGES pages with data and tags, plus slack for a
+# compressed stream that came out larger than its input.
+MAX_PAYLOAD = MAX_BATCH_PAGES * (PAGE_SIZE + PACKED_TAGS_PER_PAGE) + 64 * 1024
+
+# Per-page flags in a Pages frame.
+PAGE_ZERO = 0x01   # data is all zero: no bytes on the wire
+PAGE_TAGS = 0x02   # tags are not all zero: PACKED_TAGS_PER_PAGE bytes follow
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    PAGES = 3
+    PASS_END = 4
+    STATE = 5
+    COMPLETE = 6
+    CONFIRM = 7
+    INSPECT = 8
+    INSPECTION = 9
+    GO = 10
+    RESUMED = 11
+    ERROR = 12
+    ABORT = 13
+
+
+# -- field checking ----------------------------------------------------------
+def _field(meta: dict, name: str, kind, frame: str):
+    if name not in meta:
+        raise ProtocolError(f"{frame} frame is missing field {name!r}")
+    value = meta[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ProtocolError(f"{frame} field {name!r} must be {kinds[0].__name__}, got bool")
+    if not isinstance(value, kinds):
+        raise ProtocolError(f"{frame} field {name!r} must be {kinds[0].__name__}, got {type(value).__name__}")
+    return value
+
+
+def _uint(meta, name, frame, limit=2**63):
+    value = _field(meta, name, int, frame)
+    if not 0 <= value < limit:
+        raise ProtocolError(f"{frame} field {name!r} = {value} is out of range")
+    return value
+
+
+# -- frames --------------------------------------------------------------------
+@dataclass
+class Hello:
+    """Source -> destination: who I am and what I will send."""
+    version: int
+    ram_size: int
+    page_size: int
+    granule: int
+    mte: bool
+    vcpus: int
+    strategy: str
+    tag_format: str
+    compression: str
+    vm_uuid: str = ""
+    type = FrameType.HELLO
+
+    def meta(self):
+        return {"version": self.version, "ram_size": self.ram_size, "page_size": self.page_size,
+                "granule": self.granule, "mte": self.mte, "vcpus": self.vcpus,
+                "strategy": self.strategy, "tag_format": self.tag_format,
+                "compression": self.compression, "vm_uuid": self.vm_uuid}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        f = "HELLO"
+        return cls(_uint(m, "version", f, 2**16), _uint(m, "ram_size", f, 2**48),
+                   _uint(m, "page_size", f, 2**32), _uint(m, "granule", f, 2**16),
+                   _field(m, "mte", bool, f), _uint(m, "vcpus", f, 4096),
+                   _field(m, "strategy", str, f), _field(m, "tag_format", str, f),
+                   _field(m, "compression", str, f), _field(m, "vm_uuid", str, f))
+
+
+@dataclass
+class Welcome:
+    """Destination -> source: capabilities accepted."""
+    version: int
+    type = FrameType.WELCOME
+
+    def meta(self):
+        return {"version": self.version}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        return cls(_uint(m, "version", "WELCOME", 2**16))
+
+
+@dataclass
+class Pages:
+    """A batch of pages.  ``ranges`` is a list of (first_page, count);
+    ``flags`` one byte per page (PAGE_ZERO | PAGE_TAGS); ``data`` holds the
+    non-zero pages in order, ``tags`` the packed tags of PAGE_TAGS pages in
+    order, each zstd-compressed when ``data_compressed`` / ``tags_compressed``."""
+    pass_no: int
+    ranges: list
+    flags: bytes
+    data: object = b""
+    tags: object = b""
+    data_compressed: bool = False
+    tags_compressed: bool = False
+    type = FrameType.PAGES
+
+    @property
+    def npages(self) -> int:
+        return len(self.flags)
+
+    def meta(self):
+        flat = array("Q", [v for r in self.ranges for v in r])
+        return {"p": self.pass_no, "r": flat.tobytes(), "f": bytes(self.flags),
+                "dc": self.data_compressed, "tc": self.tags_compressed, "dl": len(self.data)}
+
+    def payload(self):
+        return [self.data, self.tags]
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        f = "PAGES"
+        raw_ranges = _field(m, "r", bytes, f)
+        flags = _field(m, "f", bytes, f)
+        dl = _uint(m, "dl", f, MAX_PAYLOAD + 1)
+        if len(raw_ranges) % 16:
+            raise ProtocolError("PAGES ranges field is not a list of (page, count) pairs")
+        flat = array("Q")
+        flat.frombytes(raw_ranges)
+        if array("Q").itemsize != 8:  # pragma: no cover - exotic platforms
+            raise ProtocolError("unsupported platform word size")
+        ranges = list(zip(flat[0::2], flat[1::2]))
+        total = sum(c for _, c in ranges)
+        if not ranges or total != len(flags) or total > MAX_BATCH_PAGES:
+            raise ProtocolError(f"PAGES batch has {total} pages in ranges but {len(flags)} flags "
+                                f"(at most {MAX_BATCH_PAGES} pages per batch)")
+        if any(c == 0 for _, c in ranges):
+            raise ProtocolError("PAGES batch has an empty range")
+        if flags.translate(None, b"\x00\x01\x02\x03"):
+            raise ProtocolError("PAGES batch has an unknown page flag")
+        if dl > len(payload):
+            raise ProtocolError(f"PAGES data length {dl} exceeds the payload ({len(payload)} bytes)")
+        return cls(_uint(m, "p", f, 2**32), ranges, flags, payload[:dl], payload[dl:],
+                   _field(m, "dc", bool, f), _field(m, "tc", bool, f))
+
+
+@dataclass
+class PassEnd:
+    """Source -> destination: pass ``pass_no`` is complete."""
+    pass_no: int
+    pages: int
+    type = FrameType.PASS_END
+
+    def meta(self):
+        return {"p": self.pass_no, "n": self.pages}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        return cls(_uint(m, "p", "PASS_END", 2**32), _uint(m, "n", "PASS_END"))
+
+
+@dataclass
+class State:
+    """vCPU and device state, msgpack in the payload (bounded like pages)."""
+    state: dict
+    type = FrameType.STATE
+
+    def meta(self):
+        return {}
+
+    def payload(self):
+        return [msgpack.packb(self.state)]
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        try:
+            state = msgpack.unpackb(bytes(payload), raw=False, strict_map_key=False)
+        except Exception as exc:
+            raise ProtocolError(f"STATE payload is not valid msgpack: {exc}") from None
+        if not isinstance(state, dict):
+            raise ProtocolError("STATE payload must be a map")
+        return cls(state)
+
+
+@dataclass
+class Complete:
+    """Source -> destination: everything is sent; here is what you should hold."""
+    data_digest: str
+    tag_digest: str
+    state_digest: str
+    type = FrameType.COMPLETE
+
+    def meta(self):
+        return {"d": self.data_digest, "t": self.tag_digest, "s": self.state_digest}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        f = "COMPLETE"
+        return cls(_field(m, "d", str, f), _field(m, "t", str, f), _field(m, "s", str, f))
+
+
+@dataclass
+class Confirm:
+    """Destination -> source: what I hold.  The payload carries the per-chunk
+    CRCs of data and tags (4 bytes each per 1 MiB chunk of RAM), so the source
+    can tell which chunks differ when the digests do."""
+    data_digest: str
+    tag_digest: str
+    state_digest: str
+    chunk_crcs: bytes = b""
+    type = FrameType.CONFIRM
+
+    def meta(self):
+        return {"d": self.data_digest, "t": self.tag_digest, "s": self.state_digest}
+
+    def payload(self):
+        return [self.chunk_crcs]
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        f = "CONFIRM"
+        return cls(_field(m, "d", str, f), _field(m, "t", str, f), _field(m, "s", str, f), bytes(payload))
+
+
+@dataclass
+class Inspect:
+    """Source -> destination: send per-page detail for these RAM chunks."""
+    chunks: list
+    type = FrameType.INSPECT
+    MAX_CHUNKS = 64
+
+    def meta(self):
+        return {"c": list(self.chunks)}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        chunks = _field(m, "c", list, "INSPECT")
+        if len(chunks) > cls.MAX_CHUNKS or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in chunks):
+            raise ProtocolError(f"INSPECT wants a list of at most {cls.MAX_CHUNKS} chunk numbers")
+        return cls(chunks)
+
+
+@dataclass
+class Inspection:
+    """Destination -> source: per page of the requested chunks, a data CRC
+    (4 bytes) followed by the page's effective packed tags (128 bytes)."""
+    chunks: list
+    detail: bytes
+    type = FrameType.INSPECTION
+
+    def meta(self):
+        return {"c": list(self.chunks)}
+
+    def payload(self):
+        return [self.detail]
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        chunks = _field(m, "c", list, "INSPECTION")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in chunks):
+            raise ProtocolError("INSPECTION chunk numbers must be non-negative integers")
+        return cls(chunks, bytes(payload))
+
+
+@dataclass
+class Go:
+    """Source -> destination: I have given the guest up; resume it."""
+    type = FrameType.GO
+
+    def meta(self):
+        return {}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        return cls()
+
+
+@dataclass
+class Resumed:
+    """Destination -> source: the guest runs here now."""
+    type = FrameType.RESUMED
+
+    def meta(self):
+        return {}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        return cls()
+
+
+@dataclass
+class Error:
+    """Either way: the migration failed; ``message`` is one line for the user."""
+    code: str
+    message: str
+    type = FrameType.ERROR
+
+    def meta(self):
+        return {"code": self.code, "message": self.message}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        return cls(_field(m, "code", str, "ERROR")[:64], _field(m, "message", str, "ERROR")[:1000])
+
+
+@dataclass
+class Abort:
+    """Either way: stop now (e.g. the user cancelled)."""
+    reason: str
+    type = FrameType.ABORT
+
+    def meta(self):
+        return {"reason": self.reason}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        return cls(_field(m, "reason", str, "ABORT")[:1000])
+
+
+FRAME_CLASSES = {cls.type: cls for cls in (Hello, Welcome, Pages, PassEnd, State, Complete, Confirm,
+                                           Inspect, Inspection, Go, Resumed, Error, Abort)}
+
+
+# -- codec ------------------------------------------------------------------------
+def encode(frame, checksum: bool = True) -> list:
+    """Frame -> list of buffers to send in order (payload buffers not copied)."""
+    meta = msgpack.packb(frame.meta())
+    payload = [p for p in (frame.payload() if hasattr(frame, "payload") else []) if len(p)]
+    payload_len = sum(len(p) for p in payload)
+    if len(meta) > MAX_META or payload_len > MAX_PAYLOAD:
+        raise ValueError(f"{frame.type.name} frame too large: meta {len(meta)}, payload {payload_len}")
+    flags = FLAG_CRC if checksum else 0
+    head = struct.pack("<2sBBII", MAGIC, frame.type, flags, len(meta), payload_len)
+    crc = 0
+    if checksum:
+        crc = zlib.crc32(meta, zlib.crc32(head))
+        for p in payload:
+            crc = zlib.crc32(p, crc)
+    return [head + struct.pack("<I", crc) + meta, *payload]
+
+
+@dataclass
+class Header:
+    type: FrameType
+    flags: int
+    meta_len: int
+    payload_len: int
+    crc: int
+    raw: bytes = field(repr=False, default=b"")
+
+
+def parse_header(raw) -> Header:
+    """Check a 16-byte header; bounds are enforced here, before any allocation."""
+    if len(raw) != HEADER_SIZE:
+        raise ProtocolError(f"truncated frame header ({len(raw)} of {HEADER_SIZE} bytes)")
+    magic, ftype, flags, meta_len, payload_len, crc = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic {bytes(magic)!r}: not an mte-migrate stream")
+    try:
+        ftype = FrameType(ftype)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {ftype}") from None
+    if flags & ~FLAG_CRC:
+        raise ProtocolError(f"unknown frame flags {flags:#x}")
+    if meta_len > MAX_META:
+        raise ProtocolError(f"{ftype.name} meta length {meta_len} exceeds the limit {MAX_META}")
+    if payload_len > MAX_PAYLOAD:
+        raise ProtocolError(f"{ftype.name} payload length {payload_len} exceeds the limit {MAX_PAYLOAD}")
+    return Header(ftype, flags, meta_len, payload_len, crc, bytes(raw))
+
+
+def decode(header: Header, meta_bytes, payload):
+    """Header + meta + payload -> a frame object, checking CRC and types."""
+    if header.flags & FLAG_CRC:
+        crc = zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(header.raw[:12])))
+        if crc != header.crc:
+            raise ProtocolError(f"{header.type.name} frame failed its checksum "
+                                f"(crc {crc:#010x}, expected {header.crc:#010x}): the stream is corrupt")
+    try:
+        meta = msgpack.unpackb(bytes(meta_bytes), raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise ProtocolError(f"{header.type.name} frame meta is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"{header.type.name} frame meta must be a map")
+    return FRAME_CLASSES[header.type].from_meta(meta, payload)
+
+
+class FrameBuffer:
+    """Sans-I/O decoder for tests and in-memory joins: feed bytes, get frames."""
+
+    def __init__(self):
+        self._buf = bytearray()
+
+    def feed(self, data) -> list:
+        self._buf += data
+        frames = []
+        while len(self._buf) >= HEADER_SIZE:
+            header = parse_header(bytes(self._buf[:HEADER_SIZE]))
+            total = HEADER_SIZE + header.meta_len + header.payload_len
+            if len(self._buf) < total:
+                break
+            meta = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + header.meta_len])
+            payload = bytes(self._buf[HEADER_SIZE + header.meta_len:total])
+            del self._buf[:total]
+            frames.append(decode(header, meta, payload))
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)

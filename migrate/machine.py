@@ -1,0 +1,191 @@
+"""One explicit state machine per side, and the sans-I/O connection that
+drives it.  Every state change goes through ``_move`` and is logged
+(old -> new).  Frames that the table does not allow in the current state are
+protocol errors.  ERROR and ABORT are legal in every live state.
+
+Source::
+
+    IDLE --send HELLO--> HANDSHAKE --recv WELCOME--> PRECOPY
+    PRECOPY --send PAGES/PASS_END--> PRECOPY --pause--> STOP_COPY
+    STOP_COPY --send PAGES/PASS_END/STATE--> STOP_COPY --send COMPLETE--> COMPLETING
+    COMPLETING --recv CONFIRM--> VALIDATING (--send INSPECT / recv INSPECTION-->)
+    VALIDATING --send GO--> SWITCHING --recv RESUMED--> DONE
+
+Destination::
+
+    WAIT_HELLO --recv HELLO--> NEGOTIATING --send WELCOME--> RECEIVING
+    RECEIVING --recv PAGES/PASS_END--> RECEIVING --recv STATE--> STATE_LOADED
+    STATE_LOADED --recv COMPLETE--> VERIFYING --send CONFIRM--> AWAIT_GO
+    AWAIT_GO (--recv INSPECT / send INSPECTION-->) --recv GO--> RESUMING
+    RESUMING --send RESUMED--> RUNNING
+
+Any live state --send/recv ERROR--> FAILED, --send/recv ABORT--> ABORTED.
+"""
+
+import enum
+import logging
+
+from . import frames as fr
+from .errors import ProtocolError
+
+log = logging.getLogger("migrate.machine")
+T = fr.FrameType
+
+
+class SourceState(enum.Enum):
+    IDLE = "idle"
+    HANDSHAKE = "handshake"
+    PRECOPY = "precopy"
+    STOP_COPY = "stop-and-copy"
+    COMPLETING = "completing"
+    VALIDATING = "validating"
+    SWITCHING = "switching"
+    DONE = "done"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+class DestState(enum.Enum):
+    WAIT_HELLO = "wait-hello"
+    NEGOTIATING = "negotiating"
+    RECEIVING = "receiving"
+    STATE_LOADED = "state-loaded"
+    VERIFYING = "verifying"
+    AWAIT_GO = "await-go"
+    RESUMING = "resuming"
+    RUNNING = "running"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+S, D = SourceState, DestState
+SEND, RECV, LOCAL = "send", "recv", "local"
+
+SOURCE_TABLE = {
+    (S.IDLE, SEND, T.HELLO): S.HANDSHAKE,
+    (S.HANDSHAKE, RECV, T.WELCOME): S.PRECOPY,
+    (S.PRECOPY, SEND, T.PAGES): S.PRECOPY,
+    (S.PRECOPY, SEND, T.PASS_END): S.PRECOPY,
+    (S.PRECOPY, LOCAL, "pause"): S.STOP_COPY,
+    (S.STOP_COPY, SEND, T.PAGES): S.STOP_COPY,
+    (S.STOP_COPY, SEND, T.PASS_END): S.STOP_COPY,
+    (S.STOP_COPY, SEND, T.STATE): S.STOP_COPY,
+    (S.STOP_COPY, SEND, T.COMPLETE): S.COMPLETING,
+    (S.COMPLETING, RECV, T.CONFIRM): S.VALIDATING,
+    (S.VALIDATING, SEND, T.INSPECT): S.VALIDATING,
+    (S.VALIDATING, RECV, T.INSPECTION): S.VALIDATING,
+    (S.VALIDATING, SEND, T.GO): S.SWITCHING,
+    (S.SWITCHING, RECV, T.RESUMED): S.DONE,
+}
+
+DEST_TABLE = {
+    (D.WAIT_HELLO, RECV, T.HELLO): D.NEGOTIATING,
+    (D.NEGOTIATING, SEND, T.WELCOME): D.RECEIVING,
+    (D.RECEIVING, RECV, T.PAGES): D.RECEIVING,
+    (D.RECEIVING, RECV, T.PASS_END): D.RECEIVING,
+    (D.RECEIVING, RECV, T.STATE): D.STATE_LOADED,
+    (D.STATE_LOADED, RECV, T.COMPLETE): D.VERIFYING,
+    (D.VERIFYING, SEND, T.CONFIRM): D.AWAIT_GO,
+    (D.AWAIT_GO, RECV, T.INSPECT): D.AWAIT_GO,
+    (D.AWAIT_GO, SEND, T.INSPECTION): D.AWAIT_GO,
+    (D.AWAIT_GO, RECV, T.GO): D.RESUMING,
+    (D.RESUMING, SEND, T.RESUMED): D.RUNNING,
+}
+
+
+class StateMachine:
+    def __init__(self, side: str, initial, table: dict, failed, aborted, terminal: set):
+        self.side = side
+        self.state = initial
+        self.table = table
+        self.failed = failed
+        self.aborted = aborted
+        self.terminal = terminal | {failed, aborted}
+        self.history = [initial]
+
+    def _move(self, new, why: str) -> None:
+        log.debug("%s: %s -> %s (%s)", self.side, self.state.value, new.value, why)
+        self.state = new
+        self.history.append(new)
+
+    def step(self, direction: str, what) -> None:
+        if what in (T.ERROR, T.ABORT):
+            if self.state not in self.terminal:
+                self._move(self.failed if what == T.ERROR else self.aborted, f"{direction} {what.name}")
+            return
+        new = self.table.get((self.state, direction, what))
+        name = what.name if isinstance(what, T) else what
+        if new is None:
+            if direction == RECV:
+                raise ProtocolError(f"unexpected {name} frame while the {self.side} is in state {self.state.value}")
+            raise RuntimeError(f"{self.side} cannot {direction} {name} in state {self.state.value}")
+        self._move(new, f"{direction} {name}")
+
+    def local(self, event: str) -> None:
+        self.step(LOCAL, event)
+
+    def fail(self, why: str) -> None:
+        if self.state not in self.terminal:
+            self._move(self.failed, why)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in self.terminal
+
+
+def source_machine() -> StateMachine:
+    return StateMachine("source", S.IDLE, SOURCE_TABLE, S.FAILED, S.ABORTED, {S.DONE})
+
+
+def dest_machine() -> StateMachine:
+    return StateMachine("destination", D.WAIT_HELLO, DEST_TABLE, D.FAILED, D.ABORTED, {D.RUNNING})
+
+
+class Connection:
+    """Sans-I/O protocol endpoint: frames in and out through the state machine.
+
+    ``send(frame)`` checks the transition and returns the buffers to write;
+    ``receive(header, meta, payload)`` decodes, checks the transition and the
+    page bounds, and returns the frame.  ``feed(bytes)`` does both halves of
+    receiving for callers that hold whole byte strings (tests, joins)."""
+
+    def __init__(self, machine: StateMachine, checksum: bool = True):
+        self.machine = machine
+        self.checksum = checksum
+        self.ram_pages: int | None = None
+        self._buffer = fr.FrameBuffer()
+
+    @property
+    def state(self):
+        return self.machine.state
+
+    def send(self, frame) -> list:
+        self.machine.step(SEND, frame.type)
+        return fr.encode(frame, self.checksum)
+
+    def parse_header(self, raw) -> fr.Header:
+        if self.machine.finished:
+            raise ProtocolError(f"{self.machine.side} received data after the migration ended")
+        return fr.parse_header(raw)
+
+    def receive(self, header: fr.Header, meta, payload):
+        frame = fr.decode(header, meta, payload)
+        return self._accept(frame)
+
+    def feed(self, data) -> list:
+        return [self._accept(f) for f in self._buffer.feed(data)]
+
+    def _accept(self, frame):
+        self.machine.step(RECV, frame.type)
+        if frame.type == T.HELLO:
+            self.ram_pages = frame.ram_size // fr.PAGE_SIZE if frame.page_size == fr.PAGE_SIZE else None
+        elif frame.type == T.PAGES:
+            self._check_pages(frame)
+        return frame
+
+    def _check_pages(self, frame) -> None:
+        limit = self.ram_pages
+        for first, count in frame.ranges:
+            if limit is None or first + count > limit:
+                raise ProtocolError(f"PAGES frame names pages {first}..{first + count - 1}, "
+                                    f"outside guest RAM ({limit} pages)")

@@ -1,0 +1,205 @@
+"""Page batches: building them on the source from guest RAM and tags, and
+applying them on the destination.  Work is per run of pages (bytes.find on
+flag bytes), per page only for the zero-page test, never per granule."""
+
+from dataclasses import dataclass
+
+from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
+from hosts.tags import all_zero
+
+from . import frames as fr
+from .compression import Compressor, Decompressor
+from .errors import ProtocolError
+
+_ZERO_PAGE = bytes(PAGE_SIZE)
+_ZERO_TAG_PAGE = bytes(PACKED_TAGS_PER_PAGE)
+_DATA_BIT = bytes(0 if b & fr.PAGE_ZERO else 1 for b in range(256))   # 1 = data on the wire
+_TAGS_BIT = bytes(1 if b & fr.PAGE_TAGS else 0 for b in range(256))   # 1 = tags on the wire
+
+
+def runs(bits: bytes, value: int = 1):
+    """(start, end) of each run of ``value`` in a byte string of 0/1."""
+    other = 1 - value
+    pos, n = 0, len(bits)
+    while pos < n:
+        a = bits.find(value, pos)
+        if a < 0:
+            return
+        b = bits.find(other, a)
+        b = n if b < 0 else b
+        yield a, b
+        pos = b
+
+
+def split_batches(ranges, batch_pages: int):
+    """Cut page ranges [(start, end)] into batches of (first, count) lists."""
+    batch, size = [], 0
+    for start, end in ranges:
+        while start < end:
+            n = min(end - start, batch_pages - size)
+            batch.append((start, n))
+            size += n
+            start += n
+            if size == batch_pages:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+@dataclass
+class BatchStats:
+    pages: int = 0
+    zero_pages: int = 0
+    normal_pages: int = 0
+    tagged_pages: int = 0
+    data_bytes: int = 0       # guest bytes of non-zero pages
+    data_wire: int = 0
+    tag_raw: int = 0          # packed tag bytes of tagged pages
+    tag_wire: int = 0
+
+    def add(self, other: "BatchStats") -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+class BatchBuilder:
+    """Source side: guest pages -> Pages frames."""
+
+    def __init__(self, strategy, compressor: Compressor, batch_pages: int):
+        self.strategy = strategy
+        self.compressor = compressor
+        self.batch_pages = batch_pages
+        self._scratch = bytearray(batch_pages * PAGE_SIZE)
+
+    def build(self, pass_no: int, ranges) -> tuple[fr.Pages, BatchStats]:
+        n = sum(c for _, c in ranges)
+        flags = bytearray(n)
+        scratch = memoryview(self._scratch)
+        filled = 0
+        i = 0
+        for first, count in ranges:
+            view = self.strategy.read_data(first, count)
+            if all_zero(view):
+                flags[i:i + count] = bytes([fr.PAGE_ZERO]) * count
+            else:
+                # Copy the run (snapshot: the CRC must cover what is sent),
+                # then drop the zero pages out of it.
+                for p in range(count):
+                    page = view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]
+                    if _ZERO_PAGE.startswith(page):
+                        flags[i + p] = fr.PAGE_ZERO
+                    else:
+                        scratch[filled:filled + PAGE_SIZE] = page
+                        filled += PAGE_SIZE
+            i += count
+        data = scratch[:filled]
+        tag_blob = b""
+        packed = self.strategy.read_tags(ranges)
+        ntagged = 0
+        if packed is not None and not all_zero(packed):
+            keep = []
+            for p in range(n):
+                t = packed[p * PACKED_TAGS_PER_PAGE:(p + 1) * PACKED_TAGS_PER_PAGE]
+                if t != _ZERO_TAG_PAGE:
+                    flags[p] |= fr.PAGE_TAGS
+                    keep.append(t)
+            ntagged = len(keep)
+            tag_blob = packed if ntagged == n else b"".join(keep)
+        data_wire, data_c = self.compressor.compress_data(data)
+        tags_wire, tags_c = self.compressor.compress_tags(tag_blob)
+        zero = flags.count(fr.PAGE_ZERO) + flags.count(fr.PAGE_ZERO | fr.PAGE_TAGS)
+        stats = BatchStats(pages=n, zero_pages=zero, normal_pages=n - zero, tagged_pages=ntagged,
+                           data_bytes=filled, data_wire=len(data_wire),
+                           tag_raw=len(tag_blob), tag_wire=len(tags_wire))
+        frame = fr.Pages(pass_no, list(ranges), bytes(flags), data_wire, tags_wire, data_c, tags_c)
+        return frame, stats
+
+
+class BatchApplier:
+    """Destination side: Pages frames -> guest RAM and tags, in place.
+
+    ``written`` remembers pages this destination stored data in (a zero page
+    needs writing only over earlier data); ``has_tags`` pages it stored
+    non-zero tags in (a page arriving without tags must then be cleared)."""
+
+    def __init__(self, strategy, npages: int):
+        self.strategy = strategy
+        self.decompressor = Decompressor()
+        self.written = bytearray(npages)
+        self.has_tags = bytearray(npages)
+
+    def apply(self, frame: fr.Pages) -> BatchStats:
+        flags = frame.flags
+        data_bits = flags.translate(_DATA_BIT)
+        tag_bits = flags.translate(_TAGS_BIT)
+        ndata, ntags = data_bits.count(1), tag_bits.count(1)
+        data = self._payload(frame.data, frame.data_compressed, ndata * PAGE_SIZE, "page data")
+        tags = self._payload(frame.tags, frame.tags_compressed, ntags * PACKED_TAGS_PER_PAGE, "page tags")
+        if ntags and self.strategy.tag_format == "none":
+            raise ProtocolError("PAGES frame carries tags, but the negotiated strategy moves none")
+        page_of = []  # (batch position start, end, first guest page) per range
+        pos = 0
+        for first, count in frame.ranges:
+            page_of.append((pos, pos + count, first))
+            pos += count
+        data = memoryview(data)
+        pos = 0
+        for a, b in runs(data_bits, 1):
+            self._store_run(page_of, a, b, data[pos:pos + (b - a) * PAGE_SIZE])
+            pos += (b - a) * PAGE_SIZE
+        for a, b in runs(data_bits, 0):
+            self._zero_run(page_of, a, b)
+        tags = memoryview(tags)
+        pos = 0
+        for a, b in runs(tag_bits, 1):
+            self._tag_run(page_of, a, b, tags[pos:pos + (b - a) * PACKED_TAGS_PER_PAGE])
+            pos += (b - a) * PACKED_TAGS_PER_PAGE
+        if self.strategy.tag_format != "none":
+            for a, b in runs(tag_bits, 0):
+                self._untag_run(page_of, a, b)
+        zero = len(flags) - ndata
+        return BatchStats(pages=len(flags), zero_pages=zero, normal_pages=ndata, tagged_pages=ntags,
+                          data_bytes=ndata * PAGE_SIZE, data_wire=len(frame.data),
+                          tag_raw=ntags * PACKED_TAGS_PER_PAGE, tag_wire=len(frame.tags))
+
+    def _payload(self, blob, compressed: bool, expected: int, what: str):
+        if compressed:
+            return self.decompressor.decompress(blob, expected, what)
+        if len(blob) != expected:
+            raise ProtocolError(f"PAGES {what} is {len(blob)} bytes, expected {expected}")
+        return blob
+
+    @staticmethod
+    def _page_runs(segments, a, b):
+        """Split batch positions [a, b) into runs of consecutive guest pages:
+        yields (first guest page, count), one per range it overlaps."""
+        for sa, sb, first in segments:
+            lo, hi = max(a, sa), min(b, sb)
+            if lo < hi:
+                yield first + lo - sa, hi - lo
+
+    def _store_run(self, page_of, a, b, data):
+        off = 0
+        for first, n in self._page_runs(page_of, a, b):
+            self.strategy.write_data(first * PAGE_SIZE, data[off:off + n * PAGE_SIZE])
+            self.written[first:first + n] = b"\x01" * n
+            off += n * PAGE_SIZE
+
+    def _zero_run(self, page_of, a, b):
+        for first, n in self._page_runs(page_of, a, b):
+            if self.written.find(1, first, first + n) >= 0:  # only over earlier data
+                self.strategy.write_data(first * PAGE_SIZE, bytes(n * PAGE_SIZE))
+
+    def _tag_run(self, page_of, a, b, tags):
+        off = 0
+        for first, n in self._page_runs(page_of, a, b):
+            self.strategy.write_tags(first, tags[off:off + n * PACKED_TAGS_PER_PAGE])
+            self.has_tags[first:first + n] = b"\x01" * n
+            off += n * PACKED_TAGS_PER_PAGE
+
+    def _untag_run(self, page_of, a, b):
+        for first, n in self._page_runs(page_of, a, b):
+            for x, y in runs(bytes(self.has_tags[first:first + n]), 1):
+                self.strategy.clear_tags(first + x, y - x)
+                self.has_tags[first + x:first + y] = bytes(y - x)

@@ -1,0 +1,70 @@
+"""The result of a migration: the JSON document scripts read, and the short
+human summary.  Field names follow QEMU's query-migrate where they fit."""
+
+import json
+
+from .units import fmt_bytes, fmt_rate
+
+
+def empty_result(scenario: str, strategy: str) -> dict:
+    return {
+        "status": "failed",
+        "error": None,
+        "scenario": scenario,
+        "strategy": strategy,
+        "total_time_ms": 0.0,
+        "setup_time_ms": 0.0,
+        "downtime_ms": None,
+        "downtime_breakdown_ms": None,
+        "expected_downtime_ms": None,
+        "dirty_sync_count": 0,
+        "passes": [],
+        "convergence": None,
+        "ram": {"total_bytes": 0, "transferred_bytes": 0, "remaining_bytes": 0, "zero_pages": 0,
+                "normal_pages": 0, "normal_bytes": 0, "mbps": 0.0, "dirty_pages_rate": 0.0},
+        "tags": {"tagged_pages": 0, "raw_bytes": 0, "wire_bytes": 0},
+        "wire": {"bytes_sent": 0, "bytes_received": 0, "data_bytes": 0, "tag_bytes": 0,
+                 "compression": None},
+        "counters": {},
+        "validation": {"ok": False, "mode": None, "pages_checked": 0, "data_mismatches": 0,
+                       "tag_mismatches": 0, "state_ok": None, "first_mismatches": []},
+        "guest_on": "source",
+    }
+
+
+def write_json(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def summary(result: dict) -> str:
+    ram, tags, val = result["ram"], result["tags"], result["validation"]
+    lines = []
+    head = f"{result['status'].upper()}: scenario {result['scenario']}, strategy {result['strategy']}"
+    if result.get("error"):
+        head += f" -- {result['error']}"
+    lines.append(head)
+    if result["status"] == "completed" or ram["transferred_bytes"]:
+        lines.append(f"  total {result['total_time_ms']:.0f} ms (setup {result['setup_time_ms']:.0f} ms), "
+                     f"downtime {_ms(result['downtime_ms'])}, {result['dirty_sync_count']} dirty syncs")
+        if result.get("convergence"):
+            lines.append(f"  stopped because {result['convergence']['reason']}")
+        lines.append(f"  RAM {fmt_bytes(ram['total_bytes'])}: {ram['normal_pages']} pages sent, "
+                     f"{ram['zero_pages']} zero pages, {fmt_bytes(ram['transferred_bytes'])} on the wire, "
+                     f"{fmt_rate(ram['mbps'] * 1e6 / 8)} of guest RAM")
+        lines.append(f"  tags: {tags['tagged_pages']} tagged pages, {fmt_bytes(tags['raw_bytes'])} raw, "
+                     f"{fmt_bytes(tags['wire_bytes'])} on the wire")
+    if val.get("mode"):
+        verdict = "OK" if val["ok"] else "FAILED"
+        lines.append(f"  validation ({val['mode']}) {verdict}: {val['pages_checked']} pages checked, "
+                     f"{val['data_mismatches']} data and {val['tag_mismatches']} tag mismatches"
+                     + ("" if val.get("state_ok") in (None, True) else ", vCPU state differs"))
+        for m in val.get("first_mismatches", [])[:5]:
+            lines.append(f"    page {m['page']}: {m['kind']}" + (f", granules {m['granules']}" if m.get("granules") else ""))
+    lines.append(f"  guest is running on the {result.get('guest_on', 'source')}")
+    return "\n".join(lines)
+
+
+def _ms(v) -> str:
+    return "n/a" if v is None else f"{v:.0f} ms"

@@ -1,0 +1,112 @@
+"""Scenarios: TOML files in scenarios/ (read with tomllib) describing a guest
+and how to migrate it.  See README.md ("Scenario format")."""
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import GuestSpec, MigrationConfig
+from .errors import ConfigError
+from .units import parse_rate, parse_size
+
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+
+# The built-in default, used when no scenario is named (and when the
+# scenarios/ folder is not beside the package).
+DEFAULT_TOML = """
+name = "default"
+description = "1 GiB guest running an MTE-aware allocator, migrated with tag-ioctl"
+
+[guest]
+ram = "1GiB"
+vcpus = 2
+workload = "allocator"
+rate = 20000
+seed = 1
+
+[migration]
+strategy = "tag-ioctl"
+"""
+
+_GUEST_KEYS = {"ram", "vcpus", "mte", "workload", "rate", "seed", "params", "image", "image_offset", "image_repeat"}
+_MIGRATION_KEYS = {"strategy", "compression", "max_bandwidth", "downtime_limit_ms", "max_passes",
+                   "batch_pages", "tag_batch_pages", "checksum", "validate", "timeout_s", "vm_uuid"}
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str = ""
+    guest: GuestSpec = field(default_factory=GuestSpec)
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
+    source: str = "built-in"
+
+
+def parse(text: str, source: str = "built-in") -> Scenario:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"scenario {source}: not valid TOML: {exc}") from None
+    unknown = set(doc) - {"name", "description", "guest", "migration"}
+    if unknown:
+        raise ConfigError(f"scenario {source}: unknown top-level keys {sorted(unknown)}")
+    guest_doc, mig_doc = dict(doc.get("guest", {})), dict(doc.get("migration", {}))
+    for section, keys, allowed in (("guest", guest_doc, _GUEST_KEYS), ("migration", mig_doc, _MIGRATION_KEYS)):
+        bad = set(keys) - allowed
+        if bad:
+            raise ConfigError(f"scenario {source}: unknown [{section}] keys {sorted(bad)}")
+    try:
+        guest = GuestSpec()
+        if "ram" in guest_doc:
+            guest.ram = parse_size(guest_doc.pop("ram"), "guest RAM")
+        if "rate" in guest_doc:
+            rate = guest_doc.pop("rate")
+            guest.rate = None if rate in ("max", "unlimited") else float(rate)
+        if "image_offset" in guest_doc:
+            guest.image_offset = parse_size(guest_doc.pop("image_offset"), "image offset")
+        for key, value in guest_doc.items():
+            setattr(guest, key, value)
+        mig = MigrationConfig()
+        if "max_bandwidth" in mig_doc:
+            mig.max_bandwidth = parse_rate(mig_doc.pop("max_bandwidth"), "max bandwidth")
+        if "compression" in mig_doc:
+            mig.compression = str(mig_doc.pop("compression"))
+        for key, value in mig_doc.items():
+            setattr(mig, key, value)
+    except ValueError as exc:
+        raise ConfigError(f"scenario {source}: {exc}") from None
+    name = doc.get("name") or Path(source).stem
+    return Scenario(str(name), str(doc.get("description", "")), guest, mig, source)
+
+
+def builtin_default() -> Scenario:
+    return parse(DEFAULT_TOML)
+
+
+def available() -> dict[str, Path]:
+    """Scenario name -> file, from scenarios/."""
+    if not SCENARIO_DIR.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(SCENARIO_DIR.glob("*.toml"))}
+
+
+def load(name_or_path: str | None) -> Scenario:
+    """A scenario by name (scenarios/NAME.toml), by file path, or the default."""
+    if name_or_path is None or name_or_path == "default" and "default" not in available():
+        return builtin_default()
+    path = Path(name_or_path)
+    if not path.suffix and name_or_path in available():
+        path = available()[name_or_path]
+    if not path.is_file():
+        names = ", ".join(available()) or "(none)"
+        raise ConfigError(f"no scenario {name_or_path!r}: not a file, and not one of: {names}")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read scenario {path}: {exc.strerror}") from None
+    scenario = parse(text, str(path))
+    if scenario.guest.image and not Path(scenario.guest.image).is_absolute():
+        candidate = path.parent / scenario.guest.image
+        if candidate.exists():
+            scenario.guest.image = str(candidate)
+    return scenario

@@ -1,0 +1,336 @@
+"""The source VMM's migration engine: handshake, bulk pass, dirty passes to
+convergence, stop-and-copy, completion -- and, whatever goes wrong, the guest
+resumes here with memory and tags untouched."""
+
+import asyncio
+import logging
+import time
+
+from hosts.constants import GRANULE, PAGE_SIZE
+
+from . import PROTOCOL_VERSION
+from . import frames as fr
+from .compression import Compressor
+from .convergence import DowntimeOrPassLimit
+from .digest import MemoryDigest, chunk_count, page_detail, state_digest
+from .errors import Cancelled, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
+from .machine import Connection, source_machine
+from .pages import BatchBuilder, BatchStats, runs, split_batches
+from .progress import Progress
+from .ratelimit import RateLimiter
+from .report import empty_result
+from .strategies import get as get_strategy
+from .transport import FrameChannel, connect
+from .validate import Validation, compare_detail, differing_chunks
+
+log = logging.getLogger("migrate.source")
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def _union(a: bytes, b: bytes) -> bytes:
+    """Bytewise OR of two 0/1 page maps, in bulk (big-int OR, not per page)."""
+    if b.find(1) < 0:
+        return a
+    if a.find(1) < 0:
+        return b
+    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
+
+
+class SourceVmm:
+    def __init__(self, host, config, scenario: str = "custom", progress: Progress | None = None):
+        self.host = host
+        self.config = config
+        self.scenario = scenario
+        self.progress = progress or Progress(False)
+        self.machine = None
+        self.result = empty_result(scenario, config.strategy)
+        self.stats = BatchStats()
+        self.passes: list[dict] = []
+        self._peer_task = None
+        self._chan = None
+
+    # -- public ---------------------------------------------------------------------
+    async def migrate(self, address: tuple[str, int]) -> dict:
+        """Migrate the guest to the destination at ``address``; returns the result."""
+        host, cfg, res = self.host, self.config, self.result
+        res["ram"]["total_bytes"] = host.memory.size
+        t_start = time.perf_counter()
+        before = host.counters.snapshot()
+        self.handed_over = False
+        paused_here = False
+        try:
+            sock = await connect(*address, cfg.timeout_s)
+            conn = Connection(source_machine(), cfg.checksum)
+            self.machine = conn.machine
+            limiter = RateLimiter(cfg.max_bandwidth) if cfg.max_bandwidth else None
+            chan = self._chan = FrameChannel(sock, conn, cfg.timeout_s, limiter)
+            strategy = get_strategy(cfg.strategy)(host, cfg)
+            self.strategy = strategy
+            await self._handshake(chan, strategy)
+            res["setup_time_ms"] = _ms(time.perf_counter() - t_start)
+
+            # Dirty logging starts before the first page is read: the rule
+            # "clear / write-protect first, then copy" from pass 0 on.
+            for slot in host.vm.memslots:
+                host.vm.enable_dirty_logging(slot.slot)
+            host.vmm_dirty.enabled = True
+            strategy.setup_source()
+            compressor = Compressor(cfg.compression, cfg.max_bandwidth)
+            self.compressor = compressor
+            builder = BatchBuilder(strategy, compressor, cfg.batch_pages)
+            self._peer_task = asyncio.ensure_future(chan.recv(timeout=None))
+
+            policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
+            await self._send_pass(chan, builder, 0, host.memory.populated_ranges())
+            dirty_passes = 0
+            while True:
+                bitmap = self._harvest()
+                dirty = bitmap.count(1)
+                bandwidth = self._bandwidth()
+                decision = policy.decide(dirty_passes, dirty * PAGE_SIZE, bandwidth)
+                res["expected_downtime_ms"] = policy.expected_downtime_ms(dirty * PAGE_SIZE, bandwidth)
+                if decision.stop:
+                    break
+                dirty_passes += 1
+                await self._send_pass(chan, builder, dirty_passes, list(runs(bitmap, 1)))
+            res["convergence"] = {"policy": policy.name, "reason": decision.reason, "forced": decision.forced}
+            self.progress.message(f"stop-and-copy: {decision.reason}")
+
+            # -- stop and copy --------------------------------------------------------
+            t_pause = time.perf_counter()
+            host.vcpus.pause()
+            paused_here = True
+            conn.machine.local("pause")
+            loop = asyncio.get_running_loop()
+            # Memory is frozen now: digest it in a thread (CRC releases the
+            # GIL) while the last pages go out.
+            digest_job = loop.run_in_executor(None, MemoryDigest, host.memory)
+            # The pages harvested for the last decision were never sent:
+            # they go out with whatever the guest dirtied since.
+            final = _union(bitmap, self._harvest())
+            await self._send_pass(chan, builder, dirty_passes + 1, list(runs(final, 1)), final=True)
+            t_mem = time.perf_counter()
+            state = self._collect_state()
+            await chan.send(fr.State(state))
+            t_state = time.perf_counter()
+            digest = await digest_job
+            await chan.send(fr.Complete(digest.data_digest(), digest.tag_digest(), state_digest(state)))
+            confirm = await self._await_peer(chan)
+            if confirm.type != fr.FrameType.CONFIRM:
+                raise ProtocolError(f"expected CONFIRM, got {confirm.type.name}")
+            validation = await self._validate(chan, digest, confirm, state)
+            res["validation"] = validation.to_dict()
+            if not validation.ok:
+                raise ValidationFailed(validation.summary())
+            await chan.send(fr.Go())
+            # From here on the destination owns the guest.
+            self.handed_over = True
+            resumed = await chan.recv()
+            if resumed.type != fr.FrameType.RESUMED:
+                raise ProtocolError(f"expected RESUMED, got {resumed.type.name}")
+            t_resumed = time.perf_counter()
+            res["downtime_ms"] = _ms(t_resumed - t_pause)
+            res["downtime_breakdown_ms"] = {"final_memory": _ms(t_mem - t_pause), "state": _ms(t_state - t_mem),
+                                            "completion": _ms(t_resumed - t_state)}
+            res["status"] = "completed"
+            res["guest_on"] = "destination"
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            self._fail(Cancelled("cancelled by the user"))
+        except MigrationError as exc:
+            self._fail(exc)
+        except Exception as exc:  # a bug: still never lose the guest
+            log.exception("internal error")
+            self._fail(MigrationError(f"internal error: {type(exc).__name__}: {one_line(exc)}"))
+        finally:
+            await self._finish(paused_here)
+            res["total_time_ms"] = _ms(time.perf_counter() - t_start)
+            res["counters"] = type(host.counters).delta(host.counters.snapshot(), before)
+            self._fill_stats()
+        return res
+
+    # -- steps --------------------------------------------------------------------------
+    async def _handshake(self, chan, strategy) -> None:
+        host = self.host
+        await chan.send(fr.Hello(
+            version=PROTOCOL_VERSION, ram_size=host.memory.size, page_size=PAGE_SIZE, granule=GRANULE,
+            mte=host.vm.mte_enabled, vcpus=host.vcpus.count, strategy=strategy.name,
+            tag_format=strategy.tag_format, compression="zstd", vm_uuid=self.config.vm_uuid))
+        reply = await chan.recv()
+        if reply.type == fr.FrameType.ERROR:
+            raise PeerError(reply.message, reply.code)
+
+    async def _send_pass(self, chan, builder, pass_no: int, ranges, final: bool = False) -> None:
+        total = sum(b - a for a, b in ranges)
+        t0 = time.perf_counter()
+        done = 0
+        pass_stats = BatchStats()
+        for batch in split_batches(ranges, self.config.batch_pages):
+            self._check_peer()
+            frame, stats = builder.build(pass_no, batch)
+            t = chan.send_seconds
+            sent = await chan.send(frame)
+            builder.compressor.observe_link(sent, chan.send_seconds - t)
+            pass_stats.add(stats)
+            done += stats.pages
+            elapsed = time.perf_counter() - t0
+            self.progress.update(pass_no, done, total, done * PAGE_SIZE / elapsed if elapsed else 0.0,
+                                 self._dirty_rate(), self.result["expected_downtime_ms"])
+        await chan.send(fr.PassEnd(pass_no, total))
+        elapsed = time.perf_counter() - t0
+        self.stats.add(pass_stats)
+        self.passes.append({"pass": pass_no, "final": final, "pages": total,
+                            "normal_pages": pass_stats.normal_pages, "zero_pages": pass_stats.zero_pages,
+                            "tagged_pages": pass_stats.tagged_pages, "seconds": round(elapsed, 6),
+                            "wire_bytes": pass_stats.data_wire + pass_stats.tag_wire})
+        self.progress.update(pass_no, total, total, total * PAGE_SIZE / elapsed if elapsed else 0.0,
+                             self._dirty_rate(), self.result["expected_downtime_ms"], force=True)
+
+    def _harvest(self) -> bytes:
+        """KVM_GET_DIRTY_LOG on every memslot, merged with the VMM's own
+        bitmap of device writes: one byte per page, 1 = dirty."""
+        vm, npages = self.host.vm, self.host.memory.npages
+        merged = bytearray(npages)
+        for slot in vm.memslots:
+            log_ = vm.get_dirty_log(slot.slot)
+            merged[slot.first_page:slot.first_page + slot.npages] = log_.bitmap
+        vmm = self.host.vmm_dirty.harvest()
+        merged = _union(bytes(merged), vmm)
+        self.result["dirty_sync_count"] += 1
+        self._last_dirty = (time.perf_counter(), merged.count(1))
+        return merged
+
+    def _bandwidth(self) -> float | None:
+        """Guest bytes per second over the last pass that sent real data."""
+        for p in reversed(self.passes):
+            if p["seconds"] > 0 and p["pages"]:
+                pages = p["normal_pages"] or p["pages"]
+                return pages * PAGE_SIZE / p["seconds"]
+        return None
+
+    def _dirty_rate(self) -> float | None:
+        if not self.passes or not getattr(self, "_last_dirty", None):
+            return None
+        last = self.passes[-1]
+        return self._last_dirty[1] / last["seconds"] if last["seconds"] else None
+
+    def _collect_state(self) -> dict:
+        host = self.host
+        return {"vcpus": [s.to_wire() for s in host.vcpus.get_states()],
+                "workload": {"name": host.workload.name, "seed": host.workload.seed,
+                             "params": host.workload.params, "state": host.workload.get_state()},
+                "devices": {"virtio-net0": {"rx_avail_idx": host.vcpus.steps[0] & 0xFFFF, "status": 0x0F}},
+                "mte": host.vm.mte_enabled}
+
+    async def _validate(self, chan, digest, confirm, state) -> Validation:
+        cfg, memory = self.config, self.host.memory
+        validation = Validation(cfg.validate, pages_checked=memory.npages)
+        validation.state_ok = confirm.state_digest == state_digest(state)
+        nchunks = chunk_count(memory.npages)
+        try:
+            their_data, their_tags = MemoryDigest.split_chunk_crcs(confirm.chunk_crcs, nchunks)
+        except ValueError as exc:
+            raise ProtocolError(f"CONFIRM: {exc}") from None
+        if cfg.validate == "full":
+            chunks = list(range(nchunks))
+        elif confirm.data_digest == digest.data_digest() and confirm.tag_digest == digest.tag_digest():
+            chunks = []
+        else:
+            chunks = differing_chunks(digest.data_crcs, digest.tag_crcs, their_data, their_tags)
+        loop = asyncio.get_running_loop()
+        for i in range(0, len(chunks), fr.Inspect.MAX_CHUNKS):
+            group = chunks[i:i + fr.Inspect.MAX_CHUNKS]
+            await chan.send(fr.Inspect(group))
+            reply = await chan.recv()
+            if reply.type != fr.FrameType.INSPECTION or reply.chunks != group:
+                raise ProtocolError("INSPECTION does not answer the INSPECT request")
+            mine = await loop.run_in_executor(None, page_detail, memory, group)
+            try:
+                compare_detail(validation, group, mine, reply.detail, memory.npages)
+            except ValueError as exc:
+                raise ProtocolError(f"INSPECTION: {exc}") from None
+        return validation
+
+    def _check_peer(self) -> None:
+        task = self._peer_task
+        if task is not None and task.done():
+            self._peer_task = None
+            frame = task.result()  # raises the peer's transport/protocol error
+            if frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
+                raise PeerError(f"destination: {getattr(frame, 'message', None) or frame.reason}",
+                                getattr(frame, "code", "abort"))
+            raise ProtocolError(f"unexpected {frame.type.name} frame from the destination")
+
+    async def _await_peer(self, chan):
+        task, self._peer_task = self._peer_task, None
+        if task is None:
+            return await chan.recv()
+        try:
+            frame = await asyncio.wait_for(asyncio.shield(task), self.config.timeout_s + 60)
+        except TimeoutError:
+            task.cancel()
+            raise TransportError("the destination did not confirm in time") from None
+        if frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
+            raise PeerError(f"destination: {getattr(frame, 'message', None) or frame.reason}",
+                            getattr(frame, "code", "abort"))
+        return frame
+
+    def _fail(self, exc: MigrationError) -> None:
+        res = self.result
+        res["status"] = exc.status
+        res["error"] = one_line(exc)
+        self._error = exc
+        self.progress.message(f"migration {exc.status}: {res['error']}")
+
+    async def _finish(self, paused_here: bool) -> None:
+        host, chan = self.host, self._chan
+        err = getattr(self, "_error", None)
+        if err is not None and chan is not None and self.machine is not None and not self.machine.finished \
+                and not isinstance(err, (PeerError, TransportError)):
+            frame = fr.Abort(one_line(err)) if isinstance(err, Cancelled) else fr.Error(err.code, one_line(err))
+            try:
+                async with asyncio.timeout(1.0):
+                    await chan.send(frame)
+            except Exception:  # best effort: the peer may be gone
+                pass
+        if self.machine is not None and err is not None:
+            self.machine.fail(one_line(err))
+        if self._peer_task is not None:
+            self._peer_task.cancel()
+            self._peer_task = None
+        if chan is not None:
+            chan.close()
+        for slot in host.vm.memslots:
+            if host.vm.dirty_logging():
+                host.vm.disable_dirty_logging(slot.slot)
+        host.vmm_dirty.enabled = False
+        if getattr(self, "strategy", None) is not None:
+            self.strategy.close()
+        if not self.handed_over:
+            if paused_here:
+                host.vcpus.resume()  # nothing lost: the guest goes on here
+            self.result["guest_on"] = "source"
+        elif self.result["status"] != "completed":
+            self.result["guest_on"] = "unknown: GO was sent but the destination did not confirm resuming"
+
+    def _fill_stats(self) -> None:
+        res, s = self.result, self.stats
+        total_s = res["total_time_ms"] / 1000.0
+        chan = self._chan
+        sent = chan.bytes_sent if chan else 0
+        res["passes"] = self.passes
+        res["ram"].update(transferred_bytes=sent, zero_pages=s.zero_pages, normal_pages=s.normal_pages,
+                          normal_bytes=s.data_bytes,
+                          remaining_bytes=0 if res["status"] == "completed" else None,
+                          mbps=round(sent * 8 / total_s / 1e6, 3) if total_s else 0.0,
+                          guest_bytes_per_s=round(res["ram"]["total_bytes"] / total_s) if total_s and res["status"] == "completed" else None,
+                          dirty_pages_rate=round(self._dirty_rate() or 0.0, 1))
+        res["tags"].update(tagged_pages=s.tagged_pages, raw_bytes=s.tag_raw, wire_bytes=s.tag_wire)
+        comp = getattr(self, "compressor", None)
+        res["wire"].update(bytes_sent=sent, bytes_received=chan.bytes_received if chan else 0,
+                           data_bytes=s.data_wire, tag_bytes=s.tag_wire,
+                           compression=None if comp is None else {
+                               "mode": comp.mode, "batches_compressed": comp.batches_compressed,
+                               "batches_raw": comp.batches_raw})

@@ -1,0 +1,139 @@
+"""The thin asyncio layer: frames over a non-blocking TCP socket.
+
+Reads land in one reused buffer (no allocation per read: see PERF-NOTES on
+StreamReader); a frame's meta and payload are views into it, valid until the
+next receive.  Sends go straight from the frame's buffers (guest RAM views or
+the batch scratch) with loop.sock_sendall.  Every receive is bounded in time
+(the peer timeout) and in size (the frame limits, checked on the header
+before the payload is read)."""
+
+import asyncio
+import socket
+import time
+
+from . import frames as fr
+from .errors import PeerTimeout, TransportError
+
+DEFAULT_TIMEOUT = object()
+BUFFER_SIZE = fr.HEADER_SIZE + fr.MAX_META + fr.MAX_PAYLOAD + (1 << 20)
+
+
+class FrameChannel:
+    def __init__(self, sock: socket.socket, conn, timeout: float, limiter=None):
+        sock.setblocking(False)
+        self.sock = sock
+        self.conn = conn
+        self.timeout = timeout
+        self.limiter = limiter
+        self.loop = asyncio.get_running_loop()
+        self._buf = bytearray(BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.send_seconds = 0.0
+        self.closed = False
+
+    # -- sending --------------------------------------------------------------
+    async def send(self, frame) -> int:
+        buffers = self.conn.send(frame)
+        n = sum(len(b) for b in buffers)
+        if self.limiter is not None:
+            await self.limiter.wait(n)
+        t = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout):
+                for b in buffers:
+                    await self.loop.sock_sendall(self.sock, b)
+        except TimeoutError:
+            raise PeerTimeout(f"peer accepted no data for {self.timeout:g} s") from None
+        except (ConnectionError, OSError) as exc:
+            raise TransportError(f"connection lost while sending {frame.type.name}: {exc.strerror or exc}") from None
+        self.send_seconds += time.perf_counter() - t
+        self.bytes_sent += n
+        return n
+
+    # -- receiving -----------------------------------------------------------
+    async def _fill(self, need: int) -> None:
+        """Make at least ``need`` bytes available at _start."""
+        if self._end - self._start >= need:
+            return
+        if self._start + need > len(self._buf):  # compact the partial frame to the front
+            remaining = self._end - self._start
+            self._view[:remaining] = self._view[self._start:self._end]
+            self._start, self._end = 0, remaining
+        while self._end - self._start < need:
+            try:
+                n = await self.loop.sock_recv_into(self.sock, self._view[self._end:])
+            except (ConnectionError, OSError) as exc:
+                raise TransportError(f"connection lost: {exc.strerror or exc}") from None
+            if n == 0:
+                got = self._end - self._start
+                where = "between frames" if got == 0 else f"inside a frame ({got} of {need} bytes)"
+                raise TransportError(f"peer closed the connection {where}")
+            self._end += n
+            self.bytes_received += n
+
+    async def recv(self, timeout=DEFAULT_TIMEOUT):
+        """The next frame, checked by the connection's state machine.
+        ``timeout=None`` waits for ever (for a watcher of an idle peer)."""
+        timeout = self.timeout if timeout is DEFAULT_TIMEOUT else timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self._fill(fr.HEADER_SIZE)
+                header = self.conn.parse_header(self._view[self._start:self._start + fr.HEADER_SIZE])
+                total = fr.HEADER_SIZE + header.meta_len + header.payload_len
+                await self._fill(total)
+        except TimeoutError:
+            raise PeerTimeout(f"peer sent nothing for {timeout:g} s") from None
+        base = self._start + fr.HEADER_SIZE
+        meta = self._view[base:base + header.meta_len]
+        payload = self._view[base + header.meta_len:self._start + total]
+        self._start += total
+        return self.conn.receive(header, meta, payload)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
+def parse_address(text: str, what: str = "address") -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{what} {text!r} must be HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def connect(host: str, port: int, timeout: float) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise TransportError(f"cannot resolve {host}: {exc.strerror}") from None
+    last = None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, addr)
+            tune(sock)
+            return sock
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            last = exc
+    reason = "timed out" if isinstance(last, TimeoutError) else (getattr(last, "strerror", None) or str(last))
+    raise TransportError(f"cannot connect to {host}:{port}: {reason}")
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
