@@ -55,6 +55,7 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the result as JSON")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
+    o.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)  # `run` prints the merged one
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,8 +205,9 @@ def _dispatch(args) -> int:
         return 0 if ok else (130 if result["status"] == "cancelled" else 1)
     from .hostproc import run_dest, run_source
     if args.command == "source":
-        return run_source(guest, config, name, args.connect, args.json, args.quiet, args.warmup)
+        return run_source(guest, config, name, args.connect, args.json, args.quiet, args.warmup,
+                          summary_out=not args.no_summary)
     if args.command == "dest":
         return run_dest(guest, config, name, args.listen, args.strategy or config.strategy if args.spec else args.strategy,
-                        args.expect_uuid, args.json, args.quiet, args.run_after)
+                        args.expect_uuid, args.json, args.quiet, args.run_after, summary_out=not args.no_summary)
     raise ConfigError(f"unknown command {args.command}")

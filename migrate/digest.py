@@ -10,6 +10,7 @@ when every chunk does, and the chunk CRCs say where they differ.
 """
 
 import bisect
+import functools
 import hashlib
 import zlib
 from array import array
@@ -19,6 +20,12 @@ from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 CHUNK_PAGES = 256
 _ZERO_CHUNK = bytes(CHUNK_PAGES * PAGE_SIZE)
 _ZERO_TAGS = bytes(CHUNK_PAGES * PACKED_TAGS_PER_PAGE)
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_crc(npages: int, per_page: int = PAGE_SIZE) -> int:
+    """CRC of ``npages`` pages of zeros (computed once per size)."""
+    return zlib.crc32(bytes(npages * per_page))
 
 
 def chunk_count(npages: int) -> int:
@@ -48,6 +55,8 @@ class MemoryDigest:
 
     def _data_crc(self, chunk: int, populated) -> int:
         first, end = self._chunk_bounds(chunk)
+        if not populated or populated[0][0] >= end:
+            return _zero_crc(end - first)  # nothing here was ever populated
         crc, pos = 0, first
         data = self.memory.data
         for a, b in populated:
@@ -64,6 +73,8 @@ class MemoryDigest:
 
     def _tag_crc(self, chunk: int) -> int:
         first, end = self._chunk_bounds(chunk)
+        if self.memory.tagged.find(1, first, end) < 0:
+            return _zero_crc(end - first, PACKED_TAGS_PER_PAGE)
         return zlib.crc32(effective_tags(self.memory, first, end))
 
     def data_digest(self) -> str:

@@ -34,7 +34,11 @@ def build_host(guest: GuestSpec, strategy: str, role: str) -> SimulatedHost:
     if role == "source":
         if guest.image:
             try:
-                host.memory.load_image(guest.image, guest.image_offset, guest.image_repeat)
+                path = guest.image
+                if path.startswith("builtin:"):
+                    from .images import builtin_image
+                    path = builtin_image(path, guest.ram - guest.image_offset, guest.seed)
+                host.memory.load_image(path, guest.image_offset, guest.image_repeat)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"cannot load image {guest.image}: {one_line(exc)}") from None
         host.prepare_guest()
@@ -60,7 +64,7 @@ def _prefix_counters(result: dict, side: str) -> None:
 
 
 def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect: str,
-               json_path: str | None, quiet: bool, warmup_s: float = 0.2) -> int:
+               json_path: str | None, quiet: bool, warmup_s: float = 0.2, summary_out: bool = True) -> int:
     try:
         address = parse_address(connect, "--connect")
     except ValueError as exc:
@@ -89,13 +93,14 @@ def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect
     _prefix_counters(result, "source")
     if json_path:
         write_json(result, json_path)
-    if not quiet:
+    if not quiet and summary_out:
         print(summary(result), file=sys.stderr)
     return _exit_code(result)
 
 
 def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: str, strategy: str | None,
-             expect_uuid: str | None, json_path: str | None, quiet: bool, run_after_s: float = 0.0) -> int:
+             expect_uuid: str | None, json_path: str | None, quiet: bool, run_after_s: float = 0.0,
+             summary_out: bool = True) -> int:
     try:
         host_name, port = parse_address(listen, "--listen")
     except ValueError as exc:
@@ -132,7 +137,7 @@ def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: s
     result["validation"]["mode"] = None
     if json_path:
         write_json(result, json_path)
-    if not quiet:
+    if not quiet and summary_out:
         print(summary(result), file=sys.stderr)
     return 0 if result["status"] == "completed" else (130 if result["status"] == "cancelled" else 1)
 

@@ -50,9 +50,11 @@ def summary(result: dict) -> str:
                      f"downtime {_ms(result['downtime_ms'])}, {result['dirty_sync_count']} dirty syncs")
         if result.get("convergence"):
             lines.append(f"  stopped because {result['convergence']['reason']}")
-        lines.append(f"  RAM {fmt_bytes(ram['total_bytes'])}: {ram['normal_pages']} pages sent, "
-                     f"{ram['zero_pages']} zero pages, {fmt_bytes(ram['transferred_bytes'])} on the wire, "
-                     f"{fmt_rate(ram['mbps'] * 1e6 / 8)} of guest RAM")
+        ram_line = (f"  RAM {fmt_bytes(ram['total_bytes'])}: {ram['normal_pages']} pages sent, "
+                    f"{ram['zero_pages']} zero pages, {fmt_bytes(ram['transferred_bytes'])} on the wire")
+        if ram.get("guest_bytes_per_s"):
+            ram_line += f", {fmt_rate(ram['guest_bytes_per_s'])} of guest RAM end to end"
+        lines.append(ram_line)
         lines.append(f"  tags: {tags['tagged_pages']} tagged pages, {fmt_bytes(tags['raw_bytes'])} raw, "
                      f"{fmt_bytes(tags['wire_bytes'])} on the wire")
     if val.get("mode"):
