@@ -1,42 +1,42 @@
 """Bulk conversions between packed tag storage (two 4-bit tags per byte, the
 lower-addressed granule in the low nibble) and one-tag-per-byte arrays (the
 KVM_ARM_MTE_COPY_TAGS buffer format).  Everything here works on whole slices
-with bytes.translate and big-int arithmetic: no Python loop per granule."""
+with C-level codecs and bytes.translate: no Python loop per granule."""
+
+import binascii
+import codecs
 
 _LOW_NIBBLE = bytes(b & 0x0F for b in range(256))
-_HIGH_NIBBLE = bytes(b >> 4 for b in range(256))
-_TO_HIGH_NIBBLE = bytes((b & 0x0F) << 4 for b in range(256))
+# unpack: packed byte (hi << 4 | lo) -> code point (hi << 8 | lo); encoded as
+# UTF-16-LE that is the two bytes lo, hi.  All code points are below 0x0F10,
+# so there are no surrogates and every character encodes to exactly 2 bytes.
+_UNPACK_TABLE = "".join(chr(((b >> 4) << 8) | (b & 0x0F)) for b in range(256))
+# pack: each granule byte -> the hex digit of its low nibble, so that
+# unhexlify joins each (lo, hi) pair into one byte (lo << 4 | hi) ...
+_TO_HEX_DIGIT = bytes(b"0123456789abcdef"[b & 0x0F] for b in range(256))
+# ... and a nibble swap gives the packed byte (hi << 4 | lo).
+_SWAP_NIBBLES = bytes(((b & 0x0F) << 4) | (b >> 4) for b in range(256))
 
 
-def unpack(packed) -> bytearray:
+def unpack(packed) -> bytes:
     """Packed tags -> one byte per granule (tag in the low nibble)."""
-    packed = bytes(packed)
-    out = bytearray(2 * len(packed))
-    out[0::2] = packed.translate(_LOW_NIBBLE)
-    out[1::2] = packed.translate(_HIGH_NIBBLE)
-    return out
+    return codecs.charmap_decode(packed, "strict", _UNPACK_TABLE)[0].encode("utf-16-le")
 
 
 def unpack_into(packed, out, offset: int = 0) -> None:
     """Like :func:`unpack`, writing 2*len(packed) bytes into ``out`` at ``offset``."""
-    packed = bytes(packed)
-    n = 2 * len(packed)
-    view = memoryview(out)[offset:offset + n]
-    view[0::2] = packed.translate(_LOW_NIBBLE)
-    view[1::2] = packed.translate(_HIGH_NIBBLE)
+    unpacked = unpack(packed)
+    memoryview(out).cast("B")[offset:offset + len(unpacked)] = unpacked
 
 
 def pack(unpacked) -> bytes:
     """One byte per granule -> packed tags.  Only the low nibble of each input
     byte is kept, as the hardware ignores the rest.  The input length must be even."""
-    data = bytes(unpacked)
-    if len(data) % 2:
+    if not isinstance(unpacked, (bytes, bytearray)):
+        unpacked = bytes(unpacked)  # translate() needs bytes or bytearray
+    if len(unpacked) % 2:
         raise ValueError("tag array length must be even")
-    low = data[0::2].translate(_LOW_NIBBLE)
-    high = data[1::2].translate(_TO_HIGH_NIBBLE)
-    n = len(low)
-    # The nibbles do not overlap, so one big-int OR merges them in bulk.
-    return (int.from_bytes(low, "little") | int.from_bytes(high, "little")).to_bytes(n, "little")
+    return binascii.unhexlify(unpacked.translate(_TO_HEX_DIGIT)).translate(_SWAP_NIBBLES)
 
 
 def fill_granules(storage, first_granule: int, count: int, tag: int) -> None:
