@@ -166,7 +166,7 @@ class Vm:
         first, end = off // PAGE_SIZE, -(-(off + n) // PAGE_SIZE)
         with self.mmu_lock:
             self.sanitise(first, end)
-            self.memory.data[off:off + n] = data
+            self.memory.write(off, data)
             self._mark_dirty(first, end)
 
     def guest_set_tags(self, ipa: int, length: int, tag: int) -> None:

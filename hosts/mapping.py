@@ -108,7 +108,7 @@ class VmmMapping:
     def write(self, offset: int, data, pointer_tag: int = 0) -> None:
         n = len(data)
         self._touch(offset, n, pointer_tag)
-        self.memory.data[offset:offset + n] = data
+        self.memory.write(offset, data)
         if self.dirty_tracker is not None:
             self.dirty_tracker.mark(offset // PAGE_SIZE, -(-(offset + n) // PAGE_SIZE))
 

@@ -14,6 +14,9 @@ from .constants import GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from .tags import all_zero
 
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+# Stores at least this large that start in never-populated RAM go through
+# pwrite() (see GuestMemory.write).
+_PWRITE_MIN = 64 << 10
 
 
 class GuestMemory:
@@ -62,6 +65,31 @@ class GuestMemory:
         """Allocate host memory for a page range ahead of use (as a VMM's
         -mem-prealloc does), so first-touch faults happen now, not later."""
         os.posix_fallocate(self._data_fd, first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE)
+
+    # -- storing -------------------------------------------------------------
+    def write(self, offset: int, data) -> None:
+        """Store ``data`` at RAM byte ``offset``.  Normally a memcpy into the
+        mapping; a large store that starts in never-populated RAM is a
+        pwrite() on the backing file instead: the same bytes land in the same
+        pages, but the host kernel allocates them without taking a page fault
+        for each (about half the cost of first-touch faults on tmpfs)."""
+        n = len(data)
+        if n >= _PWRITE_MIN and self._hole_at(offset):
+            view = memoryview(data).cast("B")
+            fd = self._data_fd
+            while view:
+                k = os.pwrite(fd, view, offset)
+                view, offset = view[k:], offset + k
+        else:
+            self.data[offset:offset + n] = data
+
+    def _hole_at(self, offset: int) -> bool:
+        """Whether the page at ``offset`` was never populated (SEEK_DATA, which
+        returns at once for a populated page and skips holes in bulk)."""
+        try:
+            return os.lseek(self._data_fd, offset, os.SEEK_DATA) != offset
+        except OSError:  # ENXIO: no data at or after offset
+            return True
 
     # -- loading -------------------------------------------------------------
     def load_image(self, path: str, offset: int = 0, repeat: bool = False) -> int:
