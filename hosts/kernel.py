@@ -325,8 +325,13 @@ class Vm:
     def _tags_from_user(self, first: int, npages: int, src: memoryview) -> None:
         mem = self.memory
         end = first + npages
-        mem.tags[first * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE] = tagops.pack(src)
-        mem.tagged[first:end] = b"\x01" * npages
+        packed = tagops.pack(src)
+        # Under the MMU lock, as KVM serialises with try_page_mte_tagging():
+        # a vCPU's first-touch sanitise must not clear the tags just stored
+        # (it saw the page untagged, then cleared it after this store).
+        with self.mmu_lock:
+            mem.tags[first * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE] = packed
+            mem.tagged[first:end] = b"\x01" * npages
         self.counters.add("kernel.page_tag_writes", npages)
         self.counters.add("bytes.tags_from_user", npages * GRANULES_PER_PAGE)
 
