@@ -141,6 +141,7 @@ class VmmMapping:
         is zero after the sanitise that mapping it performs."""
         self._require_prot_mte()
         end = first_page + npages
+        self._check_pages(first_page, end)
         self._sanitise(first_page, end)
         self.counters.add("el0.ldg", npages * GRANULES_PER_PAGE)
         return bytes(self.memory.tags[first_page * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE])
@@ -155,8 +156,11 @@ class VmmMapping:
     def store_tags(self, first_page: int, packed) -> None:
         """STG once per granule over whole pages, from packed tags."""
         self._require_prot_mte()
+        if len(packed) % PACKED_TAGS_PER_PAGE:
+            raise ValueError(f"packed tags must cover whole pages ({PACKED_TAGS_PER_PAGE} bytes each)")
         npages = len(packed) // PACKED_TAGS_PER_PAGE
         end = first_page + npages
+        self._check_pages(first_page, end)
         self._sanitise(first_page, end)
         self.memory.tags[first_page * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE] = packed
         self.counters.add("el0.stg", npages * GRANULES_PER_PAGE)
@@ -176,6 +180,10 @@ class VmmMapping:
     def _sanitise(self, first_page: int, end_page: int) -> None:
         with self.vm.mmu_lock:
             self.vm.sanitise(first_page, end_page)
+
+    def _check_pages(self, first_page: int, end_page: int) -> None:
+        if first_page < 0 or end_page < first_page or end_page > self.memory.npages:
+            raise IndexError(f"pages [{first_page}, {end_page}) are outside the guest RAM mapping")
 
     def _require_prot_mte(self) -> None:
         if not self.prot_mte:
