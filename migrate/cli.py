@@ -88,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guest_options(p)
     _add_migration_options(p)
 
+    p = sub.add_parser("bench", help="compare strategies: a matrix of scenarios x strategies, repeated",
+                       description="Run every scenario with every strategy, interleaved, REPEAT times; report "
+                                   "medians and min-max, ratios against `none`, the machine's ceilings, and the "
+                                   "cost model's estimate for real hardware. Writes results.json, results.csv, "
+                                   "results.md (and results.png with the plot extra) to --out.")
+    p.add_argument("--scenarios", metavar="A,B", help="comma-separated scenario names or files "
+                   "(default: allocator,retag-churn,stream,device-dma,idle; --quick: allocator,retag-churn,device-dma)")
+    p.add_argument("--strategies", metavar="A,B", help="comma-separated strategies (default: all)")
+    p.add_argument("--repeat", type=int, metavar="N", help="runs of each pair (default 3; --quick 1)")
+    p.add_argument("--out", default="bench-out", metavar="DIR", help="output folder (default bench-out)")
+    p.add_argument("--quick", action="store_true", help="small guests (64 MiB), one repeat: under 2 minutes")
+    p.add_argument("--ram", metavar="SIZE", help="guest RAM for every scenario")
+    p.add_argument("--cost-model", metavar="FILE", help="cost model parameters (default: migrate/costmodel.toml)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress")
+
     sub.add_parser("scenarios", help="list the scenarios, one a line")
     sub.add_parser("strategies", help="list the tag strategies, one a line")
     return parser
@@ -174,6 +189,36 @@ def main(argv=None) -> int:
         return 130
 
 
+def _bench(args) -> int:
+    from dataclasses import replace
+    from . import scenario as scen
+    from .bench import QUICK_RAM, run_bench
+    from .strategies import STRATEGIES
+    names = (args.scenarios.split(",") if args.scenarios else
+             ["allocator", "retag-churn", "device-dma"] if args.quick else
+             ["allocator", "retag-churn", "stream", "device-dma", "idle"])
+    scenarios = [scen.load(n.strip()) for n in names if n.strip()]
+    strategies = args.strategies.split(",") if args.strategies else list(STRATEGIES)
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ConfigError(f"unknown strategy {unknown[0]!r}; known: {', '.join(STRATEGIES)}")
+    try:
+        ram = parse_size(args.ram, "--ram") if args.ram else (QUICK_RAM if args.quick else None)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for s in scenarios:
+        if ram:
+            s.guest = replace(s.guest, ram=ram)
+    repeat = args.repeat or (1 if args.quick else 3)
+    if repeat < 1:
+        raise ConfigError("--repeat must be at least 1")
+    command = "mte-migrate " + " ".join(sys.argv[1:])
+    try:
+        return run_bench(scenarios, strategies, repeat, args.out, args.quick, args.cost_model, command, args.quiet)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"bench: {exc}") from None
+
+
 def _dispatch(args) -> int:
     from .report import summary, write_json
     if args.command == "scenarios":
@@ -193,6 +238,8 @@ def _dispatch(args) -> int:
             label = "[proposal] " if cls.proposal else ""
             print(f"{name}\t{label}{cls.description}")
         return 0
+    if args.command == "bench":
+        return _bench(args)
     guest, config, name = resolve(args)
     if args.command in ("run", "validate"):
         from .runner import run_pair

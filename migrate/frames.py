@@ -381,8 +381,10 @@ class Header:
     raw: bytes = field(repr=False, default=b"")
 
 
-def parse_header(raw) -> Header:
-    """Check a 16-byte header; bounds are enforced here, before any allocation."""
+def parse_header(raw, require_crc: bool = False) -> Header:
+    """Check a 16-byte header; bounds are enforced here, before any allocation.
+    With ``require_crc`` a frame without FLAG_CRC is refused: otherwise one
+    flipped bit in the flags byte would switch the checksum off."""
     if len(raw) != HEADER_SIZE:
         raise ProtocolError(f"truncated frame header ({len(raw)} of {HEADER_SIZE} bytes)")
     magic, ftype, flags, meta_len, payload_len, crc = HEADER.unpack(raw)
@@ -394,6 +396,9 @@ def parse_header(raw) -> Header:
         raise ProtocolError(f"unknown frame type {ftype}") from None
     if flags & ~FLAG_CRC:
         raise ProtocolError(f"unknown frame flags {flags:#x}")
+    if require_crc and not flags & FLAG_CRC:
+        raise ProtocolError(f"{ftype.name} frame has no checksum, but this side requires one "
+                            f"(--no-checksum must be given to both sides)")
     if meta_len > MAX_META:
         raise ProtocolError(f"{ftype.name} meta length {meta_len} exceeds the limit {MAX_META}")
     if payload_len > MAX_PAYLOAD:
@@ -420,14 +425,15 @@ def decode(header: Header, meta_bytes, payload):
 class FrameBuffer:
     """Sans-I/O decoder for tests and in-memory joins: feed bytes, get frames."""
 
-    def __init__(self):
+    def __init__(self, require_crc: bool = False):
         self._buf = bytearray()
+        self.require_crc = require_crc
 
     def feed(self, data) -> list:
         self._buf += data
         frames = []
         while len(self._buf) >= HEADER_SIZE:
-            header = parse_header(bytes(self._buf[:HEADER_SIZE]))
+            header = parse_header(bytes(self._buf[:HEADER_SIZE]), self.require_crc)
             total = HEADER_SIZE + header.meta_len + header.payload_len
             if len(self._buf) < total:
                 break

@@ -3,6 +3,7 @@ source or destination side of a migration on it."""
 
 import asyncio
 import json
+import resource
 import signal
 import socket
 import sys
@@ -45,6 +46,24 @@ def build_host(guest: GuestSpec, strategy: str, role: str) -> SimulatedHost:
     return host
 
 
+class _CpuMeter:
+    """CPU seconds of this process (all threads: VMM, vCPUs, helpers) and of
+    the calling thread (the VMM's migration event loop) since creation."""
+
+    def __init__(self):
+        self._proc = self._process()
+        self._thread = time.thread_time()
+
+    @staticmethod
+    def _process() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def read(self) -> dict:
+        return {"process_s": round(self._process() - self._proc, 4),
+                "migration_thread_s": round(time.thread_time() - self._thread, 4)}
+
+
 def _install_cancel(loop, task) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -84,8 +103,10 @@ def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect
             return await task
         except asyncio.CancelledError:  # cancelled before migrate() could catch it
             return engine.result
+    cpu = _CpuMeter()
     try:
         result = asyncio.run(main())
+        result["cpu"] = cpu.read()
     finally:
         host.close()
     progress.done()
@@ -116,6 +137,8 @@ def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: s
     progress = Progress(False if quiet else None)
     engine = DestVmm(host, config, scenario, strategy, expect_uuid, progress)
 
+    cpu = _CpuMeter()
+
     async def main():
         task = asyncio.ensure_future(engine.serve(listener))
         _install_cancel(asyncio.get_running_loop(), task)
@@ -127,6 +150,7 @@ def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: s
             return engine.result
     try:
         result = asyncio.run(main())
+        result["cpu"] = cpu.read()
         if result["status"] == "completed" and run_after_s > 0:
             time.sleep(run_after_s)  # the guest runs on here for a while
     finally:

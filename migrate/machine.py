@@ -153,7 +153,7 @@ class Connection:
         self.machine = machine
         self.checksum = checksum
         self.ram_pages: int | None = None
-        self._buffer = fr.FrameBuffer()
+        self._buffer = fr.FrameBuffer(require_crc=checksum)
 
     @property
     def state(self):
@@ -166,7 +166,7 @@ class Connection:
     def parse_header(self, raw) -> fr.Header:
         if self.machine.finished:
             raise ProtocolError(f"{self.machine.side} received data after the migration ended")
-        return fr.parse_header(raw)
+        return fr.parse_header(raw, self.checksum)
 
     def receive(self, header: fr.Header, meta, payload):
         frame = fr.decode(header, meta, payload)

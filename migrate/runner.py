@@ -51,7 +51,8 @@ def run_pair(guest, config, scenario: str, quiet: bool, extra_source_args=(), ti
                                             f"source process exited with status {source.returncode if source else '?'} and no result")
         dresult = _load(dst_json)
         if dresult is not None:
-            result["destination"] = {k: dresult[k] for k in ("status", "error", "setup_time_ms", "total_time_ms", "guest_on")}
+            result["destination"] = {k: dresult.get(k) for k in ("status", "error", "setup_time_ms", "total_time_ms",
+                                                                 "guest_on", "cpu")}
             result["counters"] = {**result.get("counters", {}), **dresult.get("counters", {})}
             if dresult["status"] != "completed" and result["status"] == "completed":
                 result["status"] = "failed"
