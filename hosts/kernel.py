@@ -92,6 +92,12 @@ class Vm:
         self.mmu_lock = threading.Lock()
         self.memslots: list[Memslot] = []
         self._dirty: dict[int, bytearray] = {}
+        # PROPOSAL (no such KVM interface exists): a separate log of pages
+        # whose *tags* were stored, kept when the VMM asks for it.  It assumes
+        # stage 2 can trap tag stores apart from data stores (FEAT_MTE_PERM's
+        # NoTagAccess), so a tag-only store (STG) lands here and not in the
+        # data log; a data store still lands in the data log.
+        self._tag_dirty: dict[int, bytearray] = {}
         sizes = memslot_sizes or [ram_size]
         if sum(sizes) != ram_size or any(s <= 0 or s % PAGE_SIZE for s in sizes):
             raise ValueError("memslot sizes must be page multiples that add up to the RAM size")
@@ -181,7 +187,7 @@ class Vm:
         with self.mmu_lock:
             self.sanitise(first, end)
             tagops.fill_granules(self.memory.tags, off // GRANULE, length // GRANULE, tag)
-            self._mark_dirty(first, end)
+            self._mark_tag_store(first, end)
         self.counters.add("guest.tag_store_granules", length // GRANULE)
 
     def guest_store_tags_packed(self, ipa: int, packed) -> None:
@@ -197,7 +203,7 @@ class Vm:
         with self.mmu_lock:
             self.sanitise(first, first + npages)
             self.memory.tags[first * PACKED_TAGS_PER_PAGE:(first + npages) * PACKED_TAGS_PER_PAGE] = packed
-            self._mark_dirty(first, first + npages)
+            self._mark_tag_store(first, first + npages)
         self.counters.add("guest.tag_store_granules", npages * GRANULES_PER_PAGE)
 
     def guest_read(self, ipa: int, length: int) -> bytes:
@@ -243,16 +249,51 @@ class Vm:
             bitmap[:] = bytes(len(bitmap))
         return DirtyLog(self.memslots[slot], snapshot)
 
+    # -- PROPOSAL: tag-dirty log (KVM_GET_TAG_DIRTY_LOG) ------------------------
+    def enable_tag_dirty_logging(self, slot: int) -> None:
+        """Proposed: keep a separate log of tag-only stores for this memslot."""
+        self.counters.add("syscalls.kvm_enable_tag_dirty_log")
+        if not self.mte_enabled:
+            raise einval("tag dirty logging needs MTE")
+        with self.mmu_lock:
+            self._tag_dirty.setdefault(slot, bytearray(self.memslots[slot].npages))
+
+    def disable_tag_dirty_logging(self, slot: int) -> None:
+        with self.mmu_lock:
+            self._tag_dirty.pop(slot, None)
+
+    def get_tag_dirty_log(self, slot: int) -> DirtyLog:
+        """Proposed KVM_GET_TAG_DIRTY_LOG: get-and-clear, as KVM_GET_DIRTY_LOG."""
+        self.counters.add("syscalls.kvm_get_tag_dirty_log")
+        with self.mmu_lock:
+            bitmap = self._tag_dirty.get(slot)
+            if bitmap is None:
+                raise KernelError("ENOENT", f"tag dirty logging is not enabled on memslot {slot}")
+            snapshot = bytes(bitmap)
+            bitmap[:] = bytes(len(bitmap))
+        return DirtyLog(self.memslots[slot], snapshot)
+
+    def _mark_tag_store(self, first_page: int, end_page: int) -> None:
+        # Caller holds mmu_lock.  A tag store is a store: it dirties the page
+        # in KVM's log -- unless the proposed tag-dirty log is on.
+        if self._tag_dirty:
+            self._mark(self._tag_dirty, first_page, end_page, "kvm.tag_access_faults")
+        else:
+            self._mark_dirty(first_page, end_page)
+
     def _mark_dirty(self, first_page: int, end_page: int) -> None:
         # Caller holds mmu_lock.  Pages are in GuestMemory numbering.
-        for slot_no, bitmap in self._dirty.items():
+        self._mark(self._dirty, first_page, end_page, "kvm.write_protect_faults")
+
+    def _mark(self, logs: dict, first_page: int, end_page: int, fault_counter: str) -> None:
+        for slot_no, bitmap in logs.items():
             slot = self.memslots[slot_no]
             a = max(first_page, slot.first_page) - slot.first_page
             b = min(end_page, slot.first_page + slot.npages) - slot.first_page
             if a < b:
                 newly = bitmap.count(0, a, b)
                 if newly:
-                    self.counters.add("kvm.write_protect_faults", newly)
+                    self.counters.add(fault_counter, newly)
                 bitmap[a:b] = b"\x01" * (b - a)
 
     # -- KVM_ARM_MTE_COPY_TAGS -------------------------------------------------

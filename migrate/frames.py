@@ -38,6 +38,8 @@ MAX_PAYLOAD = MAX_BATCH_PAGES * (PAGE_SIZE + PACKED_TAGS_PER_PAGE) + 64 * 1024
 # Per-page flags in a Pages frame.
 PAGE_ZERO = 0x01   # data is all zero: no bytes on the wire
 PAGE_TAGS = 0x02   # tags are not all zero: PACKED_TAGS_PER_PAGE bytes follow
+PAGE_KEEP = 0x04   # data unchanged since it was last sent: only the tags travel
+VALID_PAGE_FLAGS = bytes([0, PAGE_ZERO, PAGE_TAGS, PAGE_ZERO | PAGE_TAGS, PAGE_KEEP, PAGE_KEEP | PAGE_TAGS])
 
 
 class FrameType(enum.IntEnum):
@@ -168,7 +170,7 @@ class Pages:
                                 f"(at most {MAX_BATCH_PAGES} pages per batch)")
         if any(c == 0 for _, c in ranges):
             raise ProtocolError("PAGES batch has an empty range")
-        if flags.translate(None, b"\x00\x01\x02\x03"):
+        if flags.translate(None, VALID_PAGE_FLAGS):
             raise ProtocolError("PAGES batch has an unknown page flag")
         if dl > len(payload):
             raise ProtocolError(f"PAGES data length {dl} exceeds the payload ({len(payload)} bytes)")

@@ -13,7 +13,8 @@ from .errors import ProtocolError
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_TAG_PAGE = bytes(PACKED_TAGS_PER_PAGE)
-_DATA_BIT = bytes(0 if b & fr.PAGE_ZERO else 1 for b in range(256))   # 1 = data on the wire
+_DATA_BIT = bytes(0 if b & (fr.PAGE_ZERO | fr.PAGE_KEEP) else 1 for b in range(256))  # 1 = data on the wire
+_ZERO_BIT = bytes(1 if b & fr.PAGE_ZERO else 0 for b in range(256))   # 1 = all-zero data
 _TAGS_BIT = bytes(1 if b & fr.PAGE_TAGS else 0 for b in range(256))   # 1 = tags on the wire
 
 
@@ -63,6 +64,20 @@ class BatchStats:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
+def packed_tags_blob(flags: bytearray, packed, n: int) -> tuple[bytes, int]:
+    """Keep the tags of pages whose tags are not all zero (marking them
+    PAGE_TAGS in ``flags``); returns (blob, count)."""
+    if packed is None or all_zero(packed):
+        return b"", 0
+    keep = []
+    for p in range(n):
+        t = packed[p * PACKED_TAGS_PER_PAGE:(p + 1) * PACKED_TAGS_PER_PAGE]
+        if t != _ZERO_TAG_PAGE:
+            flags[p] |= fr.PAGE_TAGS
+            keep.append(t)
+    return (bytes(packed) if len(keep) == n else b"".join(keep)), len(keep)
+
+
 class BatchBuilder:
     """Source side: guest pages -> Pages frames."""
 
@@ -94,22 +109,24 @@ class BatchBuilder:
                         filled += PAGE_SIZE
             i += count
         data = scratch[:filled]
-        tag_blob = b""
         packed = self.strategy.read_tags(ranges)
-        ntagged = 0
-        if packed is not None and not all_zero(packed):
-            keep = []
-            for p in range(n):
-                t = packed[p * PACKED_TAGS_PER_PAGE:(p + 1) * PACKED_TAGS_PER_PAGE]
-                if t != _ZERO_TAG_PAGE:
-                    flags[p] |= fr.PAGE_TAGS
-                    keep.append(t)
-            ntagged = len(keep)
-            tag_blob = packed if ntagged == n else b"".join(keep)
+        return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), filled)
+
+    def build_tags_only(self, pass_no: int, ranges) -> tuple[fr.Pages, BatchStats]:
+        """A batch of pages whose data is unchanged: only their tags travel."""
+        n = sum(c for _, c in ranges)
+        flags = bytearray([fr.PAGE_KEEP]) * n
+        packed = self.strategy.read_tags(ranges)
+        return self._finish(pass_no, ranges, flags, b"", packed_tags_blob(flags, packed, n), 0)
+
+    def _finish(self, pass_no, ranges, flags, data, tags, filled):
+        tag_blob, ntagged = tags
+        n = len(flags)
         data_wire, data_c = self.compressor.compress_data(data)
         tags_wire, tags_c = self.compressor.compress_tags(tag_blob)
         zero = flags.count(fr.PAGE_ZERO) + flags.count(fr.PAGE_ZERO | fr.PAGE_TAGS)
-        stats = BatchStats(pages=n, zero_pages=zero, normal_pages=n - zero, tagged_pages=ntagged,
+        normal = n - zero - flags.count(fr.PAGE_KEEP) - flags.count(fr.PAGE_KEEP | fr.PAGE_TAGS)
+        stats = BatchStats(pages=n, zero_pages=zero, normal_pages=normal, tagged_pages=ntagged,
                            data_bytes=filled, data_wire=len(data_wire),
                            tag_raw=len(tag_blob), tag_wire=len(tags_wire))
         frame = fr.Pages(pass_no, list(ranges), bytes(flags), data_wire, tags_wire, data_c, tags_c)
@@ -132,6 +149,7 @@ class BatchApplier:
     def apply(self, frame: fr.Pages) -> BatchStats:
         flags = frame.flags
         data_bits = flags.translate(_DATA_BIT)
+        zero_bits = flags.translate(_ZERO_BIT)
         tag_bits = flags.translate(_TAGS_BIT)
         ndata, ntags = data_bits.count(1), tag_bits.count(1)
         data = self._payload(frame.data, frame.data_compressed, ndata * PAGE_SIZE, "page data")
@@ -148,7 +166,7 @@ class BatchApplier:
         for a, b in runs(data_bits, 1):
             self._store_run(page_of, a, b, data[pos:pos + (b - a) * PAGE_SIZE])
             pos += (b - a) * PAGE_SIZE
-        for a, b in runs(data_bits, 0):
+        for a, b in runs(zero_bits, 1):
             self._zero_run(page_of, a, b)
         tags = memoryview(tags)
         pos = 0
@@ -158,7 +176,7 @@ class BatchApplier:
         if self.strategy.tag_format != "none":
             for a, b in runs(tag_bits, 0):
                 self._untag_run(page_of, a, b)
-        zero = len(flags) - ndata
+        zero = zero_bits.count(1)
         return BatchStats(pages=len(flags), zero_pages=zero, normal_pages=ndata, tagged_pages=ntags,
                           data_bytes=ndata * PAGE_SIZE, data_wire=len(frame.data),
                           tag_raw=ntags * PACKED_TAGS_PER_PAGE, tag_wire=len(frame.tags))

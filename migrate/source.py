@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from hosts.constants import GRANULE, PAGE_SIZE
+from hosts.constants import GRANULE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
 
 from . import PROTOCOL_VERSION
 from . import frames as fr
@@ -86,16 +86,19 @@ class SourceVmm:
             policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
             await self._send_pass(chan, builder, 0, host.memory.populated_ranges())
             dirty_passes = 0
+            tags_only = b""
             while True:
                 bitmap = self._harvest()
-                dirty = bitmap.count(1)
+                tags_only = _union(tags_only, self._harvest_tags_only(bitmap))
+                remaining = bitmap.count(1) * PAGE_SIZE + tags_only.count(1) * PACKED_TAGS_PER_PAGE
                 bandwidth = self._bandwidth()
-                decision = policy.decide(dirty_passes, dirty * PAGE_SIZE, bandwidth)
-                res["expected_downtime_ms"] = policy.expected_downtime_ms(dirty * PAGE_SIZE, bandwidth)
+                decision = policy.decide(dirty_passes, remaining, bandwidth)
+                res["expected_downtime_ms"] = policy.expected_downtime_ms(remaining, bandwidth)
                 if decision.stop:
                     break
                 dirty_passes += 1
-                await self._send_pass(chan, builder, dirty_passes, list(runs(bitmap, 1)))
+                await self._send_pass(chan, builder, dirty_passes, list(runs(bitmap, 1)), tags_only=tags_only)
+                tags_only = b""
             res["convergence"] = {"policy": policy.name, "reason": decision.reason, "forced": decision.forced}
             self.progress.message(f"stop-and-copy: {decision.reason}")
 
@@ -111,7 +114,9 @@ class SourceVmm:
             # The pages harvested for the last decision were never sent:
             # they go out with whatever the guest dirtied since.
             final = _union(bitmap, self._harvest())
-            await self._send_pass(chan, builder, dirty_passes + 1, list(runs(final, 1)), final=True)
+            tags_only = _union(tags_only, self._harvest_tags_only(final))
+            await self._send_pass(chan, builder, dirty_passes + 1, list(runs(final, 1)), final=True,
+                                  tags_only=tags_only)
             t_mem = time.perf_counter()
             state = self._collect_state()
             await chan.send(fr.State(state))
@@ -166,14 +171,20 @@ class SourceVmm:
         if reply.type == fr.FrameType.ERROR:
             raise PeerError(reply.message, reply.code)
 
-    async def _send_pass(self, chan, builder, pass_no: int, ranges, final: bool = False) -> None:
-        total = sum(b - a for a, b in ranges)
+    async def _send_pass(self, chan, builder, pass_no: int, ranges, final: bool = False,
+                         tags_only: bytes = b"") -> None:
+        """Send the pages in ``ranges`` (data and tags), then the pages marked
+        in ``tags_only`` (their tags alone), then PASS_END."""
+        tag_ranges = list(runs(tags_only, 1)) if tags_only else []
+        total = sum(b - a for a, b in ranges) + sum(b - a for a, b in tag_ranges)
         t0 = time.perf_counter()
         done = 0
         pass_stats = BatchStats()
-        for batch in split_batches(ranges, self.config.batch_pages):
+        batches = [(b, builder.build) for b in split_batches(ranges, self.config.batch_pages)]
+        batches += [(b, builder.build_tags_only) for b in split_batches(tag_ranges, self.config.batch_pages)]
+        for batch, build in batches:
             self._check_peer()
-            frame, stats = builder.build(pass_no, batch)
+            frame, stats = build(pass_no, batch)
             t = chan.send_seconds
             sent = await chan.send(frame)
             builder.compressor.observe_link(sent, chan.send_seconds - t)
@@ -186,6 +197,7 @@ class SourceVmm:
         elapsed = time.perf_counter() - t0
         self.stats.add(pass_stats)
         self.passes.append({"pass": pass_no, "final": final, "pages": total,
+                            "tags_only_pages": sum(b - a for a, b in tag_ranges),
                             "normal_pages": pass_stats.normal_pages, "zero_pages": pass_stats.zero_pages,
                             "tagged_pages": pass_stats.tagged_pages, "seconds": round(elapsed, 6),
                             "wire_bytes": pass_stats.data_wire + pass_stats.tag_wire})
@@ -205,6 +217,17 @@ class SourceVmm:
         self.result["dirty_sync_count"] += 1
         self._last_dirty = (time.perf_counter(), merged.count(1))
         return merged
+
+    def _harvest_tags_only(self, data_dirty: bytes) -> bytes:
+        """Pages in the strategy's tags-dirty log whose data is not being
+        resent anyway (with the proposed tag-dirty-log strategy only)."""
+        tag_dirty = self.strategy.harvest_tag_dirty()
+        if tag_dirty is None or tag_dirty.find(1) < 0:
+            return b""
+        n = len(tag_dirty)
+        # tag_dirty AND NOT data_dirty, in bulk: (t | d) ^ d
+        t, d = int.from_bytes(tag_dirty, "little"), int.from_bytes(data_dirty, "little")
+        return ((t | d) ^ d).to_bytes(n, "little")
 
     def _bandwidth(self) -> float | None:
         """Guest bytes per second over the last pass that sent real data."""

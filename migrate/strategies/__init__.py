@@ -3,9 +3,10 @@
 from .base import TagStrategy
 from .none import NoTags
 from .prot_mte import ProtMte
+from .tag_dirty_log import TagDirtyLog
 from .tag_ioctl import TagIoctl
 
-STRATEGIES: dict[str, type[TagStrategy]] = {cls.name: cls for cls in (TagIoctl, ProtMte, NoTags)}
+STRATEGIES: dict[str, type[TagStrategy]] = {cls.name: cls for cls in (TagIoctl, ProtMte, NoTags, TagDirtyLog)}
 DEFAULT_STRATEGY = "tag-ioctl"
 
 

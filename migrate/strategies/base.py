@@ -40,9 +40,10 @@ class TagStrategy(ABC):
         """Packed tags (128 bytes a page) of every page in ``ranges`` (a list
         of (first_page, count)), in order; None when the strategy moves no tags."""
 
-    def tags_dirty(self) -> list | None:
-        """Pages whose tags changed but whose data may not have (only for
-        strategies that keep a separate tags-dirty log)."""
+    def harvest_tag_dirty(self) -> bytes | None:
+        """Get-and-clear the pages whose tags were stored without their data
+        (one byte a page), for strategies with a separate tags-dirty log;
+        None for the others, whose tag stores dirty the page itself."""
         return None
 
     # -- destination side --------------------------------------------------------
