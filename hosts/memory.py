@@ -129,7 +129,12 @@ class GuestMemory:
     def close(self) -> None:
         for view in (self.data, self.tags):
             view.release()
-        self._data_map.close()
-        self._tags_map.close()
+        for mapping in (self._data_map, self._tags_map):
+            try:
+                mapping.close()
+            except BufferError:
+                # A view handed out earlier (VmmMapping.read returns one) is
+                # still alive; the mapping is unmapped when the last one goes.
+                pass
         os.close(self._data_fd)
         os.close(self._tags_fd)
