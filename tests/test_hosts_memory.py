@@ -110,6 +110,17 @@ def test_reading_a_hole_through_the_mapping_populates_it(mem):
     assert mem.populated_ranges() == [(50, 51)]
 
 
+def test_close_with_a_view_still_alive():
+    """close() must not fail half-way (leaking the tag mapping and both
+    files) because a caller still holds a view returned by a read."""
+    m = GuestMemory(MiB)
+    m.data[0:5] = b"alive"
+    view = m.data[0:5]
+    m.close()
+    assert bytes(view) == b"alive"          # the mapping lives as long as the view
+    del view
+
+
 # -- load_image --------------------------------------------------------------------------
 def _image(tmp_path, content: bytes, name="img.raw"):
     path = tmp_path / name
