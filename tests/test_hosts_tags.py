@@ -32,6 +32,7 @@ def test_layout_low_nibble_is_lower_address():
     assert T.pack(b"\x01\x02\x00\x0f") == b"\x21\xf0"
 
 
+@settings(deadline=None)  # a noisy machine must not fail a correct example
 @given(st.binary(max_size=4096))
 def test_unpack_matches_reference_and_round_trips(packed):
     unpacked = T.unpack(packed)
@@ -40,6 +41,7 @@ def test_unpack_matches_reference_and_round_trips(packed):
     assert T.pack(unpacked) == packed
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=4096).filter(lambda b: len(b) % 2 == 0))
 def test_pack_keeps_only_the_low_nibble(unpacked):
     packed = T.pack(unpacked)
@@ -91,7 +93,7 @@ def test_large_round_trip():
 
 
 # -- fill_granules ------------------------------------------------------------------
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.integers(0, 63), st.integers(0, 64), st.integers(0, 255), st.binary(min_size=32, max_size=32))
 def test_fill_granules_matches_reference(first, count, tag, initial):
     count = min(count, 64 - first)
@@ -132,7 +134,7 @@ def test_granule_tag():
     assert [T.granule_tag(storage, g) for g in range(4)] == [1, 2, 3, 4]
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(0, 15), min_size=64, max_size=64), st.integers(0, 63),
        st.integers(0, 64), st.integers(0, 15))
 def test_first_mismatch_matches_reference(tags, first, count, tag):
