@@ -31,6 +31,27 @@ strategy = "tag-ioctl"
 _GUEST_KEYS = {"ram", "vcpus", "mte", "workload", "rate", "seed", "params", "image", "image_offset", "image_repeat"}
 _MIGRATION_KEYS = {"strategy", "compression", "max_bandwidth", "downtime_limit_ms", "max_passes",
                    "batch_pages", "tag_batch_pages", "checksum", "validate", "timeout_s", "vm_uuid"}
+# The TOML types each key takes, and how to say so (keys not listed are
+# converted by parse()).
+_INT, _NUMBER = ((int,), "an integer"), ((int, float), "a number")
+_STR, _BOOL = ((str,), "a string"), ((bool,), "true or false")
+_TYPES = {
+    "vcpus": _INT, "mte": _BOOL, "workload": _STR, "rate": ((int, float, str), "a number or 'max'"),
+    "seed": _INT, "params": ((dict,), "a table"), "image": _STR, "image_repeat": _BOOL,
+    "strategy": _STR, "downtime_limit_ms": _NUMBER, "max_passes": _INT, "batch_pages": _INT,
+    "tag_batch_pages": _INT, "channels": _INT, "checksum": _BOOL, "validate": _STR, "timeout_s": _NUMBER,
+    "vm_uuid": _STR,
+}
+
+
+def _check_types(source: str, section: str, values: dict) -> None:
+    for key, value in values.items():
+        if key not in _TYPES:
+            continue
+        kinds, want = _TYPES[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ConfigError(f"scenario {source}: [{section}] {key} must be {want}, "
+                              f"got {type(value).__name__} {value!r}")
 
 
 @dataclass
@@ -50,11 +71,15 @@ def parse(text: str, source: str = "built-in") -> Scenario:
     unknown = set(doc) - {"name", "description", "guest", "migration"}
     if unknown:
         raise ConfigError(f"scenario {source}: unknown top-level keys {sorted(unknown)}")
+    for section in ("guest", "migration"):
+        if not isinstance(doc.get(section, {}), dict):
+            raise ConfigError(f"scenario {source}: [{section}] must be a table")
     guest_doc, mig_doc = dict(doc.get("guest", {})), dict(doc.get("migration", {}))
     for section, keys, allowed in (("guest", guest_doc, _GUEST_KEYS), ("migration", mig_doc, _MIGRATION_KEYS)):
         bad = set(keys) - allowed
         if bad:
             raise ConfigError(f"scenario {source}: unknown [{section}] keys {sorted(bad)}")
+        _check_types(source, section, keys)
     try:
         guest = GuestSpec()
         if "ram" in guest_doc:

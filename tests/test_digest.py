@@ -1,0 +1,311 @@
+"""Validation digests (migrate/digest.py) and the comparison that names
+pages and granules (migrate/validate.py).  Both read the simulated kernel's
+memory and tag storage directly."""
+
+import zlib
+
+import pytest
+
+from hosts import SimulatedHost
+from hosts import tags as tagops
+from migrate.digest import (CHUNK_PAGES, DETAIL_PER_PAGE, MemoryDigest, chunk_count, effective_tags,
+                            page_detail, state_digest)
+from migrate.validate import MAX_REPORTED, Validation, _compact, compare_detail, differing_chunks
+
+PAGE = 4096
+TAGB = 128
+RAM = 8 << 20
+NPAGES = RAM // PAGE
+
+
+def make_host(ram=RAM, prepare=True, seed=5):
+    host = SimulatedHost(ram, workload="allocator", workload_params={"fill": 1.0}, rate=0, seed=seed)
+    if prepare:
+        host.prepare_guest()
+    return host
+
+
+@pytest.fixture
+def twins():
+    a, b = make_host(), make_host()
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.fixture
+def blank():
+    h = make_host(prepare=False)
+    yield h
+    h.close()
+
+
+def diff(a, b):
+    da, db = MemoryDigest(a.memory), MemoryDigest(b.memory)
+    data = [c for c in range(da.nchunks) if da.data_crcs[c] != db.data_crcs[c]]
+    tags = [c for c in range(da.nchunks) if da.tag_crcs[c] != db.tag_crcs[c]]
+    return data, tags, da, db
+
+
+def set_granules(memory, page, first_granule, count, tag):
+    tagops.fill_granules(memory.tags, page * 256 + first_granule, count, tag)
+
+
+# -- digests ------------------------------------------------------------------------
+def test_chunk_count():
+    assert chunk_count(0) == 0
+    assert chunk_count(1) == 1
+    assert chunk_count(CHUNK_PAGES) == 1
+    assert chunk_count(CHUNK_PAGES + 1) == 2
+    assert CHUNK_PAGES * PAGE == 1 << 20
+
+
+def test_identical_hosts_match(twins):
+    a, b = twins
+    assert a.memory.populated_pages() == NPAGES
+    assert a.memory.tagged.count(1) == NPAGES
+    assert any(a.memory.tags[i] for i in range(0, NPAGES * TAGB, 4096))  # really tagged
+    data, tags, da, db = diff(a, b)
+    assert data == [] and tags == []
+    assert da.data_digest() == db.data_digest()
+    assert da.tag_digest() == db.tag_digest()
+    assert da.chunk_crcs() == db.chunk_crcs()
+    assert da.nchunks == NPAGES // CHUNK_PAGES
+    assert len(da.data_digest()) == 64
+
+
+def test_different_guests_differ(twins):
+    a, _ = twins
+    c = make_host(seed=6)
+    try:
+        data, tags, da, dc = diff(a, c)
+        assert data and tags
+        assert da.data_digest() != dc.data_digest() and da.tag_digest() != dc.tag_digest()
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("page, offset", [(0, 0), (600, 17), (1023, PAGE - 1), (NPAGES - 1, PAGE - 1), (256, 0)])
+def test_one_byte_data_change_is_found_in_its_chunk(twins, page, offset):
+    a, b = twins
+    pos = page * PAGE + offset
+    b.memory.data[pos] ^= 0x01
+    data, tags, da, db = diff(a, b)
+    assert data == [page // CHUNK_PAGES]
+    assert tags == []
+    assert da.data_digest() != db.data_digest()
+    assert da.tag_digest() == db.tag_digest()
+
+
+@pytest.mark.parametrize("page, granule", [(0, 0), (1000, 1), (1000, 255), (NPAGES - 1, 128), (511, 77)])
+def test_one_granule_tag_change_is_found_in_its_chunk(twins, page, granule):
+    a, b = twins
+    old = tagops.granule_tag(b.memory.tags, page * 256 + granule)
+    set_granules(b.memory, page, granule, 1, (old + 1) & 0xF)
+    data, tags, da, db = diff(a, b)
+    assert tags == [page // CHUNK_PAGES]
+    assert data == []
+    assert da.tag_digest() != db.tag_digest()
+    assert da.data_digest() == db.data_digest()
+
+
+def test_tag_storage_of_an_untagged_page_does_not_count(blank):
+    # Effective tags: a page not marked PG_mte_tagged reads as zero tags
+    # (KVM's FROM_GUEST semantics), whatever its storage holds.
+    other = make_host(prepare=False)
+    try:
+        assert blank.memory.tagged[9] == 0
+        set_granules(blank.memory, 9, 0, 256, 0xC)
+        assert effective_tags(blank.memory, 9, 10) == bytes(TAGB)
+        assert diff(blank, other)[:2] == ([], [])
+        blank.memory.tagged[9] = 1
+        assert effective_tags(blank.memory, 9, 10) == bytes([0xCC]) * TAGB
+        assert diff(blank, other)[1] == [0]
+    finally:
+        other.close()
+
+
+def test_never_populated_pages_count_as_zeros(blank):
+    other = make_host(prepare=False)
+    try:
+        blank.vm.guest_write(blank.vm.page_to_ipa(5), bytes(3 * PAGE))   # populated, zero, tagged-with-zero
+        assert blank.memory.populated_ranges() == [(5, 8)]
+        assert other.memory.populated_ranges() == []
+        assert diff(blank, other)[:2] == ([], [])
+        blank.vm.guest_write(blank.vm.page_to_ipa(6), b"\x01")
+        assert diff(blank, other)[:2] == ([0], [])
+    finally:
+        other.close()
+
+
+def test_digesting_does_not_populate_memory(blank):
+    vm = blank.vm
+    vm.guest_write(vm.page_to_ipa(3), b"\x11" * PAGE)
+    vm.guest_write(vm.page_to_ipa(700), b"\x22" * (5 * PAGE))
+    vm.guest_set_tags(vm.page_to_ipa(700), 2 * PAGE, 6)
+    vm.guest_write(vm.page_to_ipa(NPAGES - 1), b"\x33" * PAGE)
+    before = blank.memory.populated_ranges()
+    assert before == [(3, 4), (700, 705), (NPAGES - 1, NPAGES)]
+    tagged_before = bytes(blank.memory.tagged)
+    d = MemoryDigest(blank.memory)
+    d.data_digest(), d.tag_digest(), d.chunk_crcs()
+    detail = page_detail(blank.memory, list(range(d.nchunks)))
+    assert len(detail) == NPAGES * DETAIL_PER_PAGE
+    effective_tags(blank.memory, 0, NPAGES)
+    assert blank.memory.populated_ranges() == before
+    assert bytes(blank.memory.tagged) == tagged_before
+
+
+def test_partial_last_chunk():
+    ram = RAM + 3 * PAGE
+    a, b = make_host(ram), make_host(ram)
+    try:
+        assert a.memory.npages == NPAGES + 3
+        da = MemoryDigest(a.memory)
+        assert da.nchunks == NPAGES // CHUNK_PAGES + 1
+        b.memory.data[(NPAGES + 2) * PAGE] ^= 0xFF
+        data, tags, _, _ = diff(a, b)
+        assert data == [NPAGES // CHUNK_PAGES] and tags == []
+        c = da.nchunks - 1
+        detail_a, detail_b = page_detail(a.memory, [c]), page_detail(b.memory, [c])
+        assert len(detail_a) == 3 * DETAIL_PER_PAGE
+        v = Validation("digest")
+        compare_detail(v, [c], detail_a, detail_b, a.memory.npages)
+        assert v.data_mismatches == 1
+        assert v.first_mismatches == [{"page": NPAGES + 2, "kind": "data"}]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_digest_of_selected_chunks(twins):
+    a, _ = twins
+    full = MemoryDigest(a.memory)
+    part = MemoryDigest(a.memory, chunks=[1, 3])
+    for c in range(full.nchunks):
+        if c in (1, 3):
+            assert (part.data_crcs[c], part.tag_crcs[c]) == (full.data_crcs[c], full.tag_crcs[c])
+        else:
+            assert (part.data_crcs[c], part.tag_crcs[c]) == (0, 0)
+
+
+def test_chunk_crc_is_the_crc_of_the_chunk_bytes(twins):
+    a, _ = twins
+    d = MemoryDigest(a.memory)
+    c = 2
+    lo, hi = c * CHUNK_PAGES * PAGE, (c + 1) * CHUNK_PAGES * PAGE
+    assert d.data_crcs[c] == zlib.crc32(a.memory.data[lo:hi])
+    assert d.tag_crcs[c] == zlib.crc32(a.memory.tags[lo // 32:hi // 32])
+
+
+def test_split_chunk_crcs(twins):
+    a, _ = twins
+    d = MemoryDigest(a.memory)
+    data, tags = MemoryDigest.split_chunk_crcs(d.chunk_crcs(), d.nchunks)
+    assert list(data) == list(d.data_crcs) and list(tags) == list(d.tag_crcs)
+    with pytest.raises(ValueError, match=f"expected {8 * d.nchunks} bytes of chunk CRCs, got {8 * d.nchunks - 1}"):
+        MemoryDigest.split_chunk_crcs(d.chunk_crcs()[:-1], d.nchunks)
+
+
+def test_state_digest_is_canonical():
+    s1 = {"vcpus": [{"pc": 1, "sctlr": 2}], "devices": {"uart": {"a": 1, "b": [1, 2]}}}
+    s2 = {"devices": {"uart": {"b": (1, 2), "a": 1}}, "vcpus": [{"sctlr": 2, "pc": 1}]}
+    assert state_digest(s1) == state_digest(s2)
+    s3 = {"vcpus": [{"pc": 1, "sctlr": 3}], "devices": {"uart": {"a": 1, "b": [1, 2]}}}
+    assert state_digest(s1) != state_digest(s3)
+    assert state_digest({"a": [1, 2]}) != state_digest({"a": [2, 1]})
+
+
+# -- page detail and compare_detail ----------------------------------------------------------
+def test_page_detail_layout(twins):
+    a, _ = twins
+    detail = page_detail(a.memory, [1])
+    assert len(detail) == CHUNK_PAGES * DETAIL_PER_PAGE
+    p = 300
+    rec = detail[(p - 256) * DETAIL_PER_PAGE:(p - 255) * DETAIL_PER_PAGE]
+    assert int.from_bytes(rec[:4], "little") == zlib.crc32(a.memory.data[p * PAGE:(p + 1) * PAGE])
+    assert rec[4:] == bytes(a.memory.tags[p * TAGB:(p + 1) * TAGB])
+
+
+def test_compare_detail_counts_and_names_pages_and_granules(twins):
+    a, b = twins
+    b.memory.data[600 * PAGE + 5] ^= 0x80                      # page 600: data
+    old = tagops.granule_tag(b.memory.tags, 1000 * 256 + 5)
+    set_granules(b.memory, 1000, 5, 3, (old + 7) & 0xF)       # page 1000: granules 5..7
+    set_granules(b.memory, 1000, 9, 1, (tagops.granule_tag(b.memory.tags, 1000 * 256 + 9) + 1) & 0xF)
+    b.memory.data[1001 * PAGE] ^= 1                           # page 1001: data and tags
+    set_granules(b.memory, 1001, 255, 1, (tagops.granule_tag(b.memory.tags, 1001 * 256 + 255) + 1) & 0xF)
+    da, db = MemoryDigest(a.memory), MemoryDigest(b.memory)
+    chunks = differing_chunks(da.data_crcs, da.tag_crcs, db.data_crcs, db.tag_crcs)
+    assert chunks == [2, 3]
+    v = Validation("digest")
+    compare_detail(v, chunks, page_detail(a.memory, chunks), page_detail(b.memory, chunks), a.memory.npages)
+    assert v.pages_checked == 0  # the caller counts pages checked
+    assert (v.data_mismatches, v.tag_mismatches) == (2, 2)
+    assert not v.ok
+    m = v.first_mismatches
+    assert m[0] == {"page": 600, "kind": "data"}
+    assert m[1]["page"] == 1000 and m[1]["kind"] == "tags"
+    assert m[1]["granules"] == "5-7,9"
+    assert m[1]["source_tag"] == old and m[1]["destination_tag"] == (old + 7) & 0xF
+    assert m[2] == {"page": 1001, "kind": "data"}
+    assert m[3]["page"] == 1001 and m[3]["granules"] == "255"
+    assert len(m) == 4
+    assert v.summary() == "validation failed: 2 pages with different data, 2 pages with different tags"
+    d = v.to_dict()
+    assert d["ok"] is False and d["data_mismatches"] == 2 and d["tag_mismatches"] == 2
+
+
+def test_compare_detail_of_identical_hosts(twins):
+    a, b = twins
+    chunks = list(range(chunk_count(NPAGES)))
+    v = Validation("full")
+    compare_detail(v, chunks, page_detail(a.memory, chunks), page_detail(b.memory, chunks), NPAGES)
+    assert (v.data_mismatches, v.tag_mismatches, v.first_mismatches) == (0, 0, [])
+    assert v.ok and v.summary() == "validation ok"
+
+
+def test_compare_detail_counts_past_the_report_limit(twins):
+    a, b = twins
+    for p in range(0, 40, 2):
+        b.memory.data[p * PAGE] ^= 0x55
+    v = Validation("digest")
+    compare_detail(v, [0], page_detail(a.memory, [0]), page_detail(b.memory, [0]), NPAGES)
+    assert v.data_mismatches == 20
+    assert len(v.first_mismatches) == MAX_REPORTED
+    assert [m["page"] for m in v.first_mismatches] == list(range(0, 2 * MAX_REPORTED, 2))
+
+
+def test_compare_detail_rejects_different_lengths(twins):
+    a, _ = twins
+    d = page_detail(a.memory, [0])
+    with pytest.raises(ValueError, match="page detail lengths differ"):
+        compare_detail(Validation("digest"), [0], d, d[:-1], NPAGES)
+
+
+def test_lost_tags_are_caught(twins):
+    # What `--strategy none` does to a tagged guest: data arrives, tags do not.
+    a, b = twins
+    b.memory.tagged[:] = bytes(NPAGES)
+    data, tags, da, db = diff(a, b)
+    assert data == [] and tags == list(range(da.nchunks))
+    v = Validation("digest")
+    compare_detail(v, tags, page_detail(a.memory, tags), page_detail(b.memory, tags), NPAGES)
+    assert v.data_mismatches == 0
+    assert v.tag_mismatches == NPAGES
+    assert v.first_mismatches[0]["destination_tag"] == 0
+
+
+@pytest.mark.parametrize("granules, text", [
+    ([0], "0"), ([0, 1, 2, 5], "0-2,5"), ([3, 4], "3-4"), ([1, 3, 5], "1,3,5"), (list(range(256)), "0-255"),
+    ([0, 1, 2, 10, 11, 255], "0-2,10-11,255"),
+])
+def test_compact(granules, text):
+    assert _compact(granules) == text
+
+
+def test_validation_state_only_failure():
+    v = Validation("digest", state_ok=False)
+    assert not v.ok
+    assert v.summary() == "validation failed: vCPU/device state differs"
+    assert Validation("digest", state_ok=None).ok

@@ -1,0 +1,417 @@
+"""Page batches (migrate/pages.py): BatchBuilder on a source host, the wire
+codec in between, BatchApplier on a destination host; memory and effective
+tags compared with the validation digests (which read the simulated
+kernel's storage directly, not through the strategy)."""
+
+import pytest
+import zstandard
+
+from hosts import SimulatedHost
+from migrate import frames as fr
+from migrate import strategies
+from migrate.compression import Compressor
+from migrate.config import MigrationConfig
+from migrate.digest import MemoryDigest, effective_tags
+from migrate.errors import ProtocolError
+from migrate.machine import Connection, DestState, dest_machine
+from migrate.pages import BatchApplier, BatchBuilder, BatchStats, runs, split_batches
+
+PAGE = fr.PAGE_SIZE
+TAGB = fr.PACKED_TAGS_PER_PAGE
+RAM = 8 << 20
+NPAGES = RAM // PAGE
+
+
+# -- hosts ---------------------------------------------------------------------------
+def make_host(prepare=False, seed=3, workload="allocator"):
+    host = SimulatedHost(RAM, workload=workload, workload_params={"fill": 1.0}, rate=0, seed=seed)
+    if prepare:
+        host.prepare_guest()
+    return host
+
+
+@pytest.fixture
+def pair():
+    src, dst = make_host(prepare=True), make_host()
+    yield src, dst
+    src.close()
+    dst.close()
+
+
+@pytest.fixture
+def blank_pair():
+    src, dst = make_host(), make_host()
+    yield src, dst
+    src.close()
+    dst.close()
+
+
+def write(host, page, data):
+    host.vm.guest_write(host.vm.page_to_ipa(page), data)
+
+
+def set_tags(host, page, tag, npages=1):
+    host.vm.guest_set_tags(host.vm.page_to_ipa(page), npages * PAGE, tag)
+
+
+def page_bytes(host, page):
+    return bytes(host.memory.data[page * PAGE:(page + 1) * PAGE])
+
+
+def page_tags(host, page):
+    return effective_tags(host.memory, page, page + 1)
+
+
+def same_guest(a, b):
+    da, db = MemoryDigest(a.memory), MemoryDigest(b.memory)
+    return (da.data_digest() == db.data_digest(), da.tag_digest() == db.tag_digest())
+
+
+class Link:
+    """Source builder -> wire -> destination Connection (page bounds checked
+    against HELLO) -> applier."""
+
+    def __init__(self, src, dst, mode="none", strategy="tag-ioctl", batch_pages=256, link_cap=None,
+                 dst_strategy=None):
+        cfg = MigrationConfig(strategy=strategy)
+        self.src_strategy = strategies.get(strategy)(src, cfg)
+        self.src_strategy.setup_source()
+        self.dst_strategy = strategies.get(dst_strategy or strategy)(dst, cfg)
+        self.dst_strategy.setup_dest()
+        self.compressor = Compressor(mode, link_cap)
+        self.builder = BatchBuilder(self.src_strategy, self.compressor, batch_pages)
+        self.applier = BatchApplier(self.dst_strategy, dst.memory.npages)
+        self.batch_pages = batch_pages
+        self.conn = Connection(dest_machine())
+        self.conn.machine.state = DestState.RECEIVING
+        self.conn.ram_pages = dst.memory.npages
+        self.sent = BatchStats()
+        self.applied = BatchStats()
+        self.frames = []
+
+    def send(self, ranges, pass_no=0):
+        """ranges: [(start, end)]"""
+        for batch in split_batches(ranges, self.batch_pages):
+            frame, stats = self.builder.build(pass_no, batch)
+            self.frames.append(frame)
+            self.sent.add(stats)
+            wire = b"".join(bytes(b) for b in fr.encode(frame))
+            (got,) = self.conn.feed(wire)
+            self.applied.add(self.applier.apply(got))
+        return self
+
+    def send_one(self, ranges, pass_no=0):
+        """One batch given as [(first, count)]; returns the built frame."""
+        frame, stats = self.builder.build(pass_no, ranges)
+        self.sent.add(stats)
+        snapshot = fr.Pages(frame.pass_no, frame.ranges, frame.flags, bytes(frame.data), bytes(frame.tags),
+                            frame.data_compressed, frame.tags_compressed)
+        (got,) = self.conn.feed(b"".join(bytes(b) for b in fr.encode(frame)))
+        self.applied.add(self.applier.apply(got))
+        return snapshot
+
+
+# -- helpers ---------------------------------------------------------------------------
+@pytest.mark.parametrize("bits, value, expected", [
+    (b"", 1, []),
+    (b"\0\0", 1, []),
+    (b"\1\1\0\1", 1, [(0, 2), (3, 4)]),
+    (b"\1\1\0\1", 0, [(2, 3)]),
+    (b"\0\1\1\1", 0, [(0, 1)]),
+])
+def test_runs(bits, value, expected):
+    assert list(runs(bits, value)) == expected
+
+
+@pytest.mark.parametrize("ranges, n, expected", [
+    ([(0, 10)], 4, [[(0, 4)], [(4, 4)], [(8, 2)]]),
+    ([(0, 3), (10, 13)], 4, [[(0, 3), (10, 1)], [(11, 2)]]),
+    ([(0, 4)], 4, [[(0, 4)]]),
+    ([], 4, []),
+    ([(5, 6), (7, 8), (9, 10)], 2, [[(5, 1), (7, 1)], [(9, 1)]]),
+])
+def test_split_batches(ranges, n, expected):
+    got = list(split_batches(ranges, n))
+    assert got == expected
+    assert all(sum(c for _, c in b) <= n for b in got)
+
+
+# -- whole-guest round trips ---------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["none", "1", "auto"])
+def test_round_trip_whole_guest(pair, mode):
+    src, dst = pair
+    populated = src.memory.populated_ranges()
+    assert sum(b - a for a, b in populated) == NPAGES  # fill 1.0
+    assert same_guest(src, dst) == (False, False)
+    link = Link(src, dst, mode).send(populated)
+    assert same_guest(src, dst) == (True, True)
+    assert MemoryDigest(src.memory).chunk_crcs() == MemoryDigest(dst.memory).chunk_crcs()
+    s, a = link.sent, link.applied
+    assert s.pages == a.pages == NPAGES
+    assert (s.zero_pages, s.normal_pages, s.tagged_pages) == (a.zero_pages, a.normal_pages, a.tagged_pages)
+    assert s.tagged_pages > 0 and s.normal_pages > 0
+    assert s.data_bytes == a.data_bytes == s.normal_pages * PAGE
+    assert s.tag_raw == a.tag_raw == s.tagged_pages * TAGB
+    assert (s.data_wire, s.tag_wire) == (a.data_wire, a.tag_wire)
+    if mode == "none":
+        assert not any(f.data_compressed or f.tags_compressed for f in link.frames)
+        assert s.data_wire == s.data_bytes and s.tag_wire == s.tag_raw
+    if mode == "1":
+        assert all(f.tags_compressed for f in link.frames if len(f.tags))
+        assert any(f.data_compressed for f in link.frames)
+        assert s.data_wire < s.data_bytes
+
+
+@pytest.mark.parametrize("batch_pages", [1, 7, 1024])
+def test_round_trip_odd_batch_sizes(pair, batch_pages):
+    src, dst = pair
+    Link(src, dst, "1", batch_pages=batch_pages).send([(0, 300), (301, 900), (1500, NPAGES)])
+    # page 300 and 900..1500 were not sent: exactly their chunks differ
+    ds, dd = MemoryDigest(src.memory), MemoryDigest(dst.memory)
+    differ = [c for c in range(ds.nchunks) if ds.data_crcs[c] != dd.data_crcs[c] or ds.tag_crcs[c] != dd.tag_crcs[c]]
+    assert differ == [1, 3, 4, 5]
+    for p in (0, 299, 301, 899, 1500, NPAGES - 1):
+        assert page_bytes(src, p) == page_bytes(dst, p)
+        assert page_tags(src, p) == page_tags(dst, p)
+    assert page_bytes(src, 300) != page_bytes(dst, 300)
+
+
+@pytest.mark.parametrize("strategy", ["tag-ioctl", "prot-mte"])
+def test_round_trip_with_mixed_pages(blank_pair, strategy):
+    src, dst = blank_pair
+    write(src, 0, b"\x11" * PAGE)
+    set_tags(src, 0, 5)
+    write(src, 1, bytes(PAGE))                        # zero data, tagged (sanitised) with zero tags
+    write(src, 2, b"\x22" * PAGE)                     # data, zero tags
+    set_tags(src, 3, 9)                               # zero data, non-zero tags
+    write(src, 4, b"\x44" * 100 + bytes(PAGE - 100))
+    src.vm.guest_set_tags(src.vm.page_to_ipa(4) + 32, 48, 0xA)  # a few granules only
+    link = Link(src, dst, "1", strategy=strategy).send([(0, 8)])
+    assert same_guest(src, dst) == (True, True)
+    for p in range(8):
+        assert page_bytes(src, p) == page_bytes(dst, p)
+        assert page_tags(src, p) == page_tags(dst, p)
+    assert link.frames[0].flags == bytes([fr.PAGE_TAGS, fr.PAGE_ZERO, 0, fr.PAGE_ZERO | fr.PAGE_TAGS,
+                                          fr.PAGE_TAGS, fr.PAGE_ZERO, fr.PAGE_ZERO, fr.PAGE_ZERO])
+
+
+# -- what goes on the wire ---------------------------------------------------------------------
+def test_zero_pages_carry_no_payload(blank_pair):
+    src, dst = blank_pair
+    write(src, 10, b"\x01" * PAGE)
+    write(src, 12, bytes(PAGE))         # written, but zero
+    write(src, 13, b"\x03" * PAGE)
+    link = Link(src, dst, "none")
+    frame = link.send_one([(10, 6)])    # 10..15; 11, 14, 15 never populated
+    assert frame.flags == bytes([0, fr.PAGE_ZERO, fr.PAGE_ZERO, 0, fr.PAGE_ZERO, fr.PAGE_ZERO])
+    assert frame.data == b"\x01" * PAGE + b"\x03" * PAGE
+    assert frame.tags == b""
+    assert (link.sent.zero_pages, link.sent.normal_pages, link.sent.tagged_pages) == (4, 2, 0)
+    assert link.sent.data_bytes == 2 * PAGE
+    # an all-zero batch has no payload at all
+    zframe = link.send_one([(100, 50)])
+    assert zframe.flags == bytes([fr.PAGE_ZERO]) * 50
+    assert zframe.data == b"" and zframe.tags == b""
+    assert sum(len(b) for b in fr.encode(zframe)[1:]) == 0
+    # the destination did not populate anything for the zero pages
+    assert dst.memory.populated_ranges() == [(10, 11), (13, 14)]
+    assert same_guest(src, dst) == (True, True)
+
+
+def test_pages_with_all_zero_tags_carry_no_tags(blank_pair):
+    src, dst = blank_pair
+    for p in range(4):
+        write(src, p, bytes([p + 1]) * PAGE)
+    set_tags(src, 1, 7)
+    set_tags(src, 3, 0)  # explicitly zero
+    link = Link(src, dst, "none")
+    frame = link.send_one([(0, 4)])
+    assert frame.flags == bytes([0, fr.PAGE_TAGS, 0, 0])
+    assert frame.tags == bytes([0x77]) * TAGB
+    assert link.sent.tagged_pages == 1 and link.sent.tag_raw == TAGB
+    assert page_tags(dst, 1) == bytes([0x77]) * TAGB
+    assert same_guest(src, dst) == (True, True)
+
+
+def test_untagged_guest_sends_no_tags_at_all(blank_pair):
+    src, dst = blank_pair
+    write(src, 0, b"\x09" * (16 * PAGE))
+    link = Link(src, dst, "1")
+    frame = link.send_one([(0, 16)])
+    assert frame.tags == b"" and not frame.tags_compressed
+    assert not any(f & fr.PAGE_TAGS for f in frame.flags)
+
+
+def test_page_that_loses_its_tags_is_cleared_on_the_destination(blank_pair):
+    src, dst = blank_pair
+    write(src, 5, b"\x55" * (2 * PAGE))
+    set_tags(src, 5, 3, npages=2)
+    link = Link(src, dst, "none")
+    link.send_one([(5, 2)])
+    assert page_tags(dst, 5) == page_tags(dst, 6) == bytes([0x33]) * TAGB
+    # the allocator frees page 5: tags back to zero, data unchanged
+    set_tags(src, 5, 0)
+    frame = link.send_one([(5, 2)], pass_no=1)
+    assert frame.flags == bytes([0, fr.PAGE_TAGS])
+    assert page_tags(dst, 5) == bytes(TAGB)
+    assert page_tags(dst, 6) == bytes([0x33]) * TAGB
+    assert same_guest(src, dst) == (True, True)
+
+
+def test_zero_page_after_earlier_data_overwrites_it(blank_pair):
+    src, dst = blank_pair
+    write(src, 7, b"\x77" * (3 * PAGE))
+    set_tags(src, 7, 2, npages=3)
+    link = Link(src, dst, "1")
+    link.send_one([(7, 3)])
+    assert page_bytes(dst, 8) == b"\x77" * PAGE
+    write(src, 8, bytes(PAGE))     # the guest zeroes page 8 (tags stay)
+    set_tags(src, 9, 0)            # and frees page 9's tags
+    write(src, 9, bytes(PAGE))     # and zeroes it too
+    frame = link.send_one([(7, 3)], pass_no=1)
+    assert frame.flags == bytes([fr.PAGE_TAGS, fr.PAGE_ZERO | fr.PAGE_TAGS, fr.PAGE_ZERO])
+    assert page_bytes(dst, 8) == bytes(PAGE) and page_bytes(dst, 9) == bytes(PAGE)
+    assert page_tags(dst, 8) == bytes([0x22]) * TAGB
+    assert page_tags(dst, 9) == bytes(TAGB)
+    assert page_bytes(dst, 7) == b"\x77" * PAGE
+    assert same_guest(src, dst) == (True, True)
+
+
+def test_dirty_pass_over_a_migrated_guest_converges(pair):
+    src, dst = pair
+    link = Link(src, dst, "auto")
+    link.send(src.memory.populated_ranges())
+    # the guest runs a while (allocator: retags and writes), then a dirty pass
+    slot = src.vm.memslots[0].slot
+    src.vm.enable_dirty_logging(slot)
+    src.vcpus.run_steps(300)
+    dirty = src.vm.get_dirty_log(slot).ranges()
+    assert dirty
+    assert same_guest(src, dst) != (True, True)
+    link.send(dirty, pass_no=1)
+    assert same_guest(src, dst) == (True, True)
+
+
+# -- compression on the wire --------------------------------------------------------------
+def test_incompressible_batch_goes_raw_and_tags_compressed_separately(blank_pair):
+    import os
+    src, dst = blank_pair
+    noise = os.urandom(4 * PAGE)
+    write(src, 0, noise)
+    set_tags(src, 0, 4, npages=4)
+    link = Link(src, dst, "3")
+    frame = link.send_one([(0, 4)])
+    assert not frame.data_compressed and frame.data == noise
+    assert frame.tags_compressed and len(frame.tags) < 4 * TAGB
+    assert same_guest(src, dst) == (True, True)
+
+
+# -- hostile batches ----------------------------------------------------------------------
+def _applier(dst, strategy="tag-ioctl"):
+    s = strategies.get(strategy)(dst, MigrationConfig(strategy=strategy))
+    s.setup_dest()
+    return BatchApplier(s, dst.memory.npages)
+
+
+def _through_wire(frame):
+    (got,) = fr.FrameBuffer(require_crc=True).feed(b"".join(bytes(b) for b in fr.encode(frame)))
+    return got
+
+
+@pytest.mark.parametrize("frame, match", [
+    (fr.Pages(0, [(0, 2)], bytes(2), b"\1" * (2 * PAGE - 1)), f"PAGES page data is {2 * PAGE - 1} bytes, expected {2 * PAGE}"),
+    (fr.Pages(0, [(0, 2)], bytes(2), b"\1" * (3 * PAGE)), f"PAGES page data is {3 * PAGE} bytes, expected {2 * PAGE}"),
+    (fr.Pages(0, [(0, 2)], bytes([0, fr.PAGE_ZERO]), b"\1" * (2 * PAGE)), f"page data is {2 * PAGE} bytes, expected {PAGE}"),
+    (fr.Pages(0, [(0, 1)], bytes([fr.PAGE_TAGS]), b"\1" * PAGE, b"\2" * (TAGB + 1)), f"PAGES page tags is {TAGB + 1} bytes, expected {TAGB}"),
+    (fr.Pages(0, [(0, 1)], bytes([0]), b"\1" * PAGE, b"\2" * TAGB), f"page tags is {TAGB} bytes, expected 0"),
+    (fr.Pages(0, [(0, 1)], bytes([0]), zstandard.compress(bytes(2 * PAGE)), b"", True),
+     f"page data declares {2 * PAGE} bytes, expected {PAGE}"),
+    (fr.Pages(0, [(0, 2)], bytes(2), zstandard.compress(bytes(PAGE)), b"", True),
+     f"page data declares {PAGE} bytes, expected {2 * PAGE}"),
+    (fr.Pages(0, [(0, 1)], bytes([fr.PAGE_TAGS]), b"\1" * PAGE, zstandard.compress(bytes(2 * TAGB)), False, True),
+     f"page tags declares {2 * TAGB} bytes, expected {TAGB}"),
+    (fr.Pages(0, [(0, 1)], bytes([0]), b"not zstd at all", b"", True), "page data is not a zstd frame"),
+    (fr.Pages(0, [(0, 1)], bytes([0]), b"", b"", True), "page data is not a zstd frame"),
+    (fr.Pages(0, [(0, 1)], bytes([0]), zstandard.ZstdCompressor(write_content_size=False).compress(bytes(PAGE)), b"", True),
+     f"page data declares -1 bytes, expected {PAGE}"),
+])
+def test_hostile_batches_are_protocol_errors(blank_pair, frame, match):
+    _, dst = blank_pair
+    applier = _applier(dst)
+    with pytest.raises(ProtocolError, match=match):
+        applier.apply(_through_wire(frame))
+    # nothing was written before the batch was checked
+    assert dst.memory.populated_ranges() == []
+    assert dst.memory.tagged.count(1) == 0
+
+
+def test_compressed_data_that_lies_about_its_content_is_refused(blank_pair):
+    _, dst = blank_pair
+    # A zstd frame whose header declares PAGE bytes but whose body holds
+    # 2 * PAGE: the frame content size field is patched by hand.
+    real = bytearray(zstandard.compress(b"\x5a" * (2 * PAGE)))
+    assert real[:4] == b"\x28\xb5\x2f\xfd" and real[4] == 0x60   # single segment, 2-byte FCS
+    assert int.from_bytes(real[5:7], "little") + 256 == 2 * PAGE
+    real[5:7] = (PAGE - 256).to_bytes(2, "little")
+    forged = bytes(real)
+    assert zstandard.frame_content_size(forged) == PAGE
+    applier = _applier(dst)
+    with pytest.raises(ProtocolError, match="page data does not decompress"):
+        applier.apply(_through_wire(fr.Pages(0, [(0, 1)], bytes([0]), forged, b"", True)))
+    assert dst.memory.populated_ranges() == []
+
+
+def test_tags_for_the_none_strategy_are_refused(blank_pair):
+    _, dst = blank_pair
+    applier = _applier(dst, "none")
+    frame = fr.Pages(0, [(0, 1)], bytes([fr.PAGE_TAGS]), b"\1" * PAGE, b"\x12" * TAGB)
+    with pytest.raises(ProtocolError, match="PAGES frame carries tags, but the negotiated strategy moves none"):
+        applier.apply(_through_wire(frame))
+    assert dst.memory.populated_ranges() == []
+    # compressed tags too
+    frame = fr.Pages(0, [(0, 1)], bytes([fr.PAGE_ZERO | fr.PAGE_TAGS]), b"", zstandard.compress(b"\x12" * TAGB),
+                     False, True)
+    with pytest.raises(ProtocolError, match="carries tags"):
+        applier.apply(_through_wire(frame))
+
+
+def test_none_strategy_round_trip_loses_tags_only(pair):
+    src, dst = pair
+    link = Link(src, dst, "1", strategy="none")
+    link.send(src.memory.populated_ranges())
+    assert not any(len(f.tags) for f in link.frames)
+    assert same_guest(src, dst) == (True, False)
+
+
+@pytest.mark.skipif(not hasattr(fr, "PAGE_KEEP"), reason="no tags-only batches")
+def test_tags_only_batch_keeps_data_and_moves_tags(blank_pair):
+    src, dst = blank_pair
+    write(src, 20, b"\x20" * (3 * PAGE))
+    set_tags(src, 20, 1, npages=3)
+    link = Link(src, dst, "1")
+    link.send_one([(20, 3)])
+    # the allocator retags 20 and frees 21's tags; data untouched
+    set_tags(src, 20, 0xE)
+    set_tags(src, 21, 0)
+    frame, stats = link.builder.build_tags_only(1, [(20, 3)])
+    assert frame.flags == bytes([fr.PAGE_KEEP | fr.PAGE_TAGS, fr.PAGE_KEEP, fr.PAGE_KEEP | fr.PAGE_TAGS])
+    assert len(frame.data) == 0
+    assert (stats.pages, stats.zero_pages, stats.normal_pages, stats.tagged_pages) == (3, 0, 0, 2)
+    (got,) = link.conn.feed(b"".join(bytes(b) for b in fr.encode(frame)))
+    applied = link.applier.apply(got)
+    assert (applied.zero_pages, applied.normal_pages, applied.tagged_pages) == (0, 0, 2)
+    for p in (20, 21, 22):
+        assert page_bytes(dst, p) == b"\x20" * PAGE
+    assert page_tags(dst, 20) == bytes([0xEE]) * TAGB
+    assert page_tags(dst, 21) == bytes(TAGB)
+    assert page_tags(dst, 22) == bytes([0x11]) * TAGB
+    assert same_guest(src, dst) == (True, True)
+
+
+@pytest.mark.skipif(not hasattr(fr, "PAGE_KEEP"), reason="no tags-only batches")
+def test_keep_pages_carry_no_data(blank_pair):
+    _, dst = blank_pair
+    applier = _applier(dst)
+    frame = fr.Pages(0, [(0, 1)], bytes([fr.PAGE_KEEP]), b"\1" * PAGE)
+    with pytest.raises(ProtocolError, match=f"PAGES page data is {PAGE} bytes, expected 0"):
+        applier.apply(_through_wire(frame))
