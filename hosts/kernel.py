@@ -278,6 +278,10 @@ class Vm:
         # in KVM's log -- unless the proposed tag-dirty log is on.
         if self._tag_dirty:
             self._mark(self._tag_dirty, first_page, end_page, "kvm.tag_access_faults")
+            # Per memslot: a slot without a tag log still logs the store as a write.
+            untracked = {s: b for s, b in self._dirty.items() if s not in self._tag_dirty}
+            if untracked:
+                self._mark(untracked, first_page, end_page, "kvm.write_protect_faults")
         else:
             self._mark_dirty(first_page, end_page)
 
