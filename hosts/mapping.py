@@ -94,6 +94,13 @@ class VmmMapping:
         finally:
             self._thread.tco = previous
 
+    def set_tco(self, on: bool) -> None:
+        """Set or clear PSTATE.TCO for the calling thread (one MSR, counted
+        only when it changes)."""
+        if self._thread.tco != on:
+            self._thread.tco = on
+            self.counters.add("el0.tco_switches")
+
     def take_async_fault(self) -> bool:
         """Read and clear the thread's asynchronous tag check fault flag."""
         fault, self._thread.async_fault = self._thread.async_fault, False

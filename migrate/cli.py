@@ -49,6 +49,7 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--max-passes", type=int, metavar="N", help="stop-and-copy after N dirty passes anyway (default 30)")
     m.add_argument("--batch-pages", type=int, metavar="N", help="pages per frame (default 256)")
     m.add_argument("--tag-batch-pages", type=int, metavar="N", help="pages per KVM_ARM_MTE_COPY_TAGS call (default 256)")
+    m.add_argument("--channels", type=int, metavar="N", help="data connections, like multifd (default 2)")
     m.add_argument("--no-checksum", action="store_true", help="no CRC32 per frame")
     m.add_argument("--timeout", type=float, metavar="S", help="peer silent this long is dead (default 10)")
     m.add_argument("--vm-uuid", help="identity of the guest (checked by a destination started with --expect-uuid)")
@@ -149,6 +150,8 @@ def resolve(args):
             config.batch_pages = args.batch_pages
         if args.tag_batch_pages is not None:
             config.tag_batch_pages = args.tag_batch_pages
+        if args.channels is not None:
+            config.channels = args.channels
         if args.no_checksum:
             config.checksum = False
         if args.timeout is not None:

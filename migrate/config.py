@@ -23,6 +23,9 @@ class MigrationConfig:
     """Pages per PAGES frame (at most 1024)."""
     tag_batch_pages: int = 256
     """Pages per KVM_ARM_MTE_COPY_TAGS call for the tag-ioctl strategy."""
+    channels: int = 2
+    """Data connections (like QEMU's multifd); each page always uses the
+    same one, so a stale copy can never overtake a newer one."""
     checksum: bool = True
     """CRC32 on every frame."""
     validate: str = "digest"
@@ -46,6 +49,8 @@ class MigrationConfig:
                 raise ConfigError(f"zstd level {level} is out of range (-7..22)")
         if not 1 <= self.batch_pages <= 1024:
             raise ConfigError(f"batch_pages must be 1..1024, got {self.batch_pages}")
+        if not 1 <= self.channels <= 16:
+            raise ConfigError(f"channels must be 1..16, got {self.channels}")
         if self.tag_batch_pages < 1:
             raise ConfigError("tag_batch_pages must be at least 1")
         if self.max_passes < 0:

@@ -15,8 +15,10 @@ from hosts.workloads import make_workload
 from . import PROTOCOL_VERSION
 from . import frames as fr
 from .digest import MemoryDigest, chunk_count, page_detail, state_digest
-from .errors import (Cancelled, HandshakeMismatch, MigrationError, PeerError, ProtocolError, one_line)
-from .machine import Connection, dest_machine
+from .errors import (Cancelled, HandshakeMismatch, MigrationError, PeerError, PeerTimeout, ProtocolError,
+                     TransportError, one_line)
+from .channels import LoopThread
+from .machine import Connection, data_dest_machine, dest_machine
 from .pages import BatchApplier, BatchStats
 from .progress import Progress
 from .report import empty_result
@@ -49,6 +51,11 @@ class DestVmm:
         self.stats = BatchStats()
         self.machine = None
         self.resumed = False
+        self.hello = None
+        self._lanes: dict[int, dict] = {}      # channel -> {thread, chan, stats, pass}
+        self._lane_failure: asyncio.Future | None = None
+        self._lane_progress: asyncio.Event | None = None
+        self._pass_seen = {0: -1}             # channel -> last PASS_END
 
     async def serve(self, listener: socket.socket) -> dict:
         """Accept one migration on ``listener``; refuse any other connection."""
@@ -56,23 +63,140 @@ class DestVmm:
         listener.setblocking(False)
         sock, peer = await loop.sock_accept(listener)
         tune(sock)
-        refuser = asyncio.ensure_future(self._refuse_others(listener))
+        acceptor = asyncio.ensure_future(self._accept_more(listener))
         try:
             return await self.receive(sock)
         finally:
-            refuser.cancel()
+            acceptor.cancel()
 
-    async def _refuse_others(self, listener) -> None:
+    async def _accept_more(self, listener) -> None:
+        """Later connections: data channels of this migration (JOIN with its
+        session), or anyone else, who is told the destination is busy."""
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(listener)
+            tune(sock)
+            asyncio.ensure_future(self._admit(sock))
+
+    async def _admit(self, sock) -> None:
+        conn = Connection(data_dest_machine(), self.config.checksum)
+        chan = FrameChannel(sock, conn, min(self.config.timeout_s, 5.0))
+        try:
+            hello = self.hello
+            if hello is not None and len(self._lanes) >= hello.channels - 1:
+                # Every data channel is here: whoever this is, we are busy.
+                raise ProtocolError("this destination is already receiving a migration")
+            frame = await chan.recv()
+            hello = self.hello
+            if frame.type == T.HELLO:
+                raise ProtocolError("this destination is already receiving a migration")
+            if hello is None or self.machine is None or self.machine.finished:
+                raise ProtocolError("this destination is already receiving a migration") if hello else \
+                    ProtocolError("no migration to join")
+            if frame.session != hello.session or not 1 <= frame.channel < hello.channels:
+                raise ProtocolError(f"JOIN for channel {frame.channel} of an unknown session")
+            if frame.channel in self._lanes:
+                raise ProtocolError(f"data channel {frame.channel} joined twice")
+            if chan._end > chan._start:
+                raise ProtocolError("data arrived on a channel before its WELCOME")
+            conn.ram_pages = self.host.memory.npages
+            await chan.send(fr.Welcome(PROTOCOL_VERSION))
+        except MigrationError as exc:
+            code = "busy" if "already receiving" in str(exc) else exc.code
             try:
-                for b in fr.encode(fr.Error("busy", "this destination is already receiving a migration")):
-                    await loop.sock_sendall(sock, b)
-            except OSError:
+                async with asyncio.timeout(1.0):
+                    for b in fr.encode(fr.Error(code, one_line(exc))):
+                        await asyncio.get_running_loop().sock_sendall(sock, b)
+            except (OSError, TimeoutError):
                 pass
-            finally:
-                sock.close()
+            chan.close()
+            return
+        # Hand the connection to a thread of its own (no bytes are buffered:
+        # the source sends nothing before WELCOME).
+        thread = LoopThread(f"channel{frame.channel}")
+        lane = {"thread": thread, "stats": BatchStats(), "bytes": 0}
+        self._lanes[frame.channel] = lane
+        self._pass_seen[frame.channel] = -1
+        thread.submit(self._receive_lane(frame.channel, sock, conn, lane, asyncio.get_running_loop()))
+
+    async def _receive_lane(self, index: int, sock, conn, lane: dict, main_loop) -> None:
+        """Runs on the channel's thread: apply PAGES, report PASS_END."""
+        chan = FrameChannel(sock, conn, self.config.timeout_s)
+        lane["chan"] = chan
+        strategy = self.strategy
+        applier = BatchApplier(strategy, self.host.memory.npages, self._applier.written, self._applier.has_tags)
+        try:
+            while True:
+                frame = await chan.recv(timeout=None)  # liveness is watched by the control loop
+                if frame.type == T.PAGES:
+                    lane["stats"].add(applier.apply(frame))
+                elif frame.type == T.PASS_END:
+                    main_loop.call_soon_threadsafe(self._lane_pass_end, index, frame.pass_no)
+                elif frame.type == T.ERROR:
+                    raise PeerError(f"source: {frame.message}", frame.code)
+                else:
+                    raise ProtocolError(f"unexpected {frame.type.name} frame on data channel {index}")
+        except TransportError as exc:
+            if not chan.closed and not (self.machine and self.machine.finished):
+                main_loop.call_soon_threadsafe(self._lane_failed, index, exc)
+        except MigrationError as exc:
+            main_loop.call_soon_threadsafe(self._lane_failed, index, exc)
+        except Exception as exc:  # a bug: fail the migration, never hang
+            main_loop.call_soon_threadsafe(self._lane_failed, index, MigrationError(
+                f"internal error on data channel {index}: {type(exc).__name__}: {one_line(exc)}"))
+        finally:
+            lane["bytes"] = chan.bytes_received
+            chan.close()
+
+    def _lane_pass_end(self, index: int, pass_no: int) -> None:
+        self._pass_seen[index] = pass_no
+        self._lane_progress.set()
+
+    def _lane_failed(self, index: int, exc: MigrationError) -> None:
+        if self._lane_failure is not None and not self._lane_failure.done():
+            self._lane_failure.set_exception(exc)
+
+    async def _recv_control(self, chan):
+        """The next control frame; fails as soon as a data channel fails, and
+        times out only when no channel at all has received for a while."""
+        while True:
+            recv = asyncio.ensure_future(chan.recv(timeout=None))
+            done, _ = await asyncio.wait({recv, self._lane_failure}, timeout=self.config.timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if recv in done:
+                return recv.result()
+            recv.cancel()
+            try:
+                await recv
+            except (asyncio.CancelledError, MigrationError):
+                pass
+            if self._lane_failure in done:
+                raise self._lane_failure.exception()
+            if not self._channels_active():
+                raise PeerTimeout(f"source sent nothing for {self.config.timeout_s:g} s")
+
+    def _channels_active(self) -> bool:
+        now = time.monotonic()
+        chans = [self.chan] + [lane["chan"] for lane in self._lanes.values() if "chan" in lane]
+        return any(now - c.last_activity < self.config.timeout_s for c in chans)
+
+    async def _await_final_pass(self, final_pass: int) -> None:
+        """Every data channel must have delivered the final pass."""
+        deadline = time.monotonic() + self.config.timeout_s
+        while True:
+            missing = [c for c in range(1, self.hello.channels)
+                       if self._pass_seen.get(c, -1) < final_pass]
+            if not missing:
+                return
+            if self._lane_failure.done():
+                raise self._lane_failure.exception()
+            if time.monotonic() > deadline and not self._channels_active():
+                raise PeerTimeout(f"data channel {missing[0]} did not deliver the final pass")
+            self._lane_progress.clear()
+            try:
+                await asyncio.wait_for(self._lane_progress.wait(), 0.5)
+            except TimeoutError:
+                pass
 
     async def receive(self, sock: socket.socket) -> dict:
         host, cfg, res = self.host, self.config, self.result
@@ -91,21 +215,26 @@ class DestVmm:
             res["strategy"] = hello.strategy
             self.strategy = STRATEGIES[hello.strategy](host, cfg)
             self.strategy.setup_dest()
-            applier = BatchApplier(self.strategy, host.memory.npages)
+            applier = self._applier = BatchApplier(self.strategy, host.memory.npages)
+            self._lane_failure = asyncio.get_running_loop().create_future()
+            self._lane_progress = asyncio.Event()
+            self.hello = hello
             await chan.send(fr.Welcome(PROTOCOL_VERSION))
             res["setup_time_ms"] = _ms(time.perf_counter() - t_start)
             state = None
             while True:
-                frame = await chan.recv()
+                frame = await self._recv_control(chan)
                 ftype = frame.type
                 if ftype == T.PAGES:
                     self.stats.add(applier.apply(frame))
                 elif ftype == T.PASS_END:
                     res["dirty_sync_count"] = frame.pass_no
+                    self._pass_seen[0] = frame.pass_no
                 elif ftype == T.STATE:
                     state = frame.state
                     self._load_state(state)
                 elif ftype == T.COMPLETE:
+                    await self._await_final_pass(frame.final_pass)
                     await self._confirm(chan, state)
                 elif ftype == T.INSPECT:
                     self._check_chunks(frame.chunks)
@@ -131,15 +260,21 @@ class DestVmm:
             if not self.resumed:
                 await self._report_failure(chan)
             chan.close()
+            for lane in self._lanes.values():
+                if "chan" in lane:
+                    lane["chan"].close()
+                lane["thread"].stop()
+                self.stats.add(lane["stats"])
             if getattr(self, "strategy", None) is not None:
                 self.strategy.close()
             res["total_time_ms"] = _ms(time.perf_counter() - t_start)
             res["counters"] = type(host.counters).delta(host.counters.snapshot(), before)
             s = self.stats
-            res["ram"].update(transferred_bytes=chan.bytes_received, zero_pages=s.zero_pages,
+            received = chan.bytes_received + sum(lane["bytes"] for lane in self._lanes.values())
+            res["ram"].update(transferred_bytes=received, zero_pages=s.zero_pages,
                               normal_pages=s.normal_pages, normal_bytes=s.data_bytes)
             res["tags"].update(tagged_pages=s.tagged_pages, raw_bytes=s.tag_raw, wire_bytes=s.tag_wire)
-            res["wire"].update(bytes_sent=chan.bytes_sent, bytes_received=chan.bytes_received,
+            res["wire"].update(bytes_sent=chan.bytes_sent, bytes_received=received, channels=1 + len(self._lanes),
                                data_bytes=s.data_wire, tag_bytes=s.tag_wire)
         return res
 
@@ -168,6 +303,8 @@ class DestVmm:
         wanted = STRATEGIES[hello.strategy].tag_format
         if hello.tag_format != wanted:
             return f"tag format differs: source {hello.tag_format}, destination {wanted} for {hello.strategy}"
+        if hello.channels > 1 and not hello.session:
+            return "several channels need a session identifier"
         if hello.compression != "zstd":
             return f"compression differs: source {hello.compression}, destination zstd"
         if self.expect_uuid and hello.vm_uuid != self.expect_uuid:

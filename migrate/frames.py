@@ -56,6 +56,7 @@ class FrameType(enum.IntEnum):
     RESUMED = 11
     ERROR = 12
     ABORT = 13
+    JOIN = 14
 
 
 # -- field checking ----------------------------------------------------------
@@ -78,6 +79,13 @@ def _uint(meta, name, frame, limit=2**63):
     return value
 
 
+def _channels(meta, frame):
+    n = _uint(meta, "channels", frame, Hello.MAX_CHANNELS + 1)
+    if n < 1:
+        raise ProtocolError(f"{frame} field 'channels' must be at least 1")
+    return n
+
+
 # -- frames --------------------------------------------------------------------
 @dataclass
 class Hello:
@@ -92,13 +100,17 @@ class Hello:
     tag_format: str
     compression: str
     vm_uuid: str = ""
+    channels: int = 1
+    session: str = ""
     type = FrameType.HELLO
+    MAX_CHANNELS = 16
 
     def meta(self):
         return {"version": self.version, "ram_size": self.ram_size, "page_size": self.page_size,
                 "granule": self.granule, "mte": self.mte, "vcpus": self.vcpus,
                 "strategy": self.strategy, "tag_format": self.tag_format,
-                "compression": self.compression, "vm_uuid": self.vm_uuid}
+                "compression": self.compression, "vm_uuid": self.vm_uuid,
+                "channels": self.channels, "session": self.session}
 
     @classmethod
     def from_meta(cls, m, payload):
@@ -107,7 +119,24 @@ class Hello:
                    _uint(m, "page_size", f, 2**32), _uint(m, "granule", f, 2**16),
                    _field(m, "mte", bool, f), _uint(m, "vcpus", f, 4096),
                    _field(m, "strategy", str, f), _field(m, "tag_format", str, f),
-                   _field(m, "compression", str, f), _field(m, "vm_uuid", str, f))
+                   _field(m, "compression", str, f), _field(m, "vm_uuid", str, f),
+                   _channels(m, f), _field(m, "session", str, f)[:64])
+
+
+@dataclass
+class Join:
+    """Source -> destination, first frame of an extra data connection:
+    this connection carries data channel ``channel`` of session ``session``."""
+    session: str
+    channel: int
+    type = FrameType.JOIN
+
+    def meta(self):
+        return {"session": self.session, "channel": self.channel}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        return cls(_field(m, "session", str, "JOIN")[:64], _uint(m, "channel", "JOIN", Hello.MAX_CHANNELS))
 
 
 @dataclass
@@ -222,15 +251,17 @@ class Complete:
     data_digest: str
     tag_digest: str
     state_digest: str
+    final_pass: int = 0
     type = FrameType.COMPLETE
 
     def meta(self):
-        return {"d": self.data_digest, "t": self.tag_digest, "s": self.state_digest}
+        return {"d": self.data_digest, "t": self.tag_digest, "s": self.state_digest, "f": self.final_pass}
 
     @classmethod
     def from_meta(cls, m, payload):
         f = "COMPLETE"
-        return cls(_field(m, "d", str, f), _field(m, "t", str, f), _field(m, "s", str, f))
+        return cls(_field(m, "d", str, f), _field(m, "t", str, f), _field(m, "s", str, f),
+                   _uint(m, "f", f, 2**32))
 
 
 @dataclass
@@ -352,7 +383,7 @@ class Abort:
 
 
 FRAME_CLASSES = {cls.type: cls for cls in (Hello, Welcome, Pages, PassEnd, State, Complete, Confirm,
-                                           Inspect, Inspection, Go, Resumed, Error, Abort)}
+                                           Inspect, Inspection, Go, Resumed, Error, Abort, Join)}
 
 
 # -- codec ------------------------------------------------------------------------

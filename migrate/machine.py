@@ -20,6 +20,9 @@ Destination::
     RESUMING --send RESUMED--> RUNNING
 
 Any live state --send/recv ERROR--> FAILED, --send/recv ABORT--> ABORTED.
+
+Extra data connections (``--channels`` > 1): the source sends JOIN, the
+destination answers WELCOME, then only PAGES and PASS_END flow.
 """
 
 import enum
@@ -93,6 +96,23 @@ DEST_TABLE = {
 }
 
 
+# Extra data connections (--channels N > 1) carry only pages.
+DATA_SOURCE_TABLE = {
+    (S.IDLE, SEND, T.JOIN): S.HANDSHAKE,
+    (S.HANDSHAKE, RECV, T.WELCOME): S.PRECOPY,
+    (S.PRECOPY, SEND, T.PAGES): S.PRECOPY,
+    (S.PRECOPY, SEND, T.PASS_END): S.PRECOPY,
+}
+
+DATA_DEST_TABLE = {
+    (D.WAIT_HELLO, RECV, T.JOIN): D.NEGOTIATING,
+    (D.WAIT_HELLO, RECV, T.HELLO): D.NEGOTIATING,  # another source: answered "busy"
+    (D.NEGOTIATING, SEND, T.WELCOME): D.RECEIVING,
+    (D.RECEIVING, RECV, T.PAGES): D.RECEIVING,
+    (D.RECEIVING, RECV, T.PASS_END): D.RECEIVING,
+}
+
+
 class StateMachine:
     def __init__(self, side: str, initial, table: dict, failed, aborted, terminal: set):
         self.side = side
@@ -139,6 +159,14 @@ def source_machine() -> StateMachine:
 
 def dest_machine() -> StateMachine:
     return StateMachine("destination", D.WAIT_HELLO, DEST_TABLE, D.FAILED, D.ABORTED, {D.RUNNING})
+
+
+def data_source_machine(channel: int) -> StateMachine:
+    return StateMachine(f"source channel {channel}", S.IDLE, DATA_SOURCE_TABLE, S.FAILED, S.ABORTED, set())
+
+
+def data_dest_machine() -> StateMachine:
+    return StateMachine("destination data channel", D.WAIT_HELLO, DATA_DEST_TABLE, D.FAILED, D.ABORTED, set())
 
 
 class Connection:

@@ -140,11 +140,14 @@ class BatchApplier:
     needs writing only over earlier data); ``has_tags`` pages it stored
     non-zero tags in (a page arriving without tags must then be cleared)."""
 
-    def __init__(self, strategy, npages: int):
+    def __init__(self, strategy, npages: int, written: bytearray | None = None,
+                 has_tags: bytearray | None = None):
+        # Data channels share the page maps (each page belongs to one
+        # channel, so their slices never overlap) but not the decompressor.
         self.strategy = strategy
         self.decompressor = Decompressor()
-        self.written = bytearray(npages)
-        self.has_tags = bytearray(npages)
+        self.written = bytearray(npages) if written is None else written
+        self.has_tags = bytearray(npages) if has_tags is None else has_tags
 
     def apply(self, frame: fr.Pages) -> BatchStats:
         flags = frame.flags

@@ -1,6 +1,7 @@
 """A pacing limiter for the sending rate (QEMU's max-bandwidth)."""
 
 import asyncio
+import threading
 import time
 
 
@@ -15,13 +16,15 @@ class RateLimiter:
         self.rate = rate
         self.burst_s = burst_s
         self._free_at = time.monotonic()
+        self._lock = threading.Lock()  # shared by the data channels' threads
 
     def book(self, nbytes: int) -> float:
         """Reserve the link; returns how long the caller must wait first."""
-        now = time.monotonic()
-        start = max(self._free_at, now - self.burst_s)
-        self._free_at = start + nbytes / self.rate
-        return max(0.0, start - now)
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._free_at, now - self.burst_s)
+            self._free_at = start + nbytes / self.rate
+            return max(0.0, start - now)
 
     async def wait(self, nbytes: int) -> None:
         delay = self.book(nbytes)

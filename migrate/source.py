@@ -4,6 +4,7 @@ resumes here with memory and tags untouched."""
 
 import asyncio
 import logging
+import secrets
 import time
 
 from hosts.constants import GRANULE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
@@ -14,8 +15,9 @@ from .compression import Compressor
 from .convergence import DowntimeOrPassLimit
 from .digest import MemoryDigest, chunk_count, page_detail, state_digest
 from .errors import Cancelled, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
-from .machine import Connection, source_machine
-from .pages import BatchBuilder, BatchStats, runs, split_batches
+from .channels import LoopThread, SendLane, partition
+from .machine import Connection, data_source_machine, source_machine
+from .pages import BatchBuilder, BatchStats, runs
 from .progress import Progress
 from .ratelimit import RateLimiter
 from .report import empty_result
@@ -51,6 +53,8 @@ class SourceVmm:
         self.passes: list[dict] = []
         self._peer_task = None
         self._chan = None
+        self.lanes: list[SendLane] = []
+        self._threads: list[LoopThread] = []
 
     # -- public ---------------------------------------------------------------------
     async def migrate(self, address: tuple[str, int]) -> dict:
@@ -69,7 +73,14 @@ class SourceVmm:
             chan = self._chan = FrameChannel(sock, conn, cfg.timeout_s, limiter)
             strategy = get_strategy(cfg.strategy)(host, cfg)
             self.strategy = strategy
-            await self._handshake(chan, strategy)
+            session = secrets.token_hex(8)
+            await self._handshake(chan, strategy, session)
+            compressor = Compressor(cfg.compression, cfg.max_bandwidth)
+            self.lanes = [SendLane(0, chan, BatchBuilder(strategy, compressor, cfg.batch_pages), cfg.batch_pages)]
+            for i in range(1, cfg.channels):
+                thread = LoopThread(f"channel{i}")
+                self._threads.append(thread)
+                self.lanes.append(await thread.submit(self._open_lane(i, address, session, limiter)))
             res["setup_time_ms"] = _ms(time.perf_counter() - t_start)
 
             # Dirty logging starts before the first page is read: the rule
@@ -78,13 +89,10 @@ class SourceVmm:
                 host.vm.enable_dirty_logging(slot.slot)
             host.vmm_dirty.enabled = True
             strategy.setup_source()
-            compressor = Compressor(cfg.compression, cfg.max_bandwidth)
-            self.compressor = compressor
-            builder = BatchBuilder(strategy, compressor, cfg.batch_pages)
             self._peer_task = asyncio.ensure_future(chan.recv(timeout=None))
 
             policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
-            await self._send_pass(chan, builder, 0, host.memory.populated_ranges())
+            await self._send_pass(0, host.memory.populated_ranges())
             dirty_passes = 0
             tags_only = b""
             while True:
@@ -97,7 +105,7 @@ class SourceVmm:
                 if decision.stop:
                     break
                 dirty_passes += 1
-                await self._send_pass(chan, builder, dirty_passes, list(runs(bitmap, 1)), tags_only=tags_only)
+                await self._send_pass(dirty_passes, list(runs(bitmap, 1)), tags_only=tags_only)
                 tags_only = b""
             res["convergence"] = {"policy": policy.name, "reason": decision.reason, "forced": decision.forced}
             self.progress.message(f"stop-and-copy: {decision.reason}")
@@ -115,14 +123,14 @@ class SourceVmm:
             # they go out with whatever the guest dirtied since.
             final = _union(bitmap, self._harvest())
             tags_only = _union(tags_only, self._harvest_tags_only(final))
-            await self._send_pass(chan, builder, dirty_passes + 1, list(runs(final, 1)), final=True,
-                                  tags_only=tags_only)
+            await self._send_pass(dirty_passes + 1, list(runs(final, 1)), final=True, tags_only=tags_only)
             t_mem = time.perf_counter()
             state = self._collect_state()
             await chan.send(fr.State(state))
             t_state = time.perf_counter()
             digest = await digest_job
-            await chan.send(fr.Complete(digest.data_digest(), digest.tag_digest(), state_digest(state)))
+            await chan.send(fr.Complete(digest.data_digest(), digest.tag_digest(), state_digest(state),
+                                        final_pass=dirty_passes + 1))
             confirm = await self._await_peer(chan)
             # Everything has crossed and been digested on both sides: the
             # transfer time every strategy is compared on (validation
@@ -161,39 +169,65 @@ class SourceVmm:
         return res
 
     # -- steps --------------------------------------------------------------------------
-    async def _handshake(self, chan, strategy) -> None:
+    async def _handshake(self, chan, strategy, session: str) -> None:
         host = self.host
         await chan.send(fr.Hello(
             version=PROTOCOL_VERSION, ram_size=host.memory.size, page_size=PAGE_SIZE, granule=GRANULE,
             mte=host.vm.mte_enabled, vcpus=host.vcpus.count, strategy=strategy.name,
-            tag_format=strategy.tag_format, compression="zstd", vm_uuid=self.config.vm_uuid))
+            tag_format=strategy.tag_format, compression="zstd", vm_uuid=self.config.vm_uuid,
+            channels=self.config.channels, session=session))
         reply = await chan.recv()
         if reply.type == fr.FrameType.ERROR:
             raise PeerError(reply.message, reply.code)
 
-    async def _send_pass(self, chan, builder, pass_no: int, ranges, final: bool = False,
-                         tags_only: bytes = b"") -> None:
-        """Send the pages in ``ranges`` (data and tags), then the pages marked
-        in ``tags_only`` (their tags alone), then PASS_END."""
+    async def _open_lane(self, index: int, address, session: str, limiter) -> SendLane:
+        """Runs on the channel's own thread: connect, JOIN, wait for WELCOME."""
+        cfg = self.config
+        sock = await connect(*address, cfg.timeout_s)
+        chan = FrameChannel(sock, Connection(data_source_machine(index), cfg.checksum), cfg.timeout_s, limiter)
+        await chan.send(fr.Join(session, index))
+        reply = await chan.recv()
+        if reply.type == fr.FrameType.ERROR:
+            chan.close()
+            raise PeerError(f"destination refused data channel {index}: {reply.message}", reply.code)
+        compressor = Compressor(cfg.compression, cfg.max_bandwidth)
+        return SendLane(index, chan, BatchBuilder(self.strategy, compressor, cfg.batch_pages), cfg.batch_pages)
+
+    async def _send_pass(self, pass_no: int, ranges, final: bool = False, tags_only: bytes = b"") -> None:
+        """Send the pages in ``ranges`` (data and tags) and the pages marked in
+        ``tags_only`` (their tags alone), each on its chunk's channel; every
+        channel ends its share with PASS_END."""
         tag_ranges = list(runs(tags_only, 1)) if tags_only else []
         total = sum(b - a for a, b in ranges) + sum(b - a for a, b in tag_ranges)
+        n = len(self.lanes)
+        shares, tag_shares = partition(ranges, n), partition(tag_ranges, n)
         t0 = time.perf_counter()
-        done = 0
-        pass_stats = BatchStats()
-        batches = [(b, builder.build) for b in split_batches(ranges, self.config.batch_pages)]
-        batches += [(b, builder.build_tags_only) for b in split_batches(tag_ranges, self.config.batch_pages)]
-        for batch, build in batches:
-            self._check_peer()
-            frame, stats = build(pass_no, batch)
-            t = chan.send_seconds
-            sent = await chan.send(frame)
-            builder.compressor.observe_link(sent, chan.send_seconds - t)
-            pass_stats.add(stats)
-            done += stats.pages
+        start_done = [lane.pages_done for lane in self.lanes]
+        jobs = [asyncio.ensure_future(self.lanes[0].send_share(pass_no, shares[0], tag_shares[0], self._check_peer))]
+        for lane, thread in zip(self.lanes[1:], self._threads):
+            jobs.append(thread.submit(lane.send_share(pass_no, shares[lane.index], tag_shares[lane.index],
+                                                      self._check_peer_from_thread)))
+
+        def progress(force=False):
+            done = sum(lane.pages_done - s0 for lane, s0 in zip(self.lanes, start_done))
             elapsed = time.perf_counter() - t0
             self.progress.update(pass_no, done, total, done * PAGE_SIZE / elapsed if elapsed else 0.0,
-                                 self._dirty_rate(), self.result["expected_downtime_ms"])
-        await chan.send(fr.PassEnd(pass_no, total))
+                                 self._dirty_rate(), self.result["expected_downtime_ms"], force=force)
+        pending = set(jobs)
+        try:
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=0.25, return_when=asyncio.FIRST_EXCEPTION)
+                for job in jobs:
+                    if job.done() and not job.cancelled() and job.exception() is not None:
+                        self._check_peer()  # the destination's own words beat a broken pipe
+                        raise job.exception()
+                progress()
+        finally:
+            for job in pending:
+                job.cancel()
+        pass_stats = BatchStats()
+        for job in jobs:
+            pass_stats.add(job.result())
         elapsed = time.perf_counter() - t0
         self.stats.add(pass_stats)
         self.passes.append({"pass": pass_no, "final": final, "pages": total,
@@ -201,8 +235,14 @@ class SourceVmm:
                             "normal_pages": pass_stats.normal_pages, "zero_pages": pass_stats.zero_pages,
                             "tagged_pages": pass_stats.tagged_pages, "seconds": round(elapsed, 6),
                             "wire_bytes": pass_stats.data_wire + pass_stats.tag_wire})
-        self.progress.update(pass_no, total, total, total * PAGE_SIZE / elapsed if elapsed else 0.0,
-                             self._dirty_rate(), self.result["expected_downtime_ms"], force=True)
+        progress(force=True)
+
+    def _check_peer_from_thread(self) -> None:
+        """From a channel thread: stop sending once the destination has spoken
+        (the main loop reads what it said)."""
+        task = self._peer_task
+        if task is not None and task.done():
+            raise TransportError("destination stopped the migration")
 
     def _harvest(self) -> bytes:
         """KVM_GET_DIRTY_LOG on every memslot, merged with the VMM's own
@@ -329,6 +369,10 @@ class SourceVmm:
             self._peer_task = None
         if chan is not None:
             chan.close()
+        for lane in self.lanes[1:]:
+            lane.chan.close()
+        for thread in self._threads:
+            thread.stop()
         for slot in host.vm.memslots:
             if host.vm.dirty_logging():
                 host.vm.disable_dirty_logging(slot.slot)
@@ -346,7 +390,7 @@ class SourceVmm:
         res, s = self.result, self.stats
         total_s = res["total_time_ms"] / 1000.0
         chan = self._chan
-        sent = chan.bytes_sent if chan else 0
+        sent = sum(lane.chan.bytes_sent for lane in self.lanes) if self.lanes else (chan.bytes_sent if chan else 0)
         res["passes"] = self.passes
         res["ram"].update(transferred_bytes=sent, zero_pages=s.zero_pages, normal_pages=s.normal_pages,
                           normal_bytes=s.data_bytes,
@@ -355,9 +399,10 @@ class SourceVmm:
                           guest_bytes_per_s=round(res["ram"]["total_bytes"] / total_s) if total_s and res["status"] == "completed" else None,
                           dirty_pages_rate=round(self._dirty_rate() or 0.0, 1))
         res["tags"].update(tagged_pages=s.tagged_pages, raw_bytes=s.tag_raw, wire_bytes=s.tag_wire)
-        comp = getattr(self, "compressor", None)
+        comps = [lane.builder.compressor for lane in self.lanes]
         res["wire"].update(bytes_sent=sent, bytes_received=chan.bytes_received if chan else 0,
-                           data_bytes=s.data_wire, tag_bytes=s.tag_wire,
-                           compression=None if comp is None else {
-                               "mode": comp.mode, "batches_compressed": comp.batches_compressed,
-                               "batches_raw": comp.batches_raw})
+                           data_bytes=s.data_wire, tag_bytes=s.tag_wire, channels=len(self.lanes) or None,
+                           compression=None if not comps else {
+                               "mode": comps[0].mode,
+                               "batches_compressed": sum(c.batches_compressed for c in comps),
+                               "batches_raw": sum(c.batches_raw for c in comps)})

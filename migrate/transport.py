@@ -32,6 +32,7 @@ class FrameChannel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.send_seconds = 0.0
+        self.last_activity = time.monotonic()
         self.closed = False
 
     # -- sending --------------------------------------------------------------
@@ -73,6 +74,7 @@ class FrameChannel:
                 raise TransportError(f"peer closed the connection {where}")
             self._end += n
             self.bytes_received += n
+            self.last_activity = time.monotonic()
 
     async def recv(self, timeout=DEFAULT_TIMEOUT):
         """The next frame, checked by the connection's state machine.

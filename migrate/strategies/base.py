@@ -51,7 +51,7 @@ class TagStrategy(ABC):
         """Called once before the first page arrives."""
 
     def write_data(self, offset: int, data) -> None:
-        self.mapping.memory.data[offset:offset + len(data)] = data
+        self.mapping.memory.write(offset, data)
 
     @abstractmethod
     def write_tags(self, first_page: int, packed) -> None:

@@ -1,3 +1,5 @@
+import threading
+
 from hosts import KVM_ARM_TAGS_FROM_GUEST, KVM_ARM_TAGS_TO_GUEST, PAGE_SIZE
 from hosts import tags as tagops
 from hosts.constants import GRANULES_PER_PAGE
@@ -15,7 +17,14 @@ class TagIoctl(TagStrategy):
     def __init__(self, host, config):
         super().__init__(host, config)
         self.batch = config.tag_batch_pages
-        self._buffer = bytearray(self.batch * GRANULES_PER_PAGE)
+        self._local = threading.local()  # one ioctl buffer per data channel thread
+
+    @property
+    def _buffer(self) -> bytearray:
+        buf = getattr(self._local, "buffer", None)
+        if buf is None:
+            buf = self._local.buffer = bytearray(self.batch * GRANULES_PER_PAGE)
+        return buf
 
     def _calls(self, first_page, npages):
         """(ipa, pages, buffer view) for each ioctl covering a page run."""

@@ -1,0 +1,103 @@
+"""Several data connections (``--channels N``, like QEMU's multifd).
+
+Ordering rule: a page always travels on the same channel -- the one of its
+1 MiB chunk, ``(page // 256) % N`` -- and each channel is one ordered TCP
+stream, so a newer copy of a page can never be overtaken by an older one.
+No cross-channel synchronisation is needed inside a pass; the source still
+waits for every channel at the end of a pass (it harvests the dirty log
+then), and the destination digests only after every channel has delivered
+the final pass's PASS_END.
+
+Channel 0 is the control connection, driven by the main event loop.  Each
+extra channel has its own thread running its own asyncio loop, so the parts
+that release the GIL -- socket I/O, CRC32, zstd, pwrite -- run in parallel.
+"""
+
+import asyncio
+import threading
+
+from . import frames as fr
+from .digest import CHUNK_PAGES
+from .pages import BatchStats, split_batches
+
+
+def channel_of(page: int, channels: int) -> int:
+    return (page // CHUNK_PAGES) % channels
+
+
+def partition(ranges, channels: int) -> list[list[tuple[int, int]]]:
+    """Split page ranges [(start, end)] by channel, cutting at chunk edges."""
+    out = [[] for _ in range(channels)]
+    if channels == 1:
+        out[0] = list(ranges)
+        return out
+    for start, end in ranges:
+        while start < end:
+            stop = min(end, (start // CHUNK_PAGES + 1) * CHUNK_PAGES)
+            lane = out[channel_of(start, channels)]
+            if lane and lane[-1][1] == start:
+                lane[-1] = (lane[-1][0], stop)
+            else:
+                lane.append((start, stop))
+            start = stop
+    return out
+
+
+class LoopThread:
+    """A thread running its own asyncio event loop."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro) -> asyncio.Future:
+        """Run ``coro`` on this thread's loop; awaitable from another loop."""
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def stop(self) -> None:
+        """Cancel whatever still runs on the loop, then end the thread."""
+        async def drain():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.loop.stop()
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(drain(), self.loop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class SendLane:
+    """The sending side of one channel: a batch builder and a frame channel."""
+
+    def __init__(self, index: int, chan, builder, batch_pages: int):
+        self.index = index
+        self.chan = chan
+        self.builder = builder
+        self.batch_pages = batch_pages
+        self.pages_done = 0
+
+    async def send_share(self, pass_no: int, ranges, tag_ranges, check_peer) -> BatchStats:
+        """This channel's share of a pass: pages with data and tags, then
+        pages whose tags alone changed, then PASS_END."""
+        stats = BatchStats()
+        builder, chan = self.builder, self.chan
+        jobs = [(b, builder.build) for b in split_batches(ranges, self.batch_pages)]
+        jobs += [(b, builder.build_tags_only) for b in split_batches(tag_ranges, self.batch_pages)]
+        for batch, build in jobs:
+            check_peer()
+            frame, s = build(pass_no, batch)
+            before = chan.send_seconds
+            sent = await chan.send(frame)
+            builder.compressor.observe_link(sent, chan.send_seconds - before)
+            stats.add(s)
+            self.pages_done += s.pages
+        await chan.send(fr.PassEnd(pass_no, stats.pages))
+        return stats
