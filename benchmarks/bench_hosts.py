@@ -209,11 +209,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     ram = int(args.ram_gib * GiB) // MiB * MiB
     dirty_ram = int(args.dirty_gib * GiB) // MiB * MiB
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} (figures scale with other load)")
     print(f"1. copy a {ram / GiB:g} GiB fully tagged guest into a fresh host, batches of {BATCH // MiB} MiB")
     bench_copy(ram, args.reps, args.profile)
     print(f"2. harvest the dirty log of a {dirty_ram / GiB:g} GiB guest")
     bench_dirty(dirty_ram, args.reps, args.profile)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return 0
 
 
