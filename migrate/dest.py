@@ -124,7 +124,8 @@ class DestVmm:
         chan = FrameChannel(sock, conn, self.config.timeout_s)
         lane["chan"] = chan
         strategy = self.strategy
-        applier = BatchApplier(strategy, self.host.memory.npages, self._applier.written, self._applier.has_tags)
+        applier = BatchApplier(strategy, self.host.memory.npages, self._applier.written, self._applier.has_tags,
+                               on_write=self._digest.mark_stale)
         try:
             while True:
                 frame = await chan.recv(timeout=None)  # liveness is watched by the control loop
@@ -215,8 +216,16 @@ class DestVmm:
             res["strategy"] = hello.strategy
             self.strategy = STRATEGIES[hello.strategy](host, cfg)
             self.strategy.setup_dest()
-            applier = self._applier = BatchApplier(self.strategy, host.memory.npages)
+            # Digest incrementally: chunks are marked stale as pages land and
+            # re-read in the background after each pass, so completion only
+            # reads what the last pass wrote.
+            self._digest = MemoryDigest(host.memory, compute=False)
+            self._refresh_job = None
+            applier = self._applier = BatchApplier(self.strategy, host.memory.npages,
+                                                   on_write=self._digest.mark_stale)
             self._lane_failure = asyncio.get_running_loop().create_future()
+            # Read by _recv_control when it matters; never "unretrieved".
+            self._lane_failure.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._lane_progress = asyncio.Event()
             self.hello = hello
             await chan.send(fr.Welcome(PROTOCOL_VERSION))
@@ -230,6 +239,7 @@ class DestVmm:
                 elif ftype == T.PASS_END:
                     res["dirty_sync_count"] = frame.pass_no
                     self._pass_seen[0] = frame.pass_no
+                    self._start_refresh()
                 elif ftype == T.STATE:
                     state = frame.state
                     self._load_state(state)
@@ -325,9 +335,17 @@ class DestVmm:
             raise ProtocolError(f"STATE is not a valid guest state: {type(exc).__name__}: {one_line(exc)}") from None
         self._staged_workload = workload
 
+    def _start_refresh(self) -> None:
+        """Re-digest stale chunks in a thread while more pages arrive."""
+        if self._refresh_job is None or self._refresh_job.done():
+            self._refresh_job = asyncio.get_running_loop().run_in_executor(None, self._digest.refresh)
+
     async def _confirm(self, chan, state) -> None:
         loop = asyncio.get_running_loop()
-        digest = await loop.run_in_executor(None, MemoryDigest, self.host.memory)
+        if self._refresh_job is not None:
+            await self._refresh_job
+        await loop.run_in_executor(None, self._digest.refresh)
+        digest = self._digest
         sdigest = state_digest(state) if state is not None else ""
         await chan.send(fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs()))
 

@@ -33,21 +33,42 @@ def chunk_count(npages: int) -> int:
 
 
 class MemoryDigest:
-    """Per-chunk CRCs of one guest's RAM and tags."""
+    """Per-chunk CRCs of one guest's RAM and tags.
 
-    def __init__(self, memory, chunks: list[int] | None = None):
+    It can be kept up to date incrementally by a writer that knows what it
+    wrote (the destination): ``mark_stale`` after each write, ``refresh`` in
+    the background, and at completion only the chunks written since are
+    read again.  A chunk's stale flag is cleared before its CRC is computed,
+    so a write that lands during the computation marks it stale again."""
+
+    def __init__(self, memory, chunks: list[int] | None = None, compute: bool = True):
         self.memory = memory
         self.nchunks = chunk_count(memory.npages)
-        wanted = range(self.nchunks) if chunks is None else chunks
         self.data_crcs = array("I", [0]) * self.nchunks
         self.tag_crcs = array("I", [0]) * self.nchunks
-        populated = memory.populated_ranges()
+        self.stale = bytearray(b"\x01") * self.nchunks
+        if compute:
+            self.refresh(range(self.nchunks) if chunks is None else chunks)
+
+    def mark_stale(self, first_page: int, end_page: int) -> None:
+        a, b = first_page // CHUNK_PAGES, -(-end_page // CHUNK_PAGES)
+        self.stale[a:b] = b"\x01" * (b - a)
+
+    def refresh(self, chunks=None) -> int:
+        """Recompute ``chunks`` (default: the stale ones); returns how many."""
+        if chunks is None:
+            chunks = [c for c in range(self.nchunks) if self.stale[c]] if self.stale.find(1) >= 0 else []
+        if not chunks:
+            return 0
+        populated = self.memory.populated_ranges()
         ends = [b for _, b in populated]
-        for c in wanted:
+        for c in chunks:
+            self.stale[c] = 0
             # Only the populated ranges that can overlap this chunk.
             first, _ = self._chunk_bounds(c)
             self.data_crcs[c] = self._data_crc(c, populated[bisect.bisect_right(ends, first):])
             self.tag_crcs[c] = self._tag_crc(c)
+        return len(chunks)
 
     def _chunk_bounds(self, chunk: int) -> tuple[int, int]:
         first = chunk * CHUNK_PAGES

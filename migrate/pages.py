@@ -141,13 +141,15 @@ class BatchApplier:
     non-zero tags in (a page arriving without tags must then be cleared)."""
 
     def __init__(self, strategy, npages: int, written: bytearray | None = None,
-                 has_tags: bytearray | None = None):
+                 has_tags: bytearray | None = None, on_write=None):
         # Data channels share the page maps (each page belongs to one
         # channel, so their slices never overlap) but not the decompressor.
         self.strategy = strategy
         self.decompressor = Decompressor()
         self.written = bytearray(npages) if written is None else written
         self.has_tags = bytearray(npages) if has_tags is None else has_tags
+        #: called with (first_page, end_page) after each store, e.g. to mark digests stale
+        self.on_write = on_write or (lambda first, end: None)
 
     def apply(self, frame: fr.Pages) -> BatchStats:
         flags = frame.flags
@@ -205,18 +207,21 @@ class BatchApplier:
         for first, n in self._page_runs(page_of, a, b):
             self.strategy.write_data(first * PAGE_SIZE, data[off:off + n * PAGE_SIZE])
             self.written[first:first + n] = b"\x01" * n
+            self.on_write(first, first + n)
             off += n * PAGE_SIZE
 
     def _zero_run(self, page_of, a, b):
         for first, n in self._page_runs(page_of, a, b):
             if self.written.find(1, first, first + n) >= 0:  # only over earlier data
                 self.strategy.write_data(first * PAGE_SIZE, bytes(n * PAGE_SIZE))
+                self.on_write(first, first + n)
 
     def _tag_run(self, page_of, a, b, tags):
         off = 0
         for first, n in self._page_runs(page_of, a, b):
             self.strategy.write_tags(first, tags[off:off + n * PACKED_TAGS_PER_PAGE])
             self.has_tags[first:first + n] = b"\x01" * n
+            self.on_write(first, first + n)
             off += n * PACKED_TAGS_PER_PAGE
 
     def _untag_run(self, page_of, a, b):
@@ -224,3 +229,4 @@ class BatchApplier:
             for x, y in runs(bytes(self.has_tags[first:first + n]), 1):
                 self.strategy.clear_tags(first + x, y - x)
                 self.has_tags[first + x:first + y] = bytes(y - x)
+                self.on_write(first + x, first + y)
