@@ -98,15 +98,15 @@ class BatchBuilder:
             if all_zero(view):
                 flags[i:i + count] = bytes([fr.PAGE_ZERO]) * count
             else:
-                # Copy the run (snapshot: the CRC must cover what is sent),
-                # then drop the zero pages out of it.
+                # Flag the zero pages, then copy each run of the others in
+                # one slice (the snapshot the CRC covers is what is sent).
                 for p in range(count):
-                    page = view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]
-                    if _ZERO_PAGE.startswith(page):
+                    if _ZERO_PAGE.startswith(view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]):
                         flags[i + p] = fr.PAGE_ZERO
-                    else:
-                        scratch[filled:filled + PAGE_SIZE] = page
-                        filled += PAGE_SIZE
+                for a, b in runs(bytes(flags[i:i + count]), 0):
+                    size = (b - a) * PAGE_SIZE
+                    scratch[filled:filled + size] = view[a * PAGE_SIZE:b * PAGE_SIZE]
+                    filled += size
             i += count
         data = scratch[:filled]
         packed = self.strategy.read_tags(ranges)
