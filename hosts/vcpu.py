@@ -64,6 +64,8 @@ class VcpuSet:
         self._quit = False
         self._threads: list[threading.Thread] = []
         self.error: BaseException | None = None
+        #: share of time the vCPUs are kept off the CPU (QEMU's cpu-throttle), 0..0.99
+        self.throttle = 0.0
 
     # -- control ---------------------------------------------------------------
     def start(self) -> None:
@@ -86,6 +88,12 @@ class VcpuSet:
             self._cond.notify_all()
             if self._threads and not self._cond.wait_for(lambda: self._stopped == self.count, timeout):
                 raise TimeoutError("vCPUs did not stop")
+
+    def set_throttle(self, fraction: float) -> None:
+        """Throttle the vCPUs to run only (1 - fraction) of the time."""
+        if not 0.0 <= fraction <= 0.99:
+            raise ValueError("throttle must be between 0 and 0.99")
+        self.throttle = fraction
 
     @property
     def running(self) -> bool:
@@ -149,6 +157,7 @@ class VcpuSet:
                 with self._cond:
                     self._cond.wait(0.05)
                 continue
+            started = time.monotonic()
             try:
                 pages = self._one_step(i)
             except BaseException as exc:  # a guest crash: park and report it
@@ -157,10 +166,12 @@ class VcpuSet:
                     self._running = False
                 continue
             self.pages_touched += pages
+            throttle = self.throttle
             if per_vcpu_rate is None:
-                time.sleep(0)
+                # Throttled, a vCPU runs only (1 - throttle) of the time.
+                time.sleep((time.monotonic() - started) * throttle / (1 - throttle) if throttle else 0)
                 continue
-            deadline += pages / per_vcpu_rate
+            deadline += pages / (per_vcpu_rate * (1 - throttle))
             delay = deadline - time.monotonic()
             if delay > 0:
                 time.sleep(delay)

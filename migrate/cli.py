@@ -47,6 +47,8 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--max-bandwidth", metavar="RATE", help="cap the sending rate, e.g. 125M (bytes/s), 1GiB; default none")
     m.add_argument("--downtime-limit", type=float, metavar="MS", help="converged when estimated downtime <= this (default 300)")
     m.add_argument("--max-passes", type=int, metavar="N", help="stop-and-copy after N dirty passes anyway (default 30)")
+    m.add_argument("--no-auto-converge", action="store_true",
+                   help="never throttle the guest's vCPUs when dirty passes stop shrinking")
     m.add_argument("--batch-pages", type=int, metavar="N", help="pages per frame (default 256)")
     m.add_argument("--tag-batch-pages", type=int, metavar="N", help="pages per KVM_ARM_MTE_COPY_TAGS call (default 256)")
     m.add_argument("--channels", type=int, metavar="N", help="data connections, like multifd (default 2)")
@@ -150,6 +152,8 @@ def resolve(args):
             config.batch_pages = args.batch_pages
         if args.tag_batch_pages is not None:
             config.tag_batch_pages = args.tag_batch_pages
+        if args.no_auto_converge:
+            config.auto_converge = False
         if args.channels is not None:
             config.channels = args.channels
         if args.no_checksum:

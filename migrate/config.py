@@ -19,6 +19,12 @@ class MigrationConfig:
     """Stop-and-copy once the estimated downtime is at most this."""
     max_passes: int = 30
     """Stop-and-copy after this many dirty passes even if not converged."""
+    auto_converge: bool = True
+    """Throttle the guest's vCPUs step by step when dirty passes stop
+    shrinking (QEMU's auto-converge / cpu-throttle)."""
+    throttle_initial: float = 0.2
+    throttle_increment: float = 0.1
+    throttle_max: float = 0.99
     batch_pages: int = 256
     """Pages per PAGES frame (at most 1024)."""
     tag_batch_pages: int = 256

@@ -38,3 +38,26 @@ class DowntimeOrPassLimit:
                                   f"{shown} > limit {self.downtime_limit_ms:.0f} ms", forced=True)
         return Decision(False, f"estimated downtime {expected:.0f} ms > limit {self.downtime_limit_ms:.0f} ms"
                         if expected is not None else "bandwidth not measured yet")
+
+
+class AutoConverge:
+    """QEMU-style auto-converge: when a dirty pass did not shrink the dirty
+    set enough (the guest dirties memory about as fast as it is sent), throttle
+    the vCPUs, starting at ``initial`` and adding ``increment`` each time the
+    next pass still does not shrink, up to ``maximum``."""
+
+    def __init__(self, initial: float = 0.2, increment: float = 0.1, maximum: float = 0.99,
+                 shrink_needed: float = 0.5):
+        self.initial, self.increment, self.maximum = initial, increment, maximum
+        self.shrink_needed = shrink_needed
+        self.throttle = 0.0
+        self._previous: int | None = None
+        self.history: list[float] = []
+
+    def after_pass(self, remaining_bytes: int) -> float:
+        """Called with what is left after each dirty pass; returns the throttle."""
+        previous, self._previous = self._previous, remaining_bytes
+        if previous is not None and remaining_bytes > previous * self.shrink_needed:
+            self.throttle = self.initial if self.throttle == 0 else min(self.maximum, self.throttle + self.increment)
+            self.history.append(round(self.throttle, 2))
+        return self.throttle

@@ -12,7 +12,7 @@ from hosts.constants import GRANULE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from . import PROTOCOL_VERSION
 from . import frames as fr
 from .compression import Compressor
-from .convergence import DowntimeOrPassLimit
+from .convergence import AutoConverge, DowntimeOrPassLimit
 from .digest import MemoryDigest, chunk_count, page_detail, state_digest
 from .errors import Cancelled, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
 from .channels import LoopThread, SendLane, partition
@@ -92,6 +92,9 @@ class SourceVmm:
             self._peer_task = asyncio.ensure_future(chan.recv(timeout=None))
 
             policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
+            converge = AutoConverge(cfg.throttle_initial, cfg.throttle_increment, cfg.throttle_max) \
+                if cfg.auto_converge else None
+            self._converge = converge
             await self._send_pass(0, host.memory.populated_ranges())
             dirty_passes = 0
             tags_only = b""
@@ -104,6 +107,11 @@ class SourceVmm:
                 res["expected_downtime_ms"] = policy.expected_downtime_ms(remaining, bandwidth)
                 if decision.stop:
                     break
+                if converge is not None and dirty_passes >= 1:
+                    throttle = converge.after_pass(remaining)
+                    if throttle != host.vcpus.throttle:
+                        host.vcpus.set_throttle(throttle)
+                        self.progress.message(f"auto-converge: vCPUs throttled to {throttle:.0%}")
                 dirty_passes += 1
                 await self._send_pass(dirty_passes, list(runs(bitmap, 1)), tags_only=tags_only)
                 tags_only = b""
@@ -379,6 +387,10 @@ class SourceVmm:
         host.vmm_dirty.enabled = False
         if getattr(self, "strategy", None) is not None:
             self.strategy.close()
+        if getattr(self, "_converge", None) is not None:
+            self.result["throttle"] = {"max": max(self._converge.history, default=0.0),
+                                       "steps": self._converge.history}
+        host.vcpus.set_throttle(0.0)  # the guest runs at full speed again, wherever it is
         if not self.handed_over:
             if paused_here:
                 host.vcpus.resume()  # nothing lost: the guest goes on here
