@@ -55,6 +55,7 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-checksum", action="store_true", help="no CRC32 per frame")
     m.add_argument("--timeout", type=float, metavar="S", help="peer silent this long is dead (default 10)")
     m.add_argument("--vm-uuid", help="identity of the guest (checked by a destination started with --expect-uuid)")
+    m.add_argument("--psk-file", metavar="FILE", help="shared key: both sides must prove it before any guest byte moves")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the result as JSON")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
@@ -162,6 +163,8 @@ def resolve(args):
             config.timeout_s = args.timeout
         if args.vm_uuid:
             config.vm_uuid = args.vm_uuid
+        if args.psk_file:
+            config.psk_file = args.psk_file
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if guest.ram <= 0 or guest.ram % 4096:

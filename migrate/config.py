@@ -41,6 +41,9 @@ class MigrationConfig:
     """A peer silent for this long is declared dead."""
     vm_uuid: str = ""
     """Identity of the guest; a destination told to expect one refuses others."""
+    psk_file: str | None = None
+    """File holding a shared key: both sides prove it (HMAC challenge/response)
+    before any guest byte moves."""
 
     def check(self) -> "MigrationConfig":
         from .strategies import STRATEGIES

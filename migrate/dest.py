@@ -15,7 +15,8 @@ from hosts.workloads import make_workload
 from . import PROTOCOL_VERSION
 from . import frames as fr
 from .digest import MemoryDigest, chunk_count, page_detail, state_digest
-from .errors import (Cancelled, HandshakeMismatch, MigrationError, PeerError, PeerTimeout, ProtocolError,
+from . import auth
+from .errors import (AuthError, Cancelled, HandshakeMismatch, MigrationError, PeerError, PeerTimeout, ProtocolError,
                      TransportError, one_line)
 from .channels import LoopThread
 from .machine import Connection, data_dest_machine, dest_machine
@@ -56,6 +57,8 @@ class DestVmm:
         self._lane_failure: asyncio.Future | None = None
         self._lane_progress: asyncio.Event | None = None
         self._pass_seen = {0: -1}             # channel -> last PASS_END
+        self._key = auth.load_key(config.psk_file)
+        self._nonce = b""
 
     async def serve(self, listener: socket.socket) -> dict:
         """Accept one migration on ``listener``; refuse any other connection."""
@@ -97,6 +100,9 @@ class DestVmm:
                 raise ProtocolError(f"JOIN for channel {frame.channel} of an unknown session")
             if frame.channel in self._lanes:
                 raise ProtocolError(f"data channel {frame.channel} joined twice")
+            if self._key is not None and not auth.check(self._key, frame.proof, "join", frame.session,
+                                                        frame.channel, self._nonce):
+                raise AuthError(f"data channel {frame.channel} failed authentication")
             if chan._end > chan._start:
                 raise ProtocolError("data arrived on a channel before its WELCOME")
             conn.ram_pages = self.host.memory.npages
@@ -227,8 +233,8 @@ class DestVmm:
             # Read by _recv_control when it matters; never "unretrieved".
             self._lane_failure.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._lane_progress = asyncio.Event()
+            await self._authenticate(chan, hello)
             self.hello = hello
-            await chan.send(fr.Welcome(PROTOCOL_VERSION))
             res["setup_time_ms"] = _ms(time.perf_counter() - t_start)
             state = None
             while True:
@@ -289,6 +295,22 @@ class DestVmm:
         return res
 
     # -- handshake ----------------------------------------------------------------
+    async def _authenticate(self, chan, hello) -> None:
+        """WELCOME with our proof, then the source's AUTH must prove the key
+        before anything else is accepted."""
+        key = self._key
+        self._nonce = auth.new_nonce()
+        mine = auth.proof(key, "destination", hello.nonce, self._nonce, hello.session) if key else b""
+        await chan.send(fr.Welcome(PROTOCOL_VERSION, self._nonce, mine))
+        frame = await chan.recv()
+        if frame.type == T.ERROR:
+            raise PeerError(f"source: {frame.message}", frame.code)
+        if frame.type == T.ABORT:
+            raise Cancelled(f"source aborted: {frame.reason}")
+        if key is not None and not (frame.proof and auth.check(
+                key, frame.proof, "source", self._nonce, hello.nonce, hello.session)):
+            raise AuthError("authentication failed: the source did not prove the shared key")
+
     def _check_hello(self, hello) -> str | None:
         """The first capability that does not match, as a sentence; None if all do."""
         host = self.host

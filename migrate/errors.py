@@ -42,6 +42,11 @@ class PeerTimeout(TransportError):
     code = "timeout"
 
 
+class AuthError(MigrationError):
+    """The peer could not prove it holds the shared key."""
+    code = "auth"
+
+
 class ValidationFailed(MigrationError):
     """The destination's memory, tags or vCPU state differ from the source's."""
     code = "validation"

@@ -57,6 +57,7 @@ class FrameType(enum.IntEnum):
     ERROR = 12
     ABORT = 13
     JOIN = 14
+    AUTH = 15
 
 
 # -- field checking ----------------------------------------------------------
@@ -76,6 +77,13 @@ def _uint(meta, name, frame, limit=2**63):
     value = _field(meta, name, int, frame)
     if not 0 <= value < limit:
         raise ProtocolError(f"{frame} field {name!r} = {value} is out of range")
+    return value
+
+
+def _nonce(meta, frame, name="nonce"):
+    value = _field(meta, name, bytes, frame)
+    if len(value) > 64:
+        raise ProtocolError(f"{frame} field {name!r} is longer than 64 bytes")
     return value
 
 
@@ -102,6 +110,7 @@ class Hello:
     vm_uuid: str = ""
     channels: int = 1
     session: str = ""
+    nonce: bytes = b""
     type = FrameType.HELLO
     MAX_CHANNELS = 16
 
@@ -110,7 +119,7 @@ class Hello:
                 "granule": self.granule, "mte": self.mte, "vcpus": self.vcpus,
                 "strategy": self.strategy, "tag_format": self.tag_format,
                 "compression": self.compression, "vm_uuid": self.vm_uuid,
-                "channels": self.channels, "session": self.session}
+                "channels": self.channels, "session": self.session, "nonce": self.nonce}
 
     @classmethod
     def from_meta(cls, m, payload):
@@ -120,7 +129,7 @@ class Hello:
                    _field(m, "mte", bool, f), _uint(m, "vcpus", f, 4096),
                    _field(m, "strategy", str, f), _field(m, "tag_format", str, f),
                    _field(m, "compression", str, f), _field(m, "vm_uuid", str, f),
-                   _channels(m, f), _field(m, "session", str, f)[:64])
+                   _channels(m, f), _field(m, "session", str, f)[:64], _nonce(m, f))
 
 
 @dataclass
@@ -129,28 +138,48 @@ class Join:
     this connection carries data channel ``channel`` of session ``session``."""
     session: str
     channel: int
+    proof: bytes = b""
     type = FrameType.JOIN
 
     def meta(self):
-        return {"session": self.session, "channel": self.channel}
+        return {"session": self.session, "channel": self.channel, "proof": self.proof}
 
     @classmethod
     def from_meta(cls, m, payload):
-        return cls(_field(m, "session", str, "JOIN")[:64], _uint(m, "channel", "JOIN", Hello.MAX_CHANNELS))
+        return cls(_field(m, "session", str, "JOIN")[:64], _uint(m, "channel", "JOIN", Hello.MAX_CHANNELS),
+                   _nonce(m, "JOIN", "proof"))
+
+
+@dataclass
+class Auth:
+    """Source -> destination, right after WELCOME: the source's proof that it
+    holds the shared key (empty when no key is configured)."""
+    proof: bytes = b""
+    type = FrameType.AUTH
+
+    def meta(self):
+        return {"proof": self.proof}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        return cls(_nonce(m, "AUTH", "proof"))
 
 
 @dataclass
 class Welcome:
-    """Destination -> source: capabilities accepted."""
+    """Destination -> source: capabilities accepted; with a shared key, the
+    destination's nonce and its proof that it holds the key."""
     version: int
+    nonce: bytes = b""
+    proof: bytes = b""
     type = FrameType.WELCOME
 
     def meta(self):
-        return {"version": self.version}
+        return {"version": self.version, "nonce": self.nonce, "proof": self.proof}
 
     @classmethod
     def from_meta(cls, m, payload):
-        return cls(_uint(m, "version", "WELCOME", 2**16))
+        return cls(_uint(m, "version", "WELCOME", 2**16), _nonce(m, "WELCOME"), _nonce(m, "WELCOME", "proof"))
 
 
 @dataclass
@@ -383,7 +412,7 @@ class Abort:
 
 
 FRAME_CLASSES = {cls.type: cls for cls in (Hello, Welcome, Pages, PassEnd, State, Complete, Confirm,
-                                           Inspect, Inspection, Go, Resumed, Error, Abort, Join)}
+                                           Inspect, Inspection, Go, Resumed, Error, Abort, Join, Auth)}
 
 
 # -- codec ------------------------------------------------------------------------

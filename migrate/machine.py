@@ -5,7 +5,7 @@ protocol errors.  ERROR and ABORT are legal in every live state.
 
 Source::
 
-    IDLE --send HELLO--> HANDSHAKE --recv WELCOME--> PRECOPY
+    IDLE --send HELLO--> HANDSHAKE --recv WELCOME--> AUTHENTICATING --send AUTH--> PRECOPY
     PRECOPY --send PAGES/PASS_END--> PRECOPY --pause--> STOP_COPY
     STOP_COPY --send PAGES/PASS_END/STATE--> STOP_COPY --send COMPLETE--> COMPLETING
     COMPLETING --recv CONFIRM--> VALIDATING (--send INSPECT / recv INSPECTION-->)
@@ -13,7 +13,7 @@ Source::
 
 Destination::
 
-    WAIT_HELLO --recv HELLO--> NEGOTIATING --send WELCOME--> RECEIVING
+    WAIT_HELLO --recv HELLO--> NEGOTIATING --send WELCOME--> AUTHENTICATING --recv AUTH--> RECEIVING
     RECEIVING --recv PAGES/PASS_END--> RECEIVING --recv STATE--> STATE_LOADED
     STATE_LOADED --recv COMPLETE--> VERIFYING --send CONFIRM--> AWAIT_GO
     AWAIT_GO (--recv INSPECT / send INSPECTION-->) --recv GO--> RESUMING
@@ -38,6 +38,7 @@ T = fr.FrameType
 class SourceState(enum.Enum):
     IDLE = "idle"
     HANDSHAKE = "handshake"
+    AUTHENTICATING = "authenticating"
     PRECOPY = "precopy"
     STOP_COPY = "stop-and-copy"
     COMPLETING = "completing"
@@ -51,6 +52,7 @@ class SourceState(enum.Enum):
 class DestState(enum.Enum):
     WAIT_HELLO = "wait-hello"
     NEGOTIATING = "negotiating"
+    AUTHENTICATING = "authenticating"
     RECEIVING = "receiving"
     STATE_LOADED = "state-loaded"
     VERIFYING = "verifying"
@@ -66,7 +68,8 @@ SEND, RECV, LOCAL = "send", "recv", "local"
 
 SOURCE_TABLE = {
     (S.IDLE, SEND, T.HELLO): S.HANDSHAKE,
-    (S.HANDSHAKE, RECV, T.WELCOME): S.PRECOPY,
+    (S.HANDSHAKE, RECV, T.WELCOME): S.AUTHENTICATING,
+    (S.AUTHENTICATING, SEND, T.AUTH): S.PRECOPY,
     (S.PRECOPY, SEND, T.PAGES): S.PRECOPY,
     (S.PRECOPY, SEND, T.PASS_END): S.PRECOPY,
     (S.PRECOPY, LOCAL, "pause"): S.STOP_COPY,
@@ -83,7 +86,8 @@ SOURCE_TABLE = {
 
 DEST_TABLE = {
     (D.WAIT_HELLO, RECV, T.HELLO): D.NEGOTIATING,
-    (D.NEGOTIATING, SEND, T.WELCOME): D.RECEIVING,
+    (D.NEGOTIATING, SEND, T.WELCOME): D.AUTHENTICATING,
+    (D.AUTHENTICATING, RECV, T.AUTH): D.RECEIVING,
     (D.RECEIVING, RECV, T.PAGES): D.RECEIVING,
     (D.RECEIVING, RECV, T.PASS_END): D.RECEIVING,
     (D.RECEIVING, RECV, T.STATE): D.STATE_LOADED,

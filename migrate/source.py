@@ -14,7 +14,8 @@ from . import frames as fr
 from .compression import Compressor
 from .convergence import AutoConverge, DowntimeOrPassLimit
 from .digest import MemoryDigest, chunk_count, page_detail, state_digest
-from .errors import Cancelled, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
+from . import auth
+from .errors import AuthError, Cancelled, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
 from .channels import LoopThread, SendLane, partition
 from .machine import Connection, data_source_machine, source_machine
 from .pages import BatchBuilder, BatchStats, runs
@@ -179,21 +180,33 @@ class SourceVmm:
     # -- steps --------------------------------------------------------------------------
     async def _handshake(self, chan, strategy, session: str) -> None:
         host = self.host
+        key = auth.load_key(self.config.psk_file)
+        nonce = auth.new_nonce()
         await chan.send(fr.Hello(
             version=PROTOCOL_VERSION, ram_size=host.memory.size, page_size=PAGE_SIZE, granule=GRANULE,
             mte=host.vm.mte_enabled, vcpus=host.vcpus.count, strategy=strategy.name,
             tag_format=strategy.tag_format, compression="zstd", vm_uuid=self.config.vm_uuid,
-            channels=self.config.channels, session=session))
+            channels=self.config.channels, session=session, nonce=nonce))
         reply = await chan.recv()
         if reply.type == fr.FrameType.ERROR:
             raise PeerError(reply.message, reply.code)
+        self._dest_nonce = reply.nonce
+        if key is not None:
+            if not reply.proof:
+                raise AuthError("the destination has no shared key: start it with the same --psk-file")
+            if not auth.check(key, reply.proof, "destination", nonce, reply.nonce, session):
+                raise AuthError("the destination failed authentication: its shared key differs")
+            await chan.send(fr.Auth(auth.proof(key, "source", reply.nonce, nonce, session)))
+        else:
+            await chan.send(fr.Auth(b""))
 
     async def _open_lane(self, index: int, address, session: str, limiter) -> SendLane:
         """Runs on the channel's own thread: connect, JOIN, wait for WELCOME."""
         cfg = self.config
         sock = await connect(*address, cfg.timeout_s)
         chan = FrameChannel(sock, Connection(data_source_machine(index), cfg.checksum), cfg.timeout_s, limiter)
-        await chan.send(fr.Join(session, index))
+        key = auth.load_key(cfg.psk_file)
+        await chan.send(fr.Join(session, index, auth.proof(key, "join", session, index, self._dest_nonce) if key else b""))
         reply = await chan.recv()
         if reply.type == fr.FrameType.ERROR:
             chan.close()

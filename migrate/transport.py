@@ -8,6 +8,7 @@ the batch scratch) with loop.sock_sendall.  Every receive is bounded in time
 before the payload is read)."""
 
 import asyncio
+import os
 import socket
 import time
 
@@ -128,8 +129,13 @@ async def connect(host: str, port: int, timeout: float) -> socket.socket:
         except (OSError, TimeoutError) as exc:
             sock.close()
             last = exc
-    reason = "timed out" if isinstance(last, TimeoutError) else (getattr(last, "strerror", None) or str(last))
-    raise TransportError(f"cannot connect to {host}:{port}: {reason}")
+    if isinstance(last, TimeoutError):
+        reason = "timed out"
+    elif getattr(last, "errno", None):
+        reason = os.strerror(last.errno).lower()
+    else:
+        reason = str(last)
+    raise TransportError(f"cannot open a connection to {host}:{port}: {reason}")
 
 
 def tune(sock: socket.socket) -> None:
