@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="migrate between a destination and a source process on loopback",
                        description="Start a destination and a source host process on loopback, migrate, report.")
+    p.add_argument("--retry", type=int, default=0, metavar="N",
+                   help="after a failure, try again up to N times (the guest keeps running meanwhile)")
     _add_guest_options(p)
     _add_migration_options(p)
 
@@ -83,11 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any)")
     p.add_argument("--expect-uuid", metavar="UUID", help="refuse any guest with another --vm-uuid")
     p.add_argument("--run-after", type=float, default=0.0, metavar="S", help="keep the migrated guest running this long")
+    p.add_argument("--attempts", type=int, default=1, metavar="N",
+                   help="after a failed migration, discard it and accept another, up to N in all (default 1)")
     _add_guest_options(p)
     _add_migration_options(p)
 
     p = sub.add_parser("source", help="run the source host: boot the guest and migrate it to a destination")
-    p.add_argument("--connect", required=True, metavar="HOST:PORT", help="destination address")
+    p.add_argument("--connect", required=True, action="append", metavar="HOST:PORT",
+                   help="destination address; give it again for fallbacks tried in order by --retry")
+    p.add_argument("--retry", type=int, default=0, metavar="N",
+                   help="after a failure, try again up to N times (the guest keeps running meanwhile)")
     p.add_argument("--warmup", type=float, default=0.2, metavar="S", help="let the guest run this long first (default 0.2)")
     _add_guest_options(p)
     _add_migration_options(p)
@@ -253,7 +260,7 @@ def _dispatch(args) -> int:
     guest, config, name = resolve(args)
     if args.command in ("run", "validate"):
         from .runner import run_pair
-        result = run_pair(guest, config, name, args.quiet)
+        result = run_pair(guest, config, name, args.quiet, retry=getattr(args, "retry", 0))
         if args.json:
             write_json(result, args.json)
         if not args.quiet:
@@ -263,8 +270,9 @@ def _dispatch(args) -> int:
     from .hostproc import run_dest, run_source
     if args.command == "source":
         return run_source(guest, config, name, args.connect, args.json, args.quiet, args.warmup,
-                          summary_out=not args.no_summary)
+                          summary_out=not args.no_summary, retry=args.retry)
     if args.command == "dest":
         return run_dest(guest, config, name, args.listen, args.strategy or config.strategy if args.spec else args.strategy,
-                        args.expect_uuid, args.json, args.quiet, args.run_after, summary_out=not args.no_summary)
+                        args.expect_uuid, args.json, args.quiet, args.run_after, summary_out=not args.no_summary,
+                        attempts=args.attempts)
     raise ConfigError(f"unknown command {args.command}")

@@ -82,27 +82,48 @@ def _prefix_counters(result: dict, side: str) -> None:
     result["counters"] = {f"{side}.{k}": v for k, v in result["counters"].items()}
 
 
-def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect: str,
-               json_path: str | None, quiet: bool, warmup_s: float = 0.2, summary_out: bool = True) -> int:
+def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect, json_path: str | None,
+               quiet: bool, warmup_s: float = 0.2, summary_out: bool = True, retry: int = 0) -> int:
+    """Boot the guest and migrate it.  ``connect``: one address or a list,
+    tried in order; with ``retry`` N, up to N more attempts follow a failure
+    (not a cancel) while the guest keeps running here."""
+    addresses = [connect] if isinstance(connect, str) else list(connect)
     try:
-        address = parse_address(connect, "--connect")
+        parsed = [parse_address(a, "--connect") for a in addresses]
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if retry < 0:
+        raise ConfigError("--retry must be 0 or more")
     t0 = time.perf_counter()
     host = build_host(guest, config.strategy, "source")
     prepare_ms = (time.perf_counter() - t0) * 1000
     progress = Progress(False if quiet else None)
     host.vcpus.start()
     time.sleep(warmup_s)
-    engine = SourceVmm(host, config, scenario, progress)
+    attempts = []
 
     async def main():
-        task = asyncio.ensure_future(engine.migrate(address))
-        _install_cancel(asyncio.get_running_loop(), task)
-        try:
-            return await task
-        except asyncio.CancelledError:  # cancelled before migrate() could catch it
-            return engine.result
+        loop = asyncio.get_running_loop()
+        result = None
+        for n in range(retry + 1):
+            address = parsed[n % len(parsed)]
+            engine = SourceVmm(host, config, scenario, progress)
+            task = asyncio.ensure_future(engine.migrate(address))
+            _install_cancel(loop, task)
+            try:
+                result = await task
+            except asyncio.CancelledError:  # cancelled before migrate() could catch it
+                result = engine.result
+                result["status"], result["error"] = "cancelled", result["error"] or "cancelled by the user"
+            attempts.append({"attempt": n + 1, "destination": f"{address[0]}:{address[1]}",
+                             "status": result["status"], "error": result["error"],
+                             "total_time_ms": result["total_time_ms"]})
+            if result["status"] in ("completed", "cancelled") or n == retry:
+                return result
+            progress.message(f"attempt {n + 1} failed ({result['error']}); the guest runs on here; "
+                             f"retrying {'with ' + ':'.join(map(str, parsed[(n + 1) % len(parsed)])) if len(parsed) > 1 else ''}".rstrip())
+            await asyncio.sleep(min(1.0, 0.2 * (n + 1)))  # the guest keeps running meanwhile
+        return result
     cpu = _CpuMeter()
     try:
         result = asyncio.run(main())
@@ -110,6 +131,7 @@ def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect
     finally:
         host.close()
     progress.done()
+    result["attempts"] = attempts
     result["guest_prepare_ms"] = round(prepare_ms, 3)
     _prefix_counters(result, "source")
     if json_path:
@@ -121,41 +143,52 @@ def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect
 
 def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: str, strategy: str | None,
              expect_uuid: str | None, json_path: str | None, quiet: bool, run_after_s: float = 0.0,
-             summary_out: bool = True) -> int:
+             summary_out: bool = True, attempts: int = 1) -> int:
+    """Listen and receive a migration; after a failed one, discard the partial
+    guest and accept another, up to ``attempts`` in all."""
     try:
         host_name, port = parse_address(listen, "--listen")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    host = build_host(guest, strategy or config.strategy, "destination")
+    if attempts < 1:
+        raise ConfigError("--attempts must be at least 1")
     try:
         listener = socket.create_server((host_name, port), reuse_port=False)
     except OSError as exc:
-        host.close()
         raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
     bound = listener.getsockname()
     print(f"listening on {bound[0]}:{bound[1]}", flush=True)
     progress = Progress(False if quiet else None)
-    engine = DestVmm(host, config, scenario, strategy, expect_uuid, progress)
-
     cpu = _CpuMeter()
-
-    async def main():
-        task = asyncio.ensure_future(engine.serve(listener))
-        _install_cancel(asyncio.get_running_loop(), task)
-        try:
-            return await task
-        except asyncio.CancelledError:
-            engine.result["status"] = "cancelled"
-            engine.result["error"] = engine.result["error"] or "cancelled before a source connected"
-            return engine.result
+    history = []
+    result = None
     try:
-        result = asyncio.run(main())
-        result["cpu"] = cpu.read()
-        if result["status"] == "completed" and run_after_s > 0:
-            time.sleep(run_after_s)  # the guest runs on here for a while
+        for n in range(attempts):
+            host = build_host(guest, strategy or config.strategy, "destination")  # a fresh, empty VM
+            engine = DestVmm(host, config, scenario, strategy, expect_uuid, progress)
+
+            async def main():
+                task = asyncio.ensure_future(engine.serve(listener))
+                _install_cancel(asyncio.get_running_loop(), task)
+                try:
+                    return await task
+                except asyncio.CancelledError:
+                    engine.result["status"] = "cancelled"
+                    engine.result["error"] = engine.result["error"] or "cancelled before a source connected"
+                    return engine.result
+            try:
+                result = asyncio.run(main())
+                if result["status"] == "completed" and run_after_s > 0:
+                    time.sleep(run_after_s)  # the guest runs on here for a while
+            finally:
+                host.close()  # a failed attempt's partial guest is discarded here
+            history.append({"attempt": n + 1, "status": result["status"], "error": result["error"]})
+            if result["status"] in ("completed", "cancelled"):
+                break
     finally:
         listener.close()
-        host.close()
+    result["cpu"] = cpu.read()
+    result["attempts"] = history
     _prefix_counters(result, "destination")
     # The destination cannot judge validation; the source compares digests.
     result["validation"]["mode"] = None

@@ -13,7 +13,8 @@ from .report import empty_result
 from .hostproc import spec_to_json
 
 
-def run_pair(guest, config, scenario: str, quiet: bool, extra_source_args=(), timeout_s: float = 3600) -> dict:
+def run_pair(guest, config, scenario: str, quiet: bool, extra_source_args=(), timeout_s: float = 3600,
+             retry: int = 0) -> dict:
     """Start both host processes, wait for them, return the merged result."""
     with tempfile.TemporaryDirectory(prefix="mte-migrate-") as tmp:
         spec = os.path.join(tmp, "spec.json")
@@ -23,7 +24,7 @@ def run_pair(guest, config, scenario: str, quiet: bool, extra_source_args=(), ti
         base = [sys.executable, "-m", "migrate"]
         quiet_flag = ["--quiet"] if quiet else ["--no-summary"]
         dest = subprocess.Popen(base + ["dest", "--listen", "127.0.0.1:0", "--spec", spec, "--json", dst_json,
-                                        "--strategy", config.strategy] + quiet_flag,
+                                        "--strategy", config.strategy, "--attempts", str(retry + 1)] + quiet_flag,
                                 stdout=subprocess.PIPE, text=True)
         source = None
         try:
@@ -33,7 +34,7 @@ def run_pair(guest, config, scenario: str, quiet: bool, extra_source_args=(), ti
                 return _failed(scenario, config.strategy, dst_json, "destination did not start listening")
             address = line.removeprefix("listening on ")
             source = subprocess.Popen(base + ["source", "--connect", address, "--spec", spec, "--json", src_json]
-                                      + quiet_flag + list(extra_source_args))
+                                      + quiet_flag + ["--retry", str(retry)] + list(extra_source_args))
             deadline = time.monotonic() + timeout_s
             src_rc = _wait(source, deadline)
             dst_rc = _wait(dest, time.monotonic() + max(30.0, config.timeout_s * 3))
