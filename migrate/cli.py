@@ -114,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-model", metavar="FILE", help="cost model parameters (default: migrate/costmodel.toml)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress")
 
+    p = sub.add_parser("resolve", help="settle a migration left in doubt (the last confirmation was lost)",
+                       description="After GO was sent but never confirmed, the destination keeps the validated "
+                                   "guest paused and waits. Tell it the source's decision: `go` (the source gave "
+                                   "the guest up: resume it there) or `abort` (the source kept it: discard).")
+    p.add_argument("--connect", required=True, metavar="HOST:PORT", help="the destination")
+    p.add_argument("--session", required=True, help="the session named in the in-doubt message")
+    p.add_argument("decision", choices=("go", "abort"))
+    p.add_argument("--psk-file", metavar="FILE", help="the shared key, if the migration used one")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S")
+
     sub.add_parser("scenarios", help="list the scenarios, one a line")
     sub.add_parser("strategies", help="list the tag strategies, one a line")
     return parser
@@ -206,6 +216,36 @@ def main(argv=None) -> int:
         return 130
 
 
+def _resolve(args) -> int:
+    import asyncio
+    from . import auth
+    from . import frames as fr
+    from .machine import Connection, recovery_source_machine
+    from .transport import FrameChannel, connect, parse_address
+    try:
+        address = parse_address(args.connect, "--connect")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    key = auth.load_key(args.psk_file)
+
+    async def main():
+        sock = await connect(*address, args.timeout)
+        chan = FrameChannel(sock, Connection(recovery_source_machine()), args.timeout)
+        try:
+            proof = auth.proof(key, "recover", args.session, args.decision) if key else b""
+            await chan.send(fr.Recover(args.session, args.decision, proof))
+            if args.decision == "go":
+                reply = await chan.recv()
+                if reply.type == fr.FrameType.ERROR:
+                    raise MigrationError(f"destination: {reply.message}")
+                return "the guest is running on the destination"
+            return "the destination discards its copy; the guest stays with the source"
+        finally:
+            chan.close()
+    print(asyncio.run(main()))
+    return 0
+
+
 def _bench(args) -> int:
     from dataclasses import replace
     from . import scenario as scen
@@ -257,6 +297,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "resolve":
+        return _resolve(args)
     guest, config, name = resolve(args)
     if args.command in ("run", "validate"):
         from .runner import run_pair

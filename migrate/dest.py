@@ -16,10 +16,10 @@ from . import PROTOCOL_VERSION
 from . import frames as fr
 from .digest import MemoryDigest, chunk_count, page_detail, state_digest
 from . import auth
-from .errors import (AuthError, Cancelled, HandshakeMismatch, MigrationError, PeerError, PeerTimeout, ProtocolError,
+from .errors import (AuthError, Cancelled, InDoubt, HandshakeMismatch, MigrationError, PeerError, PeerTimeout, ProtocolError,
                      TransportError, one_line)
 from .channels import LoopThread
-from .machine import Connection, data_dest_machine, dest_machine
+from .machine import Connection, DestState, data_dest_machine, dest_machine
 from .pages import BatchApplier, BatchStats
 from .progress import Progress
 from .report import empty_result
@@ -59,6 +59,7 @@ class DestVmm:
         self._pass_seen = {0: -1}             # channel -> last PASS_END
         self._key = auth.load_key(config.psk_file)
         self._nonce = b""
+        self._recover_future: asyncio.Future | None = None
 
     async def serve(self, listener: socket.socket) -> dict:
         """Accept one migration on ``listener``; refuse any other connection."""
@@ -86,11 +87,15 @@ class DestVmm:
         chan = FrameChannel(sock, conn, min(self.config.timeout_s, 5.0))
         try:
             hello = self.hello
-            if hello is not None and len(self._lanes) >= hello.channels - 1:
+            in_doubt = self._recover_future is not None and not self._recover_future.done()
+            if hello is not None and len(self._lanes) >= hello.channels - 1 and not in_doubt:
                 # Every data channel is here: whoever this is, we are busy.
                 raise ProtocolError("this destination is already receiving a migration")
             frame = await chan.recv()
             hello = self.hello
+            if frame.type == T.RECOVER:
+                self._take_recover(frame, chan)
+                return
             if frame.type == T.HELLO:
                 raise ProtocolError("this destination is already receiving a migration")
             if hello is None or self.machine is None or self.machine.finished:
@@ -153,6 +158,41 @@ class DestVmm:
                 f"internal error on data channel {index}: {type(exc).__name__}: {one_line(exc)}"))
         finally:
             lane["bytes"] = chan.bytes_received
+            chan.close()
+
+    def _take_recover(self, frame, chan) -> None:
+        """A RECOVER for the session in doubt: hand it to the waiting receive()."""
+        future = self._recover_future
+        if future is None or future.done() or self.hello is None or frame.session != self.hello.session:
+            raise ProtocolError("no migration is in doubt for that session")
+        if self._key is not None and not auth.check(self._key, frame.proof, "recover", frame.session, frame.decision):
+            raise AuthError("RECOVER failed authentication")
+        future.set_result((frame.decision, chan))
+
+    async def _in_doubt(self, cause: MigrationError) -> bool:
+        """The connection broke after CONFIRM and before GO: the source may
+        or may not have given the guest up.  Keep the validated guest paused
+        and wait for the source (or an operator) to say which.  Returns True
+        once resumed here."""
+        wait = max(30.0, 3 * self.config.timeout_s)
+        self._recover_future = asyncio.get_running_loop().create_future()
+        self.progress.message(
+            f"in doubt after: {one_line(cause)}; the validated guest is paused here for up to {wait:.0f} s; "
+            f"resolve with `mte-migrate resolve --connect HOST:PORT --session {self.hello.session} go|abort`")
+        self.result["in_doubt"] = {"session": self.hello.session, "cause": one_line(cause)}
+        try:
+            decision, chan = await asyncio.wait_for(self._recover_future, wait)
+        except TimeoutError:
+            raise InDoubt(f"in doubt after: {one_line(cause)}; nobody said GO or ABORT within {wait:.0f} s, "
+                          f"so the partial-or-not guest is discarded here (the source keeps it if it never sent GO)") from None
+        try:
+            if decision != "go":
+                raise Cancelled("the source kept the guest (RECOVER abort)")
+            self._resume()
+            async with asyncio.timeout(self.config.timeout_s):
+                await chan.send(fr.Resumed())
+            return True
+        finally:
             chan.close()
 
     def _lane_pass_end(self, index: int, pass_no: int) -> None:
@@ -268,7 +308,14 @@ class DestVmm:
         except asyncio.CancelledError:
             self._fail(Cancelled("cancelled by the user"), chan)
         except MigrationError as exc:
-            self._fail(exc, chan)
+            if isinstance(exc, TransportError) and self.machine.state == DestState.AWAIT_GO:
+                try:
+                    if await self._in_doubt(exc):
+                        res["status"], res["error"] = "completed", None
+                except MigrationError as final:
+                    self._fail(final, chan)
+            else:
+                self._fail(exc, chan)
         except Exception as exc:
             log.exception("internal error")
             self._fail(MigrationError(f"internal error: {type(exc).__name__}: {one_line(exc)}"), chan)

@@ -47,6 +47,11 @@ class AuthError(MigrationError):
     code = "auth"
 
 
+class InDoubt(MigrationError):
+    """GO was sent and never confirmed: the destination holds the guest."""
+    code = "in-doubt"
+
+
 class ValidationFailed(MigrationError):
     """The destination's memory, tags or vCPU state differ from the source's."""
     code = "validation"

@@ -58,6 +58,7 @@ class FrameType(enum.IntEnum):
     ABORT = 13
     JOIN = 14
     AUTH = 15
+    RECOVER = 16
 
 
 # -- field checking ----------------------------------------------------------
@@ -163,6 +164,27 @@ class Auth:
     @classmethod
     def from_meta(cls, m, payload):
         return cls(_nonce(m, "AUTH", "proof"))
+
+
+@dataclass
+class Recover:
+    """Source -> destination on a new connection, when the last confirmation
+    was lost: the source's decision for session ``session`` -- "go" (it gave
+    the guest up: resume it) or "abort" (it kept the guest: discard yours)."""
+    session: str
+    decision: str
+    proof: bytes = b""
+    type = FrameType.RECOVER
+
+    def meta(self):
+        return {"session": self.session, "decision": self.decision, "proof": self.proof}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        decision = _field(m, "decision", str, "RECOVER")
+        if decision not in ("go", "abort"):
+            raise ProtocolError(f"RECOVER decision must be 'go' or 'abort', got {decision[:20]!r}")
+        return cls(_field(m, "session", str, "RECOVER")[:64], decision, _nonce(m, "RECOVER", "proof"))
 
 
 @dataclass
@@ -412,7 +434,7 @@ class Abort:
 
 
 FRAME_CLASSES = {cls.type: cls for cls in (Hello, Welcome, Pages, PassEnd, State, Complete, Confirm,
-                                           Inspect, Inspection, Go, Resumed, Error, Abort, Join, Auth)}
+                                           Inspect, Inspection, Go, Resumed, Error, Abort, Join, Auth, Recover)}
 
 
 # -- codec ------------------------------------------------------------------------

@@ -109,11 +109,22 @@ DATA_SOURCE_TABLE = {
 }
 
 DATA_DEST_TABLE = {
+    (D.WAIT_HELLO, RECV, T.RECOVER): D.RESUMING,   # the in-doubt window: see RECOVERY below
+    (D.RESUMING, SEND, T.RESUMED): D.RUNNING,
     (D.WAIT_HELLO, RECV, T.JOIN): D.NEGOTIATING,
     (D.WAIT_HELLO, RECV, T.HELLO): D.NEGOTIATING,  # another source: answered "busy"
     (D.NEGOTIATING, SEND, T.WELCOME): D.RECEIVING,
     (D.RECEIVING, RECV, T.PAGES): D.RECEIVING,
     (D.RECEIVING, RECV, T.PASS_END): D.RECEIVING,
+}
+
+
+# A recovery connection: after GO the source did not hear RESUMED; it says
+# RECOVER "go" (or, after CONFIRM but before GO, "abort") and for "go" waits
+# for RESUMED.
+RECOVERY_SOURCE_TABLE = {
+    (S.IDLE, SEND, T.RECOVER): S.SWITCHING,
+    (S.SWITCHING, RECV, T.RESUMED): S.DONE,
 }
 
 
@@ -167,6 +178,10 @@ def dest_machine() -> StateMachine:
 
 def data_source_machine(channel: int) -> StateMachine:
     return StateMachine(f"source channel {channel}", S.IDLE, DATA_SOURCE_TABLE, S.FAILED, S.ABORTED, set())
+
+
+def recovery_source_machine() -> StateMachine:
+    return StateMachine("source recovery", S.IDLE, RECOVERY_SOURCE_TABLE, S.FAILED, S.ABORTED, {S.DONE})
 
 
 def data_dest_machine() -> StateMachine:

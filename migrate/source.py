@@ -15,9 +15,9 @@ from .compression import Compressor
 from .convergence import AutoConverge, DowntimeOrPassLimit
 from .digest import MemoryDigest, chunk_count, page_detail, state_digest
 from . import auth
-from .errors import AuthError, Cancelled, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
+from .errors import AuthError, Cancelled, InDoubt, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
 from .channels import LoopThread, SendLane, partition
-from .machine import Connection, data_source_machine, source_machine
+from .machine import Connection, SourceState, data_source_machine, recovery_source_machine, source_machine
 from .pages import BatchBuilder, BatchStats, runs
 from .progress import Progress
 from .ratelimit import RateLimiter
@@ -66,6 +66,7 @@ class SourceVmm:
         before = host.counters.snapshot()
         self.handed_over = False
         paused_here = False
+        self._address = address
         try:
             sock = await connect(*address, cfg.timeout_s)
             conn = Connection(source_machine(), cfg.checksum)
@@ -74,7 +75,7 @@ class SourceVmm:
             chan = self._chan = FrameChannel(sock, conn, cfg.timeout_s, limiter)
             strategy = get_strategy(cfg.strategy)(host, cfg)
             self.strategy = strategy
-            session = secrets.token_hex(8)
+            session = self._session = secrets.token_hex(8)
             await self._handshake(chan, strategy, session)
             compressor = Compressor(cfg.compression, cfg.max_bandwidth)
             self.lanes = [SendLane(0, chan, BatchBuilder(strategy, compressor, cfg.batch_pages), cfg.batch_pages)]
@@ -151,12 +152,19 @@ class SourceVmm:
             res["validation"] = validation.to_dict()
             if not validation.ok:
                 raise ValidationFailed(validation.summary())
-            await chan.send(fr.Go())
-            # From here on the destination owns the guest.
+            # From here on the destination owns the guest: whatever happens
+            # next, this side never resumes it.
             self.handed_over = True
-            resumed = await chan.recv()
-            if resumed.type != fr.FrameType.RESUMED:
-                raise ProtocolError(f"expected RESUMED, got {resumed.type.name}")
+            try:
+                await chan.send(fr.Go())
+                resumed = await chan.recv()
+                if resumed.type != fr.FrameType.RESUMED:
+                    raise ProtocolError(f"expected RESUMED, got {resumed.type.name}")
+            except MigrationError as lost:
+                # The one window where neither side can be sure: tell the
+                # destination again, on a new connection, that it owns the guest.
+                await self._recover(address, "go", lost)
+                res["recovered"] = True
             t_resumed = time.perf_counter()
             res["downtime_ms"] = _ms(t_resumed - t_pause)
             res["downtime_breakdown_ms"] = {"final_memory": _ms(t_mem - t_pause), "state": _ms(t_state - t_mem),
@@ -165,6 +173,9 @@ class SourceVmm:
             res["guest_on"] = "destination"
         except (asyncio.CancelledError, KeyboardInterrupt):
             self._fail(Cancelled("cancelled by the user"))
+        except InDoubt as exc:
+            self._fail(exc)
+            res["guest_on"] = "destination (in doubt: paused there with its full state; see the error)"
         except MigrationError as exc:
             self._fail(exc)
         except Exception as exc:  # a bug: still never lose the guest
@@ -257,6 +268,39 @@ class SourceVmm:
                             "tagged_pages": pass_stats.tagged_pages, "seconds": round(elapsed, 6),
                             "wire_bytes": pass_stats.data_wire + pass_stats.tag_wire})
         progress(force=True)
+
+    async def _recover(self, address, decision: str, cause: MigrationError) -> None:
+        """Send RECOVER(decision) on fresh connections until the destination
+        answers (RESUMED for "go"), for up to three timeouts."""
+        cfg = self.config
+        key = auth.load_key(cfg.psk_file)
+        deadline = time.monotonic() + 3 * cfg.timeout_s
+        last = cause
+        while time.monotonic() < deadline:
+            chan = None
+            try:
+                sock = await connect(*address, cfg.timeout_s)
+                chan = FrameChannel(sock, Connection(recovery_source_machine(), cfg.checksum), cfg.timeout_s)
+                proof = auth.proof(key, "recover", self._session, decision) if key else b""
+                await chan.send(fr.Recover(self._session, decision, proof))
+                if decision == "abort":
+                    return
+                reply = await chan.recv()
+                if reply.type == fr.FrameType.ERROR:
+                    raise PeerError(f"destination: {reply.message}", reply.code)
+                return
+            except MigrationError as exc:
+                last = exc
+                await asyncio.sleep(0.5)
+            finally:
+                if chan is not None:
+                    chan.close()
+        if decision == "go":
+            host, port = address
+            raise InDoubt(
+                f"GO was sent but the destination never confirmed ({one_line(last)}); it holds the validated "
+                f"guest paused: resume it there with `mte-migrate resolve --connect {host}:{port} "
+                f"--session {self._session} go`")
 
     def _check_peer_from_thread(self) -> None:
         """From a channel thread: stop sending once the destination has spoken
@@ -383,6 +427,15 @@ class SourceVmm:
                     await chan.send(frame)
             except Exception:  # best effort: the peer may be gone
                 pass
+        if (err is not None and not self.handed_over and self.machine is not None
+                and self.machine.state in (SourceState.VALIDATING,) and isinstance(err, TransportError)):
+            # The destination confirmed and now waits for GO it will never
+            # get: tell it, on a new connection, that this side keeps the guest.
+            try:
+                async with asyncio.timeout(self.config.timeout_s):
+                    await self._recover(self._address, "abort", err)
+            except (MigrationError, TimeoutError):
+                pass
         if self.machine is not None and err is not None:
             self.machine.fail(one_line(err))
         if self._peer_task is not None:
@@ -408,7 +461,7 @@ class SourceVmm:
             if paused_here:
                 host.vcpus.resume()  # nothing lost: the guest goes on here
             self.result["guest_on"] = "source"
-        elif self.result["status"] != "completed":
+        elif self.result["status"] != "completed" and not self.result["guest_on"].startswith("destination"):
             self.result["guest_on"] = "unknown: GO was sent but the destination did not confirm resuming"
 
     def _fill_stats(self) -> None:
