@@ -1,0 +1,630 @@
+"""The source and destination engines end to end in one process: two
+simulated hosts, a real loopback TCP connection, one asyncio loop.
+
+Every migration is checked independently of the engines' own validation:
+after the hand-over the source guest is paused, so its memory, tags and vCPU
+state can be compared with the destination's directly (digest.MemoryDigest
+reads the simulated kernels' storage, never a strategy)."""
+
+import asyncio
+import socket
+import struct
+import time
+import types
+import zlib
+
+import msgpack
+import pytest
+import zstandard
+
+from hosts import SimulatedHost
+from hosts.constants import GRANULE, PAGE_SIZE
+from migrate import PROTOCOL_VERSION
+from migrate import frames as fr
+from migrate.config import MigrationConfig
+from migrate.dest import DestVmm
+from migrate.digest import MemoryDigest
+from migrate.machine import DestState, SourceState
+from migrate.source import SourceVmm
+from migrate.strategies import STRATEGIES
+from migrate.units import fmt_bytes
+
+MiB = 1 << 20
+RAM = 32 * MiB
+WAIT = 60.0  # generous: the machine is shared and noisy
+
+
+# -- building hosts ------------------------------------------------------------------
+@pytest.fixture
+def hosts():
+    """Factory for simulated hosts; every host made is closed at teardown."""
+    made = []
+
+    def source(ram=RAM, workload="allocator", strategy="tag-ioctl", rate=5000, params=None,
+               seed=7, start=True):
+        host = SimulatedHost(ram, workload=workload, workload_params=params, rate=rate, seed=seed,
+                             device_prot_mte=STRATEGIES[strategy].vmm_prot_mte)
+        made.append(host)
+        host.prepare_guest()
+        if start:
+            host.vcpus.start()
+        return host
+
+    def dest(ram=RAM):
+        host = SimulatedHost(ram, workload="idle", workload_params={"fill": 0}, rate=0)
+        made.append(host)
+        return host
+
+    yield types.SimpleNamespace(source=source, dest=dest)
+    for host in made:
+        host.close()
+
+
+@pytest.fixture
+def listener():
+    sock = socket.create_server(("127.0.0.1", 0))
+    yield sock
+    sock.close()
+
+
+def address(listener):
+    return ("127.0.0.1", listener.getsockname()[1])
+
+
+async def migrate_pair(src, dst, config, listener, dest_config=None):
+    """Run both engines concurrently; returns (source result, destination result)."""
+    dest_engine = DestVmm(dst, dest_config or config)
+    dest_task = asyncio.ensure_future(dest_engine.serve(listener))
+    try:
+        sres = await asyncio.wait_for(SourceVmm(src, config).migrate(address(listener)), WAIT)
+        dres = await asyncio.wait_for(dest_task, WAIT)
+    finally:
+        dest_task.cancel()
+    return sres, dres
+
+
+async def wait_until(predicate, what, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def digests(host):
+    d = MemoryDigest(host.memory)
+    return d.data_digest(), d.tag_digest()
+
+
+def steps_advance(host, within=WAIT) -> bool:
+    """The vCPUs make progress (they run, and are not parked)."""
+    before = sum(host.vcpus.steps)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        if sum(host.vcpus.steps) > before:
+            return True
+    return False
+
+
+def assert_identical_guests(src, dst):
+    """Independent check: memory, tags and vCPU state of the paused source
+    equal the destination's."""
+    assert not src.vcpus.running, "the source must have given the guest up"
+    assert dst.vcpus.running, "the destination must run the guest"
+    assert digests(src) == digests(dst)
+    # The destination guest runs at rate 0, so its state is the migrated one.
+    src_states = src.vcpus.get_states()
+    assert [(s.index, s.regs, s.sysregs) for s in src_states] == \
+           [(s.index, s.regs, s.sysregs) for s in dst.vcpus.states]
+    assert any("GCR_EL1" in s.sysregs for s in src_states)  # the MTE registers travelled too
+
+
+def assert_completed(sres, dres):
+    assert sres["status"] == "completed", sres["error"]
+    assert sres["error"] is None
+    assert sres["guest_on"] == "destination"
+    val = sres["validation"]
+    assert val["ok"] is True
+    assert val["data_mismatches"] == 0 and val["tag_mismatches"] == 0
+    assert val["state_ok"] is True
+    assert dres["status"] == "completed", dres["error"]
+    assert dres["guest_on"] == "destination"
+
+
+# -- completed migrations -------------------------------------------------------------
+WORKLOADS = {
+    "allocator": None,
+    "retag-churn": {"fill": 0.5},
+    "device-dma": {"fill": 0.25, "dma_policy": "tco"},
+    "stream": {"fill": 0.5, "pages_per_step": 16},
+}
+
+
+@pytest.mark.parametrize("strategy", ["tag-ioctl", "prot-mte"])
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+async def test_running_guest_migrates_with_every_tag(hosts, listener, workload, strategy):
+    src = hosts.source(workload=workload, strategy=strategy, params=WORKLOADS[workload], rate=5000)
+    dst = hosts.dest()
+    tagged_at_start = src.memory.tagged.count(1)
+    assert tagged_at_start > 0
+    await asyncio.sleep(0.1)  # let the guest run a little first
+    assert steps_advance(src)
+    sres, dres = await migrate_pair(src, dst, MigrationConfig(strategy=strategy), listener)
+
+    assert_completed(sres, dres)
+    assert sres["strategy"] == strategy and dres["strategy"] == strategy
+    assert sres["validation"]["pages_checked"] == src.memory.npages
+    assert sres["tags"]["tagged_pages"] > 0 and sres["tags"]["raw_bytes"] > 0
+    assert dres["tags"]["tagged_pages"] == sres["tags"]["tagged_pages"]
+    assert sres["passes"][0]["pass"] == 0 and sres["passes"][-1]["final"] is True
+    assert sres["downtime_ms"] is not None and sres["downtime_ms"] >= 0
+    assert_identical_guests(src, dst)
+    # The destination holds tags, and at least as many tagged pages as the
+    # source had at the start (tagging is never undone by these workloads).
+    assert dst.memory.tagged.count(1) >= tagged_at_start
+    counters = sres["counters"]
+    if strategy == "tag-ioctl":
+        assert counters.get("syscalls.kvm_arm_mte_copy_tags", 0) > 0
+        assert counters.get("el0.ldg", 0) == 0
+    else:
+        assert counters.get("syscalls.kvm_arm_mte_copy_tags", 0) == 0
+        assert counters.get("el0.ldg", 0) > 0  # per-granule EL0 tag loads
+    assert dres["counters"].get("syscalls.kvm_arm_mte_copy_tags", 0) > 0 or dres["counters"].get("el0.stg", 0) > 0
+    assert not src.vm.dirty_logging() and not src.vmm_dirty.enabled
+
+
+async def test_bandwidth_cap_forces_dirty_passes(hosts, listener):
+    src = hosts.source(ram=16 * MiB, workload="allocator", rate=5000)
+    dst = hosts.dest(16 * MiB)
+    config = MigrationConfig(max_bandwidth=4 * MiB, downtime_limit_ms=20, max_passes=4)
+    sres, dres = await migrate_pair(src, dst, config, listener)
+
+    assert_completed(sres, dres)
+    passes = sres["passes"]
+    assert len(passes) >= 3, passes
+    assert [p["pass"] for p in passes] == list(range(len(passes)))
+    assert all(not p["final"] for p in passes[:-1]) and passes[-1]["final"]
+    assert sres["dirty_sync_count"] >= len(passes)
+    assert_identical_guests(src, dst)
+
+
+async def test_hot_set_that_cannot_converge_is_forced_by_the_pass_limit(hosts, listener):
+    src = hosts.source(workload="hot-set", rate=20000, params={"fill": 0.25, "hot_pages": 2048})
+    dst = hosts.dest()
+    config = MigrationConfig(max_bandwidth=10 * MiB, downtime_limit_ms=0.001, max_passes=2)
+    sres, dres = await migrate_pair(src, dst, config, listener)
+
+    assert_completed(sres, dres)
+    conv = sres["convergence"]
+    assert conv["forced"] is True
+    assert "max passes 2" in conv["reason"]
+    assert len(sres["passes"]) == 4  # bulk, two dirty passes, final
+    assert_identical_guests(src, dst)
+
+
+async def test_full_validation_compares_every_page(hosts, listener):
+    src = hosts.source(workload="retag-churn", params={"fill": 0.5})
+    dst = hosts.dest()
+    sres, dres = await migrate_pair(src, dst, MigrationConfig(validate="full"), listener)
+
+    assert_completed(sres, dres)
+    val = sres["validation"]
+    assert val["mode"] == "full"
+    assert val["pages_checked"] == src.memory.npages == RAM // PAGE_SIZE
+    assert val["first_mismatches"] == []
+    # Every page's detail (4-byte CRC + 128 bytes of tags) came back from the destination.
+    assert sres["wire"]["bytes_received"] >= src.memory.npages * (4 + 128)
+    assert_identical_guests(src, dst)
+
+
+async def test_digest_validation_does_not_fetch_page_detail(hosts, listener):
+    src = hosts.source(workload="retag-churn", params={"fill": 0.5})
+    dst = hosts.dest()
+    sres, dres = await migrate_pair(src, dst, MigrationConfig(), listener)
+
+    assert_completed(sres, dres)
+    assert sres["validation"]["mode"] == "digest"
+    assert sres["wire"]["bytes_received"] < src.memory.npages * (4 + 128) // 4
+
+
+# -- validation must be able to fail --------------------------------------------------------
+async def test_strategy_none_loses_tags_and_the_guest_stays_on_the_source(hosts, listener):
+    src = hosts.source(workload="allocator", strategy="none", rate=2000)
+    dst = hosts.dest()
+    sres, dres = await migrate_pair(src, dst, MigrationConfig(strategy="none"), listener)
+
+    assert sres["status"] == "failed"
+    val = sres["validation"]
+    assert val["ok"] is False
+    assert val["tag_mismatches"] > 0
+    assert val["data_mismatches"] == 0  # data made it; only the tags are lost
+    assert any(m["kind"] == "tags" and m.get("granules") for m in val["first_mismatches"])
+    assert "validation" in sres["error"] and "\n" not in sres["error"]
+    assert sres["guest_on"] == "source"
+    assert src.vcpus.running
+    assert steps_advance(src), "the source guest must run again after a failed migration"
+    assert dres["status"] != "completed"
+    assert not dst.vcpus.running
+    assert sres["tags"]["tagged_pages"] == 0 and sres["tags"]["wire_bytes"] == 0
+    assert not src.vm.dirty_logging() and not src.vmm_dirty.enabled
+
+    # The failure lost nothing: the same guest migrates with tags afterwards.
+    dst2 = hosts.dest()
+    with socket.create_server(("127.0.0.1", 0)) as listener2:
+        sres2, dres2 = await migrate_pair(src, dst2, MigrationConfig(strategy="tag-ioctl"), listener2)
+    assert_completed(sres2, dres2)
+    assert_identical_guests(src, dst2)
+
+
+# -- handshake --------------------------------------------------------------------------------
+async def test_ram_size_mismatch_fails_both_sides_with_the_reason(hosts, listener):
+    src = hosts.source(ram=32 * MiB, workload="idle", rate=0)
+    dst = hosts.dest(64 * MiB)
+    sres, dres = await migrate_pair(src, dst, MigrationConfig(), listener)
+
+    expected = f"RAM size differs: source {fmt_bytes(32 * MiB)}, destination {fmt_bytes(64 * MiB)}"
+    assert expected == "RAM size differs: source 32 MiB, destination 64 MiB"
+    assert sres["status"] == "failed" and dres["status"] == "failed"
+    assert expected in sres["error"]
+    assert expected in dres["error"]
+    assert sres["guest_on"] == "source" and src.vcpus.running
+    assert not dst.vcpus.running
+    assert sres["ram"]["normal_pages"] == 0  # nothing was sent
+
+
+async def test_destination_insisting_on_another_strategy_refuses(hosts, listener):
+    src = hosts.source(workload="idle", rate=0)
+    dst = hosts.dest()
+    dest_engine = DestVmm(dst, MigrationConfig(strategy="prot-mte"), strategy="prot-mte")
+    dest_task = asyncio.ensure_future(dest_engine.serve(listener))
+    sres = await asyncio.wait_for(SourceVmm(src, MigrationConfig()).migrate(address(listener)), WAIT)
+    dres = await asyncio.wait_for(dest_task, WAIT)
+    assert sres["status"] == dres["status"] == "failed"
+    assert "strategy differs: source tag-ioctl, destination prot-mte" in sres["error"]
+    assert "strategy differs" in dres["error"]
+    assert src.vcpus.running and not dst.vcpus.running
+
+
+# -- a second source while one migrates --------------------------------------------------------
+async def test_second_connection_is_refused_while_busy(hosts, listener):
+    src = hosts.source(ram=16 * MiB, workload="allocator", rate=2000)
+    dst = hosts.dest(16 * MiB)
+    config = MigrationConfig(max_bandwidth=4 * MiB)
+    dest_engine = DestVmm(dst, config)
+    dest_task = asyncio.ensure_future(dest_engine.serve(listener))
+    src_task = asyncio.ensure_future(SourceVmm(src, config).migrate(address(listener)))
+    try:
+        await wait_until(lambda: dest_engine.machine is not None
+                         and dest_engine.machine.state == DestState.RECEIVING, "the destination to receive")
+        # A second source: it connects and says HELLO, as any source would.
+        reader, writer = await asyncio.open_connection(*address(listener))
+        data = b""
+        try:
+            try:  # the destination may refuse before hearing anything
+                data = await asyncio.wait_for(reader.read(1 << 16), 0.5)
+            except TimeoutError:
+                writer.write(hello_for(dst))
+                await writer.drain()
+            if data or not reader.at_eof():
+                data += await asyncio.wait_for(reader.read(), WAIT)  # until the destination closes it
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+        assert not src_task.done(), "the first migration should still be in progress"
+        frames = fr.FrameBuffer().feed(data)
+        assert len(frames) == 1, frames
+        assert frames[0].type == fr.FrameType.ERROR
+        assert frames[0].code == "busy"
+        assert "already receiving a migration" in frames[0].message
+
+        sres = await asyncio.wait_for(src_task, WAIT)
+        dres = await asyncio.wait_for(dest_task, WAIT)
+    finally:
+        src_task.cancel()
+        dest_task.cancel()
+    assert_completed(sres, dres)
+    assert_identical_guests(src, dst)
+
+
+# -- a hostile stream ---------------------------------------------------------------------------
+def raw(ftype, meta, payload=b"", checksum=True) -> bytes:
+    """Any frame, well-formed or not, encoded by the real codec."""
+    frame = types.SimpleNamespace(type=ftype, meta=lambda: meta, payload=lambda: [payload])
+    return b"".join(bytes(b) for b in fr.encode(frame, checksum))
+
+
+def hello_for(dst, **changes) -> bytes:
+    """A HELLO that ``dst`` accepts, with ``changes`` to its fields."""
+    meta = fr.Hello(version=PROTOCOL_VERSION, ram_size=dst.memory.size, page_size=PAGE_SIZE, granule=GRANULE,
+                    mte=True, vcpus=dst.vcpus.count, strategy="tag-ioctl", tag_format="packed4",
+                    compression="zstd").meta()
+    meta.update(changes)
+    return raw(fr.FrameType.HELLO, meta)
+
+
+def encoded(frame) -> bytes:
+    return b"".join(bytes(b) for b in fr.encode(frame))
+
+
+def handshake(dst, **changes) -> list:
+    """What a source without a shared key sends to reach the RECEIVING state:
+    HELLO, then (after WELCOME) an empty AUTH."""
+    return [hello_for(dst, **changes), encoded(fr.Auth(b""))]
+
+
+def pages(first, count, flags=None, data=b"", tags=b"", dc=False, tc=False) -> bytes:
+    flags = bytes([fr.PAGE_ZERO]) * count if flags is None else flags
+    return encoded(fr.Pages(0, [(first, count)], flags, data, tags, dc, tc))
+
+
+def header(ftype, meta_len, payload_len, flags=fr.FLAG_CRC) -> bytes:
+    """A bare header (for bounds that must be refused before any body is read)."""
+    return fr.HEADER.pack(fr.MAGIC, ftype, flags, meta_len, payload_len, 0)
+
+
+def with_crc(ftype, meta_bytes: bytes, payload: bytes = b"") -> bytes:
+    """A frame with arbitrary meta bytes and a correct checksum."""
+    head = struct.pack("<2sBBII", fr.MAGIC, ftype, fr.FLAG_CRC, len(meta_bytes), len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(head)))
+    return head + struct.pack("<I", crc) + meta_bytes + payload
+
+
+NPAGES = RAM // PAGE_SIZE
+HOSTILE = {
+    "garbage": (lambda d: [b"GET / HTTP/1.1\r\n"], "magic"),
+    "unknown frame type": (lambda d: [header(99, 0, 0)], "unknown frame type 99"),
+    "unknown flags": (lambda d: [header(fr.FrameType.HELLO, 0, 0, flags=0x81)], "flags"),
+    "huge payload length": (lambda d: [header(fr.FrameType.PAGES, 10, 1 << 31)], "exceeds the limit"),
+    "huge meta length": (lambda d: [header(fr.FrameType.HELLO, 1 << 30, 0)], "exceeds the limit"),
+    "bad checksum": (lambda d: [hello_for(d)[:-1] + b"X"], "checksum"),
+    "meta not msgpack": (lambda d: [with_crc(fr.FrameType.HELLO, b"\xc1\xc1\xc1")], "msgpack"),
+    "meta not a map": (lambda d: [with_crc(fr.FrameType.HELLO, msgpack.packb([1, 2, 3]))], "map"),
+    "wrong field type": (lambda d: [hello_for(d, ram_size="32MiB")], "ram_size"),
+    "missing field": (lambda d: [raw(fr.FrameType.HELLO, {"version": PROTOCOL_VERSION})], "missing field"),
+    "GO before HELLO": (lambda d: [encoded(fr.Go())], "unexpected GO"),
+    "GO straight after HELLO": (lambda d: [*handshake(d), encoded(fr.Go())], "unexpected GO"),
+    "COMPLETE without STATE": (lambda d: [*handshake(d), encoded(fr.Complete("a", "b", "c"))], "unexpected COMPLETE"),
+    "pages out of range": (lambda d: [*handshake(d), pages(NPAGES, 1)], "outside guest RAM"),
+    "pages range overflowing": (lambda d: [*handshake(d), pages(2**64 - 1, 1)], "outside guest RAM"),
+    "flags count differs": (lambda d: [*handshake(d), pages(0, 2, flags=b"\x01")], "flags"),
+    "unknown page flag": (lambda d: [*handshake(d), pages(0, 1, flags=b"\x09")], "unknown page flag"),
+    "raw data too short": (lambda d: [*handshake(d), pages(0, 1, flags=b"\x00", data=b"x" * 100)],
+                           "expected 4096"),
+    "decompression bomb": (lambda d: [*handshake(d), pages(0, 1, flags=b"\x00", dc=True,
+                                                          data=zstandard.ZstdCompressor().compress(bytes(64 * MiB)))],
+                           "expected 4096"),
+    "not zstd": (lambda d: [*handshake(d), pages(0, 1, flags=b"\x00", dc=True, data=b"\x00" * 64)], "zstd"),
+    "tags for a strategy without tags": (
+        lambda d: [*handshake(d, strategy="none", tag_format="none"),
+                   pages(0, 1, flags=bytes([fr.PAGE_TAGS | fr.PAGE_ZERO]), tags=b"\x11" * 128)], "tags"),
+    "invalid STATE": (lambda d: [*handshake(d), encoded(fr.State({"vcpus": "nonsense"}))], "STATE"),
+    "INSPECT before COMPLETE": (lambda d: [*handshake(d), encoded(fr.Inspect([0]))], "unexpected INSPECT"),
+    "stream ends inside a frame": (lambda d: [*handshake(d), pages(0, 1)[:20]], "inside a frame"),
+    "stream ends between frames": (lambda d: handshake(d), "closed the connection"),
+    "GO straight after AUTH": (lambda d: [*handshake(d), encoded(fr.Go())], "unexpected GO"),
+    "PAGES before AUTH": (lambda d: [hello_for(d), pages(0, 1)], "unexpected PAGES"),
+    "unsupported strategy": (lambda d: [hello_for(d, strategy="telepathy")], "telepathy"),
+    "protocol version": (lambda d: [hello_for(d, version=PROTOCOL_VERSION + 1)], "protocol version differs"),
+    "frame without checksum": (lambda d: [raw(fr.FrameType.HELLO, {"version": PROTOCOL_VERSION}, checksum=False)],
+                               "checksum"),
+}
+
+
+async def feed_destination(dst, chunks, config=None):
+    """Connect a raw client to DestVmm.serve, send ``chunks``, half-close,
+    and collect whatever the destination answers.  Returns (engine, result,
+    frames it sent back, or None if they do not decode)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        engine = DestVmm(dst, config or MigrationConfig(timeout_s=5))
+        task = asyncio.ensure_future(engine.serve(listener))
+        reader, writer = await asyncio.open_connection(*address(listener))
+        received = b""
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+            await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+            try:
+                received = await asyncio.wait_for(reader.read(), WAIT)
+            except ConnectionError:
+                pass  # the destination may reset a connection it stopped reading
+            result = await asyncio.wait_for(task, WAIT)
+        finally:
+            writer.close()
+            task.cancel()
+    finally:
+        listener.close()
+    try:
+        frames = fr.FrameBuffer().feed(received)
+    except Exception:
+        frames = None
+    return engine, result, frames
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+async def test_hostile_stream_fails_cleanly_and_never_resumes(hosts, case):
+    dst = hosts.dest()
+    make, expected = HOSTILE[case]
+    engine, result, frames = await feed_destination(dst, make(dst))
+
+    assert result["status"] == "failed"
+    error = result["error"]
+    assert error and "\n" not in error
+    assert expected.lower() in error.lower(), error
+    assert "Traceback" not in error and "internal error" not in error
+    assert not dst.vcpus.running
+    assert not engine.resumed
+    assert result["guest_on"] != "destination"
+    assert engine.machine.state in (DestState.FAILED, DestState.ABORTED)
+
+
+async def test_hostile_pages_get_an_error_frame_naming_the_problem(hosts):
+    dst = hosts.dest()
+    engine, result, frames = await feed_destination(dst, [*handshake(dst), pages(NPAGES + 5, 3)])
+    assert result["status"] == "failed"
+    assert [f.type for f in frames] == [fr.FrameType.WELCOME, fr.FrameType.ERROR]
+    assert frames[1].code == "protocol"
+    assert f"pages {NPAGES + 5}..{NPAGES + 7}" in frames[1].message
+    assert "outside guest RAM" in frames[1].message
+    assert frames[1].message == result["error"]
+    assert not dst.vcpus.running
+
+
+async def test_partial_guest_is_never_resumed_after_valid_pages(hosts):
+    """Real pages land, then the stream dies before completion: no resume."""
+    dst = hosts.dest()
+    data = bytes(range(256)) * (PAGE_SIZE // 256)
+    chunks = [*handshake(dst), pages(0, 1, flags=b"\x00", data=data), encoded(fr.PassEnd(0, 1))]
+    engine, result, frames = await feed_destination(dst, chunks)
+    assert result["status"] == "failed"
+    assert "closed the connection" in result["error"]
+    assert result["ram"]["normal_pages"] == 1
+    assert not dst.vcpus.running and not engine.resumed
+
+
+async def test_hostile_handshake_mismatch_sends_error_frame(hosts):
+    dst = hosts.dest()
+    engine, result, frames = await feed_destination(dst, [hello_for(dst, ram_size=RAM * 2)])
+    assert result["status"] == "failed"
+    assert frames and frames[0].type == fr.FrameType.ERROR and frames[0].code == "mismatch"
+    assert "RAM size differs: source 64 MiB, destination 32 MiB" in frames[0].message
+
+
+# -- cancel and peer death ------------------------------------------------------------------------
+async def test_cancel_mid_migration_keeps_the_guest_on_the_source(hosts, listener):
+    src = hosts.source(ram=16 * MiB, workload="allocator", rate=0)
+    dst = hosts.dest(16 * MiB)
+    before = digests(src)
+    config = MigrationConfig(max_bandwidth=2 * MiB)
+    source_engine = SourceVmm(src, config)
+    dest_engine = DestVmm(dst, config)
+    dest_task = asyncio.ensure_future(dest_engine.serve(listener))
+    src_task = asyncio.ensure_future(source_engine.migrate(address(listener)))
+    try:
+        await wait_until(lambda: source_engine.machine is not None
+                         and source_engine.machine.state == SourceState.PRECOPY, "precopy")
+        await asyncio.sleep(0.3)
+        assert not src_task.done()
+        src_task.cancel()
+        try:
+            sres = await asyncio.wait_for(src_task, WAIT)
+        except asyncio.CancelledError:
+            sres = source_engine.result
+        dres = await asyncio.wait_for(dest_task, WAIT)
+    finally:
+        src_task.cancel()
+        dest_task.cancel()
+
+    assert sres["status"] == "cancelled"
+    assert sres["error"] and "\n" not in sres["error"]
+    assert sres["guest_on"] == "source"
+    assert src.vcpus.running
+    assert digests(src) == before, "a cancelled migration must leave memory and tags untouched"
+    assert not src.vm.dirty_logging() and not src.vmm_dirty.enabled
+    assert dres["status"] != "completed"
+    assert "abort" in (dres["error"] or "").lower()
+    assert not dst.vcpus.running
+
+    # Nothing lost: a new migration of the same guest can start and completes.
+    dst2 = hosts.dest(16 * MiB)
+    with socket.create_server(("127.0.0.1", 0)) as listener2:
+        sres2, dres2 = await migrate_pair(src, dst2, MigrationConfig(), listener2)
+    assert_completed(sres2, dres2)
+    assert digests(dst2) == before
+    assert_identical_guests(src, dst2)
+
+
+async def test_destination_cancelled_mid_migration_source_resumes(hosts, listener):
+    src = hosts.source(ram=16 * MiB, workload="allocator", rate=2000)
+    dst = hosts.dest(16 * MiB)
+    config = MigrationConfig(max_bandwidth=2 * MiB, timeout_s=5)
+    source_engine = SourceVmm(src, config)
+    dest_engine = DestVmm(dst, config)
+    dest_task = asyncio.ensure_future(dest_engine.serve(listener))
+    src_task = asyncio.ensure_future(source_engine.migrate(address(listener)))
+    try:
+        await wait_until(lambda: dest_engine.machine is not None
+                         and dest_engine.machine.state == DestState.RECEIVING, "the destination to receive")
+        await asyncio.sleep(0.3)
+        dest_task.cancel()
+        listener.close()
+        try:
+            dres = await asyncio.wait_for(dest_task, WAIT)
+        except asyncio.CancelledError:
+            dres = dest_engine.result
+        sres = await asyncio.wait_for(src_task, WAIT)
+    finally:
+        src_task.cancel()
+        dest_task.cancel()
+
+    assert sres["status"] == "failed"
+    error = sres["error"]
+    assert error and "\n" not in error
+    assert "connection" in error.lower() or "closed" in error.lower(), error
+    assert sres["guest_on"] == "source"
+    assert src.vcpus.running and steps_advance(src)
+    assert dres["status"] != "completed"
+    assert not dst.vcpus.running
+
+
+async def _fake_destination(reader, writer, die_on):
+    """A destination that accepts the handshake, swallows frames and
+    disappears (closes the connection) when it sees a frame of type ``die_on``."""
+    buf = fr.FrameBuffer()
+    seen = []
+    while True:
+        data = await reader.read(1 << 20)
+        if not data:
+            break
+        for frame in buf.feed(data):
+            seen.append(frame.type)
+            if frame.type.name in ("HELLO", "JOIN"):  # JOIN: an extra data connection, if any
+                writer.write(encoded(fr.Welcome(PROTOCOL_VERSION)))
+                await writer.drain()
+            if frame.type == die_on:
+                writer.transport.abort()
+                return seen
+    writer.close()
+    return seen
+
+
+@pytest.mark.parametrize("die_on", [fr.FrameType.STATE, fr.FrameType.COMPLETE])
+async def test_destination_dying_during_stop_and_copy_resumes_the_paused_guest(hosts, die_on):
+    src = hosts.source(ram=16 * MiB, workload="allocator", rate=2000)
+    seen = []
+
+    async def handle(reader, writer):
+        seen.extend(await _fake_destination(reader, writer, die_on))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        engine = SourceVmm(src, MigrationConfig(timeout_s=5))
+        sres = await asyncio.wait_for(engine.migrate(("127.0.0.1", port)), WAIT)
+    finally:
+        server.close()
+    assert die_on in seen
+    assert SourceState.STOP_COPY in engine.machine.history  # the guest had been paused
+    assert sres["status"] == "failed"
+    error = sres["error"]
+    assert error and "\n" not in error
+    assert "connection" in error.lower() or "closed" in error.lower() or "peer" in error.lower(), error
+    assert sres["guest_on"] == "source"
+    assert src.vcpus.running
+    assert steps_advance(src), "the paused guest must run again on the source"
+
+
+async def test_unreachable_destination_fails_with_one_line(hosts):
+    src = hosts.source(workload="idle", rate=0)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sres = await asyncio.wait_for(SourceVmm(src, MigrationConfig(timeout_s=5)).migrate(("127.0.0.1", port)), WAIT)
+    assert sres["status"] == "failed"
+    assert f"127.0.0.1:{port}" in sres["error"] and "refused" in sres["error"]
+    assert "\n" not in sres["error"]
+    assert sres["guest_on"] == "source" and src.vcpus.running
