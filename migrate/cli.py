@@ -56,6 +56,9 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--timeout", type=float, metavar="S", help="peer silent this long is dead (default 10)")
     m.add_argument("--vm-uuid", help="identity of the guest (checked by a destination started with --expect-uuid)")
     m.add_argument("--psk-file", metavar="FILE", help="shared key: both sides must prove it before any guest byte moves")
+    m.add_argument("--tls-cert", metavar="PEM", help="this side's TLS certificate (with --tls-key and --tls-ca: mutual TLS 1.3)")
+    m.add_argument("--tls-key", metavar="PEM", help="this side's TLS private key")
+    m.add_argument("--tls-ca", metavar="PEM", help="CA that must have signed the peer's certificate")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the result as JSON")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
@@ -122,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", required=True, help="the session named in the in-doubt message")
     p.add_argument("decision", choices=("go", "abort"))
     p.add_argument("--psk-file", metavar="FILE", help="the shared key, if the migration used one")
+    p.add_argument("--tls-cert", metavar="PEM")
+    p.add_argument("--tls-key", metavar="PEM")
+    p.add_argument("--tls-ca", metavar="PEM")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S")
 
     sub.add_parser("scenarios", help="list the scenarios, one a line")
@@ -182,6 +188,11 @@ def resolve(args):
             config.vm_uuid = args.vm_uuid
         if args.psk_file:
             config.psk_file = args.psk_file
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            if getattr(args, name):
+                setattr(config, name, getattr(args, name))
+        from .tls import from_options
+        from_options(config.tls_cert, config.tls_key, config.tls_ca)  # all three or none
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if guest.ram <= 0 or guest.ram % 4096:
@@ -221,16 +232,19 @@ def _resolve(args) -> int:
     from . import auth
     from . import frames as fr
     from .machine import Connection, recovery_source_machine
-    from .transport import FrameChannel, connect, parse_address
+    from .tls import from_options
+    from .transport import FrameChannel, connect, parse_address, secure
     try:
         address = parse_address(args.connect, "--connect")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     key = auth.load_key(args.psk_file)
+    tls = from_options(args.tls_cert, args.tls_key, args.tls_ca)
 
     async def main():
         sock = await connect(*address, args.timeout)
-        chan = FrameChannel(sock, Connection(recovery_source_machine()), args.timeout)
+        io = await secure(sock, tls, False, args.timeout)
+        chan = FrameChannel(sock, Connection(recovery_source_machine()), args.timeout, io=io)
         try:
             proof = auth.proof(key, "recover", args.session, args.decision) if key else b""
             await chan.send(fr.Recover(args.session, args.decision, proof))

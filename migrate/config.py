@@ -41,6 +41,11 @@ class MigrationConfig:
     """A peer silent for this long is declared dead."""
     vm_uuid: str = ""
     """Identity of the guest; a destination told to expect one refuses others."""
+    tls_cert: str | None = None
+    """TLS certificate (PEM) of this side; with tls_key and tls_ca: mutual TLS 1.3."""
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    """CA that signed the peer's certificate."""
     psk_file: str | None = None
     """File holding a shared key: both sides prove it (HMAC challenge/response)
     before any guest byte moves."""

@@ -24,7 +24,8 @@ from .pages import BatchApplier, BatchStats
 from .progress import Progress
 from .report import empty_result
 from .strategies import STRATEGIES
-from .transport import FrameChannel, tune
+from . import tls
+from .transport import FrameChannel, secure, tune
 from .units import fmt_bytes
 
 log = logging.getLogger("migrate.dest")
@@ -60,16 +61,24 @@ class DestVmm:
         self._key = auth.load_key(config.psk_file)
         self._nonce = b""
         self._recover_future: asyncio.Future | None = None
+        self._tls = tls.from_options(config.tls_cert, config.tls_key, config.tls_ca)
 
     async def serve(self, listener: socket.socket) -> dict:
         """Accept one migration on ``listener``; refuse any other connection."""
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
-        sock, peer = await loop.sock_accept(listener)
-        tune(sock)
+        while True:
+            sock, peer = await loop.sock_accept(listener)
+            tune(sock)
+            try:
+                io = await secure(sock, self._tls, True, self.config.timeout_s)
+                break
+            except MigrationError as exc:  # a stranger without our CA's certificate
+                log.warning("refused a connection: %s", one_line(exc))
+                sock.close()
         acceptor = asyncio.ensure_future(self._accept_more(listener))
         try:
-            return await self.receive(sock)
+            return await self.receive(sock, io)
         finally:
             acceptor.cancel()
 
@@ -84,7 +93,12 @@ class DestVmm:
 
     async def _admit(self, sock) -> None:
         conn = Connection(data_dest_machine(), self.config.checksum)
-        chan = FrameChannel(sock, conn, min(self.config.timeout_s, 5.0))
+        try:
+            io = await secure(sock, self._tls, True, min(self.config.timeout_s, 5.0))
+        except MigrationError:
+            sock.close()
+            return
+        chan = FrameChannel(sock, conn, min(self.config.timeout_s, 5.0), io=io)
         try:
             hello = self.hello
             in_doubt = self._recover_future is not None and not self._recover_future.done()
@@ -117,7 +131,7 @@ class DestVmm:
             try:
                 async with asyncio.timeout(1.0):
                     for b in fr.encode(fr.Error(code, one_line(exc))):
-                        await asyncio.get_running_loop().sock_sendall(sock, b)
+                        await io.sendall(b)
             except (OSError, TimeoutError):
                 pass
             chan.close()
@@ -128,11 +142,12 @@ class DestVmm:
         lane = {"thread": thread, "stats": BatchStats(), "bytes": 0}
         self._lanes[frame.channel] = lane
         self._pass_seen[frame.channel] = -1
-        thread.submit(self._receive_lane(frame.channel, sock, conn, lane, asyncio.get_running_loop()))
+        thread.submit(self._receive_lane(frame.channel, sock, conn, lane, asyncio.get_running_loop(), io))
 
-    async def _receive_lane(self, index: int, sock, conn, lane: dict, main_loop) -> None:
+    async def _receive_lane(self, index: int, sock, conn, lane: dict, main_loop, io) -> None:
         """Runs on the channel's thread: apply PAGES, report PASS_END."""
-        chan = FrameChannel(sock, conn, self.config.timeout_s)
+        io.loop = asyncio.get_running_loop()  # the connection moves to this thread's loop
+        chan = FrameChannel(sock, conn, self.config.timeout_s, io=io)
         lane["chan"] = chan
         strategy = self.strategy
         applier = BatchApplier(strategy, self.host.memory.npages, self._applier.written, self._applier.has_tags,
@@ -245,14 +260,14 @@ class DestVmm:
             except TimeoutError:
                 pass
 
-    async def receive(self, sock: socket.socket) -> dict:
+    async def receive(self, sock: socket.socket, io=None) -> dict:
         host, cfg, res = self.host, self.config, self.result
         res["ram"]["total_bytes"] = host.memory.size
         t_start = time.perf_counter()
         before = host.counters.snapshot()
         conn = Connection(dest_machine(), cfg.checksum)
         self.machine = conn.machine
-        chan = self.chan = FrameChannel(sock, conn, cfg.timeout_s)
+        chan = self.chan = FrameChannel(sock, conn, cfg.timeout_s, io=io)
         try:
             hello = await chan.recv()
             mismatch = self._check_hello(hello)

@@ -23,7 +23,8 @@ from .progress import Progress
 from .ratelimit import RateLimiter
 from .report import empty_result
 from .strategies import get as get_strategy
-from .transport import FrameChannel, connect
+from . import tls
+from .transport import FrameChannel, connect, secure
 from .validate import Validation, compare_detail, differing_chunks
 
 log = logging.getLogger("migrate.source")
@@ -72,7 +73,9 @@ class SourceVmm:
             conn = Connection(source_machine(), cfg.checksum)
             self.machine = conn.machine
             limiter = RateLimiter(cfg.max_bandwidth) if cfg.max_bandwidth else None
-            chan = self._chan = FrameChannel(sock, conn, cfg.timeout_s, limiter)
+            self._tls = tls.from_options(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+            io = await secure(sock, self._tls, False, cfg.timeout_s)
+            chan = self._chan = FrameChannel(sock, conn, cfg.timeout_s, limiter, io)
             strategy = get_strategy(cfg.strategy)(host, cfg)
             self.strategy = strategy
             session = self._session = secrets.token_hex(8)
@@ -198,7 +201,11 @@ class SourceVmm:
             mte=host.vm.mte_enabled, vcpus=host.vcpus.count, strategy=strategy.name,
             tag_format=strategy.tag_format, compression="zstd", vm_uuid=self.config.vm_uuid,
             channels=self.config.channels, session=session, nonce=nonce))
-        reply = await chan.recv()
+        try:
+            reply = await chan.recv()
+        except TransportError as exc:
+            hint = "" if self._tls else " (does the destination expect TLS, --tls-*?)"
+            raise TransportError(f"no answer to HELLO: {exc}{hint}") from None
         if reply.type == fr.FrameType.ERROR:
             raise PeerError(reply.message, reply.code)
         self._dest_nonce = reply.nonce
@@ -215,7 +222,8 @@ class SourceVmm:
         """Runs on the channel's own thread: connect, JOIN, wait for WELCOME."""
         cfg = self.config
         sock = await connect(*address, cfg.timeout_s)
-        chan = FrameChannel(sock, Connection(data_source_machine(index), cfg.checksum), cfg.timeout_s, limiter)
+        io = await secure(sock, self._tls, False, cfg.timeout_s)
+        chan = FrameChannel(sock, Connection(data_source_machine(index), cfg.checksum), cfg.timeout_s, limiter, io)
         key = auth.load_key(cfg.psk_file)
         await chan.send(fr.Join(session, index, auth.proof(key, "join", session, index, self._dest_nonce) if key else b""))
         reply = await chan.recv()
@@ -280,7 +288,8 @@ class SourceVmm:
             chan = None
             try:
                 sock = await connect(*address, cfg.timeout_s)
-                chan = FrameChannel(sock, Connection(recovery_source_machine(), cfg.checksum), cfg.timeout_s)
+                io = await secure(sock, self._tls, False, cfg.timeout_s)
+                chan = FrameChannel(sock, Connection(recovery_source_machine(), cfg.checksum), cfg.timeout_s, io=io)
                 proof = auth.proof(key, "recover", self._session, decision) if key else b""
                 await chan.send(fr.Recover(self._session, decision, proof))
                 if decision == "abort":

@@ -14,19 +14,21 @@ import time
 
 from . import frames as fr
 from .errors import PeerTimeout, TransportError
+from .tls import PlainIO, TlsIO
 
 DEFAULT_TIMEOUT = object()
 BUFFER_SIZE = fr.HEADER_SIZE + fr.MAX_META + fr.MAX_PAYLOAD + (1 << 20)
 
 
 class FrameChannel:
-    def __init__(self, sock: socket.socket, conn, timeout: float, limiter=None):
+    def __init__(self, sock: socket.socket, conn, timeout: float, limiter=None, io=None):
         sock.setblocking(False)
         self.sock = sock
         self.conn = conn
         self.timeout = timeout
         self.limiter = limiter
         self.loop = asyncio.get_running_loop()
+        self.io = io or PlainIO(self.loop, sock)  # or TlsIO: same calls, records in memory
         self._buf = bytearray(BUFFER_SIZE)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
@@ -46,7 +48,7 @@ class FrameChannel:
         try:
             async with asyncio.timeout(self.timeout):
                 for b in buffers:
-                    await self.loop.sock_sendall(self.sock, b)
+                    await self.io.sendall(b)
         except TimeoutError:
             raise PeerTimeout(f"peer accepted no data for {self.timeout:g} s") from None
         except (ConnectionError, OSError) as exc:
@@ -66,7 +68,7 @@ class FrameChannel:
             self._start, self._end = 0, remaining
         while self._end - self._start < need:
             try:
-                n = await self.loop.sock_recv_into(self.sock, self._view[self._end:])
+                n = await self.io.recv_into(self._view[self._end:])
             except (ConnectionError, OSError) as exc:
                 raise TransportError(f"connection lost: {exc.strerror or exc}") from None
             if n == 0:
@@ -145,3 +147,20 @@ def tune(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
         except OSError:
             pass
+
+
+async def secure(sock: socket.socket, tls, server_side: bool, timeout: float):
+    """The I/O object for a new connection: plain, or TLS after a handshake."""
+    loop = asyncio.get_running_loop()
+    if tls is None:
+        return PlainIO(loop, sock)
+    sock.setblocking(False)
+    io = TlsIO(loop, sock, tls.context(server_side), server_side)
+    try:
+        async with asyncio.timeout(timeout):
+            await io.handshake()
+    except TimeoutError:
+        raise PeerTimeout(f"TLS handshake took more than {timeout:g} s") from None
+    except OSError as exc:
+        raise TransportError(f"connection lost during the TLS handshake: {exc.strerror or exc}") from None
+    return io

@@ -1,0 +1,115 @@
+"""Optional TLS from the standard library (--tls-cert, --tls-key, --tls-ca).
+
+The transport works on raw non-blocking sockets (loop.sock_* calls), so TLS
+runs through ssl.MemoryBIO: records are encrypted and decrypted in memory and
+moved with the same loop calls.  Both sides present a certificate signed by
+the CA and verify the other's (mutual TLS); host names are not checked, the
+CA is the trust anchor."""
+
+import ssl
+from dataclasses import dataclass
+
+from .errors import AuthError, ConfigError, TransportError
+
+RECORD_READ = 256 * 1024
+
+
+@dataclass
+class TlsConfig:
+    cert: str
+    key: str
+    ca: str
+
+    def context(self, server_side: bool) -> ssl.SSLContext:
+        purpose = ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH
+        try:
+            ctx = ssl.create_default_context(purpose, cafile=self.ca)
+            ctx.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"TLS set-up failed: {exc}") from None
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        return ctx
+
+
+def from_options(cert, key, ca) -> TlsConfig | None:
+    given = [x for x in (cert, key, ca) if x]
+    if not given:
+        return None
+    if len(given) != 3:
+        raise ConfigError("TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+    return TlsConfig(cert, key, ca)
+
+
+class PlainIO:
+    def __init__(self, loop, sock):
+        self.loop, self.sock = loop, sock
+
+    async def sendall(self, data) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def recv_into(self, view) -> int:
+        return await self.loop.sock_recv_into(self.sock, view)
+
+
+class TlsIO:
+    def __init__(self, loop, sock, ctx: ssl.SSLContext, server_side: bool):
+        self.loop, self.sock = loop, sock
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side)
+
+    async def _flush(self) -> None:
+        pending = self._out.read()
+        if pending:
+            await self.loop.sock_sendall(self.sock, pending)
+
+    async def _fill(self) -> bool:
+        data = await self.loop.sock_recv(self.sock, RECORD_READ)
+        if not data:
+            self._in.write_eof()
+            return False
+        self._in.write(data)
+        return True
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self._obj.do_handshake()
+                await self._flush()
+                return
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    raise TransportError("peer closed the connection during the TLS handshake")
+            except ssl.SSLError as exc:
+                await self._flush_quietly()
+                raise AuthError(f"TLS handshake failed: {exc.reason or exc}") from None
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self._flush()
+        except OSError:
+            pass
+
+    async def sendall(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._obj.write(view)
+            view = view[n:]
+            await self._flush()
+
+    async def recv_into(self, view) -> int:
+        while True:
+            try:
+                return self._obj.read(len(view), view)
+            except ssl.SSLWantReadError:
+                if not await self._fill():
+                    return 0
+            except ssl.SSLZeroReturnError:
+                return 0
+            except ssl.SSLError as exc:
+                reason = exc.reason or str(exc)
+                if "ALERT" in reason:
+                    raise AuthError(f"the peer refused our TLS certificate ({reason})") from None
+                raise TransportError(f"TLS error: {reason}") from None
