@@ -1,0 +1,108 @@
+"""Mutual TLS 1.3 between the hosts (issue 5, "who may migrate"): the right
+certificates migrate and validate; a certificate from another CA is refused
+before any guest byte is written."""
+
+import asyncio
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from hosts import SimulatedHost
+from migrate.config import MigrationConfig
+from migrate.dest import DestVmm
+from migrate.source import SourceVmm
+
+MiB = 1 << 20
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+
+
+def _pki(path, name):
+    """A CA and a certificate for each side, signed by it."""
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    ca_key, ca = path / f"{name}-ca.key", path / f"{name}-ca.pem"
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", f"/CN={name} CA")
+    out = {"ca": str(ca)}
+    for who in ("dest", "source"):
+        key, csr, cert = path / f"{name}-{who}.key", path / f"{name}-{who}.csr", path / f"{name}-{who}.pem"
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", key, "-out", csr, "-subj", f"/CN={who}")
+        run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "1")
+        out[who] = (str(cert), str(key))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pki")
+    return _pki(path, "good"), _pki(path, "other")
+
+
+def _config(pki_, who, ca=None, **kw):
+    cert, key = pki_[who]
+    return MigrationConfig(tls_cert=cert, tls_key=key, tls_ca=ca or pki_["ca"], timeout_s=3.0, **kw)
+
+
+async def _migrate(src_cfg, dst_cfg, ram=16 * MiB):
+    src = SimulatedHost(ram, workload="allocator", rate=1000, seed=2)
+    src.prepare_guest()
+    src.vcpus.start()
+    dst = SimulatedHost(ram, workload="idle", workload_params={"fill": 0}, rate=0)
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        dest_task = asyncio.ensure_future(DestVmm(dst, dst_cfg).serve(listener))
+        sres = await asyncio.wait_for(SourceVmm(src, src_cfg).migrate(listener.getsockname()), 60)
+        return sres, dest_task, src, dst, listener
+    except BaseException:
+        listener.close()
+        src.close()
+        dst.close()
+        raise
+
+
+async def test_mutual_tls_migrates_and_validates(pki):
+    good, _ = pki
+    sres, dest_task, src, dst, listener = await _migrate(_config(good, "source"), _config(good, "dest"))
+    try:
+        dres = await asyncio.wait_for(dest_task, 30)
+        assert sres["status"] == "completed", sres["error"]
+        assert sres["validation"]["ok"]
+        assert dres["status"] == "completed"
+        assert sres["wire"]["channels"] == 2  # the data channel is encrypted and authenticated too
+    finally:
+        src.close()
+        dst.close()
+        listener.close()
+
+
+async def test_certificate_from_another_ca_is_refused_and_nothing_written(pki):
+    good, other = pki
+    sres, dest_task, src, dst, listener = await _migrate(_config(other, "source"), _config(good, "dest"))
+    try:
+        assert sres["status"] == "failed"
+        assert "certificate" in sres["error"] or "TLS" in sres["error"], sres["error"]
+        assert sres["guest_on"] == "source" and src.vcpus.running
+        assert dst.memory.populated_ranges() == []     # the destination wrote nothing
+        assert not dest_task.done()                    # and still waits for its real source
+    finally:
+        dest_task.cancel()
+        src.close()
+        dst.close()
+        listener.close()
+
+
+async def test_plain_source_against_tls_destination_fails_with_a_hint(pki):
+    good, _ = pki
+    sres, dest_task, src, dst, listener = await _migrate(MigrationConfig(timeout_s=3.0), _config(good, "dest"))
+    try:
+        assert sres["status"] == "failed"
+        assert "TLS" in sres["error"], sres["error"]
+        assert dst.memory.populated_ranges() == []
+    finally:
+        dest_task.cancel()
+        src.close()
+        dst.close()
+        listener.close()
