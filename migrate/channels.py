@@ -83,6 +83,7 @@ class SendLane:
         self.builder = builder
         self.batch_pages = batch_pages
         self.pages_done = 0
+        self.totals = BatchStats()  # everything this channel sent, even if a pass breaks off
 
     async def send_share(self, pass_no: int, ranges, tag_ranges, check_peer) -> BatchStats:
         """This channel's share of a pass: pages with data and tags, then
@@ -98,6 +99,7 @@ class SendLane:
             sent = await chan.send(frame)
             builder.compressor.observe_link(sent, chan.send_seconds - before)
             stats.add(s)
+            self.totals.add(s)
             self.pages_done += s.pages
         await chan.send(fr.PassEnd(pass_no, stats.pages))
         return stats

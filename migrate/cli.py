@@ -130,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", metavar="PEM")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S")
 
+    p = sub.add_parser("endurance", help="migrate one guest back and forth N times between two host processes",
+                       description="Two long-lived host processes pass one running guest back and forth; every "
+                                   "hop is validated and both processes report RSS and open file descriptors.")
+    p.add_argument("--hops", type=int, default=100, metavar="N", help="migrations in all (default 100)")
+    _add_guest_options(p)
+    _add_migration_options(p)
+    p = sub.add_parser("endurance-worker", help=argparse.SUPPRESS)
+    p.add_argument("--spec", required=True)
+    p.add_argument("--role", choices=("a", "b"), required=True)
+    p.add_argument("--hops", type=int, required=True)
+
     sub.add_parser("scenarios", help="list the scenarios, one a line")
     sub.add_parser("strategies", help="list the tag strategies, one a line")
     return parser
@@ -188,9 +199,9 @@ def resolve(args):
             config.vm_uuid = args.vm_uuid
         if args.psk_file:
             config.psk_file = args.psk_file
-        for name in ("tls_cert", "tls_key", "tls_ca"):
-            if getattr(args, name):
-                setattr(config, name, getattr(args, name))
+        for option in ("tls_cert", "tls_key", "tls_ca"):
+            if getattr(args, option):
+                setattr(config, option, getattr(args, option))
         from .tls import from_options
         from_options(config.tls_cert, config.tls_key, config.tls_ca)  # all three or none
     except ValueError as exc:
@@ -204,6 +215,10 @@ def resolve(args):
         raise ConfigError(f"unknown workload {guest.workload!r}; known: {', '.join(WORKLOADS)}")
     if args.command == "validate":
         config.validate = "full"
+    from .strategies import STRATEGIES
+    if not guest.mte and config.strategy in STRATEGIES and STRATEGIES[config.strategy].vmm_prot_mte:
+        raise ConfigError(f"strategy {config.strategy} maps guest RAM PROT_MTE, which needs an MTE guest "
+                          f"(the scenario sets mte = false)")
     return guest, config.check(), name
 
 
@@ -313,6 +328,9 @@ def _dispatch(args) -> int:
         return _bench(args)
     if args.command == "resolve":
         return _resolve(args)
+    if args.command == "endurance-worker":
+        from .endurance import worker
+        return worker(args.spec, args.role, args.hops, "")
     guest, config, name = resolve(args)
     if args.command in ("run", "validate"):
         from .runner import run_pair
@@ -321,8 +339,21 @@ def _dispatch(args) -> int:
             write_json(result, args.json)
         if not args.quiet:
             print(summary(result), file=sys.stderr)
+        elif result["error"]:
+            print(f"mte-migrate: {result['status']}: {result['error']}", file=sys.stderr)
         ok = result["status"] == "completed" and result["validation"]["ok"]
         return 0 if ok else (130 if result["status"] == "cancelled" else 1)
+    if args.command == "endurance":
+        import json as _json
+        from .endurance import run as run_endurance
+        if args.hops < 1:
+            raise ConfigError("--hops must be at least 1")
+        report = run_endurance(guest, config, name, args.hops, args.quiet)
+        if args.json:
+            with open(args.json, "w") as f:
+                _json.dump(report, f, indent=2)
+        print(_json.dumps({k: report[k] for k in ("hops", "hops_validated", "growth")}, indent=2))
+        return 0 if report["hops_validated"] == args.hops else 1
     from .hostproc import run_dest, run_source
     if args.command == "source":
         return run_source(guest, config, name, args.connect, args.json, args.quiet, args.warmup,

@@ -376,6 +376,8 @@ class DestVmm:
     def _check_hello(self, hello) -> str | None:
         """The first capability that does not match, as a sentence; None if all do."""
         host = self.host
+        if hello.type == T.ERROR:
+            raise PeerError(f"source: {hello.message}", hello.code)
         if hello.type != T.HELLO:
             return f"expected HELLO, got {hello.type.name}"
         if hello.version != PROTOCOL_VERSION:

@@ -35,6 +35,13 @@ Faults (applied to the *trigger frame*, see the phases below):
               sees its connections end (FIN).
 ``none``      inject nothing; report every phase marker as it passes.
 
+Connections accepted after the fault (a source's recovery or retry) are
+forwarded as usual after ``cut``, ``truncate``, ``flip`` and ``kill-*`` (the
+proxy resets connections, it does not keep the path down; to a killed
+destination they are refused); during a ``stall`` they are accepted and held
+open, never forwarded.  The proxy reads plaintext frames: it cannot follow a
+TLS stream (it forwards it, but no phase is ever recognised).
+
 Phases (``--at``), mapped to the stream:
 
 ``handshake`` / ``handshake:HELLO``   the HELLO frame (source -> destination);
@@ -292,8 +299,14 @@ class FaultProxy:
     async def _accept(self, reader, writer) -> None:
         link = Link(len(self.links), reader, writer)
         self.links.append(link)
-        if self._closing or (self.fault in ("cut", "kill-dest", "kill-source") and self.fired_at is not None):
-            self._abort(link)  # the link is down: nobody gets through any more
+        if self._closing:
+            self._abort(link)
+            return
+        if self._frozen and self.fault == "stall":  # the connection is accepted here and goes no further
+            self._note(f"connection {link.index} accepted while stalled: held open, not forwarded")
+            return
+        if not await self._gate(link):  # kill-*: wait until the dead side's connections are closed
+            self._abort(link)
             return
         try:
             dreader, dwriter = await asyncio.open_connection(*self.target, limit=READ_CHUNK)

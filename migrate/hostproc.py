@@ -138,6 +138,8 @@ def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect
         write_json(result, json_path)
     if not quiet and summary_out:
         print(summary(result), file=sys.stderr)
+    elif quiet and summary_out and result["error"]:
+        print(f"mte-migrate source: {result['status']}: {result['error']}", file=sys.stderr)
     return _exit_code(result)
 
 
@@ -196,6 +198,8 @@ def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: s
         write_json(result, json_path)
     if not quiet and summary_out:
         print(summary(result), file=sys.stderr)
+    elif quiet and summary_out and result["error"]:
+        print(f"mte-migrate dest: {result['status']}: {result['error']}", file=sys.stderr)
     return 0 if result["status"] == "completed" else (130 if result["status"] == "cancelled" else 1)
 
 

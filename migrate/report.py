@@ -65,8 +65,14 @@ def summary(result: dict) -> str:
                      + ("" if val.get("state_ok") in (None, True) else ", vCPU state differs"))
         for m in val.get("first_mismatches", [])[:5]:
             lines.append(f"    page {m['page']}: {m['kind']}" + (f", granules {m['granules']}" if m.get("granules") else ""))
-    lines.append(f"  guest is running on the {result.get('guest_on', 'source')}")
+    lines.append(f"  guest: {_where(result.get('guest_on', 'source'))}")
     return "\n".join(lines)
+
+
+def _where(guest_on: str) -> str:
+    if guest_on in ("source", "destination"):
+        return f"running on the {guest_on}"
+    return guest_on
 
 
 def _ms(v) -> str:

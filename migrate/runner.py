@@ -22,7 +22,7 @@ def run_pair(guest, config, scenario: str, quiet: bool, extra_source_args=(), ti
             f.write(spec_to_json(guest, config, scenario))
         src_json, dst_json = os.path.join(tmp, "source.json"), os.path.join(tmp, "dest.json")
         base = [sys.executable, "-m", "migrate"]
-        quiet_flag = ["--quiet"] if quiet else ["--no-summary"]
+        quiet_flag = (["--quiet"] if quiet else []) + ["--no-summary"]  # the parent prints the merged one
         dest = subprocess.Popen(base + ["dest", "--listen", "127.0.0.1:0", "--spec", spec, "--json", dst_json,
                                         "--strategy", config.strategy, "--attempts", str(retry + 1)] + quiet_flag,
                                 stdout=subprocess.PIPE, text=True)

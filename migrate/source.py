@@ -51,7 +51,6 @@ class SourceVmm:
         self.progress = progress or Progress(False)
         self.machine = None
         self.result = empty_result(scenario, config.strategy)
-        self.stats = BatchStats()
         self.passes: list[dict] = []
         self._peer_task = None
         self._chan = None
@@ -269,7 +268,6 @@ class SourceVmm:
         for job in jobs:
             pass_stats.add(job.result())
         elapsed = time.perf_counter() - t0
-        self.stats.add(pass_stats)
         self.passes.append({"pass": pass_no, "final": final, "pages": total,
                             "tags_only_pages": sum(b - a for a, b in tag_ranges),
                             "normal_pages": pass_stats.normal_pages, "zero_pages": pass_stats.zero_pages,
@@ -474,7 +472,10 @@ class SourceVmm:
             self.result["guest_on"] = "unknown: GO was sent but the destination did not confirm resuming"
 
     def _fill_stats(self) -> None:
-        res, s = self.result, self.stats
+        res = self.result
+        s = BatchStats()
+        for lane in self.lanes:  # including passes that broke off
+            s.add(lane.totals)
         total_s = res["total_time_ms"] / 1000.0
         chan = self._chan
         sent = sum(lane.chan.bytes_sent for lane in self.lanes) if self.lanes else (chan.bytes_sent if chan else 0)

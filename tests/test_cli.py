@@ -122,7 +122,7 @@ def test_run_prot_mte_summary(tmp_path):
     cp = mte("run", "--scenario", "device-dma", "--ram", RAM, "--strategy", "prot-mte", "--json", out)
     assert cp.returncode == 0, cp.stderr
     assert "COMPLETED" in cp.stderr and "validation (digest) OK" in cp.stderr
-    assert "guest is running on the destination" in cp.stderr
+    assert "guest: running on the destination" in cp.stderr
     r = json.loads(out.read_text())
     assert r["strategy"] == "prot-mte"
     assert r["counters"]["source.el0.ldg"] > 0

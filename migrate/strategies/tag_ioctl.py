@@ -39,6 +39,8 @@ class TagIoctl(TagStrategy):
             yield self.vm.page_to_ipa(start), n
 
     def read_tags(self, ranges):
+        if not self.vm.mte_enabled:
+            return None  # a guest without MTE has no tags to move
         parts = []
         view = memoryview(self._buffer)
         for first, count in ranges:
