@@ -46,6 +46,11 @@ def build_host(guest: GuestSpec, strategy: str, role: str) -> SimulatedHost:
     return host
 
 
+def _peak_rss() -> int:
+    """Peak resident set of this process (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class _CpuMeter:
     """CPU seconds of this process (all threads: VMM, vCPUs, helpers) and of
     the calling thread (the VMM's migration event loop) since creation."""
@@ -98,6 +103,7 @@ def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect
     host = build_host(guest, config.strategy, "source")
     prepare_ms = (time.perf_counter() - t0) * 1000
     progress = Progress(False if quiet else None)
+    populated = host.memory.populated_pages() * 4096  # the RAM the guest actually touched
     host.vcpus.start()
     time.sleep(warmup_s)
     attempts = []
@@ -133,6 +139,8 @@ def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect
     progress.done()
     result["attempts"] = attempts
     result["guest_prepare_ms"] = round(prepare_ms, 3)
+    result["guest_populated_bytes"] = populated
+    result["peak_rss_bytes"] = _peak_rss()
     _prefix_counters(result, "source")
     if json_path:
         write_json(result, json_path)
@@ -191,6 +199,7 @@ def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: s
         listener.close()
     result["cpu"] = cpu.read()
     result["attempts"] = history
+    result["peak_rss_bytes"] = _peak_rss()
     _prefix_counters(result, "destination")
     # The destination cannot judge validation; the source compares digests.
     result["validation"]["mode"] = None
