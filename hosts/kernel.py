@@ -351,16 +351,18 @@ class Vm:
     def _tags_to_user(self, first: int, npages: int, out: memoryview) -> None:
         mem = self.memory
         end = first + npages
-        tagops.unpack_into(mem.tags[first * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE], out)
-        # Pages not marked tagged read as zeros (their storage is not trusted).
+        # Run by run: tagged pages get their storage unpacked, pages not
+        # marked tagged read as zeros (clear_user; their storage is not read).
         pos = first
         while pos < end:
-            start = mem.tagged.find(0, pos, end)
-            if start < 0:
-                break
-            stop = mem.tagged.find(1, start, end)
+            tagged_run = mem.tagged[pos] == 1
+            stop = mem.tagged.find(0 if tagged_run else 1, pos, end)
             stop = end if stop < 0 else stop
-            out[(start - first) * GRANULES_PER_PAGE:(stop - first) * GRANULES_PER_PAGE] = bytes((stop - start) * GRANULES_PER_PAGE)
+            lo, hi = (pos - first) * GRANULES_PER_PAGE, (stop - first) * GRANULES_PER_PAGE
+            if tagged_run:
+                tagops.unpack_into(mem.tags[pos * PACKED_TAGS_PER_PAGE:stop * PACKED_TAGS_PER_PAGE], out, lo)
+            else:
+                out[lo:hi] = bytes(hi - lo)
             pos = stop
         tagged = mem.tagged.count(1, first, end)
         self.counters.add("kernel.page_tag_reads", tagged)
