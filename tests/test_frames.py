@@ -65,7 +65,12 @@ def sample_pages():
 
 SAMPLES = [
     fr.Hello(1, 8 << 20, 4096, 16, True, 2, "tag-ioctl", "packed4", "auto", "vm-1"),
+    fr.Hello(1, 8 << 20, 4096, 16, True, 2, "tag-ioctl", "packed4", "auto", "vm-1", 4, "0123456789abcdef",
+             bytes(range(32))),                                       # with a nonce
     fr.Welcome(1),
+    fr.Welcome(1, b"\x5a" * 32, bytes(range(100, 132))),              # nonce and proof
+    fr.Auth(),                                                        # no key: empty proof
+    fr.Auth(bytes(range(200, 232))),
     sample_pages(),
     fr.Pages(0, [(5, 3)], bytes([fr.PAGE_ZERO]) * 3),                     # all zero: no payload
     fr.Pages(3, [(1, 1)], bytes([0]), b"compressed?", b"tags!", True, True),
@@ -83,6 +88,10 @@ SAMPLES = [
 ]
 if hasattr(fr, "Join"):   # extra data connections
     SAMPLES.append(fr.Join("session-1", 1))
+    SAMPLES.append(fr.Join("0123456789abcdef", 3, b"\xee" * 32))
+if hasattr(fr, "Recover"):   # the in-doubt window, on a new connection
+    SAMPLES.append(fr.Recover("0123456789abcdef", "go", b"\xdd" * 32))
+    SAMPLES.append(fr.Recover("0123456789abcdef", "abort"))
 SAMPLE_IDS = [f"{f.type.name}-{i}" for i, f in enumerate(SAMPLES)]
 
 
@@ -90,6 +99,7 @@ SAMPLE_IDS = [f"{f.type.name}-{i}" for i, f in enumerate(SAMPLES)]
 RECEIVER = {
     T.HELLO: (dest_machine, DestState.WAIT_HELLO),
     T.WELCOME: (source_machine, SourceState.HANDSHAKE),
+    T.AUTH: (dest_machine, DestState.AUTHENTICATING),
     T.PAGES: (dest_machine, DestState.RECEIVING),
     T.PASS_END: (dest_machine, DestState.RECEIVING),
     T.STATE: (dest_machine, DestState.RECEIVING),
@@ -105,6 +115,8 @@ RECEIVER = {
 if hasattr(T, "JOIN"):
     from migrate.machine import data_dest_machine
     RECEIVER[T.JOIN] = (data_dest_machine, DestState.WAIT_HELLO)
+if hasattr(T, "RECOVER"):
+    RECEIVER[T.RECOVER] = (data_dest_machine, DestState.WAIT_HELLO)
 
 
 def receiver_for(ftype, ram_pages=64):
@@ -244,8 +256,8 @@ def test_max_payload_covers_a_full_batch_with_tags():
 
 
 # -- CRC -----------------------------------------------------------------------------
-CRC_FRAMES = [fr.Hello(1, 8 << 20, 4096, 16, True, 2, "tag-ioctl", "packed4", "auto", ""),
-              sample_pages(), fr.Go(), fr.State({"a": 1})]
+CRC_FRAMES = [fr.Hello(1, 8 << 20, 4096, 16, True, 2, "tag-ioctl", "packed4", "auto", "", nonce=b"\x01" * 32),
+              sample_pages(), fr.Go(), fr.State({"a": 1}), fr.Auth(b"\x07" * 32)]
 
 
 def _detected(mutated: bytes) -> bool:
@@ -362,6 +374,9 @@ def _expect(ftype, meta, match, payload=b""):
     ("ram_size", 2**48, "HELLO field 'ram_size' = 281474976710656 is out of range"),
     ("vcpus", 4096, "HELLO field 'vcpus' = 4096 is out of range"),
     ("version", 2**16, "HELLO field 'version' = 65536 is out of range"),
+    ("nonce", "abc", "HELLO field 'nonce' must be bytes, got str"),
+    ("nonce", None, "HELLO field 'nonce' must be bytes, got NoneType"),
+    ("nonce", b"\0" * 65, "HELLO field 'nonce' is longer than 64 bytes"),
 ])
 def test_hello_field_types_and_ranges(field, value, match):
     _expect(T.HELLO, {**HELLO_META, field: value}, match)
@@ -377,6 +392,20 @@ def test_hello_missing_field(field):
 @pytest.mark.parametrize("ftype, meta, match", [
     (T.WELCOME, {}, "WELCOME frame is missing field 'version'"),
     (T.WELCOME, {"version": "1"}, "WELCOME field 'version' must be int, got str"),
+    (T.WELCOME, {"version": 1, "proof": b""}, "WELCOME frame is missing field 'nonce'"),
+    (T.WELCOME, {"version": 1, "nonce": b""}, "WELCOME frame is missing field 'proof'"),
+    (T.WELCOME, {"version": 1, "nonce": "n", "proof": b""}, "WELCOME field 'nonce' must be bytes, got str"),
+    (T.WELCOME, {"version": 1, "nonce": b"", "proof": 7}, "WELCOME field 'proof' must be bytes, got int"),
+    (T.WELCOME, {"version": 1, "nonce": b"\0" * 65, "proof": b""}, "WELCOME field 'nonce' is longer than 64 bytes"),
+    (T.WELCOME, {"version": 1, "nonce": b"", "proof": b"\0" * 65}, "WELCOME field 'proof' is longer than 64 bytes"),
+    (T.AUTH, {}, "AUTH frame is missing field 'proof'"),
+    (T.AUTH, {"proof": "secret"}, "AUTH field 'proof' must be bytes, got str"),
+    (T.AUTH, {"proof": True}, "AUTH field 'proof' must be bytes, got bool"),
+    (T.AUTH, {"proof": [1, 2]}, "AUTH field 'proof' must be bytes, got list"),
+    (T.AUTH, {"proof": b"\0" * 65}, "AUTH field 'proof' is longer than 64 bytes"),
+    (T.JOIN, {"session": "s", "channel": 1}, "JOIN frame is missing field 'proof'"),
+    (T.JOIN, {"session": "s", "channel": 1, "proof": "p"}, "JOIN field 'proof' must be bytes, got str"),
+    (T.JOIN, {"session": "s", "channel": 1, "proof": b"\0" * 65}, "JOIN field 'proof' is longer than 64 bytes"),
     (T.PASS_END, {"p": 1}, "PASS_END frame is missing field 'n'"),
     (T.PASS_END, {"p": 1, "n": -1}, "PASS_END field 'n' = -1 is out of range"),
     (T.PASS_END, {"p": True, "n": 1}, "PASS_END field 'p' must be int, got bool"),
@@ -408,6 +437,24 @@ def test_other_frames_field_checks(ftype, meta, match):
 def test_meta_must_be_a_msgpack_map(meta_bytes, match):
     with pytest.raises(ProtocolError, match=match):
         fr.FrameBuffer().feed(raw_frame(T.HELLO, None, meta_bytes=meta_bytes))
+
+
+def test_nonces_and_proofs_of_64_bytes_are_accepted():
+    # the bound is inclusive: SHA-512-sized proofs would still fit
+    longest = bytes(range(64))
+    assert decode_one(wire(fr.Auth(longest))) == fr.Auth(longest)
+    assert decode_one(wire(fr.Welcome(1, longest, longest))) == fr.Welcome(1, longest, longest)
+    assert decode_one(wire(fr.Join("s", 1, longest))) == fr.Join("s", 1, longest)
+    hello = fr.Hello(1, 8 << 20, 4096, 16, True, 2, "tag-ioctl", "packed4", "auto", "", nonce=longest)
+    assert decode_one(wire(hello)).nonce == longest
+
+
+def test_auth_is_type_15_and_carries_only_the_proof():
+    assert T.AUTH == 15
+    data = wire(fr.Auth(b"\x09" * 32))
+    h = fr.parse_header(data[:fr.HEADER_SIZE])
+    assert (h.type, h.payload_len) == (T.AUTH, 0)
+    assert msgpack.unpackb(data[fr.HEADER_SIZE:]) == {"proof": b"\x09" * 32}
 
 
 def test_error_and_abort_texts_are_bounded():
@@ -493,6 +540,9 @@ def _all_receivers():
         from migrate.machine import data_dest_machine, data_source_machine
         machines += [(data_dest_machine, [DestState.WAIT_HELLO, DestState.RECEIVING]),
                      (lambda: data_source_machine(1), [SourceState.HANDSHAKE, SourceState.PRECOPY])]
+    if hasattr(T, "RECOVER"):
+        from migrate.machine import recovery_source_machine
+        machines += [(recovery_source_machine, [SourceState.SWITCHING])]
     for make, states in machines:
         for state, checksum in ((s, c) for s in states for c in (True, False)):
             def m(make=make, state=state, checksum=checksum):

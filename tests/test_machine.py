@@ -19,10 +19,13 @@ PAGE = fr.PAGE_SIZE
 RAM = 8 << 20
 RAM_PAGES = RAM // PAGE
 
-HELLO = fr.Hello(1, RAM, PAGE, 16, True, 2, "tag-ioctl", "packed4", "auto", "vm-1")
+HELLO = fr.Hello(1, RAM, PAGE, 16, True, 2, "tag-ioctl", "packed4", "auto", "vm-1", nonce=b"\x01" * 32)
+WELCOME = fr.Welcome(1, b"\x02" * 32, b"\x03" * 32)
+AUTH = fr.Auth(b"\x04" * 32)
 EXAMPLE = {
     T.HELLO: HELLO,
-    T.WELCOME: fr.Welcome(1),
+    T.WELCOME: WELCOME,
+    T.AUTH: AUTH,
     T.PAGES: fr.Pages(1, [(0, 1), (RAM_PAGES - 1, 1)], bytes([0, fr.PAGE_ZERO]), b"\x11" * PAGE),
     T.PASS_END: fr.PassEnd(1, 2),
     T.STATE: fr.State({"vcpus": [], "devices": {}}),
@@ -36,7 +39,9 @@ EXAMPLE = {
     T.ABORT: fr.Abort("user cancelled"),
 }
 if hasattr(T, "JOIN"):
-    EXAMPLE[T.JOIN] = fr.Join("session-1", 1)
+    EXAMPLE[T.JOIN] = fr.Join("session-1", 1, b"\x05" * 32)
+if hasattr(T, "RECOVER"):  # the in-doubt window, on a new connection
+    EXAMPLE[T.RECOVER] = fr.Recover("session-1", "go", b"\x06" * 32)
 
 
 def _reachable(table, initial, failed, aborted):
@@ -56,7 +61,16 @@ if hasattr(mach, "DATA_SOURCE_TABLE"):   # extra data connections (--channels)
     SIDES["data-destination"] = (mach.data_dest_machine,
                                  _reachable(mach.DATA_DEST_TABLE, D.WAIT_HELLO, D.FAILED, D.ABORTED),
                                  mach.DATA_DEST_TABLE, D.FAILED, D.ABORTED, set(), "destination data channel")
+if hasattr(mach, "RECOVERY_SOURCE_TABLE"):   # the in-doubt window: RECOVER on a new connection
+    SIDES["recovery-source"] = (mach.recovery_source_machine,
+                                _reachable(mach.RECOVERY_SOURCE_TABLE, S.IDLE, S.FAILED, S.ABORTED),
+                                mach.RECOVERY_SOURCE_TABLE, S.FAILED, S.ABORTED, {S.DONE}, "source recovery")
 PAIRS = [("source", "destination")] + ([("data-source", "data-destination")] if "data-source" in SIDES else [])
+# Live states a machine without terminal states may stop in: a data channel
+# is ended by its main connection; on the data listener a recovery connection
+# ends once RESUMED went out.
+DEAD_ENDS = {"data-source": {S.PRECOPY},
+             "data-destination": {D.RECEIVING} | ({D.RUNNING} if "recovery-source" in SIDES else set())}
 
 
 def wire(frame, checksum=True) -> bytes:
@@ -91,11 +105,14 @@ def test_tables_cover_the_documented_protocol():
         live = [s for s in states if s not in terminal | {failed, aborted}]
         last = [s for s in live if not any(k[0] == s and v != s for k, v in table.items())]
         # only a data channel may end in a live state (its main connection ends it)
-        assert last == [] if terminal else len(last) == 1, f"{side} is stuck in {last}"
+        assert last == [] if terminal else set(last) == DEAD_ENDS[side], f"{side} is stuck in {last}"
         assert all(v not in (failed, aborted) for v in table.values())
         assert make().state == states[0]
     for a, b in PAIRS:
         src_table, dst_table = SIDES[a][2], SIDES[b][2]
+        if a == "data-source" and "recovery-source" in SIDES:
+            # the data listener also serves recovery connections
+            src_table = {**src_table, **SIDES["recovery-source"][2]}
         src_sends = {w for (_, d, w) in src_table if d == SEND}
         dst_recvs = {w for (_, d, w) in dst_table if d == RECV}
         dst_sends = {w for (_, d, w) in dst_table if d == SEND}
@@ -256,7 +273,10 @@ def _dest_after_hello(hello=HELLO) -> Connection:
     assert conn.feed(wire(hello)) == [hello]
     assert conn.ram_pages == (hello.ram_size // PAGE if hello.page_size == PAGE else None)
     conn.send(fr.Welcome(1))
+    assert conn.state == D.AUTHENTICATING
+    assert conn.feed(wire(AUTH)) == [AUTH]
     assert conn.state == D.RECEIVING
+    assert conn.ram_pages == (hello.ram_size // PAGE if hello.page_size == PAGE else None)  # AUTH keeps the bound
     return conn
 
 
@@ -311,12 +331,18 @@ def test_ram_bound_follows_each_hello_size():
     ([], fr.Go(), D.WAIT_HELLO),
     ([], EXAMPLE[T.PAGES], D.WAIT_HELLO),
     ([HELLO], EXAMPLE[T.PAGES], D.NEGOTIATING),     # before WELCOME went out
-    ([HELLO, "welcome"], HELLO, D.RECEIVING),        # a second HELLO
-    ([HELLO, "welcome"], fr.Go(), D.RECEIVING),      # GO without COMPLETE/CONFIRM
-    ([HELLO, "welcome"], EXAMPLE[T.COMPLETE], D.RECEIVING),  # COMPLETE before STATE
-    ([HELLO, "welcome", EXAMPLE[T.STATE]], EXAMPLE[T.STATE], D.STATE_LOADED),
-    ([HELLO, "welcome", EXAMPLE[T.STATE]], EXAMPLE[T.PAGES], D.STATE_LOADED),
-    ([HELLO, "welcome", EXAMPLE[T.STATE], EXAMPLE[T.COMPLETE]], fr.Go(), D.VERIFYING),  # before CONFIRM
+    ([HELLO], AUTH, D.NEGOTIATING),                  # a proof before the destination's nonce
+    ([HELLO, "welcome"], EXAMPLE[T.PAGES], D.AUTHENTICATING),  # pages before the source proved the key
+    ([HELLO, "welcome"], EXAMPLE[T.PASS_END], D.AUTHENTICATING),
+    ([HELLO, "welcome"], EXAMPLE[T.STATE], D.AUTHENTICATING),
+    ([HELLO, "welcome"], HELLO, D.AUTHENTICATING),   # a second HELLO instead of AUTH
+    ([HELLO, "welcome", AUTH], AUTH, D.RECEIVING),   # a second AUTH
+    ([HELLO, "welcome", AUTH], HELLO, D.RECEIVING),  # a second HELLO
+    ([HELLO, "welcome", AUTH], fr.Go(), D.RECEIVING),      # GO without COMPLETE/CONFIRM
+    ([HELLO, "welcome", AUTH], EXAMPLE[T.COMPLETE], D.RECEIVING),  # COMPLETE before STATE
+    ([HELLO, "welcome", AUTH, EXAMPLE[T.STATE]], EXAMPLE[T.STATE], D.STATE_LOADED),
+    ([HELLO, "welcome", AUTH, EXAMPLE[T.STATE]], EXAMPLE[T.PAGES], D.STATE_LOADED),
+    ([HELLO, "welcome", AUTH, EXAMPLE[T.STATE], EXAMPLE[T.COMPLETE]], fr.Go(), D.VERIFYING),  # before CONFIRM
 ])
 def test_destination_refuses_frames_out_of_order(frames, bad, state):
     conn = Connection(dest_machine())
@@ -384,8 +410,13 @@ def test_happy_path_hello_to_resumed(step, checksum):
     assert j.src.state == S.HANDSHAKE
     assert j.deliver_to_dst(step) == [HELLO]
     assert j.dst.state == D.NEGOTIATING and j.dst.ram_pages == RAM_PAGES
-    j.d(fr.Welcome(1))
-    assert j.deliver_to_src(step) == [fr.Welcome(1)]
+    j.d(WELCOME)
+    assert j.deliver_to_src(step) == [WELCOME]
+    assert (j.src.state, j.dst.state) == (S.AUTHENTICATING, D.AUTHENTICATING)
+    # the source proves the key before any page moves
+    j.s(AUTH)
+    assert j.src.state == S.PRECOPY
+    assert j.deliver_to_dst(step) == [AUTH]
     assert (j.src.state, j.dst.state) == (S.PRECOPY, D.RECEIVING)
     # precopy: a bulk pass and a dirty pass
     sent = [_data_pages(0, 4, 1), _pages([(4, 100)]), fr.PassEnd(0, 104),
@@ -421,9 +452,9 @@ def test_happy_path_hello_to_resumed(step, checksum):
     assert j.deliver_to_src(step) == [fr.Resumed()]
     assert (j.src.state, j.dst.state) == (S.DONE, D.RUNNING)
     assert j.src.machine.finished and j.dst.machine.finished
-    assert j.src.machine.history == [S.IDLE, S.HANDSHAKE, S.PRECOPY] + [S.PRECOPY] * 5 + [S.STOP_COPY] * 4 + \
-        [S.COMPLETING, S.VALIDATING, S.VALIDATING, S.VALIDATING, S.SWITCHING, S.DONE]
-    assert j.dst.machine.history == [D.WAIT_HELLO, D.NEGOTIATING, D.RECEIVING] + [D.RECEIVING] * 7 + \
+    assert j.src.machine.history == [S.IDLE, S.HANDSHAKE, S.AUTHENTICATING, S.PRECOPY] + [S.PRECOPY] * 5 + \
+        [S.STOP_COPY] * 4 + [S.COMPLETING, S.VALIDATING, S.VALIDATING, S.VALIDATING, S.SWITCHING, S.DONE]
+    assert j.dst.machine.history == [D.WAIT_HELLO, D.NEGOTIATING, D.AUTHENTICATING, D.RECEIVING] + [D.RECEIVING] * 7 + \
         [D.STATE_LOADED, D.VERIFYING, D.AWAIT_GO, D.AWAIT_GO, D.AWAIT_GO, D.RESUMING, D.RUNNING]
     for conn in (j.src, j.dst):
         assert conn._buffer.pending == 0
@@ -435,11 +466,12 @@ def test_joined_abort_mid_precopy_reaches_both_sides():
     j.deliver_to_dst()
     j.d(fr.Welcome(1))
     j.deliver_to_src()
+    j.s(AUTH)
     j.s(_data_pages(0, 1, 9))
     j.s(fr.Abort("user pressed Ctrl-C"))
     assert j.src.state == S.ABORTED
     got = j.deliver_to_dst()
-    assert got[-1] == fr.Abort("user pressed Ctrl-C")
+    assert got[0] == AUTH and got[-1] == fr.Abort("user pressed Ctrl-C")
     assert j.dst.state == D.ABORTED
     # The destination takes no more pages after that.
     with pytest.raises(ProtocolError, match="unexpected PAGES frame while the destination is in state aborted"):
@@ -457,12 +489,68 @@ def test_joined_destination_error_fails_the_source():
     assert j.src.state == S.FAILED
 
 
+def test_joined_source_refuses_the_destination_proof():
+    # The source checks WELCOME's proof before it sends AUTH: a wrong one is
+    # answered with ERROR from AUTHENTICATING, and no page can follow.
+    j = Join()
+    j.s(HELLO)
+    j.deliver_to_dst()
+    j.d(WELCOME)
+    assert j.deliver_to_src() == [WELCOME]
+    assert (j.src.state, j.dst.state) == (S.AUTHENTICATING, D.AUTHENTICATING)
+    refusal = fr.Error("auth", "the destination failed authentication: its shared key differs")
+    j.s(refusal)
+    assert j.src.state == S.FAILED
+    assert j.deliver_to_dst() == [refusal]
+    assert j.dst.state == D.FAILED
+    assert j.src.machine.history == [S.IDLE, S.HANDSHAKE, S.AUTHENTICATING, S.FAILED]
+    assert j.dst.machine.history == [D.WAIT_HELLO, D.NEGOTIATING, D.AUTHENTICATING, D.FAILED]
+    with pytest.raises(ProtocolError, match="unexpected PAGES frame while the destination is in state failed"):
+        j.dst.feed(wire(_data_pages(0, 1, 9)))
+
+
+def test_joined_destination_refuses_the_source_proof():
+    # The destination reads AUTH, finds the proof wrong and answers ERROR;
+    # the source (already past AUTH) fails on it.
+    j = Join()
+    j.s(HELLO)
+    j.deliver_to_dst()
+    j.d(WELCOME)
+    j.deliver_to_src()
+    j.s(AUTH)
+    assert j.deliver_to_dst() == [AUTH]
+    refusal = fr.Error("auth", "authentication failed: the source did not prove the shared key")
+    j.d(refusal)
+    assert j.dst.state == D.FAILED
+    assert j.deliver_to_src() == [refusal]
+    assert j.src.state == S.FAILED
+    with pytest.raises(RuntimeError, match="source cannot send PAGES in state failed"):
+        j.s(_data_pages(0, 1, 9))
+
+
+def test_joined_pages_before_auth_are_refused():
+    # A source that skips AUTH: its first page is a protocol error and the
+    # destination stays where it was (nothing is applied).
+    j = Join()
+    j.s(HELLO)
+    j.deliver_to_dst()
+    j.d(WELCOME)
+    j.deliver_to_src()
+    with pytest.raises(RuntimeError, match="source cannot send PAGES in state authenticating"):
+        j.s(_data_pages(0, 1, 9))
+    with pytest.raises(ProtocolError, match="unexpected PAGES frame while the destination is in state authenticating"):
+        j.dst.feed(wire(_data_pages(0, 1, 9)))
+    assert j.dst.state == D.AUTHENTICATING
+
+
 def test_joined_corruption_is_caught_at_the_frame():
     j = Join()
     j.s(HELLO)
     j.deliver_to_dst()
     j.d(fr.Welcome(1))
     j.deliver_to_src()
+    j.s(AUTH)
+    assert j.deliver_to_dst() == [AUTH]
     j.s(_data_pages(0, 2, 5))
     j.to_dst[fr.HEADER_SIZE + 100] ^= 0x10
     with pytest.raises(ProtocolError, match="PAGES frame failed its checksum"):
@@ -474,7 +562,7 @@ def test_joined_corruption_is_caught_at_the_frame():
 def test_data_channel_join_then_pages_only():
     src, dst = SIDES["data-source"][0](), SIDES["data-destination"][0]()
     src, dst = Connection(src), Connection(dst)
-    join = fr.Join("session-1", 1)
+    join = fr.Join("session-1", 1, b"\x05" * 32)
     assert dst.feed(b"".join(bytes(b) for b in src.send(join))) == [join]
     assert dst.ram_pages is None        # a data channel learns the RAM size from its main connection
     dst.ram_pages = RAM_PAGES
@@ -483,7 +571,7 @@ def test_data_channel_join_then_pages_only():
     frames = [_data_pages(0, 2, 1), fr.PassEnd(0, 2)]
     assert dst.feed(b"".join(bytes(b) for f in frames for b in src.send(f))) == frames
     # nothing but pages on a data channel
-    for f in (HELLO, EXAMPLE[T.STATE], EXAMPLE[T.COMPLETE], fr.Go()):
+    for f in (HELLO, AUTH, EXAMPLE[T.STATE], EXAMPLE[T.COMPLETE], fr.Go()):
         with pytest.raises(ProtocolError, match=f"unexpected {f.type.name} frame while the destination data channel"):
             dst.feed(wire(f))
     with pytest.raises(RuntimeError, match="source channel 1 cannot local pause"):
