@@ -210,7 +210,9 @@ def resolve(args):
             config.timeout_s = args.timeout
         if args.vm_uuid:
             config.vm_uuid = args.vm_uuid
-        if args.psk_file:
+        if args.psk_file is not None:
+            if not args.psk_file:
+                raise ConfigError("--psk-file is empty (an unset variable?); give the key file's path")
             config.psk_file = args.psk_file
         for option in ("tls_cert", "tls_key", "tls_ca"):
             if getattr(args, option):
@@ -228,6 +230,8 @@ def resolve(args):
         raise ConfigError(f"unknown workload {guest.workload!r}; known: {', '.join(WORKLOADS)}")
     if args.command == "validate":
         config.validate = "full"
+    from .auth import load_key
+    load_key(config.psk_file)  # unreadable or short keys are usage errors, caught before anything starts
     from .strategies import STRATEGIES
     if not guest.mte and config.strategy in STRATEGIES and STRATEGIES[config.strategy].vmm_prot_mte:
         raise ConfigError(f"strategy {config.strategy} maps guest RAM PROT_MTE, which needs an MTE guest "

@@ -185,7 +185,7 @@ def recovery_source_machine() -> StateMachine:
 
 
 def data_dest_machine() -> StateMachine:
-    return StateMachine("destination data channel", D.WAIT_HELLO, DATA_DEST_TABLE, D.FAILED, D.ABORTED, set())
+    return StateMachine("destination data channel", D.WAIT_HELLO, DATA_DEST_TABLE, D.FAILED, D.ABORTED, {D.RUNNING})
 
 
 class Connection:

@@ -68,6 +68,7 @@ class SourceVmm:
         paused_here = False
         self._address = address
         try:
+            auth.load_key(cfg.psk_file)  # a missing or short key fails here, before any connection
             sock = await connect(*address, cfg.timeout_s)
             conn = Connection(source_machine(), cfg.checksum)
             self.machine = conn.machine
@@ -215,6 +216,8 @@ class SourceVmm:
                 raise AuthError("the destination failed authentication: its shared key differs")
             await chan.send(fr.Auth(auth.proof(key, "source", reply.nonce, nonce, session)))
         else:
+            if reply.proof:
+                raise AuthError("authentication failed: the destination requires a shared key; start the source with the same --psk-file")
             await chan.send(fr.Auth(b""))
 
     async def _open_lane(self, index: int, address, session: str, limiter) -> SendLane:

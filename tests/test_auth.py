@@ -327,15 +327,14 @@ async def test_different_keys_are_refused_and_nothing_moves(hosts, listener, key
 
 
 async def test_source_without_key_is_refused_by_a_keyed_destination(hosts, listener, keys):
-    # One channel: with data channels the source opens them before it reads
-    # the destination's verdict on AUTH, and reports a timeout or "connection
-    # refused" instead of this error (a known defect, not covered here).
+    # The keyless source sees the destination's proof in WELCOME and refuses
+    # to go on; the destination learns why from its ERROR.
     src, dst = hosts.source(), hosts.dest()
     sres, dres, engine = await migrate_pair(src, dst, MigrationConfig(channels=1),
                                             MigrationConfig(psk_file=keys.k1, channels=1), listener)
     assert_refused(sres, dres, src, dst,
-                   ["authentication failed", "the source did not prove the shared key"],
-                   ["authentication failed: the source did not prove the shared key"])
+                   ["authentication failed", "requires a shared key"],
+                   ["authentication failed", "requires a shared key"])
     assert engine.machine.state == DestState.FAILED
 
 
@@ -549,3 +548,31 @@ def test_processes_with_different_keys_both_exit_1_with_an_authentication_error(
         assert "failed authentication: its shared key differs" in r["error"]
         assert r["ram"]["normal_pages"] == 0
     assert json.loads((tmp_path / "source.json").read_text())["guest_on"] == "source"
+
+
+async def test_source_without_key_and_data_channels_reports_the_refusal(hosts, listener, keys):
+    """A keyless source sees the destination's proof in WELCOME and stops at
+    once with the reason, before it opens data channels or sends a page."""
+    src, dst = hosts.source(), hosts.dest()
+    sres, dres, engine = await migrate_pair(src, dst, MigrationConfig(channels=2),
+                                            MigrationConfig(psk_file=keys.k1, channels=2), listener)
+    assert_refused(sres, dres, src, dst,
+                   ["authentication failed", "requires a shared key"],
+                   ["authentication failed"])
+
+
+def test_cli_source_without_key_reports_the_refusal(tmp_path, keys):
+    dest = _popen("dest", "--listen", "127.0.0.1:0", "--ram", "32MiB", "--psk-file", keys.k1)
+    source = None
+    try:
+        ready, _, _ = select.select([dest.stdout], [], [], 180)
+        assert ready
+        line = dest.stdout.readline().strip()
+        source = _popen("source", "--connect", line.removeprefix("listening on "), "--ram", "32MiB")
+        _, src_err = source.communicate(timeout=180)
+        dest.communicate(timeout=180)
+    finally:
+        _kill(source)
+        _kill(dest)
+    assert source.returncode == 1
+    assert "requires a shared key" in src_err, src_err
