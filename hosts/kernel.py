@@ -239,12 +239,15 @@ class Vm:
         """KVM_GET_DIRTY_LOG: return the slot's dirty pages and clear the log
         (write-protecting the pages again) atomically against guest stores."""
         self.counters.add("syscalls.kvm_get_dirty_log")
+        return self._get_and_clear(self._dirty, slot, "dirty logging")
+
+    def _get_and_clear(self, logs: dict, slot: int, what: str) -> DirtyLog:
         if not 0 <= slot < len(self.memslots):
             raise einval(f"no memslot {slot}")
         with self.mmu_lock:
-            bitmap = self._dirty.get(slot)
+            bitmap = logs.get(slot)
             if bitmap is None:
-                raise KernelError("ENOENT", f"dirty logging is not enabled on memslot {slot}")
+                raise KernelError("ENOENT", f"{what} is not enabled on memslot {slot}")
             snapshot = bytes(bitmap)
             bitmap[:] = bytes(len(bitmap))
         return DirtyLog(self.memslots[slot], snapshot)
@@ -265,13 +268,7 @@ class Vm:
     def get_tag_dirty_log(self, slot: int) -> DirtyLog:
         """Proposed KVM_GET_TAG_DIRTY_LOG: get-and-clear, as KVM_GET_DIRTY_LOG."""
         self.counters.add("syscalls.kvm_get_tag_dirty_log")
-        with self.mmu_lock:
-            bitmap = self._tag_dirty.get(slot)
-            if bitmap is None:
-                raise KernelError("ENOENT", f"tag dirty logging is not enabled on memslot {slot}")
-            snapshot = bytes(bitmap)
-            bitmap[:] = bytes(len(bitmap))
-        return DirtyLog(self.memslots[slot], snapshot)
+        return self._get_and_clear(self._tag_dirty, slot, "tag dirty logging")
 
     def _mark_tag_store(self, first_page: int, end_page: int) -> None:
         # Caller holds mmu_lock.  A tag store is a store: it dirties the page
