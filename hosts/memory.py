@@ -68,13 +68,13 @@ class GuestMemory:
 
     # -- storing -------------------------------------------------------------
     def write(self, offset: int, data) -> None:
-        """Store ``data`` at RAM byte ``offset``.  Normally a memcpy into the
-        mapping; a large store that starts in never-populated RAM is a
-        pwrite() on the backing file instead: the same bytes land in the same
-        pages, but the host kernel allocates them without taking a page fault
-        for each (about half the cost of first-touch faults on tmpfs)."""
+        """Store ``data`` at RAM byte ``offset``.  A small store is a memcpy
+        into the mapping; a large one is a pwrite() on the backing file: the
+        same bytes land in the same (shared) pages, and never-populated pages
+        are allocated without a page fault each (about half the cost of
+        first-touch faults on tmpfs), while populated ones are a plain copy."""
         n = len(data)
-        if n >= _PWRITE_MIN and self._hole_at(offset):
+        if n >= _PWRITE_MIN:
             view = memoryview(data).cast("B")
             fd = self._data_fd
             while view:
@@ -82,14 +82,6 @@ class GuestMemory:
                 view, offset = view[k:], offset + k
         else:
             self.data[offset:offset + n] = data
-
-    def _hole_at(self, offset: int) -> bool:
-        """Whether the page at ``offset`` was never populated (SEEK_DATA, which
-        returns at once for a populated page and skips holes in bulk)."""
-        try:
-            return os.lseek(self._data_fd, offset, os.SEEK_DATA) != offset
-        except OSError:  # ENXIO: no data at or after offset
-            return True
 
     # -- loading -------------------------------------------------------------
     def load_image(self, path: str, offset: int = 0, repeat: bool = False) -> int:
