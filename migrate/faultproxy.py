@@ -589,6 +589,10 @@ class ProxyThread:
         self._ready.set()
         self._loop.run_forever()
         self._loop.run_until_complete(self.proxy.close())
+        rest = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
+        for t in rest:
+            t.cancel()
+        self._loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
         self._loop.close()
 
     @property
