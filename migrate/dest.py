@@ -61,6 +61,9 @@ class DestVmm:
         self._key = auth.load_key(config.psk_file)
         self._nonce = b""
         self._recover_future: asyncio.Future | None = None
+        self._lingering: asyncio.Future | None = None
+        self._handshaking = False
+        self._ready = asyncio.Event()
         self._tls = tls.from_options(config.tls_cert, config.tls_key, config.tls_ca)
 
     async def serve(self, listener: socket.socket) -> dict:
@@ -101,14 +104,21 @@ class DestVmm:
         chan = FrameChannel(sock, conn, min(self.config.timeout_s, 5.0), io=io)
         try:
             hello = self.hello
-            in_doubt = self._recover_future is not None and not self._recover_future.done()
+            in_doubt = any(f is not None and not f.done() for f in (self._recover_future, self._lingering))
             if hello is not None and len(self._lanes) >= hello.channels - 1 and not in_doubt:
                 # Every data channel is here: whoever this is, we are busy.
                 raise ProtocolError("this destination is already receiving a migration")
             frame = await chan.recv()
+            if frame.type == T.JOIN and self.hello is None and self._handshaking:
+                # The source opens data channels right after AUTH, which we
+                # may not have read yet: wait for the handshake to finish.
+                async with asyncio.timeout(self.config.timeout_s):
+                    await self._ready.wait()
             hello = self.hello
             if frame.type == T.RECOVER:
-                self._take_recover(frame, chan)
+                await self._take_recover(frame, chan)
+                if self.resumed and getattr(self, "_lingering", None) is not None and not self._lingering.done():
+                    self._lingering.set_result(True)  # the source knows now
                 return
             if frame.type == T.HELLO:
                 raise ProtocolError("this destination is already receiving a migration")
@@ -175,14 +185,43 @@ class DestVmm:
             lane["bytes"] = chan.bytes_received
             chan.close()
 
-    def _take_recover(self, frame, chan) -> None:
-        """A RECOVER for the session in doubt: hand it to the waiting receive()."""
-        future = self._recover_future
-        if future is None or future.done() or self.hello is None or frame.session != self.hello.session:
+    async def _take_recover(self, frame, chan) -> None:
+        """A RECOVER for our session: hand it to the waiting receive(), or,
+        if the guest already runs here, confirm that again."""
+        if self.hello is None or frame.session != self.hello.session:
             raise ProtocolError("no migration is in doubt for that session")
         if self._key is not None and not auth.check(self._key, frame.proof, "recover", frame.session, frame.decision):
             raise AuthError("RECOVER failed authentication")
+        if self.resumed:
+            if frame.decision != "go":
+                raise ProtocolError("the guest already runs here: it cannot be aborted")
+            try:
+                async with asyncio.timeout(self.config.timeout_s):
+                    await chan.send(fr.Resumed())
+            finally:
+                chan.close()
+            return
+        future = self._recover_future
+        if future is None or future.done():
+            raise ProtocolError("no migration is in doubt for that session")
         future.set_result((frame.decision, chan))
+
+    async def _linger(self, chan) -> None:
+        """After RESUMED: the source closes its connection once it has read
+        it.  If that clean close does not come, RESUMED may be lost: stay
+        reachable for a while so the source's RECOVER go is answered."""
+        try:
+            await chan.recv(timeout=self.config.timeout_s)
+        except TransportError as exc:
+            if "closed the connection between frames" in str(exc):
+                return  # the source read RESUMED and hung up
+        except MigrationError:
+            pass
+        self._lingering = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._lingering, max(30.0, 3 * self.config.timeout_s))
+        except TimeoutError:
+            pass
 
     async def _in_doubt(self, cause: MigrationError) -> bool:
         """The connection broke after CONFIRM and before GO: the source may
@@ -288,8 +327,10 @@ class DestVmm:
             # Read by _recv_control when it matters; never "unretrieved".
             self._lane_failure.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._lane_progress = asyncio.Event()
+            self._handshaking = True
             await self._authenticate(chan, hello)
             self.hello = hello
+            self._ready.set()
             res["setup_time_ms"] = _ms(time.perf_counter() - t_start)
             state = None
             while True:
@@ -313,8 +354,12 @@ class DestVmm:
                     await chan.send(fr.Inspection(frame.chunks, detail))
                 elif ftype == T.GO:
                     self._resume()
-                    await chan.send(fr.Resumed())
                     res["status"] = "completed"
+                    try:
+                        await chan.send(fr.Resumed())
+                    except MigrationError:
+                        pass  # the source will ask again (RECOVER go): we linger for it
+                    await self._linger(chan)
                     break
                 elif ftype == T.ERROR:
                     raise PeerError(f"source: {frame.message}", frame.code)
@@ -323,7 +368,9 @@ class DestVmm:
         except asyncio.CancelledError:
             self._fail(Cancelled("cancelled by the user"), chan)
         except MigrationError as exc:
-            if isinstance(exc, TransportError) and self.machine.state == DestState.AWAIT_GO:
+            # After CONFIRM, a broken or garbled stream may have carried GO:
+            # only the source's own ERROR or ABORT says it kept the guest.
+            if self.machine.state == DestState.AWAIT_GO and not isinstance(exc, (PeerError, Cancelled)):
                 try:
                     if await self._in_doubt(exc):
                         res["status"], res["error"] = "completed", None

@@ -52,6 +52,11 @@ class InDoubt(MigrationError):
     code = "in-doubt"
 
 
+class DestinationGone(TransportError):
+    """Nothing listens where the destination was: its VMM is gone."""
+    code = "gone"
+
+
 class ValidationFailed(MigrationError):
     """The destination's memory, tags or vCPU state differ from the source's."""
     code = "validation"

@@ -4,7 +4,9 @@ resumes here with memory and tags untouched."""
 
 import asyncio
 import logging
+import os
 import secrets
+import signal
 import time
 
 from hosts.constants import GRANULE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
@@ -15,7 +17,7 @@ from .compression import Compressor
 from .convergence import AutoConverge, DowntimeOrPassLimit
 from .digest import MemoryDigest, chunk_count, page_detail, state_digest
 from . import auth
-from .errors import AuthError, Cancelled, InDoubt, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
+from .errors import AuthError, Cancelled, DestinationGone, InDoubt, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
 from .channels import LoopThread, SendLane, partition
 from .machine import Connection, SourceState, data_source_machine, recovery_source_machine, source_machine
 from .pages import BatchBuilder, BatchStats, runs
@@ -166,7 +168,10 @@ class SourceVmm:
             except MigrationError as lost:
                 # The one window where neither side can be sure: tell the
                 # destination again, on a new connection, that it owns the guest.
-                await self._recover(address, "go", lost)
+                if not await self._settle_lost_go(address, lost):
+                    self.handed_over = False  # _finish resumes the guest here
+                    raise DestinationGone(f"GO was lost and the destination is gone ({one_line(lost)}); "
+                                          f"the guest resumed on the source") from None
                 res["recovered"] = True
             t_resumed = time.perf_counter()
             res["downtime_ms"] = _ms(t_resumed - t_pause)
@@ -178,7 +183,7 @@ class SourceVmm:
             self._fail(Cancelled("cancelled by the user"))
         except InDoubt as exc:
             self._fail(exc)
-            res["guest_on"] = "destination (in doubt: paused there with its full state; see the error)"
+            res["guest_on"] = "unknown (in doubt: see the error)"
         except MigrationError as exc:
             self._fail(exc)
         except Exception as exc:  # a bug: still never lose the guest
@@ -249,6 +254,8 @@ class SourceVmm:
         for lane, thread in zip(self.lanes[1:], self._threads):
             jobs.append(thread.submit(lane.send_share(pass_no, shares[lane.index], tag_shares[lane.index],
                                                       self._check_peer_from_thread)))
+        for job in jobs:  # the first failure is raised below; the others are only read
+            job.add_done_callback(lambda j: j.cancelled() or j.exception())
 
         def progress(force=False):
             done = sum(lane.pages_done - s0 for lane, s0 in zip(self.lanes, start_done))
@@ -278,13 +285,15 @@ class SourceVmm:
                             "wire_bytes": pass_stats.data_wire + pass_stats.tag_wire})
         progress(force=True)
 
-    async def _recover(self, address, decision: str, cause: MigrationError) -> None:
+    async def _recover(self, address, decision: str, cause: MigrationError, patience: float | None = None) -> None:
         """Send RECOVER(decision) on fresh connections until the destination
-        answers (RESUMED for "go"), for up to three timeouts."""
+        answers (RESUMED for "go"), for up to ``patience`` seconds (three
+        timeouts).  Raises DestinationGone if every attempt was refused
+        (nothing listens: the destination VMM is gone), else InDoubt."""
         cfg = self.config
         key = auth.load_key(cfg.psk_file)
-        deadline = time.monotonic() + 3 * cfg.timeout_s
-        last = cause
+        deadline = time.monotonic() + (3 * cfg.timeout_s if patience is None else patience)
+        last, refused = cause, True
         while time.monotonic() < deadline:
             chan = None
             try:
@@ -301,16 +310,68 @@ class SourceVmm:
                 return
             except MigrationError as exc:
                 last = exc
+                refused = refused and getattr(exc, "refused", False)
                 await asyncio.sleep(0.5)
             finally:
                 if chan is not None:
                     chan.close()
-        if decision == "go":
-            host, port = address
-            raise InDoubt(
-                f"GO was sent but the destination never confirmed ({one_line(last)}); it holds the validated "
-                f"guest paused: resume it there with `mte-migrate resolve --connect {host}:{port} "
-                f"--session {self._session} go`")
+        if refused:
+            raise DestinationGone(one_line(last))
+        raise InDoubt(one_line(last))
+
+    async def _settle_lost_go(self, address, lost: MigrationError) -> bool:
+        """GO went out but RESUMED did not come back.  Returns True once the
+        destination confirms it runs the guest; False when the guest is to
+        resume here.  Raises InDoubt when nobody can tell."""
+        try:
+            await self._recover(address, "go", lost)
+            return True
+        except DestinationGone as gone:
+            # Nothing listens where the destination VMM was: it is gone, and
+            # the guest with it -- the paused copy here is the only one left.
+            self.progress.message(f"the destination is gone ({gone}); resuming the guest here")
+            self.result["in_doubt"] = {"session": self._session, "resolution": "destination gone: resumed here"}
+            return False
+        except InDoubt as doubt:
+            return await self._hold_for_operator(address, doubt)
+
+    async def _hold_for_operator(self, address, doubt: MigrationError) -> bool:
+        """The destination is silent, not gone: it may be running the guest.
+        Keep the paused guest and its full state here, keep asking the
+        destination, and let the operator decide with a signal."""
+        hold = max(30.0, 3 * self.config.timeout_s)
+        host, port = address
+        word = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, word.set)
+        self.result["in_doubt"] = {"session": self._session, "held_s": hold}
+        self.progress.message(
+            f"IN DOUBT: GO was sent and {host}:{port} does not answer ({doubt}). The guest is paused HERE with "
+            f"its full state for {hold:.0f} s. If the destination is not running it, resume it here with "
+            f"`kill -USR1 {os.getpid()}`; if it is, do nothing.")
+        deadline = time.monotonic() + hold
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    await asyncio.wait_for(word.wait(), 2.0)
+                    self.result["in_doubt"]["resolution"] = "operator: resumed here"
+                    return False
+                except TimeoutError:
+                    pass
+                try:
+                    await self._recover(address, "go", doubt, patience=1.0)
+                    self.result["in_doubt"]["resolution"] = "destination answered later"
+                    return True
+                except DestinationGone:
+                    self.result["in_doubt"]["resolution"] = "destination gone: resumed here"
+                    return False
+                except InDoubt:
+                    pass
+        finally:
+            loop.remove_signal_handler(signal.SIGUSR1)
+        raise InDoubt(f"GO was sent and the destination never confirmed ({doubt}); after {hold:.0f} s nobody "
+                      f"said where the guest runs, so this source gives up its paused copy; the destination may "
+                      f"hold it: `mte-migrate resolve --connect {host}:{port} --session {self._session} go`")
 
     def _check_peer_from_thread(self) -> None:
         """From a channel thread: stop sending once the destination has spoken
@@ -410,7 +471,10 @@ class SourceVmm:
         if task is None:
             return await chan.recv()
         try:
-            frame = await asyncio.wait_for(asyncio.shield(task), self.config.timeout_s + 60)
+            # The destination digests the chunks of the final pass before it
+            # answers; allow for that at a pessimistic 250 MB/s, no more.
+            allowance = self.host.memory.size / 250e6
+            frame = await asyncio.wait_for(asyncio.shield(task), self.config.timeout_s + allowance)
         except TimeoutError:
             task.cancel()
             raise TransportError("the destination did not confirm in time") from None
@@ -453,10 +517,10 @@ class SourceVmm:
             self._peer_task = None
         if chan is not None:
             chan.close()
+        for thread in self._threads:  # cancel what still runs there, then close its socket
+            thread.stop()
         for lane in self.lanes[1:]:
             lane.chan.close()
-        for thread in self._threads:
-            thread.stop()
         for slot in host.vm.memslots:
             if host.vm.dirty_logging():
                 host.vm.disable_dirty_logging(slot.slot)

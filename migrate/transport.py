@@ -8,6 +8,7 @@ the batch scratch) with loop.sock_sendall.  Every receive is bounded in time
 before the payload is read)."""
 
 import asyncio
+import errno
 import os
 import socket
 import time
@@ -137,7 +138,10 @@ async def connect(host: str, port: int, timeout: float) -> socket.socket:
         reason = os.strerror(last.errno).lower()
     else:
         reason = str(last)
-    raise TransportError(f"cannot open a connection to {host}:{port}: {reason}")
+    error = TransportError(f"cannot open a connection to {host}:{port}: {reason}")
+    # Nothing listens there: the peer process is gone (not merely silent).
+    error.refused = getattr(last, "errno", None) == errno.ECONNREFUSED
+    raise error
 
 
 def tune(sock: socket.socket) -> None:

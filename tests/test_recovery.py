@@ -67,9 +67,10 @@ async def test_lost_go_is_recovered_on_a_new_connection(monkeypatch):
         dst.close()
 
 
-async def test_lost_go_with_unreachable_destination_is_reported_in_doubt(monkeypatch):
-    """If the destination cannot be reached again, the source still never
-    resumes: it reports the guest as the destination's, with the command."""
+async def test_lost_go_with_the_destination_gone_resumes_here(monkeypatch):
+    """GO is lost and nothing listens where the destination was any more: its
+    VMM is gone, and the guest with it.  The paused copy on the source is the
+    only one left, so the source resumes it -- never on two hosts."""
     src, dst = _hosts()
     config = MigrationConfig(timeout_s=1.0, channels=1)
     from migrate import transport
@@ -79,7 +80,7 @@ async def test_lost_go_with_unreachable_destination_is_reported_in_doubt(monkeyp
 
     async def send(self, frame):
         if frame.type == fr.FrameType.GO:
-            listener.close()          # nobody will answer a new connection
+            listener.close()          # the destination VMM dies with the GO in flight
             dest_task.cancel()
             self.close()
             from migrate.errors import TransportError
@@ -90,10 +91,63 @@ async def test_lost_go_with_unreachable_destination_is_reported_in_doubt(monkeyp
     try:
         sres = await asyncio.wait_for(SourceVmm(src, config).migrate(("127.0.0.1", port)), 60)
         assert sres["status"] == "failed"
-        assert "mte-migrate resolve" in sres["error"] and "go" in sres["error"]
-        assert sres["guest_on"].startswith("destination")
-        assert not src.vcpus.running  # given up: never resumed here
+        assert "destination is gone" in sres["error"]
+        assert sres["guest_on"] == "source" and src.vcpus.running
+        assert not dst.vcpus.running
     finally:
         dest_task.cancel()
+        src.close()
+        dst.close()
+
+
+async def test_lost_go_with_a_silent_destination_waits_for_the_operator(monkeypatch):
+    """GO is lost and the destination accepts connections but says nothing:
+    it may be running the guest.  The source keeps the paused guest and waits;
+    the operator's SIGUSR1 (the command the source prints) resumes it here."""
+    import os
+    import signal
+    src, dst = _hosts()
+    config = MigrationConfig(timeout_s=1.0, channels=1)
+    from migrate import transport
+    real_send = transport.FrameChannel.send
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    silent_port = silent.getsockname()[1]
+
+    async def send(self, frame):
+        if frame.type == fr.FrameType.GO:
+            dest_task.cancel()
+            self.close()
+            from migrate.errors import TransportError
+            raise TransportError("simulated: link cut while sending GO")
+        return await real_send(self, frame)
+    monkeypatch.setattr(transport.FrameChannel, "send", send)
+    dest_task = asyncio.ensure_future(DestVmm(dst, config).serve(listener))
+    engine = SourceVmm(src, config)
+    real_settle = engine._settle_lost_go
+
+    async def settle(address, lost):   # the destination is now behind a silent address
+        return await real_settle(("127.0.0.1", silent_port), lost)
+    engine._settle_lost_go = settle
+    task = asyncio.ensure_future(engine.migrate(("127.0.0.1", port)))
+    try:
+        for _ in range(200):
+            await asyncio.sleep(0.1)
+            if engine.result.get("in_doubt", {}).get("held_s"):
+                break
+        assert not src.vcpus.running, "held paused while in doubt"
+        await asyncio.sleep(0.5)
+        assert not task.done()
+        os.kill(os.getpid(), signal.SIGUSR1)   # the operator: the destination is not running it
+        sres = await asyncio.wait_for(task, 30)
+        assert sres["status"] == "failed"
+        assert sres["in_doubt"]["resolution"] == "operator: resumed here"
+        assert sres["guest_on"] == "source" and src.vcpus.running
+    finally:
+        task.cancel()
+        dest_task.cancel()
+        listener.close()
+        silent.close()
         src.close()
         dst.close()
