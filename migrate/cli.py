@@ -54,6 +54,8 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--channels", type=int, metavar="N", help="data connections, like multifd (default 2)")
     m.add_argument("--no-checksum", action="store_true", help="no CRC32 per frame")
     m.add_argument("--timeout", type=float, metavar="S", help="peer silent this long is dead (default 10)")
+    m.add_argument("--in-doubt-hold", type=float, metavar="S",
+                   help="if the last confirmation is lost, keep the paused guest this long for an operator (default 60)")
     m.add_argument("--vm-uuid", help="identity of the guest (checked by a destination started with --expect-uuid)")
     m.add_argument("--psk-file", metavar="FILE", help="shared key: both sides must prove it before any guest byte moves")
     m.add_argument("--tls-cert", metavar="PEM", help="this side's TLS certificate (with --tls-key and --tls-ca: mutual TLS 1.3)")
@@ -210,6 +212,8 @@ def resolve(args):
             config.timeout_s = args.timeout
         if args.vm_uuid:
             config.vm_uuid = args.vm_uuid
+        if args.in_doubt_hold is not None:
+            config.in_doubt_hold_s = args.in_doubt_hold
         if args.psk_file is not None:
             if not args.psk_file:
                 raise ConfigError("--psk-file is empty (an unset variable?); give the key file's path")

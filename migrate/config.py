@@ -41,6 +41,10 @@ class MigrationConfig:
     """A peer silent for this long is declared dead."""
     vm_uuid: str = ""
     """Identity of the guest; a destination told to expect one refuses others."""
+    in_doubt_hold_s: float = 60.0
+    """How long a side that may own the guest after a lost confirmation keeps
+    it paused, waiting to be told (the source: a signal; the destination:
+    `mte-migrate resolve`)."""
     tls_cert: str | None = None
     """TLS certificate (PEM) of this side; with tls_key and tls_ca: mutual TLS 1.3."""
     tls_key: str | None = None
@@ -77,6 +81,8 @@ class MigrationConfig:
             raise ConfigError(f"validate must be 'digest' or 'full', got {self.validate!r}")
         if self.timeout_s <= 0:
             raise ConfigError("timeout must be positive")
+        if self.in_doubt_hold_s <= 0:
+            raise ConfigError("in-doubt hold must be positive")
         return self
 
     def to_dict(self) -> dict:

@@ -6,6 +6,7 @@ and never resumes a partial guest."""
 import asyncio
 import logging
 import socket
+import sys
 import time
 
 from hosts.constants import GRANULE, PAGE_SIZE
@@ -219,7 +220,7 @@ class DestVmm:
             pass
         self._lingering = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(self._lingering, max(30.0, 3 * self.config.timeout_s))
+            await asyncio.wait_for(self._lingering, self.config.in_doubt_hold_s)
         except TimeoutError:
             pass
 
@@ -228,11 +229,13 @@ class DestVmm:
         or may not have given the guest up.  Keep the validated guest paused
         and wait for the source (or an operator) to say which.  Returns True
         once resumed here."""
-        wait = max(30.0, 3 * self.config.timeout_s)
+        wait = self.config.in_doubt_hold_s
         self._recover_future = asyncio.get_running_loop().create_future()
-        self.progress.message(
-            f"in doubt after: {one_line(cause)}; the validated guest is paused here for up to {wait:.0f} s; "
-            f"resolve with `mte-migrate resolve --connect HOST:PORT --session {self.hello.session} go|abort`")
+        # An operator alert, not progress: always on stderr.
+        print(f"mte-migrate dest: IN DOUBT after: {one_line(cause)}; the validated guest is paused HERE for up to "
+              f"{wait:.0f} s; if the source gave it up, resume it here with `mte-migrate resolve --connect "
+              f"THIS-HOST:PORT --session {self.hello.session} go` (or `abort` if the source kept it)",
+              file=sys.stderr, flush=True)
         self.result["in_doubt"] = {"session": self.hello.session, "cause": one_line(cause)}
         try:
             decision, chan = await asyncio.wait_for(self._recover_future, wait)

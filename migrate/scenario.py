@@ -31,7 +31,7 @@ strategy = "tag-ioctl"
 _GUEST_KEYS = {"ram", "vcpus", "mte", "workload", "rate", "seed", "params", "image", "image_offset", "image_repeat"}
 _MIGRATION_KEYS = {"strategy", "compression", "max_bandwidth", "downtime_limit_ms", "max_passes",
                    "auto_converge", "throttle_initial", "throttle_increment", "throttle_max",
-                   "batch_pages", "tag_batch_pages", "channels", "checksum", "validate", "timeout_s", "vm_uuid", "psk_file", "tls_cert", "tls_key", "tls_ca"}
+                   "batch_pages", "tag_batch_pages", "channels", "checksum", "validate", "timeout_s", "vm_uuid", "in_doubt_hold_s", "psk_file", "tls_cert", "tls_key", "tls_ca"}
 # The TOML types each key takes, and how to say so (keys not listed are
 # converted by parse()).
 _INT, _NUMBER = ((int,), "an integer"), ((int, float), "a number")

@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import time
 
 from hosts.constants import GRANULE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
@@ -292,7 +293,7 @@ class SourceVmm:
         (nothing listens: the destination VMM is gone), else InDoubt."""
         cfg = self.config
         key = auth.load_key(cfg.psk_file)
-        deadline = time.monotonic() + (3 * cfg.timeout_s if patience is None else patience)
+        deadline = time.monotonic() + (2 * cfg.timeout_s if patience is None else patience)
         last, refused = cause, True
         while time.monotonic() < deadline:
             chan = None
@@ -304,14 +305,14 @@ class SourceVmm:
                 await chan.send(fr.Recover(self._session, decision, proof))
                 if decision == "abort":
                     return
-                reply = await chan.recv()
+                reply = await chan.recv(timeout=max(0.5, min(cfg.timeout_s, deadline - time.monotonic())))
                 if reply.type == fr.FrameType.ERROR:
                     raise PeerError(f"destination: {reply.message}", reply.code)
                 return
             except MigrationError as exc:
                 last = exc
                 refused = refused and getattr(exc, "refused", False)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
             finally:
                 if chan is not None:
                     chan.close()
@@ -339,27 +340,30 @@ class SourceVmm:
         """The destination is silent, not gone: it may be running the guest.
         Keep the paused guest and its full state here, keep asking the
         destination, and let the operator decide with a signal."""
-        hold = max(30.0, 3 * self.config.timeout_s)
+        hold = self.config.in_doubt_hold_s
         host, port = address
         word = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, word.set)
         self.result["in_doubt"] = {"session": self._session, "held_s": hold}
-        self.progress.message(
-            f"IN DOUBT: GO was sent and {host}:{port} does not answer ({doubt}). The guest is paused HERE with "
-            f"its full state for {hold:.0f} s. If the destination is not running it, resume it here with "
-            f"`kill -USR1 {os.getpid()}`; if it is, do nothing.")
+        # An operator alert, not progress: always on stderr.
+        print(f"mte-migrate source: IN DOUBT: GO was sent and {host}:{port} does not answer ({doubt}). The guest "
+              f"is paused HERE with its full state for {hold:.0f} s (session {self._session}). If the destination "
+              f"is not running it, resume it here with `kill -USR1 {os.getpid()}`; if it is, do nothing.",
+              file=sys.stderr, flush=True)
         deadline = time.monotonic() + hold
         try:
             while time.monotonic() < deadline:
                 try:
-                    await asyncio.wait_for(word.wait(), 2.0)
+                    await asyncio.wait_for(word.wait(), min(2.0, max(0.1, deadline - time.monotonic())))
                     self.result["in_doubt"]["resolution"] = "operator: resumed here"
                     return False
                 except TimeoutError:
                     pass
+                if time.monotonic() >= deadline:
+                    break
                 try:
-                    await self._recover(address, "go", doubt, patience=1.0)
+                    await self._recover(address, "go", doubt, patience=min(2.0, deadline - time.monotonic()))
                     self.result["in_doubt"]["resolution"] = "destination answered later"
                     return True
                 except DestinationGone:
