@@ -16,6 +16,7 @@ _ZERO_TAG_PAGE = bytes(PACKED_TAGS_PER_PAGE)
 _DATA_BIT = bytes(0 if b & (fr.PAGE_ZERO | fr.PAGE_KEEP) else 1 for b in range(256))  # 1 = data on the wire
 _ZERO_BIT = bytes(1 if b & fr.PAGE_ZERO else 0 for b in range(256))   # 1 = all-zero data
 _TAGS_BIT = bytes(1 if b & fr.PAGE_TAGS else 0 for b in range(256))   # 1 = tags on the wire
+_ADD_TAGS = bytes((b | fr.PAGE_TAGS) & 0xFF for b in range(256))
 
 
 def runs(bits: bytes, value: int = 1):
@@ -69,6 +70,11 @@ def packed_tags_blob(flags: bytearray, packed, n: int) -> tuple[bytes, int]:
     PAGE_TAGS in ``flags``); returns (blob, count)."""
     if packed is None or all_zero(packed):
         return b"", 0
+    if bytes(packed).find(_ZERO_TAG_PAGE) < 0:
+        # Not even an unaligned run of 128 zero bytes: every page has tags
+        # (the common case of a tagged heap) -- flag them all in bulk.
+        flags[:] = flags.translate(_ADD_TAGS)
+        return bytes(packed), n
     keep = []
     for p in range(n):
         t = packed[p * PACKED_TAGS_PER_PAGE:(p + 1) * PACKED_TAGS_PER_PAGE]
