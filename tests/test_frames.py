@@ -504,8 +504,6 @@ def test_pages_field_checks(meta, payload, match):
 
 
 def test_pages_flags_zero_and_keep_together_are_refused():
-    if not hasattr(fr, "PAGE_KEEP"):
-        pytest.skip("no PAGE_KEEP flag")
     _expect(T.PAGES, pages_meta([(0, 1)], bytes([fr.PAGE_ZERO | fr.PAGE_KEEP])), "PAGES batch has an unknown page flag")
 
 

@@ -559,7 +559,6 @@ def test_joined_corruption_is_caught_at_the_frame():
     assert j.dst.state == D.RECEIVING  # the caller decides to fail; nothing was applied
 
 
-@pytest.mark.skipif("data-source" not in SIDES, reason="no extra data connections")
 def test_data_channel_join_then_pages_only():
     src, dst = SIDES["data-source"][0](), SIDES["data-destination"][0]()
     src, dst = Connection(src), Connection(dst)

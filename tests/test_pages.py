@@ -383,7 +383,6 @@ def test_none_strategy_round_trip_loses_tags_only(pair):
     assert same_guest(src, dst) == (True, False)
 
 
-@pytest.mark.skipif(not hasattr(fr, "PAGE_KEEP"), reason="no tags-only batches")
 def test_tags_only_batch_keeps_data_and_moves_tags(blank_pair):
     src, dst = blank_pair
     write(src, 20, b"\x20" * (3 * PAGE))
@@ -408,7 +407,6 @@ def test_tags_only_batch_keeps_data_and_moves_tags(blank_pair):
     assert same_guest(src, dst) == (True, True)
 
 
-@pytest.mark.skipif(not hasattr(fr, "PAGE_KEEP"), reason="no tags-only batches")
 def test_keep_pages_carry_no_data(blank_pair):
     _, dst = blank_pair
     applier = _applier(dst)

@@ -146,8 +146,7 @@ def test_load_none_is_the_default():
 
 
 def test_default_file_matches_the_builtin_where_it_matters():
-    if "default" not in scen.available():
-        pytest.skip("no scenarios/default.toml")
+    assert "default" in scen.available()
     f, b = scen.load("default"), scen.builtin_default()
     assert (f.guest.ram, f.guest.workload, f.migration.strategy) == (b.guest.ram, b.guest.workload, b.migration.strategy)
 
