@@ -16,7 +16,7 @@ from .tags import all_zero
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 # Stores at least this large that start in never-populated RAM go through
 # pwrite() (see GuestMemory.write).
-_PWRITE_MIN = 64 << 10
+_PWRITE_MIN = 4096  # a pwrite beats a page fault per page already for one page
 
 
 class GuestMemory:
@@ -57,6 +57,27 @@ class GuestMemory:
             ranges.append((start // PAGE_SIZE, -(-hole // PAGE_SIZE)))
             offset = hole
         return ranges
+
+    def has_data(self, first_page: int, end_page: int) -> bool:
+        """Whether any page in the range was ever populated (one SEEK_DATA)."""
+        try:
+            return os.lseek(self._data_fd, first_page * PAGE_SIZE, os.SEEK_DATA) < end_page * PAGE_SIZE
+        except OSError:  # ENXIO: no data at or after the offset
+            return False
+
+    def read_into(self, offset: int, buf) -> int:
+        """Copy RAM at ``offset`` into ``buf`` with pread(): a page that was
+        never populated reads as zeros and stays unpopulated (a load through
+        the mapping would allocate it)."""
+        view = memoryview(buf).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._data_fd, [view[done:]], offset + done)
+            if n == 0:
+                view[done:] = bytes(len(view) - done)
+                break
+            done += n
+        return len(view)
 
     def populated_pages(self) -> int:
         return sum(e - s for s, e in self.populated_ranges())

@@ -2,16 +2,17 @@
 kernel's storage -- never through a tag strategy -- for validation.
 
 RAM is cut into 1 MiB chunks (256 pages).  A chunk's data CRC covers its
-bytes, with never-populated pages counted as zeros without reading them (a
-read would populate them); its tag CRC covers the *effective* tags: packed
+bytes, read with pread() so that never-populated pages read as zeros without
+being populated (a load through the mapping would allocate them), and a chunk
+with no data at all is not read; its tag CRC covers the *effective* tags: packed
 storage for pages marked tagged, zeros for the rest (FROM_GUEST semantics).
 The digest is sha256 over the per-chunk CRCs, so two hosts agree exactly
 when every chunk does, and the chunk CRCs say where they differ.
 """
 
-import bisect
 import functools
 import hashlib
+import threading
 import zlib
 from array import array
 
@@ -19,6 +20,15 @@ from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 
 CHUNK_PAGES = 256
 _ZERO_CHUNK = bytes(CHUNK_PAGES * PAGE_SIZE)
+_LOCAL = threading.local()
+
+
+def _chunk_buffer() -> memoryview:
+    """A reused 1 MiB buffer per thread (digests run in several threads)."""
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None:
+        buf = _LOCAL.buf = memoryview(bytearray(CHUNK_PAGES * PAGE_SIZE))
+    return buf
 _ZERO_TAGS = bytes(CHUNK_PAGES * PACKED_TAGS_PER_PAGE)
 
 
@@ -50,6 +60,22 @@ class MemoryDigest:
         if compute:
             self.refresh(range(self.nchunks) if chunks is None else chunks)
 
+    @classmethod
+    async def compute_parallel(cls, memory, loop, workers: int = 2) -> "MemoryDigest":
+        """A full digest computed by ``workers`` threads on interleaved chunks
+        (zlib.crc32 releases the GIL, so they run at once)."""
+        digest = cls(memory, compute=False)
+        await digest.refresh_parallel(loop, workers)
+        return digest
+
+    async def refresh_parallel(self, loop, workers: int = 2) -> None:
+        """Recompute the stale chunks in ``workers`` threads."""
+        import asyncio
+        stale = [c for c in range(self.nchunks) if self.stale[c]]
+        if stale:
+            await asyncio.gather(*(loop.run_in_executor(None, self.refresh, stale[i::workers])
+                                   for i in range(workers)))
+
     def mark_stale(self, first_page: int, end_page: int) -> None:
         a, b = first_page // CHUNK_PAGES, -(-end_page // CHUNK_PAGES)
         self.stale[a:b] = b"\x01" * (b - a)
@@ -58,15 +84,9 @@ class MemoryDigest:
         """Recompute ``chunks`` (default: the stale ones); returns how many."""
         if chunks is None:
             chunks = [c for c in range(self.nchunks) if self.stale[c]] if self.stale.find(1) >= 0 else []
-        if not chunks:
-            return 0
-        populated = self.memory.populated_ranges()
-        ends = [b for _, b in populated]
         for c in chunks:
             self.stale[c] = 0
-            # Only the populated ranges that can overlap this chunk.
-            first, _ = self._chunk_bounds(c)
-            self.data_crcs[c] = self._data_crc(c, populated[bisect.bisect_right(ends, first):])
+            self.data_crcs[c] = self._data_crc(c)
             self.tag_crcs[c] = self._tag_crc(c)
         return len(chunks)
 
@@ -74,23 +94,13 @@ class MemoryDigest:
         first = chunk * CHUNK_PAGES
         return first, min(first + CHUNK_PAGES, self.memory.npages)
 
-    def _data_crc(self, chunk: int, populated) -> int:
+    def _data_crc(self, chunk: int) -> int:
         first, end = self._chunk_bounds(chunk)
-        if not populated or populated[0][0] >= end:
+        if not self.memory.has_data(first, end):
             return _zero_crc(end - first)  # nothing here was ever populated
-        crc, pos = 0, first
-        data = self.memory.data
-        for a, b in populated:
-            if a >= end:
-                break
-            a, b = max(a, pos), min(b, end)
-            if a > pos:
-                crc = zlib.crc32(_ZERO_CHUNK[:(a - pos) * PAGE_SIZE], crc)
-            crc = zlib.crc32(data[a * PAGE_SIZE:b * PAGE_SIZE], crc)
-            pos = b
-        if pos < end:
-            crc = zlib.crc32(_ZERO_CHUNK[:(end - pos) * PAGE_SIZE], crc)
-        return crc
+        buf = _chunk_buffer()[:(end - first) * PAGE_SIZE]
+        self.memory.read_into(first * PAGE_SIZE, buf)  # holes read as zeros, stay holes
+        return zlib.crc32(buf)
 
     def _tag_crc(self, chunk: int) -> int:
         first, end = self._chunk_bounds(chunk)
@@ -145,20 +155,14 @@ def page_detail(memory, chunks: list[int]) -> bytes:
     """For each page of the chunks: data CRC (4 bytes LE) + effective packed
     tags (128 bytes).  Used to find which pages and granules differ."""
     out = bytearray()
-    populated = memory.populated_ranges()
-    zero_crc = zlib.crc32(bytes(PAGE_SIZE))
     for c in chunks:
         first = c * CHUNK_PAGES
         end = min(first + CHUNK_PAGES, memory.npages)
-        present = bytearray(end - first)
-        for a, b in populated:
-            a, b = max(a, first), min(b, end)
-            if a < b:
-                present[a - first:b - first] = b"\x01" * (b - a)
+        buf = _chunk_buffer()[:(end - first) * PAGE_SIZE]
+        memory.read_into(first * PAGE_SIZE, buf)
         tags = effective_tags(memory, first, end)
-        for i, page in enumerate(range(first, end)):
-            crc = zlib.crc32(memory.data[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]) if present[i] else zero_crc
-            out += crc.to_bytes(4, "little")
+        for i in range(end - first):
+            out += zlib.crc32(buf[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]).to_bytes(4, "little")
             out += tags[i * PACKED_TAGS_PER_PAGE:(i + 1) * PACKED_TAGS_PER_PAGE]
     return bytes(out)
 

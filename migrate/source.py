@@ -134,7 +134,7 @@ class SourceVmm:
             loop = asyncio.get_running_loop()
             # Memory is frozen now: digest it in a thread (CRC releases the
             # GIL) while the last pages go out.
-            digest_job = loop.run_in_executor(None, MemoryDigest, host.memory)
+            digest_job = asyncio.ensure_future(MemoryDigest.compute_parallel(host.memory, loop))
             # The pages harvested for the last decision were never sent:
             # they go out with whatever the guest dirtied since.
             final = _union(bitmap, self._harvest())
