@@ -66,6 +66,8 @@ class LoopThread:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for _ in range(3):  # let the callbacks they queued (deferred socket closes) run
+                await asyncio.sleep(0)
             self.loop.stop()
         if self.loop.is_running():
             asyncio.run_coroutine_threadsafe(drain(), self.loop)

@@ -53,7 +53,7 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--tag-batch-pages", type=int, metavar="N", help="pages per KVM_ARM_MTE_COPY_TAGS call (default 256)")
     m.add_argument("--channels", type=int, metavar="N", help="data connections, like multifd (default 2)")
     m.add_argument("--no-checksum", action="store_true", help="no CRC32 per frame")
-    m.add_argument("--timeout", type=float, metavar="S", help="peer silent this long is dead (default 10)")
+    m.add_argument("--timeout", type=float, metavar="S", help="peer silent this long is dead (default 8: detected within 10 s)")
     m.add_argument("--in-doubt-hold", type=float, metavar="S",
                    help="if the last confirmation is lost, keep the paused guest this long for an operator (default 60)")
     m.add_argument("--vm-uuid", help="identity of the guest (checked by a destination started with --expect-uuid)")

@@ -16,7 +16,7 @@ from . import PROTOCOL_VERSION
 from . import frames as fr
 from .compression import Compressor
 from .convergence import AutoConverge, DowntimeOrPassLimit
-from .digest import MemoryDigest, chunk_count, page_detail, state_digest
+from .digest import CHUNK_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
 from . import auth
 from .errors import AuthError, Cancelled, DestinationGone, InDoubt, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
 from .channels import LoopThread, SendLane, partition
@@ -477,7 +477,9 @@ class SourceVmm:
         try:
             # The destination digests the chunks of the final pass before it
             # answers; allow for that at a pessimistic 250 MB/s, no more.
-            allowance = self.host.memory.size / 250e6
+            final_pages = self.passes[-1]["pages"] if self.passes else 0
+            stale_pages = min(final_pages * CHUNK_PAGES, self.host.memory.npages)  # a page can stale a chunk
+            allowance = stale_pages * PAGE_SIZE / 250e6
             frame = await asyncio.wait_for(asyncio.shield(task), self.config.timeout_s + allowance)
         except TimeoutError:
             task.cancel()

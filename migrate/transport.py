@@ -99,12 +99,26 @@ class FrameChannel:
         return self.conn.receive(header, meta, payload)
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+        """Close the socket -- after any callbacks the loop has already queued
+        for it (a send or receive just cancelled by a timeout still has to
+        unregister its file descriptor; closing first makes that fail)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            running = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            running = False
+        if running:
+            self.loop.call_soon(self._close_now)
+        else:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 def parse_address(text: str, what: str = "address") -> tuple[str, int]:
