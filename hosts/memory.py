@@ -128,6 +128,9 @@ class GuestMemory:
                 if not all_zero(memoryview(chunk)[:n]):
                     self.data[pos:pos + n] = memoryview(chunk)[:n]
                 pos += n
+            # The image is in guest RAM now: its page cache would only crowd
+            # out the memory the guest (and a migration) allocates next.
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         return pos - offset
 
     # -- helpers -------------------------------------------------------------
