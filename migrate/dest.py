@@ -41,6 +41,9 @@ class DestVmm:
     """``strategy``: the strategy this destination insists on, or None to
     accept any it supports.  ``expect_uuid``: refuse any other guest."""
 
+    #: connections being admitted at once (each holds one receive buffer)
+    MAX_PENDING = 16
+
     def __init__(self, host, config, scenario: str = "custom", strategy: str | None = None,
                  expect_uuid: str | None = None, progress: Progress | None = None):
         self.host = host
@@ -90,10 +93,16 @@ class DestVmm:
         """Later connections: data channels of this migration (JOIN with its
         session), or anyone else, who is told the destination is busy."""
         loop = asyncio.get_running_loop()
+        pending: set = set()
         while True:
             sock, _ = await loop.sock_accept(listener)
+            if len(pending) >= self.MAX_PENDING:
+                sock.close()  # memory stays bounded: at most MAX_PENDING receive buffers for strangers
+                continue
             tune(sock)
-            asyncio.ensure_future(self._admit(sock))
+            task = asyncio.ensure_future(self._admit(sock))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
 
     async def _admit(self, sock) -> None:
         conn = Connection(data_dest_machine(), self.config.checksum)
