@@ -14,7 +14,6 @@ import hmac
 import json
 import os
 import select
-import socket
 import subprocess
 import sys
 import threading
@@ -24,22 +23,21 @@ from pathlib import Path
 
 import pytest
 
-from hosts import SimulatedHost
 from hosts.constants import GRANULE, PAGE_SIZE
 from migrate import PROTOCOL_VERSION
 from migrate import auth
 from migrate import frames as fr
 from migrate.config import MigrationConfig
 from migrate.dest import DestVmm
-from migrate.digest import MemoryDigest
 from migrate.errors import ConfigError
 from migrate.machine import DestState
 from migrate.source import SourceVmm
-from migrate.strategies import STRATEGIES
+from support import address, digests, steps_advance
 
 MiB = 1 << 20
 RAM = 16 * MiB
 WAIT = 60.0  # generous: the machine is shared and noisy
+SOURCE_RATE = 2000  # default dirtying rate of hosts.source()
 REPO = Path(__file__).resolve().parent.parent
 T = fr.FrameType
 
@@ -194,40 +192,6 @@ def test_check_compares_in_constant_time(monkeypatch):
 
 
 # -- engines in one process ------------------------------------------------------------------
-@pytest.fixture
-def hosts():
-    """Factory for simulated hosts; every host made is closed at teardown."""
-    made = []
-
-    def source(ram=RAM, workload="allocator", strategy="tag-ioctl", rate=2000, seed=7):
-        host = SimulatedHost(ram, workload=workload, rate=rate, seed=seed,
-                             device_prot_mte=STRATEGIES[strategy].vmm_prot_mte)
-        made.append(host)
-        host.prepare_guest()
-        host.vcpus.start()
-        return host
-
-    def dest(ram=RAM):
-        host = SimulatedHost(ram, workload="idle", workload_params={"fill": 0}, rate=0)
-        made.append(host)
-        return host
-
-    yield types.SimpleNamespace(source=source, dest=dest)
-    for host in made:
-        host.close()
-
-
-@pytest.fixture
-def listener():
-    sock = socket.create_server(("127.0.0.1", 0))
-    yield sock
-    sock.close()
-
-
-def address(listener):
-    return ("127.0.0.1", listener.getsockname()[1])
-
-
 async def migrate_pair(src, dst, src_config, dst_config, listener, source_cls=SourceVmm):
     """Run both engines concurrently; returns (source result, destination result, destination engine)."""
     dest_engine = DestVmm(dst, dst_config)
@@ -238,21 +202,6 @@ async def migrate_pair(src, dst, src_config, dst_config, listener, source_cls=So
     finally:
         dest_task.cancel()
     return sres, dres, dest_engine
-
-
-def digests(host):
-    d = MemoryDigest(host.memory)
-    return d.data_digest(), d.tag_digest()
-
-
-def steps_advance(host, within=WAIT) -> bool:
-    before = sum(host.vcpus.steps)
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        time.sleep(0.02)
-        if sum(host.vcpus.steps) > before:
-            return True
-    return False
 
 
 def assert_completed_and_identical(sres, dres, src, dst):

@@ -17,16 +17,14 @@ import msgpack
 import pytest
 import zstandard
 
-from hosts import SimulatedHost
 from hosts.constants import GRANULE, PAGE_SIZE
 from migrate import PROTOCOL_VERSION
 from migrate import frames as fr
 from migrate.config import MigrationConfig
 from migrate.dest import DestVmm
-from migrate.digest import MemoryDigest
 from migrate.machine import DestState, SourceState
 from migrate.source import SourceVmm
-from migrate.strategies import STRATEGIES
+from support import address, digests, steps_advance
 from migrate.units import fmt_bytes
 
 MiB = 1 << 20
@@ -35,42 +33,6 @@ WAIT = 60.0  # generous: the machine is shared and noisy
 
 
 # -- building hosts ------------------------------------------------------------------
-@pytest.fixture
-def hosts():
-    """Factory for simulated hosts; every host made is closed at teardown."""
-    made = []
-
-    def source(ram=RAM, workload="allocator", strategy="tag-ioctl", rate=5000, params=None,
-               seed=7, start=True):
-        host = SimulatedHost(ram, workload=workload, workload_params=params, rate=rate, seed=seed,
-                             device_prot_mte=STRATEGIES[strategy].vmm_prot_mte)
-        made.append(host)
-        host.prepare_guest()
-        if start:
-            host.vcpus.start()
-        return host
-
-    def dest(ram=RAM):
-        host = SimulatedHost(ram, workload="idle", workload_params={"fill": 0}, rate=0)
-        made.append(host)
-        return host
-
-    yield types.SimpleNamespace(source=source, dest=dest)
-    for host in made:
-        host.close()
-
-
-@pytest.fixture
-def listener():
-    sock = socket.create_server(("127.0.0.1", 0))
-    yield sock
-    sock.close()
-
-
-def address(listener):
-    return ("127.0.0.1", listener.getsockname()[1])
-
-
 async def migrate_pair(src, dst, config, listener, dest_config=None):
     """Run both engines concurrently; returns (source result, destination result)."""
     dest_engine = DestVmm(dst, dest_config or config)
@@ -89,22 +51,6 @@ async def wait_until(predicate, what, timeout=WAIT):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
-
-
-def digests(host):
-    d = MemoryDigest(host.memory)
-    return d.data_digest(), d.tag_digest()
-
-
-def steps_advance(host, within=WAIT) -> bool:
-    """The vCPUs make progress (they run, and are not parked)."""
-    before = sum(host.vcpus.steps)
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        time.sleep(0.02)
-        if sum(host.vcpus.steps) > before:
-            return True
-    return False
 
 
 def assert_identical_guests(src, dst):

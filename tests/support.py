@@ -1,0 +1,54 @@
+"""Helpers shared by the engine tests (see conftest.py for the fixtures)."""
+
+import socket
+import time
+import types
+
+from hosts import SimulatedHost
+from migrate.digest import MemoryDigest
+from migrate.strategies import STRATEGIES
+
+WAIT = 60.0  # generous: the machine is shared and noisy
+
+
+def make_hosts(made: list, default_ram: int, default_rate: float):
+    """source(): a booted guest with a running workload; dest(): an empty VM."""
+    def source(ram=default_ram, workload="allocator", strategy="tag-ioctl", rate=default_rate, params=None,
+               seed=7, start=True):
+        host = SimulatedHost(ram, workload=workload, workload_params=params, rate=rate, seed=seed,
+                             device_prot_mte=STRATEGIES[strategy].vmm_prot_mte)
+        made.append(host)
+        host.prepare_guest()
+        if start:
+            host.vcpus.start()
+        return host
+
+    def dest(ram=default_ram):
+        host = SimulatedHost(ram, workload="idle", workload_params={"fill": 0}, rate=0)
+        made.append(host)
+        return host
+    return types.SimpleNamespace(source=source, dest=dest)
+
+
+def open_listener() -> socket.socket:
+    return socket.create_server(("127.0.0.1", 0))
+
+
+def address(listener):
+    return ("127.0.0.1", listener.getsockname()[1])
+
+
+def digests(host):
+    d = MemoryDigest(host.memory)
+    return d.data_digest(), d.tag_digest()
+
+
+def steps_advance(host, within=WAIT) -> bool:
+    """The vCPUs make progress (they run, and are not parked)."""
+    before = sum(host.vcpus.steps)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        if sum(host.vcpus.steps) > before:
+            return True
+    return False
