@@ -52,7 +52,11 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--batch-pages", type=int, metavar="N", help="pages per frame (default 256)")
     m.add_argument("--tag-batch-pages", type=int, metavar="N", help="pages per KVM_ARM_MTE_COPY_TAGS call (default 256)")
     m.add_argument("--channels", type=int, metavar="N", help="data connections, like multifd (default 2)")
-    m.add_argument("--no-checksum", action="store_true", help="no CRC32 per frame")
+    m.add_argument("--checksum", choices=("meta", "full", "none"),
+                   help="CRC32 per frame: meta (default) covers headers and metadata, page data and tags being "
+                        "proven end to end by the completion digest; full covers payloads too, catching "
+                        "corruption at the frame; none. Both sides must agree")
+    m.add_argument("--no-checksum", action="store_true", help="same as --checksum none")
     m.add_argument("--timeout", type=float, metavar="S", help="peer silent this long is dead (default 8: detected within 10 s)")
     m.add_argument("--in-doubt-hold", type=float, metavar="S",
                    help="if the last confirmation is lost, keep the paused guest this long for an operator (default 60)")
@@ -206,8 +210,10 @@ def resolve(args):
             config.auto_converge = False
         if args.channels is not None:
             config.channels = args.channels
+        if args.checksum:
+            config.checksum = args.checksum
         if args.no_checksum:
-            config.checksum = False
+            config.checksum = "none"
         if args.timeout is not None:
             config.timeout_s = args.timeout
         if args.vm_uuid:

@@ -32,8 +32,10 @@ class MigrationConfig:
     channels: int = 2
     """Data connections (like QEMU's multifd); each page always uses the
     same one, so a stale copy can never overtake a newer one."""
-    checksum: bool = True
-    """CRC32 on every frame."""
+    checksum: str = "meta"
+    """CRC32 per frame: 'meta' (header and metadata; page payloads are proven
+    end to end by the completion digest), 'full' (payloads too: corruption
+    caught at the frame) or 'none'."""
     validate: str = "digest"
     """'digest': compare per-chunk digests at completion and detail the
     chunks that differ; 'full': compare every page and every tag."""
@@ -68,6 +70,10 @@ class MigrationConfig:
                 raise ConfigError(f"zstd level {level} is out of range (-7..22)")
         if not 1 <= self.batch_pages <= 1024:
             raise ConfigError(f"batch_pages must be 1..1024, got {self.batch_pages}")
+        if self.checksum is True or self.checksum is False:  # scenario files may say true/false
+            self.checksum = "full" if self.checksum else "none"
+        if self.checksum not in ("full", "meta", "none"):
+            raise ConfigError(f"checksum must be 'full', 'meta' or 'none', got {self.checksum!r}")
         if not 1 <= self.channels <= 16:
             raise ConfigError(f"channels must be 1..16, got {self.channels}")
         if self.tag_batch_pages < 1:

@@ -9,7 +9,10 @@ raw payload::
 
 All integers little-endian.  With FLAG_CRC set, crc32 covers the header's
 first 12 bytes, the meta and the payload, so corruption is caught at the frame
-where it happens.  Lengths are checked against the bounds before anything is
+where it happens; with FLAG_CRC_META_ONLY as well it leaves the payload out
+(checksum mode "meta", the default: page data and tags are proven end to end
+by the completion digest, which reads both kernels' memory, so a second CRC
+pass over every payload byte on each side buys only earlier detection).  Lengths are checked against the bounds before anything is
 allocated; field types are checked before anything is used.
 """
 
@@ -27,6 +30,19 @@ MAGIC = b"MT"
 HEADER = struct.Struct("<2sBBIII")
 HEADER_SIZE = HEADER.size
 FLAG_CRC = 0x01
+FLAG_CRC_META_ONLY = 0x02
+#: checksum modes and their header flags
+CHECKSUM_FLAGS = {"full": FLAG_CRC, "meta": FLAG_CRC | FLAG_CRC_META_ONLY, "none": 0}
+CHECKSUM_MODES = tuple(CHECKSUM_FLAGS)
+
+
+def checksum_mode(value) -> str:
+    """A checksum mode from a name or a bool (True: "full", False: "none")."""
+    if value is True or value is False:
+        return "full" if value else "none"
+    if value not in CHECKSUM_FLAGS:
+        raise ValueError(f"checksum must be one of {', '.join(CHECKSUM_MODES)}, got {value!r}")
+    return value
 MAX_META = 64 * 1024
 MAX_BATCH_PAGES = 1024
 PAGE_SIZE = 4096
@@ -438,20 +454,22 @@ FRAME_CLASSES = {cls.type: cls for cls in (Hello, Welcome, Pages, PassEnd, State
 
 
 # -- codec ------------------------------------------------------------------------
-def encode(frame, checksum: bool = True) -> list:
-    """Frame -> list of buffers to send in order (payload buffers not copied)."""
+def encode(frame, checksum="full") -> list:
+    """Frame -> list of buffers to send in order (payload buffers not copied).
+    ``checksum``: a mode of CHECKSUM_FLAGS (or a bool, see checksum_mode)."""
     meta = msgpack.packb(frame.meta())
     payload = [p for p in (frame.payload() if hasattr(frame, "payload") else []) if len(p)]
     payload_len = sum(len(p) for p in payload)
     if len(meta) > MAX_META or payload_len > MAX_PAYLOAD:
         raise ValueError(f"{frame.type.name} frame too large: meta {len(meta)}, payload {payload_len}")
-    flags = FLAG_CRC if checksum else 0
+    flags = CHECKSUM_FLAGS[checksum_mode(checksum)]
     head = struct.pack("<2sBBII", MAGIC, frame.type, flags, len(meta), payload_len)
     crc = 0
-    if checksum:
+    if flags & FLAG_CRC:
         crc = zlib.crc32(meta, zlib.crc32(head))
-        for p in payload:
-            crc = zlib.crc32(p, crc)
+        if not flags & FLAG_CRC_META_ONLY:
+            for p in payload:
+                crc = zlib.crc32(p, crc)
     return [head + struct.pack("<I", crc) + meta, *payload]
 
 
@@ -465,10 +483,12 @@ class Header:
     raw: bytes = field(repr=False, default=b"")
 
 
-def parse_header(raw, require_crc: bool = False) -> Header:
+def parse_header(raw, require_crc=False) -> Header:
     """Check a 16-byte header; bounds are enforced here, before any allocation.
-    With ``require_crc`` a frame without FLAG_CRC is refused: otherwise one
-    flipped bit in the flags byte would switch the checksum off."""
+    ``require_crc`` is the receiver's checksum mode (or a bool): a frame that
+    covers less than it requires is refused, otherwise one flipped bit in the
+    flags byte would switch the checksum off (the other flag bits are inside
+    the CRC)."""
     if len(raw) != HEADER_SIZE:
         raise ProtocolError(f"truncated frame header ({len(raw)} of {HEADER_SIZE} bytes)")
     magic, ftype, flags, meta_len, payload_len, crc = HEADER.unpack(raw)
@@ -478,11 +498,15 @@ def parse_header(raw, require_crc: bool = False) -> Header:
         ftype = FrameType(ftype)
     except ValueError:
         raise ProtocolError(f"unknown frame type {ftype}") from None
-    if flags & ~FLAG_CRC:
+    if flags & ~(FLAG_CRC | FLAG_CRC_META_ONLY) or flags == FLAG_CRC_META_ONLY:
         raise ProtocolError(f"unknown frame flags {flags:#x}")
-    if require_crc and not flags & FLAG_CRC:
+    required = checksum_mode(require_crc)
+    if required != "none" and not flags & FLAG_CRC:
         raise ProtocolError(f"{ftype.name} frame has no checksum, but this side requires one "
-                            f"(--no-checksum must be given to both sides)")
+                            f"(give both sides the same --checksum)")
+    if required == "full" and flags & FLAG_CRC_META_ONLY:
+        raise ProtocolError(f"{ftype.name} frame's checksum leaves its payload out, but this side requires "
+                            f"--checksum full (give both sides the same --checksum)")
     if meta_len > MAX_META:
         raise ProtocolError(f"{ftype.name} meta length {meta_len} exceeds the limit {MAX_META}")
     if payload_len > MAX_PAYLOAD:
@@ -493,7 +517,9 @@ def parse_header(raw, require_crc: bool = False) -> Header:
 def decode(header: Header, meta_bytes, payload):
     """Header + meta + payload -> a frame object, checking CRC and types."""
     if header.flags & FLAG_CRC:
-        crc = zlib.crc32(payload, zlib.crc32(meta_bytes, zlib.crc32(header.raw[:12])))
+        crc = zlib.crc32(meta_bytes, zlib.crc32(header.raw[:12]))
+        if not header.flags & FLAG_CRC_META_ONLY:
+            crc = zlib.crc32(payload, crc)
         if crc != header.crc:
             raise ProtocolError(f"{header.type.name} frame failed its checksum "
                                 f"(crc {crc:#010x}, expected {header.crc:#010x}): the stream is corrupt")
@@ -509,7 +535,7 @@ def decode(header: Header, meta_bytes, payload):
 class FrameBuffer:
     """Sans-I/O decoder for tests and in-memory joins: feed bytes, get frames."""
 
-    def __init__(self, require_crc: bool = False):
+    def __init__(self, require_crc=False):
         self._buf = bytearray()
         self.require_crc = require_crc
 

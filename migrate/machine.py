@@ -196,9 +196,9 @@ class Connection:
     page bounds, and returns the frame.  ``feed(bytes)`` does both halves of
     receiving for callers that hold whole byte strings (tests, joins)."""
 
-    def __init__(self, machine: StateMachine, checksum: bool = True):
+    def __init__(self, machine: StateMachine, checksum="full"):
         self.machine = machine
-        self.checksum = checksum
+        self.checksum = checksum = fr.checksum_mode(checksum)
         self.ram_pages: int | None = None
         self._buffer = fr.FrameBuffer(require_crc=checksum)
 

@@ -40,7 +40,7 @@ _TYPES = {
     "vcpus": _INT, "mte": _BOOL, "workload": _STR, "rate": ((int, float, str), "a number or 'max'"),
     "seed": _INT, "params": ((dict,), "a table"), "image": _STR, "image_repeat": _BOOL,
     "strategy": _STR, "downtime_limit_ms": _NUMBER, "max_passes": _INT, "batch_pages": _INT,
-    "tag_batch_pages": _INT, "channels": _INT, "checksum": _BOOL, "validate": _STR, "timeout_s": _NUMBER,
+    "tag_batch_pages": _INT, "channels": _INT, "checksum": ((str, bool), "'full', 'meta', 'none' or true/false"), "validate": _STR, "timeout_s": _NUMBER,
     "vm_uuid": _STR,
 }
 
@@ -97,6 +97,11 @@ def parse(text: str, source: str = "built-in") -> Scenario:
             mig.max_bandwidth = parse_rate(mig_doc.pop("max_bandwidth"), "max bandwidth")
         if "compression" in mig_doc:
             mig.compression = str(mig_doc.pop("compression"))
+        if "checksum" in mig_doc:
+            value = mig_doc.pop("checksum")
+            if isinstance(value, str) and value not in ("full", "meta", "none"):
+                raise ValueError(f"[migration] checksum must be 'full', 'meta', 'none' or true/false, got {value!r}")
+            mig.checksum = value if isinstance(value, str) else ("full" if value else "none")
         for key, value in mig_doc.items():
             setattr(mig, key, value)
     except ValueError as exc:

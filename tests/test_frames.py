@@ -651,3 +651,65 @@ def test_property_any_split_decodes_the_same_frames(frames, cuts):
         out += buf.feed(c)
     assert out == frames
     assert buf.pending == 0
+
+
+# -- checksum mode "meta" (the default): header and meta covered, payload not --
+def test_meta_mode_flags_and_round_trip():
+    frame = sample_pages()
+    data = wire(frame, "meta")
+    assert data[3] == fr.FLAG_CRC | fr.FLAG_CRC_META_ONLY
+    assert decode_one(data) == frame
+    conn = Connection(dest_machine(), "meta")
+    assert conn.checksum == "meta"
+
+
+def test_meta_mode_catches_header_and_meta_corruption_but_not_payload():
+    frame = sample_pages()
+    good = wire(frame, "meta")
+    meta_end = fr.HEADER_SIZE + struct.unpack_from("<I", good, 4)[0]
+    assert meta_end < len(good)  # this frame has a payload
+    for pos in (2, 12, fr.HEADER_SIZE, meta_end - 1):  # type, crc, meta
+        bad = bytearray(good)
+        bad[pos] ^= 0x10
+        with pytest.raises(ProtocolError):
+            fr.FrameBuffer(require_crc="meta").feed(bytes(bad))
+    # A payload byte is left to the completion digest: the frame decodes.
+    bad = bytearray(good)
+    bad[-1] ^= 0x10
+    out = fr.FrameBuffer(require_crc="meta").feed(bytes(bad))
+    assert len(out) == 1 and (out[0].data, out[0].tags) != (frame.data, frame.tags)
+
+
+def test_a_bit_flip_cannot_turn_full_coverage_into_meta_only():
+    # The META_ONLY bit lies inside the CRC'd header bytes.
+    good = bytearray(wire(sample_pages(), "full"))
+    good[3] ^= fr.FLAG_CRC_META_ONLY
+    with pytest.raises(ProtocolError, match="checksum"):
+        fr.FrameBuffer(require_crc="none").feed(bytes(good))
+
+
+@pytest.mark.parametrize("sent, required, ok", [
+    ("meta", "meta", True), ("full", "meta", True), ("none", "meta", False),
+    ("full", "full", True), ("meta", "full", False), ("none", "full", False),
+    ("none", "none", True), ("meta", "none", True), ("full", "none", True)])
+def test_receiver_refuses_frames_covering_less_than_it_requires(sent, required, ok):
+    data = wire(fr.PassEnd(1, 2), sent)
+    if ok:
+        assert fr.FrameBuffer(require_crc=required).feed(data) == [fr.PassEnd(1, 2)]
+    else:
+        with pytest.raises(ProtocolError, match="same --checksum"):
+            fr.FrameBuffer(require_crc=required).feed(data)
+
+
+def test_meta_only_flag_without_crc_is_refused():
+    data = bytearray(wire(fr.PassEnd(1, 2), "none"))
+    data[3] = fr.FLAG_CRC_META_ONLY
+    with pytest.raises(ProtocolError, match="unknown frame flags 0x2"):
+        fr.FrameBuffer().feed(bytes(data))
+
+
+def test_checksum_mode_names():
+    assert [fr.checksum_mode(v) for v in (True, False, "meta", "full", "none")] == \
+        ["full", "none", "meta", "full", "none"]
+    with pytest.raises(ValueError, match="checksum must be one of full, meta, none"):
+        fr.checksum_mode("crc")

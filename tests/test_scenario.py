@@ -49,7 +49,7 @@ def test_parse_full_scenario():
     assert (g.image_offset, g.image_repeat) == (MiB, True)
     assert (m.strategy, m.compression, m.max_bandwidth) == ("none", "3", 50_000_000)
     assert (m.downtime_limit_ms, m.max_passes, m.batch_pages, m.tag_batch_pages) == (150, 8, 512, 64)
-    assert (m.checksum, m.validate, m.timeout_s, m.vm_uuid) == (False, "full", 2.5, "abc")
+    assert (m.checksum, m.validate, m.timeout_s, m.vm_uuid) == ("none", "full", 2.5, "abc")  # false = none
     m.check()   # a valid configuration
 
 
@@ -116,7 +116,8 @@ def test_bad_toml_is_rejected(text):
     ('[migration]\nbatch_pages = 2.5\n', r"\[migration\] batch_pages must be an integer, got float"),
     ('[migration]\ndowntime_limit_ms = "300"\n', r"\[migration\] downtime_limit_ms must be a number, got str"),
     ('[migration]\ntimeout_s = false\n', r"\[migration\] timeout_s must be a number, got bool"),
-    ('[migration]\nchecksum = "no"\n', r"\[migration\] checksum must be true or false, got str"),
+    ('[migration]\nchecksum = "no"\n', r"\[migration\] checksum must be 'full', 'meta', 'none' or true/false, got 'no'"),
+    ('[migration]\nchecksum = 1\n', r"\[migration\] checksum must be 'full', 'meta', 'none' or true/false, got int"),
     ('[migration]\nstrategy = ["none"]\n', r"\[migration\] strategy must be a string, got list"),
     ('guest = 5\n', r"scenario w.toml: \[guest\] must be a table"),
     ('migration = "fast"\n', r"scenario w.toml: \[migration\] must be a table"),
