@@ -7,6 +7,7 @@ file with SEEK_DATA / SEEK_HOLE -- the simulated equivalent of what mincore or
 tags per byte; ``tagged`` is the per-page PG_mte_tagged flag.
 """
 
+import ctypes
 import mmap
 import os
 
@@ -17,6 +18,21 @@ MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 # Stores at least this large that start in never-populated RAM go through
 # pwrite() (see GuestMemory.write).
 _PWRITE_MIN = 4096  # a pwrite beats a page fault per page already for one page
+
+try:  # mincore(2): which pages of a mapping are in memory, without touching them
+    _mincore = ctypes.CDLL(None, use_errno=True).mincore
+    _mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    _mincore.restype = ctypes.c_int
+except (OSError, AttributeError):
+    _mincore = None
+
+
+def _address_of(mapping: mmap.mmap) -> int:
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor  # no export left behind: the mapping can still be closed
 
 
 class GuestMemory:
@@ -31,6 +47,7 @@ class GuestMemory:
         os.ftruncate(self._tags_fd, self.npages * PACKED_TAGS_PER_PAGE)
         self._data_map = mmap.mmap(self._data_fd, size)
         self._tags_map = mmap.mmap(self._tags_fd, self.npages * PACKED_TAGS_PER_PAGE)
+        self._data_address = _address_of(self._data_map) if _mincore is not None else None
         #: guest RAM bytes; the kernel's direct view (the linear map)
         self.data = memoryview(self._data_map)
         #: packed tag storage, PACKED_TAGS_PER_PAGE bytes per page
@@ -64,6 +81,18 @@ class GuestMemory:
             return os.lseek(self._data_fd, first_page * PAGE_SIZE, os.SEEK_DATA) < end_page * PAGE_SIZE
         except OSError:  # ENXIO: no data at or after the offset
             return False
+
+    def fully_populated(self, first_page: int, end_page: int) -> bool:
+        """Whether every page in the range holds host memory, so that reading
+        it through the mapping allocates nothing.  Asks mincore(), which
+        costs per page asked; SEEK_HOLE would scan the file up to the next
+        hole, the end of a fully populated file.  False when unsure."""
+        if self._data_address is None or not 0 <= first_page < end_page <= self.npages:
+            return False
+        vec = ctypes.create_string_buffer(end_page - first_page)
+        if _mincore(self._data_address + first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE, vec) != 0:
+            return False
+        return vec.raw.find(b"\0") < 0  # bit 0 set in every byte (the other bits are reserved, 0)
 
     def read_into(self, offset: int, buf) -> int:
         """Copy RAM at ``offset`` into ``buf`` with pread(): a page that was

@@ -2,9 +2,10 @@
 kernel's storage -- never through a tag strategy -- for validation.
 
 RAM is cut into 1 MiB chunks (256 pages).  A chunk's data CRC covers its
-bytes, read with pread() so that never-populated pages read as zeros without
-being populated (a load through the mapping would allocate them), and a chunk
-with no data at all is not read; its tag CRC covers the *effective* tags: packed
+bytes: read in place through the kernel's mapping when every page of the chunk
+is populated, with pread() otherwise so that never-populated pages read as
+zeros without being populated (a load through the mapping would allocate
+them); a chunk with no data at all is not read; its tag CRC covers the *effective* tags: packed
 storage for pages marked tagged, zeros for the rest (FROM_GUEST semantics).
 The digest is sha256 over the per-chunk CRCs, so two hosts agree exactly
 when every chunk does, and the chunk CRCs say where they differ.
@@ -96,6 +97,10 @@ class MemoryDigest:
 
     def _data_crc(self, chunk: int) -> int:
         first, end = self._chunk_bounds(chunk)
+        # mincore first: unlike lseek it does not wait for the inode lock
+        # that a concurrent pwrite into this RAM holds.
+        if self.memory.fully_populated(first, end):
+            return zlib.crc32(self.memory.data[first * PAGE_SIZE:end * PAGE_SIZE])  # no copy
         if not self.memory.has_data(first, end):
             return _zero_crc(end - first)  # nothing here was ever populated
         buf = _chunk_buffer()[:(end - first) * PAGE_SIZE]

@@ -309,3 +309,18 @@ def test_validation_state_only_failure():
     assert not v.ok
     assert v.summary() == "validation failed: vCPU/device state differs"
     assert Validation("digest", state_ok=None).ok
+
+
+def test_full_and_holey_chunks_read_in_place_or_by_pread_give_the_plain_crc(blank):
+    # Chunk 0 fully populated (read through the mapping), chunk 1 with one
+    # hole (read by pread): both CRCs must be the CRC of the chunk's bytes.
+    vm, mem = blank.vm, blank.memory
+    vm.guest_write(vm.page_to_ipa(0), bytes(range(256)) * (CHUNK_PAGES * PAGE // 256))
+    vm.guest_write(vm.page_to_ipa(CHUNK_PAGES), b"\x5a" * ((CHUNK_PAGES - 1) * PAGE))
+    assert mem.fully_populated(0, CHUNK_PAGES)
+    assert not mem.fully_populated(CHUNK_PAGES, 2 * CHUNK_PAGES)
+    assert not mem.fully_populated(2 * CHUNK_PAGES - 1, 2 * CHUNK_PAGES)
+    d = MemoryDigest(mem, chunks=[0, 1])
+    assert d.data_crcs[0] == zlib.crc32(bytes(mem.data[:CHUNK_PAGES * PAGE]))
+    assert d.data_crcs[1] == zlib.crc32(b"\x5a" * ((CHUNK_PAGES - 1) * PAGE) + bytes(PAGE))
+    assert mem.populated_ranges() == [(0, 2 * CHUNK_PAGES - 1)]
