@@ -84,7 +84,8 @@ class SourceVmm:
             session = self._session = secrets.token_hex(8)
             await self._handshake(chan, strategy, session)
             compressor = Compressor(cfg.compression, cfg.max_bandwidth)
-            self.lanes = [SendLane(0, chan, BatchBuilder(strategy, compressor, cfg.batch_pages), cfg.batch_pages)]
+            self.lanes = [SendLane(0, chan, BatchBuilder(strategy, compressor, cfg.batch_pages,
+                                                                  snapshot=cfg.checksum == "full"), cfg.batch_pages)]
             for i in range(1, cfg.channels):
                 thread = LoopThread(f"channel{i}")
                 self._threads.append(thread)
@@ -239,7 +240,8 @@ class SourceVmm:
             chan.close()
             raise PeerError(f"destination refused data channel {index}: {reply.message}", reply.code)
         compressor = Compressor(cfg.compression, cfg.max_bandwidth)
-        return SendLane(index, chan, BatchBuilder(self.strategy, compressor, cfg.batch_pages), cfg.batch_pages)
+        return SendLane(index, chan, BatchBuilder(self.strategy, compressor, cfg.batch_pages,
+                                                         snapshot=cfg.checksum == "full"), cfg.batch_pages)
 
     async def _send_pass(self, pass_no: int, ranges, final: bool = False, tags_only: bytes = b"") -> None:
         """Send the pages in ``ranges`` (data and tags) and the pages marked in

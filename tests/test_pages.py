@@ -413,3 +413,38 @@ def test_keep_pages_carry_no_data(blank_pair):
     frame = fr.Pages(0, [(0, 1)], bytes([fr.PAGE_KEEP]), b"\1" * PAGE)
     with pytest.raises(ProtocolError, match=f"PAGES page data is {PAGE} bytes, expected 0"):
         applier.apply(_through_wire(frame))
+
+
+# -- zero-page test and copies ---------------------------------------------------------
+def test_pages_with_a_zero_first_byte_are_compared_in_full(blank_pair):
+    src, dst = blank_pair
+    tail_only = bytearray(PAGE)
+    tail_only[-1] = 7                       # first byte 0, last byte not: not a zero page
+    write(src, 10, bytes(PAGE))             # populated, all zero
+    write(src, 11, bytes(tail_only))
+    write(src, 12, b"\x01" + bytes(PAGE - 1))
+    write(src, 13, bytes(PAGE))
+    link = Link(src, dst)
+    frame = link.send_one([(10, 4)])
+    assert list(frame.flags) == [fr.PAGE_ZERO, 0, 0, fr.PAGE_ZERO]
+    assert frame.data == bytes(tail_only) + b"\x01" + bytes(PAGE - 1)
+    assert page_bytes(dst, 11) == bytes(tail_only) and page_bytes(dst, 12) == page_bytes(src, 12)
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_one_run_of_data_is_sent_from_guest_ram_unless_a_snapshot_is_needed(blank_pair, snapshot):
+    src, dst = blank_pair
+    write(src, 20, b"\x33" * (4 * PAGE))
+    write(src, 30, b"\x44" * PAGE)
+    link = Link(src, dst)
+    link.builder.snapshot = snapshot
+    frame, _ = link.builder.build(0, [(20, 4)])
+    assert bytes(frame.data) == b"\x33" * (4 * PAGE)
+    write(src, 21, b"\x55" * PAGE)          # the guest writes before the frame goes out
+    live = bytes(frame.data)[PAGE:2 * PAGE] == b"\x55" * PAGE
+    assert live is not snapshot             # a view of guest RAM sees it; a snapshot does not
+    # Two runs (a hole between them) are always gathered into one buffer.
+    frame, _ = link.builder.build(0, [(20, 1), (30, 1)])
+    assert bytes(frame.data) == page_bytes(src, 20) + b"\x44" * PAGE
+    write(src, 30, b"\x66" * PAGE)
+    assert bytes(frame.data)[PAGE:] == b"\x44" * PAGE
