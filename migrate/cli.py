@@ -52,6 +52,9 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--batch-pages", type=int, metavar="N", help="pages per frame (default 256)")
     m.add_argument("--tag-batch-pages", type=int, metavar="N", help="pages per KVM_ARM_MTE_COPY_TAGS call (default 256)")
     m.add_argument("--channels", type=int, metavar="N", help="data connections, like multifd (default 2)")
+    m.add_argument("--prealloc", action="store_true",
+                   help="destination: allocate all guest RAM before the source connects, like QEMU's "
+                        "-mem-prealloc (faster landing; host memory for the whole guest)")
     m.add_argument("--checksum", choices=("meta", "full", "none"),
                    help="CRC32 per frame: meta (default) covers headers and metadata, page data and tags being "
                         "proven end to end by the completion digest; full covers payloads too, catching "
@@ -212,6 +215,8 @@ def resolve(args):
             config.channels = args.channels
         if args.checksum:
             config.checksum = args.checksum
+        if args.prealloc:
+            config.prealloc = True
         if args.no_checksum:
             config.checksum = "none"
         if args.timeout is not None:

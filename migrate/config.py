@@ -44,6 +44,10 @@ class MigrationConfig:
     period, so detection takes at most 10 s with the default)."""
     vm_uuid: str = ""
     """Identity of the guest; a destination told to expect one refuses others."""
+    prealloc: bool = False
+    """Destination: allocate all guest RAM when the VM is created, before the
+    source connects (QEMU's -mem-prealloc), so landing pages costs a copy, not
+    a page allocation.  Costs host memory for RAM the guest never touched."""
     in_doubt_hold_s: float = 60.0
     """How long a side that may own the guest after a lost confirmation keeps
     it paused, waiting to be told (the source: a signal; the destination:

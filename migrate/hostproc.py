@@ -175,7 +175,13 @@ def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: s
     try:
         for n in range(attempts):
             host = build_host(guest, strategy or config.strategy, "destination")  # a fresh, empty VM
+            if config.prealloc:
+                t = time.perf_counter()
+                host.memory.prefault(0, host.memory.npages)
+                prealloc_ms = round((time.perf_counter() - t) * 1000, 3)
             engine = DestVmm(host, config, scenario, strategy, expect_uuid, progress)
+            if config.prealloc:
+                engine.result["prealloc_ms"] = prealloc_ms
 
             async def main():
                 task = asyncio.ensure_future(engine.serve(listener))
