@@ -503,9 +503,12 @@ class DestVmm:
 
     async def _confirm(self, chan, state) -> None:
         loop = asyncio.get_running_loop()
+        t = time.perf_counter()
+        stale = self._digest.stale.count(1)
         if self._refresh_job is not None:
             await self._refresh_job
         await self._digest.refresh_parallel(loop)
+        self.result["final_digest"] = {"stale_chunks": stale, "ms": _ms(time.perf_counter() - t)}
         digest = self._digest
         sdigest = state_digest(state) if state is not None else ""
         await chan.send(fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs()))

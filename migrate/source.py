@@ -99,6 +99,12 @@ class SourceVmm:
             host.vmm_dirty.enabled = True
             strategy.setup_source()
             self._peer_task = asyncio.ensure_future(chan.recv(timeout=None))
+            # The validation digest is kept up to date from here on, in the
+            # background: every write after a chunk is read is in a later
+            # dirty harvest, which marks the chunk stale (see _harvest), so
+            # after the pause only the chunks dirtied since are read again.
+            self._digest = MemoryDigest(host.memory, compute=False)
+            self._digest_loop = asyncio.ensure_future(self._keep_digest())
 
             policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
             converge = AutoConverge(cfg.throttle_initial, cfg.throttle_increment, cfg.throttle_max) \
@@ -132,14 +138,14 @@ class SourceVmm:
             host.vcpus.pause()
             paused_here = True
             conn.machine.local("pause")
-            loop = asyncio.get_running_loop()
-            # Memory is frozen now: digest it in a thread (CRC releases the
-            # GIL) while the last pages go out.
-            digest_job = asyncio.ensure_future(MemoryDigest.compute_parallel(host.memory, loop))
             # The pages harvested for the last decision were never sent:
             # they go out with whatever the guest dirtied since.
             final = _union(bitmap, self._harvest())
             tags_only = _union(tags_only, self._harvest_tags_only(final))
+            # Memory is frozen and the last harvest marked what changed: bring
+            # the digest up to date in threads (CRC releases the GIL) while
+            # the last pages go out.
+            digest_job = asyncio.ensure_future(self._final_digest())
             await self._send_pass(dirty_passes + 1, list(runs(final, 1)), final=True, tags_only=tags_only)
             t_mem = time.perf_counter()
             state = self._collect_state()
@@ -379,6 +385,30 @@ class SourceVmm:
                       f"said where the guest runs, so this source gives up its paused copy; the destination may "
                       f"hold it: `mte-migrate resolve --connect {host}:{port} --session {self._session} go`")
 
+    async def _keep_digest(self) -> None:
+        """Digest stale chunks in a worker thread, a slice at a time."""
+        loop, digest = asyncio.get_running_loop(), self._digest
+        while True:
+            stale = digest.stale
+            first = stale.find(1)
+            if first < 0:
+                await asyncio.sleep(0.02)
+                continue
+            chunks = [c for c in range(first, min(first + 64, len(stale))) if stale[c]]
+            self._digest_slice = loop.run_in_executor(None, digest.refresh, chunks)
+            await self._digest_slice
+
+    async def _final_digest(self) -> MemoryDigest:
+        t = time.perf_counter()
+        self._digest_loop.cancel()
+        slice_ = getattr(self, "_digest_slice", None)
+        if slice_ is not None:
+            await asyncio.wait([slice_])  # not two threads on one chunk
+        stale = self._digest.stale.count(1)
+        await self._digest.refresh_parallel(asyncio.get_running_loop())
+        self.result["digest"] = {"stale_chunks_at_pause": stale, "final_ms": _ms(time.perf_counter() - t)}
+        return self._digest
+
     def _check_peer_from_thread(self) -> None:
         """From a channel thread: stop sending once the destination has spoken
         (the main loop reads what it said)."""
@@ -396,6 +426,7 @@ class SourceVmm:
             merged[slot.first_page:slot.first_page + slot.npages] = log_.bitmap
         vmm = self.host.vmm_dirty.harvest()
         merged = _union(bytes(merged), vmm)
+        self._mark_digest_stale(merged)
         self.result["dirty_sync_count"] += 1
         self._last_dirty = (time.perf_counter(), merged.count(1))
         return merged
@@ -406,10 +437,17 @@ class SourceVmm:
         tag_dirty = self.strategy.harvest_tag_dirty()
         if tag_dirty is None or tag_dirty.find(1) < 0:
             return b""
+        self._mark_digest_stale(tag_dirty)  # tags changed there: the tag CRC is stale
         n = len(tag_dirty)
         # tag_dirty AND NOT data_dirty, in bulk: (t | d) ^ d
         t, d = int.from_bytes(tag_dirty, "little"), int.from_bytes(data_dirty, "little")
         return ((t | d) ^ d).to_bytes(n, "little")
+
+    def _mark_digest_stale(self, bitmap: bytes) -> None:
+        digest = getattr(self, "_digest", None)
+        if digest is not None:
+            for a, b in runs(bitmap, 1):
+                digest.mark_stale(a, b)
 
     def _bandwidth(self) -> float | None:
         """Guest bytes per second over the last pass that sent real data."""
@@ -520,6 +558,8 @@ class SourceVmm:
                 pass
         if self.machine is not None and err is not None:
             self.machine.fail(one_line(err))
+        if getattr(self, "_digest_loop", None) is not None:
+            self._digest_loop.cancel()
         if self._peer_task is not None:
             self._peer_task.cancel()
             self._peer_task = None
