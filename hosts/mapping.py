@@ -119,6 +119,14 @@ class VmmMapping:
         if self.dirty_tracker is not None:
             self.dirty_tracker.mark(offset // PAGE_SIZE, -(-(offset + n) // PAGE_SIZE))
 
+    def write_parts(self, offset: int, parts, pointer_tag: int = 0) -> None:
+        """Like write() of the parts joined, without joining them."""
+        n = sum(len(p) for p in parts)
+        self._touch(offset, n, pointer_tag)
+        self.memory.write_parts(offset, parts)
+        if self.dirty_tracker is not None:
+            self.dirty_tracker.mark(offset // PAGE_SIZE, -(-(offset + n) // PAGE_SIZE))
+
     def _touch(self, offset: int, length: int, pointer_tag: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.memory.size:
             raise IndexError(f"access {offset:#x}+{length:#x} is outside the guest RAM mapping")

@@ -133,6 +133,29 @@ class GuestMemory:
         else:
             self.data[offset:offset + n] = data
 
+    def write_parts(self, offset: int, parts) -> None:
+        """Store consecutive buffers at RAM byte ``offset``: one pwritev() per
+        IOV_MAX buffers, so a run of pages gathered from several places (data
+        runs and shared zero pages) lands in one system call, not one per part."""
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        total = sum(len(v) for v in views)
+        if total < _PWRITE_MIN:
+            self.write(offset, b"".join(views))
+            return
+        fd, limit = self._data_fd, os.sysconf("SC_IOV_MAX")
+        while views:
+            group = views[:limit]
+            want = sum(len(v) for v in group)
+            done = os.pwritev(fd, group, offset)
+            offset += done
+            if done == want:
+                views = views[limit:]
+                continue
+            # A short write: drop what landed and go on from there.
+            while done >= len(views[0]):
+                done -= len(views.pop(0))
+            views[0] = views[0][done:]
+
     # -- loading -------------------------------------------------------------
     def load_image(self, path: str, offset: int = 0, repeat: bool = False) -> int:
         """Copy a raw image file into RAM at byte ``offset`` (page aligned);

@@ -18,6 +18,14 @@ _ZERO_BIT = bytes(1 if b & fr.PAGE_ZERO else 0 for b in range(256))   # 1 = all-
 _TAGS_BIT = bytes(1 if b & fr.PAGE_TAGS else 0 for b in range(256))   # 1 = tags on the wire
 _ADD_TAGS = bytes((b | fr.PAGE_TAGS) & 0xFF for b in range(256))
 _IS_ZERO_BYTE = bytes([1]) + bytes(255)                               # 1 = the byte is 0
+_LANDED_BIT = bytes(0 if b & fr.PAGE_KEEP else 1 for b in range(256))   # 1 = data or zero page
+_ZERO_BLOCK_PAGES = 256
+_ZERO_BLOCK = memoryview(bytes(_ZERO_BLOCK_PAGES * PAGE_SIZE))
+
+
+def _zeros(npages: int):
+    """``npages`` zero pages to write (a view of one shared block when it fits)."""
+    return _ZERO_BLOCK[:npages * PAGE_SIZE] if npages <= _ZERO_BLOCK_PAGES else bytes(npages * PAGE_SIZE)
 
 
 def runs(bits: bytes, value: int = 1):
@@ -190,13 +198,7 @@ class BatchApplier:
         for first, count in frame.ranges:
             page_of.append((pos, pos + count, first))
             pos += count
-        data = memoryview(data)
-        pos = 0
-        for a, b in runs(data_bits, 1):
-            self._store_run(page_of, a, b, data[pos:pos + (b - a) * PAGE_SIZE])
-            pos += (b - a) * PAGE_SIZE
-        for a, b in runs(zero_bits, 1):
-            self._zero_run(page_of, a, b)
+        self._store(page_of, flags.translate(_LANDED_BIT), data_bits, memoryview(data))
         tags = memoryview(tags)
         pos = 0
         for a, b in runs(tag_bits, 1):
@@ -226,19 +228,44 @@ class BatchApplier:
             if lo < hi:
                 yield first + lo - sa, hi - lo
 
-    def _store_run(self, page_of, a, b, data):
-        off = 0
-        for first, n in self._page_runs(page_of, a, b):
-            self.strategy.write_data(first * PAGE_SIZE, data[off:off + n * PAGE_SIZE])
-            self.written[first:first + n] = b"\x01" * n
-            self.on_write(first, first + n)
-            off += n * PAGE_SIZE
+    def _store(self, page_of, landed_bits: bytes, data_bits: bytes, data) -> None:
+        """Land data pages and zero pages.  A stretch of pages consecutive in
+        guest RAM that holds any data goes down in one write, its zero pages
+        as a shared zero page (the source sent them because it holds them
+        populated, so the destination may too): a batch of interleaved data
+        and zero pages is one system call, not one per run, and its chunk
+        ends up fully populated (digested in place).  A stretch of zero pages
+        alone is written only over earlier data, so memory never written
+        stays unpopulated."""
+        pos = 0
+        for sa, sb, first in page_of:
+            for a, b in runs(landed_bits[sa:sb], 1):
+                lo, hi = sa + a, sa + b
+                if data_bits.find(1, lo, hi) < 0:
+                    self._zero_run(first + a, first + b)
+                    continue
+                parts, prev_end = [], 0
+                for x, y in runs(data_bits[lo:hi], 1):
+                    if x > prev_end:  # zero pages before this data run
+                        parts.append(_zeros(x - prev_end))
+                    parts.append(data[pos:pos + (y - x) * PAGE_SIZE])
+                    pos += (y - x) * PAGE_SIZE
+                    prev_end = y
+                if prev_end < hi - lo:  # zero pages after the last data run
+                    parts.append(_zeros(hi - lo - prev_end))
+                start, end = first + lo - sa, first + hi - sa
+                if len(parts) == 1:
+                    self.strategy.write_data(start * PAGE_SIZE, parts[0])
+                else:
+                    self.strategy.write_data_parts(start * PAGE_SIZE, parts)
+                self.written[start:end] = b"\x01" * (end - start)
+                self.on_write(start, end)
 
-    def _zero_run(self, page_of, a, b):
-        for first, n in self._page_runs(page_of, a, b):
-            if self.written.find(1, first, first + n) >= 0:  # only over earlier data
-                self.strategy.write_data(first * PAGE_SIZE, bytes(n * PAGE_SIZE))
-                self.on_write(first, first + n)
+    def _zero_run(self, first: int, end: int) -> None:
+        """Guest pages [first, end) are zero: write them only over earlier data."""
+        if first < end and self.written.find(1, first, end) >= 0:
+            self.strategy.write_data(first * PAGE_SIZE, bytes((end - first) * PAGE_SIZE))
+            self.on_write(first, end)
 
     def _tag_run(self, page_of, a, b, tags):
         off = 0

@@ -213,8 +213,9 @@ def test_zero_pages_carry_no_payload(blank_pair):
     assert zframe.flags == bytes([fr.PAGE_ZERO]) * 50
     assert zframe.data == b"" and zframe.tags == b""
     assert sum(len(b) for b in fr.encode(zframe)[1:]) == 0
-    # the destination did not populate anything for the zero pages
-    assert dst.memory.populated_ranges() == [(10, 11), (13, 14)]
+    # Zero pages in a stretch with data land with it, in one write (the
+    # source holds them populated); all-zero batches populate nothing.
+    assert dst.memory.populated_ranges() == [(10, 16)]
     assert same_guest(src, dst) == (True, True)
 
 
@@ -448,3 +449,33 @@ def test_one_run_of_data_is_sent_from_guest_ram_unless_a_snapshot_is_needed(blan
     assert bytes(frame.data) == page_bytes(src, 20) + b"\x44" * PAGE
     write(src, 30, b"\x66" * PAGE)
     assert bytes(frame.data)[PAGE:] == b"\x44" * PAGE
+
+
+def test_interleaved_data_and_zero_pages_land_in_one_write_and_keep_pages_are_untouched(blank_pair):
+    src, dst = blank_pair
+    for p in range(40, 52):
+        write(src, p, bytes(PAGE) if p % 3 == 1 else bytes([p]) * PAGE)
+    link = Link(src, dst, "none")
+    calls = []
+    real = link.dst_strategy.write_data_parts
+    link.dst_strategy.write_data_parts = lambda off, parts: (calls.append((off, len(parts))), real(off, parts))
+    link.send_one([(40, 12)])
+    assert calls == [(40 * PAGE, 8)]  # zero pages 40, 43, 46, 49 and the 4 data runs after them: one call
+    assert all(page_bytes(dst, p) == page_bytes(src, p) for p in range(40, 52))
+    # A tags-only (KEEP) page between data pages is not written over.
+    write(dst, 45, b"\x77" * PAGE)
+    frame = fr.Pages(1, [(44, 3)], bytes([0, fr.PAGE_KEEP, 0]), b"\x01" * PAGE + b"\x02" * PAGE, b"", False, False)
+    (got,) = link.conn.feed(b"".join(bytes(b) for b in fr.encode(frame)))
+    link.applier.apply(got)
+    assert (page_bytes(dst, 44), page_bytes(dst, 45), page_bytes(dst, 46)) == \
+        (b"\x01" * PAGE, b"\x77" * PAGE, b"\x02" * PAGE)
+
+
+def test_write_parts_lands_more_buffers_than_iov_max(blank_pair):
+    _, dst = blank_pair
+    n = 1500  # more than IOV_MAX (1024): several pwritev calls
+    parts = [bytes([i % 251]) * 1024 for i in range(n)]
+    dst.memory.write_parts(3 * PAGE, parts)
+    assert bytes(dst.memory.data[3 * PAGE:3 * PAGE + n * 1024]) == b"".join(parts)
+    dst.memory.write_parts(0, [b"ab", b"cd"])  # small: through the mapping
+    assert bytes(dst.memory.data[:4]) == b"abcd"

@@ -53,6 +53,10 @@ class TagStrategy(ABC):
     def write_data(self, offset: int, data) -> None:
         self.mapping.memory.write(offset, data)
 
+    def write_data_parts(self, offset: int, parts) -> None:
+        """Store consecutive buffers at ``offset`` (one system call)."""
+        self.mapping.memory.write_parts(offset, parts)
+
     @abstractmethod
     def write_tags(self, first_page: int, packed) -> None:
         """Store packed tags for a run of consecutive pages."""

@@ -34,6 +34,10 @@ class ProtMte(TagStrategy):
         self._checks_off()
         self.mapping.write(offset, data)
 
+    def write_data_parts(self, offset, parts):
+        self._checks_off()
+        self.mapping.write_parts(offset, parts)
+
     def read_tags(self, ranges):
         return b"".join(self.mapping.load_tags(first, count) for first, count in ranges)
 
