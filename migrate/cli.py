@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=5, metavar="N", help="runs of each (default 5)")
     p.add_argument("--cap", default="125M", metavar="RATE", help="bandwidth cap for the compression comparison ('none' to skip)")
     p.add_argument("--out", default="bench-out", metavar="DIR", help="writes speed.json and speed.md here")
+    p.add_argument("--prealloc", action="store_true",
+                   help="preallocate the destination's RAM before each migration, as QEMU's reference figures "
+                        "were taken (-mem-prealloc); default: default settings")
     p.add_argument("--quiet", "-q", action="store_true")
 
     p = sub.add_parser("endurance", help="migrate one guest back and forth N times between two host processes",
@@ -385,7 +388,8 @@ def _dispatch(args) -> int:
         from .images import KINDS
         if any(k not in KINDS for k in kinds) or any(s % (1 << 20) for s in sizes) or args.repeat < 1:
             raise ConfigError(f"--kinds from {', '.join(KINDS)}; --sizes whole MiB; --repeat >= 1")
-        doc = run_speed(sizes, kinds, args.repeat, args.out, cap, args.quiet, "mte-migrate " + " ".join(sys.argv[1:]))
+        doc = run_speed(sizes, kinds, args.repeat, args.out, cap, args.quiet, "mte-migrate " + " ".join(sys.argv[1:]),
+                        prealloc=args.prealloc)
         print(markdown(doc))
         return 0 if all(e["validated"] == e["runs"] for e in doc["summary"]) else 1
     if args.command == "endurance-worker":

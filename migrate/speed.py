@@ -43,7 +43,8 @@ def _one(kind: str, size: int, config: MigrationConfig) -> dict:
             "source_peak_rss": r.get("peak_rss_bytes"), "dest_peak_rss": dest.get("peak_rss_bytes")}
 
 
-def run(sizes, kinds, repeat: int, out_dir: str | None, cap: int | None, quiet: bool, command: str) -> dict:
+def run(sizes, kinds, repeat: int, out_dir: str | None, cap: int | None, quiet: bool, command: str,
+        prealloc: bool = False) -> dict:
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say("measuring ceilings: loopback TCP, zstd on each image kind...")
     ceilings = {"loopback_bytes_per_s": loopback_throughput(1.0),
@@ -53,7 +54,7 @@ def run(sizes, kinds, repeat: int, out_dir: str | None, cap: int | None, quiet: 
         for size in sizes:
             say(f"preparing image {k} {fmt_bytes(size)} (cached after the first time)...")
             builtin_image(f"builtin:{k}", size)
-    config = MigrationConfig().check()
+    config = replace(MigrationConfig(), prealloc=prealloc).check()
     rows = {}
     for rep in range(repeat):  # interleaved, so noise hits every case alike
         for size in sizes:
@@ -80,7 +81,7 @@ def run(sizes, kinds, repeat: int, out_dir: str | None, cap: int | None, quiet: 
                  "qemu_ms": QEMU_MS.get((k, size))}
         summary.append(entry)
     cap_summary = {m: _stat([r["total_ms"] for r in rs]) for m, rs in capped.items()}
-    doc = {"command": command, "ceilings": ceilings, "summary": summary, "capped": cap_summary,
+    doc = {"command": command, "prealloc": prealloc, "ceilings": ceilings, "summary": summary, "capped": cap_summary,
            "capped_speedup": (cap_summary["none"]["median"] / cap_summary["auto"]["median"]) if cap_summary else None,
            "runs": {f"{k}-{s}": rs for (k, s), rs in rows.items()}, "capped_runs": capped}
     if out_dir:
@@ -94,7 +95,9 @@ def run(sizes, kinds, repeat: int, out_dir: str | None, cap: int | None, quiet: 
 
 def markdown(doc: dict) -> str:
     c = doc["ceilings"]
-    lines = [f"Command: `{doc['command']}`", "",
+    setting = ("destination RAM preallocated before each migration (--prealloc), as QEMU's figures were taken "
+               "(-mem-prealloc)" if doc.get("prealloc") else "default settings")
+    lines = [f"Command: `{doc['command']}` ({setting})", "",
              f"Ceilings in the same run: loopback TCP {c['loopback_bytes_per_s'] / 1e9:.2f} GB/s; "
              + "; ".join(f"zstd-1 on {k} {z['bytes_per_s'] / 1e9:.2f} GB/s (ratio {z['ratio']:.2f})"
                          for k, z in c["zstd"].items()), "",
