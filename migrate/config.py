@@ -32,10 +32,11 @@ class MigrationConfig:
     channels: int = 2
     """Data connections (like QEMU's multifd); each page always uses the
     same one, so a stale copy can never overtake a newer one."""
-    checksum: str = "meta"
-    """CRC32 per frame: 'meta' (header and metadata; page payloads are proven
-    end to end by the completion digest), 'full' (payloads too: corruption
-    caught at the frame) or 'none'."""
+    checksum: str = "full"
+    """CRC32 per frame: 'full' (payloads too, so corruption is caught at the
+    frame where it happens; page data is checked on the landed memory where
+    a frame fills a digest chunk), 'meta' (header and metadata only: page
+    payloads are proven end to end by the completion digest) or 'none'."""
     validate: str = "digest"
     """'digest': compare per-chunk digests at completion and detail the
     chunks that differ; 'full': compare every page and every tag."""

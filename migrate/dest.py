@@ -171,7 +171,7 @@ class DestVmm:
         lane["chan"] = chan
         strategy = self.strategy
         applier = BatchApplier(strategy, self.host.memory.npages, self._applier.written, self._applier.has_tags,
-                               on_write=self._digest.mark_stale)
+                               on_write=self._digest.mark_stale, digest=self._digest)
         try:
             while True:
                 frame = await chan.recv(timeout=None)  # liveness is watched by the control loop
@@ -338,7 +338,7 @@ class DestVmm:
             self._digest = MemoryDigest(host.memory, compute=False)
             self._refresh_job = None
             applier = self._applier = BatchApplier(self.strategy, host.memory.npages,
-                                                   on_write=self._digest.mark_stale)
+                                                   on_write=self._digest.mark_stale, digest=self._digest)
             self._lane_failure = asyncio.get_running_loop().create_future()
             # Read by _recv_control when it matters; never "unretrieved".
             self._lane_failure.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -493,7 +493,7 @@ class DestVmm:
         chunk is read soon after it lands, while it is likely still cached."""
         while True:
             await asyncio.sleep(0.02)
-            if self._digest.stale.find(1) >= 0:
+            if self._digest.pending():
                 self._start_refresh()
 
     def _start_refresh(self) -> None:
@@ -504,7 +504,7 @@ class DestVmm:
     async def _confirm(self, chan, state) -> None:
         loop = asyncio.get_running_loop()
         t = time.perf_counter()
-        stale = self._digest.stale.count(1)
+        stale = len(self._digest.pending_chunks())
         if self._refresh_job is not None:
             await self._refresh_job
         await self._digest.refresh_parallel(loop)

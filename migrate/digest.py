@@ -57,7 +57,12 @@ class MemoryDigest:
         self.nchunks = chunk_count(memory.npages)
         self.data_crcs = array("I", [0]) * self.nchunks
         self.tag_crcs = array("I", [0]) * self.nchunks
-        self.stale = bytearray(b"\x01") * self.nchunks
+        self.stale = bytearray(b"\x01") * self.nchunks       # data and tags to read again
+        self.tags_stale = bytearray(self.nchunks)             # tags only
+        # A result computed while set_data() stored a newer one is dropped:
+        # set_data bumps the chunk's generation.
+        self._gen = array("I", [0]) * self.nchunks
+        self._lock = threading.Lock()
         if compute:
             self.refresh(range(self.nchunks) if chunks is None else chunks)
 
@@ -72,23 +77,57 @@ class MemoryDigest:
     async def refresh_parallel(self, loop, workers: int = 2) -> None:
         """Recompute the stale chunks in ``workers`` threads."""
         import asyncio
-        stale = [c for c in range(self.nchunks) if self.stale[c]]
+        stale = self.pending_chunks()
         if stale:
             await asyncio.gather(*(loop.run_in_executor(None, self.refresh, stale[i::workers])
                                    for i in range(workers)))
+
+    def pending(self) -> bool:
+        return self.stale.find(1) >= 0 or self.tags_stale.find(1) >= 0
+
+    def pending_chunks(self, limit: int | None = None) -> list[int]:
+        """Chunks to read again, in order (the first ``limit`` of them)."""
+        found = set()
+        for bits in (self.stale, self.tags_stale):
+            pos, n = bits.find(1), 0
+            while pos >= 0 and (limit is None or n < limit):
+                found.add(pos)
+                n += 1
+                pos = bits.find(1, pos + 1)
+        return sorted(found)[:limit]
 
     def mark_stale(self, first_page: int, end_page: int) -> None:
         a, b = first_page // CHUNK_PAGES, -(-end_page // CHUNK_PAGES)
         self.stale[a:b] = b"\x01" * (b - a)
 
+    def set_data(self, chunk: int, crc: int, tags_changed: bool) -> None:
+        """Record a chunk's data CRC computed by the caller from this memory
+        (the destination, right after landing a whole chunk); its tags are
+        read again later if they changed."""
+        with self._lock:
+            self._gen[chunk] += 1
+            self.data_crcs[chunk] = crc
+            self.stale[chunk] = 0
+            if tags_changed:
+                self.tags_stale[chunk] = 1
+
     def refresh(self, chunks=None) -> int:
         """Recompute ``chunks`` (default: the stale ones); returns how many."""
         if chunks is None:
-            chunks = [c for c in range(self.nchunks) if self.stale[c]] if self.stale.find(1) >= 0 else []
+            chunks = self.pending_chunks()
         for c in chunks:
-            self.stale[c] = 0
-            self.data_crcs[c] = self._data_crc(c)
-            self.tag_crcs[c] = self._tag_crc(c)
+            with self._lock:
+                gen, data_needed = self._gen[c], self.stale[c] or not self.tags_stale[c]
+                self.stale[c] = self.tags_stale[c] = 0
+            data_crc = self._data_crc(c) if data_needed else None
+            tag_crc = self._tag_crc(c)
+            with self._lock:
+                if self._gen[c] == gen:
+                    if data_crc is not None:
+                        self.data_crcs[c] = data_crc
+                    self.tag_crcs[c] = tag_crc
+                else:  # set_data() stored newer data meanwhile: keep it, and read the tags again
+                    self.tags_stale[c] = 1
         return len(chunks)
 
     def _chunk_bounds(self, chunk: int) -> tuple[int, int]:

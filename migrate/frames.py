@@ -233,16 +233,30 @@ class Pages:
     tags: object = b""
     data_compressed: bool = False
     tags_compressed: bool = False
+    #: CRC32 of the pages as they must read on the destination -- data pages
+    #: and zero pages (4 KiB of zeros each) in batch order, KEEP pages left
+    #: out -- and of the tags payload as sent.  With both, the frame checks
+    #: its own payload (checksum "full"): the receiver verifies the data
+    #: where it is cheapest, e.g. on the landed memory it digests anyway.
+    dcrc: int | None = None
+    tcrc: int | None = None
     type = FrameType.PAGES
 
     @property
     def npages(self) -> int:
         return len(self.flags)
 
+    @property
+    def self_checked(self) -> bool:
+        return self.dcrc is not None and self.tcrc is not None
+
     def meta(self):
         flat = array("Q", [v for r in self.ranges for v in r])
-        return {"p": self.pass_no, "r": flat.tobytes(), "f": bytes(self.flags),
-                "dc": self.data_compressed, "tc": self.tags_compressed, "dl": len(self.data)}
+        m = {"p": self.pass_no, "r": flat.tobytes(), "f": bytes(self.flags),
+             "dc": self.data_compressed, "tc": self.tags_compressed, "dl": len(self.data)}
+        if self.self_checked:
+            m["dk"], m["tk"] = self.dcrc, self.tcrc
+        return m
 
     def payload(self):
         return [self.data, self.tags]
@@ -270,8 +284,13 @@ class Pages:
             raise ProtocolError("PAGES batch has an unknown page flag")
         if dl > len(payload):
             raise ProtocolError(f"PAGES data length {dl} exceeds the payload ({len(payload)} bytes)")
+        dcrc = tcrc = None
+        if "dk" in m or "tk" in m:
+            dcrc, tcrc = _uint(m, "dk", f, 2**32), _uint(m, "tk", f, 2**32)
+            if zlib.crc32(payload[dl:]) != tcrc:
+                raise ProtocolError("PAGES frame tags failed their checksum: the stream is corrupt")
         return cls(_uint(m, "p", f, 2**32), ranges, flags, payload[:dl], payload[dl:],
-                   _field(m, "dc", bool, f), _field(m, "tc", bool, f))
+                   _field(m, "dc", bool, f), _field(m, "tc", bool, f), dcrc, tcrc)
 
 
 @dataclass
@@ -462,7 +481,10 @@ def encode(frame, checksum="full") -> list:
     payload_len = sum(len(p) for p in payload)
     if len(meta) > MAX_META or payload_len > MAX_PAYLOAD:
         raise ValueError(f"{frame.type.name} frame too large: meta {len(meta)}, payload {payload_len}")
-    flags = CHECKSUM_FLAGS[checksum_mode(checksum)]
+    mode = checksum_mode(checksum)
+    flags = CHECKSUM_FLAGS[mode]
+    if mode == "full" and getattr(frame, "self_checked", False):
+        flags |= FLAG_CRC_META_ONLY  # its payload is checked by fields of the (covered) meta
     head = struct.pack("<2sBBII", MAGIC, frame.type, flags, len(meta), payload_len)
     crc = 0
     if flags & FLAG_CRC:
@@ -504,7 +526,7 @@ def parse_header(raw, require_crc=False) -> Header:
     if required != "none" and not flags & FLAG_CRC:
         raise ProtocolError(f"{ftype.name} frame has no checksum, but this side requires one "
                             f"(give both sides the same --checksum)")
-    if required == "full" and flags & FLAG_CRC_META_ONLY:
+    if required == "full" and flags & FLAG_CRC_META_ONLY and ftype != FrameType.PAGES:
         raise ProtocolError(f"{ftype.name} frame's checksum leaves its payload out, but this side requires "
                             f"--checksum full (give both sides the same --checksum)")
     if meta_len > MAX_META:
@@ -514,8 +536,11 @@ def parse_header(raw, require_crc=False) -> Header:
     return Header(ftype, flags, meta_len, payload_len, crc, bytes(raw))
 
 
-def decode(header: Header, meta_bytes, payload):
-    """Header + meta + payload -> a frame object, checking CRC and types."""
+def decode(header: Header, meta_bytes, payload, require_crc=False):
+    """Header + meta + payload -> a frame object, checking CRC and types.
+    A receiver requiring "full" coverage takes a frame whose CRC leaves the
+    payload out only if the frame checks its payload itself (PAGES with
+    data and tags checksums)."""
     if header.flags & FLAG_CRC:
         crc = zlib.crc32(meta_bytes, zlib.crc32(header.raw[:12]))
         if not header.flags & FLAG_CRC_META_ONLY:
@@ -529,7 +554,12 @@ def decode(header: Header, meta_bytes, payload):
         raise ProtocolError(f"{header.type.name} frame meta is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(meta, dict):
         raise ProtocolError(f"{header.type.name} frame meta must be a map")
-    return FRAME_CLASSES[header.type].from_meta(meta, payload)
+    frame = FRAME_CLASSES[header.type].from_meta(meta, payload)
+    if header.flags & FLAG_CRC_META_ONLY and checksum_mode(require_crc) == "full" \
+            and not getattr(frame, "self_checked", False):
+        raise ProtocolError(f"{header.type.name} frame's checksum leaves its payload out, but this side requires "
+                            f"--checksum full (give both sides the same --checksum)")
+    return frame
 
 
 class FrameBuffer:
@@ -550,7 +580,7 @@ class FrameBuffer:
             meta = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + header.meta_len])
             payload = bytes(self._buf[HEADER_SIZE + header.meta_len:total])
             del self._buf[:total]
-            frames.append(decode(header, meta, payload))
+            frames.append(decode(header, meta, payload, self.require_crc))
         return frames
 
     @property

@@ -216,7 +216,7 @@ class Connection:
         return fr.parse_header(raw, self.checksum)
 
     def receive(self, header: fr.Header, meta, payload):
-        frame = fr.decode(header, meta, payload)
+        frame = fr.decode(header, meta, payload, self.checksum)
         return self._accept(frame)
 
     def feed(self, data) -> list:

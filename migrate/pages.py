@@ -2,6 +2,8 @@
 applying them on the destination.  Work is per run of pages (bytes.find on
 flag bytes), per page only for the zero-page test, never per granule."""
 
+import re
+import zlib
 from dataclasses import dataclass
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
@@ -9,6 +11,7 @@ from hosts.tags import all_zero
 
 from . import frames as fr
 from .compression import Compressor, Decompressor
+from .digest import CHUNK_PAGES
 from .errors import ProtocolError
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -40,6 +43,26 @@ def runs(bits: bytes, value: int = 1):
         b = n if b < 0 else b
         yield a, b
         pos = b
+
+
+_PAGE_KIND = bytes(0 if b & fr.PAGE_KEEP else 2 if b & fr.PAGE_ZERO else 1 for b in range(256))
+_SAME_KIND_RUN = re.compile(rb"(.)\1*", re.S)
+
+
+def content_crc(flags, data) -> int:
+    """CRC32 of a batch's pages as they must read on the destination: data
+    pages from ``data`` and zero pages as zeros, in batch order; KEEP pages
+    (tags only) left out.  What Pages.dcrc holds."""
+    crc, pos = 0, 0
+    data = memoryview(data)
+    for m in _SAME_KIND_RUN.finditer(bytes(flags).translate(_PAGE_KIND)):
+        n, kind = m.end() - m.start(), m.group()[0]
+        if kind == 1:
+            crc = zlib.crc32(data[pos:pos + n * PAGE_SIZE], crc)
+            pos += n * PAGE_SIZE
+        elif kind == 2:
+            crc = zlib.crc32(_zeros(n), crc)
+    return crc
 
 
 def split_batches(ranges, batch_pages: int):
@@ -96,17 +119,17 @@ def packed_tags_blob(flags: bytearray, packed, n: int) -> tuple[bytes, int]:
 class BatchBuilder:
     """Source side: guest pages -> Pages frames.
 
-    ``snapshot``: copy page data out of guest RAM before it is sent.  Needed
-    only when the frame's CRC covers the payload (checksum "full"): the guest
-    may change a page between the CRC and the send.  Otherwise a batch whose
-    data pages form one run is sent straight from guest RAM (a page the guest
-    changes meanwhile is in the next dirty harvest and goes again)."""
+    ``checked`` (checksum "full"): the frame carries CRCs of its pages and
+    tags, computed on a snapshot of the data -- the guest may change a page
+    between the CRC and the send.  Otherwise a batch whose data pages form
+    one run is sent straight from guest RAM (a page the guest changes
+    meanwhile is in the next dirty harvest and goes again)."""
 
-    def __init__(self, strategy, compressor: Compressor, batch_pages: int, snapshot: bool = True):
+    def __init__(self, strategy, compressor: Compressor, batch_pages: int, checked: bool = True):
         self.strategy = strategy
         self.compressor = compressor
         self.batch_pages = batch_pages
-        self.snapshot = snapshot
+        self.checked = checked
         self._scratch = bytearray(batch_pages * PAGE_SIZE)
 
     def build(self, pass_no: int, ranges) -> tuple[fr.Pages, BatchStats]:
@@ -133,7 +156,7 @@ class BatchBuilder:
                 parts.append(view[a * PAGE_SIZE:b * PAGE_SIZE])
             i += count
         filled = sum(len(v) for v in parts)
-        if len(parts) == 1 and not self.snapshot:
+        if len(parts) == 1 and not self.checked:
             data = parts[0]
         else:
             scratch, pos = memoryview(self._scratch), 0
@@ -161,7 +184,10 @@ class BatchBuilder:
         stats = BatchStats(pages=n, zero_pages=zero, normal_pages=normal, tagged_pages=ntagged,
                            data_bytes=filled, data_wire=len(data_wire),
                            tag_raw=len(tag_blob), tag_wire=len(tags_wire))
-        frame = fr.Pages(pass_no, list(ranges), bytes(flags), data_wire, tags_wire, data_c, tags_c)
+        dcrc = tcrc = None
+        if self.checked:
+            dcrc, tcrc = content_crc(flags, data), zlib.crc32(tags_wire)
+        frame = fr.Pages(pass_no, list(ranges), bytes(flags), data_wire, tags_wire, data_c, tags_c, dcrc, tcrc)
         return frame, stats
 
 
@@ -173,7 +199,7 @@ class BatchApplier:
     non-zero tags in (a page arriving without tags must then be cleared)."""
 
     def __init__(self, strategy, npages: int, written: bytearray | None = None,
-                 has_tags: bytearray | None = None, on_write=None):
+                 has_tags: bytearray | None = None, on_write=None, digest=None):
         # Data channels share the page maps (each page belongs to one
         # channel, so their slices never overlap) but not the decompressor.
         self.strategy = strategy
@@ -182,6 +208,11 @@ class BatchApplier:
         self.has_tags = bytearray(npages) if has_tags is None else has_tags
         #: called with (first_page, end_page) after each store, e.g. to mark digests stale
         self.on_write = on_write or (lambda first, end: None)
+        #: the destination's validation digest: a checked frame that lands a
+        #: whole chunk is verified on the landed memory, whose CRC the digest
+        #: then keeps (one read of those bytes instead of two)
+        self.digest = digest
+        self.npages = npages
 
     def apply(self, frame: fr.Pages) -> BatchStats:
         flags = frame.flags
@@ -198,6 +229,11 @@ class BatchApplier:
         for first, count in frame.ranges:
             page_of.append((pos, pos + count, first))
             pos += count
+        landed_chunk = None
+        if frame.dcrc is not None:
+            landed_chunk = self._whole_chunk(frame, data_bits)
+            if landed_chunk is None and content_crc(flags, data) != frame.dcrc:
+                raise ProtocolError("PAGES frame data failed its checksum: the stream is corrupt")
         self._store(page_of, flags.translate(_LANDED_BIT), data_bits, memoryview(data))
         tags = memoryview(tags)
         pos = 0
@@ -207,10 +243,30 @@ class BatchApplier:
         if self.strategy.tag_format != "none":
             for a, b in runs(tag_bits, 0):
                 self._untag_run(page_of, a, b)
+        if landed_chunk is not None:
+            first, end = frame.ranges[0][0], frame.ranges[0][0] + frame.ranges[0][1]
+            crc = zlib.crc32(self.digest.memory.data[first * PAGE_SIZE:end * PAGE_SIZE])
+            if crc != frame.dcrc:
+                raise ProtocolError(f"PAGES frame data failed its checksum on the landed pages {first}..{end - 1} "
+                                    f"(crc {crc:#010x}, expected {frame.dcrc:#010x}): corrupt on the wire, "
+                                    f"or stored in the wrong place")
+            self.digest.set_data(landed_chunk, crc, tags_changed=True)
         zero = zero_bits.count(1)
         return BatchStats(pages=len(flags), zero_pages=zero, normal_pages=ndata, tagged_pages=ntags,
                           data_bytes=ndata * PAGE_SIZE, data_wire=len(frame.data),
                           tag_raw=ntags * PACKED_TAGS_PER_PAGE, tag_wire=len(frame.tags))
+
+    def _whole_chunk(self, frame, data_bits: bytes) -> int | None:
+        """The chunk this frame lands entirely (one range, a whole digest
+        chunk, no tags-only page, some data: then every page of it is
+        written), or None."""
+        if self.digest is None or len(frame.ranges) != 1:
+            return None
+        first, count = frame.ranges[0]
+        if first % CHUNK_PAGES or count != min(CHUNK_PAGES, self.npages - first) \
+                or data_bits.find(1) < 0 or frame.flags.translate(_LANDED_BIT).find(0) >= 0:
+            return None
+        return first // CHUNK_PAGES
 
     def _payload(self, blob, compressed: bool, expected: int, what: str):
         if compressed:

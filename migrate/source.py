@@ -85,7 +85,7 @@ class SourceVmm:
             await self._handshake(chan, strategy, session)
             compressor = Compressor(cfg.compression, cfg.max_bandwidth)
             self.lanes = [SendLane(0, chan, BatchBuilder(strategy, compressor, cfg.batch_pages,
-                                                                  snapshot=cfg.checksum == "full"), cfg.batch_pages)]
+                                                                  checked=cfg.checksum == "full"), cfg.batch_pages)]
             for i in range(1, cfg.channels):
                 thread = LoopThread(f"channel{i}")
                 self._threads.append(thread)
@@ -247,7 +247,7 @@ class SourceVmm:
             raise PeerError(f"destination refused data channel {index}: {reply.message}", reply.code)
         compressor = Compressor(cfg.compression, cfg.max_bandwidth)
         return SendLane(index, chan, BatchBuilder(self.strategy, compressor, cfg.batch_pages,
-                                                         snapshot=cfg.checksum == "full"), cfg.batch_pages)
+                                                         checked=cfg.checksum == "full"), cfg.batch_pages)
 
     async def _send_pass(self, pass_no: int, ranges, final: bool = False, tags_only: bytes = b"") -> None:
         """Send the pages in ``ranges`` (data and tags) and the pages marked in
@@ -389,12 +389,10 @@ class SourceVmm:
         """Digest stale chunks in a worker thread, a slice at a time."""
         loop, digest = asyncio.get_running_loop(), self._digest
         while True:
-            stale = digest.stale
-            first = stale.find(1)
-            if first < 0:
+            chunks = digest.pending_chunks(limit=64)
+            if not chunks:
                 await asyncio.sleep(0.02)
                 continue
-            chunks = [c for c in range(first, min(first + 64, len(stale))) if stale[c]]
             self._digest_slice = loop.run_in_executor(None, digest.refresh, chunks)
             await self._digest_slice
 
@@ -404,7 +402,7 @@ class SourceVmm:
         slice_ = getattr(self, "_digest_slice", None)
         if slice_ is not None:
             await asyncio.wait([slice_])  # not two threads on one chunk
-        stale = self._digest.stale.count(1)
+        stale = len(self._digest.pending_chunks())
         await self._digest.refresh_parallel(asyncio.get_running_loop())
         self.result["digest"] = {"stale_chunks_at_pause": stale, "final_ms": _ms(time.perf_counter() - t)}
         return self._digest

@@ -324,3 +324,19 @@ def test_full_and_holey_chunks_read_in_place_or_by_pread_give_the_plain_crc(blan
     assert d.data_crcs[0] == zlib.crc32(bytes(mem.data[:CHUNK_PAGES * PAGE]))
     assert d.data_crcs[1] == zlib.crc32(b"\x5a" * ((CHUNK_PAGES - 1) * PAGE) + bytes(PAGE))
     assert mem.populated_ranges() == [(0, 2 * CHUNK_PAGES - 1)]
+
+
+def test_a_refresh_racing_set_data_keeps_the_newer_crc(blank):
+    d = MemoryDigest(blank.memory, compute=False)
+    real = d._data_crc
+
+    def racing(chunk):  # a whole chunk lands and is recorded while this read is in flight
+        d.set_data(chunk, 0x1234, tags_changed=False)
+        return real(chunk) ^ 1  # what the stale read saw
+    d._data_crc = racing
+    d.refresh([2])
+    assert d.data_crcs[2] == 0x1234
+    assert d.tags_stale[2] and not d.stale[2]  # its tag CRC may be stale too: read again
+    d._data_crc = real
+    d.refresh()
+    assert d.data_crcs[2] == 0x1234 and not d.pending()

@@ -432,18 +432,18 @@ def test_pages_with_a_zero_first_byte_are_compared_in_full(blank_pair):
     assert page_bytes(dst, 11) == bytes(tail_only) and page_bytes(dst, 12) == page_bytes(src, 12)
 
 
-@pytest.mark.parametrize("snapshot", [False, True])
-def test_one_run_of_data_is_sent_from_guest_ram_unless_a_snapshot_is_needed(blank_pair, snapshot):
+@pytest.mark.parametrize("checked", [False, True])
+def test_one_run_of_data_is_sent_from_guest_ram_unless_a_snapshot_is_needed(blank_pair, checked):
     src, dst = blank_pair
     write(src, 20, b"\x33" * (4 * PAGE))
     write(src, 30, b"\x44" * PAGE)
     link = Link(src, dst)
-    link.builder.snapshot = snapshot
+    link.builder.checked = checked
     frame, _ = link.builder.build(0, [(20, 4)])
     assert bytes(frame.data) == b"\x33" * (4 * PAGE)
     write(src, 21, b"\x55" * PAGE)          # the guest writes before the frame goes out
     live = bytes(frame.data)[PAGE:2 * PAGE] == b"\x55" * PAGE
-    assert live is not snapshot             # a view of guest RAM sees it; a snapshot does not
+    assert live is not checked              # a view of guest RAM sees it; a snapshot does not
     # Two runs (a hole between them) are always gathered into one buffer.
     frame, _ = link.builder.build(0, [(20, 1), (30, 1)])
     assert bytes(frame.data) == page_bytes(src, 20) + b"\x44" * PAGE
@@ -479,3 +479,89 @@ def test_write_parts_lands_more_buffers_than_iov_max(blank_pair):
     assert bytes(dst.memory.data[3 * PAGE:3 * PAGE + n * 1024]) == b"".join(parts)
     dst.memory.write_parts(0, [b"ab", b"cd"])  # small: through the mapping
     assert bytes(dst.memory.data[:4]) == b"abcd"
+
+
+# -- checksum "full": each PAGES frame checks its own pages and tags ----------------------
+CHUNK = 256
+
+
+def checked_link(src, dst, digest=True):
+    link = Link(src, dst, "none")
+    if digest:
+        link.applier.digest = MemoryDigest(dst.memory, compute=False)
+    return link
+
+
+def wire_of(frame, flip_at=None):
+    data = bytearray(b"".join(bytes(b) for b in fr.encode(frame)))
+    if flip_at is not None:
+        data[flip_at] ^= 0x20
+    return bytes(data)
+
+
+def test_checked_frame_of_a_whole_chunk_is_verified_on_the_landed_memory(blank_pair):
+    src, dst = blank_pair
+    write(src, CHUNK, bytes(range(256)) * (CHUNK * PAGE // 256))
+    write(src, CHUNK + 5, bytes(PAGE))     # a zero page inside
+    set_tags(src, CHUNK + 9, 3)
+    link = checked_link(src, dst)
+    frame, _ = link.builder.build(0, [(CHUNK, CHUNK)])
+    assert frame.self_checked and wire_of(frame)[3] == fr.FLAG_CRC | fr.FLAG_CRC_META_ONLY
+    (got,) = link.conn.feed(wire_of(frame))
+    link.applier.apply(got)
+    digest = link.applier.digest
+    fresh = MemoryDigest(dst.memory, chunks=[1])
+    assert digest.data_crcs[1] == fresh.data_crcs[1] == frame.dcrc
+    assert not digest.stale[1] and digest.tags_stale[1]   # data known; tags read later
+    digest.refresh()
+    assert digest.tag_crcs[1] == fresh.tag_crcs[1]
+    assert same_guest(src, dst) == (True, True)
+
+
+@pytest.mark.parametrize("whole_chunk", [True, False])
+def test_a_flipped_data_byte_is_caught_at_its_frame(blank_pair, whole_chunk):
+    src, dst = blank_pair
+    write(src, 0, b"\x42" * (CHUNK * PAGE))
+    link = checked_link(src, dst)
+    ranges = [(0, CHUNK)] if whole_chunk else [(0, 10)]
+    frame, _ = link.builder.build(0, ranges)
+    good = wire_of(frame)
+    bad = wire_of(frame, flip_at=len(good) - len(frame.tags) - 100)  # inside the data
+    (got,) = link.conn.feed(bad)   # header and meta are intact: the frame decodes
+    where = "on the landed pages 0..255" if whole_chunk else "data failed its checksum: the stream is corrupt"
+    with pytest.raises(ProtocolError, match=where):
+        link.applier.apply(got)
+    if not whole_chunk:  # checked before anything landed
+        assert dst.memory.populated_ranges() == []
+
+
+def test_a_flipped_tag_byte_is_caught_at_its_frame(pair):
+    src, dst = pair
+    link = checked_link(src, dst)
+    frame, _ = link.builder.build(0, [(0, CHUNK)])
+    assert len(frame.tags) > 0
+    with pytest.raises(ProtocolError, match="PAGES frame tags failed their checksum"):
+        link.conn.feed(wire_of(frame, flip_at=len(wire_of(frame)) - 1))
+
+
+def test_pages_stored_in_the_wrong_place_fail_the_landed_check(blank_pair):
+    src, dst = blank_pair
+    write(src, 0, bytes(range(256)) * (CHUNK * PAGE // 256))
+    link = checked_link(src, dst)
+    real = link.dst_strategy.write_data
+    link.dst_strategy.write_data = lambda off, data: real(off + PAGE, data[:len(data) - PAGE])  # off by a page
+    frame, _ = link.builder.build(0, [(0, CHUNK)])
+    (got,) = link.conn.feed(wire_of(frame))
+    with pytest.raises(ProtocolError, match="stored in the wrong place"):
+        link.applier.apply(got)
+
+
+def test_full_receiver_refuses_unchecked_pages_with_meta_only_crc(blank_pair):
+    src, dst = blank_pair
+    write(src, 0, b"\x01" * PAGE)
+    link = checked_link(src, dst)
+    link.builder.checked = False
+    frame, _ = link.builder.build(0, [(0, 1)])
+    assert not frame.self_checked
+    with pytest.raises(ProtocolError, match="requires --checksum full"):
+        link.conn.feed(b"".join(bytes(b) for b in fr.encode(frame, "meta")))
