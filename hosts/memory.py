@@ -94,6 +94,19 @@ class GuestMemory:
             return False
         return vec.raw.find(b"\0") < 0  # bit 0 set in every byte (the other bits are reserved, 0)
 
+    def is_view_of(self, view, offset: int) -> bool:
+        """Whether ``view`` is this RAM's own storage at byte ``offset`` (the
+        very bytes, not a copy), checked by address: lets a reader that was
+        handed a view elsewhere trust it as a direct read of kernel memory."""
+        if not isinstance(view, memoryview) or view.obj is not self._data_map or self._data_address is None \
+                or view.readonly or not view.c_contiguous:
+            return False
+        anchor = ctypes.c_char.from_buffer(view)
+        try:
+            return ctypes.addressof(anchor) == self._data_address + offset
+        finally:
+            del anchor
+
     def read_into(self, offset: int, buf) -> int:
         """Copy RAM at ``offset`` into ``buf`` with pread(): a page that was
         never populated reads as zeros and stays unpopulated (a load through

@@ -125,20 +125,27 @@ class BatchBuilder:
     one run is sent straight from guest RAM (a page the guest changes
     meanwhile is in the next dirty harvest and goes again)."""
 
-    def __init__(self, strategy, compressor: Compressor, batch_pages: int, checked: bool = True):
+    def __init__(self, strategy, compressor: Compressor, batch_pages: int, checked: bool = True, digest=None):
         self.strategy = strategy
         self.compressor = compressor
         self.batch_pages = batch_pages
         self.checked = checked
+        #: the source's validation digest: when a checked batch is one whole
+        #: chunk and the strategy handed back kernel memory itself (checked
+        #: by address), the snapshot's CRC is that chunk's digest too
+        self.digest = digest
         self._scratch = bytearray(batch_pages * PAGE_SIZE)
 
     def build(self, pass_no: int, ranges) -> tuple[fr.Pages, BatchStats]:
         n = sum(c for _, c in ranges)
         flags = bytearray(n)
         parts = []  # views of the runs of non-zero pages, in batch order
+        chunk = self._whole_chunk(ranges)
         i = 0
         for first, count in ranges:
             view = self.strategy.read_data(first, count)
+            if chunk is not None and not self.digest.memory.is_view_of(view, first * PAGE_SIZE):
+                chunk = None
             # The first byte of every page, in one strided copy: a page whose
             # first byte is not zero is no zero page, so only the others are
             # compared in full (random or text data: hardly any).
@@ -165,7 +172,20 @@ class BatchBuilder:
                 pos += len(v)
             data = scratch[:filled]
         packed = self.strategy.read_tags(ranges)
-        return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), filled)
+        frame, stats = self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), filled)
+        if chunk is not None:
+            # A page written after the snapshot is in a later dirty harvest,
+            # which marks the chunk stale again.
+            self.digest.set_data(chunk, frame.dcrc, tags_changed=True)
+        return frame, stats
+
+    def _whole_chunk(self, ranges) -> int | None:
+        if self.digest is None or not self.checked or len(ranges) != 1:
+            return None
+        first, count = ranges[0]
+        if first % CHUNK_PAGES or count != min(CHUNK_PAGES, self.digest.memory.npages - first):
+            return None
+        return first // CHUNK_PAGES
 
     def build_tags_only(self, pass_no: int, ranges) -> tuple[fr.Pages, BatchStats]:
         """A batch of pages whose data is unchanged: only their tags travel."""

@@ -104,13 +104,20 @@ class SourceVmm:
             # dirty harvest, which marks the chunk stale (see _harvest), so
             # after the pause only the chunks dirtied since are read again.
             self._digest = MemoryDigest(host.memory, compute=False)
-            self._digest_loop = asyncio.ensure_future(self._keep_digest())
+            for lane in self.lanes:
+                lane.builder.digest = self._digest
+            # With checked frames the bulk pass digests the chunks it sends
+            # (BatchBuilder); the background loop then takes the rest.
+            fused = cfg.checksum == "full"
+            self._digest_loop = None if fused else asyncio.ensure_future(self._keep_digest())
 
             policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
             converge = AutoConverge(cfg.throttle_initial, cfg.throttle_increment, cfg.throttle_max) \
                 if cfg.auto_converge else None
             self._converge = converge
             await self._send_pass(0, host.memory.populated_ranges())
+            if self._digest_loop is None:
+                self._digest_loop = asyncio.ensure_future(self._keep_digest())
             dirty_passes = 0
             tags_only = b""
             while True:
@@ -398,7 +405,8 @@ class SourceVmm:
 
     async def _final_digest(self) -> MemoryDigest:
         t = time.perf_counter()
-        self._digest_loop.cancel()
+        if self._digest_loop is not None:
+            self._digest_loop.cancel()
         slice_ = getattr(self, "_digest_slice", None)
         if slice_ is not None:
             await asyncio.wait([slice_])  # not two threads on one chunk

@@ -565,3 +565,21 @@ def test_full_receiver_refuses_unchecked_pages_with_meta_only_crc(blank_pair):
     assert not frame.self_checked
     with pytest.raises(ProtocolError, match="requires --checksum full"):
         link.conn.feed(b"".join(bytes(b) for b in fr.encode(frame, "meta")))
+
+
+def test_source_digests_a_whole_chunk_from_its_snapshot_only_when_it_is_kernel_memory(blank_pair):
+    src, dst = blank_pair
+    write(src, 0, bytes(range(256)) * (2 * CHUNK * PAGE // 256))
+    link = checked_link(src, dst, digest=False)
+    digest = link.builder.digest = MemoryDigest(src.memory, compute=False)
+    link.builder.build(0, [(0, CHUNK)])
+    assert not digest.stale[0] and digest.data_crcs[0] == MemoryDigest(src.memory, chunks=[0]).data_crcs[0]
+    # A strategy that hands back a copy is not trusted as a read of kernel memory.
+    real = link.src_strategy.read_data
+    link.src_strategy.read_data = lambda first, n: memoryview(bytes(real(first, n)))
+    link.builder.build(0, [(CHUNK, CHUNK)])
+    assert digest.stale[1]
+    # Nor is part of a chunk.
+    link.src_strategy.read_data = real
+    link.builder.build(0, [(2 * CHUNK, 10)])
+    assert digest.stale[2]
