@@ -10,6 +10,7 @@ tags per byte; ``tagged`` is the per-page PG_mte_tagged flag.
 import ctypes
 import mmap
 import os
+import threading
 
 from .constants import GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from .tags import all_zero
@@ -46,6 +47,10 @@ class GuestMemory:
         os.ftruncate(self._data_fd, size)
         os.ftruncate(self._tags_fd, self.npages * PACKED_TAGS_PER_PAGE)
         self._data_map = mmap.mmap(self._data_fd, size)
+        # pwrite() on one tmpfs file takes its inode lock, and a second writer
+        # spins on that lock while the first copies: wait here instead,
+        # asleep (measured: 15 % of a destination's CPU spinning at 4 GiB).
+        self._write_lock = threading.Lock()
         self._tags_map = mmap.mmap(self._tags_fd, self.npages * PACKED_TAGS_PER_PAGE)
         self._data_address = _address_of(self._data_map) if _mincore is not None else None
         #: guest RAM bytes; the kernel's direct view (the linear map)
@@ -140,9 +145,10 @@ class GuestMemory:
         if n >= _PWRITE_MIN:
             view = memoryview(data).cast("B")
             fd = self._data_fd
-            while view:
-                k = os.pwrite(fd, view, offset)
-                view, offset = view[k:], offset + k
+            with self._write_lock:
+                while view:
+                    k = os.pwrite(fd, view, offset)
+                    view, offset = view[k:], offset + k
         else:
             self.data[offset:offset + n] = data
 
@@ -159,7 +165,8 @@ class GuestMemory:
         while views:
             group = views[:limit]
             want = sum(len(v) for v in group)
-            done = os.pwritev(fd, group, offset)
+            with self._write_lock:
+                done = os.pwritev(fd, group, offset)
             offset += done
             if done == want:
                 views = views[limit:]
