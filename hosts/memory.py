@@ -53,6 +53,9 @@ class GuestMemory:
         self._write_lock = threading.Lock()
         self._tags_map = mmap.mmap(self._tags_fd, self.npages * PACKED_TAGS_PER_PAGE)
         self._data_address = _address_of(self._data_map) if _mincore is not None else None
+        #: pages allocated ahead of use (prefault): mincore and SEEK_DATA both
+        #: see them as holes until written, yet reading them allocates nothing
+        self._prefaulted = bytearray(self.npages)
         #: guest RAM bytes; the kernel's direct view (the linear map)
         self.data = memoryview(self._data_map)
         #: packed tag storage, PACKED_TAGS_PER_PAGE bytes per page
@@ -92,7 +95,11 @@ class GuestMemory:
         it through the mapping allocates nothing.  Asks mincore(), which
         costs per page asked; SEEK_HOLE would scan the file up to the next
         hole, the end of a fully populated file.  False when unsure."""
-        if self._data_address is None or not 0 <= first_page < end_page <= self.npages:
+        if not 0 <= first_page < end_page <= self.npages:
+            return False
+        if self._prefaulted.find(0, first_page, end_page) < 0:
+            return True
+        if self._data_address is None:
             return False
         vec = ctypes.create_string_buffer(end_page - first_page)
         if _mincore(self._data_address + first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE, vec) != 0:
@@ -133,6 +140,7 @@ class GuestMemory:
         """Allocate host memory for a page range ahead of use (as a VMM's
         -mem-prealloc does), so first-touch faults happen now, not later."""
         os.posix_fallocate(self._data_fd, first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE)
+        self._prefaulted[first_page:end_page] = b"\x01" * (end_page - first_page)
 
     # -- storing -------------------------------------------------------------
     def write(self, offset: int, data) -> None:

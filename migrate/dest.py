@@ -493,13 +493,15 @@ class DestVmm:
         chunk is read soon after it lands, while it is likely still cached."""
         while True:
             await asyncio.sleep(0.02)
-            if self._digest.pending():
+            if self._digest.pending(unread=False):
                 self._start_refresh()
 
     def _start_refresh(self) -> None:
         """Re-digest stale chunks in a thread while more pages arrive."""
         if self._refresh_job is None or self._refresh_job.done():
-            self._refresh_job = asyncio.get_running_loop().run_in_executor(None, self._digest.refresh)
+            digest = self._digest
+            self._refresh_job = asyncio.get_running_loop().run_in_executor(
+                None, lambda: digest.refresh(digest.pending_chunks(unread=False)))
 
     async def _confirm(self, chan, state) -> None:
         loop = asyncio.get_running_loop()

@@ -57,7 +57,8 @@ class MemoryDigest:
         self.nchunks = chunk_count(memory.npages)
         self.data_crcs = array("I", [0]) * self.nchunks
         self.tag_crcs = array("I", [0]) * self.nchunks
-        self.stale = bytearray(b"\x01") * self.nchunks       # data and tags to read again
+        self.unread = bytearray(b"\x01") * self.nchunks      # never read yet
+        self.stale = bytearray(self.nchunks)                  # written since read: data and tags
         self.tags_stale = bytearray(self.nchunks)             # tags only
         # A result computed while set_data() stored a newer one is dropped:
         # set_data bumps the chunk's generation.
@@ -82,13 +83,19 @@ class MemoryDigest:
             await asyncio.gather(*(loop.run_in_executor(None, self.refresh, stale[i::workers])
                                    for i in range(workers)))
 
-    def pending(self) -> bool:
-        return self.stale.find(1) >= 0 or self.tags_stale.find(1) >= 0
+    def _maps(self, unread: bool):
+        return (self.stale, self.tags_stale, self.unread) if unread else (self.stale, self.tags_stale)
 
-    def pending_chunks(self, limit: int | None = None) -> list[int]:
-        """Chunks to read again, in order (the first ``limit`` of them)."""
+    def pending(self, unread: bool = True) -> bool:
+        """Whether some chunk is to be read (again); ``unread=False`` leaves
+        out chunks never read, e.g. a destination's RAM nothing has reached
+        yet, so that they are read once, at the end, not also before."""
+        return any(bits.find(1) >= 0 for bits in self._maps(unread))
+
+    def pending_chunks(self, limit: int | None = None, unread: bool = True) -> list[int]:
+        """Chunks to read (again), in order (the first ``limit`` of them)."""
         found = set()
-        for bits in (self.stale, self.tags_stale):
+        for bits in self._maps(unread):
             pos, n = bits.find(1), 0
             while pos >= 0 and (limit is None or n < limit):
                 found.add(pos)
@@ -107,7 +114,7 @@ class MemoryDigest:
         with self._lock:
             self._gen[chunk] += 1
             self.data_crcs[chunk] = crc
-            self.stale[chunk] = 0
+            self.stale[chunk] = self.unread[chunk] = 0
             if tags_changed:
                 self.tags_stale[chunk] = 1
 
@@ -117,8 +124,8 @@ class MemoryDigest:
             chunks = self.pending_chunks()
         for c in chunks:
             with self._lock:
-                gen, data_needed = self._gen[c], self.stale[c] or not self.tags_stale[c]
-                self.stale[c] = self.tags_stale[c] = 0
+                gen, data_needed = self._gen[c], self.stale[c] or self.unread[c] or not self.tags_stale[c]
+                self.stale[c] = self.tags_stale[c] = self.unread[c] = 0
             data_crc = self._data_crc(c) if data_needed else None
             tag_crc = self._tag_crc(c)
             with self._lock:

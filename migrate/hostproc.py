@@ -167,18 +167,25 @@ def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: s
     except OSError as exc:
         raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
     bound = listener.getsockname()
-    print(f"listening on {bound[0]}:{bound[1]}", flush=True)
     progress = Progress(False if quiet else None)
     cpu = _CpuMeter()
     history = []
     result = None
+
+    def new_vm():
+        """A fresh, empty VM; with --prealloc its RAM allocated now."""
+        vm_host = build_host(guest, strategy or config.strategy, "destination")
+        t = time.perf_counter()
+        if config.prealloc:
+            vm_host.memory.prefault(0, vm_host.memory.npages)
+        return vm_host, round((time.perf_counter() - t) * 1000, 3)
     try:
+        # The first VM exists (and its RAM, with --prealloc) before this
+        # says it listens: whoever starts the source waits for that line.
+        first = new_vm()
+        print(f"listening on {bound[0]}:{bound[1]}", flush=True)
         for n in range(attempts):
-            host = build_host(guest, strategy or config.strategy, "destination")  # a fresh, empty VM
-            if config.prealloc:
-                t = time.perf_counter()
-                host.memory.prefault(0, host.memory.npages)
-                prealloc_ms = round((time.perf_counter() - t) * 1000, 3)
+            host, prealloc_ms = first if n == 0 else new_vm()
             engine = DestVmm(host, config, scenario, strategy, expect_uuid, progress)
             if config.prealloc:
                 engine.result["prealloc_ms"] = prealloc_ms

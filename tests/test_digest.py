@@ -340,3 +340,15 @@ def test_a_refresh_racing_set_data_keeps_the_newer_crc(blank):
     d._data_crc = real
     d.refresh()
     assert d.data_crcs[2] == 0x1234 and not d.pending()
+
+
+def test_unread_chunks_can_be_left_for_the_end(blank):
+    d = MemoryDigest(blank.memory, compute=False)
+    assert d.pending() and not d.pending(unread=False)
+    d.mark_stale(CHUNK_PAGES, CHUNK_PAGES + 1)
+    assert d.pending_chunks(unread=False) == [1]
+    d.refresh(d.pending_chunks(unread=False))
+    assert not d.pending(unread=False) and d.pending()
+    d.refresh()
+    assert not d.pending()
+    assert (d.data_crcs, d.tag_crcs) == (MemoryDigest(blank.memory).data_crcs, MemoryDigest(blank.memory).tag_crcs)

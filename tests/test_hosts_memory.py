@@ -239,3 +239,15 @@ def test_64gib_guest_with_few_touched_pages_stays_small():
     assert r["data_file_bytes"] <= 64 * PAGE_SIZE, r
     assert r["tags_file_bytes"] <= 64 * PAGE_SIZE, r
     assert r["dirty"] == [[0, 1]]
+
+
+def test_prefaulted_pages_read_in_place_though_mincore_and_seek_data_call_them_holes():
+    from hosts.memory import GuestMemory
+    m = GuestMemory(8 << 20)
+    try:
+        m.prefault(0, 512)
+        assert m.populated_ranges() == [] and not m.has_data(0, 512)  # unwritten: holes to SEEK_DATA
+        assert m.fully_populated(0, 512) and not m.fully_populated(0, 513)
+        assert bytes(m.data[:4096]) == bytes(4096)
+    finally:
+        m.close()
