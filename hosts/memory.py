@@ -83,6 +83,14 @@ class GuestMemory:
             offset = hole
         return ranges
 
+    def next_data(self, first_page: int) -> int:
+        """The first page at or after ``first_page`` that holds data (one
+        SEEK_DATA), or ``npages`` if none does."""
+        try:
+            return min(os.lseek(self._data_fd, first_page * PAGE_SIZE, os.SEEK_DATA) // PAGE_SIZE, self.npages)
+        except OSError:  # ENXIO: no data at or after the offset
+            return self.npages
+
     def has_data(self, first_page: int, end_page: int) -> bool:
         """Whether any page in the range was ever populated (one SEEK_DATA)."""
         try:

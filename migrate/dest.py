@@ -509,7 +509,7 @@ class DestVmm:
         stale = len(self._digest.pending_chunks())
         if self._refresh_job is not None:
             await self._refresh_job
-        await self._digest.refresh_parallel(loop)
+        await self._digest.refresh_parallel(loop, frozen=True)  # every channel delivered the final pass
         self.result["final_digest"] = {"stale_chunks": stale, "ms": _ms(time.perf_counter() - t)}
         digest = self._digest
         sdigest = state_digest(state) if state is not None else ""

@@ -69,18 +69,19 @@ class MemoryDigest:
 
     @classmethod
     async def compute_parallel(cls, memory, loop, workers: int = 2) -> "MemoryDigest":
-        """A full digest computed by ``workers`` threads on interleaved chunks
-        (zlib.crc32 releases the GIL, so they run at once)."""
+        """A full digest of RAM nothing writes meanwhile, computed by
+        ``workers`` threads on interleaved chunks (zlib.crc32 releases the
+        GIL, so they run at once)."""
         digest = cls(memory, compute=False)
-        await digest.refresh_parallel(loop, workers)
+        await digest.refresh_parallel(loop, workers, frozen=True)
         return digest
 
-    async def refresh_parallel(self, loop, workers: int = 2) -> None:
-        """Recompute the stale chunks in ``workers`` threads."""
+    async def refresh_parallel(self, loop, workers: int = 2, frozen: bool = False) -> None:
+        """Recompute the stale chunks in ``workers`` threads (see refresh)."""
         import asyncio
         stale = self.pending_chunks()
         if stale:
-            await asyncio.gather(*(loop.run_in_executor(None, self.refresh, stale[i::workers])
+            await asyncio.gather(*(loop.run_in_executor(None, self.refresh, stale[i::workers], frozen)
                                    for i in range(workers)))
 
     def _maps(self, unread: bool):
@@ -118,15 +119,28 @@ class MemoryDigest:
             if tags_changed:
                 self.tags_stale[chunk] = 1
 
-    def refresh(self, chunks=None) -> int:
-        """Recompute ``chunks`` (default: the stale ones); returns how many."""
+    def refresh(self, chunks=None, frozen: bool = False) -> int:
+        """Recompute ``chunks`` (default: the stale ones); returns how many.
+        ``frozen``: nothing writes this RAM meanwhile (a paused guest, a
+        destination after the last pass), so one SEEK_DATA that finds no data
+        up to some page stands for every chunk before it (in ascending order):
+        a sparse 16 GiB guest is read with a few system calls, not 16,384."""
         if chunks is None:
             chunks = self.pending_chunks()
+        hole_end = -1  # with frozen: no page below this holds data
         for c in chunks:
             with self._lock:
                 gen, data_needed = self._gen[c], self.stale[c] or self.unread[c] or not self.tags_stale[c]
                 self.stale[c] = self.tags_stale[c] = self.unread[c] = 0
-            data_crc = self._data_crc(c) if data_needed else None
+            data_crc = None
+            if data_needed:
+                first, end = self._chunk_bounds(c)
+                if frozen and end <= hole_end:
+                    data_crc = _zero_crc(end - first)
+                else:
+                    data_crc, next_data = self._data_crc(c)
+                    if frozen and next_data is not None:
+                        hole_end = next_data
             tag_crc = self._tag_crc(c)
             with self._lock:
                 if self._gen[c] == gen:
@@ -141,17 +155,20 @@ class MemoryDigest:
         first = chunk * CHUNK_PAGES
         return first, min(first + CHUNK_PAGES, self.memory.npages)
 
-    def _data_crc(self, chunk: int) -> int:
+    def _data_crc(self, chunk: int) -> tuple[int, int | None]:
+        """(CRC of the chunk's bytes, the first page holding data at or after
+        the chunk when that was asked of the file, else None)."""
         first, end = self._chunk_bounds(chunk)
         # mincore first: unlike lseek it does not wait for the inode lock
         # that a concurrent pwrite into this RAM holds.
         if self.memory.fully_populated(first, end):
-            return zlib.crc32(self.memory.data[first * PAGE_SIZE:end * PAGE_SIZE])  # no copy
-        if not self.memory.has_data(first, end):
-            return _zero_crc(end - first)  # nothing here was ever populated
+            return zlib.crc32(self.memory.data[first * PAGE_SIZE:end * PAGE_SIZE]), None  # no copy
+        next_data = self.memory.next_data(first)
+        if next_data >= end:
+            return _zero_crc(end - first), next_data  # nothing here was ever populated
         buf = _chunk_buffer()[:(end - first) * PAGE_SIZE]
         self.memory.read_into(first * PAGE_SIZE, buf)  # holes read as zeros, stay holes
-        return zlib.crc32(buf)
+        return zlib.crc32(buf), next_data
 
     def _tag_crc(self, chunk: int) -> int:
         first, end = self._chunk_bounds(chunk)

@@ -411,7 +411,7 @@ class SourceVmm:
         if slice_ is not None:
             await asyncio.wait([slice_])  # not two threads on one chunk
         stale = len(self._digest.pending_chunks())
-        await self._digest.refresh_parallel(asyncio.get_running_loop())
+        await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # the guest is paused
         self.result["digest"] = {"stale_chunks_at_pause": stale, "final_ms": _ms(time.perf_counter() - t)}
         return self._digest
 

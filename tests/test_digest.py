@@ -332,7 +332,8 @@ def test_a_refresh_racing_set_data_keeps_the_newer_crc(blank):
 
     def racing(chunk):  # a whole chunk lands and is recorded while this read is in flight
         d.set_data(chunk, 0x1234, tags_changed=False)
-        return real(chunk) ^ 1  # what the stale read saw
+        crc, next_data = real(chunk)
+        return crc ^ 1, next_data  # what the stale read saw
     d._data_crc = racing
     d.refresh([2])
     assert d.data_crcs[2] == 0x1234
@@ -352,3 +353,22 @@ def test_unread_chunks_can_be_left_for_the_end(blank):
     d.refresh()
     assert not d.pending()
     assert (d.data_crcs, d.tag_crcs) == (MemoryDigest(blank.memory).data_crcs, MemoryDigest(blank.memory).tag_crcs)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_frozen_refresh_skips_holes_with_one_seek_and_agrees(blank, frozen):
+    vm, mem = blank.vm, blank.memory
+    vm.guest_write(vm.page_to_ipa(3), b"\x11" * PAGE)                    # chunk 0, partly
+    vm.guest_write(vm.page_to_ipa(5 * CHUNK_PAGES + 7), b"\x22" * PAGE)  # chunk 5
+    seeks = []
+    real = mem.next_data
+    mem.next_data = lambda first: seeks.append(first) or real(first)
+    d = MemoryDigest(mem, compute=False)
+    d.refresh(frozen=frozen)
+    mem.next_data = real
+    fresh = MemoryDigest(mem)
+    assert (d.data_crcs, d.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
+    if frozen:  # chunk 0 (data), 1 (holes up to chunk 5), 5, 6 (no data after): one seek each
+        assert seeks == [0, CHUNK_PAGES, 5 * CHUNK_PAGES, 6 * CHUNK_PAGES]
+    else:
+        assert len(seeks) == d.nchunks
