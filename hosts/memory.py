@@ -105,9 +105,13 @@ class GuestMemory:
         hole, the end of a fully populated file.  False when unsure."""
         if not 0 <= first_page < end_page <= self.npages:
             return False
-        if self._prefaulted.find(0, first_page, end_page) < 0:
-            return True
-        if self._data_address is None:
+        return self._prefaulted.find(0, first_page, end_page) < 0 or self.all_resident(first_page, end_page)
+
+    def all_resident(self, first_page: int, end_page: int) -> bool:
+        """Whether mincore() reports every page in the range in memory (so it
+        holds data: pages allocated by prefault but not yet written do not
+        count).  False when unsure."""
+        if self._data_address is None or not 0 <= first_page < end_page <= self.npages:
             return False
         vec = ctypes.create_string_buffer(end_page - first_page)
         if _mincore(self._data_address + first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE, vec) != 0:

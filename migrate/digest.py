@@ -138,7 +138,7 @@ class MemoryDigest:
                 if frozen and end <= hole_end:
                     data_crc = _zero_crc(end - first)
                 else:
-                    data_crc, next_data = self._data_crc(c)
+                    data_crc, next_data = self._data_crc(c, frozen)
                     if frozen and next_data is not None:
                         hole_end = next_data
             tag_crc = self._tag_crc(c)
@@ -155,15 +155,19 @@ class MemoryDigest:
         first = chunk * CHUNK_PAGES
         return first, min(first + CHUNK_PAGES, self.memory.npages)
 
-    def _data_crc(self, chunk: int) -> tuple[int, int | None]:
+    def _data_crc(self, chunk: int, frozen: bool = False) -> tuple[int, int | None]:
         """(CRC of the chunk's bytes, the first page holding data at or after
         the chunk when that was asked of the file, else None)."""
         first, end = self._chunk_bounds(chunk)
+        mem = self.memory
         # mincore first: unlike lseek it does not wait for the inode lock
-        # that a concurrent pwrite into this RAM holds.
-        if self.memory.fully_populated(first, end):
-            return zlib.crc32(self.memory.data[first * PAGE_SIZE:end * PAGE_SIZE]), None  # no copy
-        next_data = self.memory.next_data(first)
+        # that a concurrent pwrite into this RAM holds.  Frozen, a chunk only
+        # allocated ahead (prefault) is asked of SEEK_DATA before it is read.
+        if mem.all_resident(first, end) or (not frozen and mem.fully_populated(first, end)):
+            return zlib.crc32(mem.data[first * PAGE_SIZE:end * PAGE_SIZE]), None  # no copy
+        next_data = mem.next_data(first)
+        if next_data < end and mem.fully_populated(first, end):
+            return zlib.crc32(mem.data[first * PAGE_SIZE:end * PAGE_SIZE]), next_data
         if next_data >= end:
             return _zero_crc(end - first), next_data  # nothing here was ever populated
         buf = _chunk_buffer()[:(end - first) * PAGE_SIZE]

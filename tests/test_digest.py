@@ -330,9 +330,9 @@ def test_a_refresh_racing_set_data_keeps_the_newer_crc(blank):
     d = MemoryDigest(blank.memory, compute=False)
     real = d._data_crc
 
-    def racing(chunk):  # a whole chunk lands and is recorded while this read is in flight
+    def racing(chunk, frozen=False):  # a whole chunk lands and is recorded while this read is in flight
         d.set_data(chunk, 0x1234, tags_changed=False)
-        crc, next_data = real(chunk)
+        crc, next_data = real(chunk, frozen)
         return crc ^ 1, next_data  # what the stale read saw
     d._data_crc = racing
     d.refresh([2])
@@ -372,3 +372,21 @@ def test_frozen_refresh_skips_holes_with_one_seek_and_agrees(blank, frozen):
         assert seeks == [0, CHUNK_PAGES, 5 * CHUNK_PAGES, 6 * CHUNK_PAGES]
     else:
         assert len(seeks) == d.nchunks
+
+
+def test_frozen_refresh_of_prefaulted_ram_reads_only_what_was_written(blank):
+    mem = blank.memory
+    mem.prefault(0, mem.npages)
+    blank.vm.guest_write(blank.vm.page_to_ipa(2 * CHUNK_PAGES), b"\x33" * (CHUNK_PAGES * PAGE))
+    reads = []
+    real = zlib.crc32
+    d = MemoryDigest(mem, compute=False)
+    import migrate.digest as dg
+    dg.zlib = type("Z", (), {"crc32": staticmethod(lambda b, c=0: reads.append(len(b)) or real(b, c))})
+    try:
+        d.refresh(frozen=True)
+    finally:
+        dg.zlib = zlib
+    assert reads.count(CHUNK_PAGES * PAGE) == 1  # only chunk 2 was read (and its tags); the zero chunks are known
+    fresh = MemoryDigest(mem)
+    assert (d.data_crcs, d.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
