@@ -3,6 +3,7 @@
 Generating fresh random bytes costs ~7 ns/byte in Python; slicing a pool
 costs nothing, and a batch made of pool slices compresses like real data."""
 
+import functools
 import random
 
 from .constants import PAGE_SIZE
@@ -48,6 +49,16 @@ class DataPool:
         return self.data[start:start + length]
 
 
+@functools.lru_cache(maxsize=8)
+def shared_pool(seed: int) -> DataPool:
+    """The default pool for a seed, built once per process: its bytes never
+    change, so every workload with that seed may share it (a destination
+    then stages the migrated workload without rebuilding 8 MiB of data
+    inside the downtime)."""
+    return DataPool(seed)
+
+
+@functools.lru_cache(maxsize=8)
 def tag_pool(seed: int, granules: int = 1 << 16) -> bytes:
     """Packed tags laid out as an MTE allocator would: runs of random
     granule-rounded sizes (16 B .. 4 KiB), each with a random non-zero tag."""

@@ -139,6 +139,13 @@ class VcpuSet:
         self.steps[i] += 1
         return pages
 
+    def _nap(self, seconds: float) -> None:
+        """Sleep between steps, but wake at once when paused: pause() must not
+        wait out a slow guest's pacing (that would be downtime)."""
+        if seconds > 0:
+            with self._cond:
+                self._cond.wait_for(lambda: not self._running or self._quit, seconds)
+
     def _run(self, i: int) -> None:
         per_vcpu_rate = None if self.rate is None else self.rate / self.count
         deadline = time.monotonic()
@@ -169,11 +176,11 @@ class VcpuSet:
             throttle = self.throttle
             if per_vcpu_rate is None:
                 # Throttled, a vCPU runs only (1 - throttle) of the time.
-                time.sleep((time.monotonic() - started) * throttle / (1 - throttle) if throttle else 0)
+                self._nap((time.monotonic() - started) * throttle / (1 - throttle) if throttle else 0)
                 continue
             deadline += pages / (per_vcpu_rate * (1 - throttle))
             delay = deadline - time.monotonic()
             if delay > 0:
-                time.sleep(delay)
+                self._nap(delay)
             elif delay < -0.5:  # far behind (host busy): do not burst to catch up
                 deadline = time.monotonic()

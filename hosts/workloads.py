@@ -8,7 +8,7 @@ interleaving.  A step touches a few pages; bulk set-up happens in prepare().
 import random
 
 from .constants import GRANULE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
-from .datapool import DataPool, tag_pool
+from .datapool import shared_pool, tag_pool
 from .errors import TagCheckFault
 from .mapping import TagCheckMode
 
@@ -40,7 +40,7 @@ class Workload:
         per = self.region_pages // vcpus
         self.slices = [(i * per, (i + 1) * per) for i in range(vcpus)]
         self.rngs = [random.Random(f"{self.name}:{seed}:{i}") for i in range(vcpus)]
-        self.pool = DataPool(seed)
+        self.pool = shared_pool(seed)
         self._tag_pool = tag_pool(seed)
 
     # -- helpers --------------------------------------------------------------

@@ -222,3 +222,18 @@ def test_shutdown_joins_threads(host):
     host.vcpus.shutdown()
     assert not any(t.is_alive() for t in threads)
     assert host.vcpus._threads == []
+
+
+def test_pause_does_not_wait_out_a_slow_guest_pacing():
+    import time as _time
+    from hosts import SimulatedHost
+    host = SimulatedHost(8 << 20, workload="idle", rate=2, seed=3)  # one step per vCPU per second
+    try:
+        host.prepare_guest()
+        host.vcpus.start()
+        _time.sleep(0.2)  # the vCPUs are inside their pacing sleep now
+        t = _time.perf_counter()
+        host.vcpus.pause()
+        assert _time.perf_counter() - t < 0.2
+    finally:
+        host.close()
