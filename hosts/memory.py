@@ -93,10 +93,7 @@ class GuestMemory:
 
     def has_data(self, first_page: int, end_page: int) -> bool:
         """Whether any page in the range was ever populated (one SEEK_DATA)."""
-        try:
-            return os.lseek(self._data_fd, first_page * PAGE_SIZE, os.SEEK_DATA) < end_page * PAGE_SIZE
-        except OSError:  # ENXIO: no data at or after the offset
-            return False
+        return self.next_data(first_page) < end_page
 
     def fully_populated(self, first_page: int, end_page: int) -> bool:
         """Whether every page in the range holds host memory, so that reading

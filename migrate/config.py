@@ -75,10 +75,11 @@ class MigrationConfig:
                 raise ConfigError(f"zstd level {level} is out of range (-7..22)")
         if not 1 <= self.batch_pages <= 1024:
             raise ConfigError(f"batch_pages must be 1..1024, got {self.batch_pages}")
-        if self.checksum is True or self.checksum is False:  # scenario files may say true/false
-            self.checksum = "full" if self.checksum else "none"
-        if self.checksum not in ("full", "meta", "none"):
-            raise ConfigError(f"checksum must be 'full', 'meta' or 'none', got {self.checksum!r}")
+        from .frames import checksum_mode
+        try:
+            self.checksum = checksum_mode(self.checksum)  # scenario files may say true/false
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not 1 <= self.channels <= 16:
             raise ConfigError(f"channels must be 1..16, got {self.channels}")
         if self.tag_batch_pages < 1:

@@ -67,15 +67,6 @@ class MemoryDigest:
         if compute:
             self.refresh(range(self.nchunks) if chunks is None else chunks)
 
-    @classmethod
-    async def compute_parallel(cls, memory, loop, workers: int = 2) -> "MemoryDigest":
-        """A full digest of RAM nothing writes meanwhile, computed by
-        ``workers`` threads on interleaved chunks (zlib.crc32 releases the
-        GIL, so they run at once)."""
-        digest = cls(memory, compute=False)
-        await digest.refresh_parallel(loop, workers, frozen=True)
-        return digest
-
     async def refresh_parallel(self, loop, workers: int = 2, frozen: bool = False) -> None:
         """Recompute the stale chunks in ``workers`` threads (see refresh)."""
         import asyncio

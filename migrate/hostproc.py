@@ -15,7 +15,7 @@ from .config import GuestSpec, MigrationConfig
 from .dest import DestVmm
 from .errors import ConfigError, one_line
 from .progress import Progress
-from .report import empty_result, summary, write_json
+from .report import summary, write_json
 from .source import SourceVmm
 from .strategies import STRATEGIES
 from .transport import parse_address

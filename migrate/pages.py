@@ -65,6 +65,17 @@ def content_crc(flags, data) -> int:
     return crc
 
 
+def whole_chunk(ranges, npages: int) -> int | None:
+    """The digest chunk a batch covers exactly (one range, chunk aligned,
+    the whole chunk), or None."""
+    if len(ranges) != 1:
+        return None
+    first, count = ranges[0]
+    if first % CHUNK_PAGES or count != min(CHUNK_PAGES, npages - first):
+        return None
+    return first // CHUNK_PAGES
+
+
 def split_batches(ranges, batch_pages: int):
     """Cut page ranges [(start, end)] into batches of (first, count) lists."""
     batch, size = [], 0
@@ -140,7 +151,7 @@ class BatchBuilder:
         n = sum(c for _, c in ranges)
         flags = bytearray(n)
         parts = []  # views of the runs of non-zero pages, in batch order
-        chunk = self._whole_chunk(ranges)
+        chunk = whole_chunk(ranges, self.digest.memory.npages) if self.digest is not None and self.checked else None
         i = 0
         for first, count in ranges:
             view = self.strategy.read_data(first, count)
@@ -178,14 +189,6 @@ class BatchBuilder:
             # which marks the chunk stale again.
             self.digest.set_data(chunk, frame.dcrc, tags_changed=True)
         return frame, stats
-
-    def _whole_chunk(self, ranges) -> int | None:
-        if self.digest is None or not self.checked or len(ranges) != 1:
-            return None
-        first, count = ranges[0]
-        if first % CHUNK_PAGES or count != min(CHUNK_PAGES, self.digest.memory.npages - first):
-            return None
-        return first // CHUNK_PAGES
 
     def build_tags_only(self, pass_no: int, ranges) -> tuple[fr.Pages, BatchStats]:
         """A batch of pages whose data is unchanged: only their tags travel."""
@@ -280,13 +283,9 @@ class BatchApplier:
         """The chunk this frame lands entirely (one range, a whole digest
         chunk, no tags-only page, some data: then every page of it is
         written), or None."""
-        if self.digest is None or len(frame.ranges) != 1:
+        if self.digest is None or data_bits.find(1) < 0 or frame.flags.translate(_LANDED_BIT).find(0) >= 0:
             return None
-        first, count = frame.ranges[0]
-        if first % CHUNK_PAGES or count != min(CHUNK_PAGES, self.npages - first) \
-                or data_bits.find(1) < 0 or frame.flags.translate(_LANDED_BIT).find(0) >= 0:
-            return None
-        return first // CHUNK_PAGES
+        return whole_chunk(frame.ranges, self.npages)
 
     def _payload(self, blob, compressed: bool, expected: int, what: str):
         if compressed:

@@ -36,8 +36,8 @@ def run_pair(guest, config, scenario: str, quiet: bool, extra_source_args=(), ti
             source = subprocess.Popen(base + ["source", "--connect", address, "--spec", spec, "--json", src_json]
                                       + quiet_flag + ["--retry", str(retry)] + list(extra_source_args))
             deadline = time.monotonic() + timeout_s
-            src_rc = _wait(source, deadline)
-            dst_rc = _wait(dest, time.monotonic() + max(30.0, config.timeout_s * 3))
+            _wait(source, deadline)  # the results are read from the JSON files
+            _wait(dest, time.monotonic() + max(30.0, config.timeout_s * 3))
         except KeyboardInterrupt:
             # The terminal sent SIGINT to the whole group: let both finish cleanly.
             for p in (source, dest):

@@ -84,8 +84,7 @@ class SourceVmm:
             session = self._session = secrets.token_hex(8)
             await self._handshake(chan, strategy, session)
             compressor = Compressor(cfg.compression, cfg.max_bandwidth)
-            self.lanes = [SendLane(0, chan, BatchBuilder(strategy, compressor, cfg.batch_pages,
-                                                                  checked=cfg.checksum == "full"), cfg.batch_pages)]
+            self.lanes = [SendLane(0, chan, self._new_builder(compressor), cfg.batch_pages)]
             for i in range(1, cfg.channels):
                 thread = LoopThread(f"channel{i}")
                 self._threads.append(thread)
@@ -107,9 +106,8 @@ class SourceVmm:
             for lane in self.lanes:
                 lane.builder.digest = self._digest
             # With checked frames the bulk pass digests the chunks it sends
-            # (BatchBuilder); the background loop then takes the rest.
-            fused = cfg.checksum == "full"
-            self._digest_loop = None if fused else asyncio.ensure_future(self._keep_digest())
+            # (BatchBuilder), and the background loop starts after it.
+            self._digest_loop = None if self.lanes[0].builder.checked else asyncio.ensure_future(self._keep_digest())
 
             policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
             converge = AutoConverge(cfg.throttle_initial, cfg.throttle_increment, cfg.throttle_max) \
@@ -253,8 +251,12 @@ class SourceVmm:
             chan.close()
             raise PeerError(f"destination refused data channel {index}: {reply.message}", reply.code)
         compressor = Compressor(cfg.compression, cfg.max_bandwidth)
-        return SendLane(index, chan, BatchBuilder(self.strategy, compressor, cfg.batch_pages,
-                                                         checked=cfg.checksum == "full"), cfg.batch_pages)
+        return SendLane(index, chan, self._new_builder(compressor), cfg.batch_pages)
+
+    def _new_builder(self, compressor) -> BatchBuilder:
+        """A channel's batch builder; with checked frames (--checksum full) it
+        snapshots each batch and puts its CRCs in the frame."""
+        return BatchBuilder(self.strategy, compressor, self.config.batch_pages, checked=self.config.checksum == "full")
 
     async def _send_pass(self, pass_no: int, ranges, final: bool = False, tags_only: bytes = b"") -> None:
         """Send the pages in ``ranges`` (data and tags) and the pages marked in

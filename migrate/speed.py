@@ -17,7 +17,7 @@ from .ceilings import loopback_throughput, zstd_throughput
 from .config import GuestSpec, MigrationConfig
 from .images import block_bytes, builtin_image
 from .runner import run_pair
-from .units import fmt_bytes, parse_size
+from .units import fmt_bytes
 
 # QEMU 10.0.2 on these machines (PERF-NOTES.md), medians of 5, in ms.
 QEMU_MS = {("zero", 1 << 30): {"plain": 59, "multifd2": 102}, ("random", 1 << 30): {"plain": 489, "multifd2": 289},

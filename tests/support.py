@@ -1,5 +1,6 @@
 """Helpers shared by the engine tests (see conftest.py for the fixtures)."""
 
+import asyncio
 import socket
 import time
 import types
@@ -52,3 +53,19 @@ def steps_advance(host, within=WAIT) -> bool:
         if sum(host.vcpus.steps) > before:
             return True
     return False
+
+
+async def run_engines(src, dst, src_config, listener, dst_config=None, source_cls=None):
+    """Both engines concurrently on one loop; returns (source result,
+    destination result, source engine, destination engine)."""
+    from migrate.dest import DestVmm
+    from migrate.source import SourceVmm
+    source_engine = (source_cls or SourceVmm)(src, src_config)
+    dest_engine = DestVmm(dst, dst_config or src_config)
+    dest_task = asyncio.ensure_future(dest_engine.serve(listener))
+    try:
+        sres = await asyncio.wait_for(source_engine.migrate(address(listener)), WAIT)
+        dres = await asyncio.wait_for(dest_task, WAIT)
+    finally:
+        dest_task.cancel()
+    return sres, dres, source_engine, dest_engine

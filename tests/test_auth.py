@@ -32,7 +32,7 @@ from migrate.dest import DestVmm
 from migrate.errors import ConfigError
 from migrate.machine import DestState
 from migrate.source import SourceVmm
-from support import address, digests, steps_advance
+from support import address, digests, run_engines, steps_advance
 
 MiB = 1 << 20
 RAM = 16 * MiB
@@ -194,13 +194,7 @@ def test_check_compares_in_constant_time(monkeypatch):
 # -- engines in one process ------------------------------------------------------------------
 async def migrate_pair(src, dst, src_config, dst_config, listener, source_cls=SourceVmm):
     """Run both engines concurrently; returns (source result, destination result, destination engine)."""
-    dest_engine = DestVmm(dst, dst_config)
-    dest_task = asyncio.ensure_future(dest_engine.serve(listener))
-    try:
-        sres = await asyncio.wait_for(source_cls(src, src_config).migrate(address(listener)), WAIT)
-        dres = await asyncio.wait_for(dest_task, WAIT)
-    finally:
-        dest_task.cancel()
+    sres, dres, _, dest_engine = await run_engines(src, dst, src_config, listener, dst_config, source_cls)
     return sres, dres, dest_engine
 
 

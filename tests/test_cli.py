@@ -189,6 +189,14 @@ def test_other_bad_input_is_a_usage_error(args, words):
 
 
 # -- two host processes by hand ------------------------------------------------------------------
+def _start_dest(tmp_path, ram):
+    """`mte-migrate dest` on an ephemeral loopback port, its JSON in tmp_path."""
+    return subprocess.Popen([sys.executable, "-m", "migrate", "dest", "--listen", "127.0.0.1:0", "--ram", ram,
+                             "--json", str(tmp_path / "dest.json")],
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
 def _readline(proc, timeout):
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     assert ready, "the destination printed nothing"
@@ -196,10 +204,7 @@ def _readline(proc, timeout):
 
 
 def test_separate_dest_and_source_processes_report_a_ram_mismatch(tmp_path):
-    dest = subprocess.Popen([sys.executable, "-m", "migrate", "dest", "--listen", "127.0.0.1:0", "--ram", "64MiB",
-                             "--json", str(tmp_path / "dest.json")],
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    dest = _start_dest(tmp_path, "64MiB")
     source = None
     try:
         line = _readline(dest, TIMEOUT)
@@ -248,10 +253,7 @@ def test_validate_compares_every_page(tmp_path):
 def _start_pair(tmp_path, source_args=()):
     """A destination and a source (capped, so the migration takes seconds);
     returns both once the source is in precopy (seen in its --debug log)."""
-    dest = subprocess.Popen([sys.executable, "-m", "migrate", "dest", "--listen", "127.0.0.1:0", "--ram", RAM,
-                             "--json", str(tmp_path / "dest.json")],
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    dest = _start_dest(tmp_path, RAM)
     source = None
     try:
         line = _readline(dest, TIMEOUT)

@@ -25,7 +25,7 @@ from migrate.digest import MemoryDigest
 from migrate.dest import DestVmm
 from migrate.machine import DestState, SourceState
 from migrate.source import SourceVmm
-from support import address, digests, steps_advance
+from support import address, digests, run_engines, steps_advance
 from migrate.units import fmt_bytes
 
 MiB = 1 << 20
@@ -36,13 +36,7 @@ WAIT = 60.0  # generous: the machine is shared and noisy
 # -- building hosts ------------------------------------------------------------------
 async def migrate_pair(src, dst, config, listener, dest_config=None):
     """Run both engines concurrently; returns (source result, destination result)."""
-    dest_engine = DestVmm(dst, dest_config or config)
-    dest_task = asyncio.ensure_future(dest_engine.serve(listener))
-    try:
-        sres = await asyncio.wait_for(SourceVmm(src, config).migrate(address(listener)), WAIT)
-        dres = await asyncio.wait_for(dest_task, WAIT)
-    finally:
-        dest_task.cancel()
+    sres, dres, _, _ = await run_engines(src, dst, config, listener, dest_config)
     return sres, dres
 
 
@@ -588,13 +582,7 @@ async def test_incremental_source_digest_equals_a_fresh_one(hosts, listener, wor
     dst = hosts.dest()
     await asyncio.sleep(0.05)
     config = MigrationConfig(strategy=strategy, max_bandwidth=12_000_000, max_passes=4)
-    engine = SourceVmm(src, config)
-    dest_task = asyncio.ensure_future(DestVmm(dst, config).serve(listener))
-    try:
-        sres = await asyncio.wait_for(engine.migrate(address(listener)), WAIT)
-        dres = await asyncio.wait_for(dest_task, WAIT)
-    finally:
-        dest_task.cancel()
+    sres, dres, engine, _ = await run_engines(src, dst, config, listener)
     assert_completed(sres, dres)
     assert len(sres["passes"]) >= 2 and sres["passes"][-1]["pages"] > 0  # changes after the bulk pass
     fresh = MemoryDigest(src.memory)
