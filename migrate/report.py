@@ -51,6 +51,7 @@ def summary(result: dict) -> str:
                      f"downtime {_ms(result['downtime_ms'])}, {result['dirty_sync_count']} dirty syncs")
         if result.get("convergence"):
             lines.append(f"  stopped because {result['convergence']['reason']}")
+        lines.extend(f"  {line}" for line in downtime_split(result))
         ram_line = (f"  RAM {fmt_bytes(ram['total_bytes'])}: {ram['normal_pages']} pages sent, "
                     f"{ram['zero_pages']} zero pages, {fmt_bytes(ram['transferred_bytes'])} on the wire")
         if ram.get("guest_bytes_per_s"):
@@ -67,6 +68,27 @@ def summary(result: dict) -> str:
             lines.append(f"    page {m['page']}: {m['kind']}" + (f", granules {m['granules']}" if m.get("granules") else ""))
     lines.append(f"  guest: {_where(result.get('guest_on', 'source'))}")
     return "\n".join(lines)
+
+
+def downtime_split(result: dict) -> list[str]:
+    """Where the downtime went, and the validation digests that ran in it:
+    the convergence estimate counts only the pages left to send, so a guest
+    that dirtied every 1 MiB digest chunk shows here why the real downtime
+    is longer."""
+    parts = result.get("downtime_breakdown_ms")
+    if not parts:
+        return []
+    lines = [f"downtime split: final pages {parts['final_memory']:.0f} ms, state {parts['state']:.0f} ms, "
+             f"completion {parts['completion']:.0f} ms"]
+    src = result.get("digest") or {}
+    dst = (result.get("destination") or {}).get("final_digest") or {}
+    if src.get("final_ms") is not None:
+        text = (f"validation digests after the pause: source {src['final_ms']:.0f} ms "
+                f"({src['stale_chunks_at_pause']} stale 1 MiB chunks, alongside the final pages)")
+        if dst.get("ms") is not None:
+            text += f", destination {dst['ms']:.0f} ms ({dst['stale_chunks']} chunks)"
+        lines.append(text)
+    return lines
 
 
 def _where(guest_on: str) -> str:

@@ -1,0 +1,38 @@
+"""The human summary: where the downtime went."""
+
+from migrate.report import empty_result, summary
+
+
+def _completed():
+    r = empty_result("default", "tag-ioctl")
+    r.update(status="completed", total_time_ms=2900.0, setup_time_ms=30.0, downtime_ms=790.0,
+             dirty_sync_count=2, guest_on="destination",
+             downtime_breakdown_ms={"final_memory": 537.6, "state": 2.8, "completion": 250.4},
+             digest={"stale_chunks_at_pause": 984, "final_ms": 597.6},
+             destination={"final_digest": {"stale_chunks": 393, "ms": 94.7}})
+    r["ram"]["transferred_bytes"] = 1
+    return r
+
+
+def test_summary_splits_the_downtime_and_names_the_digests():
+    lines = summary(_completed()).splitlines()
+    split = next(x for x in lines if x.strip().startswith("downtime split:"))
+    assert split.strip() == "downtime split: final pages 538 ms, state 3 ms, completion 250 ms"
+    digests = next(x for x in lines if x.strip().startswith("validation digests after the pause:"))
+    assert "source 598 ms (984 stale 1 MiB chunks" in digests
+    assert "destination 95 ms (393 chunks)" in digests
+
+
+def test_summary_without_a_downtime_has_no_split():
+    r = empty_result("default", "tag-ioctl")
+    r.update(status="failed", error="connection refused")
+    assert "downtime split" not in summary(r) and "digests after the pause" not in summary(r)
+
+
+def test_summary_split_without_digest_figures():
+    r = _completed()
+    r["digest"] = None
+    r.pop("destination")
+    text = summary(r)
+    assert "  downtime split: final pages 538 ms, state 3 ms, completion 250 ms\n" in text
+    assert "digests after the pause" not in text
