@@ -18,6 +18,15 @@ class Counters:
             with self._lock:
                 self._counts[name] += amount
 
+    def add_many(self, *pairs) -> None:
+        """add() for several (name, amount) pairs under one lock: the
+        per-call bookkeeping of a system call made once a page."""
+        with self._lock:
+            counts = self._counts
+            for name, amount in pairs:
+                if amount:
+                    counts[name] += amount
+
     def get(self, name: str) -> int:
         with self._lock:
             return self._counts[name]

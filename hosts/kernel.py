@@ -316,6 +316,19 @@ class Vm:
             raise einval("length does not fit the return value")
         from_guest = flags & KVM_ARM_TAGS_FROM_GUEST
         view = memoryview(buf).cast("B")
+        npages = length // PAGE_SIZE
+        if len(self.memslots) == 1 and len(view) >= npages * GRANULES_PER_PAGE:
+            # The common case, one memslot: one check instead of the loop below.
+            slot = self.memslots[0]
+            if slot.guest_phys_addr <= guest_ipa and guest_ipa + length <= slot.guest_phys_addr + slot.size:
+                if npages:
+                    first = (slot.ram_offset + guest_ipa - slot.guest_phys_addr) // PAGE_SIZE
+                    out = view[:npages * GRANULES_PER_PAGE]
+                    if from_guest:
+                        self._tags_to_user(first, npages, out)
+                    else:
+                        self._tags_from_user(first, npages, out)
+                return length
         done = 0
         error: KernelError | None = None
         while done < length:
@@ -362,9 +375,8 @@ class Vm:
                 out[lo:hi] = bytes(hi - lo)
             pos = stop
         tagged = mem.tagged.count(1, first, end)
-        self.counters.add("kernel.page_tag_reads", tagged)
-        self.counters.add("kernel.page_zero_fills", npages - tagged)
-        self.counters.add("bytes.tags_to_user", npages * GRANULES_PER_PAGE)
+        self.counters.add_many(("kernel.page_tag_reads", tagged), ("kernel.page_zero_fills", npages - tagged),
+                               ("bytes.tags_to_user", npages * GRANULES_PER_PAGE))
 
     def _tags_from_user(self, first: int, npages: int, src: memoryview) -> None:
         mem = self.memory
@@ -376,8 +388,7 @@ class Vm:
         with self.mmu_lock:
             mem.tags[first * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE] = packed
             mem.tagged[first:end] = b"\x01" * npages
-        self.counters.add("kernel.page_tag_writes", npages)
-        self.counters.add("bytes.tags_from_user", npages * GRANULES_PER_PAGE)
+        self.counters.add_many(("kernel.page_tag_writes", npages), ("bytes.tags_from_user", npages * GRANULES_PER_PAGE))
 
     # -- VMM mappings ------------------------------------------------------------
     def map_guest_ram(self, prot_mte: bool = False, dirty_tracker=None):

@@ -112,10 +112,10 @@ class VmmMapping:
         self._touch(offset, length, pointer_tag)
         return self.memory.data[offset:offset + length]
 
-    def write(self, offset: int, data, pointer_tag: int = 0) -> None:
+    def write(self, offset: int, data, pointer_tag: int = 0, populated: bool = False) -> None:
         n = len(data)
         self._touch(offset, n, pointer_tag)
-        self.memory.write(offset, data)
+        self.memory.write(offset, data, populated)
         if self.dirty_tracker is not None:
             self.dirty_tracker.mark(offset // PAGE_SIZE, -(-(offset + n) // PAGE_SIZE))
 

@@ -19,6 +19,7 @@ MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 # Stores at least this large that start in never-populated RAM go through
 # pwrite() (see GuestMemory.write).
 _PWRITE_MIN = 4096  # a pwrite beats a page fault per page already for one page
+_MEMCPY_POPULATED_MAX = 16 * PAGE_SIZE  # up to here a memcpy into populated pages beats the system call
 
 try:  # mincore(2): which pages of a mapping are in memory, without touching them
     _mincore = ctypes.CDLL(None, use_errno=True).mincore
@@ -152,14 +153,17 @@ class GuestMemory:
         self._prefaulted[first_page:end_page] = b"\x01" * (end_page - first_page)
 
     # -- storing -------------------------------------------------------------
-    def write(self, offset: int, data) -> None:
+    def write(self, offset: int, data, populated: bool = False) -> None:
         """Store ``data`` at RAM byte ``offset``.  A small store is a memcpy
         into the mapping; a large one is a pwrite() on the backing file: the
         same bytes land in the same (shared) pages, and never-populated pages
         are allocated without a page fault each (about half the cost of
-        first-touch faults on tmpfs), while populated ones are a plain copy."""
+        first-touch faults on tmpfs), while populated ones are a plain copy.
+        ``populated``: the caller knows every page was written before, so a
+        store of a few pages is a memcpy too (0.3 us a page against 1.2 us
+        for a pwrite: the scattered pages of a dirty pass)."""
         n = len(data)
-        if n >= _PWRITE_MIN:
+        if n >= _PWRITE_MIN and not (populated and n <= _MEMCPY_POPULATED_MAX):
             view = memoryview(data).cast("B")
             fd = self._data_fd
             with self._write_lock:

@@ -99,4 +99,6 @@ def all_zero(buf) -> bool:
     time, with no copy and no per-byte Python work."""
     mv = memoryview(buf).cast("B")
     step = len(_ZERO_CHUNK)
+    if len(mv) <= step:  # one compare: most calls (a page's or a batch's tags)
+        return _ZERO_CHUNK.startswith(mv)
     return all(_ZERO_CHUNK.startswith(mv[o:o + step]) for o in range(0, len(mv), step))

@@ -161,15 +161,18 @@ class BatchBuilder:
             # first byte is not zero is no zero page, so only the others are
             # compared in full (random or text data: hardly any).
             heads = bytes(view[::PAGE_SIZE])
-            if heads.find(0) >= 0:
-                if heads.count(0) == count and all_zero(view):
-                    flags[i:i + count] = bytes([fr.PAGE_ZERO]) * count
-                    i += count
-                    continue
-                for a, b in runs(heads.translate(_IS_ZERO_BYTE), 1):
-                    for p in range(a, b):
-                        if _ZERO_PAGE.startswith(view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]):
-                            flags[i + p] = fr.PAGE_ZERO
+            if heads.find(0) < 0:  # no zero page here: the whole range is data
+                parts.append(view)
+                i += count
+                continue
+            if heads.count(0) == count and all_zero(view):
+                flags[i:i + count] = bytes([fr.PAGE_ZERO]) * count
+                i += count
+                continue
+            for a, b in runs(heads.translate(_IS_ZERO_BYTE), 1):
+                for p in range(a, b):
+                    if _ZERO_PAGE.startswith(view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]):
+                        flags[i + p] = fr.PAGE_ZERO
             for a, b in runs(bytes(flags[i:i + count]), 0):
                 parts.append(view[a * PAGE_SIZE:b * PAGE_SIZE])
             i += count
@@ -312,8 +315,21 @@ class BatchApplier:
         ends up fully populated (digested in place).  A stretch of zero pages
         alone is written only over earlier data, so memory never written
         stays unpopulated."""
-        pos = 0
+        pos, written = 0, self.written
         for sa, sb, first in page_of:
+            n = sb - sa
+            if data_bits.find(0, sa, sb) < 0:
+                # Every page of the range carries data: one store, no run
+                # splitting (the scattered pages of a dirty pass are ranges
+                # of a page or a few, so this is per page there).
+                end = first + n
+                populated = written.find(0, first, end) < 0
+                self.strategy.write_data(first * PAGE_SIZE, data[pos:pos + n * PAGE_SIZE], populated)
+                pos += n * PAGE_SIZE
+                if not populated:
+                    written[first:end] = b"\x01" * n
+                self.on_write(first, end)
+                continue
             for a, b in runs(landed_bits[sa:sb], 1):
                 lo, hi = sa + a, sa + b
                 if data_bits.find(1, lo, hi) < 0:

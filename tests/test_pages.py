@@ -549,7 +549,7 @@ def test_pages_stored_in_the_wrong_place_fail_the_landed_check(blank_pair):
     write(src, 0, bytes(range(256)) * (CHUNK * PAGE // 256))
     link = checked_link(src, dst)
     real = link.dst_strategy.write_data
-    link.dst_strategy.write_data = lambda off, data: real(off + PAGE, data[:len(data) - PAGE])  # off by a page
+    link.dst_strategy.write_data = lambda off, data, populated=False: real(off + PAGE, data[:len(data) - PAGE])  # off by a page
     frame, _ = link.builder.build(0, [(0, CHUNK)])
     (got,) = link.conn.feed(wire_of(frame))
     with pytest.raises(ProtocolError, match="stored in the wrong place"):
@@ -584,3 +584,55 @@ def test_source_digests_a_whole_chunk_from_its_snapshot_only_when_it_is_kernel_m
     link.src_strategy.read_data = real
     link.builder.build(0, [(2 * CHUNK, 10)])
     assert digest.unread[2]
+
+
+# -- scattered pages (a dirty pass) ----------------------------------------------------------
+def test_scattered_pages_over_landed_ones_are_stored_in_memory_not_through_the_file(blank_pair, monkeypatch):
+    """A dirty pass's pages are ranges of a page or a few over pages the
+    destination already holds: they land with a memcpy, no pwrite each, and
+    still land exactly (and only) where they belong."""
+    import os
+    src, dst = blank_pair
+    write(src, 0, bytes(range(256)) * (64 * PAGE // 256))
+    link = Link(src, dst, "none")
+    link.send([(0, 64)])
+    scattered = [3, 4, 9, 30, 31, 32, 50]
+    for p in scattered:
+        write(src, p, bytes([p]) * PAGE)
+    set_tags(src, 9, 7)
+    calls = []
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda *a: calls.append(a) or real_pwrite(*a))
+    link.send([(3, 5), (9, 10), (30, 33), (50, 51)], pass_no=1)
+    assert calls == []
+    assert same_guest(src, dst) == (True, True)
+    assert page_bytes(dst, 31) == bytes([31]) * PAGE and page_tags(dst, 9) == page_tags(src, 9)
+
+
+def test_scattered_pages_into_never_written_memory_still_go_through_the_file(blank_pair, monkeypatch):
+    import os
+    src, dst = blank_pair
+    for p in (5, 70):
+        write(src, p, bytes([p]) * PAGE)
+    link = Link(src, dst, "none")
+    calls = []
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda *a: calls.append(a) or real_pwrite(*a))
+    link.send([(5, 6), (70, 71)])
+    assert len(calls) == 2  # allocated by the write, not by a page fault each
+    assert same_guest(src, dst) == (True, True)
+
+
+@pytest.mark.parametrize("pages, calls", [
+    ([1, 3, 8, 13], 1),     # gaps of 1, 4 and 4 pages: fetched with the pages around them
+    ([1, 7, 20], 3),        # gaps of 5 and 12: a call each
+    ([0, 1, 2, 100], 2),
+])
+def test_tag_fetches_bridge_gaps_of_up_to_four_pages(pair, pages, calls):
+    src, _ = pair
+    s = strategies.get("tag-ioctl")(src, MigrationConfig())
+    ranges = [(p, 1) for p in pages]
+    before = src.vm.counters.get("syscalls.kvm_arm_mte_copy_tags")
+    packed = s.read_tags(ranges)
+    assert src.vm.counters.get("syscalls.kvm_arm_mte_copy_tags") - before == calls
+    assert packed == b"".join(page_tags(src, p) for p in pages)

@@ -50,8 +50,9 @@ class TagStrategy(ABC):
     def setup_dest(self) -> None:
         """Called once before the first page arrives."""
 
-    def write_data(self, offset: int, data) -> None:
-        self.mapping.memory.write(offset, data)
+    def write_data(self, offset: int, data, populated: bool = False) -> None:
+        """Store guest RAM bytes; ``populated``: every page was written before."""
+        self.mapping.memory.write(offset, data, populated)
 
     def write_data_parts(self, offset: int, parts) -> None:
         """Store consecutive buffers at ``offset`` (one system call)."""

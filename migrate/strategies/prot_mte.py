@@ -29,10 +29,10 @@ class ProtMte(TagStrategy):
         self._checks_off()
         return self.mapping.read(first_page * PAGE_SIZE, npages * PAGE_SIZE)
 
-    def write_data(self, offset, data):
+    def write_data(self, offset, data, populated=False):
         # Through the PROT_MTE mapping (so the pages get mapped tagged), TCO on.
         self._checks_off()
-        self.mapping.write(offset, data)
+        self.mapping.write(offset, data, populated=populated)
 
     def write_data_parts(self, offset, parts):
         self._checks_off()

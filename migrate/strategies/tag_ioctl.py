@@ -38,9 +38,12 @@ class TagIoctl(TagStrategy):
             n = min(self.batch, first_page + npages - start)
             yield self.vm.page_to_ipa(start), n
 
-    #: pages of clean gap worth fetching to save a system call (a call costs
-    #: a few hundred ns, 32 pages of tags ~8 KiB of copying)
-    MAX_GAP = 32
+    #: pages of clean gap worth fetching to save a system call: by the cost
+    #: model (migrate/costmodel.toml) a call costs 300 ns and a page fetched
+    #: for nothing 66 ns (a kernel page-tag read, 256 bytes copied), so a gap
+    #: pays up to 4 pages.  (It was 32: a dirty pass with one page in 17
+    #: dirty then fetched ~15 pages of tags per page it needed.)
+    MAX_GAP = 4
 
     def _spans(self, ranges):
         """Coalesce page ranges separated by small gaps into spans of at most
@@ -86,6 +89,11 @@ class TagIoctl(TagStrategy):
         return b"".join(out_parts)
 
     def write_tags(self, first_page, packed):
+        npages = len(packed) // 128
+        if npages <= self.batch:  # one call (the scattered pages of a dirty pass)
+            self.vm.mte_copy_tags(self.vm.page_to_ipa(first_page), npages * PAGE_SIZE, tagops.unpack(packed),
+                                  KVM_ARM_TAGS_TO_GUEST)
+            return
         packed = memoryview(packed)
         done = 0
         for ipa, n in self._calls(first_page, len(packed) // 128):
