@@ -59,6 +59,8 @@ class DestVmm:
         self.resumed = False
         self.hello = None
         self._lanes: dict[int, dict] = {}      # channel -> {thread, chan, stats, pass}
+        self._early_digest = None  # (final pass, task) once STATE arrived
+        self._frozen = False       # the final digest has started: no PAGES any more
         self._lane_failure: asyncio.Future | None = None
         self._lane_progress: asyncio.Event | None = None
         self._pass_seen = {0: -1}             # channel -> last PASS_END
@@ -172,12 +174,17 @@ class DestVmm:
         strategy = self.strategy
         applier = BatchApplier(strategy, self.host.memory.npages, self._applier.written, self._applier.has_tags,
                                on_write=self._digest.mark_stale, digest=self._digest)
+        ended = -1  # the last pass this channel ended
         try:
             while True:
                 frame = await chan.recv(timeout=None)  # liveness is watched by the control loop
                 if frame.type == T.PAGES:
+                    if frame.pass_no <= ended or self._frozen:
+                        raise ProtocolError(f"PAGES of pass {frame.pass_no} on data channel {index} after "
+                                            + ("that pass ended" if frame.pass_no <= ended else "the final pass"))
                     lane["stats"].add(applier.apply(frame))
                 elif frame.type == T.PASS_END:
+                    ended = max(ended, frame.pass_no)
                     main_loop.call_soon_threadsafe(self._lane_pass_end, index, frame.pass_no)
                 elif frame.type == T.ERROR:
                     raise PeerError(f"source: {frame.message}", frame.code)
@@ -337,6 +344,8 @@ class DestVmm:
             # reads what the last pass wrote.
             self._digest = MemoryDigest(host.memory, compute=False)
             self._refresh_job = None
+            self._early_digest = None  # (final pass, task) once STATE arrived
+            self._frozen = False       # the final digest has started: no PAGES any more
             applier = self._applier = BatchApplier(self.strategy, host.memory.npages,
                                                    on_write=self._digest.mark_stale, digest=self._digest)
             self._lane_failure = asyncio.get_running_loop().create_future()
@@ -354,6 +363,8 @@ class DestVmm:
                 frame = await self._recv_control(chan)
                 ftype = frame.type
                 if ftype == T.PAGES:
+                    if frame.pass_no <= self._pass_seen[0]:
+                        raise ProtocolError(f"PAGES of pass {frame.pass_no} after that pass ended")
                     self.stats.add(applier.apply(frame))
                 elif ftype == T.PASS_END:
                     res["dirty_sync_count"] = frame.pass_no
@@ -362,9 +373,10 @@ class DestVmm:
                 elif ftype == T.STATE:
                     state = frame.state
                     self._load_state(state)
+                    self._start_final_digest(self._pass_seen[0])
                 elif ftype == T.COMPLETE:
                     await self._await_final_pass(frame.final_pass)
-                    await self._confirm(chan, state)
+                    await self._confirm(chan, state, frame.final_pass)
                 elif ftype == T.INSPECT:
                     self._check_chunks(frame.chunks)
                     detail = await asyncio.get_running_loop().run_in_executor(None, page_detail, host.memory, frame.chunks)
@@ -401,6 +413,8 @@ class DestVmm:
         finally:
             if "refresher" in locals():
                 refresher.cancel()
+            if getattr(self, "_early_digest", None) is not None:
+                self._early_digest[1].cancel()
             if not self.resumed:
                 await self._report_failure(chan)
             chan.close()
@@ -503,14 +517,38 @@ class DestVmm:
             self._refresh_job = asyncio.get_running_loop().run_in_executor(
                 None, lambda: digest.refresh(digest.pending_chunks(unread=False)))
 
-    async def _confirm(self, chan, state) -> None:
-        loop = asyncio.get_running_loop()
+    def _start_final_digest(self, final_pass: int) -> None:
+        """The source sends its state right after the final pass, then digests
+        its own memory before COMPLETE.  Once every channel has delivered that
+        pass nothing writes this RAM again, so digest it now, alongside the
+        source, instead of after its COMPLETE (the downtime waits for both)."""
+        async def run():
+            await self._await_final_pass(final_pass)
+            self._frozen = True  # a PAGES frame from now on is refused
+            await self._final_digest()
+        task = asyncio.ensure_future(run())
+        task.add_done_callback(lambda f: f.cancelled() or f.exception())  # read by _confirm when it matters
+        self._early_digest = (final_pass, task)
+
+    async def _final_digest(self) -> None:
         t = time.perf_counter()
         stale = len(self._digest.pending_chunks())
         if self._refresh_job is not None:
             await self._refresh_job
-        await self._digest.refresh_parallel(loop, frozen=True)  # every channel delivered the final pass
+        await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # every channel delivered the final pass
         self.result["final_digest"] = {"stale_chunks": stale, "ms": _ms(time.perf_counter() - t)}
+
+    async def _confirm(self, chan, state, final_pass: int) -> None:
+        early = self._early_digest
+        if early is not None and early[0] == final_pass:
+            await early[1]
+        else:  # COMPLETE names another pass than the one before STATE: digest now
+            if early is not None:
+                early[1].cancel()
+            self._frozen = True
+            await self._final_digest()
+        if self._lane_failure.done():  # a data channel failed after delivering the final pass
+            raise self._lane_failure.exception()
         digest = self._digest
         sdigest = state_digest(state) if state is not None else ""
         await chan.send(fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs()))

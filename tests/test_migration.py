@@ -21,7 +21,7 @@ from hosts.constants import GRANULE, PAGE_SIZE
 from migrate import PROTOCOL_VERSION
 from migrate import frames as fr
 from migrate.config import MigrationConfig
-from migrate.digest import MemoryDigest
+from migrate.digest import CHUNK_PAGES, MemoryDigest
 from migrate.dest import DestVmm
 from migrate.machine import DestState, SourceState
 from migrate.source import SourceVmm
@@ -588,3 +588,53 @@ async def test_incremental_source_digest_equals_a_fresh_one(hosts, listener, wor
     fresh = MemoryDigest(src.memory)
     assert not engine._digest.pending()
     assert (engine._digest.data_crcs, engine._digest.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
+
+
+async def test_destination_digests_while_the_source_still_digests(hosts, listener, monkeypatch):
+    """Its final digest starts once every channel delivered the final pass
+    (the source's STATE follows it), not after the source's COMPLETE: the
+    two digests overlap inside the downtime."""
+    src = hosts.source(ram=16 * MiB, rate=3000)
+    dst = hosts.dest(ram=16 * MiB)
+    marks = {}
+
+    class SlowDigestSource(SourceVmm):
+        async def _final_digest(self):
+            digest = await super()._final_digest()
+            await asyncio.sleep(0.5)
+            marks["source_complete"] = time.monotonic()  # COMPLETE goes out right after
+            return digest
+
+    real = DestVmm._final_digest
+
+    async def timed(self):
+        await real(self)
+        marks["dest_digested"] = time.monotonic()
+    monkeypatch.setattr(DestVmm, "_final_digest", timed)
+    sres, dres, _, _ = await run_engines(src, dst, MigrationConfig(channels=2), listener,
+                                         source_cls=SlowDigestSource)
+    assert_completed(sres, dres)
+    assert marks["dest_digested"] < marks["source_complete"]
+
+
+async def test_pages_on_a_data_channel_after_the_final_pass_are_refused(hosts, listener):
+    src = hosts.source(ram=16 * MiB, rate=3000)
+    dst = hosts.dest(ram=16 * MiB)
+
+    class LatePagesSource(SourceVmm):
+        async def _final_digest(self):
+            digest = await super()._final_digest()
+            # After the final pass and STATE: one more batch on data channel 1
+            # (chunk 1 is channel 1's), then time for the destination to see it.
+            lane = self.lanes[1]
+            frame, _ = lane.builder.build(self.passes[-1]["pass"], [(CHUNK_PAGES, 1)])
+            await self._threads[0].submit(lane.chan.send(frame))
+            await asyncio.sleep(0.5)
+            return digest
+
+    sres, dres, _, _ = await run_engines(src, dst, MigrationConfig(channels=2), listener,
+                                         source_cls=LatePagesSource)
+    assert sres["status"] == "failed" and dres["status"] == "failed"
+    assert "on data channel 1 after" in dres["error"], dres["error"]
+    assert sres["guest_on"] == "source" and src.vcpus.running
+    assert not dst.vcpus.running
