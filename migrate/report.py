@@ -84,7 +84,7 @@ def downtime_split(result: dict) -> list[str]:
     dst = (result.get("destination") or {}).get("final_digest") or {}
     if src.get("final_ms") is not None:
         text = (f"validation digests after the pause: source {src['final_ms']:.0f} ms "
-                f"({src['stale_chunks_at_pause']} stale 1 MiB chunks, alongside the final pages)")
+                f"({src['stale_chunks_at_pause']} 1 MiB chunks brought up to date, alongside the final pages)")
         if dst.get("ms") is not None:
             text += f", destination {dst['ms']:.0f} ms ({dst['stale_chunks']} chunks)"
         lines.append(text)

@@ -19,7 +19,7 @@ def test_summary_splits_the_downtime_and_names_the_digests():
     split = next(x for x in lines if x.strip().startswith("downtime split:"))
     assert split.strip() == "downtime split: final pages 538 ms, state 3 ms, completion 250 ms"
     digests = next(x for x in lines if x.strip().startswith("validation digests after the pause:"))
-    assert "source 598 ms (984 stale 1 MiB chunks" in digests
+    assert "source 598 ms (984 1 MiB chunks brought up to date" in digests
     assert "destination 95 ms (393 chunks)" in digests
 
 
