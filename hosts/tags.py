@@ -5,17 +5,17 @@ with C-level codecs and bytes.translate: no Python loop per granule."""
 
 import binascii
 import codecs
+from array import array
 
 _LOW_NIBBLE = bytes(b & 0x0F for b in range(256))
 # unpack: packed byte (hi << 4 | lo) -> code point (hi << 8 | lo); encoded as
 # UTF-16-LE that is the two bytes lo, hi.  All code points are below 0x0F10,
 # so there are no surrogates and every character encodes to exactly 2 bytes.
 _UNPACK_TABLE = "".join(chr(((b >> 4) << 8) | (b & 0x0F)) for b in range(256))
-# pack: each granule byte -> the hex digit of its low nibble, so that
-# unhexlify joins each (lo, hi) pair into one byte (lo << 4 | hi) ...
+# pack: each granule byte -> the hex digit of its low nibble; swapping the
+# two digits of each pair (array byteswap) makes unhexlify join them into the
+# packed byte (hi << 4 | lo).
 _TO_HEX_DIGIT = bytes(b"0123456789abcdef"[b & 0x0F] for b in range(256))
-# ... and a nibble swap gives the packed byte (hi << 4 | lo).
-_SWAP_NIBBLES = bytes(((b & 0x0F) << 4) | (b >> 4) for b in range(256))
 
 
 def unpack(packed) -> bytes:
@@ -36,7 +36,10 @@ def pack(unpacked) -> bytes:
         unpacked = bytes(unpacked)  # translate() needs bytes or bytearray
     if len(unpacked) % 2:
         raise ValueError("tag array length must be even")
-    return binascii.unhexlify(unpacked.translate(_TO_HEX_DIGIT)).translate(_SWAP_NIBBLES)
+    digits = array("H")
+    digits.frombytes(unpacked.translate(_TO_HEX_DIGIT))
+    digits.byteswap()  # the same on any host: bytes within each 2-byte item
+    return binascii.unhexlify(digits)
 
 
 def fill_granules(storage, first_granule: int, count: int, tag: int) -> None:
