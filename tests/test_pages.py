@@ -636,3 +636,32 @@ def test_tag_fetches_bridge_gaps_of_up_to_four_pages(pair, pages, calls):
     packed = s.read_tags(ranges)
     assert src.vm.counters.get("syscalls.kvm_arm_mte_copy_tags") - before == calls
     assert packed == b"".join(page_tags(src, p) for p in pages)
+
+
+def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_call(blank_pair, monkeypatch):
+    """Every fourth page zero (the mixed image): the frame flags them and
+    leaves them out of its data, its data CRC covers the chunk as it must
+    land, computed in one CRC call over the snapshot, which is also the
+    source digest's CRC of the chunk -- and the destination lands it exactly."""
+    import types
+    import zlib
+    from migrate import pages
+    src, dst = blank_pair
+    for p in range(CHUNK):
+        if p % 4:
+            write(src, p, bytes([p % 251 + 1]) * PAGE)
+    link = checked_link(src, dst, digest=False)
+    digest = link.builder.digest = MemoryDigest(src.memory, compute=False)
+    calls = []
+    monkeypatch.setattr(pages, "zlib", types.SimpleNamespace(crc32=lambda *a: calls.append(len(a[0])) or zlib.crc32(*a)))
+    frame, stats = link.builder.build(0, [(0, CHUNK)])
+    assert calls.count(CHUNK * PAGE) == 1 and len(calls) == 2  # the chunk, and the (empty) tags payload
+    monkeypatch.undo()
+    assert [p for p in range(CHUNK) if frame.flags[p] & fr.PAGE_ZERO] == list(range(0, CHUNK, 4))
+    assert len(frame.data) == stats.data_bytes == (CHUNK - CHUNK // 4) * PAGE
+    chunk_bytes = bytes(src.memory.data[:CHUNK * PAGE])
+    assert frame.dcrc == zlib.crc32(chunk_bytes) == digest.data_crcs[0]
+    assert not digest.stale[0] and not digest.unread[0]
+    (got,) = link.conn.feed(wire_of(frame))
+    link.applier.apply(got)
+    assert bytes(dst.memory.data[:CHUNK * PAGE]) == chunk_bytes
