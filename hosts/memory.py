@@ -146,6 +146,11 @@ class GuestMemory:
     def populated_pages(self) -> int:
         return sum(e - s for s, e in self.populated_ranges())
 
+    @property
+    def data_fd(self) -> int:
+        """The backing file: a receiver may splice(2) page data into it."""
+        return self._data_fd
+
     def prefault(self, first_page: int, end_page: int) -> None:
         """Allocate host memory for a page range ahead of use (as a VMM's
         -mem-prealloc does), so first-touch faults happen now, not later."""

@@ -175,6 +175,10 @@ class DestVmm:
         applier = BatchApplier(strategy, self.host.memory.npages, self._applier.written, self._applier.has_tags,
                                on_write=self._digest.mark_stale, digest=self._digest)
         ended = -1  # the last pass this channel ended
+        # Whole chunks of raw data are spliced into place (never a frame the
+        # checks below would refuse).
+        chan.placer = lambda fields, dl: None if fields["pass_no"] <= ended or self._frozen \
+            else applier.placement(fields, dl)
         try:
             while True:
                 frame = await chan.recv(timeout=None)  # liveness is watched by the control loop
@@ -355,6 +359,10 @@ class DestVmm:
             self._handshaking = True
             await self._authenticate(chan, hello)
             self.hello = hello
+            # Authenticated: whole chunks of raw data are spliced into place
+            # from here on (never a frame the checks below would refuse).
+            chan.placer = lambda fields, dl: None if fields["pass_no"] <= self._pass_seen[0] \
+                else applier.placement(fields, dl)
             self._ready.set()
             refresher = asyncio.ensure_future(self._refresh_loop())
             res["setup_time_ms"] = _ms(time.perf_counter() - t_start)
@@ -430,7 +438,7 @@ class DestVmm:
             s = self.stats
             received = chan.bytes_received + sum(lane["bytes"] for lane in self._lanes.values())
             res["ram"].update(transferred_bytes=received, zero_pages=s.zero_pages,
-                              normal_pages=s.normal_pages, normal_bytes=s.data_bytes)
+                              normal_pages=s.normal_pages, normal_bytes=s.data_bytes, spliced_bytes=s.spliced_bytes)
             res["tags"].update(tagged_pages=s.tagged_pages, raw_bytes=s.tag_raw, wire_bytes=s.tag_wire)
             res["wire"].update(bytes_sent=chan.bytes_sent, bytes_received=received, channels=1 + len(self._lanes),
                                data_bytes=s.data_wire, tag_bytes=s.tag_wire)

@@ -240,6 +240,9 @@ class Pages:
     #: where it is cheapest, e.g. on the landed memory it digests anyway.
     dcrc: int | None = None
     tcrc: int | None = None
+    #: received straight into guest RAM (``data`` is then None): see
+    #: decode_pages_head and FrameChannel.placer
+    landed: bool = False
     type = FrameType.PAGES
 
     @property
@@ -263,6 +266,15 @@ class Pages:
 
     @classmethod
     def from_meta(cls, m, payload):
+        fields, dl = cls.fields_of(m, len(payload))
+        frame = cls(data=payload[:dl], tags=payload[dl:], **fields)
+        frame.check_tags()
+        return frame
+
+    @classmethod
+    def fields_of(cls, m, payload_len: int) -> tuple[dict, int]:
+        """The checked fields of a PAGES meta and the data length, before the
+        payload is read (``payload_len`` from the header)."""
         f = "PAGES"
         raw_ranges = _field(m, "r", bytes, f)
         flags = _field(m, "f", bytes, f)
@@ -282,15 +294,18 @@ class Pages:
             raise ProtocolError("PAGES batch has an empty range")
         if flags.translate(None, VALID_PAGE_FLAGS):
             raise ProtocolError("PAGES batch has an unknown page flag")
-        if dl > len(payload):
-            raise ProtocolError(f"PAGES data length {dl} exceeds the payload ({len(payload)} bytes)")
+        if dl > payload_len:
+            raise ProtocolError(f"PAGES data length {dl} exceeds the payload ({payload_len} bytes)")
         dcrc = tcrc = None
         if "dk" in m or "tk" in m:
             dcrc, tcrc = _uint(m, "dk", f, 2**32), _uint(m, "tk", f, 2**32)
-            if zlib.crc32(payload[dl:]) != tcrc:
-                raise ProtocolError("PAGES frame tags failed their checksum: the stream is corrupt")
-        return cls(_uint(m, "p", f, 2**32), ranges, flags, payload[:dl], payload[dl:],
-                   _field(m, "dc", bool, f), _field(m, "tc", bool, f), dcrc, tcrc)
+        return dict(pass_no=_uint(m, "p", f, 2**32), ranges=ranges, flags=flags,
+                    data_compressed=_field(m, "dc", bool, f), tags_compressed=_field(m, "tc", bool, f),
+                    dcrc=dcrc, tcrc=tcrc), dl
+
+    def check_tags(self) -> None:
+        if self.tcrc is not None and zlib.crc32(self.tags) != self.tcrc:
+            raise ProtocolError("PAGES frame tags failed their checksum: the stream is corrupt")
 
 
 @dataclass
@@ -560,6 +575,27 @@ def decode(header: Header, meta_bytes, payload, require_crc=False):
         raise ProtocolError(f"{header.type.name} frame's checksum leaves its payload out, but this side requires "
                             f"--checksum full (give both sides the same --checksum)")
     return frame
+
+
+def decode_pages_head(header: Header, meta_bytes, require_crc=False) -> tuple[dict, int]:
+    """The first half of decoding a PAGES frame whose payload is still on the
+    wire: the CRC of header and meta (a CRC that leaves the payload out: the
+    frame checks its data and tags itself, or checksum mode "meta"), the
+    meta's fields and bounds.  Returns (fields, data length) as
+    Pages.fields_of does; decode() still decides the frame as a whole."""
+    if header.type != FrameType.PAGES or not header.flags & FLAG_CRC_META_ONLY:
+        raise ValueError("only a self-checked PAGES frame can be decoded before its payload")
+    crc = zlib.crc32(meta_bytes, zlib.crc32(header.raw[:12]))
+    if crc != header.crc:
+        raise ProtocolError(f"PAGES frame failed its checksum (crc {crc:#010x}, expected {header.crc:#010x}): "
+                            f"the stream is corrupt")
+    try:
+        meta = msgpack.unpackb(bytes(meta_bytes), raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise ProtocolError(f"PAGES frame meta is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError("PAGES frame meta must be a map")
+    return Pages.fields_of(meta, header.payload_len)
 
 
 class FrameBuffer:

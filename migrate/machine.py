@@ -219,6 +219,17 @@ class Connection:
         frame = fr.decode(header, meta, payload, self.checksum)
         return self._accept(frame)
 
+    def receive_pages_head(self, header: fr.Header, meta):
+        """The checked fields of a self-checked PAGES frame whose payload is
+        still on the wire (fr.decode_pages_head), and its data length."""
+        return fr.decode_pages_head(header, meta, self.checksum)
+
+    def accept_landing(self, fields: dict) -> "fr.Pages":
+        """A PAGES frame whose data goes straight into guest RAM: the
+        transition and the page bounds are checked before a byte lands; the
+        caller fills in the tags (and checks them) afterwards."""
+        return self._accept(fr.Pages(data=None, tags=b"", landed=True, **fields))
+
     def feed(self, data) -> list:
         return [self._accept(f) for f in self._buffer.feed(data)]
 

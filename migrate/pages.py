@@ -13,6 +13,9 @@ from . import frames as fr
 from .compression import Compressor, Decompressor
 from .digest import CHUNK_PAGES
 from .errors import ProtocolError
+from .strategies.base import TagStrategy
+
+_PLAIN_WRITE = TagStrategy.write_data  # a strategy that keeps it stores data as a plain write to RAM
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_TAG_PAGE = bytes(PACKED_TAGS_PER_PAGE)
@@ -102,6 +105,7 @@ class BatchStats:
     data_wire: int = 0
     tag_raw: int = 0          # packed tag bytes of tagged pages
     tag_wire: int = 0
+    spliced_bytes: int = 0    # data received straight into guest RAM (destination)
 
     def add(self, other: "BatchStats") -> None:
         for k in self.__dataclass_fields__:
@@ -283,6 +287,8 @@ class BatchApplier:
         zero_bits = flags.translate(_ZERO_BIT)
         tag_bits = flags.translate(_TAGS_BIT)
         ndata, ntags = data_bits.count(1), tag_bits.count(1)
+        if frame.landed:  # the transport spliced the data into place (see placement())
+            return self._apply_landed(frame, ndata, tag_bits, ntags)
         data = self._payload(frame.data, frame.data_compressed, ndata * PAGE_SIZE, "page data")
         tags = self._payload(frame.tags, frame.tags_compressed, ntags * PACKED_TAGS_PER_PAGE, "page tags")
         if ntags and self.strategy.tag_format == "none":
@@ -307,17 +313,60 @@ class BatchApplier:
             for a, b in runs(tag_bits, 0):
                 self._untag_run(page_of, a, b)
         if landed_chunk is not None:
-            first, end = frame.ranges[0][0], frame.ranges[0][0] + frame.ranges[0][1]
-            crc = zlib.crc32(self.digest.memory.data[first * PAGE_SIZE:end * PAGE_SIZE])
-            if crc != frame.dcrc:
-                raise ProtocolError(f"PAGES frame data failed its checksum on the landed pages {first}..{end - 1} "
-                                    f"(crc {crc:#010x}, expected {frame.dcrc:#010x}): corrupt on the wire, "
-                                    f"or stored in the wrong place")
-            self.digest.set_data(landed_chunk, crc, tags_changed=True)
+            self._check_landed(frame, frame.ranges[0][0], frame.ranges[0][0] + frame.ranges[0][1])
         zero = zero_bits.count(1)
         return BatchStats(pages=len(flags), zero_pages=zero, normal_pages=ndata, tagged_pages=ntags,
                           data_bytes=ndata * PAGE_SIZE, data_wire=len(frame.data),
                           tag_raw=ntags * PACKED_TAGS_PER_PAGE, tag_wire=len(frame.tags))
+
+    def placement(self, fields: dict, data_len: int):
+        """Where the transport may splice a frame's data straight into guest
+        RAM: (file descriptor, byte offset), or None.  Only a whole digest
+        chunk of data pages, raw and self-checked -- the frame is then
+        verified on the landed pages anyway -- and only when the strategy
+        stores data as a plain write to RAM (prot-mte goes through its
+        PROT_MTE mapping)."""
+        ranges = fields["ranges"]
+        if (self.digest is None or fields["data_compressed"] or fields["dcrc"] is None
+                or type(self.strategy).write_data is not _PLAIN_WRITE or len(ranges) != 1):
+            return None
+        first, count = ranges[0]
+        if whole_chunk(ranges, self.npages) is None or data_len != count * PAGE_SIZE \
+                or fields["flags"].translate(_DATA_BIT).find(0) >= 0:
+            return None
+        return self.digest.memory.data_fd, first * PAGE_SIZE
+
+    def _apply_landed(self, frame, ndata: int, tag_bits: bytes, ntags: int) -> BatchStats:
+        first, count = frame.ranges[0]
+        end = first + count
+        self.written[first:end] = b"\x01" * count
+        self.on_write(first, end)
+        tags = self._payload(frame.tags, frame.tags_compressed, ntags * PACKED_TAGS_PER_PAGE, "page tags")
+        if ntags and self.strategy.tag_format == "none":
+            raise ProtocolError("PAGES frame carries tags, but the negotiated strategy moves none")
+        page_of = [(0, count, first)]
+        tags, pos = memoryview(tags), 0
+        for a, b in runs(tag_bits, 1):
+            self._tag_run(page_of, a, b, tags[pos:pos + (b - a) * PACKED_TAGS_PER_PAGE])
+            pos += (b - a) * PACKED_TAGS_PER_PAGE
+        if self.strategy.tag_format != "none":
+            for a, b in runs(tag_bits, 0):
+                self._untag_run(page_of, a, b)
+        self._check_landed(frame, first, end)
+        return BatchStats(pages=count, zero_pages=0, normal_pages=ndata, tagged_pages=ntags,
+                          data_bytes=ndata * PAGE_SIZE, data_wire=ndata * PAGE_SIZE,
+                          tag_raw=ntags * PACKED_TAGS_PER_PAGE, tag_wire=len(frame.tags),
+                          spliced_bytes=ndata * PAGE_SIZE)
+
+    def _check_landed(self, frame, first: int, end: int) -> None:
+        """The frame's data CRC against the pages as they landed; it becomes
+        the chunk's validation digest."""
+        crc = zlib.crc32(self.digest.memory.data[first * PAGE_SIZE:end * PAGE_SIZE])
+        if crc != frame.dcrc:
+            raise ProtocolError(f"PAGES frame data failed its checksum on the landed pages {first}..{end - 1} "
+                                f"(crc {crc:#010x}, expected {frame.dcrc:#010x}): corrupt on the wire, "
+                                f"or stored in the wrong place")
+        self.digest.set_data(first // CHUNK_PAGES, crc, tags_changed=True)
 
     def _whole_chunk(self, frame, data_bits: bytes) -> int | None:
         """The chunk this frame lands entirely (one range, a whole digest

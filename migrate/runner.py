@@ -54,6 +54,7 @@ def run_pair(guest, config, scenario: str, quiet: bool, extra_source_args=(), ti
         if dresult is not None:
             result["destination"] = {k: dresult.get(k) for k in ("status", "error", "setup_time_ms", "total_time_ms",
                                                                  "guest_on", "cpu", "peak_rss_bytes", "prealloc_ms", "final_digest")}
+            result["destination"]["spliced_bytes"] = (dresult.get("ram") or {}).get("spliced_bytes")
             result["counters"] = {**result.get("counters", {}), **dresult.get("counters", {})}
             if dresult["status"] != "completed" and result["status"] == "completed":
                 result["status"] = "failed"

@@ -9,6 +9,7 @@ before the payload is read)."""
 
 import asyncio
 import errno
+import fcntl
 import os
 import socket
 import time
@@ -16,6 +17,8 @@ import time
 from . import frames as fr
 from .errors import PeerTimeout, TransportError
 from .tls import PlainIO, TlsIO
+
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 DEFAULT_TIMEOUT = object()
 BUFFER_SIZE = fr.HEADER_SIZE + fr.MAX_META + fr.MAX_PAYLOAD + (1 << 20)
@@ -38,6 +41,12 @@ class FrameChannel:
         self.send_seconds = 0.0
         self.last_activity = time.monotonic()
         self.closed = False
+        #: placer(fields, data_len) -> (fd, offset) or None: where the data of
+        #: a self-checked PAGES frame may be spliced straight from the socket
+        #: (one copy into guest RAM instead of two).  Set, reads stop at the
+        #: end of each frame so that payloads stay in the socket.
+        self.placer = None
+        self._pipe = None
 
     # -- sending --------------------------------------------------------------
     async def send(self, frame) -> int:
@@ -60,7 +69,8 @@ class FrameChannel:
 
     # -- receiving -----------------------------------------------------------
     async def _fill(self, need: int) -> None:
-        """Make at least ``need`` bytes available at _start."""
+        """Make at least ``need`` bytes available at _start (exactly ``need``
+        when a placer is set: nothing of the next payload is read ahead)."""
         if self._end - self._start >= need:
             return
         if self._start + need > len(self._buf):  # compact the partial frame to the front
@@ -68,8 +78,9 @@ class FrameChannel:
             self._view[:remaining] = self._view[self._start:self._end]
             self._start, self._end = 0, remaining
         while self._end - self._start < need:
+            limit = self._start + need if self.placer is not None else len(self._buf)
             try:
-                n = await self.io.recv_into(self._view[self._end:])
+                n = await self.io.recv_into(self._view[self._end:limit])
             except (ConnectionError, OSError) as exc:
                 raise TransportError(f"connection lost: {exc.strerror or exc}") from None
             if n == 0:
@@ -88,6 +99,11 @@ class FrameChannel:
             async with asyncio.timeout(timeout):
                 await self._fill(fr.HEADER_SIZE)
                 header = self.conn.parse_header(self._view[self._start:self._start + fr.HEADER_SIZE])
+                if (self.placer is not None and header.type == fr.FrameType.PAGES
+                        and header.flags & fr.FLAG_CRC_META_ONLY and isinstance(self.io, PlainIO)):
+                    landed = await self._recv_landing(header)
+                    if landed is not None:
+                        return landed
                 total = fr.HEADER_SIZE + header.meta_len + header.payload_len
                 await self._fill(total)
         except TimeoutError:
@@ -97,6 +113,91 @@ class FrameChannel:
         payload = self._view[base + header.meta_len:self._start + total]
         self._start += total
         return self.conn.receive(header, meta, payload)
+
+    async def _recv_landing(self, header):
+        """Read a self-checked PAGES frame's meta; if the placer takes its
+        data, splice the data into guest RAM, read the tags, and return the
+        frame (``landed``).  None: read it the usual way (the meta stays in
+        the buffer).  Nothing lands before the meta, the transition and the
+        page bounds are checked; the data itself is checked on the landed
+        pages by the applier, as for any whole-chunk frame."""
+        head = fr.HEADER_SIZE + header.meta_len
+        await self._fill(head)
+        meta = self._view[self._start + fr.HEADER_SIZE:self._start + head]
+        fields, dl = self.conn.receive_pages_head(header, meta)
+        target = self.placer(fields, dl)
+        if target is None:
+            return None
+        frame = self.conn.accept_landing(fields)
+        self._start += head
+        fd, offset = target
+        have = min(self._end - self._start, dl)  # none when reads stop at frame ends
+        if have:
+            os.pwrite(fd, self._view[self._start:self._start + have], offset)
+            self._start += have
+        await self._splice(fd, offset + have, dl - have)
+        tags_len = header.payload_len - dl
+        await self._fill(tags_len)
+        frame.tags = bytes(self._view[self._start:self._start + tags_len])
+        self._start += tags_len
+        frame.check_tags()
+        return frame
+
+    async def _splice(self, fd: int, offset: int, length: int) -> None:
+        """Move ``length`` bytes from the socket to ``fd`` at ``offset``
+        through a pipe: the kernel hands the socket's pages to the pipe and
+        copies them once, into the file."""
+        if self._pipe is None:
+            r, w = os.pipe()
+            try:
+                fcntl.fcntl(w, _F_SETPIPE_SZ, 1 << 20)
+            except OSError:
+                pass  # a smaller pipe only means more calls
+            self._pipe = (r, w)
+        r, w = self._pipe
+        sfd = self.sock.fileno()
+        done = 0
+        while done < length:
+            try:
+                n = os.splice(sfd, w, length - done, flags=os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE)
+            except BlockingIOError:
+                await self._readable()
+                continue
+            except OSError as exc:
+                raise TransportError(f"connection lost: {exc.strerror or exc}") from None
+            if n == 0:
+                raise TransportError(f"peer closed the connection inside a frame ({done} of {length} data bytes)")
+            moved = 0
+            while moved < n:
+                moved += os.splice(r, fd, n - moved, offset_dst=offset + done + moved)
+            done += n
+            self.bytes_received += n
+            self.last_activity = time.monotonic()
+
+    def _drain(self, limit: int = 64 << 20) -> None:
+        """Read what the peer already sent and nobody will: closing a socket
+        with unread data makes the kernel reset the connection, and a reset
+        can destroy the ERROR frame just sent to say why (reads stop at frame
+        ends while a placer is set, so the rest of a stream stays queued)."""
+        if self.placer is None:
+            return
+        try:
+            while limit > 0:
+                n = self.sock.recv_into(self._view, min(len(self._view), limit), socket.MSG_DONTWAIT)
+                if n == 0:
+                    return
+                limit -= n
+        except OSError:  # nothing more queued (EAGAIN), or already gone
+            pass
+
+    async def _readable(self) -> None:
+        fut = self.loop.create_future()
+        sfd = self.sock.fileno()
+        self.loop.add_reader(sfd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            self.loop.remove_reader(sfd)
 
     def close(self) -> None:
         """Close the socket -- after any callbacks the loop has already queued
@@ -115,10 +216,15 @@ class FrameChannel:
             self._close_now()
 
     def _close_now(self) -> None:
+        self._drain()
         try:
             self.sock.close()
         except OSError:
             pass
+        if self._pipe is not None:
+            for end in self._pipe:
+                os.close(end)
+            self._pipe = None
 
 
 def parse_address(text: str, what: str = "address") -> tuple[str, int]:

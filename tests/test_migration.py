@@ -638,3 +638,84 @@ async def test_pages_on_a_data_channel_after_the_final_pass_are_refused(hosts, l
     assert "on data channel 1 after" in dres["error"], dres["error"]
     assert sres["guest_on"] == "source" and src.vcpus.running
     assert not dst.vcpus.running
+
+
+@pytest.mark.parametrize("strategy, spliced", [("tag-ioctl", True), ("none", True), ("prot-mte", False)])
+async def test_whole_chunks_are_spliced_into_guest_ram(hosts, listener, strategy, spliced):
+    """Raw whole-chunk frames go from the socket into the destination's RAM
+    with splice(2), checked on the landed pages; not with prot-mte, whose
+    data goes through its PROT_MTE mapping.  The result is the same guest."""
+    import os
+    src = hosts.source(ram=16 * MiB, workload="stream", strategy=strategy, params={"fill": 0.5}, rate=0)
+    for chunk in range(4):  # whole chunks of data: what is spliced
+        src.memory.write(chunk * CHUNK_PAGES * PAGE_SIZE, os.urandom(CHUNK_PAGES * PAGE_SIZE))
+    dst = hosts.dest(ram=16 * MiB)
+    sres, dres, _, _ = await run_engines(src, dst, MigrationConfig(strategy=strategy, channels=2), listener)
+    if strategy == "none":
+        assert sres["status"] == "failed" and sres["validation"]["data_mismatches"] == 0  # only tags differ
+    else:
+        assert_completed(sres, dres)
+    if spliced:
+        assert dres["ram"]["spliced_bytes"] >= 4 * CHUNK_PAGES * PAGE_SIZE
+    else:
+        assert dres["ram"]["spliced_bytes"] == 0
+
+
+@pytest.mark.parametrize("flip", [False, True])
+async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip):
+    """Through a real socket: the frame's meta is read, its data spliced into
+    the destination's RAM, and the landed pages are held to the frame's data
+    CRC -- a byte flipped on the wire fails there, naming the pages."""
+    import os
+    from migrate.compression import Compressor
+    from migrate.errors import ProtocolError
+    from migrate.machine import Connection, dest_machine
+    from migrate.pages import BatchApplier, BatchBuilder
+    from migrate.strategies import get as get_strategy
+    from migrate.transport import FrameChannel
+    src, dst = hosts.source(ram=16 * MiB, workload="idle", rate=0, start=False), hosts.dest(ram=16 * MiB)
+    chunk = os.urandom(CHUNK_PAGES * PAGE_SIZE)
+    src.memory.write(CHUNK_PAGES * PAGE_SIZE, chunk)  # chunk 1
+    builder = BatchBuilder(get_strategy("tag-ioctl")(src, MigrationConfig()), Compressor("none"), CHUNK_PAGES,
+                           checked=True, digest=MemoryDigest(src.memory, compute=False))
+    frame, _ = builder.build(0, [(CHUNK_PAGES, CHUNK_PAGES)])
+    wire = bytearray(b"".join(bytes(b) for b in fr.encode(frame, "full")))
+    meta_len = struct.unpack_from("<I", wire, 4)[0]
+    if flip:
+        wire[fr.HEADER_SIZE + meta_len + 5000] ^= 0x01
+    conn = Connection(dest_machine())
+    conn.machine.state = DestState.RECEIVING
+    conn.ram_pages = dst.memory.npages
+    strategy = get_strategy("tag-ioctl")(dst, MigrationConfig())
+    strategy.setup_dest()
+    applier = BatchApplier(strategy, dst.memory.npages, digest=MemoryDigest(dst.memory, compute=False))
+    a, b = socket.socketpair()
+    chan = FrameChannel(b, conn, 5)
+    chan.placer = applier.placement
+    a.setblocking(False)
+    try:
+        _, got = await asyncio.gather(asyncio.get_running_loop().sock_sendall(a, bytes(wire)), chan.recv())
+        assert got.landed and got.data is None and chan.bytes_received == len(wire)
+        if flip:
+            with pytest.raises(ProtocolError, match="failed its checksum on the landed pages 256..511"):
+                applier.apply(got)
+        else:
+            applier.apply(got)
+            assert bytes(dst.memory.data[CHUNK_PAGES * PAGE_SIZE:2 * CHUNK_PAGES * PAGE_SIZE]) == chunk
+    finally:
+        chan.close()
+        a.close()
+
+
+@pytest.mark.parametrize("checksum", ["full", "meta", "none"])
+async def test_every_checksum_mode_migrates_and_only_full_splices(hosts, listener, checksum):
+    """Splicing needs a frame that checks its own data (mode "full"); with
+    "meta" or "none" the data is read and stored as before, and every mode
+    ends with the same validated guest."""
+    import os
+    src = hosts.source(ram=16 * MiB, workload="allocator", rate=2000)
+    src.memory.write(8 * CHUNK_PAGES * PAGE_SIZE, os.urandom(2 * CHUNK_PAGES * PAGE_SIZE))
+    dst = hosts.dest(ram=16 * MiB)
+    sres, dres, _, _ = await run_engines(src, dst, MigrationConfig(checksum=checksum, channels=2), listener)
+    assert_completed(sres, dres)
+    assert (dres["ram"]["spliced_bytes"] > 0) == (checksum == "full")

@@ -72,6 +72,7 @@ async def test_mutual_tls_migrates_and_validates(pki):
         assert sres["validation"]["ok"]
         assert dres["status"] == "completed"
         assert sres["wire"]["channels"] == 2  # the data channel is encrypted and authenticated too
+        assert dres["ram"]["spliced_bytes"] == 0  # records to decrypt: nothing is spliced past TLS
     finally:
         src.close()
         dst.close()
