@@ -421,7 +421,7 @@ class DestVmm:
         finally:
             if "refresher" in locals():
                 refresher.cancel()
-            if getattr(self, "_early_digest", None) is not None:
+            if self._early_digest is not None:
                 self._early_digest[1].cancel()
             if not self.resumed:
                 await self._report_failure(chan)

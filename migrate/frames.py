@@ -556,20 +556,7 @@ def decode(header: Header, meta_bytes, payload, require_crc=False):
     A receiver requiring "full" coverage takes a frame whose CRC leaves the
     payload out only if the frame checks its payload itself (PAGES with
     data and tags checksums)."""
-    if header.flags & FLAG_CRC:
-        crc = zlib.crc32(meta_bytes, zlib.crc32(header.raw[:12]))
-        if not header.flags & FLAG_CRC_META_ONLY:
-            crc = zlib.crc32(payload, crc)
-        if crc != header.crc:
-            raise ProtocolError(f"{header.type.name} frame failed its checksum "
-                                f"(crc {crc:#010x}, expected {header.crc:#010x}): the stream is corrupt")
-    try:
-        meta = msgpack.unpackb(bytes(meta_bytes), raw=False, strict_map_key=True)
-    except Exception as exc:
-        raise ProtocolError(f"{header.type.name} frame meta is not valid msgpack ({type(exc).__name__})") from None
-    if not isinstance(meta, dict):
-        raise ProtocolError(f"{header.type.name} frame meta must be a map")
-    frame = FRAME_CLASSES[header.type].from_meta(meta, payload)
+    frame = FRAME_CLASSES[header.type].from_meta(_checked_meta(header, meta_bytes, payload), payload)
     if header.flags & FLAG_CRC_META_ONLY and checksum_mode(require_crc) == "full" \
             and not getattr(frame, "self_checked", False):
         raise ProtocolError(f"{header.type.name} frame's checksum leaves its payload out, but this side requires "
@@ -584,18 +571,27 @@ def decode_pages_head(header: Header, meta_bytes, require_crc=False) -> tuple[di
     meta's fields and bounds.  Returns (fields, data length) as
     Pages.fields_of does; decode() still decides the frame as a whole."""
     if header.type != FrameType.PAGES or not header.flags & FLAG_CRC_META_ONLY:
-        raise ValueError("only a self-checked PAGES frame can be decoded before its payload")
-    crc = zlib.crc32(meta_bytes, zlib.crc32(header.raw[:12]))
-    if crc != header.crc:
-        raise ProtocolError(f"PAGES frame failed its checksum (crc {crc:#010x}, expected {header.crc:#010x}): "
-                            f"the stream is corrupt")
+        raise ValueError("only a PAGES frame whose CRC leaves the payload out can be decoded before its payload")
+    return Pages.fields_of(_checked_meta(header, meta_bytes), header.payload_len)
+
+
+def _checked_meta(header: Header, meta_bytes, payload=None) -> dict:
+    """The frame's CRC checked (over the payload too unless the frame's CRC
+    leaves it out) and its meta unpacked into a map."""
+    if header.flags & FLAG_CRC:
+        crc = zlib.crc32(meta_bytes, zlib.crc32(header.raw[:12]))
+        if not header.flags & FLAG_CRC_META_ONLY:
+            crc = zlib.crc32(payload, crc)
+        if crc != header.crc:
+            raise ProtocolError(f"{header.type.name} frame failed its checksum "
+                                f"(crc {crc:#010x}, expected {header.crc:#010x}): the stream is corrupt")
     try:
         meta = msgpack.unpackb(bytes(meta_bytes), raw=False, strict_map_key=True)
     except Exception as exc:
-        raise ProtocolError(f"PAGES frame meta is not valid msgpack ({type(exc).__name__})") from None
+        raise ProtocolError(f"{header.type.name} frame meta is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(meta, dict):
-        raise ProtocolError("PAGES frame meta must be a map")
-    return Pages.fields_of(meta, header.payload_len)
+        raise ProtocolError(f"{header.type.name} frame meta must be a map")
+    return meta
 
 
 class FrameBuffer:

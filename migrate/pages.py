@@ -79,6 +79,16 @@ def whole_chunk(ranges, npages: int) -> int | None:
     return first // CHUNK_PAGES
 
 
+def _flag_zero_pages(view, heads: bytes, flags: bytearray, at: int) -> None:
+    """Mark PAGE_ZERO at ``flags[at + p]`` for each all-zero page p of
+    ``view``; ``heads`` holds the first byte of every page, so only the pages
+    starting with 0 are compared in full (random or text data: hardly any)."""
+    for a, b in runs(heads.translate(_IS_ZERO_BYTE), 1):
+        for p in range(a, b):
+            if _ZERO_PAGE.startswith(view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]):
+                flags[at + p] = fr.PAGE_ZERO
+
+
 def split_batches(ranges, batch_pages: int):
     """Cut page ranges [(start, end)] into batches of (first, count) lists."""
     batch, size = [], 0
@@ -166,10 +176,7 @@ class BatchBuilder:
         i = 0
         for first, count in ranges:
             view = self.strategy.read_data(first, count)
-            # The first byte of every page, in one strided copy: a page whose
-            # first byte is not zero is no zero page, so only the others are
-            # compared in full (random or text data: hardly any).
-            heads = bytes(view[::PAGE_SIZE])
+            heads = bytes(view[::PAGE_SIZE])  # the first byte of every page, in one strided copy
             if heads.find(0) < 0:  # no zero page here: the whole range is data
                 parts.append(view)
                 i += count
@@ -178,10 +185,7 @@ class BatchBuilder:
                 flags[i:i + count] = bytes([fr.PAGE_ZERO]) * count
                 i += count
                 continue
-            for a, b in runs(heads.translate(_IS_ZERO_BYTE), 1):
-                for p in range(a, b):
-                    if _ZERO_PAGE.startswith(view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]):
-                        flags[i + p] = fr.PAGE_ZERO
+            _flag_zero_pages(view, heads, flags, i)
             for a, b in runs(bytes(flags[i:i + count]), 0):
                 parts.append(view[a * PAGE_SIZE:b * PAGE_SIZE])
             i += count
@@ -207,12 +211,7 @@ class BatchBuilder:
         snap = memoryview(self._scratch)[:n * PAGE_SIZE]
         snap[:] = view
         flags = bytearray(n)
-        heads = bytes(snap[::PAGE_SIZE])  # as in build(): only pages starting with 0 are compared
-        if heads.find(0) >= 0:
-            for a, b in runs(heads.translate(_IS_ZERO_BYTE), 1):
-                for p in range(a, b):
-                    if _ZERO_PAGE.startswith(snap[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]):
-                        flags[p] = fr.PAGE_ZERO
+        _flag_zero_pages(snap, bytes(snap[::PAGE_SIZE]), flags, 0)
         dcrc = zlib.crc32(snap)  # zero pages are zeros in the snapshot, as they land
         if flags.find(fr.PAGE_ZERO) < 0:
             data = snap
@@ -290,9 +289,7 @@ class BatchApplier:
         if frame.landed:  # the transport spliced the data into place (see placement())
             return self._apply_landed(frame, ndata, tag_bits, ntags)
         data = self._payload(frame.data, frame.data_compressed, ndata * PAGE_SIZE, "page data")
-        tags = self._payload(frame.tags, frame.tags_compressed, ntags * PACKED_TAGS_PER_PAGE, "page tags")
-        if ntags and self.strategy.tag_format == "none":
-            raise ProtocolError("PAGES frame carries tags, but the negotiated strategy moves none")
+        tags = self._tags_of(frame, ntags)
         page_of = []  # (batch position start, end, first guest page) per range
         pos = 0
         for first, count in frame.ranges:
@@ -304,14 +301,7 @@ class BatchApplier:
             if landed_chunk is None and content_crc(flags, data) != frame.dcrc:
                 raise ProtocolError("PAGES frame data failed its checksum: the stream is corrupt")
         self._store(page_of, flags.translate(_LANDED_BIT), data_bits, memoryview(data))
-        tags = memoryview(tags)
-        pos = 0
-        for a, b in runs(tag_bits, 1):
-            self._tag_run(page_of, a, b, tags[pos:pos + (b - a) * PACKED_TAGS_PER_PAGE])
-            pos += (b - a) * PACKED_TAGS_PER_PAGE
-        if self.strategy.tag_format != "none":
-            for a, b in runs(tag_bits, 0):
-                self._untag_run(page_of, a, b)
+        self._land_tags(page_of, tag_bits, tags)
         if landed_chunk is not None:
             self._check_landed(frame, frame.ranges[0][0], frame.ranges[0][0] + frame.ranges[0][1])
         zero = zero_bits.count(1)
@@ -341,10 +331,21 @@ class BatchApplier:
         end = first + count
         self.written[first:end] = b"\x01" * count
         self.on_write(first, end)
+        self._land_tags([(0, count, first)], tag_bits, self._tags_of(frame, ntags))
+        self._check_landed(frame, first, end)
+        return BatchStats(pages=count, zero_pages=0, normal_pages=ndata, tagged_pages=ntags,
+                          data_bytes=ndata * PAGE_SIZE, data_wire=ndata * PAGE_SIZE,
+                          tag_raw=ntags * PACKED_TAGS_PER_PAGE, tag_wire=len(frame.tags),
+                          spliced_bytes=ndata * PAGE_SIZE)
+
+    def _tags_of(self, frame, ntags: int):
         tags = self._payload(frame.tags, frame.tags_compressed, ntags * PACKED_TAGS_PER_PAGE, "page tags")
         if ntags and self.strategy.tag_format == "none":
             raise ProtocolError("PAGES frame carries tags, but the negotiated strategy moves none")
-        page_of = [(0, count, first)]
+        return tags
+
+    def _land_tags(self, page_of, tag_bits: bytes, tags) -> None:
+        """Store the tags of PAGE_TAGS pages; clear those of the others that had tags."""
         tags, pos = memoryview(tags), 0
         for a, b in runs(tag_bits, 1):
             self._tag_run(page_of, a, b, tags[pos:pos + (b - a) * PACKED_TAGS_PER_PAGE])
@@ -352,11 +353,6 @@ class BatchApplier:
         if self.strategy.tag_format != "none":
             for a, b in runs(tag_bits, 0):
                 self._untag_run(page_of, a, b)
-        self._check_landed(frame, first, end)
-        return BatchStats(pages=count, zero_pages=0, normal_pages=ndata, tagged_pages=ntags,
-                          data_bytes=ndata * PAGE_SIZE, data_wire=ndata * PAGE_SIZE,
-                          tag_raw=ntags * PACKED_TAGS_PER_PAGE, tag_wire=len(frame.tags),
-                          spliced_bytes=ndata * PAGE_SIZE)
 
     def _check_landed(self, frame, first: int, end: int) -> None:
         """The frame's data CRC against the pages as they landed; it becomes
