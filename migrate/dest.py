@@ -540,11 +540,12 @@ class DestVmm:
 
     async def _final_digest(self) -> None:
         t = time.perf_counter()
-        stale = len(self._digest.pending_chunks())
+        stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()
         if self._refresh_job is not None:
             await self._refresh_job
         await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # every channel delivered the final pass
-        self.result["final_digest"] = {"stale_chunks": stale, "ms": _ms(time.perf_counter() - t)}
+        self.result["final_digest"] = {"stale_chunks": stale, "stale_mib": round(stale_bytes / 2**20, 1),
+                                       "ms": _ms(time.perf_counter() - t)}
 
     async def _confirm(self, chan, state, final_pass: int) -> None:
         early = self._early_digest

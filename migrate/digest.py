@@ -1,18 +1,24 @@
 """Digests of guest memory and tags, read straight from the simulated
 kernel's storage -- never through a tag strategy -- for validation.
 
-RAM is cut into 1 MiB chunks (256 pages).  A chunk's data CRC covers its
-bytes: read in place through the kernel's mapping when every page of the chunk
-is populated, with pread() otherwise so that never-populated pages read as
-zeros without being populated (a load through the mapping would allocate
-them); a chunk with no data at all is not read; its tag CRC covers the *effective* tags: packed
-storage for pages marked tagged, zeros for the rest (FROM_GUEST semantics).
+RAM is cut into 1 MiB chunks (256 pages), and each chunk's data into 16 KiB
+pieces (4 pages).  A piece's CRC covers its bytes: read in place through the
+kernel's mapping when every page of the chunk is populated, with pread()
+otherwise so that never-populated pages read as zeros without being
+populated (a load through the mapping would allocate them); a chunk with no
+data at all is not read.  A chunk's data CRC is the CRC of its piece CRCs
+(little-endian u32s), so a page written since the chunk was read costs a
+16 KiB read at the next refresh, not 1 MiB: a guest that writes all over RAM
+leaves some pages dirty in every chunk.  A chunk's tag CRC covers its
+*effective* tags: packed storage for pages marked tagged, zeros for the rest
+(FROM_GUEST semantics); tags are 1/32 of the data, so they stay per chunk.
 The digest is sha256 over the per-chunk CRCs, so two hosts agree exactly
 when every chunk does, and the chunk CRCs say where they differ.
 """
 
 import functools
 import hashlib
+import sys
 import threading
 import zlib
 from array import array
@@ -20,7 +26,13 @@ from array import array
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 
 CHUNK_PAGES = 256
+#: data digest granularity; 16 KiB also keeps each CRC call above the size
+#: at which zlib releases the GIL (5 KiB), so digests run in parallel
+PIECE_PAGES = 4
+PIECES_PER_CHUNK = CHUNK_PAGES // PIECE_PAGES
+PIECE_BYTES = PIECE_PAGES * PAGE_SIZE
 _ZERO_CHUNK = bytes(CHUNK_PAGES * PAGE_SIZE)
+_NO_STALE_PIECES = bytes(PIECES_PER_CHUNK)
 _LOCAL = threading.local()
 
 
@@ -39,26 +51,55 @@ def _zero_crc(npages: int, per_page: int = PAGE_SIZE) -> int:
     return zlib.crc32(bytes(npages * per_page))
 
 
+@functools.lru_cache(maxsize=8)
+def zero_pieces(npages: int) -> array:
+    """Piece CRCs of ``npages`` (at most a chunk) pages of zeros."""
+    return piece_crcs(_ZERO_CHUNK[:npages * PAGE_SIZE])
+
+
+@functools.lru_cache(maxsize=8)
+def zero_chunk_crc(npages: int) -> int:
+    return chunk_crc(zero_pieces(npages))
+
+
 def chunk_count(npages: int) -> int:
     return -(-npages // CHUNK_PAGES)
 
 
+def piece_crcs(content) -> array:
+    """The piece CRCs of a chunk's bytes (the last piece may be short)."""
+    view = memoryview(content).cast("B")
+    return array("I", [zlib.crc32(view[o:o + PIECE_BYTES]) for o in range(0, len(view), PIECE_BYTES)])
+
+
+def chunk_crc(pieces: array) -> int:
+    """A chunk's data CRC from its piece CRCs (as little-endian u32s): what
+    the digest table holds and what a PAGES frame carrying exactly one whole
+    chunk is checked against."""
+    if sys.byteorder != "little":
+        pieces = array("I", pieces)
+        pieces.byteswap()
+    return zlib.crc32(pieces)
+
+
 class MemoryDigest:
-    """Per-chunk CRCs of one guest's RAM and tags.
+    """Per-chunk CRCs of one guest's RAM and tags, kept from per-piece data CRCs.
 
     It can be kept up to date incrementally by a writer that knows what it
-    wrote (the destination): ``mark_stale`` after each write, ``refresh`` in
-    the background, and at completion only the chunks written since are
-    read again.  A chunk's stale flag is cleared before its CRC is computed,
-    so a write that lands during the computation marks it stale again."""
+    wrote: ``mark_stale`` after each write, ``refresh`` in the background,
+    and at completion only the pieces written since are read again.  Stale
+    flags are cleared before a CRC is computed, so a write that lands during
+    the computation marks it stale again."""
 
     def __init__(self, memory, chunks: list[int] | None = None, compute: bool = True):
         self.memory = memory
         self.nchunks = chunk_count(memory.npages)
         self.data_crcs = array("I", [0]) * self.nchunks
         self.tag_crcs = array("I", [0]) * self.nchunks
+        self.piece_crcs = array("I", [0]) * (self.nchunks * PIECES_PER_CHUNK)
         self.unread = bytearray(b"\x01") * self.nchunks      # never read yet
-        self.stale = bytearray(self.nchunks)                  # written since read: data and tags
+        self.stale = bytearray(self.nchunks)                  # written since read: some piece, and the tags
+        self.piece_stale = bytearray(self.nchunks * PIECES_PER_CHUNK)  # which pieces
         self.tags_stale = bytearray(self.nchunks)             # tags only
         # A result computed while set_data() stored a newer one is dropped:
         # set_data bumps the chunk's generation.
@@ -95,23 +136,37 @@ class MemoryDigest:
                 pos = bits.find(1, pos + 1)
         return sorted(found)[:limit]
 
+    def stale_piece_bytes(self) -> int:
+        """Bytes of the stale pieces of chunks read before: what a refresh
+        reads again (a chunk never read is read whole, if it holds data)."""
+        return sum(self.piece_stale.count(1, c * PIECES_PER_CHUNK, (c + 1) * PIECES_PER_CHUNK)
+                   for c in range(self.nchunks) if self.stale[c] and not self.unread[c]) * PIECE_BYTES
+
     def mark_stale(self, first_page: int, end_page: int) -> None:
         a, b = first_page // CHUNK_PAGES, -(-end_page // CHUNK_PAGES)
+        pa, pb = first_page // PIECE_PAGES, -(-end_page // PIECE_PAGES)
+        self.piece_stale[pa:pb] = b"\x01" * (pb - pa)
         self.stale[a:b] = b"\x01" * (b - a)
 
-    def set_data(self, chunk: int, crc: int, tags_changed: bool) -> None:
-        """Record a chunk's data CRC computed by the caller from this memory
-        (the destination, right after landing a whole chunk); its tags are
-        read again later if they changed."""
+    def set_data(self, chunk: int, pieces: array, tags_changed: bool) -> int:
+        """Record a chunk's piece CRCs computed by the caller from this
+        memory (the source from its snapshot of a whole chunk, the
+        destination right after landing one); its tags are read again later
+        if they changed.  Returns the chunk's CRC."""
+        p, crc = chunk * PIECES_PER_CHUNK, chunk_crc(pieces)
         with self._lock:
             self._gen[chunk] += 1
+            self.piece_crcs[p:p + len(pieces)] = pieces
             self.data_crcs[chunk] = crc
+            self.piece_stale[p:p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
             self.stale[chunk] = self.unread[chunk] = 0
             if tags_changed:
                 self.tags_stale[chunk] = 1
+        return crc
 
     def refresh(self, chunks=None, frozen: bool = False) -> int:
         """Recompute ``chunks`` (default: the stale ones); returns how many.
+        A chunk read before is read again only in its stale pieces.
         ``frozen``: nothing writes this RAM meanwhile (a paused guest, a
         destination after the last pass), so one SEEK_DATA that finds no data
         up to some page stands for every chunk before it (in ascending order):
@@ -120,23 +175,42 @@ class MemoryDigest:
             chunks = self.pending_chunks()
         hole_end = -1  # with frozen: no page below this holds data
         for c in chunks:
+            p = c * PIECES_PER_CHUNK
             with self._lock:
-                gen, data_needed = self._gen[c], self.stale[c] or self.unread[c] or not self.tags_stale[c]
-                self.stale[c] = self.tags_stale[c] = self.unread[c] = 0
-            data_crc = None
-            if data_needed:
-                first, end = self._chunk_bounds(c)
-                if frozen and end <= hole_end:
-                    data_crc = _zero_crc(end - first)
+                gen = self._gen[c]
+                if self.unread[c] or not (self.stale[c] or self.tags_stale[c]):
+                    which = None  # every piece
+                elif self.stale[c]:
+                    which = bytes(self.piece_stale[p:p + PIECES_PER_CHUNK])
                 else:
-                    data_crc, next_data = self._data_crc(c, frozen)
+                    which = b""   # the tags only
+                if self.stale[c]:
+                    self.piece_stale[p:p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
+                self.stale[c] = self.tags_stale[c] = self.unread[c] = 0
+            first, end = self._chunk_bounds(c)
+            pieces = None
+            if which is None:
+                if frozen and end <= hole_end:
+                    pieces = zero_pieces(end - first)
+                else:
+                    pieces, next_data = self._data_pieces(c, frozen)
                     if frozen and next_data is not None:
                         hole_end = next_data
+            elif which:
+                pieces = self._stale_pieces(c, which)
             tag_crc = self._tag_crc(c)
             with self._lock:
                 if self._gen[c] == gen:
-                    if data_crc is not None:
-                        self.data_crcs[c] = data_crc
+                    if isinstance(pieces, dict):
+                        for i, crc in pieces.items():
+                            self.piece_crcs[p + i] = crc
+                    elif pieces is not None:
+                        self.piece_crcs[p:p + len(pieces)] = pieces
+                    if pieces is zero_pieces(end - first):  # a hole: its CRC is known
+                        self.data_crcs[c] = zero_chunk_crc(end - first)
+                    elif pieces is not None:
+                        n = -(-(end - first) // PIECE_PAGES)
+                        self.data_crcs[c] = chunk_crc(self.piece_crcs[p:p + n])
                     self.tag_crcs[c] = tag_crc
                 else:  # set_data() stored newer data meanwhile: keep it, and read the tags again
                     self.tags_stale[c] = 1
@@ -146,24 +220,45 @@ class MemoryDigest:
         first = chunk * CHUNK_PAGES
         return first, min(first + CHUNK_PAGES, self.memory.npages)
 
-    def _data_crc(self, chunk: int, frozen: bool = False) -> tuple[int, int | None]:
-        """(CRC of the chunk's bytes, the first page holding data at or after
-        the chunk when that was asked of the file, else None)."""
+    def _readable(self, first: int, end: int, frozen: bool) -> bool:
+        """Whether the chunk can be read in place through the mapping (every
+        page populated).  mincore first: unlike lseek it does not wait for
+        the inode lock that a concurrent pwrite into this RAM holds."""
+        mem = self.memory
+        return mem.all_resident(first, end) or (not frozen and mem.fully_populated(first, end))
+
+    def _data_pieces(self, chunk: int, frozen: bool = False) -> tuple[array, int | None]:
+        """(piece CRCs of the chunk's bytes, the first page holding data at or
+        after the chunk when that was asked of the file, else None).  Frozen,
+        a chunk only allocated ahead (prefault) is asked of SEEK_DATA before
+        it is read."""
         first, end = self._chunk_bounds(chunk)
         mem = self.memory
-        # mincore first: unlike lseek it does not wait for the inode lock
-        # that a concurrent pwrite into this RAM holds.  Frozen, a chunk only
-        # allocated ahead (prefault) is asked of SEEK_DATA before it is read.
-        if mem.all_resident(first, end) or (not frozen and mem.fully_populated(first, end)):
-            return zlib.crc32(mem.data[first * PAGE_SIZE:end * PAGE_SIZE]), None  # no copy
+        if self._readable(first, end, frozen):
+            return piece_crcs(mem.data[first * PAGE_SIZE:end * PAGE_SIZE]), None  # no copy
         next_data = mem.next_data(first)
-        if next_data < end and mem.fully_populated(first, end):
-            return zlib.crc32(mem.data[first * PAGE_SIZE:end * PAGE_SIZE]), next_data
         if next_data >= end:
-            return _zero_crc(end - first), next_data  # nothing here was ever populated
+            return zero_pieces(end - first), next_data  # nothing here was ever populated
+        if mem.fully_populated(first, end):
+            return piece_crcs(mem.data[first * PAGE_SIZE:end * PAGE_SIZE]), next_data
         buf = _chunk_buffer()[:(end - first) * PAGE_SIZE]
-        self.memory.read_into(first * PAGE_SIZE, buf)  # holes read as zeros, stay holes
-        return zlib.crc32(buf), next_data
+        mem.read_into(first * PAGE_SIZE, buf)  # holes read as zeros, stay holes
+        return piece_crcs(buf), next_data
+
+    def _stale_pieces(self, chunk: int, which: bytes) -> dict:
+        """CRCs of the pieces flagged in ``which`` (one byte a piece)."""
+        first, end = self._chunk_bounds(chunk)
+        mem = self.memory
+        if self._readable(first, end, False):
+            view = mem.data[first * PAGE_SIZE:end * PAGE_SIZE]
+        else:  # holes: read the chunk once, as zeros where never populated
+            view = _chunk_buffer()[:(end - first) * PAGE_SIZE]
+            mem.read_into(first * PAGE_SIZE, view)
+        out, i = {}, which.find(1)
+        while i >= 0:
+            out[i] = zlib.crc32(view[i * PIECE_BYTES:(i + 1) * PIECE_BYTES])
+            i = which.find(1, i + 1)
+        return out
 
     def _tag_crc(self, chunk: int) -> int:
         first, end = self._chunk_bounds(chunk)

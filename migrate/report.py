@@ -73,8 +73,8 @@ def summary(result: dict) -> str:
 def downtime_split(result: dict) -> list[str]:
     """Where the downtime went, and the validation digests that ran in it:
     the convergence estimate counts only the pages left to send, so a guest
-    that dirtied every 1 MiB digest chunk shows here why the real downtime
-    is longer."""
+    that dirtied pages all over RAM shows here why the real downtime is
+    longer (each dirty page is read again, in its 16 KiB digest piece)."""
     parts = result.get("downtime_breakdown_ms")
     if not parts:
         return []
@@ -84,11 +84,18 @@ def downtime_split(result: dict) -> list[str]:
     dst = (result.get("destination") or {}).get("final_digest") or {}
     if src.get("final_ms") is not None:
         text = (f"validation digests after the pause: source {src['final_ms']:.0f} ms "
-                f"({src['stale_chunks_at_pause']} 1 MiB chunks brought up to date, alongside the final pages)")
+                f"({_stale(src.get('stale_mib_at_pause'), src['stale_chunks_at_pause'])} brought up to date, "
+                f"alongside the final pages)")
         if dst.get("ms") is not None:
-            text += f", destination {dst['ms']:.0f} ms ({dst['stale_chunks']} chunks)"
+            text += f", destination {dst['ms']:.0f} ms ({_stale(dst.get('stale_mib'), dst['stale_chunks'])})"
         lines.append(text)
     return lines
+
+
+def _stale(mib, chunks) -> str:
+    """What a final digest brought up to date: 1 MiB chunks, and the MiB of
+    dirty 16 KiB pieces read again in those read before."""
+    return f"{chunks} chunks" if mib is None else f"{chunks} chunks, {mib:g} MiB of dirty pieces"
 
 
 def _where(guest_on: str) -> str:

@@ -16,7 +16,7 @@ from . import PROTOCOL_VERSION
 from . import frames as fr
 from .compression import Compressor
 from .convergence import AutoConverge, DowntimeOrPassLimit
-from .digest import CHUNK_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
+from .digest import CHUNK_PAGES, PIECE_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
 from . import auth
 from .errors import AuthError, Cancelled, DestinationGone, InDoubt, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
 from .channels import LoopThread, SendLane, partition
@@ -412,9 +412,10 @@ class SourceVmm:
         slice_ = getattr(self, "_digest_slice", None)
         if slice_ is not None:
             await asyncio.wait([slice_])  # not two threads on one chunk
-        stale = len(self._digest.pending_chunks())
+        stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()
         await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # the guest is paused
-        self.result["digest"] = {"stale_chunks_at_pause": stale, "final_ms": _ms(time.perf_counter() - t)}
+        self.result["digest"] = {"stale_chunks_at_pause": stale, "stale_mib_at_pause": round(stale_bytes / 2**20, 1),
+                                 "final_ms": _ms(time.perf_counter() - t)}
         return self._digest
 
     def _check_peer_from_thread(self) -> None:
@@ -526,7 +527,7 @@ class SourceVmm:
             # The destination digests the chunks of the final pass before it
             # answers; allow for that at a pessimistic 250 MB/s, no more.
             final_pages = self.passes[-1]["pages"] if self.passes else 0
-            stale_pages = min(final_pages * CHUNK_PAGES, self.host.memory.npages)  # a page can stale a chunk
+            stale_pages = min(final_pages * PIECE_PAGES, self.host.memory.npages)  # a page stales a digest piece
             allowance = stale_pages * PAGE_SIZE / 250e6
             frame = await asyncio.wait_for(asyncio.shield(task), self.config.timeout_s + allowance)
         except TimeoutError:

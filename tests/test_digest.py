@@ -2,13 +2,15 @@
 pages and granules (migrate/validate.py).  Both read the simulated kernel's
 memory and tag storage directly."""
 
+import struct
 import zlib
+from array import array
 
 import pytest
 
 from hosts import SimulatedHost
 from hosts import tags as tagops
-from migrate.digest import (CHUNK_PAGES, DETAIL_PER_PAGE, MemoryDigest, chunk_count, effective_tags,
+from migrate.digest import (CHUNK_PAGES, DETAIL_PER_PAGE, MemoryDigest, chunk_count, chunk_crc, effective_tags,
                             page_detail, state_digest)
 from migrate.validate import MAX_REPORTED, Validation, _compact, compare_detail, differing_chunks
 
@@ -45,6 +47,11 @@ def diff(a, b):
     data = [c for c in range(da.nchunks) if da.data_crcs[c] != db.data_crcs[c]]
     tags = [c for c in range(da.nchunks) if da.tag_crcs[c] != db.tag_crcs[c]]
     return data, tags, da, db
+
+
+def bytes_crc(chunk: bytes) -> int:
+    """A chunk's digest CRC from its bytes, written out: the CRC of its 16 KiB pieces' CRCs (LE u32)."""
+    return zlib.crc32(b"".join(struct.pack("<I", zlib.crc32(chunk[o:o + 16384])) for o in range(0, len(chunk), 16384)))
 
 
 def set_granules(memory, page, first_granule, count, tag):
@@ -189,13 +196,67 @@ def test_digest_of_selected_chunks(twins):
             assert (part.data_crcs[c], part.tag_crcs[c]) == (0, 0)
 
 
-def test_chunk_crc_is_the_crc_of_the_chunk_bytes(twins):
+def test_chunk_crc_is_the_crc_of_its_16k_piece_crcs(twins):
     a, _ = twins
     d = MemoryDigest(a.memory)
     c = 2
     lo, hi = c * CHUNK_PAGES * PAGE, (c + 1) * CHUNK_PAGES * PAGE
-    assert d.data_crcs[c] == zlib.crc32(a.memory.data[lo:hi])
+    pieces = b"".join(struct.pack("<I", zlib.crc32(a.memory.data[o:o + 16384])) for o in range(lo, hi, 16384))
+    assert len(pieces) == 4 * 64
+    assert d.data_crcs[c] == zlib.crc32(pieces)
     assert d.tag_crcs[c] == zlib.crc32(a.memory.tags[lo // 32:hi // 32])
+
+
+def test_a_partial_last_chunk_has_a_short_last_piece():
+    # 1 MiB + 6 pages: the second chunk holds one whole piece and one of 2 pages.
+    host = make_host(ram=RAM // 8 + 6 * PAGE)
+    try:
+        assert host.memory.npages == CHUNK_PAGES + 6
+        d = MemoryDigest(host.memory)
+        lo = CHUNK_PAGES * PAGE
+        pieces = struct.pack("<II", zlib.crc32(host.memory.data[lo:lo + 16384]),
+                             zlib.crc32(host.memory.data[lo + 16384:lo + 6 * PAGE]))
+        assert d.nchunks == 2 and d.data_crcs[1] == zlib.crc32(pieces)
+    finally:
+        host.close()
+
+
+def test_a_refresh_reads_only_the_stale_pieces_of_a_chunk_read_before(twins, monkeypatch):
+    a, b = twins
+    da, db = MemoryDigest(a.memory), MemoryDigest(b.memory)
+    for page in (5, 6, 700, NPAGES - 1):
+        b.memory.data[page * PAGE + 9] ^= 0x40
+        db.mark_stale(page, page + 1)
+    assert db.pending_chunks() == [0, 2, NPAGES // CHUNK_PAGES - 1]
+    assert db.stale_piece_bytes() == 3 * 16384  # pages 5 and 6 share a piece
+    read = []
+    real = zlib.crc32
+    monkeypatch.setattr("migrate.digest.zlib.crc32", lambda buf, *a: read.append(len(buf)) or real(buf, *a))
+    db.refresh()
+    data_reads = [n for n in read if n == 16384]
+    assert len(data_reads) == 3 and max(read) < 1 << 20  # no whole chunk read again
+    monkeypatch.undo()
+    # ... and it is right: the changed chunks differ from the twin, the others agree;
+    # undoing the changes makes the digests equal again.
+    assert [c for c in range(da.nchunks) if da.data_crcs[c] != db.data_crcs[c]] == [0, 2, da.nchunks - 1]
+    for page in (5, 6, 700, NPAGES - 1):
+        b.memory.data[page * PAGE + 9] ^= 0x40
+        db.mark_stale(page, page + 1)
+    db.refresh()
+    assert db.data_digest() == da.data_digest() and db.chunk_crcs() == da.chunk_crcs()
+    assert db.data_digest() == MemoryDigest(b.memory).data_digest()
+
+
+def test_a_change_not_marked_stale_is_not_seen_until_the_chunk_is_read_again(twins):
+    # The digest trusts its writer's stale marks; a whole read finds what they missed.
+    a, b = twins
+    db = MemoryDigest(b.memory)
+    b.memory.data[3 * PAGE] ^= 1
+    db.mark_stale(100, 101)  # another piece of the same chunk
+    db.refresh()
+    assert db.data_digest() == MemoryDigest(a.memory).data_digest()
+    db.refresh([0])  # asked explicitly: the whole chunk is read
+    assert db.data_digest() != MemoryDigest(a.memory).data_digest()
 
 
 def test_split_chunk_crcs(twins):
@@ -321,26 +382,27 @@ def test_full_and_holey_chunks_read_in_place_or_by_pread_give_the_plain_crc(blan
     assert not mem.fully_populated(CHUNK_PAGES, 2 * CHUNK_PAGES)
     assert not mem.fully_populated(2 * CHUNK_PAGES - 1, 2 * CHUNK_PAGES)
     d = MemoryDigest(mem, chunks=[0, 1])
-    assert d.data_crcs[0] == zlib.crc32(bytes(mem.data[:CHUNK_PAGES * PAGE]))
-    assert d.data_crcs[1] == zlib.crc32(b"\x5a" * ((CHUNK_PAGES - 1) * PAGE) + bytes(PAGE))
+    assert d.data_crcs[0] == bytes_crc(bytes(mem.data[:CHUNK_PAGES * PAGE]))
+    assert d.data_crcs[1] == bytes_crc(b"\x5a" * ((CHUNK_PAGES - 1) * PAGE) + bytes(PAGE))
     assert mem.populated_ranges() == [(0, 2 * CHUNK_PAGES - 1)]
 
 
 def test_a_refresh_racing_set_data_keeps_the_newer_crc(blank):
     d = MemoryDigest(blank.memory, compute=False)
-    real = d._data_crc
+    real = d._data_pieces
+    newer = array("I", range(1000, 1064))
 
     def racing(chunk, frozen=False):  # a whole chunk lands and is recorded while this read is in flight
-        d.set_data(chunk, 0x1234, tags_changed=False)
-        crc, next_data = real(chunk, frozen)
-        return crc ^ 1, next_data  # what the stale read saw
-    d._data_crc = racing
+        d.set_data(chunk, newer, tags_changed=False)
+        pieces, next_data = real(chunk, frozen)
+        return array("I", (c ^ 1 for c in pieces)), next_data  # what the stale read saw
+    d._data_pieces = racing
     d.refresh([2])
-    assert d.data_crcs[2] == 0x1234
+    assert d.data_crcs[2] == chunk_crc(newer)
     assert d.tags_stale[2] and not d.stale[2]  # its tag CRC may be stale too: read again
-    d._data_crc = real
+    d._data_pieces = real
     d.refresh()
-    assert d.data_crcs[2] == 0x1234 and not d.pending()
+    assert d.data_crcs[2] == chunk_crc(newer) and not d.pending()
 
 
 def test_unread_chunks_can_be_left_for_the_end(blank):
@@ -387,6 +449,6 @@ def test_frozen_refresh_of_prefaulted_ram_reads_only_what_was_written(blank):
         d.refresh(frozen=True)
     finally:
         dg.zlib = zlib
-    assert reads.count(CHUNK_PAGES * PAGE) == 1  # only chunk 2 was read (and its tags); the zero chunks are known
+    assert reads.count(16384) == 64 and max(reads) < CHUNK_PAGES * PAGE  # only chunk 2's pieces were read (and its tags)
     fresh = MemoryDigest(mem)
     assert (d.data_crcs, d.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)

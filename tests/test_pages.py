@@ -638,13 +638,16 @@ def test_tag_fetches_bridge_gaps_of_up_to_four_pages(pair, pages, calls):
     assert packed == b"".join(page_tags(src, p) for p in pages)
 
 
-def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_call(blank_pair, monkeypatch):
+def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_pair, monkeypatch):
     """Every fourth page zero (the mixed image): the frame flags them and
     leaves them out of its data, its data CRC covers the chunk as it must
-    land, computed in one CRC call over the snapshot, which is also the
-    source digest's CRC of the chunk -- and the destination lands it exactly."""
+    land, computed in one pass of 16 KiB piece CRCs over the snapshot, which
+    are also the source digest's pieces of the chunk -- and the destination
+    lands it exactly."""
+    import struct
     import types
     import zlib
+    from migrate import digest as digest_mod
     from migrate import pages
     src, dst = blank_pair
     for p in range(CHUNK):
@@ -653,14 +656,18 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_call(blank_p
     link = checked_link(src, dst, digest=False)
     digest = link.builder.digest = MemoryDigest(src.memory, compute=False)
     calls = []
-    monkeypatch.setattr(pages, "zlib", types.SimpleNamespace(crc32=lambda *a: calls.append(len(a[0])) or zlib.crc32(*a)))
+    counting = types.SimpleNamespace(crc32=lambda *a: calls.append(memoryview(a[0]).nbytes) or zlib.crc32(*a))
+    monkeypatch.setattr(pages, "zlib", counting)
+    monkeypatch.setattr(digest_mod, "zlib", counting)
     frame, stats = link.builder.build(0, [(0, CHUNK)])
-    assert calls.count(CHUNK * PAGE) == 1 and len(calls) == 2  # the chunk, and the (empty) tags payload
+    # 64 pieces of 16 KiB cover the chunk once; then the CRC of the 64 piece CRCs, and the (empty) tags payload
+    assert calls.count(16384) == 64 and sorted(calls) == [0] + [256] + [16384] * 64
     monkeypatch.undo()
     assert [p for p in range(CHUNK) if frame.flags[p] & fr.PAGE_ZERO] == list(range(0, CHUNK, 4))
     assert len(frame.data) == stats.data_bytes == (CHUNK - CHUNK // 4) * PAGE
     chunk_bytes = bytes(src.memory.data[:CHUNK * PAGE])
-    assert frame.dcrc == zlib.crc32(chunk_bytes) == digest.data_crcs[0]
+    pieces = b"".join(struct.pack("<I", zlib.crc32(chunk_bytes[o:o + 16384])) for o in range(0, len(chunk_bytes), 16384))
+    assert frame.dcrc == zlib.crc32(pieces) == digest.data_crcs[0]
     assert not digest.stale[0] and not digest.unread[0]
     (got,) = link.conn.feed(wire_of(frame))
     link.applier.apply(got)

@@ -8,8 +8,8 @@ def _completed():
     r.update(status="completed", total_time_ms=2900.0, setup_time_ms=30.0, downtime_ms=790.0,
              dirty_sync_count=2, guest_on="destination",
              downtime_breakdown_ms={"final_memory": 537.6, "state": 2.8, "completion": 250.4},
-             digest={"stale_chunks_at_pause": 984, "final_ms": 597.6},
-             destination={"final_digest": {"stale_chunks": 393, "ms": 94.7}})
+             digest={"stale_chunks_at_pause": 984, "stale_mib_at_pause": 212.5, "final_ms": 597.6},
+             destination={"final_digest": {"stale_chunks": 393, "stale_mib": 31.0, "ms": 94.7}})
     r["ram"]["transferred_bytes"] = 1
     return r
 
@@ -19,8 +19,15 @@ def test_summary_splits_the_downtime_and_names_the_digests():
     split = next(x for x in lines if x.strip().startswith("downtime split:"))
     assert split.strip() == "downtime split: final pages 538 ms, state 3 ms, completion 250 ms"
     digests = next(x for x in lines if x.strip().startswith("validation digests after the pause:"))
-    assert "source 598 ms (984 1 MiB chunks brought up to date" in digests
-    assert "destination 95 ms (393 chunks)" in digests
+    assert "source 598 ms (984 chunks, 212.5 MiB of dirty pieces brought up to date" in digests
+    assert "destination 95 ms (393 chunks, 31 MiB of dirty pieces)" in digests
+
+
+def test_summary_of_a_result_without_stale_bytes_names_chunks_only():
+    r = _completed()
+    del r["digest"]["stale_mib_at_pause"], r["destination"]["final_digest"]["stale_mib"]
+    digests = next(x for x in summary(r).splitlines() if "digests after the pause" in x)
+    assert "source 598 ms (984 chunks brought up to date" in digests and "destination 95 ms (393 chunks)" in digests
 
 
 def test_summary_without_a_downtime_has_no_split():
