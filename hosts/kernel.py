@@ -303,32 +303,26 @@ class Vm:
         """KVM_ARM_MTE_COPY_TAGS.  ``buf`` holds one byte per granule (the tag in
         the low nibble): written for FROM_GUEST, read for TO_GUEST.  Returns the
         guest bytes covered; a failure after some pages returns the bytes done."""
-        self.counters.add("syscalls.kvm_arm_mte_copy_tags")
-        if any(reserved):
-            raise einval("reserved fields must be zero")
-        if not self.mte_enabled:
-            raise einval("MTE is not enabled for this VM")
-        if flags & ~KVM_ARM_TAGS_FROM_GUEST:
-            raise einval(f"unknown flags {flags:#x}")
-        if guest_ipa % PAGE_SIZE or length % PAGE_SIZE:
-            raise einval("guest_ipa and length must be page aligned")
-        if length > _INT_MAX:
-            raise einval("length does not fit the return value")
+        if any(reserved) or not self.mte_enabled or flags & ~KVM_ARM_TAGS_FROM_GUEST \
+                or guest_ipa % PAGE_SIZE or length % PAGE_SIZE or length > _INT_MAX:
+            self.counters.add("syscalls.kvm_arm_mte_copy_tags")
+            raise self._copy_tags_einval(guest_ipa, length, flags, reserved)
         from_guest = flags & KVM_ARM_TAGS_FROM_GUEST
         view = memoryview(buf).cast("B")
         npages = length // PAGE_SIZE
-        if len(self.memslots) == 1 and len(view) >= npages * GRANULES_PER_PAGE:
-            # The common case, one memslot: one check instead of the loop below.
+        if len(self.memslots) == 1 and npages and len(view) >= npages * GRANULES_PER_PAGE:
+            # The common case, one memslot: one check instead of the loop
+            # below, and the call counted with the work it did.
             slot = self.memslots[0]
             if slot.guest_phys_addr <= guest_ipa and guest_ipa + length <= slot.guest_phys_addr + slot.size:
-                if npages:
-                    first = (slot.ram_offset + guest_ipa - slot.guest_phys_addr) // PAGE_SIZE
-                    out = view[:npages * GRANULES_PER_PAGE]
-                    if from_guest:
-                        self._tags_to_user(first, npages, out)
-                    else:
-                        self._tags_from_user(first, npages, out)
+                first = (slot.ram_offset + guest_ipa - slot.guest_phys_addr) // PAGE_SIZE
+                out = view[:npages * GRANULES_PER_PAGE]
+                if from_guest:
+                    self._tags_to_user(first, npages, out, calls=1)
+                else:
+                    self._tags_from_user(first, npages, out, calls=1)
                 return length
+        self.counters.add("syscalls.kvm_arm_mte_copy_tags")
         done = 0
         error: KernelError | None = None
         while done < length:
@@ -358,9 +352,25 @@ class Vm:
             raise error
         return 0
 
-    def _tags_to_user(self, first: int, npages: int, out: memoryview) -> None:
+    def _copy_tags_einval(self, guest_ipa, length, flags, reserved) -> KernelError:
+        if any(reserved):
+            return einval("reserved fields must be zero")
+        if not self.mte_enabled:
+            return einval("MTE is not enabled for this VM")
+        if flags & ~KVM_ARM_TAGS_FROM_GUEST:
+            return einval(f"unknown flags {flags:#x}")
+        if guest_ipa % PAGE_SIZE or length % PAGE_SIZE:
+            return einval("guest_ipa and length must be page aligned")
+        return einval("length does not fit the return value")
+
+    def _tags_to_user(self, first: int, npages: int, out: memoryview, calls: int = 0) -> None:
         mem = self.memory
         end = first + npages
+        if mem.tagged.find(0, first, end) < 0:  # every page tagged: one unpack
+            out[:] = tagops.unpack(mem.tags[first * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE])
+            self.counters.add_many(("syscalls.kvm_arm_mte_copy_tags", calls), ("kernel.page_tag_reads", npages),
+                                   ("bytes.tags_to_user", npages * GRANULES_PER_PAGE))
+            return
         # Run by run: tagged pages get their storage unpacked, pages not
         # marked tagged read as zeros (clear_user; their storage is not read).
         pos = first
@@ -375,10 +385,11 @@ class Vm:
                 out[lo:hi] = bytes(hi - lo)
             pos = stop
         tagged = mem.tagged.count(1, first, end)
-        self.counters.add_many(("kernel.page_tag_reads", tagged), ("kernel.page_zero_fills", npages - tagged),
+        self.counters.add_many(("syscalls.kvm_arm_mte_copy_tags", calls), ("kernel.page_tag_reads", tagged),
+                               ("kernel.page_zero_fills", npages - tagged),
                                ("bytes.tags_to_user", npages * GRANULES_PER_PAGE))
 
-    def _tags_from_user(self, first: int, npages: int, src: memoryview) -> None:
+    def _tags_from_user(self, first: int, npages: int, src: memoryview, calls: int = 0) -> None:
         mem = self.memory
         end = first + npages
         packed = tagops.pack(src)
@@ -388,7 +399,8 @@ class Vm:
         with self.mmu_lock:
             mem.tags[first * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE] = packed
             mem.tagged[first:end] = b"\x01" * npages
-        self.counters.add_many(("kernel.page_tag_writes", npages), ("bytes.tags_from_user", npages * GRANULES_PER_PAGE))
+        self.counters.add_many(("syscalls.kvm_arm_mte_copy_tags", calls), ("kernel.page_tag_writes", npages),
+                               ("bytes.tags_from_user", npages * GRANULES_PER_PAGE))
 
     # -- VMM mappings ------------------------------------------------------------
     def map_guest_ram(self, prot_mte: bool = False, dirty_tracker=None):
