@@ -452,3 +452,32 @@ def test_frozen_refresh_of_prefaulted_ram_reads_only_what_was_written(blank):
     assert reads.count(16384) == 64 and max(reads) < CHUNK_PAGES * PAGE  # only chunk 2's pieces were read (and its tags)
     fresh = MemoryDigest(mem)
     assert (d.data_crcs, d.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
+
+
+def test_frozen_parallel_refresh_settles_runs_of_empty_chunks_in_bulk():
+    # 40 chunks and 6 pages: data in chunks 3 and 20, tags (no data) in chunk 30,
+    # a short last chunk; everything else was never populated.
+    import asyncio
+    host = make_host(ram=40 * CHUNK_PAGES * PAGE + 6 * PAGE, prepare=False)
+    try:
+        vm, mem = host.vm, host.memory
+        vm.guest_write(vm.page_to_ipa(3 * CHUNK_PAGES + 7), b"\x11" * (3 * PAGE))
+        vm.guest_write(vm.page_to_ipa(20 * CHUNK_PAGES), b"\x22" * PAGE)
+        vm.guest_set_tags(vm.page_to_ipa(30 * CHUNK_PAGES + 1), 2 * PAGE, 9)
+        assert mem.tagged.find(1, 30 * CHUNK_PAGES, 31 * CHUNK_PAGES) >= 0
+        d = MemoryDigest(mem, compute=False)
+        read = []
+        real = d._data_pieces
+        d._data_pieces = lambda c, frozen=False: read.append(c) or real(c, frozen)
+
+        async def go():
+            await d.refresh_parallel(asyncio.get_running_loop(), frozen=True)
+        asyncio.run(go())
+        assert sorted(read) == [3, 20, 30, 40]  # data, tags without data, the short chunk
+        assert not d.pending()
+        full = MemoryDigest(mem)
+        assert d.chunk_crcs() == full.chunk_crcs() and list(d.piece_crcs) == list(full.piece_crcs)
+        assert mem.populated_ranges() == [(3 * CHUNK_PAGES + 7, 3 * CHUNK_PAGES + 10),
+                                          (20 * CHUNK_PAGES, 20 * CHUNK_PAGES + 1)]  # nothing populated by reading
+    finally:
+        host.close()
