@@ -37,8 +37,10 @@ class SimulatedHost:
         return self.kernel.counters
 
     def prepare_guest(self) -> None:
-        """Boot-time population of guest memory by the workload."""
+        """Boot-time population of guest memory by the workload; then the
+        populated pages are mapped in the VMM, as a running guest's are."""
         self.workload.prepare()
+        self.memory.map_populated()
 
     def close(self) -> None:
         self.vcpus.shutdown()

@@ -16,6 +16,7 @@ from .constants import GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from .tags import all_zero
 
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 # Stores at least this large that start in never-populated RAM go through
 # pwrite() (see GuestMemory.write).
 _PWRITE_MIN = 4096  # a pwrite beats a page fault per page already for one page
@@ -150,6 +151,18 @@ class GuestMemory:
     def data_fd(self) -> int:
         """The backing file: a receiver may splice(2) page data into it."""
         return self._data_fd
+
+    def map_populated(self) -> None:
+        """Map every populated page into this process's page tables (no
+        allocation, no copy).  A running guest's memory is mapped in its VMM,
+        which shares the guest's address space; pages this simulation filled
+        with pwrite() were not, so the VMM's first read of each would fault
+        (1 GiB: 0.13 s of copying instead of 0.06, under the GIL)."""
+        for a, b in self.populated_ranges():
+            try:
+                self._data_map.madvise(MADV_POPULATE_READ, a * PAGE_SIZE, (b - a) * PAGE_SIZE)
+            except OSError:
+                return  # a kernel before 5.14: the faults come later instead
 
     def prefault(self, first_page: int, end_page: int) -> None:
         """Allocate host memory for a page range ahead of use (as a VMM's
