@@ -364,7 +364,7 @@ class DestVmm:
             chan.placer = lambda fields, dl: None if fields["pass_no"] <= self._pass_seen[0] \
                 else applier.placement(fields, dl)
             self._ready.set()
-            refresher = asyncio.ensure_future(self._refresh_loop())
+            refresher = self._refresher = asyncio.ensure_future(self._refresh_loop())
             res["setup_time_ms"] = _ms(time.perf_counter() - t_start)
             state = None
             while True:
@@ -540,9 +540,14 @@ class DestVmm:
 
     async def _final_digest(self) -> None:
         t = time.perf_counter()
-        stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()
+        # No background refresh from here on: one started after the list
+        # below is taken could clear a chunk's flags and leave it out.
+        refresher = getattr(self, "_refresher", None)
+        if refresher is not None:
+            refresher.cancel()
         if self._refresh_job is not None:
             await self._refresh_job
+        stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()
         await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # every channel delivered the final pass
         self.result["final_digest"] = {"stale_chunks": stale, "stale_mib": round(stale_bytes / 2**20, 1),
                                        "ms": _ms(time.perf_counter() - t)}

@@ -184,8 +184,11 @@ class MemoryDigest:
     def mark_stale(self, first_page: int, end_page: int) -> None:
         a, b = first_page // CHUNK_PAGES, -(-end_page // CHUNK_PAGES)
         pa, pb = first_page // PIECE_PAGES, -(-end_page // PIECE_PAGES)
-        self.piece_stale[pa:pb] = b"\x01" * (pb - pa)
-        self.stale[a:b] = b"\x01" * (b - a)
+        # Under the lock: refresh() takes a chunk's stale pieces and clears
+        # them in one step, and a mark landing in between would be lost.
+        with self._lock:
+            self.piece_stale[pa:pb] = b"\x01" * (pb - pa)
+            self.stale[a:b] = b"\x01" * (b - a)
 
     def set_data(self, chunk: int, pieces: array, tags_changed: bool) -> int:
         """Record a chunk's piece CRCs computed by the caller from this
@@ -285,17 +288,19 @@ class MemoryDigest:
         return piece_crcs(buf), next_data
 
     def _stale_pieces(self, chunk: int, which: bytes) -> dict:
-        """CRCs of the pieces flagged in ``which`` (one byte a piece)."""
+        """CRCs of the pieces flagged in ``which`` (one byte a piece): read in
+        place, or with holes only the stale pieces by pread (zeros where
+        never populated, and nothing populated by reading)."""
         first, end = self._chunk_bounds(chunk)
-        mem = self.memory
-        if self._readable(first, end, False):
-            view = mem.data[first * PAGE_SIZE:end * PAGE_SIZE]
-        else:  # holes: read the chunk once, as zeros where never populated
-            view = _chunk_buffer()[:(end - first) * PAGE_SIZE]
-            mem.read_into(first * PAGE_SIZE, view)
+        mem, size = self.memory, (end - first) * PAGE_SIZE
+        in_place = self._readable(first, end, False)
+        view = mem.data[first * PAGE_SIZE:end * PAGE_SIZE] if in_place else _chunk_buffer()[:size]
         out, i = {}, which.find(1)
         while i >= 0:
-            out[i] = zlib.crc32(view[i * PIECE_BYTES:(i + 1) * PIECE_BYTES])
+            lo, hi = i * PIECE_BYTES, min((i + 1) * PIECE_BYTES, size)
+            if not in_place:
+                mem.read_into(first * PAGE_SIZE + lo, view[lo:hi])
+            out[i] = zlib.crc32(view[lo:hi])
             i = which.find(1, i + 1)
         return out
 

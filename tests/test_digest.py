@@ -481,3 +481,49 @@ def test_frozen_parallel_refresh_settles_runs_of_empty_chunks_in_bulk():
                                           (20 * CHUNK_PAGES, 20 * CHUNK_PAGES + 1)]  # nothing populated by reading
     finally:
         host.close()
+
+
+def test_a_stale_mark_landing_while_refresh_takes_a_chunks_pieces_is_not_lost(twins):
+    # A data channel marks a piece stale at the moment a background refresh
+    # copies the chunk's stale pieces: the mark must survive (be read later).
+    import threading
+    a, _ = twins
+    mem, first = a.memory, CHUNK_PAGES
+    d = MemoryDigest(mem)
+    mem.data[first * PAGE:(first + 1) * PAGE] = b"\x11" * PAGE
+    d.mark_stale(first, first + 1)
+    late = first + 5 * 4  # piece 5 of the same chunk
+    marker = []
+
+    class Hook(bytearray):
+        def __getitem__(self, k):
+            if isinstance(k, slice) and not marker:  # refresh copying the chunk's stale pieces
+                def write_and_mark():
+                    mem.data[late * PAGE:(late + 1) * PAGE] = b"\x22" * PAGE
+                    d.mark_stale(late, late + 1)
+                marker.append(threading.Thread(target=write_and_mark))
+                marker[0].start()
+                marker[0].join(0.2)  # unlocked, the mark would land right here
+            return bytearray.__getitem__(self, k)
+    d.piece_stale = Hook(d.piece_stale)
+    d.refresh()
+    marker[0].join()
+    d.piece_stale = bytearray(d.piece_stale)
+    assert d.pending_chunks() == [1]
+    d.refresh()
+    assert d.data_digest() == MemoryDigest(mem).data_digest()
+
+
+def test_stale_pieces_of_a_chunk_with_holes_are_read_alone(blank, monkeypatch):
+    vm, mem = blank.vm, blank.memory
+    vm.guest_write(vm.page_to_ipa(10), b"\x44" * (20 * PAGE))  # chunk 0 has holes
+    d = MemoryDigest(mem)
+    vm.guest_write(vm.page_to_ipa(13), b"\x55" * PAGE)
+    d.mark_stale(13, 14)
+    sizes = []
+    real = mem.read_into
+    monkeypatch.setattr(mem, "read_into", lambda off, buf: sizes.append(len(buf)) or real(off, buf))
+    d.refresh()
+    assert sizes == [16384]  # the one stale piece, not the whole chunk
+    assert d.data_digest() == MemoryDigest(mem).data_digest()
+    assert mem.populated_ranges() == [(10, 30)]
