@@ -121,8 +121,10 @@ class MemoryDigest:
         """Recompute the stale chunks in ``workers`` threads (see refresh)."""
         import asyncio
         stale = self.pending_chunks()
-        if frozen and stale:
-            stale = await loop.run_in_executor(None, self._settle_holes, stale)
+        if frozen and self.unread.find(1) >= 0:  # SEEK_HOLE over populated RAM is not free: only for chunks never read
+            never_read = [c for c in stale if self.unread[c]]
+            settled = set(never_read).difference(await loop.run_in_executor(None, self._settle_holes, never_read))
+            stale = [c for c in stale if c not in settled]
         if stale:
             await asyncio.gather(*(loop.run_in_executor(None, self.refresh, stale[i::workers], frozen)
                                    for i in range(workers)))
