@@ -11,8 +11,9 @@ class Decision:
 
 
 class DowntimeOrPassLimit:
-    """Stop when the estimated downtime (remaining bytes / measured bandwidth)
-    fits the limit, or when the pass limit is reached (then stop anyway: the
+    """Stop when the estimated downtime (remaining bytes / measured bandwidth,
+    the rate of the last dirty pass: see source.dirty_pass_bandwidth) fits
+    the limit, or when the pass limit is reached (then stop anyway: the
     decision says the limit forced it)."""
     name = "downtime-or-pass-limit"
 

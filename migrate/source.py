@@ -46,6 +46,20 @@ def _union(a: bytes, b: bytes) -> bytes:
     return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
 
 
+def dirty_pass_bandwidth(passes: list[dict]) -> float | None:
+    """Guest bytes per second over the last dirty pass that sent real data,
+    the rate the convergence estimate divides by.  The final pass is a dirty
+    pass: scattered pages, each with its own store and tag call, at about
+    half the rate of the bulk pass's whole chunks, so the bulk pass does not
+    predict it (None until a dirty pass ran: the estimate is then unknown and
+    precopy goes on, unless nothing is left to send)."""
+    for p in reversed(passes):
+        if p["pass"] > 0 and p["seconds"] > 0 and p["pages"]:
+            pages = p["normal_pages"] or p["pages"]
+            return pages * PAGE_SIZE / p["seconds"]
+    return None
+
+
 class SourceVmm:
     def __init__(self, host, config, scenario: str = "custom", progress: Progress | None = None):
         self.host = host
@@ -459,12 +473,7 @@ class SourceVmm:
                 digest.mark_stale(a, b)
 
     def _bandwidth(self) -> float | None:
-        """Guest bytes per second over the last pass that sent real data."""
-        for p in reversed(self.passes):
-            if p["seconds"] > 0 and p["pages"]:
-                pages = p["normal_pages"] or p["pages"]
-                return pages * PAGE_SIZE / p["seconds"]
-        return None
+        return dirty_pass_bandwidth(self.passes)
 
     def _dirty_rate(self) -> float | None:
         if not self.passes or not getattr(self, "_last_dirty", None):

@@ -93,3 +93,27 @@ def test_sequence_of_passes_on_a_hot_guest():
 
 def test_policy_has_a_name():
     assert DowntimeOrPassLimit.name == "downtime-or-pass-limit"
+
+
+def _pass(no, pages, seconds, normal=None):
+    return {"pass": no, "pages": pages, "normal_pages": pages if normal is None else normal, "seconds": seconds}
+
+
+def test_the_estimate_divides_by_a_dirty_pass_never_the_bulk_pass():
+    from migrate.source import dirty_pass_bandwidth
+    bulk = _pass(0, 262144, 1.0)  # 1.07 GB/s of whole chunks
+    assert dirty_pass_bandwidth([bulk]) is None  # the final pass's scattered pages are not like that
+    policy = DowntimeOrPassLimit(300, 30)
+    # 22,000 dirty pages after the bulk: unknown, so precopy goes on ...
+    d = policy.decide(0, 22000 * 4096, dirty_pass_bandwidth([bulk]))
+    assert not d.stop and d.reason == "bandwidth not measured yet"
+    # ... and the dirty pass measures the rate that predicts the final pass
+    dirty = _pass(1, 22000, 0.264)
+    assert dirty_pass_bandwidth([bulk, dirty]) == 22000 * 4096 / 0.264
+    assert policy.decide(1, 4000 * 4096, dirty_pass_bandwidth([bulk, dirty])).stop
+    assert not policy.decide(1, 40000 * 4096, dirty_pass_bandwidth([bulk, dirty])).stop
+    # a pass that sent nothing measures nothing; tags-only passes count their pages
+    assert dirty_pass_bandwidth([bulk, dirty, _pass(2, 0, 0.01)]) == 22000 * 4096 / 0.264
+    assert dirty_pass_bandwidth([bulk, _pass(1, 100, 0.01, normal=0)]) == 100 * 4096 / 0.01
+    # nothing dirty after the bulk pass: stop at once, nothing to measure
+    assert policy.decide(0, 0, None).stop
