@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 
 from hosts.constants import GRANULE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
@@ -58,6 +59,36 @@ def dirty_pass_bandwidth(passes: list[dict]) -> float | None:
             pages = p["normal_pages"] or p["pages"]
             return pages * PAGE_SIZE / p["seconds"]
     return None
+
+
+class _DigestKeeper:
+    """Keeps the source's validation digest up to date in its own thread
+    while the guest runs, a slice of chunks at a time.  (As an asyncio task
+    it waited for the event loop, which a pass keeps busy -- lane 0 builds
+    and sends inline -- so the pieces the guest dirtied during the bulk pass
+    were still stale at the pause.)"""
+
+    def __init__(self, digest: MemoryDigest):
+        self._digest, self._stop = digest, threading.Event()
+        self._thread = threading.Thread(target=self._run, name="digest-keeper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            chunks = self._digest.pending_chunks(limit=64)
+            if chunks:
+                self._digest.refresh(chunks)
+            else:
+                self._stop.wait(0.02)
+
+    def cancel(self) -> None:
+        """Ask it to stop after the slice in hand (failure paths)."""
+        self._stop.set()
+
+    async def stop(self) -> None:
+        """Stop it and wait until its slice is done."""
+        self._stop.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
 
 class SourceVmm:
@@ -121,7 +152,7 @@ class SourceVmm:
                 lane.builder.digest = self._digest
             # With checked frames the bulk pass digests the chunks it sends
             # (BatchBuilder), and the background loop starts after it.
-            self._digest_loop = None if self.lanes[0].builder.checked else asyncio.ensure_future(self._keep_digest())
+            self._digest_loop = None if self.lanes[0].builder.checked else _DigestKeeper(self._digest)
 
             policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
             converge = AutoConverge(cfg.throttle_initial, cfg.throttle_increment, cfg.throttle_max) \
@@ -129,7 +160,7 @@ class SourceVmm:
             self._converge = converge
             await self._send_pass(0, host.memory.populated_ranges())
             if self._digest_loop is None:
-                self._digest_loop = asyncio.ensure_future(self._keep_digest())
+                self._digest_loop = _DigestKeeper(self._digest)
             dirty_passes = 0
             tags_only = b""
             while True:
@@ -408,24 +439,10 @@ class SourceVmm:
                       f"said where the guest runs, so this source gives up its paused copy; the destination may "
                       f"hold it: `mte-migrate resolve --connect {host}:{port} --session {self._session} go`")
 
-    async def _keep_digest(self) -> None:
-        """Digest stale chunks in a worker thread, a slice at a time."""
-        loop, digest = asyncio.get_running_loop(), self._digest
-        while True:
-            chunks = digest.pending_chunks(limit=64)
-            if not chunks:
-                await asyncio.sleep(0.02)
-                continue
-            self._digest_slice = loop.run_in_executor(None, digest.refresh, chunks)
-            await self._digest_slice
-
     async def _final_digest(self) -> MemoryDigest:
         t = time.perf_counter()
         if self._digest_loop is not None:
-            self._digest_loop.cancel()
-        slice_ = getattr(self, "_digest_slice", None)
-        if slice_ is not None:
-            await asyncio.wait([slice_])  # not two threads on one chunk
+            await self._digest_loop.stop()  # not two threads on one chunk
         stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()
         await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # the guest is paused
         self.result["digest"] = {"stale_chunks_at_pause": stale, "stale_mib_at_pause": round(stale_bytes / 2**20, 1),

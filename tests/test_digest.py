@@ -527,3 +527,23 @@ def test_stale_pieces_of_a_chunk_with_holes_are_read_alone(blank, monkeypatch):
     assert sizes == [16384]  # the one stale piece, not the whole chunk
     assert d.data_digest() == MemoryDigest(mem).data_digest()
     assert mem.populated_ranges() == [(10, 30)]
+
+
+def test_the_source_digest_keeper_works_while_the_event_loop_is_busy(twins):
+    # A pass keeps the source's event loop busy (lane 0 builds and sends
+    # inline); the keeper must bring the digest up to date meanwhile.
+    import asyncio
+    import time
+    from migrate.source import _DigestKeeper
+    a, _ = twins
+    d = MemoryDigest(a.memory, compute=False)
+
+    async def go():
+        keeper = _DigestKeeper(d)
+        t = time.monotonic()
+        while d.pending() and time.monotonic() - t < 10:
+            time.sleep(0.001)  # blocking: the event loop does not run
+        await keeper.stop()
+    asyncio.run(go())
+    assert not d.pending()
+    assert d.chunk_crcs() == MemoryDigest(a.memory).chunk_crcs()
