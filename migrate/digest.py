@@ -183,6 +183,11 @@ class MemoryDigest:
         return sum(self.piece_stale.count(1, c * PIECES_PER_CHUNK, (c + 1) * PIECES_PER_CHUNK)
                    for c in range(self.nchunks) if self.stale[c] and not self.unread[c]) * PIECE_BYTES
 
+    def invalidate(self) -> None:
+        """Forget every CRC: all chunks are read again."""
+        with self._lock:
+            self.unread[:] = b"\x01" * self.nchunks
+
     def mark_stale(self, first_page: int, end_page: int) -> None:
         a, b = first_page // CHUNK_PAGES, -(-end_page // CHUNK_PAGES)
         pa, pb = first_page // PIECE_PAGES, -(-end_page // PIECE_PAGES)

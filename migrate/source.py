@@ -74,16 +74,16 @@ class _DigestKeeper:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            chunks = self._digest.pending_chunks(limit=64)
-            if chunks:
-                self._digest.refresh(chunks)
-            else:
-                self._stop.wait(0.02)
-
-    def cancel(self) -> None:
-        """Ask it to stop after the slice in hand (failure paths)."""
-        self._stop.set()
+        try:
+            while not self._stop.is_set():
+                chunks = self._digest.pending_chunks(limit=64)
+                if chunks:
+                    self._digest.refresh(chunks)
+                else:
+                    self._stop.wait(0.02)
+        except Exception as exc:  # the final digest then reads everything again
+            log.warning("validation digest keeper stopped: %s", one_line(exc))
+            self._digest.invalidate()
 
     async def stop(self) -> None:
         """Stop it and wait until its slice is done."""
@@ -594,7 +594,7 @@ class SourceVmm:
         if self.machine is not None and err is not None:
             self.machine.fail(one_line(err))
         if getattr(self, "_digest_loop", None) is not None:
-            self._digest_loop.cancel()
+            await self._digest_loop.stop()  # before the guest's memory can go away
         if self._peer_task is not None:
             self._peer_task.cancel()
             self._peer_task = None
