@@ -547,3 +547,44 @@ def test_the_source_digest_keeper_works_while_the_event_loop_is_busy(twins):
     asyncio.run(go())
     assert not d.pending()
     assert d.chunk_crcs() == MemoryDigest(a.memory).chunk_crcs()
+
+
+def test_stopping_the_digest_keeper_waits_for_its_thread(twins):
+    # A failed migration stops the keeper before the host closes the guest's
+    # memory: stop() must return only once no refresh is in flight.
+    import asyncio
+    from migrate.source import _DigestKeeper
+    a, _ = twins
+    d = MemoryDigest(a.memory, compute=False)
+
+    async def go():
+        keeper = _DigestKeeper(d)
+        await asyncio.sleep(0)  # it is working on a slice now or soon
+        await keeper.stop()
+        return keeper
+    keeper = asyncio.run(go())
+    assert not keeper._thread.is_alive()
+
+
+def test_a_failing_digest_keeper_leaves_every_chunk_to_be_read_again(twins, caplog):
+    import asyncio
+    from migrate.source import _DigestKeeper
+    a, _ = twins
+    d = MemoryDigest(a.memory)
+    d.mark_stale(0, 1)
+
+    def broken(chunks=None, frozen=False):
+        raise ValueError("operation forbidden on released memoryview object")
+    d.refresh = broken
+
+    async def go():
+        keeper = _DigestKeeper(d)
+        keeper._thread.join(10)  # it fails on its first slice and ends
+        assert not keeper._thread.is_alive()
+        await keeper.stop()
+    asyncio.run(go())
+    del d.refresh
+    assert d.pending_chunks() == list(range(d.nchunks))  # nothing trusted
+    assert "validation digest keeper stopped: operation forbidden" in caplog.text
+    d.refresh()
+    assert d.chunk_crcs() == MemoryDigest(a.memory).chunk_crcs()
