@@ -303,10 +303,10 @@ class Vm:
         """KVM_ARM_MTE_COPY_TAGS.  ``buf`` holds one byte per granule (the tag in
         the low nibble): written for FROM_GUEST, read for TO_GUEST.  Returns the
         guest bytes covered; a failure after some pages returns the bytes done."""
-        if any(reserved) or not self.mte_enabled or flags & ~KVM_ARM_TAGS_FROM_GUEST \
-                or guest_ipa % PAGE_SIZE or length % PAGE_SIZE or length > _INT_MAX:
+        error = self._copy_tags_einval(guest_ipa, length, flags, reserved)
+        if error is not None:
             self.counters.add("syscalls.kvm_arm_mte_copy_tags")
-            raise self._copy_tags_einval(guest_ipa, length, flags, reserved)
+            raise error
         from_guest = flags & KVM_ARM_TAGS_FROM_GUEST
         view = memoryview(buf).cast("B")
         npages = length // PAGE_SIZE
@@ -352,7 +352,8 @@ class Vm:
             raise error
         return 0
 
-    def _copy_tags_einval(self, guest_ipa, length, flags, reserved) -> KernelError:
+    def _copy_tags_einval(self, guest_ipa, length, flags, reserved) -> KernelError | None:
+        """The EINVAL a KVM_ARM_MTE_COPY_TAGS call fails its argument checks with, or None."""
         if any(reserved):
             return einval("reserved fields must be zero")
         if not self.mte_enabled:
@@ -361,7 +362,9 @@ class Vm:
             return einval(f"unknown flags {flags:#x}")
         if guest_ipa % PAGE_SIZE or length % PAGE_SIZE:
             return einval("guest_ipa and length must be page aligned")
-        return einval("length does not fit the return value")
+        if length > _INT_MAX:
+            return einval("length does not fit the return value")
+        return None
 
     def _tags_to_user(self, first: int, npages: int, out: memoryview, calls: int = 0) -> None:
         mem = self.memory

@@ -45,7 +45,7 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--strategy", help="tag strategy (see `mte-migrate strategies`; default tag-ioctl)")
     m.add_argument("--compression", metavar="auto|none|LEVEL", help="zstd: auto (default) decides from measured throughput")
     m.add_argument("--max-bandwidth", metavar="RATE", help="cap the sending rate, e.g. 125M (bytes/s), 1GiB; default none")
-    m.add_argument("--downtime-limit", type=float, metavar="MS", help="converged when estimated downtime <= this (default 300)")
+    m.add_argument("--downtime-limit", type=float, metavar="MS", help="converged when the estimated downtime (what is left to send / the last dirty pass's rate) <= this (default 300)")
     m.add_argument("--max-passes", type=int, metavar="N", help="stop-and-copy after N dirty passes anyway (default 30)")
     m.add_argument("--no-auto-converge", action="store_true",
                    help="never throttle the guest's vCPUs when dirty passes stop shrinking")

@@ -61,6 +61,7 @@ class DestVmm:
         self._lanes: dict[int, dict] = {}      # channel -> {thread, chan, stats, pass}
         self._early_digest = None  # (final pass, task) once STATE arrived
         self._frozen = False       # the final digest has started: no PAGES any more
+        self._refresher: asyncio.Task | None = None  # background digest refreshes while pages land
         self._lane_failure: asyncio.Future | None = None
         self._lane_progress: asyncio.Event | None = None
         self._pass_seen = {0: -1}             # channel -> last PASS_END
@@ -364,7 +365,7 @@ class DestVmm:
             chan.placer = lambda fields, dl: None if fields["pass_no"] <= self._pass_seen[0] \
                 else applier.placement(fields, dl)
             self._ready.set()
-            refresher = self._refresher = asyncio.ensure_future(self._refresh_loop())
+            self._refresher = asyncio.ensure_future(self._refresh_loop())
             res["setup_time_ms"] = _ms(time.perf_counter() - t_start)
             state = None
             while True:
@@ -419,8 +420,8 @@ class DestVmm:
             log.exception("internal error")
             self._fail(MigrationError(f"internal error: {type(exc).__name__}: {one_line(exc)}"), chan)
         finally:
-            if "refresher" in locals():
-                refresher.cancel()
+            if self._refresher is not None:
+                self._refresher.cancel()
             if self._early_digest is not None:
                 self._early_digest[1].cancel()
             if not self.resumed:
@@ -542,9 +543,8 @@ class DestVmm:
         t = time.perf_counter()
         # No background refresh from here on: one started after the list
         # below is taken could clear a chunk's flags and leave it out.
-        refresher = getattr(self, "_refresher", None)
-        if refresher is not None:
-            refresher.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
         if self._refresh_job is not None:
             await self._refresh_job
         stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()

@@ -25,6 +25,8 @@ from array import array
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 
+from .bitmaps import runs
+
 CHUNK_PAGES = 256
 #: data digest granularity; 16 KiB also keeps each CRC call above the size
 #: at which zlib releases the GIL (5 KiB), so digests run in parallel
@@ -60,15 +62,6 @@ def zero_pieces(npages: int) -> array:
 @functools.lru_cache(maxsize=8)
 def zero_chunk_crc(npages: int) -> int:
     return chunk_crc(zero_pieces(npages))
-
-
-def _runs_of_ones(bits: bytes):
-    pos = bits.find(1)
-    while pos >= 0:
-        end = bits.find(0, pos)
-        end = len(bits) if end < 0 else end
-        yield pos, end
-        pos = bits.find(1, end)
 
 
 def chunk_count(npages: int) -> int:
@@ -140,13 +133,13 @@ class MemoryDigest:
         for c in chunks:
             settle[c] = 1
         # Chunks with data, or with tags on pages without data, are read as usual.
-        for a, b in [*mem.populated_ranges(), *_runs_of_ones(bytes(mem.tagged))]:
+        for a, b in [*mem.populated_ranges(), *runs(bytes(mem.tagged))]:
             ca, cb = a // CHUNK_PAGES, -(-b // CHUNK_PAGES)
             settle[ca:cb] = bytes(cb - ca)
         whole = mem.npages // CHUNK_PAGES
         settle[whole:] = bytes(n - whole)  # so is a short last chunk
         zero_data, zero_tags = zero_chunk_crc(CHUNK_PAGES), _zero_crc(CHUNK_PAGES, PACKED_TAGS_PER_PAGE)
-        for ca, cb in _runs_of_ones(bytes(settle)):
+        for ca, cb in runs(bytes(settle)):
             k, pa, pb = cb - ca, ca * PIECES_PER_CHUNK, cb * PIECES_PER_CHUNK
             with self._lock:
                 self.data_crcs[ca:cb] = array("I", [zero_data]) * k

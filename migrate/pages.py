@@ -10,6 +10,7 @@ from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from hosts.tags import all_zero
 
 from . import frames as fr
+from .bitmaps import runs
 from .compression import Compressor, Decompressor
 from .digest import CHUNK_PAGES, chunk_crc, piece_crcs, zero_pieces
 from .errors import ProtocolError
@@ -32,20 +33,6 @@ _ZERO_BLOCK = memoryview(bytes(_ZERO_BLOCK_PAGES * PAGE_SIZE))
 def _zeros(npages: int):
     """``npages`` zero pages to write (a view of one shared block when it fits)."""
     return _ZERO_BLOCK[:npages * PAGE_SIZE] if npages <= _ZERO_BLOCK_PAGES else bytes(npages * PAGE_SIZE)
-
-
-def runs(bits: bytes, value: int = 1):
-    """(start, end) of each run of ``value`` in a byte string of 0/1."""
-    other = 1 - value
-    pos, n = 0, len(bits)
-    while pos < n:
-        a = bits.find(value, pos)
-        if a < 0:
-            return
-        b = bits.find(other, a)
-        b = n if b < 0 else b
-        yield a, b
-        pos = b
 
 
 _PAGE_KIND = bytes(0 if b & fr.PAGE_KEEP else 2 if b & fr.PAGE_ZERO else 1 for b in range(256))
@@ -86,6 +73,14 @@ def lands_whole_chunk(ranges, flags, npages: int) -> bool:
     chunk's digest CRC (chunk_crc of its piece CRCs), so that one pass over
     the bytes serves as frame check and validation digest on both sides."""
     return whole_chunk(ranges, npages) is not None and bytes(flags).translate(_LANDED_BIT).find(0) < 0
+
+
+def frame_data_crc(ranges, flags, data, npages: int) -> int:
+    """What Pages.dcrc holds for a batch: the chunk's digest CRC when it
+    lands one whole chunk, else the CRC of its pages as they must land."""
+    if lands_whole_chunk(ranges, flags, npages):
+        return chunk_crc(content_pieces(flags, data))
+    return content_crc(flags, data)
 
 
 def content_pieces(flags, data):
@@ -275,8 +270,7 @@ class BatchBuilder:
         tcrc = None
         if self.checked:
             if dcrc is None:
-                dcrc = (chunk_crc(content_pieces(flags, data)) if lands_whole_chunk(ranges, flags, self.npages)
-                        else content_crc(flags, data))
+                dcrc = frame_data_crc(ranges, flags, data, self.npages)
             tcrc = zlib.crc32(tags_wire)
         else:
             dcrc = None
@@ -324,13 +318,9 @@ class BatchApplier:
             pos += count
         landed_chunk = None
         if frame.dcrc is not None:
-            if not lands_whole_chunk(frame.ranges, flags, self.npages):
-                crc = content_crc(flags, data)
-            elif self.digest is not None and ndata:
+            if self.digest is not None and ndata and lands_whole_chunk(frame.ranges, flags, self.npages):
                 landed_chunk = frame.ranges[0][0] // CHUNK_PAGES  # checked on the landed pages below
-            else:
-                crc = chunk_crc(content_pieces(flags, data))
-            if landed_chunk is None and crc != frame.dcrc:
+            elif frame_data_crc(frame.ranges, flags, data, self.npages) != frame.dcrc:
                 raise ProtocolError("PAGES frame data failed its checksum: the stream is corrupt")
         self._store(page_of, flags.translate(_LANDED_BIT), data_bits, memoryview(data))
         self._land_tags(page_of, tag_bits, tags)

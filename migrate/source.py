@@ -17,12 +17,13 @@ from . import PROTOCOL_VERSION
 from . import frames as fr
 from .compression import Compressor
 from .convergence import AutoConverge, DowntimeOrPassLimit
-from .digest import CHUNK_PAGES, PIECE_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
+from .digest import PIECE_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
 from . import auth
 from .errors import AuthError, Cancelled, DestinationGone, InDoubt, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
 from .channels import LoopThread, SendLane, partition
 from .machine import Connection, SourceState, data_source_machine, recovery_source_machine, source_machine
-from .pages import BatchBuilder, BatchStats, runs
+from .bitmaps import runs
+from .pages import BatchBuilder, BatchStats
 from .progress import Progress
 from .ratelimit import RateLimiter
 from .report import empty_result
