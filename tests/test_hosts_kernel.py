@@ -346,6 +346,19 @@ def test_to_guest_stores_tags_and_marks_tagged(vm):
     assert c.get("kernel.tag_clears") == 0
 
 
+def test_to_guest_reads_any_buffer_by_bytes_and_only_what_length_covers(vm):
+    import array
+    tags = bytes((i * 7) & 0x0F for i in range(2 * 256))
+    wide = array.array("H")
+    wide.frombytes(tags)                                    # 256 items, 512 bytes
+    assert vm.mte_copy_tags(ipa(3), 2 * PAGE_SIZE, wide, TO) == 2 * PAGE_SIZE
+    assert vm.guest_tags(ipa(3), 2 * PAGE_SIZE) == tags
+    longer = b"\x05" * 256 + b"\x0a" * 256                  # a page more than length covers
+    assert vm.mte_copy_tags(ipa(7), PAGE_SIZE, longer, TO) == PAGE_SIZE
+    assert vm.guest_tags(ipa(7), 2 * PAGE_SIZE) == b"\x05" * 256 + bytes(256)
+    assert vm.memory.tagged[8] == 0
+
+
 def test_to_guest_keeps_only_the_low_nibble(vm):
     vm.mte_copy_tags(ipa(0), PAGE_SIZE, b"\xf3" * 256, TO)
     assert vm.guest_tags(ipa(0), PAGE_SIZE) == b"\x03" * 256
