@@ -15,7 +15,10 @@ import time
 import zstandard
 
 AUTO_LEVEL = 1
-TAG_LEVEL = 1
+#: allocator-like tags, 1 MiB chunks of a guest: level -3 packs 32 KiB of
+#: tags in 20 us to 14 % (level 1: 28 us, 12 %) and they unpack in 12 us
+#: rather than 15; on the wire that is 0.45 % of the data instead of 0.37 %
+TAG_LEVEL = -3
 
 
 class _Ewma:
