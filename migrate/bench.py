@@ -15,13 +15,13 @@ import time
 from dataclasses import replace
 
 from . import costmodel
-from .ceilings import loopback_throughput, zstd_throughput
+from .ceilings import loopback_throughput, tag_work_per_page, zstd_throughput
 from .runner import run_pair
 from .units import fmt_rate
 
 QUICK_RAM = 64 << 20
 METRICS = ("total_time_ms", "downtime_ms", "guest_mb_per_s", "wire_data_bytes", "wire_tag_bytes",
-           "cpu_source_s", "cpu_dest_s", "est_tag_cpu_ms")
+           "cpu_source_s", "cpu_dest_s", "est_tag_cpu_ms", "ram_bytes", "tagged_pages_sent")
 
 
 def _row(scenario, strategy, rep, result, model) -> dict:
@@ -40,6 +40,7 @@ def _row(scenario, strategy, rep, result, model) -> dict:
         "passes": len(result.get("passes", [])),
         "guest_mb_per_s": round(ram["total_bytes"] / total_s / 1e6, 1) if total_s else None,
         "wire_data_bytes": wire["data_bytes"], "wire_tag_bytes": wire["tag_bytes"],
+        "ram_bytes": ram["total_bytes"], "tagged_pages_sent": result["tags"]["tagged_pages"],
         "wire_total_bytes": ram["transferred_bytes"],
         "cpu_source_s": (result.get("cpu") or {}).get("process_s"),
         "cpu_dest_s": (dest.get("cpu") or {}).get("process_s"),
@@ -98,7 +99,7 @@ def _fmt(stat, scale=1.0, digits=0):
     return f"{f.format(stat['median'] * scale)} ({f.format(stat['min'] * scale)}–{f.format(stat['max'] * scale)})"
 
 
-def markdown(summary: list[dict], ceilings: dict, command: str) -> str:
+def markdown(summary: list[dict], ceilings: dict, command: str, bounds: dict | None = None) -> str:
     lines = [f"Command: `{command}`", "",
              f"Ceilings measured in this run: loopback TCP {fmt_rate(ceilings['loopback_bytes_per_s'])}; "
              + "; ".join(f"zstd-{z['level']} on {name} data {fmt_rate(z['bytes_per_s'])} (ratio {z['ratio']:.2f})"
@@ -117,20 +118,59 @@ def markdown(summary: list[dict], ceilings: dict, command: str) -> str:
             f"{_fmt(e['wire_tag_bytes'], 1 / 1024, 1)} | "
             f"{_fmt(e['cpu_source_s'], 1, 2)} / {_fmt(e['cpu_dest_s'], 1, 2)} | "
             f"{vs_text} | {_fmt(e['est_tag_cpu_ms'], 1, 2)} |")
+    if bounds:
+        lines += ["", "Why tag-ioctl trails none here: the tag work this simulation cannot avoid (four tag "
+                      "conversions and zstd per tagged page, timed in this run), spread over every core:"]
+        for name, b in bounds.items():
+            work = ceilings["tag_work"][name]
+            lines.append(f"- {name}: {b['tag_work_cpu_ms']:.0f} ms of CPU ({work['s_per_page'] * 1e6:.2f} us a "
+                         f"tagged page) on {b['cores']} cores adds at least {b['tag_work_cpu_ms'] / b['cores']:.0f} "
+                         f"ms to none's {b['none_s'] * 1e3:.0f} ms: throughput at best "
+                         f"{b['best_throughput_vs_none']:.2f}x none's; measured "
+                         f"{b['measured_throughput_vs_none'] or 0:.2f}x.")
     return "\n".join(lines) + "\n"
 
 
 def measure_ceilings(scenarios, seconds: float = 1.0) -> dict:
+    from .bitmaps import runs
     from .hostproc import build_host
-    zs = {}
+    zs, tag_work = {}, {}
     for s in scenarios:
         guest = replace(s.guest, ram=min(s.guest.ram, 64 << 20), rate=0)
         host = build_host(guest, "none", "source")
         try:
             zs[s.name] = zstd_throughput(host.memory.data[:guest.ram])
+            mem = host.memory
+            tagged = b"".join(mem.tags[a * 128:b * 128] for a, b in runs(bytes(mem.tagged), 1))
+            tag_work[s.name] = tag_work_per_page(tagged)
         finally:
             host.close()
-    return {"loopback_bytes_per_s": loopback_throughput(seconds), "zstd": zs}
+    return {"loopback_bytes_per_s": loopback_throughput(seconds), "zstd": zs, "tag_work": tag_work}
+
+
+def tag_work_bounds(summary: list[dict], ceilings: dict, cores: int) -> dict:
+    """Per scenario: how far tag-ioctl could at best get to none's throughput
+    in this run, given only the tag work it cannot avoid here
+    (ceilings["tag_work"]) for the tagged pages it sent, spread over every
+    core with nothing else slowed down (none's migration keeps the cores busy:
+    a bound under that assumption, not a measurement)."""
+    out = {}
+    for entry in summary:
+        if entry["strategy"] != "tag-ioctl":
+            continue
+        name = entry["scenario"]
+        base = next((e for e in summary if e["scenario"] == name and e["strategy"] == "none"), None)
+        work = (ceilings.get("tag_work") or {}).get(name)
+        sent, ram = entry["tagged_pages_sent"], entry["ram_bytes"]
+        if not (base and work and base["guest_mb_per_s"] and sent and sent["median"] and ram):
+            continue
+        none_s = ram["median"] / 1e6 / base["guest_mb_per_s"]["median"]
+        cpu_s = sent["median"] * work["s_per_page"]
+        out[name] = {"tag_work_cpu_ms": round(cpu_s * 1e3, 1), "cores": cores,
+                     "none_s": round(none_s, 3),
+                     "best_throughput_vs_none": round(none_s / (none_s + cpu_s / cores), 3),
+                     "measured_throughput_vs_none": (entry["vs_none"] or {}).get("throughput")}
+    return out
 
 
 def plot(summary: list[dict], path: str) -> bool:
@@ -188,7 +228,9 @@ def run_bench(scenarios, strategies, repeat: int, out_dir: str, quick: bool, mod
                 say(f"    {row['status']}, validation {'ok' if row['validation_ok'] else 'FAILED'}, "
                     f"{row['total_time_ms']:.0f} ms, downtime {row['downtime_ms'] or 0:.0f} ms")
     summary = summarise(rows)
-    doc = {"command": command, "ceilings": ceilings, "cost_model": model, "summary": summary, "runs": rows}
+    bounds = tag_work_bounds(summary, ceilings, len(os.sched_getaffinity(0)))
+    doc = {"command": command, "ceilings": ceilings, "cost_model": model, "summary": summary,
+           "tag_work_bounds": bounds, "runs": rows}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(doc, f, indent=2)
     fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -196,7 +238,7 @@ def run_bench(scenarios, strategies, repeat: int, out_dir: str, quick: bool, mod
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    md = markdown(summary, ceilings, command)
+    md = markdown(summary, ceilings, command, bounds)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(md)
     if plot(summary, os.path.join(out_dir, "results.png")):
