@@ -164,16 +164,6 @@ class GuestMemory:
             except OSError:
                 return  # a kernel before 5.14: the faults come later instead
 
-    def populate_tag_storage(self) -> None:
-        """Allocate all of the tag storage now.  On real hardware it is a
-        carve-out of physical memory that exists from boot; here it is a file
-        whose pages would otherwise be allocated by the first store to each,
-        in the middle of a migration (1/32 of RAM: 32 MiB and ~25 ms a GiB)."""
-        try:
-            self._tags_map.madvise(MADV_POPULATE_WRITE)
-        except OSError:  # a kernel before 5.14: allocated, mapped on first touch
-            os.posix_fallocate(self._tags_fd, 0, len(self._tags_map))
-
     def prefault(self, first_page: int, end_page: int) -> None:
         """Allocate host memory for a page range ahead of use (as a VMM's
         -mem-prealloc does), so first-touch faults happen now, not later."""

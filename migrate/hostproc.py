@@ -173,10 +173,8 @@ def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: s
     result = None
 
     def new_vm():
-        """A fresh, empty VM, its tag storage allocated; with --prealloc its RAM too."""
+        """A fresh, empty VM; with --prealloc its RAM allocated now."""
         vm_host = build_host(guest, strategy or config.strategy, "destination")
-        if guest.mte:  # before the source connects, as hardware has it from boot
-            vm_host.memory.populate_tag_storage()
         t = time.perf_counter()
         if config.prealloc:
             vm_host.memory.prefault(0, vm_host.memory.npages)

@@ -102,15 +102,6 @@ def test_prefault_allocates_but_pages_count_as_unwritten(mem):
     assert bytes(mem.data[100 * PAGE_SIZE:110 * PAGE_SIZE]) == bytes(10 * PAGE_SIZE)
 
 
-def test_populate_tag_storage_allocates_all_of_it_and_leaves_tags_zero(mem):
-    size = mem.npages * PACKED_TAGS_PER_PAGE
-    assert os.fstat(mem._tags_fd).st_blocks == 0
-    mem.populate_tag_storage()
-    assert os.fstat(mem._tags_fd).st_blocks * 512 >= size
-    assert bytes(mem.tags) == bytes(size)
-    assert mem.tagged.count(1) == 0 and mem.populated_ranges() == []  # guest RAM untouched
-
-
 def test_reading_a_hole_through_the_mapping_populates_it(mem):
     """tmpfs allocates a page on a read fault of a shared mapping, as it would
     for a real VMM's memfd-backed RAM: a migration source that wants to keep
