@@ -1,7 +1,10 @@
 """The machine's ceilings, measured in the same run as the figures they bound:
-loopback TCP between two processes, and zstd on a sample of guest data."""
+loopback TCP between two processes, zstd on a sample of guest data, CRC32 in
+the digest's pieces, storing into guest RAM (fresh or preallocated), and the
+tag conversions of the tag-ioctl path."""
 
 import multiprocessing
+import os
 import socket
 import time
 
@@ -90,3 +93,39 @@ def tag_work_per_page(packed_tags, chunk_pages: int = 256, repeat: int = 5) -> d
             tagops.pack(tagops.unpack(decomp.decompress(wire, max_output_size=len(storage))))  # destination
         best = min(best, time.perf_counter() - t0)
     return {"s_per_page": best / pages, "pages_timed": pages, "level": TAG_LEVEL}
+
+
+def crc_throughput(sample_bytes: int = 64 << 20, repeat: int = 3) -> float:
+    """Bytes per second of CRC32 over random data in the digest's 16 KiB
+    pieces, best of ``repeat``: what each side pays per byte of page data
+    for the per-frame check that doubles as the validation digest."""
+    from .digest import piece_crcs
+    sample = os.urandom(sample_bytes)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for o in range(0, sample_bytes, CHUNK):
+            piece_crcs(memoryview(sample)[o:o + CHUNK])
+        best = min(best, time.perf_counter() - t0)
+    return sample_bytes / best
+
+
+def landing_throughput(preallocated: bool, size: int = 256 << 20, repeat: int = 3) -> float:
+    """Bytes per second of storing 1 MiB blocks into a file of guest RAM
+    (memfd), best of ``repeat``: into fresh memory, which the kernel must
+    allocate and zero first, or into memory allocated beforehand."""
+    block = os.urandom(CHUNK)
+    best = float("inf")
+    for _ in range(repeat):
+        fd = os.memfd_create("landing-ceiling", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            if preallocated:
+                os.posix_fallocate(fd, 0, size)
+            t0 = time.perf_counter()
+            for o in range(0, size, CHUNK):
+                os.pwrite(fd, block, o)
+            best = min(best, time.perf_counter() - t0)
+        finally:
+            os.close(fd)
+    return size / best
