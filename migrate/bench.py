@@ -132,6 +132,8 @@ def markdown(summary: list[dict], ceilings: dict, command: str, bounds: dict | N
 
 
 def measure_ceilings(scenarios, seconds: float = 1.0) -> dict:
+    from hosts import PACKED_TAGS_PER_PAGE as PER_PAGE
+
     from .bitmaps import runs
     from .hostproc import build_host
     zs, tag_work = {}, {}
@@ -141,7 +143,7 @@ def measure_ceilings(scenarios, seconds: float = 1.0) -> dict:
         try:
             zs[s.name] = zstd_throughput(host.memory.data[:guest.ram])
             mem = host.memory
-            tagged = b"".join(mem.tags[a * 128:b * 128] for a, b in runs(bytes(mem.tagged), 1))
+            tagged = b"".join(mem.tags[a * PER_PAGE:b * PER_PAGE] for a, b in runs(bytes(mem.tagged), 1))
             tag_work[s.name] = tag_work_per_page(tagged)
         finally:
             host.close()

@@ -68,22 +68,23 @@ def zstd_throughput(sample, level: int = 1, batch: int = 1 << 20) -> dict:
 def tag_work_per_page(packed_tags, chunk_pages: int = 256, repeat: int = 5) -> dict | None:
     """CPU seconds per tagged page of the work the simulation cannot avoid
     when tags move through KVM_ARM_MTE_COPY_TAGS, timed on ``packed_tags``
-    (tag storage of tagged pages, 128 bytes a page) a chunk at a time, best
-    of ``repeat``: the source kernel unpacks its storage into the ioctl's
+    (the tag storage of tagged pages, 128 bytes a page) a chunk at a time,
+    best of ``repeat``: the source kernel unpacks its storage into the ioctl's
     byte per granule, the VMM packs that for the wire and compresses it; the
     destination VMM decompresses and unpacks for the ioctl, and its kernel
     packs into storage.  The formats are fixed (hardware storage, the ioctl's
     ABI, the wire's 4 bits), so these are four conversions, each already
     a C-level codec pass."""
+    from hosts import PACKED_TAGS_PER_PAGE as PER_PAGE
     from hosts import tags as tagops
 
     from .compression import TAG_LEVEL
     packed_tags = memoryview(packed_tags)
-    step = chunk_pages * 128
-    pages = len(packed_tags) // 128
+    step = chunk_pages * PER_PAGE
+    pages = len(packed_tags) // PER_PAGE
     if not pages:
         return None
-    chunks = [packed_tags[o:o + step] for o in range(0, pages * 128, step)]
+    chunks = [packed_tags[o:o + step] for o in range(0, pages * PER_PAGE, step)]
     comp, decomp = zstandard.ZstdCompressor(level=TAG_LEVEL), zstandard.ZstdDecompressor()
     best = float("inf")
     for _ in range(repeat):
