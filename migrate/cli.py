@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="compare strategies: a matrix of scenarios x strategies, repeated",
                        description="Run every scenario with every strategy, interleaved, REPEAT times; report "
-                                   "medians and min-max, ratios against `none`, the machine's ceilings, and the "
+                                   "medians and min-max, ratios against `none`, the machine's ceilings, the best "
+                                   "ratio tag-ioctl could reach given the tag work timed in the same run, and the "
                                    "cost model's estimate for real hardware. Writes results.json, results.csv, "
                                    "results.md (and results.png with the plot extra) to --out.")
     p.add_argument("--scenarios", metavar="A,B", help="comma-separated scenario names or files "
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Builds (once) raw images of each kind and size, migrates each REPEAT times "
                                    "with default settings, and reports medians and min-max of total time, downtime "
                                    "and guest-RAM throughput beside QEMU's figures, the ceilings measured in the "
-                                   "same run, adaptive compression against raw under a 1 Gbit/s cap, and each "
+                                   "same run and the floor they set for each image, adaptive compression against "
+                                   "raw under a 1 Gbit/s cap, and each "
                                    "host's peak RSS against the RAM the guest touched.")
     p.add_argument("--sizes", default="1GiB,4GiB", metavar="A,B", help="image sizes (default 1GiB,4GiB)")
     p.add_argument("--kinds", default="zero,random,mixed", metavar="A,B", help="image kinds (default zero,random,mixed)")

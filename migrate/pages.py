@@ -185,7 +185,7 @@ class BatchBuilder:
 
     def build(self, pass_no: int, ranges) -> tuple[fr.Pages, BatchStats]:
         if self.digest is not None and self.checked:
-            chunk = whole_chunk(ranges, self.digest.memory.npages)
+            chunk = whole_chunk(ranges, self.npages)
             if chunk is not None:
                 first, count = ranges[0]
                 view = self.strategy.read_data(first, count)
@@ -267,13 +267,11 @@ class BatchBuilder:
         stats = BatchStats(pages=n, zero_pages=zero, normal_pages=normal, tagged_pages=ntagged,
                            data_bytes=filled, data_wire=len(data_wire),
                            tag_raw=len(tag_blob), tag_wire=len(tags_wire))
-        tcrc = None
-        if self.checked:
-            if dcrc is None:
-                dcrc = frame_data_crc(ranges, flags, data, self.npages)
-            tcrc = zlib.crc32(tags_wire)
+        if not self.checked:
+            dcrc = tcrc = None
         else:
-            dcrc = None
+            dcrc = frame_data_crc(ranges, flags, data, self.npages) if dcrc is None else dcrc
+            tcrc = zlib.crc32(tags_wire)
         frame = fr.Pages(pass_no, list(ranges), bytes(flags), data_wire, tags_wire, data_c, tags_c, dcrc, tcrc)
         return frame, stats
 

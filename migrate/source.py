@@ -168,7 +168,7 @@ class SourceVmm:
                 bitmap = self._harvest()
                 tags_only = _union(tags_only, self._harvest_tags_only(bitmap))
                 remaining = bitmap.count(1) * PAGE_SIZE + tags_only.count(1) * PACKED_TAGS_PER_PAGE
-                bandwidth = self._bandwidth()
+                bandwidth = dirty_pass_bandwidth(self.passes)
                 decision = policy.decide(dirty_passes, remaining, bandwidth)
                 res["expected_downtime_ms"] = policy.expected_downtime_ms(remaining, bandwidth)
                 if decision.stop:
@@ -489,9 +489,6 @@ class SourceVmm:
         if digest is not None:
             for a, b in runs(bitmap, 1):
                 digest.mark_stale(a, b)
-
-    def _bandwidth(self) -> float | None:
-        return dirty_pass_bandwidth(self.passes)
 
     def _dirty_rate(self) -> float | None:
         if not self.passes or not getattr(self, "_last_dirty", None):

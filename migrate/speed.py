@@ -1,8 +1,10 @@
 """`mte-migrate speed`: the same RAM images QEMU was measured with
 (PERF-NOTES.md), migrated with default settings; medians and min-max of
 total time, downtime and guest-RAM throughput, with the loopback and zstd
-ceilings measured in the same run; adaptive compression under a 1 Gbit/s
-cap against raw; and each host's peak RSS against the RAM the guest touched.
+ceilings measured in the same run and the floor they set for each image
+(the data pages' CRC on both sides, landing and sending, over the cores);
+adaptive compression under a 1 Gbit/s cap against raw; and each host's peak
+RSS against the RAM the guest touched.
 
 Images: all zero; random; mixed (of every 4 pages: one zero, one random, two
 of 2 KiB random followed by 2 KiB of repeated text), made once and cached."""
