@@ -33,15 +33,20 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hosts import (GRANULES_PER_PAGE, KVM_ARM_TAGS_FROM_GUEST,  # noqa: E402
-                   KVM_ARM_TAGS_TO_GUEST, PACKED_TAGS_PER_PAGE, PAGE_SIZE,
-                   SimulatedHost)
+from hosts import (  # noqa: E402
+    GRANULES_PER_PAGE,
+    KVM_ARM_TAGS_FROM_GUEST,
+    KVM_ARM_TAGS_TO_GUEST,
+    PACKED_TAGS_PER_PAGE,
+    PAGE_SIZE,
+    SimulatedHost,
+)
 from hosts.constants import RAM_BASE_IPA  # noqa: E402
 from hosts.datapool import DataPool, tag_pool  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
-BATCH = 4 * MiB                 # guest bytes moved per batch / per ioctl
+BATCH = 4 * MiB  # guest bytes moved per batch / per ioctl
 BATCH_PAGES = BATCH // PAGE_SIZE
 
 
@@ -55,7 +60,7 @@ def populate(host: SimulatedHost, seed: int = 7) -> None:
     for off in range(0, host.memory.size, MiB):
         vm.guest_write(RAM_BASE_IPA + off, pool.slice(rng, MiB))
         start = rng.randrange(len(tags) - per)
-        vm.guest_store_tags_packed(RAM_BASE_IPA + off, tags[start:start + per])
+        vm.guest_store_tags_packed(RAM_BASE_IPA + off, tags[start : start + per])
 
 
 def copy_prot_mte(src: SimulatedHost, dst: SimulatedHost) -> tuple[float, float]:
@@ -106,25 +111,28 @@ def copy_tag_ioctl(src: SimulatedHost, dst: SimulatedHost) -> tuple[float, float
 def same_guest(a: SimulatedHost, b: SimulatedHost) -> bool:
     ma, mb = a.memory, b.memory
     step = 16 * MiB
-    if any(ma.data[o:o + step] != mb.data[o:o + step] for o in range(0, ma.size, step)):
+    if any(ma.data[o : o + step] != mb.data[o : o + step] for o in range(0, ma.size, step)):
         return False
     return ma.tags == mb.tags and ma.tagged == mb.tagged
 
 
 def summary(times: list[float]) -> str:
-    return (f"median {statistics.median(times):.3f} s  "
-            f"(min {min(times):.3f}, max {max(times):.3f}, n={len(times)})")
+    return f"median {statistics.median(times):.3f} s  (min {min(times):.3f}, max {max(times):.3f}, n={len(times)})"
 
 
 def bench_copy(ram: int, reps: int, profile: bool) -> dict[str, list[float]]:
     src = SimulatedHost(ram, vcpus=1)
     t0 = time.perf_counter()
     populate(src)
-    print(f"  source populated: {ram // MiB} MiB, every page tagged "
-          f"({time.perf_counter() - t0:.2f} s, not part of the figures)")
+    print(
+        f"  source populated: {ram // MiB} MiB, every page tagged "
+        f"({time.perf_counter() - t0:.2f} s, not part of the figures)"
+    )
     results: dict[str, list[float]] = {}
-    for name, fn in (("prot-mte mapping (LDG/STG + data, under TCO)", copy_prot_mte),
-                     ("copy-tags ioctl (FROM_GUEST/TO_GUEST + data)", copy_tag_ioctl)):
+    for name, fn in (
+        ("prot-mte mapping (LDG/STG + data, under TCO)", copy_prot_mte),
+        ("copy-tags ioctl (FROM_GUEST/TO_GUEST + data)", copy_tag_ioctl),
+    ):
         times, tag_times, data_times = [], [], []
         for rep in range(reps):
             dst = SimulatedHost(ram, vcpus=1)
@@ -150,8 +158,10 @@ def bench_copy(ram: int, reps: int, profile: bool) -> dict[str, list[float]]:
             dst.close()
         results[name] = times
         print(f"  {name}: {summary(times)}  goal < 1 s: {'met' if statistics.median(times) < 1 else 'MISSED'}")
-        print(f"      of which tags: median {statistics.median(tag_times):.3f} s, "
-              f"data: median {statistics.median(data_times):.3f} s")
+        print(
+            f"      of which tags: median {statistics.median(tag_times):.3f} s, "
+            f"data: median {statistics.median(data_times):.3f} s"
+        )
         print(f"      source counters (one run):      {src_counts}")
         print(f"      destination counters (one run): {dst_counts}")
     src.close()
@@ -168,8 +178,9 @@ def bench_dirty(ram: int, reps: int, profile: bool) -> dict[str, list[float]]:
     cases = {
         "fully dirty": lambda: vm._mark_dirty(0, npages),
         "1% dirty, random pages": lambda: [vm._mark_dirty(p, p + 1) for p in sparse],
-        "every other page dirty (worst case for ranges(), no goal)":
-            lambda: vm._dirty[0].__setitem__(slice(0, npages, 2), b"\x01" * (npages // 2)),
+        "every other page dirty (worst case for ranges(), no goal)": lambda: vm._dirty[0].__setitem__(
+            slice(0, npages, 2), b"\x01" * (npages // 2)
+        ),
     }
     results: dict[str, list[float]] = {}
     for name, dirty in cases.items():
@@ -193,8 +204,9 @@ def bench_dirty(ram: int, reps: int, profile: bool) -> dict[str, list[float]]:
             if prof:
                 pstats.Stats(prof).sort_stats("cumulative").print_stats(8)
         results[name] = times
-        verdict = "" if "no goal" in name else \
-            f"  goal < 0.2 s: {'met' if statistics.median(times) < 0.2 else 'MISSED'}"
+        verdict = (
+            "" if "no goal" in name else f"  goal < 0.2 s: {'met' if statistics.median(times) < 0.2 else 'MISSED'}"
+        )
         print(f"  {name} ({pages} pages in {len(runs)} runs): {summary(times)}{verdict}")
     host.close()
     return results
@@ -209,8 +221,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     ram = int(args.ram_gib * GiB) // MiB * MiB
     dirty_ram = int(args.dirty_gib * GiB) // MiB * MiB
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f} (figures scale with other load)")
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} (figures scale with other load)"
+    )
     print(f"1. copy a {ram / GiB:g} GiB fully tagged guest into a fresh host, batches of {BATCH // MiB} MiB")
     bench_copy(ram, args.reps, args.profile)
     print(f"2. harvest the dirty log of a {dirty_ram / GiB:g} GiB guest")

@@ -2,10 +2,10 @@
 kernel interface (copy-tags ioctl, dirty log, VMM mappings) and guest vCPU
 workloads.  It knows nothing about migration."""
 
-from .constants import GRANULE, GRANULES_PER_PAGE, PAGE_SIZE, PACKED_TAGS_PER_PAGE
-from .errors import KernelError, TagCheckFault
+from .constants import GRANULE, GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from .counters import Counters
-from .memory import GuestMemory
+from .errors import KernelError, TagCheckFault
+from .host import SimulatedHost
 from .kernel import (
     KVM_ARM_TAGS_FROM_GUEST,
     KVM_ARM_TAGS_TO_GUEST,
@@ -15,13 +15,27 @@ from .kernel import (
     Vm,
 )
 from .mapping import TagCheckMode, VmmMapping
+from .memory import GuestMemory
 from .vcpu import VcpuSet, VcpuState
-from .host import SimulatedHost
 
 __all__ = [
-    "GRANULE", "GRANULES_PER_PAGE", "PAGE_SIZE", "PACKED_TAGS_PER_PAGE",
-    "KernelError", "TagCheckFault", "Counters", "GuestMemory",
-    "KVM_ARM_TAGS_FROM_GUEST", "KVM_ARM_TAGS_TO_GUEST", "DirtyLog", "Kernel",
-    "Memslot", "Vm", "TagCheckMode", "VmmMapping", "VcpuSet", "VcpuState",
+    "GRANULE",
+    "GRANULES_PER_PAGE",
+    "PAGE_SIZE",
+    "PACKED_TAGS_PER_PAGE",
+    "KernelError",
+    "TagCheckFault",
+    "Counters",
+    "GuestMemory",
+    "KVM_ARM_TAGS_FROM_GUEST",
+    "KVM_ARM_TAGS_TO_GUEST",
+    "DirtyLog",
+    "Kernel",
+    "Memslot",
+    "Vm",
+    "TagCheckMode",
+    "VmmMapping",
+    "VcpuSet",
+    "VcpuState",
     "SimulatedHost",
 ]

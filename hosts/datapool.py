@@ -8,8 +8,10 @@ import random
 
 from .constants import PAGE_SIZE
 
-_TEXT = (b"The quick brown fox jumps over the lazy dog; tagged allocation "
-         b"granule sixteen bytes, kernel page cache entry, virtio ring buffer. ")
+_TEXT = (
+    b"The quick brown fox jumps over the lazy dog; tagged allocation "
+    b"granule sixteen bytes, kernel page cache entry, virtio ring buffer. "
+)
 
 POOL_PAGES = 2048  # 8 MiB
 
@@ -30,7 +32,7 @@ class DataPool:
                 chunks.append(rng.randbytes(PAGE_SIZE))
             elif kind == "text":
                 shift = rng.randrange(len(_TEXT))
-                chunks.append((text_page[shift:] + text_page[:shift]))
+                chunks.append(text_page[shift:] + text_page[:shift])
             elif kind == "half":
                 half = PAGE_SIZE // 2
                 chunks.append(rng.randbytes(half) + text_page[:half])
@@ -41,12 +43,12 @@ class DataPool:
         # Repeat the first 1 MiB at the end so any slice up to 1 MiB wraps cleanly.
         self.pages = pages
         self._pool = b"".join(chunks)
-        self.data = memoryview(self._pool + self._pool[:1 << 20])
+        self.data = memoryview(self._pool + self._pool[: 1 << 20])
 
     def slice(self, rng: random.Random, length: int) -> memoryview:
         """``length`` bytes (at most 1 MiB) from a page-aligned random point."""
         start = rng.randrange(self.pages) * PAGE_SIZE
-        return self.data[start:start + length]
+        return self.data[start : start + length]
 
 
 @functools.lru_cache(maxsize=8)
@@ -69,4 +71,5 @@ def tag_pool(seed: int, granules: int = 1 << 16) -> bytes:
         runs.append(bytes([rng.randrange(1, 16)]) * n)
         total += n
     from .tags import pack
+
     return pack(b"".join(runs))

@@ -27,8 +27,8 @@ class TagCheckFault(Exception):
 
     def __init__(self, address: int, logical_tag: int, allocation_tag: int):
         super().__init__(
-            f"tag check fault at {address:#x}: pointer tag {logical_tag:#x}, "
-            f"memory tag {allocation_tag:#x}")
+            f"tag check fault at {address:#x}: pointer tag {logical_tag:#x}, memory tag {allocation_tag:#x}"
+        )
         self.address = address
         self.logical_tag = logical_tag
         self.allocation_tag = allocation_tag

@@ -12,20 +12,31 @@ class SimulatedHost:
     """``device_prot_mte``: whether the VMM's device emulation reaches guest
     RAM through a PROT_MTE mapping (the prot-mte design) or an untagged one."""
 
-    def __init__(self, ram_size: int, *, mte: bool = True, vcpus: int = 2,
-                 workload: str = "idle", workload_params: dict | None = None,
-                 rate: float | None = 0, seed: int = 1, device_prot_mte: bool = False,
-                 memslot_sizes: list[int] | None = None):
+    def __init__(
+        self,
+        ram_size: int,
+        *,
+        mte: bool = True,
+        vcpus: int = 2,
+        workload: str = "idle",
+        workload_params: dict | None = None,
+        rate: float | None = 0,
+        seed: int = 1,
+        device_prot_mte: bool = False,
+        memslot_sizes: list[int] | None = None,
+    ):
         self.kernel = Kernel()
         self.vm = self.kernel.create_vm(ram_size, memslot_sizes)
         if mte:
             self.vm.enable_mte()  # before any vCPU exists, as KVM requires
         self.vmm_dirty = VmmDirtyTracker(self.vm.memory.npages)
         self.ram = self.vm.map_guest_ram(prot_mte=False, dirty_tracker=self.vmm_dirty)
-        self.device_mapping = (self.vm.map_guest_ram(prot_mte=True, dirty_tracker=self.vmm_dirty)
-                               if device_prot_mte else self.ram)
-        self.workload = make_workload(workload, self.vm, seed=seed, vcpus=vcpus,
-                                      params=workload_params, device=self.device_mapping)
+        self.device_mapping = (
+            self.vm.map_guest_ram(prot_mte=True, dirty_tracker=self.vmm_dirty) if device_prot_mte else self.ram
+        )
+        self.workload = make_workload(
+            workload, self.vm, seed=seed, vcpus=vcpus, params=workload_params, device=self.device_mapping
+        )
         self.vcpus = VcpuSet(self.vm, self.workload, vcpus, rate, seed)
 
     @property

@@ -11,11 +11,11 @@ would have executed.
 import threading
 from dataclasses import dataclass
 
+from . import tags as tagops
 from .constants import GRANULE, GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE, RAM_BASE_IPA
 from .counters import Counters
 from .errors import KernelError, efault, einval
 from .memory import GuestMemory
-from . import tags as tagops
 
 KVM_ARM_TAGS_TO_GUEST = 0
 KVM_ARM_TAGS_FROM_GUEST = 1
@@ -32,6 +32,7 @@ def _plain_bytes(buf) -> bool:
 @dataclass(frozen=True)
 class Memslot:
     """A KVM memory slot: guest IPA range backed by RAM at ``ram_offset``."""
+
     slot: int
     guest_phys_addr: int
     size: int
@@ -114,8 +115,11 @@ class Vm:
             offset += size
         # (first IPA, end IPA, RAM offset) of the only memslot, for the ioctl's fast path
         only = self.memslots[0]
-        self._one_slot = ((only.guest_phys_addr, only.guest_phys_addr + only.size, only.ram_offset)
-                          if len(self.memslots) == 1 else None)
+        self._one_slot = (
+            (only.guest_phys_addr, only.guest_phys_addr + only.size, only.ram_offset)
+            if len(self.memslots) == 1
+            else None
+        )
         self._mappings = []
 
     # -- KVM_ENABLE_CAP / KVM_CREATE_VCPU -------------------------------------
@@ -168,7 +172,9 @@ class Vm:
             end = tagged.find(1, start, end_page)
             end = end_page if end < 0 else end
             n = end - start
-            self.memory.tags[start * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE] = bytes(n * PACKED_TAGS_PER_PAGE)
+            self.memory.tags[start * PACKED_TAGS_PER_PAGE : end * PACKED_TAGS_PER_PAGE] = bytes(
+                n * PACKED_TAGS_PER_PAGE
+            )
             tagged[start:end] = b"\x01" * n
             self.counters.add("kernel.tag_clears", n)
             pos = end
@@ -213,7 +219,7 @@ class Vm:
         first = off // PAGE_SIZE
         with self.mmu_lock:
             self.sanitise(first, first + npages)
-            self.memory.tags[first * PACKED_TAGS_PER_PAGE:(first + npages) * PACKED_TAGS_PER_PAGE] = packed
+            self.memory.tags[first * PACKED_TAGS_PER_PAGE : (first + npages) * PACKED_TAGS_PER_PAGE] = packed
             self._mark_tag_store(first, first + npages)
         self.counters.add("guest.tag_store_granules", npages * GRANULES_PER_PAGE)
 
@@ -221,7 +227,7 @@ class Vm:
         off = self.ipa_to_ram(ipa, length)
         with self.mmu_lock:
             self.sanitise(off // PAGE_SIZE, -(-(off + length) // PAGE_SIZE))
-            return bytes(self.memory.data[off:off + length])
+            return bytes(self.memory.data[off : off + length])
 
     def guest_tags(self, ipa: int, length: int) -> bytes:
         """The allocation tags of a granule-aligned range, one byte per granule."""
@@ -230,7 +236,7 @@ class Vm:
         packed_lo, packed_hi = g0 // 2, -(-(g0 + n) // 2)
         unpacked = tagops.unpack(self.memory.tags[packed_lo:packed_hi])
         skip = g0 - 2 * packed_lo
-        return bytes(unpacked[skip:skip + n])
+        return bytes(unpacked[skip : skip + n])
 
     # -- dirty logging (KVM_MEM_LOG_DIRTY_PAGES / KVM_GET_DIRTY_LOG) ------------
     def enable_dirty_logging(self, slot: int) -> None:
@@ -309,15 +315,21 @@ class Vm:
                 bitmap[a:b] = b"\x01" * (b - a)
 
     # -- KVM_ARM_MTE_COPY_TAGS -------------------------------------------------
-    def mte_copy_tags(self, guest_ipa: int, length: int, buf, flags: int,
-                      reserved: tuple[int, int] = (0, 0)) -> int:
+    def mte_copy_tags(self, guest_ipa: int, length: int, buf, flags: int, reserved: tuple[int, int] = (0, 0)) -> int:
         """KVM_ARM_MTE_COPY_TAGS.  ``buf`` holds one byte per granule (the tag in
         the low nibble): written for FROM_GUEST, read for TO_GUEST.  Returns the
         guest bytes covered; a failure after some pages returns the bytes done."""
         one = self._one_slot
-        if (one is not None and flags in _COPY_FLAGS and reserved == (0, 0) and self.mte_enabled
-                and not (guest_ipa | length) % PAGE_SIZE and one[0] <= guest_ipa
-                and 0 < length <= _INT_MAX and guest_ipa + length <= one[1]):
+        if (
+            one is not None
+            and flags in _COPY_FLAGS
+            and reserved == (0, 0)
+            and self.mte_enabled
+            and not (guest_ipa | length) % PAGE_SIZE
+            and one[0] <= guest_ipa
+            and 0 < length <= _INT_MAX
+            and guest_ipa + length <= one[1]
+        ):
             # The common case, a well-formed call inside the one memslot: the
             # checks in one expression and the call counted with its work (a
             # dirty pass makes one of these per scattered page on each side).
@@ -354,7 +366,7 @@ class Vm:
             npages = min(span // PAGE_SIZE, max(room, 0))
             first = (slot.ram_offset + ipa - slot.guest_phys_addr) // PAGE_SIZE
             if npages:
-                out = view[tag_offset:tag_offset + npages * GRANULES_PER_PAGE]
+                out = view[tag_offset : tag_offset + npages * GRANULES_PER_PAGE]
                 if from_guest:
                     self._tags_to_user(first, npages, out)
                 else:
@@ -387,9 +399,12 @@ class Vm:
         mem = self.memory
         end = first + npages
         if mem.tagged.find(0, first, end) < 0:  # every page tagged: one unpack
-            out[:] = tagops.unpack(mem.tags[first * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE])
-            self.counters.add_many(("syscalls.kvm_arm_mte_copy_tags", calls), ("kernel.page_tag_reads", npages),
-                                   ("bytes.tags_to_user", npages * GRANULES_PER_PAGE))
+            out[:] = tagops.unpack(mem.tags[first * PACKED_TAGS_PER_PAGE : end * PACKED_TAGS_PER_PAGE])
+            self.counters.add_many(
+                ("syscalls.kvm_arm_mte_copy_tags", calls),
+                ("kernel.page_tag_reads", npages),
+                ("bytes.tags_to_user", npages * GRANULES_PER_PAGE),
+            )
             return
         # Run by run: tagged pages get their storage unpacked, pages not
         # marked tagged read as zeros (clear_user; their storage is not read).
@@ -400,14 +415,17 @@ class Vm:
             stop = end if stop < 0 else stop
             lo, hi = (pos - first) * GRANULES_PER_PAGE, (stop - first) * GRANULES_PER_PAGE
             if tagged_run:
-                tagops.unpack_into(mem.tags[pos * PACKED_TAGS_PER_PAGE:stop * PACKED_TAGS_PER_PAGE], out, lo)
+                tagops.unpack_into(mem.tags[pos * PACKED_TAGS_PER_PAGE : stop * PACKED_TAGS_PER_PAGE], out, lo)
             else:
                 out[lo:hi] = bytes(hi - lo)
             pos = stop
         tagged = mem.tagged.count(1, first, end)
-        self.counters.add_many(("syscalls.kvm_arm_mte_copy_tags", calls), ("kernel.page_tag_reads", tagged),
-                               ("kernel.page_zero_fills", npages - tagged),
-                               ("bytes.tags_to_user", npages * GRANULES_PER_PAGE))
+        self.counters.add_many(
+            ("syscalls.kvm_arm_mte_copy_tags", calls),
+            ("kernel.page_tag_reads", tagged),
+            ("kernel.page_zero_fills", npages - tagged),
+            ("bytes.tags_to_user", npages * GRANULES_PER_PAGE),
+        )
 
     def _tags_from_user(self, first: int, npages: int, src: memoryview, calls: int = 0) -> None:
         mem = self.memory
@@ -417,15 +435,19 @@ class Vm:
         # a vCPU's first-touch sanitise must not clear the tags just stored
         # (it saw the page untagged, then cleared it after this store).
         with self.mmu_lock:
-            mem.tags[first * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE] = packed
+            mem.tags[first * PACKED_TAGS_PER_PAGE : end * PACKED_TAGS_PER_PAGE] = packed
             mem.tagged[first:end] = b"\x01" * npages
-        self.counters.add_many(("syscalls.kvm_arm_mte_copy_tags", calls), ("kernel.page_tag_writes", npages),
-                               ("bytes.tags_from_user", npages * GRANULES_PER_PAGE))
+        self.counters.add_many(
+            ("syscalls.kvm_arm_mte_copy_tags", calls),
+            ("kernel.page_tag_writes", npages),
+            ("bytes.tags_from_user", npages * GRANULES_PER_PAGE),
+        )
 
     # -- VMM mappings ------------------------------------------------------------
     def map_guest_ram(self, prot_mte: bool = False, dirty_tracker=None):
         """mmap() the guest RAM into the VMM, untagged or with PROT_MTE."""
         from .mapping import VmmMapping
+
         self.counters.add("syscalls.mmap")
         mapping = VmmMapping(self, prot_mte=prot_mte, dirty_tracker=dirty_tracker)
         self._mappings.append(mapping)

@@ -12,17 +12,17 @@ import enum
 import threading
 from contextlib import contextmanager
 
+from . import tags as tagops
 from .constants import GRANULE, GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from .errors import TagCheckFault
-from . import tags as tagops
 
 # Where the simulated VMM's mapping of guest RAM starts in its address space.
 VMM_MAPPING_BASE = 0x0000_7F00_0000_0000
 
 
 class TagCheckMode(enum.Enum):
-    NONE = "none"    # prctl PR_MTE_TCF_NONE: the default for user space
-    SYNC = "sync"    # fault at the access, with the address
+    NONE = "none"  # prctl PR_MTE_TCF_NONE: the default for user space
+    SYNC = "sync"  # fault at the access, with the address
     ASYNC = "async"  # recorded in TFSRE0_EL1 and reported later, no address
 
 
@@ -110,7 +110,7 @@ class VmmMapping:
     def read(self, offset: int, length: int, pointer_tag: int = 0) -> memoryview:
         """A read of guest RAM; returns a view, no copy."""
         self._touch(offset, length, pointer_tag)
-        return self.memory.data[offset:offset + length]
+        return self.memory.data[offset : offset + length]
 
     def write(self, offset: int, data, pointer_tag: int = 0, populated: bool = False) -> None:
         n = len(data)
@@ -145,8 +145,11 @@ class VmmMapping:
         self.counters.add("tag_check_faults")
         if state.mode is TagCheckMode.SYNC:
             address = max(offset, bad * GRANULE)
-            raise TagCheckFault(self.address_of(address) | ((pointer_tag & 0xF) << 56),
-                                pointer_tag & 0xF, tagops.granule_tag(self.memory.tags, bad))
+            raise TagCheckFault(
+                self.address_of(address) | ((pointer_tag & 0xF) << 56),
+                pointer_tag & 0xF,
+                tagops.granule_tag(self.memory.tags, bad),
+            )
         state.async_fault = True
 
     # -- EL0 tag instructions (PROT_MTE only) ----------------------------------
@@ -159,7 +162,7 @@ class VmmMapping:
         self._check_pages(first_page, end)
         self._sanitise(first_page, end)
         self.counters.add("el0.ldg", npages * GRANULES_PER_PAGE)
-        return bytes(self.memory.tags[first_page * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE])
+        return bytes(self.memory.tags[first_page * PACKED_TAGS_PER_PAGE : end * PACKED_TAGS_PER_PAGE])
 
     def load_tag(self, offset: int) -> int:
         """One LDG: the allocation tag of the granule at ``offset``."""
@@ -177,7 +180,7 @@ class VmmMapping:
         end = first_page + npages
         self._check_pages(first_page, end)
         self._sanitise(first_page, end)
-        self.memory.tags[first_page * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE] = packed
+        self.memory.tags[first_page * PACKED_TAGS_PER_PAGE : end * PACKED_TAGS_PER_PAGE] = packed
         self.counters.add("el0.stg", npages * GRANULES_PER_PAGE)
 
     def store_tag_range(self, offset: int, length: int, tag: int) -> None:

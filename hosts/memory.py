@@ -121,8 +121,13 @@ class GuestMemory:
         """Whether ``view`` is this RAM's own storage at byte ``offset`` (the
         very bytes, not a copy), checked by address: lets a reader that was
         handed a view elsewhere trust it as a direct read of kernel memory."""
-        if not isinstance(view, memoryview) or view.obj is not self._data_map or self._data_address is None \
-                or view.readonly or not view.c_contiguous:
+        if (
+            not isinstance(view, memoryview)
+            or view.obj is not self._data_map
+            or self._data_address is None
+            or view.readonly
+            or not view.c_contiguous
+        ):
             return False
         anchor = ctypes.c_char.from_buffer(view)
         try:
@@ -189,7 +194,7 @@ class GuestMemory:
                     k = os.pwrite(fd, view, offset)
                     view, offset = view[k:], offset + k
         else:
-            self.data[offset:offset + n] = data
+            self.data[offset : offset + n] = data
 
     def write_parts(self, offset: int, parts) -> None:
         """Store consecutive buffers at RAM byte ``offset``: one pwritev() per
@@ -230,14 +235,14 @@ class GuestMemory:
             if os.fstat(f.fileno()).st_size == 0:
                 raise ValueError(f"image {path} is empty")
             while pos < self.size:
-                n = f.readinto(memoryview(chunk)[:min(len(chunk), self.size - pos)])
+                n = f.readinto(memoryview(chunk)[: min(len(chunk), self.size - pos)])
                 if n == 0:
                     if not repeat:
                         break
                     f.seek(0)
                     continue
                 if not all_zero(memoryview(chunk)[:n]):
-                    self.data[pos:pos + n] = memoryview(chunk)[:n]
+                    self.data[pos : pos + n] = memoryview(chunk)[:n]
                 pos += n
             # The image is in guest RAM now: its page cache would only crowd
             # out the memory the guest (and a migration) allocates next.
@@ -247,7 +252,7 @@ class GuestMemory:
     # -- helpers -------------------------------------------------------------
     def page_tags(self, page: int) -> memoryview:
         o = page * PACKED_TAGS_PER_PAGE
-        return self.tags[o:o + PACKED_TAGS_PER_PAGE]
+        return self.tags[o : o + PACKED_TAGS_PER_PAGE]
 
     @staticmethod
     def granule_of(offset: int) -> int:

@@ -26,7 +26,7 @@ def unpack(packed) -> bytes:
 def unpack_into(packed, out, offset: int = 0) -> None:
     """Like :func:`unpack`, writing 2*len(packed) bytes into ``out`` at ``offset``."""
     unpacked = unpack(packed)
-    memoryview(out).cast("B")[offset:offset + len(unpacked)] = unpacked
+    memoryview(out).cast("B")[offset : offset + len(unpacked)] = unpacked
 
 
 def pack(unpacked) -> bytes:
@@ -57,7 +57,7 @@ def fill_granules(storage, first_granule: int, count: int, tag: int) -> None:
     full_bytes = (end - g) >> 1
     if full_bytes:
         i = g >> 1
-        storage[i:i + full_bytes] = bytes([tag | (tag << 4)]) * full_bytes
+        storage[i : i + full_bytes] = bytes([tag | (tag << 4)]) * full_bytes
         g += 2 * full_bytes
     if g < end:  # one granule left: low nibble
         i = g >> 1
@@ -83,7 +83,7 @@ def first_mismatch(storage, first_granule: int, count: int, tag: int):
     full_bytes = (end - g) >> 1
     if full_bytes:
         i = g >> 1
-        chunk = bytes(storage[i:i + full_bytes])
+        chunk = bytes(storage[i : i + full_bytes])
         rest = chunk.lstrip(bytes([tag | (tag << 4)]))
         if rest:
             bad = i + (full_bytes - len(rest))
@@ -105,4 +105,4 @@ def all_zero(buf) -> bool:
     step = len(_ZERO_CHUNK)
     if len(mv) <= step:  # one compare: most calls (a page's or a batch's tags)
         return _ZERO_CHUNK.startswith(mv)
-    return all(_ZERO_CHUNK.startswith(mv[o:o + step]) for o in range(0, len(mv), step))
+    return all(_ZERO_CHUNK.startswith(mv[o : o + step]) for o in range(0, len(mv), step))

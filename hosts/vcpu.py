@@ -24,18 +24,29 @@ class VcpuState:
 
     @classmethod
     def from_wire(cls, d: dict) -> "VcpuState":
-        return cls(int(d["index"]), {str(k): int(v) for k, v in d["regs"].items()},
-                   {str(k): int(v) for k, v in d["sysregs"].items()})
+        return cls(
+            int(d["index"]),
+            {str(k): int(v) for k, v in d["regs"].items()},
+            {str(k): int(v) for k, v in d["sysregs"].items()},
+        )
 
 
 def initial_state(index: int, mte: bool, seed: int) -> VcpuState:
-    regs = {"pc": 0x4008_0000 + 0x1000 * index, "sp": 0x4800_0000 - 0x10000 * index,
-            "pstate": 0x3C5, **{f"x{i}": (seed * 1_000_003 + index * 97 + i) & (2**64 - 1) for i in range(8)}}
+    regs = {
+        "pc": 0x4008_0000 + 0x1000 * index,
+        "sp": 0x4800_0000 - 0x10000 * index,
+        "pstate": 0x3C5,
+        **{f"x{i}": (seed * 1_000_003 + index * 97 + i) & (2**64 - 1) for i in range(8)},
+    }
     sysregs = {"SCTLR_EL1": 0x30D0_1805}
     if mte:
         sysregs["SCTLR_EL1"] |= SCTLR_TCF_SYNC
-        sysregs.update(GCR_EL1=0x1_0001,  # RRND=1, exclude tag 0
-                       RGSR_EL1=(seed * 0x9E37 + index) & 0xFFFF_FFFF, TFSR_EL1=0, TFSRE0_EL1=0)
+        sysregs.update(
+            GCR_EL1=0x1_0001,  # RRND=1, exclude tag 0
+            RGSR_EL1=(seed * 0x9E37 + index) & 0xFFFF_FFFF,
+            TFSR_EL1=0,
+            TFSRE0_EL1=0,
+        )
     return VcpuState(index, regs, sysregs)
 
 
@@ -59,8 +70,8 @@ class VcpuSet:
         self.steps = [0] * count
         self.pages_touched = 0
         self._cond = threading.Condition()
-        self._running = False      # what the VMM asked for
-        self._stopped = 0          # vCPU threads currently parked
+        self._running = False  # what the VMM asked for
+        self._stopped = 0  # vCPU threads currently parked
         self._quit = False
         self._threads: list[threading.Thread] = []
         self.error: BaseException | None = None

@@ -53,7 +53,7 @@ class Workload:
     def tag_pages(self, rng, page: int, npages: int) -> None:
         n = npages * PACKED_TAGS_PER_PAGE
         start = rng.randrange(len(self._tag_pool) - n + 1) if n < len(self._tag_pool) else 0
-        self.vm.guest_store_tags_packed(self.ipa(page), self._tag_pool[start:start + n])
+        self.vm.guest_store_tags_packed(self.ipa(page), self._tag_pool[start : start + n])
 
     # -- the interface ----------------------------------------------------------
     def prepare(self) -> None:
@@ -104,6 +104,7 @@ class Allocator(Workload):
     """An MTE-aware malloc/free: IRG picks a random tag per allocation (never
     the tag it replaces), STG tags it, then data is written; free retags the
     chunk without touching its data, so use-after-free faults."""
+
     name = "allocator"
     description = "MTE-aware malloc/free: IRG+STG per allocation, retag on free"
     default_fill = 1.0
@@ -219,6 +220,7 @@ class DeviceDma(Workload):
     (as virtio would).  Through an untagged mapping that just works; through a
     PROT_MTE mapping the device must use TCO, a matching pointer tag, or
     suffer tag check faults, per ``dma_policy`` (tco | match | checked)."""
+
     name = "device-dma"
     description = "the VMM writes guest buffers as virtio does (tag checks under PROT_MTE)"
     default_fill = 0.25
@@ -238,10 +240,10 @@ class DeviceDma(Workload):
         size = min(size, (hi - page) * PAGE_SIZE)
         addr = self.ipa(page)
         tag = rng.randrange(1, 16)
-        self.vm.guest_set_tags(addr, size, tag)      # the driver's tagged buffer
+        self.vm.guest_set_tags(addr, size, tag)  # the driver's tagged buffer
         payload = self.pool.slice(rng, size)
         device = self.device
-        if device is None:                           # no VMM attached: the guest fills it
+        if device is None:  # no VMM attached: the guest fills it
             self.vm.guest_write(addr, payload)
             return size // PAGE_SIZE
         offset = page * PAGE_SIZE

@@ -30,8 +30,10 @@ def load_key(path: str | None) -> bytes | None:
     except OSError as exc:
         raise ConfigError(f"cannot read the key file {path}: {exc.strerror}") from None
     if len(key) < MIN_KEY_BYTES:
-        raise ConfigError(f"the key in {path} is {len(key)} bytes; use at least {MIN_KEY_BYTES} "
-                          f"(e.g. `head -c 32 /dev/urandom | base64 > {path}`)")
+        raise ConfigError(
+            f"the key in {path} is {len(key)} bytes; use at least {MIN_KEY_BYTES} "
+            f"(e.g. `head -c 32 /dev/urandom | base64 > {path}`)"
+        )
     return key
 
 

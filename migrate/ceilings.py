@@ -59,10 +59,13 @@ def zstd_throughput(sample, level: int = 1, batch: int = 1 << 20) -> dict:
     out = 0
     t0 = time.perf_counter()
     for o in range(0, len(sample), batch):
-        out += len(c.compress(sample[o:o + batch]))
+        out += len(c.compress(sample[o : o + batch]))
     elapsed = time.perf_counter() - t0
-    return {"level": level, "bytes_per_s": len(sample) / elapsed if elapsed else 0.0,
-            "ratio": out / len(sample) if len(sample) else 1.0}
+    return {
+        "level": level,
+        "bytes_per_s": len(sample) / elapsed if elapsed else 0.0,
+        "ratio": out / len(sample) if len(sample) else 1.0,
+    }
 
 
 def tag_work_per_page(packed_tags, chunk_pages: int = 256, repeat: int = 5) -> dict | None:
@@ -79,12 +82,13 @@ def tag_work_per_page(packed_tags, chunk_pages: int = 256, repeat: int = 5) -> d
     from hosts import tags as tagops
 
     from .compression import TAG_LEVEL
+
     packed_tags = memoryview(packed_tags)
     step = chunk_pages * PER_PAGE
     pages = len(packed_tags) // PER_PAGE
     if not pages:
         return None
-    chunks = [packed_tags[o:o + step] for o in range(0, pages * PER_PAGE, step)]
+    chunks = [packed_tags[o : o + step] for o in range(0, pages * PER_PAGE, step)]
     comp, decomp = zstandard.ZstdCompressor(level=TAG_LEVEL), zstandard.ZstdDecompressor()
     best = float("inf")
     for _ in range(repeat):
@@ -101,12 +105,13 @@ def crc_throughput(sample_bytes: int = 64 << 20, repeat: int = 3) -> float:
     pieces, best of ``repeat``: what each side pays per byte of page data
     for the per-frame check that doubles as the validation digest."""
     from .digest import piece_crcs
+
     sample = os.urandom(sample_bytes)
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
         for o in range(0, sample_bytes, CHUNK):
-            piece_crcs(memoryview(sample)[o:o + CHUNK])
+            piece_crcs(memoryview(sample)[o : o + CHUNK])
         best = min(best, time.perf_counter() - t0)
     return sample_bytes / best
 

@@ -61,6 +61,7 @@ class LoopThread:
 
     def stop(self) -> None:
         """Cancel whatever still runs on the loop, then end the thread."""
+
         async def drain():
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
@@ -69,6 +70,7 @@ class LoopThread:
             for _ in range(3):  # let the callbacks they queued (deferred socket closes) run
                 await asyncio.sleep(0)
             self.loop.stop()
+
         if self.loop.is_running():
             asyncio.run_coroutine_threadsafe(drain(), self.loop)
         self._thread.join(timeout=5)

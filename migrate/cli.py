@@ -28,11 +28,17 @@ exit status: 0 migrated and validated; 1 failed; 2 bad usage; 130 cancelled."""
 
 def _add_guest_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guest and scenario")
-    g.add_argument("--scenario", metavar="NAME|FILE", help="scenario name from scenarios/ or a TOML file (default: built-in 'default')")
+    g.add_argument(
+        "--scenario",
+        metavar="NAME|FILE",
+        help="scenario name from scenarios/ or a TOML file (default: built-in 'default')",
+    )
     g.add_argument("--ram", metavar="SIZE", help="guest RAM, e.g. 512MiB, 16GiB")
     g.add_argument("--image", metavar="FILE", help="load guest RAM from this raw image")
     g.add_argument("--image-repeat", action="store_true", help="repeat the image to fill RAM")
-    g.add_argument("--workload", help="guest workload (idle, allocator, retag-churn, stream, hot-set, random, device-dma)")
+    g.add_argument(
+        "--workload", help="guest workload (idle, allocator, retag-churn, stream, hot-set, random, device-dma)"
+    )
     g.add_argument("--rate", metavar="PAGES/S", help="guest dirtying rate in pages per second ('max' for flat out)")
     g.add_argument("--vcpus", type=int, metavar="N", help="number of vCPUs")
     g.add_argument("--seed", type=int, help="workload seed (same seed, same guest)")
@@ -43,29 +49,59 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
 def _add_migration_options(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("migration")
     m.add_argument("--strategy", help="tag strategy (see `mte-migrate strategies`; default tag-ioctl)")
-    m.add_argument("--compression", metavar="auto|none|LEVEL", help="zstd: auto (default) decides from measured throughput")
-    m.add_argument("--max-bandwidth", metavar="RATE", help="cap the sending rate, e.g. 125M (bytes/s), 1GiB; default none")
-    m.add_argument("--downtime-limit", type=float, metavar="MS", help="converged when the estimated downtime (what is left to send / the last dirty pass's rate) <= this (default 300)")
+    m.add_argument(
+        "--compression", metavar="auto|none|LEVEL", help="zstd: auto (default) decides from measured throughput"
+    )
+    m.add_argument(
+        "--max-bandwidth", metavar="RATE", help="cap the sending rate, e.g. 125M (bytes/s), 1GiB; default none"
+    )
+    m.add_argument(
+        "--downtime-limit",
+        type=float,
+        metavar="MS",
+        help="converged when the estimated downtime (what is left to send / the last dirty pass's rate) <= this (default 300)",
+    )
     m.add_argument("--max-passes", type=int, metavar="N", help="stop-and-copy after N dirty passes anyway (default 30)")
-    m.add_argument("--no-auto-converge", action="store_true",
-                   help="never throttle the guest's vCPUs when dirty passes stop shrinking")
+    m.add_argument(
+        "--no-auto-converge",
+        action="store_true",
+        help="never throttle the guest's vCPUs when dirty passes stop shrinking",
+    )
     m.add_argument("--batch-pages", type=int, metavar="N", help="pages per frame (default 256)")
-    m.add_argument("--tag-batch-pages", type=int, metavar="N", help="pages per KVM_ARM_MTE_COPY_TAGS call (default 256)")
+    m.add_argument(
+        "--tag-batch-pages", type=int, metavar="N", help="pages per KVM_ARM_MTE_COPY_TAGS call (default 256)"
+    )
     m.add_argument("--channels", type=int, metavar="N", help="data connections, like multifd (default 2)")
-    m.add_argument("--prealloc", action="store_true",
-                   help="destination: allocate all guest RAM before the source connects, like QEMU's "
-                        "-mem-prealloc (faster landing; host memory for the whole guest)")
-    m.add_argument("--checksum", choices=("meta", "full", "none"),
-                   help="CRC32 per frame: meta (default) covers headers and metadata, page data and tags being "
-                        "proven end to end by the completion digest; full covers payloads too, catching "
-                        "corruption at the frame; none. Both sides must agree")
+    m.add_argument(
+        "--prealloc",
+        action="store_true",
+        help="destination: allocate all guest RAM before the source connects, like QEMU's "
+        "-mem-prealloc (faster landing; host memory for the whole guest)",
+    )
+    m.add_argument(
+        "--checksum",
+        choices=("meta", "full", "none"),
+        help="CRC32 per frame: meta (default) covers headers and metadata, page data and tags being "
+        "proven end to end by the completion digest; full covers payloads too, catching "
+        "corruption at the frame; none. Both sides must agree",
+    )
     m.add_argument("--no-checksum", action="store_true", help="same as --checksum none")
-    m.add_argument("--timeout", type=float, metavar="S", help="peer silent this long is dead (default 8: detected within 10 s)")
-    m.add_argument("--in-doubt-hold", type=float, metavar="S",
-                   help="if the last confirmation is lost, keep the paused guest this long for an operator (default 60)")
+    m.add_argument(
+        "--timeout", type=float, metavar="S", help="peer silent this long is dead (default 8: detected within 10 s)"
+    )
+    m.add_argument(
+        "--in-doubt-hold",
+        type=float,
+        metavar="S",
+        help="if the last confirmation is lost, keep the paused guest this long for an operator (default 60)",
+    )
     m.add_argument("--vm-uuid", help="identity of the guest (checked by a destination started with --expect-uuid)")
-    m.add_argument("--psk-file", metavar="FILE", help="shared key: both sides must prove it before any guest byte moves")
-    m.add_argument("--tls-cert", metavar="PEM", help="this side's TLS certificate (with --tls-key and --tls-ca: mutual TLS 1.3)")
+    m.add_argument(
+        "--psk-file", metavar="FILE", help="shared key: both sides must prove it before any guest byte moves"
+    )
+    m.add_argument(
+        "--tls-cert", metavar="PEM", help="this side's TLS certificate (with --tls-key and --tls-ca: mutual TLS 1.3)"
+    )
     m.add_argument("--tls-key", metavar="PEM", help="this side's TLS private key")
     m.add_argument("--tls-ca", metavar="PEM", help="CA that must have signed the peer's certificate")
     o = p.add_argument_group("output")
@@ -75,50 +111,88 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mte-migrate", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mte-migrate", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"mte-migrate {__version__}")
     parser.add_argument("--debug", action="store_true", help="log state transitions")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("run", help="migrate between a destination and a source process on loopback",
-                       description="Start a destination and a source host process on loopback, migrate, report.")
-    p.add_argument("--retry", type=int, default=0, metavar="N",
-                   help="after a failure, try again up to N times (the guest keeps running meanwhile)")
+    p = sub.add_parser(
+        "run",
+        help="migrate between a destination and a source process on loopback",
+        description="Start a destination and a source host process on loopback, migrate, report.",
+    )
+    p.add_argument(
+        "--retry",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after a failure, try again up to N times (the guest keeps running meanwhile)",
+    )
     _add_guest_options(p)
     _add_migration_options(p)
 
-    p = sub.add_parser("validate", help="migrate, then compare every page and every tag",
-                       description="Run a migration with full validation and print the first mismatches.")
+    p = sub.add_parser(
+        "validate",
+        help="migrate, then compare every page and every tag",
+        description="Run a migration with full validation and print the first mismatches.",
+    )
     _add_guest_options(p)
     _add_migration_options(p)
 
     p = sub.add_parser("dest", help="run the destination host: listen and receive one migration")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any)")
     p.add_argument("--expect-uuid", metavar="UUID", help="refuse any guest with another --vm-uuid")
-    p.add_argument("--run-after", type=float, default=0.0, metavar="S", help="keep the migrated guest running this long")
-    p.add_argument("--attempts", type=int, default=1, metavar="N",
-                   help="after a failed migration, discard it and accept another, up to N in all (default 1)")
+    p.add_argument(
+        "--run-after", type=float, default=0.0, metavar="S", help="keep the migrated guest running this long"
+    )
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=1,
+        metavar="N",
+        help="after a failed migration, discard it and accept another, up to N in all (default 1)",
+    )
     _add_guest_options(p)
     _add_migration_options(p)
 
     p = sub.add_parser("source", help="run the source host: boot the guest and migrate it to a destination")
-    p.add_argument("--connect", required=True, action="append", metavar="HOST:PORT",
-                   help="destination address; give it again for fallbacks tried in order by --retry")
-    p.add_argument("--retry", type=int, default=0, metavar="N",
-                   help="after a failure, try again up to N times (the guest keeps running meanwhile)")
-    p.add_argument("--warmup", type=float, default=0.2, metavar="S", help="let the guest run this long first (default 0.2)")
+    p.add_argument(
+        "--connect",
+        required=True,
+        action="append",
+        metavar="HOST:PORT",
+        help="destination address; give it again for fallbacks tried in order by --retry",
+    )
+    p.add_argument(
+        "--retry",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after a failure, try again up to N times (the guest keeps running meanwhile)",
+    )
+    p.add_argument(
+        "--warmup", type=float, default=0.2, metavar="S", help="let the guest run this long first (default 0.2)"
+    )
     _add_guest_options(p)
     _add_migration_options(p)
 
-    p = sub.add_parser("bench", help="compare strategies: a matrix of scenarios x strategies, repeated",
-                       description="Run every scenario with every strategy, interleaved, REPEAT times; report "
-                                   "medians and min-max, ratios against `none`, the machine's ceilings, the best "
-                                   "ratio tag-ioctl could reach given the tag work timed in the same run, and the "
-                                   "cost model's estimate for real hardware. Writes results.json, results.csv, "
-                                   "results.md (and results.png with the plot extra) to --out.")
-    p.add_argument("--scenarios", metavar="A,B", help="comma-separated scenario names or files "
-                   "(default: allocator,retag-churn,stream,device-dma,idle; --quick: allocator,retag-churn,device-dma)")
+    p = sub.add_parser(
+        "bench",
+        help="compare strategies: a matrix of scenarios x strategies, repeated",
+        description="Run every scenario with every strategy, interleaved, REPEAT times; report "
+        "medians and min-max, ratios against `none`, the machine's ceilings, the best "
+        "ratio tag-ioctl could reach given the tag work timed in the same run, and the "
+        "cost model's estimate for real hardware. Writes results.json, results.csv, "
+        "results.md (and results.png with the plot extra) to --out.",
+    )
+    p.add_argument(
+        "--scenarios",
+        metavar="A,B",
+        help="comma-separated scenario names or files "
+        "(default: allocator,retag-churn,stream,device-dma,idle; --quick: allocator,retag-churn,device-dma)",
+    )
     p.add_argument("--strategies", metavar="A,B", help="comma-separated strategies (default: all)")
     p.add_argument("--repeat", type=int, metavar="N", help="runs of each pair (default 3; --quick 1)")
     p.add_argument("--out", default="bench-out", metavar="DIR", help="output folder (default bench-out)")
@@ -127,10 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-model", metavar="FILE", help="cost model parameters (default: migrate/costmodel.toml)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress")
 
-    p = sub.add_parser("resolve", help="settle a migration left in doubt (the last confirmation was lost)",
-                       description="After GO was sent but never confirmed, the destination keeps the validated "
-                                   "guest paused and waits. Tell it the source's decision: `go` (the source gave "
-                                   "the guest up: resume it there) or `abort` (the source kept it: discard).")
+    p = sub.add_parser(
+        "resolve",
+        help="settle a migration left in doubt (the last confirmation was lost)",
+        description="After GO was sent but never confirmed, the destination keeps the validated "
+        "guest paused and waits. Tell it the source's decision: `go` (the source gave "
+        "the guest up: resume it there) or `abort` (the source kept it: discard).",
+    )
     p.add_argument("--connect", required=True, metavar="HOST:PORT", help="the destination")
     p.add_argument("--session", required=True, help="the session named in the in-doubt message")
     p.add_argument("decision", choices=("go", "abort"))
@@ -140,26 +217,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", metavar="PEM")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S")
 
-    p = sub.add_parser("speed", help="migrate raw images (zero, random, mixed) with defaults; compare with QEMU's figures",
-                       description="Builds (once) raw images of each kind and size, migrates each REPEAT times "
-                                   "with default settings, and reports medians and min-max of total time, downtime "
-                                   "and guest-RAM throughput beside QEMU's figures, the ceilings measured in the "
-                                   "same run and the floor they set for each image, adaptive compression against "
-                                   "raw under a 1 Gbit/s cap, and each "
-                                   "host's peak RSS against the RAM the guest touched.")
+    p = sub.add_parser(
+        "speed",
+        help="migrate raw images (zero, random, mixed) with defaults; compare with QEMU's figures",
+        description="Builds (once) raw images of each kind and size, migrates each REPEAT times "
+        "with default settings, and reports medians and min-max of total time, downtime "
+        "and guest-RAM throughput beside QEMU's figures, the ceilings measured in the "
+        "same run and the floor they set for each image, adaptive compression against "
+        "raw under a 1 Gbit/s cap, and each "
+        "host's peak RSS against the RAM the guest touched.",
+    )
     p.add_argument("--sizes", default="1GiB,4GiB", metavar="A,B", help="image sizes (default 1GiB,4GiB)")
-    p.add_argument("--kinds", default="zero,random,mixed", metavar="A,B", help="image kinds (default zero,random,mixed)")
+    p.add_argument(
+        "--kinds", default="zero,random,mixed", metavar="A,B", help="image kinds (default zero,random,mixed)"
+    )
     p.add_argument("--repeat", type=int, default=5, metavar="N", help="runs of each (default 5)")
-    p.add_argument("--cap", default="125M", metavar="RATE", help="bandwidth cap for the compression comparison ('none' to skip)")
+    p.add_argument(
+        "--cap", default="125M", metavar="RATE", help="bandwidth cap for the compression comparison ('none' to skip)"
+    )
     p.add_argument("--out", default="bench-out", metavar="DIR", help="writes speed.json and speed.md here")
-    p.add_argument("--prealloc", action="store_true",
-                   help="preallocate the destination's RAM before each migration, as QEMU's reference figures "
-                        "were taken (-mem-prealloc); default: default settings")
+    p.add_argument(
+        "--prealloc",
+        action="store_true",
+        help="preallocate the destination's RAM before each migration, as QEMU's reference figures "
+        "were taken (-mem-prealloc); default: default settings",
+    )
     p.add_argument("--quiet", "-q", action="store_true")
 
-    p = sub.add_parser("endurance", help="migrate one guest back and forth N times between two host processes",
-                       description="Two long-lived host processes pass one running guest back and forth; every "
-                                   "hop is validated and both processes report RSS and open file descriptors.")
+    p = sub.add_parser(
+        "endurance",
+        help="migrate one guest back and forth N times between two host processes",
+        description="Two long-lived host processes pass one running guest back and forth; every "
+        "hop is validated and both processes report RSS and open file descriptors.",
+    )
     p.add_argument("--hops", type=int, default=100, metavar="N", help="migrations in all (default 100)")
     _add_guest_options(p)
     _add_migration_options(p)
@@ -177,6 +267,7 @@ def resolve(args):
     """Scenario + command-line overrides -> (GuestSpec, MigrationConfig, name)."""
     from . import scenario as scen
     from .hostproc import spec_from_json
+
     if getattr(args, "spec", None):
         with open(args.spec) as f:
             guest, config, name = spec_from_json(f.read())
@@ -238,6 +329,7 @@ def resolve(args):
             if getattr(args, option):
                 setattr(config, option, getattr(args, option))
         from .tls import from_options
+
         from_options(config.tls_cert, config.tls_key, config.tls_ca)  # all three or none
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -246,16 +338,21 @@ def resolve(args):
     if guest.vcpus < 1:
         raise ConfigError("a guest needs at least one vCPU")
     from hosts.workloads import WORKLOADS
+
     if guest.workload not in WORKLOADS:
         raise ConfigError(f"unknown workload {guest.workload!r}; known: {', '.join(WORKLOADS)}")
     if args.command == "validate":
         config.validate = "full"
     from .auth import load_key
+
     load_key(config.psk_file)  # unreadable or short keys are usage errors, caught before anything starts
     from .strategies import STRATEGIES
+
     if not guest.mte and config.strategy in STRATEGIES and STRATEGIES[config.strategy].vmm_prot_mte:
-        raise ConfigError(f"strategy {config.strategy} maps guest RAM PROT_MTE, which needs an MTE guest "
-                          f"(the scenario sets mte = false)")
+        raise ConfigError(
+            f"strategy {config.strategy} maps guest RAM PROT_MTE, which needs an MTE guest "
+            f"(the scenario sets mte = false)"
+        )
     return guest, config.check(), name
 
 
@@ -266,6 +363,7 @@ def _cap_malloc_arenas(arenas: int = 2) -> None:
     arenas, +50 MiB over 60 hops without).  Cap them before threads start."""
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass  # not glibc: nothing to cap
@@ -277,8 +375,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["run"] + (argv if argv is not None else sys.argv[1:]))
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return _dispatch(args)
     except ConfigError as exc:
@@ -294,11 +391,13 @@ def main(argv=None) -> int:
 
 def _resolve(args) -> int:
     import asyncio
+
     from . import auth
     from . import frames as fr
     from .machine import Connection, recovery_source_machine
     from .tls import from_options
     from .transport import FrameChannel, connect, parse_address, secure
+
     try:
         address = parse_address(args.connect, "--connect")
     except ValueError as exc:
@@ -321,18 +420,25 @@ def _resolve(args) -> int:
             return "the destination discards its copy; the guest stays with the source"
         finally:
             chan.close()
+
     print(asyncio.run(main()))
     return 0
 
 
 def _bench(args) -> int:
     from dataclasses import replace
+
     from . import scenario as scen
     from .bench import QUICK_RAM, run_bench
     from .strategies import STRATEGIES
-    names = (args.scenarios.split(",") if args.scenarios else
-             ["allocator", "retag-churn", "device-dma"] if args.quick else
-             ["allocator", "retag-churn", "stream", "device-dma", "idle"])
+
+    names = (
+        args.scenarios.split(",")
+        if args.scenarios
+        else ["allocator", "retag-churn", "device-dma"]
+        if args.quick
+        else ["allocator", "retag-churn", "stream", "device-dma", "idle"]
+    )
     scenarios = [scen.load(n.strip()) for n in names if n.strip()]
     strategies = args.strategies.split(",") if args.strategies else list(STRATEGIES)
     unknown = [s for s in strategies if s not in STRATEGIES]
@@ -357,8 +463,10 @@ def _bench(args) -> int:
 
 def _dispatch(args) -> int:
     from .report import summary, write_json
+
     if args.command == "scenarios":
         from . import scenario as scen
+
         names = scen.available()
         if "default" not in names:
             print(f"default\t{scen.builtin_default().description} (built-in)")
@@ -370,6 +478,7 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "strategies":
         from .strategies import STRATEGIES
+
         for name, cls in STRATEGIES.items():
             label = "[proposal] " if cls.proposal else ""
             print(f"{name}\t{label}{cls.description}")
@@ -379,8 +488,10 @@ def _dispatch(args) -> int:
     if args.command == "resolve":
         return _resolve(args)
     if args.command == "speed":
-        from .speed import markdown, run as run_speed
+        from .speed import markdown
+        from .speed import run as run_speed
         from .units import parse_rate
+
         try:
             sizes = [parse_size(x, "--sizes") for x in args.sizes.split(",")]
             cap = parse_rate(args.cap, "--cap")
@@ -388,18 +499,29 @@ def _dispatch(args) -> int:
             raise ConfigError(str(exc)) from None
         kinds = args.kinds.split(",")
         from .images import KINDS
+
         if any(k not in KINDS for k in kinds) or any(s % (1 << 20) for s in sizes) or args.repeat < 1:
             raise ConfigError(f"--kinds from {', '.join(KINDS)}; --sizes whole MiB; --repeat >= 1")
-        doc = run_speed(sizes, kinds, args.repeat, args.out, cap, args.quiet, "mte-migrate " + " ".join(sys.argv[1:]),
-                        prealloc=args.prealloc)
+        doc = run_speed(
+            sizes,
+            kinds,
+            args.repeat,
+            args.out,
+            cap,
+            args.quiet,
+            "mte-migrate " + " ".join(sys.argv[1:]),
+            prealloc=args.prealloc,
+        )
         print(markdown(doc))
         return 0 if all(e["validated"] == e["runs"] for e in doc["summary"]) else 1
     if args.command == "endurance-worker":
         from .endurance import worker
+
         return worker(args.spec, args.role, args.hops, "")
     guest, config, name = resolve(args)
     if args.command in ("run", "validate"):
         from .runner import run_pair
+
         result = run_pair(guest, config, name, args.quiet, retry=getattr(args, "retry", 0))
         if args.json:
             write_json(result, args.json)
@@ -411,7 +533,9 @@ def _dispatch(args) -> int:
         return 0 if ok else (130 if result["status"] == "cancelled" else 1)
     if args.command == "endurance":
         import json as _json
+
         from .endurance import run as run_endurance
+
         if args.hops < 1:
             raise ConfigError("--hops must be at least 1")
         report = run_endurance(guest, config, name, args.hops, args.quiet)
@@ -421,11 +545,31 @@ def _dispatch(args) -> int:
         print(_json.dumps({k: report[k] for k in ("hops", "hops_validated", "growth")}, indent=2))
         return 0 if report["hops_validated"] == args.hops else 1
     from .hostproc import run_dest, run_source
+
     if args.command == "source":
-        return run_source(guest, config, name, args.connect, args.json, args.quiet, args.warmup,
-                          summary_out=not args.no_summary, retry=args.retry)
+        return run_source(
+            guest,
+            config,
+            name,
+            args.connect,
+            args.json,
+            args.quiet,
+            args.warmup,
+            summary_out=not args.no_summary,
+            retry=args.retry,
+        )
     if args.command == "dest":
-        return run_dest(guest, config, name, args.listen, args.strategy or config.strategy if args.spec else args.strategy,
-                        args.expect_uuid, args.json, args.quiet, args.run_after, summary_out=not args.no_summary,
-                        attempts=args.attempts)
+        return run_dest(
+            guest,
+            config,
+            name,
+            args.listen,
+            args.strategy or config.strategy if args.spec else args.strategy,
+            args.expect_uuid,
+            args.json,
+            args.quiet,
+            args.run_after,
+            summary_out=not args.no_summary,
+            attempts=args.attempts,
+        )
     raise ConfigError(f"unknown command {args.command}")

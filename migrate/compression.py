@@ -39,9 +39,9 @@ class Compressor:
         level = AUTO_LEVEL if mode in ("auto", "none") else int(mode)
         self._data = zstandard.ZstdCompressor(level=level)
         self._tags = zstandard.ZstdCompressor(level=TAG_LEVEL)
-        self.compress_rate = _Ewma()   # input bytes per second of compression
-        self.ratio = _Ewma()           # output / input
-        self.link_rate = _Ewma()       # wire bytes per second
+        self.compress_rate = _Ewma()  # input bytes per second of compression
+        self.ratio = _Ewma()  # output / input
+        self.link_rate = _Ewma()  # wire bytes per second
         self._since_probe = 0
         self.batches_compressed = 0
         self.batches_raw = 0
@@ -105,6 +105,7 @@ class Decompressor:
 
     def decompress(self, blob, expected: int, what: str):
         from .errors import ProtocolError
+
         try:
             declared = zstandard.frame_content_size(blob)
         except zstandard.ZstdError:

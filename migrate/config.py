@@ -64,18 +64,22 @@ class MigrationConfig:
 
     def check(self) -> "MigrationConfig":
         from .strategies import STRATEGIES
+
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; known: {', '.join(STRATEGIES)}")
         if self.compression not in ("auto", "none"):
             try:
                 level = int(self.compression)
             except ValueError:
-                raise ConfigError(f"compression must be 'auto', 'none' or a zstd level, got {self.compression!r}") from None
+                raise ConfigError(
+                    f"compression must be 'auto', 'none' or a zstd level, got {self.compression!r}"
+                ) from None
             if not -7 <= level <= 22:
                 raise ConfigError(f"zstd level {level} is out of range (-7..22)")
         if not 1 <= self.batch_pages <= 1024:
             raise ConfigError(f"batch_pages must be 1..1024, got {self.batch_pages}")
         from .frames import checksum_mode
+
         try:
             self.checksum = checksum_mode(self.checksum)  # scenario files may say true/false
         except ValueError as exc:

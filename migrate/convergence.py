@@ -15,6 +15,7 @@ class DowntimeOrPassLimit:
     the rate of the last dirty pass: see source.dirty_pass_bandwidth) fits
     the limit, or when the pass limit is reached (then stop anyway: the
     decision says the limit forced it)."""
+
     name = "downtime-or-pass-limit"
 
     def __init__(self, downtime_limit_ms: float, max_passes: int):
@@ -35,10 +36,18 @@ class DowntimeOrPassLimit:
             return Decision(True, f"estimated downtime {expected:.0f} ms <= limit {self.downtime_limit_ms:.0f} ms")
         if dirty_passes_done >= self.max_passes:
             shown = "unknown" if expected is None else f"{expected:.0f} ms"
-            return Decision(True, f"max passes {self.max_passes} reached with estimated downtime "
-                                  f"{shown} > limit {self.downtime_limit_ms:.0f} ms", forced=True)
-        return Decision(False, f"estimated downtime {expected:.0f} ms > limit {self.downtime_limit_ms:.0f} ms"
-                        if expected is not None else "bandwidth not measured yet")
+            return Decision(
+                True,
+                f"max passes {self.max_passes} reached with estimated downtime "
+                f"{shown} > limit {self.downtime_limit_ms:.0f} ms",
+                forced=True,
+            )
+        return Decision(
+            False,
+            f"estimated downtime {expected:.0f} ms > limit {self.downtime_limit_ms:.0f} ms"
+            if expected is not None
+            else "bandwidth not measured yet",
+        )
 
 
 class AutoConverge:
@@ -47,8 +56,7 @@ class AutoConverge:
     the vCPUs, starting at ``initial`` and adding ``increment`` each time the
     next pass still does not shrink, up to ``maximum``."""
 
-    def __init__(self, initial: float = 0.2, increment: float = 0.1, maximum: float = 0.99,
-                 shrink_needed: float = 0.5):
+    def __init__(self, initial: float = 0.2, increment: float = 0.1, maximum: float = 0.99, shrink_needed: float = 0.5):
         self.initial, self.increment, self.maximum = initial, increment, maximum
         self.shrink_needed = shrink_needed
         self.throttle = 0.0

@@ -13,19 +13,27 @@ from hosts.constants import GRANULE, PAGE_SIZE
 from hosts.vcpu import VcpuState
 from hosts.workloads import make_workload
 
-from . import PROTOCOL_VERSION
+from . import PROTOCOL_VERSION, auth, tls
 from . import frames as fr
-from .digest import MemoryDigest, chunk_count, page_detail, state_digest
-from . import auth
-from .errors import (AuthError, Cancelled, InDoubt, HandshakeMismatch, MigrationError, PeerError, PeerTimeout, ProtocolError,
-                     TransportError, one_line)
 from .channels import LoopThread
+from .digest import MemoryDigest, chunk_count, page_detail, state_digest
+from .errors import (
+    AuthError,
+    Cancelled,
+    HandshakeMismatch,
+    InDoubt,
+    MigrationError,
+    PeerError,
+    PeerTimeout,
+    ProtocolError,
+    TransportError,
+    one_line,
+)
 from .machine import Connection, DestState, data_dest_machine, dest_machine
 from .pages import BatchApplier, BatchStats
 from .progress import Progress
 from .report import empty_result
 from .strategies import STRATEGIES
-from . import tls
 from .transport import FrameChannel, secure, tune
 from .units import fmt_bytes
 
@@ -44,8 +52,15 @@ class DestVmm:
     #: connections being admitted at once (each holds one receive buffer)
     MAX_PENDING = 16
 
-    def __init__(self, host, config, scenario: str = "custom", strategy: str | None = None,
-                 expect_uuid: str | None = None, progress: Progress | None = None):
+    def __init__(
+        self,
+        host,
+        config,
+        scenario: str = "custom",
+        strategy: str | None = None,
+        expect_uuid: str | None = None,
+        progress: Progress | None = None,
+    ):
         self.host = host
         self.config = config
         self.scenario = scenario
@@ -58,13 +73,13 @@ class DestVmm:
         self.machine = None
         self.resumed = False
         self.hello = None
-        self._lanes: dict[int, dict] = {}      # channel -> {thread, chan, stats, pass}
+        self._lanes: dict[int, dict] = {}  # channel -> {thread, chan, stats, pass}
         self._early_digest = None  # (final pass, task) once STATE arrived
-        self._frozen = False       # the final digest has started: no PAGES any more
+        self._frozen = False  # the final digest has started: no PAGES any more
         self._refresher: asyncio.Task | None = None  # background digest refreshes while pages land
         self._lane_failure: asyncio.Future | None = None
         self._lane_progress: asyncio.Event | None = None
-        self._pass_seen = {0: -1}             # channel -> last PASS_END
+        self._pass_seen = {0: -1}  # channel -> last PASS_END
         self._key = auth.load_key(config.psk_file)
         self._nonce = b""
         self._recover_future: asyncio.Future | None = None
@@ -136,14 +151,18 @@ class DestVmm:
             if frame.type == T.HELLO:
                 raise ProtocolError("this destination is already receiving a migration")
             if hello is None or self.machine is None or self.machine.finished:
-                raise ProtocolError("this destination is already receiving a migration") if hello else \
-                    ProtocolError("no migration to join")
+                raise (
+                    ProtocolError("this destination is already receiving a migration")
+                    if hello
+                    else ProtocolError("no migration to join")
+                )
             if frame.session != hello.session or not 1 <= frame.channel < hello.channels:
                 raise ProtocolError(f"JOIN for channel {frame.channel} of an unknown session")
             if frame.channel in self._lanes:
                 raise ProtocolError(f"data channel {frame.channel} joined twice")
-            if self._key is not None and not auth.check(self._key, frame.proof, "join", frame.session,
-                                                        frame.channel, self._nonce):
+            if self._key is not None and not auth.check(
+                self._key, frame.proof, "join", frame.session, frame.channel, self._nonce
+            ):
                 raise AuthError(f"data channel {frame.channel} failed authentication")
             if chan._end > chan._start:
                 raise ProtocolError("data arrived on a channel before its WELCOME")
@@ -173,20 +192,29 @@ class DestVmm:
         chan = FrameChannel(sock, conn, self.config.timeout_s, io=io)
         lane["chan"] = chan
         strategy = self.strategy
-        applier = BatchApplier(strategy, self.host.memory.npages, self._applier.written, self._applier.has_tags,
-                               on_write=self._digest.mark_stale, digest=self._digest)
+        applier = BatchApplier(
+            strategy,
+            self.host.memory.npages,
+            self._applier.written,
+            self._applier.has_tags,
+            on_write=self._digest.mark_stale,
+            digest=self._digest,
+        )
         ended = -1  # the last pass this channel ended
         # Whole chunks of raw data are spliced into place (never a frame the
         # checks below would refuse).
-        chan.placer = lambda fields, dl: None if fields["pass_no"] <= ended or self._frozen \
-            else applier.placement(fields, dl)
+        chan.placer = lambda fields, dl: (
+            None if fields["pass_no"] <= ended or self._frozen else applier.placement(fields, dl)
+        )
         try:
             while True:
                 frame = await chan.recv(timeout=None)  # liveness is watched by the control loop
                 if frame.type == T.PAGES:
                     if frame.pass_no <= ended or self._frozen:
-                        raise ProtocolError(f"PAGES of pass {frame.pass_no} on data channel {index} after "
-                                            + ("that pass ended" if frame.pass_no <= ended else "the final pass"))
+                        raise ProtocolError(
+                            f"PAGES of pass {frame.pass_no} on data channel {index} after "
+                            + ("that pass ended" if frame.pass_no <= ended else "the final pass")
+                        )
                     lane["stats"].add(applier.apply(frame))
                 elif frame.type == T.PASS_END:
                     ended = max(ended, frame.pass_no)
@@ -201,8 +229,11 @@ class DestVmm:
         except MigrationError as exc:
             main_loop.call_soon_threadsafe(self._lane_failed, index, exc)
         except Exception as exc:  # a bug: fail the migration, never hang
-            main_loop.call_soon_threadsafe(self._lane_failed, index, MigrationError(
-                f"internal error on data channel {index}: {type(exc).__name__}: {one_line(exc)}"))
+            main_loop.call_soon_threadsafe(
+                self._lane_failed,
+                index,
+                MigrationError(f"internal error on data channel {index}: {type(exc).__name__}: {one_line(exc)}"),
+            )
         finally:
             lane["bytes"] = chan.bytes_received
             chan.close()
@@ -253,16 +284,21 @@ class DestVmm:
         wait = self.config.in_doubt_hold_s
         self._recover_future = asyncio.get_running_loop().create_future()
         # An operator alert, not progress: always on stderr.
-        print(f"mte-migrate dest: IN DOUBT after: {one_line(cause)}; the validated guest is paused HERE for up to "
-              f"{wait:.0f} s; if the source gave it up, resume it here with `mte-migrate resolve --connect "
-              f"THIS-HOST:PORT --session {self.hello.session} go` (or `abort` if the source kept it)",
-              file=sys.stderr, flush=True)
+        print(
+            f"mte-migrate dest: IN DOUBT after: {one_line(cause)}; the validated guest is paused HERE for up to "
+            f"{wait:.0f} s; if the source gave it up, resume it here with `mte-migrate resolve --connect "
+            f"THIS-HOST:PORT --session {self.hello.session} go` (or `abort` if the source kept it)",
+            file=sys.stderr,
+            flush=True,
+        )
         self.result["in_doubt"] = {"session": self.hello.session, "cause": one_line(cause)}
         try:
             decision, chan = await asyncio.wait_for(self._recover_future, wait)
         except TimeoutError:
-            raise InDoubt(f"in doubt after: {one_line(cause)}; nobody said GO or ABORT within {wait:.0f} s, "
-                          f"so the partial-or-not guest is discarded here (the source keeps it if it never sent GO)") from None
+            raise InDoubt(
+                f"in doubt after: {one_line(cause)}; nobody said GO or ABORT within {wait:.0f} s, "
+                f"so the partial-or-not guest is discarded here (the source keeps it if it never sent GO)"
+            ) from None
         try:
             if decision != "go":
                 raise Cancelled("the source kept the guest (RECOVER abort)")
@@ -288,8 +324,9 @@ class DestVmm:
         recv = asyncio.ensure_future(chan.recv(timeout=None))
         try:
             while True:
-                done, _ = await asyncio.wait({recv, self._lane_failure}, timeout=self.config.timeout_s / 4,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {recv, self._lane_failure}, timeout=self.config.timeout_s / 4, return_when=asyncio.FIRST_COMPLETED
+                )
                 if recv in done:
                     return recv.result()
                 if self._lane_failure in done:
@@ -313,8 +350,7 @@ class DestVmm:
         """Every data channel must have delivered the final pass."""
         deadline = time.monotonic() + self.config.timeout_s
         while True:
-            missing = [c for c in range(1, self.hello.channels)
-                       if self._pass_seen.get(c, -1) < final_pass]
+            missing = [c for c in range(1, self.hello.channels) if self._pass_seen.get(c, -1) < final_pass]
             if not missing:
                 return
             if self._lane_failure.done():
@@ -350,9 +386,10 @@ class DestVmm:
             self._digest = MemoryDigest(host.memory, compute=False)
             self._refresh_job = None
             self._early_digest = None  # (final pass, task) once STATE arrived
-            self._frozen = False       # the final digest has started: no PAGES any more
-            applier = self._applier = BatchApplier(self.strategy, host.memory.npages,
-                                                   on_write=self._digest.mark_stale, digest=self._digest)
+            self._frozen = False  # the final digest has started: no PAGES any more
+            applier = self._applier = BatchApplier(
+                self.strategy, host.memory.npages, on_write=self._digest.mark_stale, digest=self._digest
+            )
             self._lane_failure = asyncio.get_running_loop().create_future()
             # Read by _recv_control when it matters; never "unretrieved".
             self._lane_failure.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -362,8 +399,9 @@ class DestVmm:
             self.hello = hello
             # Authenticated: whole chunks of raw data are spliced into place
             # from here on (never a frame the checks below would refuse).
-            chan.placer = lambda fields, dl: None if fields["pass_no"] <= self._pass_seen[0] \
-                else applier.placement(fields, dl)
+            chan.placer = lambda fields, dl: (
+                None if fields["pass_no"] <= self._pass_seen[0] else applier.placement(fields, dl)
+            )
             self._ready.set()
             self._refresher = asyncio.ensure_future(self._refresh_loop())
             res["setup_time_ms"] = _ms(time.perf_counter() - t_start)
@@ -388,7 +426,9 @@ class DestVmm:
                     await self._confirm(chan, state, frame.final_pass)
                 elif ftype == T.INSPECT:
                     self._check_chunks(frame.chunks)
-                    detail = await asyncio.get_running_loop().run_in_executor(None, page_detail, host.memory, frame.chunks)
+                    detail = await asyncio.get_running_loop().run_in_executor(
+                        None, page_detail, host.memory, frame.chunks
+                    )
                     await chan.send(fr.Inspection(frame.chunks, detail))
                 elif ftype == T.GO:
                     self._resume()
@@ -438,11 +478,21 @@ class DestVmm:
             res["counters"] = type(host.counters).delta(host.counters.snapshot(), before)
             s = self.stats
             received = chan.bytes_received + sum(lane["bytes"] for lane in self._lanes.values())
-            res["ram"].update(transferred_bytes=received, zero_pages=s.zero_pages,
-                              normal_pages=s.normal_pages, normal_bytes=s.data_bytes, spliced_bytes=s.spliced_bytes)
+            res["ram"].update(
+                transferred_bytes=received,
+                zero_pages=s.zero_pages,
+                normal_pages=s.normal_pages,
+                normal_bytes=s.data_bytes,
+                spliced_bytes=s.spliced_bytes,
+            )
             res["tags"].update(tagged_pages=s.tagged_pages, raw_bytes=s.tag_raw, wire_bytes=s.tag_wire)
-            res["wire"].update(bytes_sent=chan.bytes_sent, bytes_received=received, channels=1 + len(self._lanes),
-                               data_bytes=s.data_wire, tag_bytes=s.tag_wire)
+            res["wire"].update(
+                bytes_sent=chan.bytes_sent,
+                bytes_received=received,
+                channels=1 + len(self._lanes),
+                data_bytes=s.data_wire,
+                tag_bytes=s.tag_wire,
+            )
         return res
 
     # -- handshake ----------------------------------------------------------------
@@ -458,8 +508,9 @@ class DestVmm:
             raise PeerError(f"source: {frame.message}", frame.code)
         if frame.type == T.ABORT:
             raise Cancelled(f"source aborted: {frame.reason}")
-        if key is not None and not (frame.proof and auth.check(
-                key, frame.proof, "source", self._nonce, hello.nonce, hello.session)):
+        if key is not None and not (
+            frame.proof and auth.check(key, frame.proof, "source", self._nonce, hello.nonce, hello.session)
+        ):
             raise AuthError("authentication failed: the source did not prove the shared key")
 
     def _check_hello(self, hello) -> str | None:
@@ -502,8 +553,14 @@ class DestVmm:
         try:
             vcpus = [VcpuState.from_wire(v) for v in state["vcpus"]]
             wl = state["workload"]
-            workload = make_workload(wl["name"], self.host.vm, seed=int(wl["seed"]), vcpus=len(vcpus),
-                                     params=dict(wl["params"]), device=self.host.device_mapping)
+            workload = make_workload(
+                wl["name"],
+                self.host.vm,
+                seed=int(wl["seed"]),
+                vcpus=len(vcpus),
+                params=dict(wl["params"]),
+                device=self.host.device_mapping,
+            )
             workload.set_state(wl["state"])
             self.host.vcpus.set_states(vcpus)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
@@ -524,17 +581,20 @@ class DestVmm:
         if self._refresh_job is None or self._refresh_job.done():
             digest = self._digest
             self._refresh_job = asyncio.get_running_loop().run_in_executor(
-                None, lambda: digest.refresh(digest.pending_chunks(unread=False)))
+                None, lambda: digest.refresh(digest.pending_chunks(unread=False))
+            )
 
     def _start_final_digest(self, final_pass: int) -> None:
         """The source sends its state right after the final pass, then digests
         its own memory before COMPLETE.  Once every channel has delivered that
         pass nothing writes this RAM again, so digest it now, alongside the
         source, instead of after its COMPLETE (the downtime waits for both)."""
+
         async def run():
             await self._await_final_pass(final_pass)
             self._frozen = True  # a PAGES frame from now on is refused
             await self._final_digest()
+
         task = asyncio.ensure_future(run())
         task.add_done_callback(lambda f: f.cancelled() or f.exception())  # read by _confirm when it matters
         self._early_digest = (final_pass, task)
@@ -548,9 +608,14 @@ class DestVmm:
         if self._refresh_job is not None:
             await self._refresh_job
         stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()
-        await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # every channel delivered the final pass
-        self.result["final_digest"] = {"stale_chunks": stale, "stale_mib": round(stale_bytes / 2**20, 1),
-                                       "ms": _ms(time.perf_counter() - t)}
+        await self._digest.refresh_parallel(
+            asyncio.get_running_loop(), frozen=True
+        )  # every channel delivered the final pass
+        self.result["final_digest"] = {
+            "stale_chunks": stale,
+            "stale_mib": round(stale_bytes / 2**20, 1),
+            "ms": _ms(time.perf_counter() - t),
+        }
 
     async def _confirm(self, chan, state, final_pass: int) -> None:
         early = self._early_digest
@@ -591,8 +656,14 @@ class DestVmm:
     async def _report_failure(self, chan) -> None:
         """Tell the source why (unless it told us), then discard what arrived."""
         err = getattr(self, "_error", None)
-        if err is not None and not isinstance(err, (PeerError, Cancelled)) and not chan.closed \
-                and self.machine is not None and not self.machine.finished and not isinstance(err, HandshakeMismatch):
+        if (
+            err is not None
+            and not isinstance(err, (PeerError, Cancelled))
+            and not chan.closed
+            and self.machine is not None
+            and not self.machine.finished
+            and not isinstance(err, HandshakeMismatch)
+        ):
             try:
                 async with asyncio.timeout(1.0):
                     await chan.send(fr.Error(err.code, one_line(err)))

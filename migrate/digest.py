@@ -44,6 +44,8 @@ def _chunk_buffer() -> memoryview:
     if buf is None:
         buf = _LOCAL.buf = memoryview(bytearray(CHUNK_PAGES * PAGE_SIZE))
     return buf
+
+
 _ZERO_TAGS = bytes(CHUNK_PAGES * PACKED_TAGS_PER_PAGE)
 
 
@@ -56,7 +58,7 @@ def _zero_crc(npages: int, per_page: int = PAGE_SIZE) -> int:
 @functools.lru_cache(maxsize=8)
 def zero_pieces(npages: int) -> array:
     """Piece CRCs of ``npages`` (at most a chunk) pages of zeros."""
-    return piece_crcs(_ZERO_CHUNK[:npages * PAGE_SIZE])
+    return piece_crcs(_ZERO_CHUNK[: npages * PAGE_SIZE])
 
 
 @functools.lru_cache(maxsize=8)
@@ -71,7 +73,7 @@ def chunk_count(npages: int) -> int:
 def piece_crcs(content) -> array:
     """The piece CRCs of a chunk's bytes (the last piece may be short)."""
     view = memoryview(content).cast("B")
-    return array("I", [zlib.crc32(view[o:o + PIECE_BYTES]) for o in range(0, len(view), PIECE_BYTES)])
+    return array("I", [zlib.crc32(view[o : o + PIECE_BYTES]) for o in range(0, len(view), PIECE_BYTES)])
 
 
 def chunk_crc(pieces: array) -> int:
@@ -99,10 +101,10 @@ class MemoryDigest:
         self.data_crcs = array("I", [0]) * self.nchunks
         self.tag_crcs = array("I", [0]) * self.nchunks
         self.piece_crcs = array("I", [0]) * (self.nchunks * PIECES_PER_CHUNK)
-        self.unread = bytearray(b"\x01") * self.nchunks      # never read yet
-        self.stale = bytearray(self.nchunks)                  # written since read: some piece, and the tags
+        self.unread = bytearray(b"\x01") * self.nchunks  # never read yet
+        self.stale = bytearray(self.nchunks)  # written since read: some piece, and the tags
         self.piece_stale = bytearray(self.nchunks * PIECES_PER_CHUNK)  # which pieces
-        self.tags_stale = bytearray(self.nchunks)             # tags only
+        self.tags_stale = bytearray(self.nchunks)  # tags only
         # A result computed while set_data() stored a newer one is dropped:
         # set_data bumps the chunk's generation.
         self._gen = array("I", [0]) * self.nchunks
@@ -113,14 +115,16 @@ class MemoryDigest:
     async def refresh_parallel(self, loop, workers: int = 2, frozen: bool = False) -> None:
         """Recompute the stale chunks in ``workers`` threads (see refresh)."""
         import asyncio
+
         stale = self.pending_chunks()
         if frozen and self.unread.find(1) >= 0:  # SEEK_HOLE over populated RAM is not free: only for chunks never read
             never_read = [c for c in stale if self.unread[c]]
             settled = set(never_read).difference(await loop.run_in_executor(None, self._settle_holes, never_read))
             stale = [c for c in stale if c not in settled]
         if stale:
-            await asyncio.gather(*(loop.run_in_executor(None, self.refresh, stale[i::workers], frozen)
-                                   for i in range(workers)))
+            await asyncio.gather(
+                *(loop.run_in_executor(None, self.refresh, stale[i::workers], frozen) for i in range(workers))
+            )
 
     def _settle_holes(self, chunks: list[int]) -> list[int]:
         """Frozen memory: a chunk none of whose pages was ever populated reads
@@ -173,8 +177,14 @@ class MemoryDigest:
     def stale_piece_bytes(self) -> int:
         """Bytes of the stale pieces of chunks read before: what a refresh
         reads again (a chunk never read is read whole, if it holds data)."""
-        return sum(self.piece_stale.count(1, c * PIECES_PER_CHUNK, (c + 1) * PIECES_PER_CHUNK)
-                   for c in range(self.nchunks) if self.stale[c] and not self.unread[c]) * PIECE_BYTES
+        return (
+            sum(
+                self.piece_stale.count(1, c * PIECES_PER_CHUNK, (c + 1) * PIECES_PER_CHUNK)
+                for c in range(self.nchunks)
+                if self.stale[c] and not self.unread[c]
+            )
+            * PIECE_BYTES
+        )
 
     def invalidate(self) -> None:
         """Forget every CRC: all chunks are read again."""
@@ -198,9 +208,9 @@ class MemoryDigest:
         p, crc = chunk * PIECES_PER_CHUNK, chunk_crc(pieces)
         with self._lock:
             self._gen[chunk] += 1
-            self.piece_crcs[p:p + len(pieces)] = pieces
+            self.piece_crcs[p : p + len(pieces)] = pieces
             self.data_crcs[chunk] = crc
-            self.piece_stale[p:p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
+            self.piece_stale[p : p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
             self.stale[chunk] = self.unread[chunk] = 0
             if tags_changed:
                 self.tags_stale[chunk] = 1
@@ -223,11 +233,11 @@ class MemoryDigest:
                 if self.unread[c] or not (self.stale[c] or self.tags_stale[c]):
                     which = None  # every piece
                 elif self.stale[c]:
-                    which = bytes(self.piece_stale[p:p + PIECES_PER_CHUNK])
+                    which = bytes(self.piece_stale[p : p + PIECES_PER_CHUNK])
                 else:
-                    which = b""   # the tags only
+                    which = b""  # the tags only
                 if self.stale[c]:
-                    self.piece_stale[p:p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
+                    self.piece_stale[p : p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
                 self.stale[c] = self.tags_stale[c] = self.unread[c] = 0
             first, end = self._chunk_bounds(c)
             pieces = None
@@ -247,12 +257,12 @@ class MemoryDigest:
                         for i, crc in pieces.items():
                             self.piece_crcs[p + i] = crc
                     elif pieces is not None:
-                        self.piece_crcs[p:p + len(pieces)] = pieces
+                        self.piece_crcs[p : p + len(pieces)] = pieces
                     if pieces is zero_pieces(end - first):  # a hole: its CRC is known
                         self.data_crcs[c] = zero_chunk_crc(end - first)
                     elif pieces is not None:
                         n = -(-(end - first) // PIECE_PAGES)
-                        self.data_crcs[c] = chunk_crc(self.piece_crcs[p:p + n])
+                        self.data_crcs[c] = chunk_crc(self.piece_crcs[p : p + n])
                     self.tag_crcs[c] = tag_crc
                 else:  # set_data() stored newer data meanwhile: keep it, and read the tags again
                     self.tags_stale[c] = 1
@@ -277,13 +287,13 @@ class MemoryDigest:
         first, end = self._chunk_bounds(chunk)
         mem = self.memory
         if self._readable(first, end, frozen):
-            return piece_crcs(mem.data[first * PAGE_SIZE:end * PAGE_SIZE]), None  # no copy
+            return piece_crcs(mem.data[first * PAGE_SIZE : end * PAGE_SIZE]), None  # no copy
         next_data = mem.next_data(first)
         if next_data >= end:
             return zero_pieces(end - first), next_data  # nothing here was ever populated
         if mem.fully_populated(first, end):
-            return piece_crcs(mem.data[first * PAGE_SIZE:end * PAGE_SIZE]), next_data
-        buf = _chunk_buffer()[:(end - first) * PAGE_SIZE]
+            return piece_crcs(mem.data[first * PAGE_SIZE : end * PAGE_SIZE]), next_data
+        buf = _chunk_buffer()[: (end - first) * PAGE_SIZE]
         mem.read_into(first * PAGE_SIZE, buf)  # holes read as zeros, stay holes
         return piece_crcs(buf), next_data
 
@@ -294,7 +304,7 @@ class MemoryDigest:
         first, end = self._chunk_bounds(chunk)
         mem, size = self.memory, (end - first) * PAGE_SIZE
         in_place = self._readable(first, end, False)
-        view = mem.data[first * PAGE_SIZE:end * PAGE_SIZE] if in_place else _chunk_buffer()[:size]
+        view = mem.data[first * PAGE_SIZE : end * PAGE_SIZE] if in_place else _chunk_buffer()[:size]
         out, i = {}, which.find(1)
         while i >= 0:
             lo, hi = i * PIECE_BYTES, min((i + 1) * PIECE_BYTES, size)
@@ -324,8 +334,8 @@ class MemoryDigest:
         if len(raw) != 8 * nchunks:
             raise ValueError(f"expected {8 * nchunks} bytes of chunk CRCs, got {len(raw)}")
         data, tags = array("I"), array("I")
-        data.frombytes(raw[:4 * nchunks])
-        tags.frombytes(raw[4 * nchunks:])
+        data.frombytes(raw[: 4 * nchunks])
+        tags.frombytes(raw[4 * nchunks :])
         return data, tags
 
 
@@ -336,9 +346,9 @@ def effective_tags(memory, first: int, end: int) -> bytes:
     n = end - first
     ntagged = tagged.count(1, first, end)
     if ntagged == 0:
-        return _ZERO_TAGS[:n * PACKED_TAGS_PER_PAGE] if n <= CHUNK_PAGES else bytes(n * PACKED_TAGS_PER_PAGE)
+        return _ZERO_TAGS[: n * PACKED_TAGS_PER_PAGE] if n <= CHUNK_PAGES else bytes(n * PACKED_TAGS_PER_PAGE)
     if ntagged == n:
-        return bytes(memory.tags[first * PACKED_TAGS_PER_PAGE:end * PACKED_TAGS_PER_PAGE])
+        return bytes(memory.tags[first * PACKED_TAGS_PER_PAGE : end * PACKED_TAGS_PER_PAGE])
     out = bytearray(n * PACKED_TAGS_PER_PAGE)
     pos = first
     while pos < end:
@@ -347,8 +357,9 @@ def effective_tags(memory, first: int, end: int) -> bytes:
             break
         b = tagged.find(0, a, end)
         b = end if b < 0 else b
-        out[(a - first) * PACKED_TAGS_PER_PAGE:(b - first) * PACKED_TAGS_PER_PAGE] = \
-            memory.tags[a * PACKED_TAGS_PER_PAGE:b * PACKED_TAGS_PER_PAGE]
+        out[(a - first) * PACKED_TAGS_PER_PAGE : (b - first) * PACKED_TAGS_PER_PAGE] = memory.tags[
+            a * PACKED_TAGS_PER_PAGE : b * PACKED_TAGS_PER_PAGE
+        ]
         pos = b
     return bytes(out)
 
@@ -360,12 +371,12 @@ def page_detail(memory, chunks: list[int]) -> bytes:
     for c in chunks:
         first = c * CHUNK_PAGES
         end = min(first + CHUNK_PAGES, memory.npages)
-        buf = _chunk_buffer()[:(end - first) * PAGE_SIZE]
+        buf = _chunk_buffer()[: (end - first) * PAGE_SIZE]
         memory.read_into(first * PAGE_SIZE, buf)
         tags = effective_tags(memory, first, end)
         for i in range(end - first):
-            out += zlib.crc32(buf[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]).to_bytes(4, "little")
-            out += tags[i * PACKED_TAGS_PER_PAGE:(i + 1) * PACKED_TAGS_PER_PAGE]
+            out += zlib.crc32(buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]).to_bytes(4, "little")
+            out += tags[i * PACKED_TAGS_PER_PAGE : (i + 1) * PACKED_TAGS_PER_PAGE]
     return bytes(out)
 
 
@@ -382,4 +393,5 @@ def state_digest(state: dict) -> str:
         if isinstance(x, (list, tuple)):
             return [canon(v) for v in x]
         return x
+
     return hashlib.sha256(msgpack.packb(canon(state))).hexdigest()

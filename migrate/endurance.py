@@ -55,11 +55,21 @@ def worker(spec_path: str, role: str, hops: int, peer_port_file: str) -> int:
             else:
                 host = build_host(guest, config.strategy, "destination")
                 result = asyncio.run(DestVmm(host, config, scenario).serve(listener))
-            print(json.dumps({"hop": hop, "role": "source" if sending else "destination",
-                              "status": result["status"], "error": result["error"],
-                              "validated": result["validation"]["ok"] if sending else None,
-                              "ms": round((time.perf_counter() - t0) * 1000, 1),
-                              "rss_kib": _rss_kib(), "fds": _fds()}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "hop": hop,
+                        "role": "source" if sending else "destination",
+                        "status": result["status"],
+                        "error": result["error"],
+                        "validated": result["validation"]["ok"] if sending else None,
+                        "ms": round((time.perf_counter() - t0) * 1000, 1),
+                        "rss_kib": _rss_kib(),
+                        "fds": _fds(),
+                    }
+                ),
+                flush=True,
+            )
             if result["status"] != "completed":
                 return 1
         return 0
@@ -71,14 +81,20 @@ def worker(spec_path: str, role: str, hops: int, peer_port_file: str) -> int:
 
 def run(guest, config, scenario: str, hops: int, quiet: bool = False) -> dict:
     import tempfile
+
     with tempfile.TemporaryDirectory(prefix="mte-endurance-") as tmp:
         spec = os.path.join(tmp, "spec.json")
         with open(spec, "w") as f:
             f.write(spec_to_json(guest, config, scenario))
-        procs = {r: subprocess.Popen([sys.executable, "-m", "migrate", "endurance-worker", "--spec", spec,
-                                      "--role", r, "--hops", str(hops)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                 for r in ("a", "b")}
+        procs = {
+            r: subprocess.Popen(
+                [sys.executable, "-m", "migrate", "endurance-worker", "--spec", spec, "--role", r, "--hops", str(hops)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for r in ("a", "b")
+        }
         try:
             ports = {r: json.loads(p.stdout.readline())["port"] for r, p in procs.items()}
             for r, p in procs.items():
@@ -94,8 +110,11 @@ def run(guest, config, scenario: str, hops: int, quiet: bool = False) -> dict:
                 done = [reports[r][-1] for r in procs if reports[r] and reports[r][-1]["hop"] == hop]
                 src = next((d for d in done if d["role"] == "source"), None)
                 if not quiet and src:
-                    print(f"hop {hop + 1}/{hops}: {src['status']}, validated {src['validated']}, "
-                          f"{src['ms']:.0f} ms", file=sys.stderr, flush=True)
+                    print(
+                        f"hop {hop + 1}/{hops}: {src['status']}, validated {src['validated']}, {src['ms']:.0f} ms",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 if any(d["status"] != "completed" for d in done) or len(done) < 2:
                     break
         finally:
@@ -113,7 +132,11 @@ def run(guest, config, scenario: str, hops: int, quiet: bool = False) -> dict:
             same = [d for d in rows if d["role"] == role]
             if len(same) >= 3:
                 first = same[max(1, len(same) // 4)]
-                growth[f"{r}:{role}"] = {"rss_kib_first": first["rss_kib"], "rss_kib_last": same[-1]["rss_kib"],
-                                         "fds_first": first["fds"], "fds_last": same[-1]["fds"],
-                                         "from_hop": first["hop"]}
+                growth[f"{r}:{role}"] = {
+                    "rss_kib_first": first["rss_kib"],
+                    "rss_kib_last": same[-1]["rss_kib"],
+                    "fds_first": first["fds"],
+                    "fds_last": same[-1]["fds"],
+                    "from_hop": first["hop"],
+                }
     return {"hops": hops, "hops_validated": hops_ok, "growth": growth, "reports": reports}

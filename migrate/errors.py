@@ -16,16 +16,19 @@ class MigrationError(Exception):
 
 class ProtocolError(MigrationError):
     """The peer sent something malformed, out of range or out of order."""
+
     code = "protocol"
 
 
 class HandshakeMismatch(MigrationError):
     """Source and destination cannot migrate this guest (sizes, versions...)."""
+
     code = "mismatch"
 
 
 class PeerError(MigrationError):
     """The peer reported an error (its message is ours)."""
+
     code = "peer"
 
     def __init__(self, message: str, remote_code: str = "error"):
@@ -35,6 +38,7 @@ class PeerError(MigrationError):
 
 class TransportError(MigrationError):
     """The connection broke, or the peer stopped answering."""
+
     code = "transport"
 
 
@@ -44,32 +48,38 @@ class PeerTimeout(TransportError):
 
 class AuthError(MigrationError):
     """The peer could not prove it holds the shared key."""
+
     code = "auth"
 
 
 class InDoubt(MigrationError):
     """GO was sent and never confirmed: the destination holds the guest."""
+
     code = "in-doubt"
 
 
 class DestinationGone(TransportError):
     """Nothing listens where the destination was: its VMM is gone."""
+
     code = "gone"
 
 
 class ValidationFailed(MigrationError):
     """The destination's memory, tags or vCPU state differ from the source's."""
+
     code = "validation"
 
 
 class Cancelled(MigrationError):
     """The user cancelled (Ctrl-C / SIGTERM)."""
+
     code = "cancelled"
     status = "cancelled"
 
 
 class ConfigError(MigrationError):
     """Bad command line or scenario."""
+
     code = "config"
 
 

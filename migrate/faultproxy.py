@@ -117,6 +117,7 @@ def parse_phase(text: str) -> str:
 
 class FrameInfo:
     """What the proxy knows about one frame once its header and meta are in."""
+
     __slots__ = ("index", "type", "name", "flags", "meta_len", "payload_len", "pass_no")
 
     def __init__(self, index, ftype, flags, meta_len, payload_len):
@@ -174,13 +175,13 @@ class FrameScanner:
             if self._payload_left:
                 info = self._info
                 n = min(self._payload_left, end - pos)
-                yield ("payload", info, view[pos:pos + n], info.payload_len - self._payload_left)
+                yield ("payload", info, view[pos : pos + n], info.payload_len - self._payload_left)
                 self._payload_left -= n
                 pos += n
                 continue
             if len(self._head) < HEADER_SIZE:
                 take = min(HEADER_SIZE - len(self._head), end - pos)
-                self._head += view[pos:pos + take]
+                self._head += view[pos : pos + take]
                 pos += take
                 if len(self._head) < HEADER_SIZE:
                     return
@@ -193,7 +194,7 @@ class FrameScanner:
             info = self._info
             want = HEADER_SIZE + info.meta_len  # <= HEADER_SIZE + MAX_META, checked above
             take = min(want - len(self._head), end - pos)
-            self._head += view[pos:pos + take]
+            self._head += view[pos : pos + take]
             pos += take
             if len(self._head) < want:
                 return
@@ -218,12 +219,12 @@ class Link:
         self.readers = {UP: src_reader, DOWN: None}
         self.writers = {UP: None, DOWN: src_writer}  # writer *towards* the receiver of that direction
         self.scanners = {UP: FrameScanner(), DOWN: FrameScanner()}
-        self.control = False          # carries HELLO (and data channel 0)
+        self.control = False  # carries HELLO (and data channel 0)
         self.closed = False
-        self.held = None              # (info, head) of a held PASS_END (stop-and-copy)
-        self.last_up = None           # type of the last frame source -> destination
-        self.flip = {}                # direction -> payload offset to invert
-        self.truncate = {}            # direction -> payload offset to stop at
+        self.held = None  # (info, head) of a held PASS_END (stop-and-copy)
+        self.last_up = None  # type of the last frame source -> destination
+        self.flip = {}  # direction -> payload offset to invert
+        self.truncate = {}  # direction -> payload offset to stop at
         self.tasks = []
 
     def transports(self):
@@ -240,8 +241,18 @@ class FaultProxy:
     the connections as the dead side would).  Without it, kill-* faults wait
     ``hold_s`` seconds.  ``log(line)`` receives every event line."""
 
-    def __init__(self, target, fault: str = "none", at: str | None = None, *, listen=("127.0.0.1", 0),
-                 bulk_bytes: int = DEFAULT_BULK_BYTES, on_phase=None, hold_s: float = 3.0, log=None):
+    def __init__(
+        self,
+        target,
+        fault: str = "none",
+        at: str | None = None,
+        *,
+        listen=("127.0.0.1", 0),
+        bulk_bytes: int = DEFAULT_BULK_BYTES,
+        on_phase=None,
+        hold_s: float = 3.0,
+        log=None,
+    ):
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
         if fault != "none" and not at:
@@ -256,8 +267,8 @@ class FaultProxy:
         self._log = log
         self.links: list[Link] = []
         self.events: list[tuple[float, str]] = []
-        self.seen: dict[str, float] = {}       # phase marker -> monotonic time first seen
-        self.frames = {UP: {}, DOWN: {}}        # direction -> frame type name -> count
+        self.seen: dict[str, float] = {}  # phase marker -> monotonic time first seen
+        self.frames = {UP: {}, DOWN: {}}  # direction -> frame type name -> count
         self.fired_at: float | None = None
         self.fired_frame: str | None = None
         self.fired = None
@@ -347,8 +358,10 @@ class FaultProxy:
                         out = unit[2]
                         if scanner.broken and not getattr(scanner, "_noted", False):
                             scanner._noted = True
-                            self._note(f"connection {link.index} {d}: not a frame stream any more "
-                                       f"({scanner.broken}): forwarding raw")
+                            self._note(
+                                f"connection {link.index} {d}: not a frame stream any more "
+                                f"({scanner.broken}): forwarding raw"
+                            )
                     if out is None:  # the fault took over this link
                         await self._gate(link)
                         return
@@ -432,8 +445,12 @@ class FaultProxy:
                     out = held_head
             elif info.type == FrameType.STATE and link.last_up == FrameType.PASS_END:
                 self._see("stop-and-copy", link, d, info)
-            if (info.type == FrameType.PASS_END and info.payload_len == 0 and self._armed()
-                    and self.at == "stop-and-copy"):
+            if (
+                info.type == FrameType.PASS_END
+                and info.payload_len == 0
+                and self._armed()
+                and self.at == "stop-and-copy"
+            ):
                 link.held = (info, head)
                 link.last_up = info.type
                 return out
@@ -480,8 +497,10 @@ class FaultProxy:
             dead = "destination" if fault == "kill-dest" else "source"
             if self.on_phase is None:
                 await asyncio.sleep(self.hold_s)
-            self._note(f"fault {fault}: the {dead} is dead; {info.name} and everything in flight is lost, "
-                       f"the other side's connections close")
+            self._note(
+                f"fault {fault}: the {dead} is dead; {info.name} and everything in flight is lost, "
+                f"the other side's connections close"
+            )
             for lk in self.links:
                 self._close_after_death(lk, dead)
             self._frozen = False
@@ -490,16 +509,20 @@ class FaultProxy:
         if fault == "flip":
             if info.payload_len:
                 link.flip[d] = info.payload_len // 2
-                self._note(f"fault flip: {info.name} payload byte {info.payload_len // 2} of {info.payload_len} inverted")
+                self._note(
+                    f"fault flip: {info.name} payload byte {info.payload_len // 2} of {info.payload_len} inverted"
+                )
                 return head
             pos = len(head) - 1 if info.meta_len else HEADER_SIZE - 1
             where = f"meta byte {info.meta_len - 1}" if info.meta_len else "crc byte 3"
             self._note(f"fault flip: {info.name} {where} inverted")
-            return head[:pos] + bytes([head[pos] ^ 0xFF]) + head[pos + 1:]
+            return head[:pos] + bytes([head[pos] ^ 0xFF]) + head[pos + 1 :]
         if fault == "truncate":
             cut = info.total // 2
-            self._note(f"fault truncate: {cut} of {info.total} bytes of {info.name} forwarded, "
-                       f"then connection {link.index} closed")
+            self._note(
+                f"fault truncate: {cut} of {info.total} bytes of {info.name} forwarded, "
+                f"then connection {link.index} closed"
+            )
             if cut <= len(head) or info.payload_len == 0:
                 link.writers[d].write(head[:cut])
                 self._close(link)
@@ -511,7 +534,7 @@ class FaultProxy:
     def _on_payload(self, link: Link, d: str, info: FrameInfo, chunk, offset: int):
         stop = link.truncate.get(d)
         if stop is not None and offset + len(chunk) >= stop:
-            link.writers[d].write(chunk[:stop - offset])
+            link.writers[d].write(chunk[: stop - offset])
             del link.truncate[d]
             self._close(link)
             return None
@@ -567,6 +590,7 @@ class ProxyThread:
             if user_cb is not None:
                 user_cb(name)
             self.fired.set()
+
         self._loop = asyncio.new_event_loop()
         self.proxy = FaultProxy(target, fault, at, on_phase=on_phase, **kw)
         self._ready = threading.Event()
@@ -613,18 +637,31 @@ def _address(text: str, what: str) -> tuple[str, int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m migrate.faultproxy",
-                                description="Fault-injecting TCP proxy for mte-migrate streams (loopback testing).",
-                                epilog="Phases: handshake[:HELLO|WELCOME], bulk, dirty, stop-and-copy, state, "
-                                       "completion[:COMPLETE|CONFIRM|GO|RESUMED]. See the module docstring.")
-    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="where the source connects (port 0: any)")
+    p = argparse.ArgumentParser(
+        prog="python3 -m migrate.faultproxy",
+        description="Fault-injecting TCP proxy for mte-migrate streams (loopback testing).",
+        epilog="Phases: handshake[:HELLO|WELCOME], bulk, dirty, stop-and-copy, state, "
+        "completion[:COMPLETE|CONFIRM|GO|RESUMED]. See the module docstring.",
+    )
+    p.add_argument(
+        "--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="where the source connects (port 0: any)"
+    )
     p.add_argument("--target", required=True, metavar="HOST:PORT", help="the destination's address")
     p.add_argument("--fault", default="none", choices=FAULTS)
     p.add_argument("--at", metavar="PHASE", help="when to inject it")
-    p.add_argument("--bulk-bytes", default=str(DEFAULT_BULK_BYTES), metavar="SIZE",
-                   help="bulk: pass-0 PAGES bytes to let through first (default 1MiB)")
-    p.add_argument("--hold", type=float, default=3.0, metavar="S",
-                   help="kill-*: seconds to wait for the caller to kill the process (default 3)")
+    p.add_argument(
+        "--bulk-bytes",
+        default=str(DEFAULT_BULK_BYTES),
+        metavar="SIZE",
+        help="bulk: pass-0 PAGES bytes to let through first (default 1MiB)",
+    )
+    p.add_argument(
+        "--hold",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="kill-*: seconds to wait for the caller to kill the process (default 3)",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="every event on stderr")
     args = p.parse_args(argv)
     try:
@@ -660,6 +697,7 @@ def main(argv=None) -> int:
         await stop.wait()
         await proxy.close()
         return 0
+
     return asyncio.run(run())
 
 

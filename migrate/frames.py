@@ -43,6 +43,8 @@ def checksum_mode(value) -> str:
     if value not in CHECKSUM_FLAGS:
         raise ValueError(f"checksum must be one of {', '.join(CHECKSUM_MODES)}, got {value!r}")
     return value
+
+
 MAX_META = 64 * 1024
 MAX_BATCH_PAGES = 1024
 PAGE_SIZE = 4096
@@ -52,9 +54,9 @@ PACKED_TAGS_PER_PAGE = 128
 MAX_PAYLOAD = MAX_BATCH_PAGES * (PAGE_SIZE + PACKED_TAGS_PER_PAGE) + 64 * 1024
 
 # Per-page flags in a Pages frame.
-PAGE_ZERO = 0x01   # data is all zero: no bytes on the wire
-PAGE_TAGS = 0x02   # tags are not all zero: PACKED_TAGS_PER_PAGE bytes follow
-PAGE_KEEP = 0x04   # data unchanged since it was last sent: only the tags travel
+PAGE_ZERO = 0x01  # data is all zero: no bytes on the wire
+PAGE_TAGS = 0x02  # tags are not all zero: PACKED_TAGS_PER_PAGE bytes follow
+PAGE_KEEP = 0x04  # data unchanged since it was last sent: only the tags travel
 VALID_PAGE_FLAGS = bytes([0, PAGE_ZERO, PAGE_TAGS, PAGE_ZERO | PAGE_TAGS, PAGE_KEEP, PAGE_KEEP | PAGE_TAGS])
 
 
@@ -115,6 +117,7 @@ def _channels(meta, frame):
 @dataclass
 class Hello:
     """Source -> destination: who I am and what I will send."""
+
     version: int
     ram_size: int
     page_size: int
@@ -132,27 +135,47 @@ class Hello:
     MAX_CHANNELS = 16
 
     def meta(self):
-        return {"version": self.version, "ram_size": self.ram_size, "page_size": self.page_size,
-                "granule": self.granule, "mte": self.mte, "vcpus": self.vcpus,
-                "strategy": self.strategy, "tag_format": self.tag_format,
-                "compression": self.compression, "vm_uuid": self.vm_uuid,
-                "channels": self.channels, "session": self.session, "nonce": self.nonce}
+        return {
+            "version": self.version,
+            "ram_size": self.ram_size,
+            "page_size": self.page_size,
+            "granule": self.granule,
+            "mte": self.mte,
+            "vcpus": self.vcpus,
+            "strategy": self.strategy,
+            "tag_format": self.tag_format,
+            "compression": self.compression,
+            "vm_uuid": self.vm_uuid,
+            "channels": self.channels,
+            "session": self.session,
+            "nonce": self.nonce,
+        }
 
     @classmethod
     def from_meta(cls, m, payload):
         f = "HELLO"
-        return cls(_uint(m, "version", f, 2**16), _uint(m, "ram_size", f, 2**48),
-                   _uint(m, "page_size", f, 2**32), _uint(m, "granule", f, 2**16),
-                   _field(m, "mte", bool, f), _uint(m, "vcpus", f, 4096),
-                   _field(m, "strategy", str, f), _field(m, "tag_format", str, f),
-                   _field(m, "compression", str, f), _field(m, "vm_uuid", str, f),
-                   _channels(m, f), _field(m, "session", str, f)[:64], _nonce(m, f))
+        return cls(
+            _uint(m, "version", f, 2**16),
+            _uint(m, "ram_size", f, 2**48),
+            _uint(m, "page_size", f, 2**32),
+            _uint(m, "granule", f, 2**16),
+            _field(m, "mte", bool, f),
+            _uint(m, "vcpus", f, 4096),
+            _field(m, "strategy", str, f),
+            _field(m, "tag_format", str, f),
+            _field(m, "compression", str, f),
+            _field(m, "vm_uuid", str, f),
+            _channels(m, f),
+            _field(m, "session", str, f)[:64],
+            _nonce(m, f),
+        )
 
 
 @dataclass
 class Join:
     """Source -> destination, first frame of an extra data connection:
     this connection carries data channel ``channel`` of session ``session``."""
+
     session: str
     channel: int
     proof: bytes = b""
@@ -163,14 +186,18 @@ class Join:
 
     @classmethod
     def from_meta(cls, m, payload):
-        return cls(_field(m, "session", str, "JOIN")[:64], _uint(m, "channel", "JOIN", Hello.MAX_CHANNELS),
-                   _nonce(m, "JOIN", "proof"))
+        return cls(
+            _field(m, "session", str, "JOIN")[:64],
+            _uint(m, "channel", "JOIN", Hello.MAX_CHANNELS),
+            _nonce(m, "JOIN", "proof"),
+        )
 
 
 @dataclass
 class Auth:
     """Source -> destination, right after WELCOME: the source's proof that it
     holds the shared key (empty when no key is configured)."""
+
     proof: bytes = b""
     type = FrameType.AUTH
 
@@ -187,6 +214,7 @@ class Recover:
     """Source -> destination on a new connection, when the last confirmation
     was lost: the source's decision for session ``session`` -- "go" (it gave
     the guest up: resume it) or "abort" (it kept the guest: discard yours)."""
+
     session: str
     decision: str
     proof: bytes = b""
@@ -207,6 +235,7 @@ class Recover:
 class Welcome:
     """Destination -> source: capabilities accepted; with a shared key, the
     destination's nonce and its proof that it holds the key."""
+
     version: int
     nonce: bytes = b""
     proof: bytes = b""
@@ -226,6 +255,7 @@ class Pages:
     ``flags`` one byte per page (PAGE_ZERO | PAGE_TAGS); ``data`` holds the
     non-zero pages in order, ``tags`` the packed tags of PAGE_TAGS pages in
     order, each zstd-compressed when ``data_compressed`` / ``tags_compressed``."""
+
     pass_no: int
     ranges: list
     flags: bytes
@@ -255,8 +285,14 @@ class Pages:
 
     def meta(self):
         flat = array("Q", [v for r in self.ranges for v in r])
-        m = {"p": self.pass_no, "r": flat.tobytes(), "f": bytes(self.flags),
-             "dc": self.data_compressed, "tc": self.tags_compressed, "dl": len(self.data)}
+        m = {
+            "p": self.pass_no,
+            "r": flat.tobytes(),
+            "f": bytes(self.flags),
+            "dc": self.data_compressed,
+            "tc": self.tags_compressed,
+            "dl": len(self.data),
+        }
         if self.self_checked:
             m["dk"], m["tk"] = self.dcrc, self.tcrc
         return m
@@ -288,8 +324,10 @@ class Pages:
         ranges = list(zip(flat[0::2], flat[1::2]))
         total = sum(c for _, c in ranges)
         if not ranges or total != len(flags) or total > MAX_BATCH_PAGES:
-            raise ProtocolError(f"PAGES batch has {total} pages in ranges but {len(flags)} flags "
-                                f"(at most {MAX_BATCH_PAGES} pages per batch)")
+            raise ProtocolError(
+                f"PAGES batch has {total} pages in ranges but {len(flags)} flags "
+                f"(at most {MAX_BATCH_PAGES} pages per batch)"
+            )
         if any(c == 0 for _, c in ranges):
             raise ProtocolError("PAGES batch has an empty range")
         if flags.translate(None, VALID_PAGE_FLAGS):
@@ -299,9 +337,15 @@ class Pages:
         dcrc = tcrc = None
         if "dk" in m or "tk" in m:
             dcrc, tcrc = _uint(m, "dk", f, 2**32), _uint(m, "tk", f, 2**32)
-        return dict(pass_no=_uint(m, "p", f, 2**32), ranges=ranges, flags=flags,
-                    data_compressed=_field(m, "dc", bool, f), tags_compressed=_field(m, "tc", bool, f),
-                    dcrc=dcrc, tcrc=tcrc), dl
+        return dict(
+            pass_no=_uint(m, "p", f, 2**32),
+            ranges=ranges,
+            flags=flags,
+            data_compressed=_field(m, "dc", bool, f),
+            tags_compressed=_field(m, "tc", bool, f),
+            dcrc=dcrc,
+            tcrc=tcrc,
+        ), dl
 
     def check_tags(self) -> None:
         if self.tcrc is not None and zlib.crc32(self.tags) != self.tcrc:
@@ -311,6 +355,7 @@ class Pages:
 @dataclass
 class PassEnd:
     """Source -> destination: pass ``pass_no`` is complete."""
+
     pass_no: int
     pages: int
     type = FrameType.PASS_END
@@ -326,6 +371,7 @@ class PassEnd:
 @dataclass
 class State:
     """vCPU and device state, msgpack in the payload (bounded like pages)."""
+
     state: dict
     type = FrameType.STATE
 
@@ -349,6 +395,7 @@ class State:
 @dataclass
 class Complete:
     """Source -> destination: everything is sent; here is what you should hold."""
+
     data_digest: str
     tag_digest: str
     state_digest: str
@@ -361,8 +408,7 @@ class Complete:
     @classmethod
     def from_meta(cls, m, payload):
         f = "COMPLETE"
-        return cls(_field(m, "d", str, f), _field(m, "t", str, f), _field(m, "s", str, f),
-                   _uint(m, "f", f, 2**32))
+        return cls(_field(m, "d", str, f), _field(m, "t", str, f), _field(m, "s", str, f), _uint(m, "f", f, 2**32))
 
 
 @dataclass
@@ -370,6 +416,7 @@ class Confirm:
     """Destination -> source: what I hold.  The payload carries the per-chunk
     CRCs of data and tags (4 bytes each per 1 MiB chunk of RAM), so the source
     can tell which chunks differ when the digests do."""
+
     data_digest: str
     tag_digest: str
     state_digest: str
@@ -391,6 +438,7 @@ class Confirm:
 @dataclass
 class Inspect:
     """Source -> destination: send per-page detail for these RAM chunks."""
+
     chunks: list
     type = FrameType.INSPECT
     MAX_CHUNKS = 64
@@ -401,7 +449,9 @@ class Inspect:
     @classmethod
     def from_meta(cls, m, payload):
         chunks = _field(m, "c", list, "INSPECT")
-        if len(chunks) > cls.MAX_CHUNKS or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in chunks):
+        if len(chunks) > cls.MAX_CHUNKS or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in chunks
+        ):
             raise ProtocolError(f"INSPECT wants a list of at most {cls.MAX_CHUNKS} chunk numbers")
         return cls(chunks)
 
@@ -410,6 +460,7 @@ class Inspect:
 class Inspection:
     """Destination -> source: per page of the requested chunks, a data CRC
     (4 bytes) followed by the page's effective packed tags (128 bytes)."""
+
     chunks: list
     detail: bytes
     type = FrameType.INSPECTION
@@ -431,6 +482,7 @@ class Inspection:
 @dataclass
 class Go:
     """Source -> destination: I have given the guest up; resume it."""
+
     type = FrameType.GO
 
     def meta(self):
@@ -444,6 +496,7 @@ class Go:
 @dataclass
 class Resumed:
     """Destination -> source: the guest runs here now."""
+
     type = FrameType.RESUMED
 
     def meta(self):
@@ -457,6 +510,7 @@ class Resumed:
 @dataclass
 class Error:
     """Either way: the migration failed; ``message`` is one line for the user."""
+
     code: str
     message: str
     type = FrameType.ERROR
@@ -472,6 +526,7 @@ class Error:
 @dataclass
 class Abort:
     """Either way: stop now (e.g. the user cancelled)."""
+
     reason: str
     type = FrameType.ABORT
 
@@ -483,8 +538,27 @@ class Abort:
         return cls(_field(m, "reason", str, "ABORT")[:1000])
 
 
-FRAME_CLASSES = {cls.type: cls for cls in (Hello, Welcome, Pages, PassEnd, State, Complete, Confirm,
-                                           Inspect, Inspection, Go, Resumed, Error, Abort, Join, Auth, Recover)}
+FRAME_CLASSES = {
+    cls.type: cls
+    for cls in (
+        Hello,
+        Welcome,
+        Pages,
+        PassEnd,
+        State,
+        Complete,
+        Confirm,
+        Inspect,
+        Inspection,
+        Go,
+        Resumed,
+        Error,
+        Abort,
+        Join,
+        Auth,
+        Recover,
+    )
+}
 
 
 # -- codec ------------------------------------------------------------------------
@@ -539,11 +613,14 @@ def parse_header(raw, require_crc=False) -> Header:
         raise ProtocolError(f"unknown frame flags {flags:#x}")
     required = checksum_mode(require_crc)
     if required != "none" and not flags & FLAG_CRC:
-        raise ProtocolError(f"{ftype.name} frame has no checksum, but this side requires one "
-                            f"(give both sides the same --checksum)")
+        raise ProtocolError(
+            f"{ftype.name} frame has no checksum, but this side requires one (give both sides the same --checksum)"
+        )
     if required == "full" and flags & FLAG_CRC_META_ONLY and ftype != FrameType.PAGES:
-        raise ProtocolError(f"{ftype.name} frame's checksum leaves its payload out, but this side requires "
-                            f"--checksum full (give both sides the same --checksum)")
+        raise ProtocolError(
+            f"{ftype.name} frame's checksum leaves its payload out, but this side requires "
+            f"--checksum full (give both sides the same --checksum)"
+        )
     if meta_len > MAX_META:
         raise ProtocolError(f"{ftype.name} meta length {meta_len} exceeds the limit {MAX_META}")
     if payload_len > MAX_PAYLOAD:
@@ -557,10 +634,15 @@ def decode(header: Header, meta_bytes, payload, require_crc=False):
     payload out only if the frame checks its payload itself (PAGES with
     data and tags checksums)."""
     frame = FRAME_CLASSES[header.type].from_meta(_checked_meta(header, meta_bytes, payload), payload)
-    if header.flags & FLAG_CRC_META_ONLY and checksum_mode(require_crc) == "full" \
-            and not getattr(frame, "self_checked", False):
-        raise ProtocolError(f"{header.type.name} frame's checksum leaves its payload out, but this side requires "
-                            f"--checksum full (give both sides the same --checksum)")
+    if (
+        header.flags & FLAG_CRC_META_ONLY
+        and checksum_mode(require_crc) == "full"
+        and not getattr(frame, "self_checked", False)
+    ):
+        raise ProtocolError(
+            f"{header.type.name} frame's checksum leaves its payload out, but this side requires "
+            f"--checksum full (give both sides the same --checksum)"
+        )
     return frame
 
 
@@ -583,8 +665,10 @@ def _checked_meta(header: Header, meta_bytes, payload=None) -> dict:
         if not header.flags & FLAG_CRC_META_ONLY:
             crc = zlib.crc32(payload, crc)
         if crc != header.crc:
-            raise ProtocolError(f"{header.type.name} frame failed its checksum "
-                                f"(crc {crc:#010x}, expected {header.crc:#010x}): the stream is corrupt")
+            raise ProtocolError(
+                f"{header.type.name} frame failed its checksum "
+                f"(crc {crc:#010x}, expected {header.crc:#010x}): the stream is corrupt"
+            )
     try:
         meta = msgpack.unpackb(bytes(meta_bytes), raw=False, strict_map_key=True)
     except Exception as exc:
@@ -609,8 +693,8 @@ class FrameBuffer:
             total = HEADER_SIZE + header.meta_len + header.payload_len
             if len(self._buf) < total:
                 break
-            meta = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + header.meta_len])
-            payload = bytes(self._buf[HEADER_SIZE + header.meta_len:total])
+            meta = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + header.meta_len])
+            payload = bytes(self._buf[HEADER_SIZE + header.meta_len : total])
             del self._buf[:total]
             frames.append(decode(header, meta, payload, self.require_crc))
         return frames

@@ -26,10 +26,16 @@ def build_host(guest: GuestSpec, strategy: str, role: str) -> SimulatedHost:
     empty VM of the same shape (MTE enabled before its vCPUs, as KVM requires)."""
     prot_mte = STRATEGIES[strategy].vmm_prot_mte if strategy in STRATEGIES else False
     try:
-        host = SimulatedHost(guest.ram, mte=guest.mte, vcpus=guest.vcpus,
-                             workload=guest.workload if role == "source" else "idle",
-                             workload_params=guest.params if role == "source" else {"fill": 0},
-                             rate=guest.rate, seed=guest.seed, device_prot_mte=prot_mte)
+        host = SimulatedHost(
+            guest.ram,
+            mte=guest.mte,
+            vcpus=guest.vcpus,
+            workload=guest.workload if role == "source" else "idle",
+            workload_params=guest.params if role == "source" else {"fill": 0},
+            rate=guest.rate,
+            seed=guest.seed,
+            device_prot_mte=prot_mte,
+        )
     except (ValueError, OSError) as exc:
         raise ConfigError(f"cannot create the {role} guest: {one_line(exc)}") from None
     if role == "source":
@@ -38,6 +44,7 @@ def build_host(guest: GuestSpec, strategy: str, role: str) -> SimulatedHost:
                 path = guest.image
                 if path.startswith("builtin:"):
                     from .images import builtin_image
+
                     path = builtin_image(path, guest.ram - guest.image_offset, guest.seed)
                 host.memory.load_image(path, guest.image_offset, guest.image_repeat)
             except (OSError, ValueError) as exc:
@@ -65,8 +72,10 @@ class _CpuMeter:
         return r.ru_utime + r.ru_stime
 
     def read(self) -> dict:
-        return {"process_s": round(self._process() - self._proc, 4),
-                "migration_thread_s": round(time.thread_time() - self._thread, 4)}
+        return {
+            "process_s": round(self._process() - self._proc, 4),
+            "migration_thread_s": round(time.thread_time() - self._thread, 4),
+        }
 
 
 def _install_cancel(loop, task) -> None:
@@ -87,8 +96,17 @@ def _prefix_counters(result: dict, side: str) -> None:
     result["counters"] = {f"{side}.{k}": v for k, v in result["counters"].items()}
 
 
-def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect, json_path: str | None,
-               quiet: bool, warmup_s: float = 0.2, summary_out: bool = True, retry: int = 0) -> int:
+def run_source(
+    guest: GuestSpec,
+    config: MigrationConfig,
+    scenario: str,
+    connect,
+    json_path: str | None,
+    quiet: bool,
+    warmup_s: float = 0.2,
+    summary_out: bool = True,
+    retry: int = 0,
+) -> int:
     """Boot the guest and migrate it.  ``connect``: one address or a list,
     tried in order; with ``retry`` N, up to N more attempts follow a failure
     (not a cancel) while the guest keeps running here."""
@@ -121,15 +139,24 @@ def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect
             except asyncio.CancelledError:  # cancelled before migrate() could catch it
                 result = engine.result
                 result["status"], result["error"] = "cancelled", result["error"] or "cancelled by the user"
-            attempts.append({"attempt": n + 1, "destination": f"{address[0]}:{address[1]}",
-                             "status": result["status"], "error": result["error"],
-                             "total_time_ms": result["total_time_ms"]})
+            attempts.append(
+                {
+                    "attempt": n + 1,
+                    "destination": f"{address[0]}:{address[1]}",
+                    "status": result["status"],
+                    "error": result["error"],
+                    "total_time_ms": result["total_time_ms"],
+                }
+            )
             if result["status"] in ("completed", "cancelled") or n == retry:
                 return result
-            progress.message(f"attempt {n + 1} failed ({result['error']}); the guest runs on here; "
-                             f"retrying {'with ' + ':'.join(map(str, parsed[(n + 1) % len(parsed)])) if len(parsed) > 1 else ''}".rstrip())
+            progress.message(
+                f"attempt {n + 1} failed ({result['error']}); the guest runs on here; "
+                f"retrying {'with ' + ':'.join(map(str, parsed[(n + 1) % len(parsed)])) if len(parsed) > 1 else ''}".rstrip()
+            )
             await asyncio.sleep(min(1.0, 0.2 * (n + 1)))  # the guest keeps running meanwhile
         return result
+
     cpu = _CpuMeter()
     try:
         result = asyncio.run(main())
@@ -151,9 +178,19 @@ def run_source(guest: GuestSpec, config: MigrationConfig, scenario: str, connect
     return _exit_code(result)
 
 
-def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: str, strategy: str | None,
-             expect_uuid: str | None, json_path: str | None, quiet: bool, run_after_s: float = 0.0,
-             summary_out: bool = True, attempts: int = 1) -> int:
+def run_dest(
+    guest: GuestSpec,
+    config: MigrationConfig,
+    scenario: str,
+    listen: str,
+    strategy: str | None,
+    expect_uuid: str | None,
+    json_path: str | None,
+    quiet: bool,
+    run_after_s: float = 0.0,
+    summary_out: bool = True,
+    attempts: int = 1,
+) -> int:
     """Listen and receive a migration; after a failed one, discard the partial
     guest and accept another, up to ``attempts`` in all."""
     try:
@@ -179,6 +216,7 @@ def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: s
         if config.prealloc:
             vm_host.memory.prefault(0, vm_host.memory.npages)
         return vm_host, round((time.perf_counter() - t) * 1000, 3)
+
     try:
         # The first VM exists (and its RAM, with --prealloc) before this
         # says it listens: whoever starts the source waits for that line.
@@ -190,7 +228,7 @@ def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: s
             if config.prealloc:
                 engine.result["prealloc_ms"] = prealloc_ms
 
-            async def main():
+            async def main(engine=engine):
                 task = asyncio.ensure_future(engine.serve(listener))
                 _install_cancel(asyncio.get_running_loop(), task)
                 try:
@@ -199,6 +237,7 @@ def run_dest(guest: GuestSpec, config: MigrationConfig, scenario: str, listen: s
                     engine.result["status"] = "cancelled"
                     engine.result["error"] = engine.result["error"] or "cancelled before a source connected"
                     return engine.result
+
             try:
                 result = asyncio.run(main())
                 if result["status"] == "completed" and run_after_s > 0:

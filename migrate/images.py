@@ -12,7 +12,7 @@ from pathlib import Path
 PAGE = 4096
 BLOCK = 1 << 20
 KINDS = ("zero", "random", "mixed")
-_TEXT = (b"MTE keeps a 4-bit tag for every 16 bytes; the VMM must move them with the data. " * 64)[:PAGE // 2]
+_TEXT = (b"MTE keeps a 4-bit tag for every 16 bytes; the VMM must move them with the data. " * 64)[: PAGE // 2]
 
 
 def _random(seed: int, block: int, n: int) -> bytes:
@@ -30,10 +30,12 @@ def block_bytes(kind: str, seed: int, block: int) -> bytes:
         half = PAGE // 2
         r = 0
         for _ in range(BLOCK // (4 * PAGE)):
-            quad.append(bytes(PAGE))                      # zero
-            quad.append(rnd[r:r + PAGE]); r += PAGE       # random
-            for _ in range(2):                            # half random, half text
-                quad.append(rnd[r:r + half] + _TEXT); r += half
+            quad.append(bytes(PAGE))  # zero
+            quad.append(rnd[r : r + PAGE])
+            r += PAGE  # random
+            for _ in range(2):  # half random, half text
+                quad.append(rnd[r : r + half] + _TEXT)
+                r += half
         return b"".join(quad)
     raise ValueError(f"unknown image kind {kind!r}; known: {', '.join(KINDS)}")
 
@@ -51,7 +53,8 @@ def make_image(path: str, kind: str, size: int, seed: int = 1) -> str:
 
 def cache_dir() -> Path:
     base = os.environ.get("MTE_MIGRATE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mte-migrate")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mte-migrate"
+    )
     path = Path(base)
     path.mkdir(parents=True, exist_ok=True)
     return path

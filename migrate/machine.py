@@ -109,7 +109,7 @@ DATA_SOURCE_TABLE = {
 }
 
 DATA_DEST_TABLE = {
-    (D.WAIT_HELLO, RECV, T.RECOVER): D.RESUMING,   # the in-doubt window: see RECOVERY below
+    (D.WAIT_HELLO, RECV, T.RECOVER): D.RESUMING,  # the in-doubt window: see RECOVERY below
     (D.RESUMING, SEND, T.RESUMED): D.RUNNING,
     (D.WAIT_HELLO, RECV, T.JOIN): D.NEGOTIATING,
     (D.WAIT_HELLO, RECV, T.HELLO): D.NEGOTIATING,  # another source: answered "busy"
@@ -245,5 +245,6 @@ class Connection:
         limit = self.ram_pages
         for first, count in frame.ranges:
             if limit is None or first + count > limit:
-                raise ProtocolError(f"PAGES frame names pages {first}..{first + count - 1}, "
-                                    f"outside guest RAM ({limit} pages)")
+                raise ProtocolError(
+                    f"PAGES frame names pages {first}..{first + count - 1}, outside guest RAM ({limit} pages)"
+                )

@@ -21,18 +21,18 @@ _PLAIN_WRITE = TagStrategy.write_data  # a strategy that keeps it stores data as
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_TAG_PAGE = bytes(PACKED_TAGS_PER_PAGE)
 _DATA_BIT = bytes(0 if b & (fr.PAGE_ZERO | fr.PAGE_KEEP) else 1 for b in range(256))  # 1 = data on the wire
-_ZERO_BIT = bytes(1 if b & fr.PAGE_ZERO else 0 for b in range(256))   # 1 = all-zero data
-_TAGS_BIT = bytes(1 if b & fr.PAGE_TAGS else 0 for b in range(256))   # 1 = tags on the wire
+_ZERO_BIT = bytes(1 if b & fr.PAGE_ZERO else 0 for b in range(256))  # 1 = all-zero data
+_TAGS_BIT = bytes(1 if b & fr.PAGE_TAGS else 0 for b in range(256))  # 1 = tags on the wire
 _ADD_TAGS = bytes((b | fr.PAGE_TAGS) & 0xFF for b in range(256))
-_IS_ZERO_BYTE = bytes([1]) + bytes(255)                               # 1 = the byte is 0
-_LANDED_BIT = bytes(0 if b & fr.PAGE_KEEP else 1 for b in range(256))   # 1 = data or zero page
+_IS_ZERO_BYTE = bytes([1]) + bytes(255)  # 1 = the byte is 0
+_LANDED_BIT = bytes(0 if b & fr.PAGE_KEEP else 1 for b in range(256))  # 1 = data or zero page
 _ZERO_BLOCK_PAGES = 256
 _ZERO_BLOCK = memoryview(bytes(_ZERO_BLOCK_PAGES * PAGE_SIZE))
 
 
 def _zeros(npages: int):
     """``npages`` zero pages to write (a view of one shared block when it fits)."""
-    return _ZERO_BLOCK[:npages * PAGE_SIZE] if npages <= _ZERO_BLOCK_PAGES else bytes(npages * PAGE_SIZE)
+    return _ZERO_BLOCK[: npages * PAGE_SIZE] if npages <= _ZERO_BLOCK_PAGES else bytes(npages * PAGE_SIZE)
 
 
 _PAGE_KIND = bytes(0 if b & fr.PAGE_KEEP else 2 if b & fr.PAGE_ZERO else 1 for b in range(256))
@@ -49,7 +49,7 @@ def content_crc(flags, data) -> int:
     for m in _SAME_KIND_RUN.finditer(bytes(flags).translate(_PAGE_KIND)):
         n, kind = m.end() - m.start(), m.group()[0]
         if kind == 1:
-            crc = zlib.crc32(data[pos:pos + n * PAGE_SIZE], crc)
+            crc = zlib.crc32(data[pos : pos + n * PAGE_SIZE], crc)
             pos += n * PAGE_SIZE
         elif kind == 2:
             crc = zlib.crc32(_zeros(n), crc)
@@ -94,7 +94,7 @@ def content_pieces(flags, data):
         return zero_pieces(len(flags))
     content, pos, data = bytearray(len(flags) * PAGE_SIZE), 0, memoryview(data)
     for a, b in runs(zero_bits, 0):
-        content[a * PAGE_SIZE:b * PAGE_SIZE] = data[pos:pos + (b - a) * PAGE_SIZE]
+        content[a * PAGE_SIZE : b * PAGE_SIZE] = data[pos : pos + (b - a) * PAGE_SIZE]
         pos += (b - a) * PAGE_SIZE
     return piece_crcs(content)
 
@@ -105,7 +105,7 @@ def _flag_zero_pages(view, heads: bytes, flags: bytearray, at: int) -> None:
     starting with 0 are compared in full (random or text data: hardly any)."""
     for a, b in runs(heads.translate(_IS_ZERO_BYTE), 1):
         for p in range(a, b):
-            if _ZERO_PAGE.startswith(view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]):
+            if _ZERO_PAGE.startswith(view[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]):
                 flags[at + p] = fr.PAGE_ZERO
 
 
@@ -131,11 +131,11 @@ class BatchStats:
     zero_pages: int = 0
     normal_pages: int = 0
     tagged_pages: int = 0
-    data_bytes: int = 0       # guest bytes of non-zero pages
+    data_bytes: int = 0  # guest bytes of non-zero pages
     data_wire: int = 0
-    tag_raw: int = 0          # packed tag bytes of tagged pages
+    tag_raw: int = 0  # packed tag bytes of tagged pages
     tag_wire: int = 0
-    spliced_bytes: int = 0    # data received straight into guest RAM (destination)
+    spliced_bytes: int = 0  # data received straight into guest RAM (destination)
 
     def add(self, other: "BatchStats") -> None:
         for k in self.__dataclass_fields__:
@@ -154,7 +154,7 @@ def packed_tags_blob(flags: bytearray, packed, n: int) -> tuple[bytes, int]:
         return bytes(packed), n
     keep = []
     for p in range(n):
-        t = packed[p * PACKED_TAGS_PER_PAGE:(p + 1) * PACKED_TAGS_PER_PAGE]
+        t = packed[p * PACKED_TAGS_PER_PAGE : (p + 1) * PACKED_TAGS_PER_PAGE]
         if t != _ZERO_TAG_PAGE:
             flags[p] |= fr.PAGE_TAGS
             keep.append(t)
@@ -203,12 +203,12 @@ class BatchBuilder:
                 i += count
                 continue
             if heads.count(0) == count and all_zero(view):
-                flags[i:i + count] = bytes([fr.PAGE_ZERO]) * count
+                flags[i : i + count] = bytes([fr.PAGE_ZERO]) * count
                 i += count
                 continue
             _flag_zero_pages(view, heads, flags, i)
-            for a, b in runs(bytes(flags[i:i + count]), 0):
-                parts.append(view[a * PAGE_SIZE:b * PAGE_SIZE])
+            for a, b in runs(bytes(flags[i : i + count]), 0):
+                parts.append(view[a * PAGE_SIZE : b * PAGE_SIZE])
             i += count
         filled = sum(len(v) for v in parts)
         if len(parts) == 1 and not self.checked:
@@ -216,7 +216,7 @@ class BatchBuilder:
         else:
             scratch, pos = memoryview(self._scratch), 0
             for v in parts:
-                scratch[pos:pos + len(v)] = v
+                scratch[pos : pos + len(v)] = v
                 pos += len(v)
             data = scratch[:filled]
         packed = self.strategy.read_tags(ranges)
@@ -229,7 +229,7 @@ class BatchBuilder:
         the runs of data and zero pages one by one made a call per run: 128 a
         chunk of the mixed image, twice the time of the bytes themselves.)"""
         n = ranges[0][1]
-        snap = memoryview(self._scratch)[:n * PAGE_SIZE]
+        snap = memoryview(self._scratch)[: n * PAGE_SIZE]
         snap[:] = view
         flags = bytearray(n)
         _flag_zero_pages(snap, bytes(snap[::PAGE_SIZE]), flags, 0)
@@ -241,7 +241,7 @@ class BatchBuilder:
                 self._gather = bytearray(len(self._scratch))
             gather, pos = memoryview(self._gather), 0
             for a, b in runs(bytes(flags), 0):
-                gather[pos:pos + (b - a) * PAGE_SIZE] = snap[a * PAGE_SIZE:b * PAGE_SIZE]
+                gather[pos : pos + (b - a) * PAGE_SIZE] = snap[a * PAGE_SIZE : b * PAGE_SIZE]
                 pos += (b - a) * PAGE_SIZE
             data = gather[:pos]
         # A page written after the snapshot is in a later dirty harvest,
@@ -264,9 +264,16 @@ class BatchBuilder:
         tags_wire, tags_c = self.compressor.compress_tags(tag_blob)
         zero = flags.count(fr.PAGE_ZERO) + flags.count(fr.PAGE_ZERO | fr.PAGE_TAGS)
         normal = n - zero - flags.count(fr.PAGE_KEEP) - flags.count(fr.PAGE_KEEP | fr.PAGE_TAGS)
-        stats = BatchStats(pages=n, zero_pages=zero, normal_pages=normal, tagged_pages=ntagged,
-                           data_bytes=filled, data_wire=len(data_wire),
-                           tag_raw=len(tag_blob), tag_wire=len(tags_wire))
+        stats = BatchStats(
+            pages=n,
+            zero_pages=zero,
+            normal_pages=normal,
+            tagged_pages=ntagged,
+            data_bytes=filled,
+            data_wire=len(data_wire),
+            tag_raw=len(tag_blob),
+            tag_wire=len(tags_wire),
+        )
         if not self.checked:
             dcrc = tcrc = None
         else:
@@ -283,8 +290,15 @@ class BatchApplier:
     needs writing only over earlier data); ``has_tags`` pages it stored
     non-zero tags in (a page arriving without tags must then be cleared)."""
 
-    def __init__(self, strategy, npages: int, written: bytearray | None = None,
-                 has_tags: bytearray | None = None, on_write=None, digest=None):
+    def __init__(
+        self,
+        strategy,
+        npages: int,
+        written: bytearray | None = None,
+        has_tags: bytearray | None = None,
+        on_write=None,
+        digest=None,
+    ):
         # Data channels share the page maps (each page belongs to one
         # channel, so their slices never overlap) but not the decompressor.
         self.strategy = strategy
@@ -325,9 +339,16 @@ class BatchApplier:
         if landed_chunk is not None:
             self._check_landed(frame, frame.ranges[0][0], frame.ranges[0][0] + frame.ranges[0][1])
         zero = zero_bits.count(1)
-        return BatchStats(pages=len(flags), zero_pages=zero, normal_pages=ndata, tagged_pages=ntags,
-                          data_bytes=ndata * PAGE_SIZE, data_wire=len(frame.data),
-                          tag_raw=ntags * PACKED_TAGS_PER_PAGE, tag_wire=len(frame.tags))
+        return BatchStats(
+            pages=len(flags),
+            zero_pages=zero,
+            normal_pages=ndata,
+            tagged_pages=ntags,
+            data_bytes=ndata * PAGE_SIZE,
+            data_wire=len(frame.data),
+            tag_raw=ntags * PACKED_TAGS_PER_PAGE,
+            tag_wire=len(frame.tags),
+        )
 
     def placement(self, fields: dict, data_len: int):
         """Where the transport may splice a frame's data straight into guest
@@ -337,12 +358,20 @@ class BatchApplier:
         stores data as a plain write to RAM (prot-mte goes through its
         PROT_MTE mapping)."""
         ranges = fields["ranges"]
-        if (self.digest is None or fields["data_compressed"] or fields["dcrc"] is None
-                or type(self.strategy).write_data is not _PLAIN_WRITE or len(ranges) != 1):
+        if (
+            self.digest is None
+            or fields["data_compressed"]
+            or fields["dcrc"] is None
+            or type(self.strategy).write_data is not _PLAIN_WRITE
+            or len(ranges) != 1
+        ):
             return None
         first, count = ranges[0]
-        if whole_chunk(ranges, self.npages) is None or data_len != count * PAGE_SIZE \
-                or fields["flags"].translate(_DATA_BIT).find(0) >= 0:
+        if (
+            whole_chunk(ranges, self.npages) is None
+            or data_len != count * PAGE_SIZE
+            or fields["flags"].translate(_DATA_BIT).find(0) >= 0
+        ):
             return None
         return self.digest.memory.data_fd, first * PAGE_SIZE
 
@@ -353,10 +382,17 @@ class BatchApplier:
         self.on_write(first, end)
         self._land_tags([(0, count, first)], tag_bits, self._tags_of(frame, ntags))
         self._check_landed(frame, first, end)
-        return BatchStats(pages=count, zero_pages=0, normal_pages=ndata, tagged_pages=ntags,
-                          data_bytes=ndata * PAGE_SIZE, data_wire=ndata * PAGE_SIZE,
-                          tag_raw=ntags * PACKED_TAGS_PER_PAGE, tag_wire=len(frame.tags),
-                          spliced_bytes=ndata * PAGE_SIZE)
+        return BatchStats(
+            pages=count,
+            zero_pages=0,
+            normal_pages=ndata,
+            tagged_pages=ntags,
+            data_bytes=ndata * PAGE_SIZE,
+            data_wire=ndata * PAGE_SIZE,
+            tag_raw=ntags * PACKED_TAGS_PER_PAGE,
+            tag_wire=len(frame.tags),
+            spliced_bytes=ndata * PAGE_SIZE,
+        )
 
     def _tags_of(self, frame, ntags: int):
         tags = self._payload(frame.tags, frame.tags_compressed, ntags * PACKED_TAGS_PER_PAGE, "page tags")
@@ -368,7 +404,7 @@ class BatchApplier:
         """Store the tags of PAGE_TAGS pages; clear those of the others that had tags."""
         tags, pos = memoryview(tags), 0
         for a, b in runs(tag_bits, 1):
-            self._tag_run(page_of, a, b, tags[pos:pos + (b - a) * PACKED_TAGS_PER_PAGE])
+            self._tag_run(page_of, a, b, tags[pos : pos + (b - a) * PACKED_TAGS_PER_PAGE])
             pos += (b - a) * PACKED_TAGS_PER_PAGE
         if self.strategy.tag_format != "none":
             for a, b in runs(tag_bits, 0):
@@ -377,12 +413,14 @@ class BatchApplier:
     def _check_landed(self, frame, first: int, end: int) -> None:
         """The frame's data CRC against the pages as they landed; their piece
         CRCs become the chunk's validation digest."""
-        pieces = piece_crcs(self.digest.memory.data[first * PAGE_SIZE:end * PAGE_SIZE])
+        pieces = piece_crcs(self.digest.memory.data[first * PAGE_SIZE : end * PAGE_SIZE])
         crc = chunk_crc(pieces)
         if crc != frame.dcrc:
-            raise ProtocolError(f"PAGES frame data failed its checksum on the landed pages {first}..{end - 1} "
-                                f"(crc {crc:#010x}, expected {frame.dcrc:#010x}): corrupt on the wire, "
-                                f"or stored in the wrong place")
+            raise ProtocolError(
+                f"PAGES frame data failed its checksum on the landed pages {first}..{end - 1} "
+                f"(crc {crc:#010x}, expected {frame.dcrc:#010x}): corrupt on the wire, "
+                f"or stored in the wrong place"
+            )
         self.digest.set_data(first // CHUNK_PAGES, pieces, tags_changed=True)
 
     def _payload(self, blob, compressed: bool, expected: int, what: str):
@@ -419,7 +457,7 @@ class BatchApplier:
                 # of a page or a few, so this is per page there).
                 end = first + n
                 populated = written.find(0, first, end) < 0
-                self.strategy.write_data(first * PAGE_SIZE, data[pos:pos + n * PAGE_SIZE], populated)
+                self.strategy.write_data(first * PAGE_SIZE, data[pos : pos + n * PAGE_SIZE], populated)
                 pos += n * PAGE_SIZE
                 if not populated:
                     written[first:end] = b"\x01" * n
@@ -434,7 +472,7 @@ class BatchApplier:
                 for x, y in runs(data_bits[lo:hi], 1):
                     if x > prev_end:  # zero pages before this data run
                         parts.append(_zeros(x - prev_end))
-                    parts.append(data[pos:pos + (y - x) * PAGE_SIZE])
+                    parts.append(data[pos : pos + (y - x) * PAGE_SIZE])
                     pos += (y - x) * PAGE_SIZE
                     prev_end = y
                 if prev_end < hi - lo:  # zero pages after the last data run
@@ -456,14 +494,14 @@ class BatchApplier:
     def _tag_run(self, page_of, a, b, tags):
         off = 0
         for first, n in self._page_runs(page_of, a, b):
-            self.strategy.write_tags(first, tags[off:off + n * PACKED_TAGS_PER_PAGE])
-            self.has_tags[first:first + n] = b"\x01" * n
+            self.strategy.write_tags(first, tags[off : off + n * PACKED_TAGS_PER_PAGE])
+            self.has_tags[first : first + n] = b"\x01" * n
             self.on_write(first, first + n)
             off += n * PACKED_TAGS_PER_PAGE
 
     def _untag_run(self, page_of, a, b):
         for first, n in self._page_runs(page_of, a, b):
-            for x, y in runs(bytes(self.has_tags[first:first + n]), 1):
+            for x, y in runs(bytes(self.has_tags[first : first + n]), 1):
                 self.strategy.clear_tags(first + x, y - x)
-                self.has_tags[first + x:first + y] = bytes(y - x)
+                self.has_tags[first + x : first + y] = bytes(y - x)
                 self.on_write(first + x, first + y)

@@ -15,8 +15,16 @@ class Progress:
         self._last = 0.0
         self._tty = self.stream.isatty()
 
-    def update(self, pass_no: int, done: int, total: int, rate: float, dirty_rate: float | None,
-               expected_ms: float | None, force: bool = False) -> None:
+    def update(
+        self,
+        pass_no: int,
+        done: int,
+        total: int,
+        rate: float,
+        dirty_rate: float | None,
+        expected_ms: float | None,
+        force: bool = False,
+    ) -> None:
         if not self.enabled:
             return
         now = time.monotonic()

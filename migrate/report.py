@@ -21,14 +21,28 @@ def empty_result(scenario: str, strategy: str) -> dict:
         "dirty_sync_count": 0,
         "passes": [],
         "convergence": None,
-        "ram": {"total_bytes": 0, "transferred_bytes": 0, "remaining_bytes": 0, "zero_pages": 0,
-                "normal_pages": 0, "normal_bytes": 0, "mbps": 0.0, "dirty_pages_rate": 0.0},
+        "ram": {
+            "total_bytes": 0,
+            "transferred_bytes": 0,
+            "remaining_bytes": 0,
+            "zero_pages": 0,
+            "normal_pages": 0,
+            "normal_bytes": 0,
+            "mbps": 0.0,
+            "dirty_pages_rate": 0.0,
+        },
         "tags": {"tagged_pages": 0, "raw_bytes": 0, "wire_bytes": 0},
-        "wire": {"bytes_sent": 0, "bytes_received": 0, "data_bytes": 0, "tag_bytes": 0,
-                 "compression": None},
+        "wire": {"bytes_sent": 0, "bytes_received": 0, "data_bytes": 0, "tag_bytes": 0, "compression": None},
         "counters": {},
-        "validation": {"ok": False, "mode": None, "pages_checked": 0, "data_mismatches": 0,
-                       "tag_mismatches": 0, "state_ok": None, "first_mismatches": []},
+        "validation": {
+            "ok": False,
+            "mode": None,
+            "pages_checked": 0,
+            "data_mismatches": 0,
+            "tag_mismatches": 0,
+            "state_ok": None,
+            "first_mismatches": [],
+        },
         "guest_on": "source",
     }
 
@@ -47,25 +61,35 @@ def summary(result: dict) -> str:
         head += f" -- {result['error']}"
     lines.append(head)
     if result["status"] == "completed" or ram["transferred_bytes"]:
-        lines.append(f"  total {result['total_time_ms']:.0f} ms (setup {result['setup_time_ms']:.0f} ms), "
-                     f"downtime {_ms(result['downtime_ms'])}, {result['dirty_sync_count']} dirty syncs")
+        lines.append(
+            f"  total {result['total_time_ms']:.0f} ms (setup {result['setup_time_ms']:.0f} ms), "
+            f"downtime {_ms(result['downtime_ms'])}, {result['dirty_sync_count']} dirty syncs"
+        )
         if result.get("convergence"):
             lines.append(f"  stopped because {result['convergence']['reason']}")
         lines.extend(f"  {line}" for line in downtime_split(result))
-        ram_line = (f"  RAM {fmt_bytes(ram['total_bytes'])}: {ram['normal_pages']} pages sent, "
-                    f"{ram['zero_pages']} zero pages, {fmt_bytes(ram['transferred_bytes'])} on the wire")
+        ram_line = (
+            f"  RAM {fmt_bytes(ram['total_bytes'])}: {ram['normal_pages']} pages sent, "
+            f"{ram['zero_pages']} zero pages, {fmt_bytes(ram['transferred_bytes'])} on the wire"
+        )
         if ram.get("guest_bytes_per_s"):
             ram_line += f", {fmt_rate(ram['guest_bytes_per_s'])} of guest RAM end to end"
         lines.append(ram_line)
-        lines.append(f"  tags: {tags['tagged_pages']} tagged pages, {fmt_bytes(tags['raw_bytes'])} raw, "
-                     f"{fmt_bytes(tags['wire_bytes'])} on the wire")
+        lines.append(
+            f"  tags: {tags['tagged_pages']} tagged pages, {fmt_bytes(tags['raw_bytes'])} raw, "
+            f"{fmt_bytes(tags['wire_bytes'])} on the wire"
+        )
     if val.get("mode"):
         verdict = "OK" if val["ok"] else "FAILED"
-        lines.append(f"  validation ({val['mode']}) {verdict}: {val['pages_checked']} pages checked, "
-                     f"{val['data_mismatches']} data and {val['tag_mismatches']} tag mismatches"
-                     + ("" if val.get("state_ok") in (None, True) else ", vCPU state differs"))
+        lines.append(
+            f"  validation ({val['mode']}) {verdict}: {val['pages_checked']} pages checked, "
+            f"{val['data_mismatches']} data and {val['tag_mismatches']} tag mismatches"
+            + ("" if val.get("state_ok") in (None, True) else ", vCPU state differs")
+        )
         for m in val.get("first_mismatches", [])[:5]:
-            lines.append(f"    page {m['page']}: {m['kind']}" + (f", granules {m['granules']}" if m.get("granules") else ""))
+            lines.append(
+                f"    page {m['page']}: {m['kind']}" + (f", granules {m['granules']}" if m.get("granules") else "")
+            )
     lines.append(f"  guest: {_where(result.get('guest_on', 'source'))}")
     return "\n".join(lines)
 
@@ -78,14 +102,18 @@ def downtime_split(result: dict) -> list[str]:
     parts = result.get("downtime_breakdown_ms")
     if not parts:
         return []
-    lines = [f"downtime split: final pages {parts['final_memory']:.0f} ms, state {parts['state']:.0f} ms, "
-             f"completion {parts['completion']:.0f} ms"]
+    lines = [
+        f"downtime split: final pages {parts['final_memory']:.0f} ms, state {parts['state']:.0f} ms, "
+        f"completion {parts['completion']:.0f} ms"
+    ]
     src = result.get("digest") or {}
     dst = (result.get("destination") or {}).get("final_digest") or {}
     if src.get("final_ms") is not None:
-        text = (f"validation digests after the pause: source {src['final_ms']:.0f} ms "
-                f"({_stale(src.get('stale_mib_at_pause'), src['stale_chunks_at_pause'])} brought up to date, "
-                f"alongside the final pages)")
+        text = (
+            f"validation digests after the pause: source {src['final_ms']:.0f} ms "
+            f"({_stale(src.get('stale_mib_at_pause'), src['stale_chunks_at_pause'])} brought up to date, "
+            f"alongside the final pages)"
+        )
         if dst.get("ms") is not None:
             text += f", destination {dst['ms']:.0f} ms ({_stale(dst.get('stale_mib'), dst['stale_chunks'])})"
         lines.append(text)

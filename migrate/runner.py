@@ -9,12 +9,13 @@ import sys
 import tempfile
 import time
 
-from .report import empty_result
 from .hostproc import spec_to_json
+from .report import empty_result
 
 
-def run_pair(guest, config, scenario: str, quiet: bool, extra_source_args=(), timeout_s: float = 3600,
-             retry: int = 0) -> dict:
+def run_pair(
+    guest, config, scenario: str, quiet: bool, extra_source_args=(), timeout_s: float = 3600, retry: int = 0
+) -> dict:
     """Start both host processes, wait for them, return the merged result."""
     with tempfile.TemporaryDirectory(prefix="mte-migrate-") as tmp:
         spec = os.path.join(tmp, "spec.json")
@@ -23,9 +24,25 @@ def run_pair(guest, config, scenario: str, quiet: bool, extra_source_args=(), ti
         src_json, dst_json = os.path.join(tmp, "source.json"), os.path.join(tmp, "dest.json")
         base = [sys.executable, "-m", "migrate"]
         quiet_flag = (["--quiet"] if quiet else []) + ["--no-summary"]  # the parent prints the merged one
-        dest = subprocess.Popen(base + ["dest", "--listen", "127.0.0.1:0", "--spec", spec, "--json", dst_json,
-                                        "--strategy", config.strategy, "--attempts", str(retry + 1)] + quiet_flag,
-                                stdout=subprocess.PIPE, text=True)
+        dest = subprocess.Popen(
+            base
+            + [
+                "dest",
+                "--listen",
+                "127.0.0.1:0",
+                "--spec",
+                spec,
+                "--json",
+                dst_json,
+                "--strategy",
+                config.strategy,
+                "--attempts",
+                str(retry + 1),
+            ]
+            + quiet_flag,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         source = None
         try:
             line = dest.stdout.readline().strip()
@@ -33,8 +50,13 @@ def run_pair(guest, config, scenario: str, quiet: bool, extra_source_args=(), ti
                 dest.wait(timeout=30)
                 return _failed(scenario, config.strategy, dst_json, "destination did not start listening")
             address = line.removeprefix("listening on ")
-            source = subprocess.Popen(base + ["source", "--connect", address, "--spec", spec, "--json", src_json]
-                                      + quiet_flag + ["--retry", str(retry)] + list(extra_source_args))
+            source = subprocess.Popen(
+                base
+                + ["source", "--connect", address, "--spec", spec, "--json", src_json]
+                + quiet_flag
+                + ["--retry", str(retry)]
+                + list(extra_source_args)
+            )
             deadline = time.monotonic() + timeout_s
             _wait(source, deadline)  # the results are read from the JSON files
             _wait(dest, time.monotonic() + max(30.0, config.timeout_s * 3))
@@ -48,12 +70,28 @@ def run_pair(guest, config, scenario: str, quiet: bool, extra_source_args=(), ti
                 if p is not None and p.poll() is None:
                     p.kill()
                     p.wait()
-        result = _load(src_json) or _failed(scenario, config.strategy, None,
-                                            f"source process exited with status {source.returncode if source else '?'} and no result")
+        result = _load(src_json) or _failed(
+            scenario,
+            config.strategy,
+            None,
+            f"source process exited with status {source.returncode if source else '?'} and no result",
+        )
         dresult = _load(dst_json)
         if dresult is not None:
-            result["destination"] = {k: dresult.get(k) for k in ("status", "error", "setup_time_ms", "total_time_ms",
-                                                                 "guest_on", "cpu", "peak_rss_bytes", "prealloc_ms", "final_digest")}
+            result["destination"] = {
+                k: dresult.get(k)
+                for k in (
+                    "status",
+                    "error",
+                    "setup_time_ms",
+                    "total_time_ms",
+                    "guest_on",
+                    "cpu",
+                    "peak_rss_bytes",
+                    "prealloc_ms",
+                    "final_digest",
+                )
+            }
             result["destination"]["spliced_bytes"] = (dresult.get("ram") or {}).get("spliced_bytes")
             result["counters"] = {**result.get("counters", {}), **dresult.get("counters", {})}
             if dresult["status"] != "completed" and result["status"] == "completed":

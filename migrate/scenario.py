@@ -29,19 +29,54 @@ strategy = "tag-ioctl"
 """
 
 _GUEST_KEYS = {"ram", "vcpus", "mte", "workload", "rate", "seed", "params", "image", "image_offset", "image_repeat"}
-_MIGRATION_KEYS = {"strategy", "compression", "max_bandwidth", "downtime_limit_ms", "max_passes",
-                   "auto_converge", "throttle_initial", "throttle_increment", "throttle_max",
-                   "batch_pages", "tag_batch_pages", "channels", "checksum", "prealloc", "validate", "timeout_s", "vm_uuid", "in_doubt_hold_s", "psk_file", "tls_cert", "tls_key", "tls_ca"}
+_MIGRATION_KEYS = {
+    "strategy",
+    "compression",
+    "max_bandwidth",
+    "downtime_limit_ms",
+    "max_passes",
+    "auto_converge",
+    "throttle_initial",
+    "throttle_increment",
+    "throttle_max",
+    "batch_pages",
+    "tag_batch_pages",
+    "channels",
+    "checksum",
+    "prealloc",
+    "validate",
+    "timeout_s",
+    "vm_uuid",
+    "in_doubt_hold_s",
+    "psk_file",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+}
 # The TOML types each key takes, and how to say so (keys not listed are
 # converted by parse()).
 _INT, _NUMBER = ((int,), "an integer"), ((int, float), "a number")
 _STR, _BOOL = ((str,), "a string"), ((bool,), "true or false")
 _TYPES = {
-    "vcpus": _INT, "mte": _BOOL, "workload": _STR, "rate": ((int, float, str), "a number or 'max'"),
-    "seed": _INT, "params": ((dict,), "a table"), "image": _STR, "image_repeat": _BOOL,
-    "strategy": _STR, "downtime_limit_ms": _NUMBER, "max_passes": _INT, "batch_pages": _INT,
-    "tag_batch_pages": _INT, "channels": _INT, "checksum": ((str, bool), "'full', 'meta', 'none' or true/false"), "validate": _STR, "timeout_s": _NUMBER,
-    "vm_uuid": _STR, "prealloc": _BOOL,
+    "vcpus": _INT,
+    "mte": _BOOL,
+    "workload": _STR,
+    "rate": ((int, float, str), "a number or 'max'"),
+    "seed": _INT,
+    "params": ((dict,), "a table"),
+    "image": _STR,
+    "image_repeat": _BOOL,
+    "strategy": _STR,
+    "downtime_limit_ms": _NUMBER,
+    "max_passes": _INT,
+    "batch_pages": _INT,
+    "tag_batch_pages": _INT,
+    "channels": _INT,
+    "checksum": ((str, bool), "'full', 'meta', 'none' or true/false"),
+    "validate": _STR,
+    "timeout_s": _NUMBER,
+    "vm_uuid": _STR,
+    "prealloc": _BOOL,
 }
 
 
@@ -51,8 +86,9 @@ def _check_types(source: str, section: str, values: dict) -> None:
             continue
         kinds, want = _TYPES[key]
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise ConfigError(f"scenario {source}: [{section}] {key} must be {want}, "
-                              f"got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"scenario {source}: [{section}] {key} must be {want}, got {type(value).__name__} {value!r}"
+            )
 
 
 @dataclass

@@ -13,22 +13,31 @@ import time
 
 from hosts.constants import GRANULE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
 
-from . import PROTOCOL_VERSION
+from . import PROTOCOL_VERSION, auth, tls
 from . import frames as fr
+from .bitmaps import runs
+from .channels import LoopThread, SendLane, partition
 from .compression import Compressor
 from .convergence import AutoConverge, DowntimeOrPassLimit
 from .digest import PIECE_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
-from . import auth
-from .errors import AuthError, Cancelled, DestinationGone, InDoubt, MigrationError, PeerError, ProtocolError, TransportError, ValidationFailed, one_line
-from .channels import LoopThread, SendLane, partition
+from .errors import (
+    AuthError,
+    Cancelled,
+    DestinationGone,
+    InDoubt,
+    MigrationError,
+    PeerError,
+    ProtocolError,
+    TransportError,
+    ValidationFailed,
+    one_line,
+)
 from .machine import Connection, SourceState, data_source_machine, recovery_source_machine, source_machine
-from .bitmaps import runs
 from .pages import BatchBuilder, BatchStats
 from .progress import Progress
 from .ratelimit import RateLimiter
 from .report import empty_result
 from .strategies import get as get_strategy
-from . import tls
 from .transport import FrameChannel, connect, secure
 from .validate import Validation, compare_detail, differing_chunks
 
@@ -156,8 +165,11 @@ class SourceVmm:
             self._digest_loop = None if self.lanes[0].builder.checked else _DigestKeeper(self._digest)
 
             policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
-            converge = AutoConverge(cfg.throttle_initial, cfg.throttle_increment, cfg.throttle_max) \
-                if cfg.auto_converge else None
+            converge = (
+                AutoConverge(cfg.throttle_initial, cfg.throttle_increment, cfg.throttle_max)
+                if cfg.auto_converge
+                else None
+            )
             self._converge = converge
             await self._send_pass(0, host.memory.populated_ranges())
             if self._digest_loop is None:
@@ -203,8 +215,9 @@ class SourceVmm:
             await chan.send(fr.State(state))
             t_state = time.perf_counter()
             digest = await digest_job
-            await chan.send(fr.Complete(digest.data_digest(), digest.tag_digest(), state_digest(state),
-                                        final_pass=dirty_passes + 1))
+            await chan.send(
+                fr.Complete(digest.data_digest(), digest.tag_digest(), state_digest(state), final_pass=dirty_passes + 1)
+            )
             confirm = await self._await_peer(chan)
             # Everything has crossed and been digested on both sides: the
             # transfer time every strategy is compared on (validation
@@ -229,13 +242,17 @@ class SourceVmm:
                 # destination again, on a new connection, that it owns the guest.
                 if not await self._settle_lost_go(address, lost):
                     self.handed_over = False  # _finish resumes the guest here
-                    raise DestinationGone(f"GO was lost and the destination is gone ({one_line(lost)}); "
-                                          f"the guest resumed on the source") from None
+                    raise DestinationGone(
+                        f"GO was lost and the destination is gone ({one_line(lost)}); the guest resumed on the source"
+                    ) from None
                 res["recovered"] = True
             t_resumed = time.perf_counter()
             res["downtime_ms"] = _ms(t_resumed - t_pause)
-            res["downtime_breakdown_ms"] = {"final_memory": _ms(t_mem - t_pause), "state": _ms(t_state - t_mem),
-                                            "completion": _ms(t_resumed - t_state)}
+            res["downtime_breakdown_ms"] = {
+                "final_memory": _ms(t_mem - t_pause),
+                "state": _ms(t_state - t_mem),
+                "completion": _ms(t_resumed - t_state),
+            }
             res["status"] = "completed"
             res["guest_on"] = "destination"
         except (asyncio.CancelledError, KeyboardInterrupt):
@@ -260,11 +277,23 @@ class SourceVmm:
         host = self.host
         key = auth.load_key(self.config.psk_file)
         nonce = auth.new_nonce()
-        await chan.send(fr.Hello(
-            version=PROTOCOL_VERSION, ram_size=host.memory.size, page_size=PAGE_SIZE, granule=GRANULE,
-            mte=host.vm.mte_enabled, vcpus=host.vcpus.count, strategy=strategy.name,
-            tag_format=strategy.tag_format, compression="zstd", vm_uuid=self.config.vm_uuid,
-            channels=self.config.channels, session=session, nonce=nonce))
+        await chan.send(
+            fr.Hello(
+                version=PROTOCOL_VERSION,
+                ram_size=host.memory.size,
+                page_size=PAGE_SIZE,
+                granule=GRANULE,
+                mte=host.vm.mte_enabled,
+                vcpus=host.vcpus.count,
+                strategy=strategy.name,
+                tag_format=strategy.tag_format,
+                compression="zstd",
+                vm_uuid=self.config.vm_uuid,
+                channels=self.config.channels,
+                session=session,
+                nonce=nonce,
+            )
+        )
         try:
             reply = await chan.recv()
         except TransportError as exc:
@@ -281,7 +310,9 @@ class SourceVmm:
             await chan.send(fr.Auth(auth.proof(key, "source", reply.nonce, nonce, session)))
         else:
             if reply.proof:
-                raise AuthError("authentication failed: the destination requires a shared key; start the source with the same --psk-file")
+                raise AuthError(
+                    "authentication failed: the destination requires a shared key; start the source with the same --psk-file"
+                )
             await chan.send(fr.Auth(b""))
 
     async def _open_lane(self, index: int, address, session: str, limiter) -> SendLane:
@@ -291,7 +322,9 @@ class SourceVmm:
         io = await secure(sock, self._tls, False, cfg.timeout_s)
         chan = FrameChannel(sock, Connection(data_source_machine(index), cfg.checksum), cfg.timeout_s, limiter, io)
         key = auth.load_key(cfg.psk_file)
-        await chan.send(fr.Join(session, index, auth.proof(key, "join", session, index, self._dest_nonce) if key else b""))
+        await chan.send(
+            fr.Join(session, index, auth.proof(key, "join", session, index, self._dest_nonce) if key else b"")
+        )
         reply = await chan.recv()
         if reply.type == fr.FrameType.ERROR:
             chan.close()
@@ -316,16 +349,27 @@ class SourceVmm:
         start_done = [lane.pages_done for lane in self.lanes]
         jobs = [asyncio.ensure_future(self.lanes[0].send_share(pass_no, shares[0], tag_shares[0], self._check_peer))]
         for lane, thread in zip(self.lanes[1:], self._threads):
-            jobs.append(thread.submit(lane.send_share(pass_no, shares[lane.index], tag_shares[lane.index],
-                                                      self._check_peer_from_thread)))
+            jobs.append(
+                thread.submit(
+                    lane.send_share(pass_no, shares[lane.index], tag_shares[lane.index], self._check_peer_from_thread)
+                )
+            )
         for job in jobs:  # the first failure is raised below; the others are only read
             job.add_done_callback(lambda j: j.cancelled() or j.exception())
 
         def progress(force=False):
             done = sum(lane.pages_done - s0 for lane, s0 in zip(self.lanes, start_done))
             elapsed = time.perf_counter() - t0
-            self.progress.update(pass_no, done, total, done * PAGE_SIZE / elapsed if elapsed else 0.0,
-                                 self._dirty_rate(), self.result["expected_downtime_ms"], force=force)
+            self.progress.update(
+                pass_no,
+                done,
+                total,
+                done * PAGE_SIZE / elapsed if elapsed else 0.0,
+                self._dirty_rate(),
+                self.result["expected_downtime_ms"],
+                force=force,
+            )
+
         pending = set(jobs)
         try:
             while pending:
@@ -342,11 +386,19 @@ class SourceVmm:
         for job in jobs:
             pass_stats.add(job.result())
         elapsed = time.perf_counter() - t0
-        self.passes.append({"pass": pass_no, "final": final, "pages": total,
-                            "tags_only_pages": sum(b - a for a, b in tag_ranges),
-                            "normal_pages": pass_stats.normal_pages, "zero_pages": pass_stats.zero_pages,
-                            "tagged_pages": pass_stats.tagged_pages, "seconds": round(elapsed, 6),
-                            "wire_bytes": pass_stats.data_wire + pass_stats.tag_wire})
+        self.passes.append(
+            {
+                "pass": pass_no,
+                "final": final,
+                "pages": total,
+                "tags_only_pages": sum(b - a for a, b in tag_ranges),
+                "normal_pages": pass_stats.normal_pages,
+                "zero_pages": pass_stats.zero_pages,
+                "tagged_pages": pass_stats.tagged_pages,
+                "seconds": round(elapsed, 6),
+                "wire_bytes": pass_stats.data_wire + pass_stats.tag_wire,
+            }
+        )
         progress(force=True)
 
     async def _recover(self, address, decision: str, cause: MigrationError, patience: float | None = None) -> None:
@@ -410,10 +462,13 @@ class SourceVmm:
         loop.add_signal_handler(signal.SIGUSR1, word.set)
         self.result["in_doubt"] = {"session": self._session, "held_s": hold}
         # An operator alert, not progress: always on stderr.
-        print(f"mte-migrate source: IN DOUBT: GO was sent and {host}:{port} does not answer ({doubt}). The guest "
-              f"is paused HERE with its full state for {hold:.0f} s (session {self._session}). If the destination "
-              f"is not running it, resume it here with `kill -USR1 {os.getpid()}`; if it is, do nothing.",
-              file=sys.stderr, flush=True)
+        print(
+            f"mte-migrate source: IN DOUBT: GO was sent and {host}:{port} does not answer ({doubt}). The guest "
+            f"is paused HERE with its full state for {hold:.0f} s (session {self._session}). If the destination "
+            f"is not running it, resume it here with `kill -USR1 {os.getpid()}`; if it is, do nothing.",
+            file=sys.stderr,
+            flush=True,
+        )
         deadline = time.monotonic() + hold
         try:
             while time.monotonic() < deadline:
@@ -436,9 +491,11 @@ class SourceVmm:
                     pass
         finally:
             loop.remove_signal_handler(signal.SIGUSR1)
-        raise InDoubt(f"GO was sent and the destination never confirmed ({doubt}); after {hold:.0f} s nobody "
-                      f"said where the guest runs, so this source gives up its paused copy; the destination may "
-                      f"hold it: `mte-migrate resolve --connect {host}:{port} --session {self._session} go`")
+        raise InDoubt(
+            f"GO was sent and the destination never confirmed ({doubt}); after {hold:.0f} s nobody "
+            f"said where the guest runs, so this source gives up its paused copy; the destination may "
+            f"hold it: `mte-migrate resolve --connect {host}:{port} --session {self._session} go`"
+        )
 
     async def _final_digest(self) -> MemoryDigest:
         t = time.perf_counter()
@@ -446,8 +503,11 @@ class SourceVmm:
             await self._digest_loop.stop()  # not two threads on one chunk
         stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()
         await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # the guest is paused
-        self.result["digest"] = {"stale_chunks_at_pause": stale, "stale_mib_at_pause": round(stale_bytes / 2**20, 1),
-                                 "final_ms": _ms(time.perf_counter() - t)}
+        self.result["digest"] = {
+            "stale_chunks_at_pause": stale,
+            "stale_mib_at_pause": round(stale_bytes / 2**20, 1),
+            "final_ms": _ms(time.perf_counter() - t),
+        }
         return self._digest
 
     def _check_peer_from_thread(self) -> None:
@@ -464,7 +524,7 @@ class SourceVmm:
         merged = bytearray(npages)
         for slot in vm.memslots:
             log_ = vm.get_dirty_log(slot.slot)
-            merged[slot.first_page:slot.first_page + slot.npages] = log_.bitmap
+            merged[slot.first_page : slot.first_page + slot.npages] = log_.bitmap
         vmm = self.host.vmm_dirty.harvest()
         merged = _union(bytes(merged), vmm)
         self._mark_digest_stale(merged)
@@ -498,11 +558,17 @@ class SourceVmm:
 
     def _collect_state(self) -> dict:
         host = self.host
-        return {"vcpus": [s.to_wire() for s in host.vcpus.get_states()],
-                "workload": {"name": host.workload.name, "seed": host.workload.seed,
-                             "params": host.workload.params, "state": host.workload.get_state()},
-                "devices": {"virtio-net0": {"rx_avail_idx": host.vcpus.steps[0] & 0xFFFF, "status": 0x0F}},
-                "mte": host.vm.mte_enabled}
+        return {
+            "vcpus": [s.to_wire() for s in host.vcpus.get_states()],
+            "workload": {
+                "name": host.workload.name,
+                "seed": host.workload.seed,
+                "params": host.workload.params,
+                "state": host.workload.get_state(),
+            },
+            "devices": {"virtio-net0": {"rx_avail_idx": host.vcpus.steps[0] & 0xFFFF, "status": 0x0F}},
+            "mte": host.vm.mte_enabled,
+        }
 
     async def _validate(self, chan, digest, confirm, state) -> Validation:
         cfg, memory = self.config, self.host.memory
@@ -521,7 +587,7 @@ class SourceVmm:
             chunks = differing_chunks(digest.data_crcs, digest.tag_crcs, their_data, their_tags)
         loop = asyncio.get_running_loop()
         for i in range(0, len(chunks), fr.Inspect.MAX_CHUNKS):
-            group = chunks[i:i + fr.Inspect.MAX_CHUNKS]
+            group = chunks[i : i + fr.Inspect.MAX_CHUNKS]
             await chan.send(fr.Inspect(group))
             reply = await chan.recv()
             if reply.type != fr.FrameType.INSPECTION or reply.chunks != group:
@@ -539,8 +605,9 @@ class SourceVmm:
             self._peer_task = None
             frame = task.result()  # raises the peer's transport/protocol error
             if frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
-                raise PeerError(f"destination: {getattr(frame, 'message', None) or frame.reason}",
-                                getattr(frame, "code", "abort"))
+                raise PeerError(
+                    f"destination: {getattr(frame, 'message', None) or frame.reason}", getattr(frame, "code", "abort")
+                )
             raise ProtocolError(f"unexpected {frame.type.name} frame from the destination")
 
     async def _await_peer(self, chan):
@@ -558,8 +625,9 @@ class SourceVmm:
             task.cancel()
             raise TransportError("the destination did not confirm in time") from None
         if frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
-            raise PeerError(f"destination: {getattr(frame, 'message', None) or frame.reason}",
-                            getattr(frame, "code", "abort"))
+            raise PeerError(
+                f"destination: {getattr(frame, 'message', None) or frame.reason}", getattr(frame, "code", "abort")
+            )
         return frame
 
     def _fail(self, exc: MigrationError) -> None:
@@ -572,16 +640,26 @@ class SourceVmm:
     async def _finish(self, paused_here: bool) -> None:
         host, chan = self.host, self._chan
         err = getattr(self, "_error", None)
-        if err is not None and chan is not None and self.machine is not None and not self.machine.finished \
-                and not isinstance(err, (PeerError, TransportError)):
+        if (
+            err is not None
+            and chan is not None
+            and self.machine is not None
+            and not self.machine.finished
+            and not isinstance(err, (PeerError, TransportError))
+        ):
             frame = fr.Abort(one_line(err)) if isinstance(err, Cancelled) else fr.Error(err.code, one_line(err))
             try:
                 async with asyncio.timeout(1.0):
                     await chan.send(frame)
             except Exception:  # best effort: the peer may be gone
                 pass
-        if (err is not None and not self.handed_over and self.machine is not None
-                and self.machine.state in (SourceState.VALIDATING,) and isinstance(err, TransportError)):
+        if (
+            err is not None
+            and not self.handed_over
+            and self.machine is not None
+            and self.machine.state in (SourceState.VALIDATING,)
+            and isinstance(err, TransportError)
+        ):
             # The destination confirmed and now waits for GO it will never
             # get: tell it, on a new connection, that this side keeps the guest.
             try:
@@ -609,8 +687,7 @@ class SourceVmm:
         if getattr(self, "strategy", None) is not None:
             self.strategy.close()
         if getattr(self, "_converge", None) is not None:
-            self.result["throttle"] = {"max": max(self._converge.history, default=0.0),
-                                       "steps": self._converge.history}
+            self.result["throttle"] = {"max": max(self._converge.history, default=0.0), "steps": self._converge.history}
         host.vcpus.set_throttle(0.0)  # the guest runs at full speed again, wherever it is
         if not self.handed_over:
             if paused_here:
@@ -628,17 +705,31 @@ class SourceVmm:
         chan = self._chan
         sent = sum(lane.chan.bytes_sent for lane in self.lanes) if self.lanes else (chan.bytes_sent if chan else 0)
         res["passes"] = self.passes
-        res["ram"].update(transferred_bytes=sent, zero_pages=s.zero_pages, normal_pages=s.normal_pages,
-                          normal_bytes=s.data_bytes,
-                          remaining_bytes=0 if res["status"] == "completed" else None,
-                          mbps=round(sent * 8 / total_s / 1e6, 3) if total_s else 0.0,
-                          guest_bytes_per_s=round(res["ram"]["total_bytes"] / total_s) if total_s and res["status"] == "completed" else None,
-                          dirty_pages_rate=round(self._dirty_rate() or 0.0, 1))
+        res["ram"].update(
+            transferred_bytes=sent,
+            zero_pages=s.zero_pages,
+            normal_pages=s.normal_pages,
+            normal_bytes=s.data_bytes,
+            remaining_bytes=0 if res["status"] == "completed" else None,
+            mbps=round(sent * 8 / total_s / 1e6, 3) if total_s else 0.0,
+            guest_bytes_per_s=round(res["ram"]["total_bytes"] / total_s)
+            if total_s and res["status"] == "completed"
+            else None,
+            dirty_pages_rate=round(self._dirty_rate() or 0.0, 1),
+        )
         res["tags"].update(tagged_pages=s.tagged_pages, raw_bytes=s.tag_raw, wire_bytes=s.tag_wire)
         comps = [lane.builder.compressor for lane in self.lanes]
-        res["wire"].update(bytes_sent=sent, bytes_received=chan.bytes_received if chan else 0,
-                           data_bytes=s.data_wire, tag_bytes=s.tag_wire, channels=len(self.lanes) or None,
-                           compression=None if not comps else {
-                               "mode": comps[0].mode,
-                               "batches_compressed": sum(c.batches_compressed for c in comps),
-                               "batches_raw": sum(c.batches_raw for c in comps)})
+        res["wire"].update(
+            bytes_sent=sent,
+            bytes_received=chan.bytes_received if chan else 0,
+            data_bytes=s.data_wire,
+            tag_bytes=s.tag_wire,
+            channels=len(self.lanes) or None,
+            compression=None
+            if not comps
+            else {
+                "mode": comps[0].mode,
+                "batches_compressed": sum(c.batches_compressed for c in comps),
+                "batches_raw": sum(c.batches_raw for c in comps),
+            },
+        )

@@ -81,7 +81,7 @@ class TlsIO:
             except ssl.SSLWantReadError:
                 await self._flush()
                 if not await self._fill():
-                    raise TransportError("peer closed the connection during the TLS handshake")
+                    raise TransportError("peer closed the connection during the TLS handshake") from None
             except ssl.SSLError as exc:
                 await self._flush_quietly()
                 raise AuthError(f"TLS handshake failed: {exc.reason or exc}") from None

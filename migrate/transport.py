@@ -75,12 +75,12 @@ class FrameChannel:
             return
         if self._start + need > len(self._buf):  # compact the partial frame to the front
             remaining = self._end - self._start
-            self._view[:remaining] = self._view[self._start:self._end]
+            self._view[:remaining] = self._view[self._start : self._end]
             self._start, self._end = 0, remaining
         while self._end - self._start < need:
             limit = self._start + need if self.placer is not None else len(self._buf)
             try:
-                n = await self.io.recv_into(self._view[self._end:limit])
+                n = await self.io.recv_into(self._view[self._end : limit])
             except (ConnectionError, OSError) as exc:
                 raise TransportError(f"connection lost: {exc.strerror or exc}") from None
             if n == 0:
@@ -98,9 +98,13 @@ class FrameChannel:
         try:
             async with asyncio.timeout(timeout):
                 await self._fill(fr.HEADER_SIZE)
-                header = self.conn.parse_header(self._view[self._start:self._start + fr.HEADER_SIZE])
-                if (self.placer is not None and header.type == fr.FrameType.PAGES
-                        and header.flags & fr.FLAG_CRC_META_ONLY and isinstance(self.io, PlainIO)):
+                header = self.conn.parse_header(self._view[self._start : self._start + fr.HEADER_SIZE])
+                if (
+                    self.placer is not None
+                    and header.type == fr.FrameType.PAGES
+                    and header.flags & fr.FLAG_CRC_META_ONLY
+                    and isinstance(self.io, PlainIO)
+                ):
                     landed = await self._recv_landing(header)
                     if landed is not None:
                         return landed
@@ -109,8 +113,8 @@ class FrameChannel:
         except TimeoutError:
             raise PeerTimeout(f"peer sent nothing for {timeout:g} s") from None
         base = self._start + fr.HEADER_SIZE
-        meta = self._view[base:base + header.meta_len]
-        payload = self._view[base + header.meta_len:self._start + total]
+        meta = self._view[base : base + header.meta_len]
+        payload = self._view[base + header.meta_len : self._start + total]
         self._start += total
         return self.conn.receive(header, meta, payload)
 
@@ -123,7 +127,7 @@ class FrameChannel:
         pages by the applier, as for any whole-chunk frame."""
         head = fr.HEADER_SIZE + header.meta_len
         await self._fill(head)
-        meta = self._view[self._start + fr.HEADER_SIZE:self._start + head]
+        meta = self._view[self._start + fr.HEADER_SIZE : self._start + head]
         fields, dl = self.conn.receive_pages_head(header, meta)
         target = self.placer(fields, dl)
         if target is None:
@@ -133,12 +137,12 @@ class FrameChannel:
         fd, offset = target
         have = min(self._end - self._start, dl)  # none when reads stop at frame ends
         if have:
-            os.pwrite(fd, self._view[self._start:self._start + have], offset)
+            os.pwrite(fd, self._view[self._start : self._start + have], offset)
             self._start += have
         await self._splice(fd, offset + have, dl - have)
         tags_len = header.payload_len - dl
         await self._fill(tags_len)
-        frame.tags = bytes(self._view[self._start:self._start + tags_len])
+        frame.tags = bytes(self._view[self._start : self._start + tags_len])
         self._start += tags_len
         frame.check_tags()
         return frame

@@ -30,9 +30,15 @@ class Validation:
         return not self.data_mismatches and not self.tag_mismatches and self.state_ok is not False
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "mode": self.mode, "pages_checked": self.pages_checked,
-                "data_mismatches": self.data_mismatches, "tag_mismatches": self.tag_mismatches,
-                "state_ok": self.state_ok, "first_mismatches": self.first_mismatches}
+        return {
+            "ok": self.ok,
+            "mode": self.mode,
+            "pages_checked": self.pages_checked,
+            "data_mismatches": self.data_mismatches,
+            "tag_mismatches": self.tag_mismatches,
+            "state_ok": self.state_ok,
+            "first_mismatches": self.first_mismatches,
+        }
 
     def summary(self) -> str:
         parts = []
@@ -57,8 +63,8 @@ def compare_detail(validation: Validation, chunks: list[int], mine: bytes, their
     for c in chunks:
         first = c * CHUNK_PAGES
         for page in range(first, min(first + CHUNK_PAGES, npages)):
-            a = mine[pos:pos + DETAIL_PER_PAGE]
-            b = theirs[pos:pos + DETAIL_PER_PAGE]
+            a = mine[pos : pos + DETAIL_PER_PAGE]
+            b = theirs[pos : pos + DETAIL_PER_PAGE]
             pos += DETAIL_PER_PAGE
             if a == b:
                 continue
@@ -70,8 +76,16 @@ def compare_detail(validation: Validation, chunks: list[int], mine: bytes, their
                 if len(validation.first_mismatches) < MAX_REPORTED:
                     ua, ub = tagops.unpack(a[4:]), tagops.unpack(b[4:])
                     granules = [g for g in range(2 * PACKED_TAGS_PER_PAGE) if ua[g] != ub[g]]
-                    _report(validation, {"page": page, "kind": "tags", "granules": _compact(granules),
-                                         "source_tag": ua[granules[0]], "destination_tag": ub[granules[0]]})
+                    _report(
+                        validation,
+                        {
+                            "page": page,
+                            "kind": "tags",
+                            "granules": _compact(granules),
+                            "source_tag": ua[granules[0]],
+                            "destination_tag": ub[granules[0]],
+                        },
+                    )
 
 
 def _report(validation: Validation, item: dict) -> None:

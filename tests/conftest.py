@@ -5,7 +5,6 @@ the defaults of the ``hosts`` factory."""
 import types
 
 import pytest
-
 from support import make_hosts, open_listener
 
 MiB = 1 << 20
@@ -15,8 +14,7 @@ MiB = 1 << 20
 def hosts(request):
     """Factory for simulated hosts; every host made is closed at teardown."""
     made = []
-    factory = make_hosts(made, getattr(request.module, "RAM", 32 * MiB),
-                         getattr(request.module, "SOURCE_RATE", 5000))
+    factory = make_hosts(made, getattr(request.module, "RAM", 32 * MiB), getattr(request.module, "SOURCE_RATE", 5000))
     yield types.SimpleNamespace(source=factory.source, dest=factory.dest)
     for host in made:
         host.close()

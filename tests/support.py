@@ -14,10 +14,18 @@ WAIT = 60.0  # generous: the machine is shared and noisy
 
 def make_hosts(made: list, default_ram: int, default_rate: float):
     """source(): a booted guest with a running workload; dest(): an empty VM."""
-    def source(ram=default_ram, workload="allocator", strategy="tag-ioctl", rate=default_rate, params=None,
-               seed=7, start=True):
-        host = SimulatedHost(ram, workload=workload, workload_params=params, rate=rate, seed=seed,
-                             device_prot_mte=STRATEGIES[strategy].vmm_prot_mte)
+
+    def source(
+        ram=default_ram, workload="allocator", strategy="tag-ioctl", rate=default_rate, params=None, seed=7, start=True
+    ):
+        host = SimulatedHost(
+            ram,
+            workload=workload,
+            workload_params=params,
+            rate=rate,
+            seed=seed,
+            device_prot_mte=STRATEGIES[strategy].vmm_prot_mte,
+        )
         made.append(host)
         host.prepare_guest()
         if start:
@@ -28,6 +36,7 @@ def make_hosts(made: list, default_ram: int, default_rate: float):
         host = SimulatedHost(ram, workload="idle", workload_params={"fill": 0}, rate=0)
         made.append(host)
         return host
+
     return types.SimpleNamespace(source=source, dest=dest)
 
 
@@ -60,6 +69,7 @@ async def run_engines(src, dst, src_config, listener, dst_config=None, source_cl
     destination result, source engine, destination engine)."""
     from migrate.dest import DestVmm
     from migrate.source import SourceVmm
+
     source_engine = (source_cls or SourceVmm)(src, src_config)
     dest_engine = DestVmm(dst, dst_config or src_config)
     dest_task = asyncio.ensure_future(dest_engine.serve(listener))

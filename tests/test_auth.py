@@ -22,17 +22,16 @@ import types
 from pathlib import Path
 
 import pytest
+from support import address, digests, run_engines, steps_advance
 
 from hosts.constants import GRANULE, PAGE_SIZE
-from migrate import PROTOCOL_VERSION
-from migrate import auth
+from migrate import PROTOCOL_VERSION, auth
 from migrate import frames as fr
 from migrate.config import MigrationConfig
 from migrate.dest import DestVmm
 from migrate.errors import ConfigError
 from migrate.machine import DestState
 from migrate.source import SourceVmm
-from support import address, digests, run_engines, steps_advance
 
 MiB = 1 << 20
 RAM = 16 * MiB
@@ -74,8 +73,7 @@ def test_unreadable_key_file_is_a_config_error(tmp_path):
         auth.load_key(str(tmp_path))
 
 
-@pytest.mark.parametrize("content, length", [(b"", 0), (b"short", 5), (b"x" * 15, 15),
-                                             (b"  fifteen-bytes \n\n", 13)])
+@pytest.mark.parametrize("content, length", [(b"", 0), (b"short", 5), (b"x" * 15, 15), (b"  fifteen-bytes \n\n", 13)])
 def test_short_key_is_a_config_error_that_says_how_to_make_one(tmp_path, content, length):
     path = tmp_path / "weak.key"
     path.write_bytes(content)
@@ -117,18 +115,21 @@ def test_proof_is_hmac_sha256_over_the_role_and_length_prefixed_parts():
     assert auth.proof(KEY, "source", N_DST, N_SRC, SESSION) == got  # deterministic
 
 
-@pytest.mark.parametrize("role, parts", [
-    ("destination", (N_SRC, N_DST, SESSION)),
-    ("source", (N_DST, N_SRC, SESSION)),
-    ("join", (SESSION, 1, N_DST)),
-])
+@pytest.mark.parametrize(
+    "role, parts",
+    [
+        ("destination", (N_SRC, N_DST, SESSION)),
+        ("source", (N_DST, N_SRC, SESSION)),
+        ("join", (SESSION, 1, N_DST)),
+    ],
+)
 def test_proof_and_check_round_trip(role, parts):
     assert auth.check(KEY, auth.proof(KEY, role, *parts), role, *parts) is True
 
 
 BASE = ("source", (N_DST, N_SRC, SESSION))
 CHANGES = {
-    "role": ("destination", (N_DST, N_SRC, SESSION)),          # a reflected proof
+    "role": ("destination", (N_DST, N_SRC, SESSION)),  # a reflected proof
     "role join": ("join", (N_DST, N_SRC, SESSION)),
     "destination nonce": ("source", (b"\x03" * 32, N_SRC, SESSION)),
     "source nonce": ("source", (N_DST, b"\x03" * 32, SESSION)),
@@ -162,8 +163,8 @@ def test_another_key_fails(other_key):
 def test_join_proof_binds_channel_and_migration():
     good = auth.proof(KEY, "join", SESSION, 1, N_DST)
     assert auth.check(KEY, good, "join", SESSION, 1, N_DST)
-    assert not auth.check(KEY, good, "join", SESSION, 2, N_DST)                 # another channel
-    assert not auth.check(KEY, good, "join", SESSION, 1, b"\x09" * 32)          # another migration's nonce
+    assert not auth.check(KEY, good, "join", SESSION, 2, N_DST)  # another channel
+    assert not auth.check(KEY, good, "join", SESSION, 1, b"\x09" * 32)  # another migration's nonce
     assert not auth.check(KEY, good, "join", "another-session", 1, N_DST)
 
 
@@ -171,8 +172,14 @@ def test_join_proof_binds_channel_and_migration():
 def test_malformed_or_empty_proofs_fail(how):
     role, parts = BASE
     good = auth.proof(KEY, role, *parts)
-    given = {"empty": b"", "zeros": bytes(32), "reversed": bytes(reversed(good)), "truncated": good[:16],
-             "one bit": bytes([good[0] ^ 1]) + good[1:], "longer": good + b"\x00"}[how]
+    given = {
+        "empty": b"",
+        "zeros": bytes(32),
+        "reversed": bytes(reversed(good)),
+        "truncated": good[:16],
+        "one bit": bytes([good[0] ^ 1]) + good[1:],
+        "longer": good + b"\x00",
+    }[how]
     assert auth.check(KEY, given, role, *parts) is False
 
 
@@ -183,6 +190,7 @@ def test_check_compares_in_constant_time(monkeypatch):
     def spy(a, b):
         calls.append((bytes(a), bytes(b)))
         return real(a, b)
+
     monkeypatch.setattr(hmac, "compare_digest", spy)
     role, parts = BASE
     good = auth.proof(KEY, role, *parts)
@@ -251,21 +259,32 @@ async def test_same_key_in_differently_formatted_files_migrates(hosts, listener,
     (tmp_path / "a").write_bytes(raw)
     (tmp_path / "b").write_bytes(raw + b"\n")
     src, dst = hosts.source(), hosts.dest()
-    sres, dres, _ = await migrate_pair(src, dst, MigrationConfig(psk_file=str(tmp_path / "a")),
-                                       MigrationConfig(psk_file=str(tmp_path / "b")), listener)
+    sres, dres, _ = await migrate_pair(
+        src, dst, MigrationConfig(psk_file=str(tmp_path / "a")), MigrationConfig(psk_file=str(tmp_path / "b")), listener
+    )
     assert_completed_and_identical(sres, dres, src, dst)
 
 
 @pytest.mark.parametrize("channels", [1, 2])
 async def test_different_keys_are_refused_and_nothing_moves(hosts, listener, keys, channels):
     src, dst = hosts.source(), hosts.dest()
-    sres, dres, engine = await migrate_pair(src, dst, MigrationConfig(psk_file=keys.k1, channels=channels),
-                                            MigrationConfig(psk_file=keys.k2, channels=channels), listener)
-    assert_refused(sres, dres, src, dst,
-                   ["the destination failed authentication: its shared key differs"],
-                   ["failed authentication", "shared key differs"])
+    sres, dres, engine = await migrate_pair(
+        src,
+        dst,
+        MigrationConfig(psk_file=keys.k1, channels=channels),
+        MigrationConfig(psk_file=keys.k2, channels=channels),
+        listener,
+    )
+    assert_refused(
+        sres,
+        dres,
+        src,
+        dst,
+        ["the destination failed authentication: its shared key differs"],
+        ["failed authentication", "shared key differs"],
+    )
     assert sres["ram"]["normal_pages"] == 0 and sres["passes"] == []  # not one page left the source
-    assert dres["wire"]["channels"] == 1                                # no data channel was admitted
+    assert dres["wire"]["channels"] == 1  # no data channel was admitted
     assert engine.machine.state == DestState.FAILED
 
 
@@ -273,21 +292,31 @@ async def test_source_without_key_is_refused_by_a_keyed_destination(hosts, liste
     # The keyless source sees the destination's proof in WELCOME and refuses
     # to go on; the destination learns why from its ERROR.
     src, dst = hosts.source(), hosts.dest()
-    sres, dres, engine = await migrate_pair(src, dst, MigrationConfig(channels=1),
-                                            MigrationConfig(psk_file=keys.k1, channels=1), listener)
-    assert_refused(sres, dres, src, dst,
-                   ["authentication failed", "requires a shared key"],
-                   ["authentication failed", "requires a shared key"])
+    sres, dres, engine = await migrate_pair(
+        src, dst, MigrationConfig(channels=1), MigrationConfig(psk_file=keys.k1, channels=1), listener
+    )
+    assert_refused(
+        sres,
+        dres,
+        src,
+        dst,
+        ["authentication failed", "requires a shared key"],
+        ["authentication failed", "requires a shared key"],
+    )
     assert engine.machine.state == DestState.FAILED
 
 
 async def test_keyed_source_refuses_a_destination_without_key(hosts, listener, keys):
     src, dst = hosts.source(), hosts.dest()
-    sres, dres, engine = await migrate_pair(src, dst, MigrationConfig(psk_file=keys.k1), MigrationConfig(),
-                                            listener)
-    assert_refused(sres, dres, src, dst,
-                   ["the destination has no shared key: start it with the same --psk-file"],
-                   ["has no shared key"])
+    sres, dres, engine = await migrate_pair(src, dst, MigrationConfig(psk_file=keys.k1), MigrationConfig(), listener)
+    assert_refused(
+        sres,
+        dres,
+        src,
+        dst,
+        ["the destination has no shared key: start it with the same --psk-file"],
+        ["has no shared key"],
+    )
     assert sres["ram"]["normal_pages"] == 0 and sres["passes"] == []
 
 
@@ -297,9 +326,20 @@ def encoded(frame) -> bytes:
 
 
 def hello_for(dst, nonce: bytes, session: str = SESSION, channels: int = 1) -> fr.Hello:
-    return fr.Hello(version=PROTOCOL_VERSION, ram_size=dst.memory.size, page_size=PAGE_SIZE, granule=GRANULE,
-                    mte=True, vcpus=dst.vcpus.count, strategy="tag-ioctl", tag_format="packed4",
-                    compression="zstd", channels=channels, session=session, nonce=nonce)
+    return fr.Hello(
+        version=PROTOCOL_VERSION,
+        ram_size=dst.memory.size,
+        page_size=PAGE_SIZE,
+        granule=GRANULE,
+        mte=True,
+        vcpus=dst.vcpus.count,
+        strategy="tag-ioctl",
+        tag_format="packed4",
+        compression="zstd",
+        channels=channels,
+        session=session,
+        nonce=nonce,
+    )
 
 
 async def exchange(addr, data: bytes, until_eof=True) -> list:
@@ -334,8 +374,7 @@ async def test_raw_source_with_a_wrong_proof_writes_nothing(hosts, listener, key
             welcome = buf.feed(await asyncio.wait_for(reader.read(4096), WAIT))
         assert welcome[0].type == T.WELCOME and len(welcome[0].proof) == 32 and len(welcome[0].nonce) == 32
         forged = auth.proof(b"not the key at all", "source", welcome[0].nonce, b"", SESSION)
-        writer.write(encoded(fr.Auth(forged)) +
-                     encoded(fr.Pages(0, [(0, 4)], bytes(4), b"\xab" * (4 * PAGE_SIZE))))
+        writer.write(encoded(fr.Auth(forged)) + encoded(fr.Pages(0, [(0, 4)], bytes(4), b"\xab" * (4 * PAGE_SIZE))))
         await writer.drain()
         try:
             rest = await asyncio.wait_for(reader.read(), WAIT)
@@ -373,9 +412,11 @@ async def test_raw_source_with_the_right_proof_gets_its_pages_in(hosts, listener
         w = welcome[0]
         # the destination proved the key over both nonces and the session
         assert auth.check(key, w.proof, "destination", nonce, w.nonce, SESSION)
-        writer.write(encoded(fr.Auth(auth.proof(key, "source", w.nonce, nonce, SESSION))) +
-                     encoded(fr.Pages(0, [(0, 4)], bytes(4), b"\xab" * (4 * PAGE_SIZE))) +
-                     encoded(fr.PassEnd(0, 4)))
+        writer.write(
+            encoded(fr.Auth(auth.proof(key, "source", w.nonce, nonce, SESSION)))
+            + encoded(fr.Pages(0, [(0, 4)], bytes(4), b"\xab" * (4 * PAGE_SIZE)))
+            + encoded(fr.PassEnd(0, 4))
+        )
         await writer.drain()
         deadline = time.monotonic() + WAIT
         while dst.memory.populated_ranges() != [(0, 4)]:
@@ -396,6 +437,7 @@ async def test_raw_source_with_the_right_proof_gets_its_pages_in(hosts, listener
 class GatedSource(SourceVmm):
     """A source whose data channels wait for the test to open the gate (so a
     stranger can knock first, deterministically)."""
+
     gate = None
 
     async def _open_lane(self, index, address, session, limiter):
@@ -450,8 +492,15 @@ def _env():
 
 
 def _popen(*args):
-    return subprocess.Popen([sys.executable, "-m", "migrate", *map(str, args)], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "migrate", *map(str, args)],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _kill(proc):
@@ -464,16 +513,26 @@ def _kill(proc):
 
 
 def test_processes_with_different_keys_both_exit_1_with_an_authentication_error(tmp_path, keys):
-    dest = _popen("dest", "--listen", "127.0.0.1:0", "--ram", "32MiB", "--psk-file", keys.k1,
-                  "--json", tmp_path / "dest.json")
+    dest = _popen(
+        "dest", "--listen", "127.0.0.1:0", "--ram", "32MiB", "--psk-file", keys.k1, "--json", tmp_path / "dest.json"
+    )
     source = None
     try:
         ready, _, _ = select.select([dest.stdout], [], [], 180)
         assert ready, "the destination printed nothing"
         line = dest.stdout.readline().strip()
         assert line.startswith("listening on "), line
-        source = _popen("source", "--connect", line.removeprefix("listening on "), "--ram", "32MiB",
-                        "--psk-file", keys.k2, "--json", tmp_path / "source.json")
+        source = _popen(
+            "source",
+            "--connect",
+            line.removeprefix("listening on "),
+            "--ram",
+            "32MiB",
+            "--psk-file",
+            keys.k2,
+            "--json",
+            tmp_path / "source.json",
+        )
         _, src_err = source.communicate(timeout=180)
         _, dst_err = dest.communicate(timeout=180)
     finally:
@@ -497,11 +556,10 @@ async def test_source_without_key_and_data_channels_reports_the_refusal(hosts, l
     """A keyless source sees the destination's proof in WELCOME and stops at
     once with the reason, before it opens data channels or sends a page."""
     src, dst = hosts.source(), hosts.dest()
-    sres, dres, engine = await migrate_pair(src, dst, MigrationConfig(channels=2),
-                                            MigrationConfig(psk_file=keys.k1, channels=2), listener)
-    assert_refused(sres, dres, src, dst,
-                   ["authentication failed", "requires a shared key"],
-                   ["authentication failed"])
+    sres, dres, engine = await migrate_pair(
+        src, dst, MigrationConfig(channels=2), MigrationConfig(psk_file=keys.k1, channels=2), listener
+    )
+    assert_refused(sres, dres, src, dst, ["authentication failed", "requires a shared key"], ["authentication failed"])
 
 
 def test_cli_source_without_key_reports_the_refusal(tmp_path, keys):

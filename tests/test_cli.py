@@ -36,9 +36,15 @@ def _kill_group(proc):
 
 def mte(*args, timeout=TIMEOUT):
     """Run `python -m migrate ARGS`; returns the CompletedProcess (text)."""
-    proc = subprocess.Popen([sys.executable, "-m", "migrate", *map(str, args)], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrate", *map(str, args)],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
@@ -159,8 +165,19 @@ def test_help_lists_the_commands():
         assert word in cp.stdout
     cp = mte("run", "--help")
     assert cp.returncode == 0
-    for option in ("--scenario", "--strategy", "--ram", "--image", "--seed", "--compression",
-                   "--max-bandwidth", "--downtime-limit", "--max-passes", "--json", "--quiet"):
+    for option in (
+        "--scenario",
+        "--strategy",
+        "--ram",
+        "--image",
+        "--seed",
+        "--compression",
+        "--max-bandwidth",
+        "--downtime-limit",
+        "--max-passes",
+        "--json",
+        "--quiet",
+    ):
         assert option in cp.stdout, option
 
 
@@ -177,13 +194,16 @@ def test_unknown_strategy_is_a_usage_error():
     assert_clean_usage_error(mte("run", "--ram", RAM, "--strategy", "nosuch"), "nosuch")
 
 
-@pytest.mark.parametrize("args, words", [
-    (["run", "--ram", "4097"], ["4 KiB"]),
-    (["run", "--ram", RAM, "--max-bandwidth", "fast"], ["--max-bandwidth"]),
-    (["run", "--ram", RAM, "--compression", "99"], ["99"]),
-    (["source", "--connect", "nowhere", "--ram", RAM], ["--connect"]),
-    (["run", "--ram", RAM, "--workload", "nosuch"], ["nosuch"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["run", "--ram", "4097"], ["4 KiB"]),
+        (["run", "--ram", RAM, "--max-bandwidth", "fast"], ["--max-bandwidth"]),
+        (["run", "--ram", RAM, "--compression", "99"], ["99"]),
+        (["source", "--connect", "nowhere", "--ram", RAM], ["--connect"]),
+        (["run", "--ram", RAM, "--workload", "nosuch"], ["nosuch"]),
+    ],
+)
 def test_other_bad_input_is_a_usage_error(args, words):
     assert_clean_usage_error(mte(*args), *words)
 
@@ -191,10 +211,26 @@ def test_other_bad_input_is_a_usage_error(args, words):
 # -- two host processes by hand ------------------------------------------------------------------
 def _start_dest(tmp_path, ram):
     """`mte-migrate dest` on an ephemeral loopback port, its JSON in tmp_path."""
-    return subprocess.Popen([sys.executable, "-m", "migrate", "dest", "--listen", "127.0.0.1:0", "--ram", ram,
-                             "--json", str(tmp_path / "dest.json")],
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "migrate",
+            "dest",
+            "--listen",
+            "127.0.0.1:0",
+            "--ram",
+            ram,
+            "--json",
+            str(tmp_path / "dest.json"),
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _readline(proc, timeout):
@@ -212,10 +248,26 @@ def test_separate_dest_and_source_processes_report_a_ram_mismatch(tmp_path):
         addr = line.removeprefix("listening on ")
         host, _, port = addr.rpartition(":")
         assert host == "127.0.0.1" and int(port) > 0
-        source = subprocess.Popen([sys.executable, "-m", "migrate", "source", "--connect", addr, "--ram", RAM,
-                                   "--json", str(tmp_path / "source.json")],
-                                  cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, start_new_session=True)
+        source = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "migrate",
+                "source",
+                "--connect",
+                addr,
+                "--ram",
+                RAM,
+                "--json",
+                str(tmp_path / "source.json"),
+            ],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         _, src_err = source.communicate(timeout=TIMEOUT)
         _, dst_err = dest.communicate(timeout=TIMEOUT)
     finally:
@@ -258,12 +310,30 @@ def _start_pair(tmp_path, source_args=()):
     try:
         line = _readline(dest, TIMEOUT)
         assert line.startswith("listening on "), line
-        source = subprocess.Popen([sys.executable, "-m", "migrate", "--debug", "source",
-                                   "--connect", line.removeprefix("listening on "), "--ram", RAM,
-                                   "--max-bandwidth", "2M", "--json", str(tmp_path / "source.json"),
-                                   *source_args],
-                                  cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, start_new_session=True)
+        source = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "migrate",
+                "--debug",
+                "source",
+                "--connect",
+                line.removeprefix("listening on "),
+                "--ram",
+                RAM,
+                "--max-bandwidth",
+                "2M",
+                "--json",
+                str(tmp_path / "source.json"),
+                *source_args,
+            ],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         log = []
         while True:
             ready, _, _ = select.select([source.stderr], [], [], TIMEOUT)

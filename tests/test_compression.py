@@ -10,9 +10,9 @@ from migrate.compression import Compressor, Decompressor
 from migrate.errors import ProtocolError
 
 PAGE = 4096
-TEXT = (b"The quick brown fox jumps over the lazy dog; virtio ring buffer. " * 64)[:PAGE] * 64   # 256 KiB
+TEXT = (b"The quick brown fox jumps over the lazy dog; virtio ring buffer. " * 64)[:PAGE] * 64  # 256 KiB
 NOISE = os.urandom(256 * 1024)
-TAGS = bytes([0x12, 0x34]) * 64 * 32   # 32 pages of packed tags
+TAGS = bytes([0x12, 0x34]) * 64 * 32  # 32 pages of packed tags
 
 
 def roundtrip(blob, n):
@@ -49,7 +49,7 @@ def test_forced_level_compresses_compressible_data(level):
 
 def test_forced_level_is_the_configured_one():
     fast, slow = Compressor("-5"), Compressor("19")
-    half_random = b"".join(os.urandom(PAGE // 2) + TEXT[:PAGE // 2] for _ in range(32))
+    half_random = b"".join(os.urandom(PAGE // 2) + TEXT[: PAGE // 2] for _ in range(32))
     f, _ = fast.compress_data(half_random)
     s, _ = slow.compress_data(half_random)
     assert len(s) < len(f)
@@ -65,7 +65,7 @@ def test_forced_level_sends_incompressible_data_raw(level):
 
 
 def test_forced_level_keeps_compressing_after_a_raw_batch():
-    c = Compressor("1", link_cap=1e15)   # forced: the link does not matter
+    c = Compressor("1", link_cap=1e15)  # forced: the link does not matter
     c.observe_link(1 << 30, 0.001)
     assert c.compress_data(NOISE)[1] is False
     for _ in range(20):
@@ -98,7 +98,7 @@ def test_auto_measures_first():
 
 
 def test_auto_with_a_slow_link_compresses_compressible_data():
-    c = Compressor("auto", link_cap=1e6)   # 1 MB/s
+    c = Compressor("auto", link_cap=1e6)  # 1 MB/s
     results = [c.compress_data(TEXT)[1] for _ in range(40)]
     assert all(results)
     assert c.batches_compressed == 40
@@ -113,20 +113,20 @@ def test_auto_with_a_slow_link_still_sends_noise_raw():
 
 def test_auto_without_any_link_measurement_sends_raw_after_measuring():
     c = Compressor("auto")
-    assert c.compress_data(TEXT)[1] is True      # measuring batch
+    assert c.compress_data(TEXT)[1] is True  # measuring batch
     assert [c.compress_data(TEXT)[1] for _ in range(5)] == [False] * 5
 
 
 def test_auto_with_a_very_fast_link_sends_raw_and_probes():
     c = Compressor("auto")
-    c.observe_link(1 << 30, 1e-6)             # ~1 PB/s: compression can only slow it down
+    c.observe_link(1 << 30, 1e-6)  # ~1 PB/s: compression can only slow it down
     assert c._effective_link() > 1e14
     first = c.compress_data(TEXT)
-    assert first[1] is True                   # the measuring batch
+    assert first[1] is True  # the measuring batch
     decisions = [c.compress_data(TEXT) for _ in range(2 * Compressor.PROBE_EVERY)]
     flags = [d[1] for d in decisions]
     # raw, except one probe batch in PROBE_EVERY that keeps the estimates fresh
-    assert flags[:Compressor.PROBE_EVERY - 1] == [False] * (Compressor.PROBE_EVERY - 1)
+    assert flags[: Compressor.PROBE_EVERY - 1] == [False] * (Compressor.PROBE_EVERY - 1)
     assert flags[Compressor.PROBE_EVERY - 1] is True
     assert flags.count(True) == 2
     for out, compressed in decisions:
@@ -144,13 +144,13 @@ def test_auto_link_cap_bounds_the_measured_link():
 
 def test_observe_link_ignores_tiny_or_instant_sends():
     c = Compressor("auto")
-    c.observe_link(1000, 1.0)           # too small to measure
-    c.observe_link(1 << 20, 0.0)        # no time
+    c.observe_link(1000, 1.0)  # too small to measure
+    c.observe_link(1 << 20, 0.0)  # no time
     assert c.link_rate.value is None
     c.observe_link(1 << 20, 1.0)
     assert c.link_rate.value == float(1 << 20)
     c.observe_link(2 << 20, 1.0)
-    assert (1 << 20) < c.link_rate.value < (2 << 20)   # moving average
+    assert (1 << 20) < c.link_rate.value < (2 << 20)  # moving average
 
 
 # -- decompression is bounded ----------------------------------------------------------
@@ -166,8 +166,7 @@ def test_decompressor_rejects_a_wrong_declared_size(expected):
         Decompressor().decompress(blob, expected, "page data")
 
 
-@pytest.mark.parametrize("blob", [b"", b"\x00", b"garbage that is not zstd", NOISE[:100],
-                                  b"\x28\xb5\x2f\xfd"])
+@pytest.mark.parametrize("blob", [b"", b"\x00", b"garbage that is not zstd", NOISE[:100], b"\x28\xb5\x2f\xfd"])
 def test_decompressor_rejects_garbage(blob):
     with pytest.raises(ProtocolError, match="page tags"):
         Decompressor().decompress(blob, 128, "page tags")
@@ -193,9 +192,9 @@ def test_decompressor_output_is_bounded_by_expected():
     assert zstandard.frame_content_size(bytes(big)) == 1 << 20
     # Replace the frame header's content size with 4096 (FCS 4 bytes here).
     fhd = big[4]
-    assert fhd >> 6 == 2   # 4-byte content size field
+    assert fhd >> 6 == 2  # 4-byte content size field
     off = 5 if fhd & 0x20 else 6
-    big[off:off + 4] = (4096).to_bytes(4, "little")
+    big[off : off + 4] = (4096).to_bytes(4, "little")
     assert zstandard.frame_content_size(bytes(big)) == 4096
     with pytest.raises(ProtocolError, match="does not decompress"):
         Decompressor().decompress(bytes(big), 4096, "page data")

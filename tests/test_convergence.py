@@ -25,7 +25,7 @@ def test_expected_downtime():
 
 
 def test_stops_under_the_limit_with_the_estimate_in_the_reason(policy):
-    d = policy.decide(1, 120 * MB, 1000 * MB)     # 120 ms
+    d = policy.decide(1, 120 * MB, 1000 * MB)  # 120 ms
     assert d == Decision(True, "estimated downtime 120 ms <= limit 300 ms", False)
 
 
@@ -101,6 +101,7 @@ def _pass(no, pages, seconds, normal=None):
 
 def test_the_estimate_divides_by_a_dirty_pass_never_the_bulk_pass():
     from migrate.source import dirty_pass_bandwidth
+
     bulk = _pass(0, 262144, 1.0)  # 1.07 GB/s of whole chunks
     assert dirty_pass_bandwidth([bulk]) is None  # the final pass's scattered pages are not like that
     policy = DowntimeOrPassLimit(300, 30)

@@ -10,8 +10,16 @@ import pytest
 
 from hosts import SimulatedHost
 from hosts import tags as tagops
-from migrate.digest import (CHUNK_PAGES, DETAIL_PER_PAGE, MemoryDigest, chunk_count, chunk_crc, effective_tags,
-                            page_detail, state_digest)
+from migrate.digest import (
+    CHUNK_PAGES,
+    DETAIL_PER_PAGE,
+    MemoryDigest,
+    chunk_count,
+    chunk_crc,
+    effective_tags,
+    page_detail,
+    state_digest,
+)
 from migrate.validate import MAX_REPORTED, Validation, _compact, compare_detail, differing_chunks
 
 PAGE = 4096
@@ -51,7 +59,9 @@ def diff(a, b):
 
 def bytes_crc(chunk: bytes) -> int:
     """A chunk's digest CRC from its bytes, written out: the CRC of its 16 KiB pieces' CRCs (LE u32)."""
-    return zlib.crc32(b"".join(struct.pack("<I", zlib.crc32(chunk[o:o + 16384])) for o in range(0, len(chunk), 16384)))
+    return zlib.crc32(
+        b"".join(struct.pack("<I", zlib.crc32(chunk[o : o + 16384])) for o in range(0, len(chunk), 16384))
+    )
 
 
 def set_granules(memory, page, first_granule, count, tag):
@@ -135,7 +145,7 @@ def test_tag_storage_of_an_untagged_page_does_not_count(blank):
 def test_never_populated_pages_count_as_zeros(blank):
     other = make_host(prepare=False)
     try:
-        blank.vm.guest_write(blank.vm.page_to_ipa(5), bytes(3 * PAGE))   # populated, zero, tagged-with-zero
+        blank.vm.guest_write(blank.vm.page_to_ipa(5), bytes(3 * PAGE))  # populated, zero, tagged-with-zero
         assert blank.memory.populated_ranges() == [(5, 8)]
         assert other.memory.populated_ranges() == []
         assert diff(blank, other)[:2] == ([], [])
@@ -201,10 +211,10 @@ def test_chunk_crc_is_the_crc_of_its_16k_piece_crcs(twins):
     d = MemoryDigest(a.memory)
     c = 2
     lo, hi = c * CHUNK_PAGES * PAGE, (c + 1) * CHUNK_PAGES * PAGE
-    pieces = b"".join(struct.pack("<I", zlib.crc32(a.memory.data[o:o + 16384])) for o in range(lo, hi, 16384))
+    pieces = b"".join(struct.pack("<I", zlib.crc32(a.memory.data[o : o + 16384])) for o in range(lo, hi, 16384))
     assert len(pieces) == 4 * 64
     assert d.data_crcs[c] == zlib.crc32(pieces)
-    assert d.tag_crcs[c] == zlib.crc32(a.memory.tags[lo // 32:hi // 32])
+    assert d.tag_crcs[c] == zlib.crc32(a.memory.tags[lo // 32 : hi // 32])
 
 
 def test_a_partial_last_chunk_has_a_short_last_piece():
@@ -214,8 +224,11 @@ def test_a_partial_last_chunk_has_a_short_last_piece():
         assert host.memory.npages == CHUNK_PAGES + 6
         d = MemoryDigest(host.memory)
         lo = CHUNK_PAGES * PAGE
-        pieces = struct.pack("<II", zlib.crc32(host.memory.data[lo:lo + 16384]),
-                             zlib.crc32(host.memory.data[lo + 16384:lo + 6 * PAGE]))
+        pieces = struct.pack(
+            "<II",
+            zlib.crc32(host.memory.data[lo : lo + 16384]),
+            zlib.crc32(host.memory.data[lo + 16384 : lo + 6 * PAGE]),
+        )
         assert d.nchunks == 2 and d.data_crcs[1] == zlib.crc32(pieces)
     finally:
         host.close()
@@ -283,18 +296,18 @@ def test_page_detail_layout(twins):
     detail = page_detail(a.memory, [1])
     assert len(detail) == CHUNK_PAGES * DETAIL_PER_PAGE
     p = 300
-    rec = detail[(p - 256) * DETAIL_PER_PAGE:(p - 255) * DETAIL_PER_PAGE]
-    assert int.from_bytes(rec[:4], "little") == zlib.crc32(a.memory.data[p * PAGE:(p + 1) * PAGE])
-    assert rec[4:] == bytes(a.memory.tags[p * TAGB:(p + 1) * TAGB])
+    rec = detail[(p - 256) * DETAIL_PER_PAGE : (p - 255) * DETAIL_PER_PAGE]
+    assert int.from_bytes(rec[:4], "little") == zlib.crc32(a.memory.data[p * PAGE : (p + 1) * PAGE])
+    assert rec[4:] == bytes(a.memory.tags[p * TAGB : (p + 1) * TAGB])
 
 
 def test_compare_detail_counts_and_names_pages_and_granules(twins):
     a, b = twins
-    b.memory.data[600 * PAGE + 5] ^= 0x80                      # page 600: data
+    b.memory.data[600 * PAGE + 5] ^= 0x80  # page 600: data
     old = tagops.granule_tag(b.memory.tags, 1000 * 256 + 5)
-    set_granules(b.memory, 1000, 5, 3, (old + 7) & 0xF)       # page 1000: granules 5..7
+    set_granules(b.memory, 1000, 5, 3, (old + 7) & 0xF)  # page 1000: granules 5..7
     set_granules(b.memory, 1000, 9, 1, (tagops.granule_tag(b.memory.tags, 1000 * 256 + 9) + 1) & 0xF)
-    b.memory.data[1001 * PAGE] ^= 1                           # page 1001: data and tags
+    b.memory.data[1001 * PAGE] ^= 1  # page 1001: data and tags
     set_granules(b.memory, 1001, 255, 1, (tagops.granule_tag(b.memory.tags, 1001 * 256 + 255) + 1) & 0xF)
     da, db = MemoryDigest(a.memory), MemoryDigest(b.memory)
     chunks = differing_chunks(da.data_crcs, da.tag_crcs, db.data_crcs, db.tag_crcs)
@@ -357,10 +370,17 @@ def test_lost_tags_are_caught(twins):
     assert v.first_mismatches[0]["destination_tag"] == 0
 
 
-@pytest.mark.parametrize("granules, text", [
-    ([0], "0"), ([0, 1, 2, 5], "0-2,5"), ([3, 4], "3-4"), ([1, 3, 5], "1,3,5"), (list(range(256)), "0-255"),
-    ([0, 1, 2, 10, 11, 255], "0-2,10-11,255"),
-])
+@pytest.mark.parametrize(
+    "granules, text",
+    [
+        ([0], "0"),
+        ([0, 1, 2, 5], "0-2,5"),
+        ([3, 4], "3-4"),
+        ([1, 3, 5], "1,3,5"),
+        (list(range(256)), "0-255"),
+        ([0, 1, 2, 10, 11, 255], "0-2,10-11,255"),
+    ],
+)
 def test_compact(granules, text):
     assert _compact(granules) == text
 
@@ -382,7 +402,7 @@ def test_full_and_holey_chunks_read_in_place_or_by_pread_give_the_plain_crc(blan
     assert not mem.fully_populated(CHUNK_PAGES, 2 * CHUNK_PAGES)
     assert not mem.fully_populated(2 * CHUNK_PAGES - 1, 2 * CHUNK_PAGES)
     d = MemoryDigest(mem, chunks=[0, 1])
-    assert d.data_crcs[0] == bytes_crc(bytes(mem.data[:CHUNK_PAGES * PAGE]))
+    assert d.data_crcs[0] == bytes_crc(bytes(mem.data[: CHUNK_PAGES * PAGE]))
     assert d.data_crcs[1] == bytes_crc(b"\x5a" * ((CHUNK_PAGES - 1) * PAGE) + bytes(PAGE))
     assert mem.populated_ranges() == [(0, 2 * CHUNK_PAGES - 1)]
 
@@ -396,6 +416,7 @@ def test_a_refresh_racing_set_data_keeps_the_newer_crc(blank):
         d.set_data(chunk, newer, tags_changed=False)
         pieces, next_data = real(chunk, frozen)
         return array("I", (c ^ 1 for c in pieces)), next_data  # what the stale read saw
+
     d._data_pieces = racing
     d.refresh([2])
     assert d.data_crcs[2] == chunk_crc(newer)
@@ -420,7 +441,7 @@ def test_unread_chunks_can_be_left_for_the_end(blank):
 @pytest.mark.parametrize("frozen", [False, True])
 def test_frozen_refresh_skips_holes_with_one_seek_and_agrees(blank, frozen):
     vm, mem = blank.vm, blank.memory
-    vm.guest_write(vm.page_to_ipa(3), b"\x11" * PAGE)                    # chunk 0, partly
+    vm.guest_write(vm.page_to_ipa(3), b"\x11" * PAGE)  # chunk 0, partly
     vm.guest_write(vm.page_to_ipa(5 * CHUNK_PAGES + 7), b"\x22" * PAGE)  # chunk 5
     seeks = []
     real = mem.next_data
@@ -444,12 +465,15 @@ def test_frozen_refresh_of_prefaulted_ram_reads_only_what_was_written(blank):
     real = zlib.crc32
     d = MemoryDigest(mem, compute=False)
     import migrate.digest as dg
+
     dg.zlib = type("Z", (), {"crc32": staticmethod(lambda b, c=0: reads.append(len(b)) or real(b, c))})
     try:
         d.refresh(frozen=True)
     finally:
         dg.zlib = zlib
-    assert reads.count(16384) == 64 and max(reads) < CHUNK_PAGES * PAGE  # only chunk 2's pieces were read (and its tags)
+    assert (
+        reads.count(16384) == 64 and max(reads) < CHUNK_PAGES * PAGE
+    )  # only chunk 2's pieces were read (and its tags)
     fresh = MemoryDigest(mem)
     assert (d.data_crcs, d.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
 
@@ -458,6 +482,7 @@ def test_frozen_parallel_refresh_settles_runs_of_empty_chunks_in_bulk():
     # 40 chunks and 6 pages: data in chunks 3 and 20, tags (no data) in chunk 30,
     # a short last chunk; everything else was never populated.
     import asyncio
+
     host = make_host(ram=40 * CHUNK_PAGES * PAGE + 6 * PAGE, prepare=False)
     try:
         vm, mem = host.vm, host.memory
@@ -472,13 +497,16 @@ def test_frozen_parallel_refresh_settles_runs_of_empty_chunks_in_bulk():
 
         async def go():
             await d.refresh_parallel(asyncio.get_running_loop(), frozen=True)
+
         asyncio.run(go())
         assert sorted(read) == [3, 20, 30, 40]  # data, tags without data, the short chunk
         assert not d.pending()
         full = MemoryDigest(mem)
         assert d.chunk_crcs() == full.chunk_crcs() and list(d.piece_crcs) == list(full.piece_crcs)
-        assert mem.populated_ranges() == [(3 * CHUNK_PAGES + 7, 3 * CHUNK_PAGES + 10),
-                                          (20 * CHUNK_PAGES, 20 * CHUNK_PAGES + 1)]  # nothing populated by reading
+        assert mem.populated_ranges() == [
+            (3 * CHUNK_PAGES + 7, 3 * CHUNK_PAGES + 10),
+            (20 * CHUNK_PAGES, 20 * CHUNK_PAGES + 1),
+        ]  # nothing populated by reading
     finally:
         host.close()
 
@@ -487,10 +515,11 @@ def test_a_stale_mark_landing_while_refresh_takes_a_chunks_pieces_is_not_lost(tw
     # A data channel marks a piece stale at the moment a background refresh
     # copies the chunk's stale pieces: the mark must survive (be read later).
     import threading
+
     a, _ = twins
     mem, first = a.memory, CHUNK_PAGES
     d = MemoryDigest(mem)
-    mem.data[first * PAGE:(first + 1) * PAGE] = b"\x11" * PAGE
+    mem.data[first * PAGE : (first + 1) * PAGE] = b"\x11" * PAGE
     d.mark_stale(first, first + 1)
     late = first + 5 * 4  # piece 5 of the same chunk
     marker = []
@@ -498,13 +527,16 @@ def test_a_stale_mark_landing_while_refresh_takes_a_chunks_pieces_is_not_lost(tw
     class Hook(bytearray):
         def __getitem__(self, k):
             if isinstance(k, slice) and not marker:  # refresh copying the chunk's stale pieces
+
                 def write_and_mark():
-                    mem.data[late * PAGE:(late + 1) * PAGE] = b"\x22" * PAGE
+                    mem.data[late * PAGE : (late + 1) * PAGE] = b"\x22" * PAGE
                     d.mark_stale(late, late + 1)
+
                 marker.append(threading.Thread(target=write_and_mark))
                 marker[0].start()
                 marker[0].join(0.2)  # unlocked, the mark would land right here
             return bytearray.__getitem__(self, k)
+
     d.piece_stale = Hook(d.piece_stale)
     d.refresh()
     marker[0].join()
@@ -534,7 +566,9 @@ def test_the_source_digest_keeper_works_while_the_event_loop_is_busy(twins):
     # inline); the keeper must bring the digest up to date meanwhile.
     import asyncio
     import time
+
     from migrate.source import _DigestKeeper
+
     a, _ = twins
     d = MemoryDigest(a.memory, compute=False)
 
@@ -544,6 +578,7 @@ def test_the_source_digest_keeper_works_while_the_event_loop_is_busy(twins):
         while d.pending() and time.monotonic() - t < 10:
             time.sleep(0.001)  # blocking: the event loop does not run
         await keeper.stop()
+
     asyncio.run(go())
     assert not d.pending()
     assert d.chunk_crcs() == MemoryDigest(a.memory).chunk_crcs()
@@ -553,7 +588,9 @@ def test_stopping_the_digest_keeper_waits_for_its_thread(twins):
     # A failed migration stops the keeper before the host closes the guest's
     # memory: stop() must return only once no refresh is in flight.
     import asyncio
+
     from migrate.source import _DigestKeeper
+
     a, _ = twins
     d = MemoryDigest(a.memory, compute=False)
 
@@ -562,19 +599,23 @@ def test_stopping_the_digest_keeper_waits_for_its_thread(twins):
         await asyncio.sleep(0)  # it is working on a slice now or soon
         await keeper.stop()
         return keeper
+
     keeper = asyncio.run(go())
     assert not keeper._thread.is_alive()
 
 
 def test_a_failing_digest_keeper_leaves_every_chunk_to_be_read_again(twins, caplog):
     import asyncio
+
     from migrate.source import _DigestKeeper
+
     a, _ = twins
     d = MemoryDigest(a.memory)
     d.mark_stale(0, 1)
 
     def broken(chunks=None, frozen=False):
         raise ValueError("operation forbidden on released memoryview object")
+
     d.refresh = broken
 
     async def go():
@@ -582,6 +623,7 @@ def test_a_failing_digest_keeper_leaves_every_chunk_to_be_read_again(twins, capl
         keeper._thread.join(10)  # it fails on its first slice and ends
         assert not keeper._thread.is_alive()
         await keeper.stop()
+
     asyncio.run(go())
     del d.refresh
     assert d.pending_chunks() == list(range(d.nchunks))  # nothing trusted

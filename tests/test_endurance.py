@@ -9,9 +9,26 @@ import sys
 
 def test_back_and_forth_every_hop_validated_no_fd_growth(tmp_path):
     out = tmp_path / "endurance.json"
-    cp = subprocess.run([sys.executable, "-m", "migrate", "endurance", "--hops", "8", "--ram", "16MiB",
-                         "--scenario", "allocator", "--quiet", "--json", str(out)],
-                        capture_output=True, text=True, timeout=300)
+    cp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "migrate",
+            "endurance",
+            "--hops",
+            "8",
+            "--ram",
+            "16MiB",
+            "--scenario",
+            "allocator",
+            "--quiet",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cp.returncode == 0, cp.stderr
     report = json.loads(out.read_text())
     assert report["hops_validated"] == 8

@@ -51,19 +51,27 @@ import pytest
 from migrate.faultproxy import ProxyThread
 
 REPO = Path(__file__).resolve().parent.parent
-TIMEOUT_S = 3            # --timeout of both sides: a silent peer is dead after this long
-BOUND_S = 45.0           # every surviving process must have exited this long after the fault: detection
+TIMEOUT_S = 3  # --timeout of both sides: a silent peer is dead after this long
+BOUND_S = 45.0  # every surviving process must have exited this long after the fault: detection
 #                          (3 x --timeout) plus a destination's bounded in-doubt hold (30 s today)
-FIRE_S = 45.0            # the phase must be reached this long after the source started
-BULK_BYTES = 4 << 20     # 'bulk': fault after 4 MiB of pass-0 PAGES frames (of ~17 MiB)
+FIRE_S = 45.0  # the phase must be reached this long after the source started
+BULK_BYTES = 4 << 20  # 'bulk': fault after 4 MiB of pass-0 PAGES frames (of ~17 MiB)
 WORKERS = int(os.environ.get("FAULT_WORKERS", "4"))
 COMMAND = re.compile(r"`(mte-migrate [^`]+)`")
 
 GUEST = ["--scenario", "allocator", "--ram", "32MiB", "--timeout", str(TIMEOUT_S), "--in-doubt-hold", "20"]
 SOURCE_ONLY = ["--max-bandwidth", "20M", "--max-passes", "3"]
 
-PHASES = ["handshake", "bulk", "dirty", "stop-and-copy", "state",
-          "completion:COMPLETE", "completion:CONFIRM", "completion:GO"]
+PHASES = [
+    "handshake",
+    "bulk",
+    "dirty",
+    "stop-and-copy",
+    "state",
+    "completion:COMPLETE",
+    "completion:CONFIRM",
+    "completion:GO",
+]
 FAULTS = ["cut", "flip", "truncate", "stall", "kill-dest", "kill-source"]
 AFTER_GO = ("completion:GO", "completion:RESUMED")  # the source has sent GO: it has given the guest up
 
@@ -101,8 +109,8 @@ class Side:
     role: str
     rc: int | None = None
     exited_after_fault_s: float | None = None
-    killed_by_test: bool = False     # the fault (kill-*)
-    hung: bool = False               # still running BOUND_S after the fault: killed by the test
+    killed_by_test: bool = False  # the fault (kill-*)
+    hung: bool = False  # still running BOUND_S after the fault: killed by the test
     result: dict | None = None
     stderr: str = ""
 
@@ -129,8 +137,8 @@ class Outcome:
     source: Side = field(default_factory=lambda: Side("source"))
     dest: Side = field(default_factory=lambda: Side("destination"))
     proxy_events: list = field(default_factory=list)
-    followed: dict | None = None     # the command the source's message gave, as the test ran it
-    operator: str | None = None      # what the test did as the operator of an in-doubt hold
+    followed: dict | None = None  # the command the source's message gave, as the test ran it
+    operator: str | None = None  # what the test did as the operator of an in-doubt hold
     wall_s: float = 0.0
     harness_error: str | None = None
 
@@ -151,13 +159,24 @@ def _follow_command(out: Outcome, dest_address: str) -> None:
     if "--connect" in args and args.index("--connect") + 1 < len(args):
         args[args.index("--connect") + 1] = dest_address
     try:
-        cp = subprocess.run([sys.executable, "-m", "migrate", *args], cwd=REPO, env=_env(), capture_output=True,
-                            text=True, timeout=30, start_new_session=True)
+        cp = subprocess.run(
+            [sys.executable, "-m", "migrate", *args],
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            start_new_session=True,
+        )
         rc, text = cp.returncode, (cp.stdout + cp.stderr).strip()
     except subprocess.TimeoutExpired:
         rc, text = None, "timed out after 30 s"
-    out.followed = {"command": match.group(1), "ran": "mte-migrate " + " ".join(args), "rc": rc,
-                    "output": " | ".join(text.splitlines()[-3:])}
+    out.followed = {
+        "command": match.group(1),
+        "ran": "mte-migrate " + " ".join(args),
+        "rc": rc,
+        "output": " | ".join(text.splitlines()[-3:]),
+    }
 
 
 HOLDING = re.compile(r"IN DOUBT: .*\(session (\w+)\).*`kill -USR1 (\d+)`")
@@ -181,9 +200,14 @@ def _operator(out: Outcome, procs: dict, files: dict, dest_address: str) -> bool
         os.kill(pid, signal.SIGUSR1)
         out.operator = f"destination dead: kill -USR1 {pid}"
     else:
-        cp = subprocess.run([sys.executable, "-m", "migrate", "resolve", "--connect", dest_address,
-                             "--session", session, "go"], cwd=REPO, env=_env(), capture_output=True,
-                            text=True, timeout=30)
+        cp = subprocess.run(
+            [sys.executable, "-m", "migrate", "resolve", "--connect", dest_address, "--session", session, "go"],
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         out.operator = f"destination alive: resolve go -> rc {cp.returncode} {(cp.stdout + cp.stderr).strip()!r}"
     return False
 
@@ -220,8 +244,13 @@ def run_case(phase: str, fault: str, workdir: Path) -> Outcome:
     try:
         procs["destination"] = subprocess.Popen(
             base + ["dest", "--listen", "127.0.0.1:0", *GUEST, "--json", str(workdir / "destination.json")],
-            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=files["destination"], text=True,
-            start_new_session=True)
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=files["destination"],
+            text=True,
+            start_new_session=True,
+        )
         line = _readline(procs["destination"], 30)
         if not line.startswith("listening on "):
             out.harness_error = f"destination did not start listening: {line!r}"
@@ -241,10 +270,23 @@ def run_case(phase: str, fault: str, workdir: Path) -> Outcome:
         proxy = ProxyThread((host, int(port)), fault, phase, bulk_bytes=BULK_BYTES, on_phase=on_phase)
         t_src = time.monotonic()
         procs["source"] = subprocess.Popen(
-            base + ["source", "--connect", f"{proxy.address[0]}:{proxy.address[1]}", *GUEST, *SOURCE_ONLY,
-                    "--json", str(workdir / "source.json")],
-            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=files["source"], text=True,
-            start_new_session=True)
+            base
+            + [
+                "source",
+                "--connect",
+                f"{proxy.address[0]}:{proxy.address[1]}",
+                *GUEST,
+                *SOURCE_ONLY,
+                "--json",
+                str(workdir / "source.json"),
+            ],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=files["source"],
+            text=True,
+            start_new_session=True,
+        )
 
         # The phase, then the source, then (after following its command, if
         # it gives one) the destination: all within bounds.
@@ -260,8 +302,9 @@ def run_case(phase: str, fault: str, workdir: Path) -> Outcome:
             out.fired_after_start_s = round(t_fault - t_src, 3)
         deadline = t_fault + BOUND_S
         # A source that holds the guest in doubt asks the operator; act as one.
-        wait(lambda: procs["source"].poll() is not None or _operator(out, procs, files, dest_address),
-             deadline, t_fault)
+        wait(
+            lambda: procs["source"].poll() is not None or _operator(out, procs, files, dest_address), deadline, t_fault
+        )
         wait(lambda: procs["source"].poll() is not None, deadline, t_fault)
         if procs["source"].poll() is not None and not out.source.killed_by_test:
             load("source")
@@ -321,31 +364,47 @@ def violations(o: Outcome) -> list[str]:
         v.append("the guest runs on two hosts: the destination resumed it and the source kept it")
     if src.killed_by_test:
         if dst_runs and o.phase != "completion:RESUMED":
-            v.append(f"the source was killed before GO reached the destination, yet the destination resumed "
-                     f"(status {dst.status!r}, guest_on {dst.guest_on!r}) instead of discarding")
+            v.append(
+                f"the source was killed before GO reached the destination, yet the destination resumed "
+                f"(status {dst.status!r}, guest_on {dst.guest_on!r}) instead of discarding"
+            )
     elif src.result is not None and not src.hung:
         if o.phase not in AFTER_GO:  # before GO: the guest stays with the source
             if src.status != "completed" and src.guest_on != "source":
                 v.append(f"the source failed before GO but reports guest_on {src.guest_on!r}, not 'source'")
             if dst_runs and src.status != "completed":
-                v.append(f"the destination resumed (guest_on {dst.guest_on!r}) but the source reports status "
-                         f"{src.status!r}: it never sent GO")
+                v.append(
+                    f"the destination resumed (guest_on {dst.guest_on!r}) but the source reports status "
+                    f"{src.status!r}: it never sent GO"
+                )
         elif src.status != "completed":  # after GO: the window where neither side can be sure
             if not dst_runs and not src_kept:
-                how = (f"following the source's command `{o.followed['ran']}` gave: {o.followed['output']!r}"
-                       if o.followed else "the source gave no command in backquotes that could resume it"
-                       if not COMMAND.search(src.error or "") else "its command names the destination, which was killed"
-                       if dst.killed_by_test else "its command names the destination, which had already exited")
-                v.append(f"the guest is lost: after GO it runs nowhere (source guest_on {src.guest_on!r}; "
-                         f"destination status {dst.status!r}, guest_on {dst.guest_on!r}); {how}")
-            elif dst_runs and not str(src.guest_on).startswith("destination") and not (
-                    o.operator and o.operator.startswith("destination alive") and "unknown" in str(src.guest_on)):
+                how = (
+                    f"following the source's command `{o.followed['ran']}` gave: {o.followed['output']!r}"
+                    if o.followed
+                    else "the source gave no command in backquotes that could resume it"
+                    if not COMMAND.search(src.error or "")
+                    else "its command names the destination, which was killed"
+                    if dst.killed_by_test
+                    else "its command names the destination, which had already exited"
+                )
+                v.append(
+                    f"the guest is lost: after GO it runs nowhere (source guest_on {src.guest_on!r}; "
+                    f"destination status {dst.status!r}, guest_on {dst.guest_on!r}); {how}"
+                )
+            elif (
+                dst_runs
+                and not str(src.guest_on).startswith("destination")
+                and not (o.operator and o.operator.startswith("destination alive") and "unknown" in str(src.guest_on))
+            ):
                 # (when the operator settled it at the destination, the source
                 # cannot know and must say "unknown", never "source")
                 v.append(f"the destination runs the guest but the source does not say so: guest_on {src.guest_on!r}")
     if src.status == "completed" and not (dst.status == "completed" and src.result["validation"].get("ok")):
-        v.append(f"the source completed but the destination has status {dst.status!r} "
-                 f"(validation ok: {src.result['validation'].get('ok')})")
+        v.append(
+            f"the source completed but the destination has status {dst.status!r} "
+            f"(validation ok: {src.result['validation'].get('ok')})"
+        )
     return v
 
 
@@ -355,8 +414,9 @@ class Matrix:
         self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="fault-case")
         # Stalls take longest: start them first.
         order = sorted(cases, key=lambda c: (c[1] != "stall", not c[0].startswith("completion")))
-        self._futures = {c: self._pool.submit(run_case, c[0], c[1], workdir / f"{c[0]}-{c[1]}".replace(":", "_"))
-                         for c in order}
+        self._futures = {
+            c: self._pool.submit(run_case, c[0], c[1], workdir / f"{c[0]}-{c[1]}".replace(":", "_")) for c in order
+        }
 
     def get(self, phase, fault) -> Outcome:
         return self._futures[(phase, fault)].result()
@@ -396,11 +456,20 @@ def _describe(o: Outcome) -> str:
         if s.killed_by_test:
             return f"{s.role}: killed by the test"
         tail = " | ".join(s.stderr.strip().splitlines()[-3:])
-        return (f"{s.role}: rc {s.rc}, exited {s.exited_after_fault_s} s after the fault, status {s.status!r}, "
-                f"guest_on {s.guest_on!r}, error {s.error!r}, stderr: {tail}")
-    return "\n".join([f"fault {o.fault} at {o.phase}: fired on {o.fired_frame} "
-                      f"{o.fired_after_start_s} s after the source started", side(o.source), side(o.dest),
-                      "proxy: " + " / ".join(o.proxy_events[-6:])])
+        return (
+            f"{s.role}: rc {s.rc}, exited {s.exited_after_fault_s} s after the fault, status {s.status!r}, "
+            f"guest_on {s.guest_on!r}, error {s.error!r}, stderr: {tail}"
+        )
+
+    return "\n".join(
+        [
+            f"fault {o.fault} at {o.phase}: fired on {o.fired_frame} "
+            f"{o.fired_after_start_s} s after the source started",
+            side(o.source),
+            side(o.dest),
+            "proxy: " + " / ".join(o.proxy_events[-6:]),
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -421,8 +490,18 @@ def test_proxy_without_fault_sees_every_phase_in_order(tmp_path):
     assert o.source.status == "completed", _describe(o)
     assert o.dest.status == "completed" and o.dest.guest_on == "destination", _describe(o)
     markers = [e.split("marker ", 1)[1].split(": ")[0] for e in o.proxy_events if " marker " in e]
-    assert markers == ["handshake:HELLO", "handshake:WELCOME", "bulk", "dirty", "stop-and-copy", "state",
-                       "completion:COMPLETE", "completion:CONFIRM", "completion:GO", "completion:RESUMED"], markers
+    assert markers == [
+        "handshake:HELLO",
+        "handshake:WELCOME",
+        "bulk",
+        "dirty",
+        "stop-and-copy",
+        "state",
+        "completion:COMPLETE",
+        "completion:CONFIRM",
+        "completion:GO",
+        "completion:RESUMED",
+    ], markers
     passes = json.loads((tmp_path / "source.json").read_text())["passes"]
     assert any(p["pass"] >= 1 and not p["final"] for p in passes), passes
 
@@ -434,20 +513,49 @@ def test_proxy_command_line_cut_at_handshake(tmp_path):
     base = [sys.executable, "-m", "migrate"]
     procs = []
     try:
-        dest = subprocess.Popen(base + ["dest", "--listen", "127.0.0.1:0", "--ram", "16MiB", "--timeout", "3"],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        dest = subprocess.Popen(
+            base + ["dest", "--listen", "127.0.0.1:0", "--ram", "16MiB", "--timeout", "3"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         procs.append(dest)
         target = _readline(dest, 30).removeprefix("listening on ")
-        proxy = subprocess.Popen([sys.executable, "-m", "migrate.faultproxy", "--target", target,
-                                  "--fault", "cut", "--at", "handshake"], cwd=REPO, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "migrate.faultproxy", "--target", target, "--fault", "cut", "--at", "handshake"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         procs.append(proxy)
         line = _readline(proxy, 30)
         assert line.startswith("listening on "), line
-        src = subprocess.run(base + ["source", "--connect", line.removeprefix("listening on "), "--ram", "16MiB",
-                                     "--timeout", "3", "--json", str(tmp_path / "s.json")],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60, start_new_session=True)
+        src = subprocess.run(
+            base
+            + [
+                "source",
+                "--connect",
+                line.removeprefix("listening on "),
+                "--ram",
+                "16MiB",
+                "--timeout",
+                "3",
+                "--json",
+                str(tmp_path / "s.json"),
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            start_new_session=True,
+        )
         assert _readline(proxy, 10) == "phase handshake:HELLO reached"
         assert src.returncode == 1 and "Traceback" not in src.stderr, src.stderr
         result = json.loads((tmp_path / "s.json").read_text())
@@ -460,6 +568,12 @@ def test_proxy_command_line_cut_at_handshake(tmp_path):
 
 
 def test_proxy_refuses_unknown_phase_and_fault():
-    cp = subprocess.run([sys.executable, "-m", "migrate.faultproxy", "--target", "127.0.0.1:1", "--fault", "cut",
-                         "--at", "teatime"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=30)
+    cp = subprocess.run(
+        [sys.executable, "-m", "migrate.faultproxy", "--target", "127.0.0.1:1", "--fault", "cut", "--at", "teatime"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert cp.returncode == 2 and "unknown phase" in cp.stderr and "Traceback" not in cp.stderr

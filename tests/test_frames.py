@@ -22,9 +22,11 @@ from migrate.errors import ProtocolError
 from migrate.machine import Connection, DestState, SourceState, dest_machine, source_machine
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
-fuzz_settings = settings(max_examples=FUZZ_EXAMPLES, deadline=None,
-                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                HealthCheck.filter_too_much])
+fuzz_settings = settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 T = fr.FrameType
 PAGE = fr.PAGE_SIZE
 
@@ -58,21 +60,22 @@ def decode_one(data: bytes):
 
 
 def sample_pages():
-    data = bytes(range(256)) * 16 + b"\xaa" * PAGE            # two data pages
-    tags = bytes([0x21]) * fr.PACKED_TAGS_PER_PAGE              # one tagged page
+    data = bytes(range(256)) * 16 + b"\xaa" * PAGE  # two data pages
+    tags = bytes([0x21]) * fr.PACKED_TAGS_PER_PAGE  # one tagged page
     return fr.Pages(7, [(0, 2), (10, 1)], bytes([0, fr.PAGE_ZERO | fr.PAGE_TAGS, 0]), data, tags)
 
 
 SAMPLES = [
     fr.Hello(1, 8 << 20, 4096, 16, True, 2, "tag-ioctl", "packed4", "auto", "vm-1"),
-    fr.Hello(1, 8 << 20, 4096, 16, True, 2, "tag-ioctl", "packed4", "auto", "vm-1", 4, "0123456789abcdef",
-             bytes(range(32))),                                       # with a nonce
+    fr.Hello(
+        1, 8 << 20, 4096, 16, True, 2, "tag-ioctl", "packed4", "auto", "vm-1", 4, "0123456789abcdef", bytes(range(32))
+    ),  # with a nonce
     fr.Welcome(1),
-    fr.Welcome(1, b"\x5a" * 32, bytes(range(100, 132))),              # nonce and proof
-    fr.Auth(),                                                        # no key: empty proof
+    fr.Welcome(1, b"\x5a" * 32, bytes(range(100, 132))),  # nonce and proof
+    fr.Auth(),  # no key: empty proof
     fr.Auth(bytes(range(200, 232))),
     sample_pages(),
-    fr.Pages(0, [(5, 3)], bytes([fr.PAGE_ZERO]) * 3),                     # all zero: no payload
+    fr.Pages(0, [(5, 3)], bytes([fr.PAGE_ZERO]) * 3),  # all zero: no payload
     fr.Pages(3, [(1, 1)], bytes([0]), b"compressed?", b"tags!", True, True),
     fr.PassEnd(4, 1234),
     fr.State({"vcpus": [{"pc": 4096, "regs": [1, 2, 3]}], "devices": {"uart": b"\x00\x01"}}),
@@ -86,10 +89,10 @@ SAMPLES = [
     fr.Error("protocol", "something went wrong"),
     fr.Abort("cancelled by the user"),
 ]
-if hasattr(fr, "Join"):   # extra data connections
+if hasattr(fr, "Join"):  # extra data connections
     SAMPLES.append(fr.Join("session-1", 1))
     SAMPLES.append(fr.Join("0123456789abcdef", 3, b"\xee" * 32))
-if hasattr(fr, "Recover"):   # the in-doubt window, on a new connection
+if hasattr(fr, "Recover"):  # the in-doubt window, on a new connection
     SAMPLES.append(fr.Recover("0123456789abcdef", "go", b"\xdd" * 32))
     SAMPLES.append(fr.Recover("0123456789abcdef", "abort"))
 SAMPLE_IDS = [f"{f.type.name}-{i}" for i, f in enumerate(SAMPLES)]
@@ -114,6 +117,7 @@ RECEIVER = {
 }
 if hasattr(T, "JOIN"):
     from migrate.machine import data_dest_machine
+
     RECEIVER[T.JOIN] = (data_dest_machine, DestState.WAIT_HELLO)
 if hasattr(T, "RECOVER"):
     RECEIVER[T.RECOVER] = (data_dest_machine, DestState.WAIT_HELLO)
@@ -158,7 +162,7 @@ def test_round_trip_one_byte_at_a_time(frame):
     data = wire(frame)
     out = []
     for i in range(len(data)):
-        out += buf.feed(data[i:i + 1])
+        out += buf.feed(data[i : i + 1])
         if i < len(data) - 1:
             assert out == []
             assert buf.pending == i + 1
@@ -179,10 +183,10 @@ def test_many_frames_in_one_feed_and_a_partial_tail():
 def test_pages_payload_is_data_then_tags_and_dl_splits_them():
     frame = sample_pages()
     data = wire(frame)
-    h = fr.parse_header(data[:fr.HEADER_SIZE])
+    h = fr.parse_header(data[: fr.HEADER_SIZE])
     assert h.type == T.PAGES
     assert h.payload_len == len(frame.data) + len(frame.tags)
-    meta = msgpack.unpackb(data[fr.HEADER_SIZE:fr.HEADER_SIZE + h.meta_len])
+    meta = msgpack.unpackb(data[fr.HEADER_SIZE : fr.HEADER_SIZE + h.meta_len])
     assert meta["dl"] == len(frame.data)
     got = decode_one(data)
     assert bytes(got.data) == frame.data and bytes(got.tags) == frame.tags
@@ -206,19 +210,22 @@ def test_encode_refuses_oversized_frames():
 
 
 # -- header bounds: checked on the 16 header bytes alone ---------------------------------
-@pytest.mark.parametrize("raw, match", [
-    (header(magic=b"XX"), "bad frame magic"),
-    (header(magic=b"TM"), "bad frame magic"),
-    (header(ftype=0), "unknown frame type 0"),
-    (header(ftype=len(T) + 1), f"unknown frame type {len(T) + 1}"),
-    (header(ftype=255), "unknown frame type 255"),
-    (header(flags=0x02), "unknown frame flags 0x2"),
-    (header(flags=0x81), "unknown frame flags 0x81"),
-    (header(meta_len=fr.MAX_META + 1), f"meta length {fr.MAX_META + 1} exceeds the limit {fr.MAX_META}"),
-    (header(meta_len=2**32 - 1), "meta length .* exceeds the limit"),
-    (header(payload_len=fr.MAX_PAYLOAD + 1), f"payload length {fr.MAX_PAYLOAD + 1} exceeds the limit"),
-    (header(payload_len=2**32 - 1), "payload length .* exceeds the limit"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (header(magic=b"XX"), "bad frame magic"),
+        (header(magic=b"TM"), "bad frame magic"),
+        (header(ftype=0), "unknown frame type 0"),
+        (header(ftype=len(T) + 1), f"unknown frame type {len(T) + 1}"),
+        (header(ftype=255), "unknown frame type 255"),
+        (header(flags=0x02), "unknown frame flags 0x2"),
+        (header(flags=0x81), "unknown frame flags 0x81"),
+        (header(meta_len=fr.MAX_META + 1), f"meta length {fr.MAX_META + 1} exceeds the limit {fr.MAX_META}"),
+        (header(meta_len=2**32 - 1), "meta length .* exceeds the limit"),
+        (header(payload_len=fr.MAX_PAYLOAD + 1), f"payload length {fr.MAX_PAYLOAD + 1} exceeds the limit"),
+        (header(payload_len=2**32 - 1), "payload length .* exceeds the limit"),
+    ],
+)
 def test_parse_header_rejects(raw, match):
     with pytest.raises(ProtocolError, match=match):
         fr.parse_header(raw)
@@ -247,7 +254,7 @@ def test_parse_header_rejects_wrong_length(n):
 def test_header_only_of_a_valid_frame_waits_for_the_rest():
     data = wire(sample_pages())
     buf = fr.FrameBuffer()
-    assert buf.feed(data[:fr.HEADER_SIZE]) == []
+    assert buf.feed(data[: fr.HEADER_SIZE]) == []
     assert buf.pending == fr.HEADER_SIZE
 
 
@@ -256,8 +263,13 @@ def test_max_payload_covers_a_full_batch_with_tags():
 
 
 # -- CRC -----------------------------------------------------------------------------
-CRC_FRAMES = [fr.Hello(1, 8 << 20, 4096, 16, True, 2, "tag-ioctl", "packed4", "auto", "", nonce=b"\x01" * 32),
-              sample_pages(), fr.Go(), fr.State({"a": 1}), fr.Auth(b"\x07" * 32)]
+CRC_FRAMES = [
+    fr.Hello(1, 8 << 20, 4096, 16, True, 2, "tag-ioctl", "packed4", "auto", "", nonce=b"\x01" * 32),
+    sample_pages(),
+    fr.Go(),
+    fr.State({"a": 1}),
+    fr.Auth(b"\x07" * 32),
+]
 
 
 def _detected(mutated: bytes) -> bool:
@@ -267,7 +279,7 @@ def _detected(mutated: bytes) -> bool:
     stream would.  True when a ProtocolError is raised."""
     buf = fr.FrameBuffer(require_crc=True)
     try:
-        h = fr.parse_header(mutated[:fr.HEADER_SIZE])
+        h = fr.parse_header(mutated[: fr.HEADER_SIZE])
         total = fr.HEADER_SIZE + h.meta_len + h.payload_len
         buf.feed(mutated + bytes(max(0, total - len(mutated))))
     except ProtocolError:
@@ -292,7 +304,7 @@ def test_every_single_bit_flip_is_detected(frame):
     """Every bit of the header and meta; payload bits sampled (the
     hypothesis test above covers any position)."""
     good = wire(frame)
-    body = fr.HEADER_SIZE + fr.parse_header(good[:fr.HEADER_SIZE]).meta_len
+    body = fr.HEADER_SIZE + fr.parse_header(good[: fr.HEADER_SIZE]).meta_len
     positions = list(range(body)) + list(range(body, len(good), 61)) + [len(good) - 1]
     for pos in sorted(set(positions)):
         for bit in range(8):
@@ -343,9 +355,9 @@ def test_flag_bit_flip_cannot_switch_the_checksum_off():
     with pytest.raises(ProtocolError, match="PASS_END frame has no checksum, but this side requires one"):
         conn.feed(bytes(good))
     with pytest.raises(ProtocolError, match="no checksum"):
-        conn.parse_header(bytes(good[:fr.HEADER_SIZE]))
+        conn.parse_header(bytes(good[: fr.HEADER_SIZE]))
     with pytest.raises(ProtocolError, match="no checksum"):
-        fr.FrameBuffer(require_crc=True).feed(bytes(good[:fr.HEADER_SIZE]))
+        fr.FrameBuffer(require_crc=True).feed(bytes(good[: fr.HEADER_SIZE]))
 
 
 # -- field checks ------------------------------------------------------------------------
@@ -360,24 +372,27 @@ def _expect(ftype, meta, match, payload=b""):
         conn.feed(raw_frame(ftype, meta, payload))
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("ram_size", "8MiB", "HELLO field 'ram_size' must be int, got str"),
-    ("ram_size", 8.0 * 2**20, "HELLO field 'ram_size' must be int, got float"),
-    ("ram_size", True, "HELLO field 'ram_size' must be int, got bool"),
-    ("version", False, "HELLO field 'version' must be int, got bool"),
-    ("vcpus", None, "HELLO field 'vcpus' must be int, got NoneType"),
-    ("page_size", [4096], "HELLO field 'page_size' must be int, got list"),
-    ("mte", 1, "HELLO field 'mte' must be bool, got int"),
-    ("strategy", b"tag-ioctl", "HELLO field 'strategy' must be str, got bytes"),
-    ("compression", 1, "HELLO field 'compression' must be str, got int"),
-    ("ram_size", -4096, "HELLO field 'ram_size' = -4096 is out of range"),
-    ("ram_size", 2**48, "HELLO field 'ram_size' = 281474976710656 is out of range"),
-    ("vcpus", 4096, "HELLO field 'vcpus' = 4096 is out of range"),
-    ("version", 2**16, "HELLO field 'version' = 65536 is out of range"),
-    ("nonce", "abc", "HELLO field 'nonce' must be bytes, got str"),
-    ("nonce", None, "HELLO field 'nonce' must be bytes, got NoneType"),
-    ("nonce", b"\0" * 65, "HELLO field 'nonce' is longer than 64 bytes"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("ram_size", "8MiB", "HELLO field 'ram_size' must be int, got str"),
+        ("ram_size", 8.0 * 2**20, "HELLO field 'ram_size' must be int, got float"),
+        ("ram_size", True, "HELLO field 'ram_size' must be int, got bool"),
+        ("version", False, "HELLO field 'version' must be int, got bool"),
+        ("vcpus", None, "HELLO field 'vcpus' must be int, got NoneType"),
+        ("page_size", [4096], "HELLO field 'page_size' must be int, got list"),
+        ("mte", 1, "HELLO field 'mte' must be bool, got int"),
+        ("strategy", b"tag-ioctl", "HELLO field 'strategy' must be str, got bytes"),
+        ("compression", 1, "HELLO field 'compression' must be str, got int"),
+        ("ram_size", -4096, "HELLO field 'ram_size' = -4096 is out of range"),
+        ("ram_size", 2**48, "HELLO field 'ram_size' = 281474976710656 is out of range"),
+        ("vcpus", 4096, "HELLO field 'vcpus' = 4096 is out of range"),
+        ("version", 2**16, "HELLO field 'version' = 65536 is out of range"),
+        ("nonce", "abc", "HELLO field 'nonce' must be bytes, got str"),
+        ("nonce", None, "HELLO field 'nonce' must be bytes, got NoneType"),
+        ("nonce", b"\0" * 65, "HELLO field 'nonce' is longer than 64 bytes"),
+    ],
+)
 def test_hello_field_types_and_ranges(field, value, match):
     _expect(T.HELLO, {**HELLO_META, field: value}, match)
 
@@ -389,51 +404,57 @@ def test_hello_missing_field(field):
     _expect(T.HELLO, meta, f"HELLO frame is missing field '{field}'")
 
 
-@pytest.mark.parametrize("ftype, meta, match", [
-    (T.WELCOME, {}, "WELCOME frame is missing field 'version'"),
-    (T.WELCOME, {"version": "1"}, "WELCOME field 'version' must be int, got str"),
-    (T.WELCOME, {"version": 1, "proof": b""}, "WELCOME frame is missing field 'nonce'"),
-    (T.WELCOME, {"version": 1, "nonce": b""}, "WELCOME frame is missing field 'proof'"),
-    (T.WELCOME, {"version": 1, "nonce": "n", "proof": b""}, "WELCOME field 'nonce' must be bytes, got str"),
-    (T.WELCOME, {"version": 1, "nonce": b"", "proof": 7}, "WELCOME field 'proof' must be bytes, got int"),
-    (T.WELCOME, {"version": 1, "nonce": b"\0" * 65, "proof": b""}, "WELCOME field 'nonce' is longer than 64 bytes"),
-    (T.WELCOME, {"version": 1, "nonce": b"", "proof": b"\0" * 65}, "WELCOME field 'proof' is longer than 64 bytes"),
-    (T.AUTH, {}, "AUTH frame is missing field 'proof'"),
-    (T.AUTH, {"proof": "secret"}, "AUTH field 'proof' must be bytes, got str"),
-    (T.AUTH, {"proof": True}, "AUTH field 'proof' must be bytes, got bool"),
-    (T.AUTH, {"proof": [1, 2]}, "AUTH field 'proof' must be bytes, got list"),
-    (T.AUTH, {"proof": b"\0" * 65}, "AUTH field 'proof' is longer than 64 bytes"),
-    (T.JOIN, {"session": "s", "channel": 1}, "JOIN frame is missing field 'proof'"),
-    (T.JOIN, {"session": "s", "channel": 1, "proof": "p"}, "JOIN field 'proof' must be bytes, got str"),
-    (T.JOIN, {"session": "s", "channel": 1, "proof": b"\0" * 65}, "JOIN field 'proof' is longer than 64 bytes"),
-    (T.PASS_END, {"p": 1}, "PASS_END frame is missing field 'n'"),
-    (T.PASS_END, {"p": 1, "n": -1}, "PASS_END field 'n' = -1 is out of range"),
-    (T.PASS_END, {"p": True, "n": 1}, "PASS_END field 'p' must be int, got bool"),
-    (T.COMPLETE, {"d": "a", "t": "b"}, "COMPLETE frame is missing field 's'"),
-    (T.COMPLETE, {"d": "a", "t": 5, "s": "c"}, "COMPLETE field 't' must be str, got int"),
-    (T.CONFIRM, {"d": b"a", "t": "b", "s": "c"}, "CONFIRM field 'd' must be str, got bytes"),
-    (T.INSPECT, {"c": "0"}, "INSPECT field 'c' must be list, got str"),
-    (T.INSPECT, {"c": [0, -1]}, "INSPECT wants a list of at most 64 chunk numbers"),
-    (T.INSPECT, {"c": [True]}, "INSPECT wants a list"),
-    (T.INSPECT, {"c": list(range(65))}, "INSPECT wants a list of at most 64"),
-    (T.INSPECTION, {"c": [1.5]}, "INSPECTION chunk numbers must be non-negative integers"),
-    (T.ERROR, {"code": "x"}, "ERROR frame is missing field 'message'"),
-    (T.ERROR, {"code": 1, "message": "m"}, "ERROR field 'code' must be str, got int"),
-    (T.ABORT, {"why": "x"}, "ABORT frame is missing field 'reason'"),
-])
+@pytest.mark.parametrize(
+    "ftype, meta, match",
+    [
+        (T.WELCOME, {}, "WELCOME frame is missing field 'version'"),
+        (T.WELCOME, {"version": "1"}, "WELCOME field 'version' must be int, got str"),
+        (T.WELCOME, {"version": 1, "proof": b""}, "WELCOME frame is missing field 'nonce'"),
+        (T.WELCOME, {"version": 1, "nonce": b""}, "WELCOME frame is missing field 'proof'"),
+        (T.WELCOME, {"version": 1, "nonce": "n", "proof": b""}, "WELCOME field 'nonce' must be bytes, got str"),
+        (T.WELCOME, {"version": 1, "nonce": b"", "proof": 7}, "WELCOME field 'proof' must be bytes, got int"),
+        (T.WELCOME, {"version": 1, "nonce": b"\0" * 65, "proof": b""}, "WELCOME field 'nonce' is longer than 64 bytes"),
+        (T.WELCOME, {"version": 1, "nonce": b"", "proof": b"\0" * 65}, "WELCOME field 'proof' is longer than 64 bytes"),
+        (T.AUTH, {}, "AUTH frame is missing field 'proof'"),
+        (T.AUTH, {"proof": "secret"}, "AUTH field 'proof' must be bytes, got str"),
+        (T.AUTH, {"proof": True}, "AUTH field 'proof' must be bytes, got bool"),
+        (T.AUTH, {"proof": [1, 2]}, "AUTH field 'proof' must be bytes, got list"),
+        (T.AUTH, {"proof": b"\0" * 65}, "AUTH field 'proof' is longer than 64 bytes"),
+        (T.JOIN, {"session": "s", "channel": 1}, "JOIN frame is missing field 'proof'"),
+        (T.JOIN, {"session": "s", "channel": 1, "proof": "p"}, "JOIN field 'proof' must be bytes, got str"),
+        (T.JOIN, {"session": "s", "channel": 1, "proof": b"\0" * 65}, "JOIN field 'proof' is longer than 64 bytes"),
+        (T.PASS_END, {"p": 1}, "PASS_END frame is missing field 'n'"),
+        (T.PASS_END, {"p": 1, "n": -1}, "PASS_END field 'n' = -1 is out of range"),
+        (T.PASS_END, {"p": True, "n": 1}, "PASS_END field 'p' must be int, got bool"),
+        (T.COMPLETE, {"d": "a", "t": "b"}, "COMPLETE frame is missing field 's'"),
+        (T.COMPLETE, {"d": "a", "t": 5, "s": "c"}, "COMPLETE field 't' must be str, got int"),
+        (T.CONFIRM, {"d": b"a", "t": "b", "s": "c"}, "CONFIRM field 'd' must be str, got bytes"),
+        (T.INSPECT, {"c": "0"}, "INSPECT field 'c' must be list, got str"),
+        (T.INSPECT, {"c": [0, -1]}, "INSPECT wants a list of at most 64 chunk numbers"),
+        (T.INSPECT, {"c": [True]}, "INSPECT wants a list"),
+        (T.INSPECT, {"c": list(range(65))}, "INSPECT wants a list of at most 64"),
+        (T.INSPECTION, {"c": [1.5]}, "INSPECTION chunk numbers must be non-negative integers"),
+        (T.ERROR, {"code": "x"}, "ERROR frame is missing field 'message'"),
+        (T.ERROR, {"code": 1, "message": "m"}, "ERROR field 'code' must be str, got int"),
+        (T.ABORT, {"why": "x"}, "ABORT frame is missing field 'reason'"),
+    ],
+)
 def test_other_frames_field_checks(ftype, meta, match):
     _expect(ftype, meta, match)
 
 
-@pytest.mark.parametrize("meta_bytes, match", [
-    (msgpack.packb([1, 2]), "HELLO frame meta must be a map"),
-    (msgpack.packb("hello"), "HELLO frame meta must be a map"),
-    (b"\xc1", "HELLO frame meta is not valid msgpack"),
-    (b"\x81", "HELLO frame meta is not valid msgpack"),            # map missing its entry
-    (msgpack.packb({1: 2}), "HELLO frame meta is not valid msgpack"),  # int keys refused
-    (b"\x81\xa1\xff\x01", "HELLO frame meta is not valid msgpack"),  # invalid UTF-8 key
-    (b"", "HELLO frame meta is not valid msgpack"),
-])
+@pytest.mark.parametrize(
+    "meta_bytes, match",
+    [
+        (msgpack.packb([1, 2]), "HELLO frame meta must be a map"),
+        (msgpack.packb("hello"), "HELLO frame meta must be a map"),
+        (b"\xc1", "HELLO frame meta is not valid msgpack"),
+        (b"\x81", "HELLO frame meta is not valid msgpack"),  # map missing its entry
+        (msgpack.packb({1: 2}), "HELLO frame meta is not valid msgpack"),  # int keys refused
+        (b"\x81\xa1\xff\x01", "HELLO frame meta is not valid msgpack"),  # invalid UTF-8 key
+        (b"", "HELLO frame meta is not valid msgpack"),
+    ],
+)
 def test_meta_must_be_a_msgpack_map(meta_bytes, match):
     with pytest.raises(ProtocolError, match=match):
         fr.FrameBuffer().feed(raw_frame(T.HELLO, None, meta_bytes=meta_bytes))
@@ -452,9 +473,9 @@ def test_nonces_and_proofs_of_64_bytes_are_accepted():
 def test_auth_is_type_15_and_carries_only_the_proof():
     assert T.AUTH == 15
     data = wire(fr.Auth(b"\x09" * 32))
-    h = fr.parse_header(data[:fr.HEADER_SIZE])
+    h = fr.parse_header(data[: fr.HEADER_SIZE])
     assert (h.type, h.payload_len) == (T.AUTH, 0)
-    assert msgpack.unpackb(data[fr.HEADER_SIZE:]) == {"proof": b"\x09" * 32}
+    assert msgpack.unpackb(data[fr.HEADER_SIZE :]) == {"proof": b"\x09" * 32}
 
 
 def test_error_and_abort_texts_are_bounded():
@@ -474,31 +495,53 @@ def test_state_payload_checks():
 
 
 # Pages
-@pytest.mark.parametrize("meta, payload, match", [
-    (pages_meta([(0, 2)], bytes(3)), b"", "PAGES batch has 2 pages in ranges but 3 flags"),
-    (pages_meta([(0, 2), (5, 2)], bytes(3)), b"", "PAGES batch has 4 pages in ranges but 3 flags"),
-    (pages_meta([], b""), b"", "PAGES batch has 0 pages"),
-    (pages_meta([(0, 0), (4, 2)], bytes(2)), b"", "PAGES batch has an empty range"),
-    (pages_meta([(0, 0)], b""), b"", "PAGES batch has an empty range"),
-    (pages_meta([(0, fr.MAX_BATCH_PAGES + 1)], bytes(fr.MAX_BATCH_PAGES + 1)), b"",
-     f"at most {fr.MAX_BATCH_PAGES} pages per batch"),
-    (pages_meta([(0, 1000), (2000, 25)], bytes(1025)), b"", "1025 pages .*at most 1024 pages per batch"),
-    (pages_meta([(0, 3)], bytes([0, 8, 0])), b"", "PAGES batch has an unknown page flag"),
-    (pages_meta([(0, 1)], bytes([0x80])), b"", "PAGES batch has an unknown page flag"),
-    (pages_meta([(0, 1)], bytes([0xFF])), b"", "PAGES batch has an unknown page flag"),
-    (pages_meta([(0, 1)], bytes(1), dl=PAGE + 1), bytes(PAGE), f"PAGES data length {PAGE + 1} exceeds the payload \\({PAGE} bytes\\)"),
-    (pages_meta([(0, 1)], bytes(1), dl=1), b"", "PAGES data length 1 exceeds the payload \\(0 bytes\\)"),
-    ({**pages_meta([(0, 1)], bytes(1)), "r": b"\0" * 15}, b"", "PAGES ranges field is not a list of \\(page, count\\) pairs"),
-    ({**pages_meta([(0, 1)], bytes(1)), "r": [0, 1]}, b"", "PAGES field 'r' must be bytes, got list"),
-    ({**pages_meta([(0, 1)], bytes(1)), "f": "\x00"}, b"", "PAGES field 'f' must be bytes, got str"),
-    ({**pages_meta([(0, 1)], bytes(1)), "dc": 0}, b"", "PAGES field 'dc' must be bool, got int"),
-    ({**pages_meta([(0, 1)], bytes(1)), "tc": "yes"}, b"", "PAGES field 'tc' must be bool, got str"),
-    ({**pages_meta([(0, 1)], bytes(1)), "dl": -1}, b"", "PAGES field 'dl' = -1 is out of range"),
-    ({**pages_meta([(0, 1)], bytes(1)), "dl": 2**40}, b"", "PAGES field 'dl' = .* is out of range"),
-    ({**pages_meta([(0, 1)], bytes(1)), "p": "1"}, b"", "PAGES field 'p' must be int, got str"),
-    ({k: v for k, v in pages_meta([(0, 1)], bytes(1)).items() if k != "f"}, b"", "PAGES frame is missing field 'f'"),
-    ({k: v for k, v in pages_meta([(0, 1)], bytes(1)).items() if k != "dl"}, b"", "PAGES frame is missing field 'dl'"),
-])
+@pytest.mark.parametrize(
+    "meta, payload, match",
+    [
+        (pages_meta([(0, 2)], bytes(3)), b"", "PAGES batch has 2 pages in ranges but 3 flags"),
+        (pages_meta([(0, 2), (5, 2)], bytes(3)), b"", "PAGES batch has 4 pages in ranges but 3 flags"),
+        (pages_meta([], b""), b"", "PAGES batch has 0 pages"),
+        (pages_meta([(0, 0), (4, 2)], bytes(2)), b"", "PAGES batch has an empty range"),
+        (pages_meta([(0, 0)], b""), b"", "PAGES batch has an empty range"),
+        (
+            pages_meta([(0, fr.MAX_BATCH_PAGES + 1)], bytes(fr.MAX_BATCH_PAGES + 1)),
+            b"",
+            f"at most {fr.MAX_BATCH_PAGES} pages per batch",
+        ),
+        (pages_meta([(0, 1000), (2000, 25)], bytes(1025)), b"", "1025 pages .*at most 1024 pages per batch"),
+        (pages_meta([(0, 3)], bytes([0, 8, 0])), b"", "PAGES batch has an unknown page flag"),
+        (pages_meta([(0, 1)], bytes([0x80])), b"", "PAGES batch has an unknown page flag"),
+        (pages_meta([(0, 1)], bytes([0xFF])), b"", "PAGES batch has an unknown page flag"),
+        (
+            pages_meta([(0, 1)], bytes(1), dl=PAGE + 1),
+            bytes(PAGE),
+            f"PAGES data length {PAGE + 1} exceeds the payload \\({PAGE} bytes\\)",
+        ),
+        (pages_meta([(0, 1)], bytes(1), dl=1), b"", "PAGES data length 1 exceeds the payload \\(0 bytes\\)"),
+        (
+            {**pages_meta([(0, 1)], bytes(1)), "r": b"\0" * 15},
+            b"",
+            "PAGES ranges field is not a list of \\(page, count\\) pairs",
+        ),
+        ({**pages_meta([(0, 1)], bytes(1)), "r": [0, 1]}, b"", "PAGES field 'r' must be bytes, got list"),
+        ({**pages_meta([(0, 1)], bytes(1)), "f": "\x00"}, b"", "PAGES field 'f' must be bytes, got str"),
+        ({**pages_meta([(0, 1)], bytes(1)), "dc": 0}, b"", "PAGES field 'dc' must be bool, got int"),
+        ({**pages_meta([(0, 1)], bytes(1)), "tc": "yes"}, b"", "PAGES field 'tc' must be bool, got str"),
+        ({**pages_meta([(0, 1)], bytes(1)), "dl": -1}, b"", "PAGES field 'dl' = -1 is out of range"),
+        ({**pages_meta([(0, 1)], bytes(1)), "dl": 2**40}, b"", "PAGES field 'dl' = .* is out of range"),
+        ({**pages_meta([(0, 1)], bytes(1)), "p": "1"}, b"", "PAGES field 'p' must be int, got str"),
+        (
+            {k: v for k, v in pages_meta([(0, 1)], bytes(1)).items() if k != "f"},
+            b"",
+            "PAGES frame is missing field 'f'",
+        ),
+        (
+            {k: v for k, v in pages_meta([(0, 1)], bytes(1)).items() if k != "dl"},
+            b"",
+            "PAGES frame is missing field 'dl'",
+        ),
+    ],
+)
 def test_pages_field_checks(meta, payload, match):
     _expect(T.PAGES, meta, match, payload)
 
@@ -536,18 +579,24 @@ def _all_receivers():
     machines = [(dest_machine, list(DestState)), (source_machine, list(SourceState))]
     if hasattr(T, "JOIN"):
         from migrate.machine import data_dest_machine, data_source_machine
-        machines += [(data_dest_machine, [DestState.WAIT_HELLO, DestState.RECEIVING]),
-                     (lambda: data_source_machine(1), [SourceState.HANDSHAKE, SourceState.PRECOPY])]
+
+        machines += [
+            (data_dest_machine, [DestState.WAIT_HELLO, DestState.RECEIVING]),
+            (lambda: data_source_machine(1), [SourceState.HANDSHAKE, SourceState.PRECOPY]),
+        ]
     if hasattr(T, "RECOVER"):
         from migrate.machine import recovery_source_machine
+
         machines += [(recovery_source_machine, [SourceState.SWITCHING])]
     for make, states in machines:
         for state, checksum in ((s, c) for s in states for c in (True, False)):
+
             def m(make=make, state=state, checksum=checksum):
                 conn = Connection(make(), checksum)
                 conn.machine.state = state
                 conn.ram_pages = 2048
                 return conn
+
             makers.append(m)
     return makers
 
@@ -571,19 +620,33 @@ def test_fuzz_arbitrary_bytes(blob, which):
 
 
 @fuzz_settings
-@given(ftype=st.integers(0, 20), flags=st.sampled_from([0, fr.FLAG_CRC, 2, 0xFF]),
-       meta=st.binary(max_size=300), payload=st.binary(max_size=300),
-       fix_crc=st.booleans(), which=st.integers(0, len(RECEIVERS) - 1))
+@given(
+    ftype=st.integers(0, 20),
+    flags=st.sampled_from([0, fr.FLAG_CRC, 2, 0xFF]),
+    meta=st.binary(max_size=300),
+    payload=st.binary(max_size=300),
+    fix_crc=st.booleans(),
+    which=st.integers(0, len(RECEIVERS) - 1),
+)
 def test_fuzz_random_bodies_behind_a_plausible_header(ftype, flags, meta, payload, fix_crc, which):
     head = struct.pack("<2sBBII", fr.MAGIC, ftype, flags, len(meta), len(payload))
     crc = zlib.crc32(payload, zlib.crc32(meta, zlib.crc32(head))) if fix_crc else 0
     _feed_all(RECEIVERS[which], [head + struct.pack("<I", crc) + meta + payload])
 
 
-_scalars = (st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False)
-            | st.text(max_size=20) | st.binary(max_size=64))
-_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
-                       | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=64)
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
 _all_names = sorted({k for f in SAMPLES for k in f.meta()} | {"x"})
 
 
@@ -597,14 +660,21 @@ def _hostile_meta(draw):
         if action == 0:
             base.pop(name, None)
         else:
-            base[name] = draw(_values if action == 1 else
-                              st.sampled_from([0, -1, 2**63, 2**64 - 1, True, b"", b"\0" * 16, "", [], {}]))
+            base[name] = draw(
+                _values
+                if action == 1
+                else st.sampled_from([0, -1, 2**63, 2**64 - 1, True, b"", b"\0" * 16, "", [], {}])
+            )
     return base
 
 
 @fuzz_settings
-@given(ftype=st.sampled_from(list(T)), meta=_hostile_meta(), payload=st.binary(max_size=2 * PAGE),
-       which=st.integers(0, len(RECEIVERS) - 1))
+@given(
+    ftype=st.sampled_from(list(T)),
+    meta=_hostile_meta(),
+    payload=st.binary(max_size=2 * PAGE),
+    which=st.integers(0, len(RECEIVERS) - 1),
+)
 def test_fuzz_hostile_field_values(ftype, meta, payload, which):
     result = _feed_all(RECEIVERS[which], [raw_frame(ftype, meta, payload)])
     if isinstance(result, list):
@@ -622,11 +692,11 @@ def _mutated_stream(draw):
         if op == 0 and data:
             data[pos] ^= draw(st.integers(1, 255))
         elif op == 1:
-            data = data[:pos]                                   # truncate
+            data = data[:pos]  # truncate
         elif op == 2:
             data[pos:pos] = draw(st.binary(min_size=1, max_size=16))  # insert
         elif op == 3:
-            del data[pos:pos + draw(st.integers(1, 16))]        # delete
+            del data[pos : pos + draw(st.integers(1, 16))]  # delete
         else:
             # overwrite a length field of the first header with something absurd
             data[4:12] = struct.pack("<II", draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1)))
@@ -634,15 +704,17 @@ def _mutated_stream(draw):
 
 
 @fuzz_settings
-@given(data=_mutated_stream(), cuts=st.lists(st.integers(0, 10**6), max_size=5),
-       which=st.integers(0, len(RECEIVERS) - 1))
+@given(
+    data=_mutated_stream(), cuts=st.lists(st.integers(0, 10**6), max_size=5), which=st.integers(0, len(RECEIVERS) - 1)
+)
 def test_fuzz_truncated_and_mutated_frames(data, cuts, which):
     _feed_all(RECEIVERS[which], _split(data, cuts))
 
 
 @settings(max_examples=50, deadline=None)
-@given(frames=st.lists(st.sampled_from(SAMPLES), min_size=1, max_size=6),
-       cuts=st.lists(st.integers(0, 10**6), max_size=8))
+@given(
+    frames=st.lists(st.sampled_from(SAMPLES), min_size=1, max_size=6), cuts=st.lists(st.integers(0, 10**6), max_size=8)
+)
 def test_property_any_split_decodes_the_same_frames(frames, cuts):
     stream = b"".join(wire(f) for f in frames)
     buf = fr.FrameBuffer()
@@ -688,10 +760,20 @@ def test_a_bit_flip_cannot_turn_full_coverage_into_meta_only():
         fr.FrameBuffer(require_crc="none").feed(bytes(good))
 
 
-@pytest.mark.parametrize("sent, required, ok", [
-    ("meta", "meta", True), ("full", "meta", True), ("none", "meta", False),
-    ("full", "full", True), ("meta", "full", False), ("none", "full", False),
-    ("none", "none", True), ("meta", "none", True), ("full", "none", True)])
+@pytest.mark.parametrize(
+    "sent, required, ok",
+    [
+        ("meta", "meta", True),
+        ("full", "meta", True),
+        ("none", "meta", False),
+        ("full", "full", True),
+        ("meta", "full", False),
+        ("none", "full", False),
+        ("none", "none", True),
+        ("meta", "none", True),
+        ("full", "none", True),
+    ],
+)
 def test_receiver_refuses_frames_covering_less_than_it_requires(sent, required, ok):
     data = wire(fr.PassEnd(1, 2), sent)
     if ok:
@@ -709,7 +791,12 @@ def test_meta_only_flag_without_crc_is_refused():
 
 
 def test_checksum_mode_names():
-    assert [fr.checksum_mode(v) for v in (True, False, "meta", "full", "none")] == \
-        ["full", "none", "meta", "full", "none"]
+    assert [fr.checksum_mode(v) for v in (True, False, "meta", "full", "none")] == [
+        "full",
+        "none",
+        "meta",
+        "full",
+        "none",
+    ]
     with pytest.raises(ValueError, match="checksum must be one of full, meta, none"):
         fr.checksum_mode("crc")

@@ -40,8 +40,7 @@ import time
 
 import pytest
 
-from hosts import (GRANULES_PER_PAGE, KVM_ARM_TAGS_FROM_GUEST, KVM_ARM_TAGS_TO_GUEST, PAGE_SIZE,
-                   SimulatedHost)
+from hosts import GRANULES_PER_PAGE, KVM_ARM_TAGS_FROM_GUEST, KVM_ARM_TAGS_TO_GUEST, PAGE_SIZE, SimulatedHost
 from hosts.kernel import DirtyLog
 
 MiB = 1 << 20
@@ -74,18 +73,18 @@ def copy_pages(src: SimulatedHost, dst: SimulatedHost, first: int, end: int) -> 
 def harvest_round(src: SimulatedHost, dst: SimulatedHost, order: str, merge_vmm: bool = False) -> int:
     vm = src.vm
     pages = 0
-    vmm = src.vmm_dirty.harvest() if merge_vmm else None   # get and clear, like KVM's
+    vmm = src.vmm_dirty.harvest() if merge_vmm else None  # get and clear, like KVM's
     for slot in range(len(vm.memslots)):
         if order == "clear-then-copy":
-            log = vm.get_dirty_log(slot)             # get and clear (write-protect) first
+            log = vm.get_dirty_log(slot)  # get and clear (write-protect) first
             if vmm is not None:
                 ms = vm.memslots[slot]
-                own = vmm[ms.first_page:ms.first_page + ms.npages]
+                own = vmm[ms.first_page : ms.first_page + ms.npages]
                 log = DirtyLog(ms, bytes(a | b for a, b in zip(log.bitmap, own)))
             runs = log.ranges()
             for a, b in runs:
                 copy_pages(src, dst, a, b)
-        elif order == "copy-then-clear":            # the bug: peek, copy, then clear
+        elif order == "copy-then-clear":  # the bug: peek, copy, then clear
             with vm.mmu_lock:
                 peek = DirtyLog(vm.memslots[slot], bytes(vm._dirty[slot]))
             runs = peek.ranges()
@@ -98,21 +97,23 @@ def harvest_round(src: SimulatedHost, dst: SimulatedHost, order: str, merge_vmm:
     return pages
 
 
-def live_copy(workload: str, order: str, rounds: int = 40, seed: int = 1, merge_vmm: bool = False,
-              device_writes: int = 0):
+def live_copy(
+    workload: str, order: str, rounds: int = 40, seed: int = 1, merge_vmm: bool = False, device_writes: int = 0
+):
     """Returns (src, dst, pages resent) after a live copy with ``rounds``
     harvests while the vCPUs run, a pause, and a final harvest.  With
     ``device_writes``, a device-emulation thread of the VMM also writes that
     many pages of guest RAM through its own (untagged) mapping meanwhile."""
-    src = SimulatedHost(RAM, vcpus=2, workload=workload, rate=None, seed=seed,
-                        workload_params=WORKLOADS[workload], memslot_sizes=SLOTS)
+    src = SimulatedHost(
+        RAM, vcpus=2, workload=workload, rate=None, seed=seed, workload_params=WORKLOADS[workload], memslot_sizes=SLOTS
+    )
     dst = SimulatedHost(RAM, vcpus=2, workload=workload, rate=0, seed=seed, memslot_sizes=SLOTS)
     src.prepare_guest()
     for slot in range(len(src.vm.memslots)):
         src.vm.enable_dirty_logging(slot)
     src.vmm_dirty.enabled = True
     src.vcpus.start()
-    copy_pages(src, dst, 0, src.memory.npages)      # first pass: everything
+    copy_pages(src, dst, 0, src.memory.npages)  # first pass: everything
     resent = []
     failure = []
 
@@ -144,7 +145,7 @@ def live_copy(workload: str, order: str, rounds: int = 40, seed: int = 1, merge_
     src.vcpus.pause()
     assert src.vcpus.error is None, src.vcpus.error
     steps_at_pause = list(src.vcpus.steps)
-    harvest_round(src, dst, order, merge_vmm)         # final: vCPUs stopped
+    harvest_round(src, dst, order, merge_vmm)  # final: vCPUs stopped
     assert src.vcpus.steps == steps_at_pause
     return src, dst, resent
 
@@ -152,9 +153,11 @@ def live_copy(workload: str, order: str, rounds: int = 40, seed: int = 1, merge_
 def mismatches(src: SimulatedHost, dst: SimulatedHost) -> tuple[int, int]:
     """(pages whose data differ, pages whose tags differ)."""
     sd, dd, st, dt = src.memory.data, dst.memory.data, src.memory.tags, dst.memory.tags
-    data = sum(sd[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] != dd[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]
-               for p in range(src.memory.npages))
-    tags = sum(st[p * 128:(p + 1) * 128] != dt[p * 128:(p + 1) * 128] for p in range(src.memory.npages))
+    data = sum(
+        sd[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] != dd[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]
+        for p in range(src.memory.npages)
+    )
+    tags = sum(st[p * 128 : (p + 1) * 128] != dt[p * 128 : (p + 1) * 128] for p in range(src.memory.npages))
     return data, tags
 
 
@@ -182,7 +185,7 @@ def test_clear_then_copy_keeps_every_update(workload):
     src, dst, resent = live_copy(workload, "clear-then-copy")
     try:
         assert sum(src.vcpus.steps) > 0
-        assert sum(resent) > 0                          # the guest really dirtied pages meanwhile
+        assert sum(resent) > 0  # the guest really dirtied pages meanwhile
         assert mismatches(src, dst) == (0, 0)
         assert bytes(src.memory.data) == bytes(dst.memory.data)
         assert bytes(src.memory.tags) == bytes(dst.memory.tags)

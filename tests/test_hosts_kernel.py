@@ -8,10 +8,18 @@ import threading
 
 import pytest
 
-from hosts import (GRANULES_PER_PAGE, KVM_ARM_TAGS_FROM_GUEST, KVM_ARM_TAGS_TO_GUEST,
-                   PACKED_TAGS_PER_PAGE, PAGE_SIZE, Kernel, KernelError, SimulatedHost)
-from hosts.constants import RAM_BASE_IPA
+from hosts import (
+    GRANULES_PER_PAGE,
+    KVM_ARM_TAGS_FROM_GUEST,
+    KVM_ARM_TAGS_TO_GUEST,
+    PACKED_TAGS_PER_PAGE,
+    PAGE_SIZE,
+    Kernel,
+    KernelError,
+    SimulatedHost,
+)
 from hosts import tags as T
+from hosts.constants import RAM_BASE_IPA
 
 MiB = 1 << 20
 BASE = RAM_BASE_IPA
@@ -46,6 +54,7 @@ def ipa(page: int, offset: int = 0) -> int:
 
 def raise_errno(name):
     """pytest.raises for a KernelError with errno_name ``name``."""
+
     class _Ctx:
         def __enter__(self):
             self._cm = pytest.raises(KernelError)
@@ -61,6 +70,7 @@ def raise_errno(name):
                 assert isinstance(err, OSError)
                 assert name in str(err)
             return handled
+
     return _Ctx()
 
 
@@ -75,7 +85,10 @@ def stale_tags(vm, page: int, value: int = 0xAB) -> None:
 def test_memslots_are_contiguous_from_ram_base(vm_slots):
     slots = vm_slots.memslots
     assert [(s.slot, s.guest_phys_addr, s.size, s.ram_offset) for s in slots] == [
-        (0, BASE, MiB, 0), (1, BASE + MiB, MiB, MiB), (2, BASE + 2 * MiB, 2 * MiB, 2 * MiB)]
+        (0, BASE, MiB, 0),
+        (1, BASE + MiB, MiB, MiB),
+        (2, BASE + 2 * MiB, 2 * MiB, 2 * MiB),
+    ]
     assert [s.first_page for s in slots] == [0, 256, 512]
     assert vm_slots.memslot_for(BASE + MiB) is slots[1]
     assert vm_slots.memslot_for(BASE - 1) is None
@@ -131,18 +144,18 @@ def test_first_guest_touch_clears_tags_and_marks_tagged(vm, touch):
     stale_tags(vm, 4)
     before = vm.counters.get("kernel.tag_clears")
     if touch == "write":
-        vm.guest_write(ipa(3, 100), b"x" * PAGE_SIZE)          # pages 3 and 4
+        vm.guest_write(ipa(3, 100), b"x" * PAGE_SIZE)  # pages 3 and 4
     elif touch == "read":
         vm.guest_read(ipa(3, 100), PAGE_SIZE)
     elif touch == "set_tags":
-        vm.guest_set_tags(ipa(3, 4080), 32, 0)               # last granule of 3, first of 4
+        vm.guest_set_tags(ipa(3, 4080), 32, 0)  # last granule of 3, first of 4
     else:
         vm.guest_store_tags_packed(ipa(3), bytes(2 * PACKED_TAGS_PER_PAGE))
     assert vm.memory.tagged[3] == vm.memory.tagged[4] == 1
     assert bytes(vm.memory.page_tags(3)) == bytes(PACKED_TAGS_PER_PAGE)
     assert bytes(vm.memory.page_tags(4)) == bytes(PACKED_TAGS_PER_PAGE)
     assert vm.counters.get("kernel.tag_clears") - before == 2
-    assert vm.memory.tagged.count(1) == 2                     # nothing else touched
+    assert vm.memory.tagged.count(1) == 2  # nothing else touched
 
 
 def test_tagged_page_keeps_its_tags(vm):
@@ -172,15 +185,15 @@ def test_without_mte_no_sanitise_and_tag_stores_are_nops(kernel):
     assert bytes(vm.memory.tags) == bytes(len(vm.memory.tags))
     assert kernel.counters.get("kernel.tag_clears") == 0
     assert kernel.counters.get("guest.tag_store_granules") == 0
-    assert bytes(vm.memory.data[PAGE_SIZE:PAGE_SIZE + 10]) == b"a" * 10
+    assert bytes(vm.memory.data[PAGE_SIZE : PAGE_SIZE + 10]) == b"a" * 10
 
 
 # -- guest accesses -------------------------------------------------------------------------
 def test_guest_set_tags_granule_exact_and_counted(vm):
-    vm.guest_set_tags(ipa(0, 48), 80, 0xC)       # granules 3..7
+    vm.guest_set_tags(ipa(0, 48), 80, 0xC)  # granules 3..7
     tags = vm.guest_tags(ipa(0), 160)
     assert tags == b"\x00" * 3 + b"\x0c" * 5 + b"\x00" * 2
-    assert vm.guest_tags(ipa(0, 48), 16) == b"\x0c"       # odd granule alone
+    assert vm.guest_tags(ipa(0, 48), 16) == b"\x0c"  # odd granule alone
     assert vm.guest_tags(ipa(0, 16 * 7), 32) == b"\x0c\x00"
     assert vm.counters.get("guest.tag_store_granules") == 5
 
@@ -192,9 +205,9 @@ def test_guest_set_tags_must_be_granule_aligned(vm, addr, length):
 
 
 def test_guest_store_tags_packed(vm):
-    packed = bytes(range(256)) * 1                        # 2 pages of packed tags
+    packed = bytes(range(256)) * 1  # 2 pages of packed tags
     vm.guest_store_tags_packed(ipa(10), packed)
-    assert bytes(vm.memory.tags[10 * 128:12 * 128]) == packed
+    assert bytes(vm.memory.tags[10 * 128 : 12 * 128]) == packed
     assert vm.guest_tags(ipa(10), 2 * PAGE_SIZE) == T.unpack(packed)
     with pytest.raises(ValueError):
         vm.guest_store_tags_packed(ipa(10, 16), packed)
@@ -207,7 +220,7 @@ def test_guest_access_outside_memslots_is_efault(vm, op):
     end = BASE + vm.memory.size
     with raise_errno("EFAULT"):
         if op == "write":
-            vm.guest_write(end - 8, b"0123456789abcdef")      # runs past the end
+            vm.guest_write(end - 8, b"0123456789abcdef")  # runs past the end
         elif op == "read":
             vm.guest_read(BASE - PAGE_SIZE, 16)
         elif op == "set_tags":
@@ -221,8 +234,8 @@ def test_guest_access_outside_memslots_is_efault(vm, op):
 def test_guest_access_must_stay_inside_one_memslot(vm_slots):
     with raise_errno("EFAULT"):
         vm_slots.guest_write(BASE + MiB - 4, b"12345678")
-    vm_slots.guest_write(BASE + MiB, b"12345678")           # inside slot 1: fine
-    assert bytes(vm_slots.memory.data[MiB:MiB + 8]) == b"12345678"
+    vm_slots.guest_write(BASE + MiB, b"12345678")  # inside slot 1: fine
+    assert bytes(vm_slots.memory.data[MiB : MiB + 8]) == b"12345678"
 
 
 # -- KVM_ARM_MTE_COPY_TAGS: errors ------------------------------------------------------------
@@ -249,10 +262,17 @@ def test_copy_tags_einval_for_unknown_flags(vm, flags):
     assert "flags" in info.value.message
 
 
-@pytest.mark.parametrize("addr,length", [
-    (BASE + 16, PAGE_SIZE), (BASE + PAGE_SIZE // 2, PAGE_SIZE), (BASE + 1, PAGE_SIZE),
-    (BASE, PAGE_SIZE + 16), (BASE, 100), (BASE, 1),
-])
+@pytest.mark.parametrize(
+    "addr,length",
+    [
+        (BASE + 16, PAGE_SIZE),
+        (BASE + PAGE_SIZE // 2, PAGE_SIZE),
+        (BASE + 1, PAGE_SIZE),
+        (BASE, PAGE_SIZE + 16),
+        (BASE, 100),
+        (BASE, 1),
+    ],
+)
 @pytest.mark.parametrize("flags", [FROM, TO])
 def test_copy_tags_einval_for_unaligned_ipa_or_length(vm, addr, length, flags):
     with raise_errno("EINVAL") as info:
@@ -301,13 +321,13 @@ def test_from_guest_one_byte_per_granule(vm):
     page5[2] = 0x0F
     assert buf[:256] == page5
     assert buf[256:512] == b"\x07" * 256
-    assert buf[512:] == b"\xee" * 256                     # beyond the request: untouched
+    assert buf[512:] == b"\xee" * 256  # beyond the request: untouched
     assert bytes(buf[:512]) == vm.guest_tags(ipa(5), 2 * PAGE_SIZE)
 
 
 def test_from_guest_returns_zeros_for_untagged_pages(vm):
     vm.guest_set_tags(ipa(1), PAGE_SIZE, 0x4)
-    stale_tags(vm, 2, 0xCD)                               # untagged, storage not trusted
+    stale_tags(vm, 2, 0xCD)  # untagged, storage not trusted
     buf = bytearray(b"\xee" * (3 * 256))
     assert vm.mte_copy_tags(ipa(0), 3 * PAGE_SIZE, buf, FROM) == 3 * PAGE_SIZE
     assert buf == bytes(256) + b"\x04" * 256 + bytes(256)
@@ -322,11 +342,12 @@ def test_from_guest_returns_zeros_for_untagged_pages(vm):
 
 def test_from_guest_accepts_any_writable_buffer(vm):
     import array
+
     vm.guest_set_tags(ipa(0), PAGE_SIZE, 0x6)
-    buf = array.array("Q", [0] * 32)                       # 256 bytes
+    buf = array.array("Q", [0] * 32)  # 256 bytes
     assert vm.mte_copy_tags(BASE, PAGE_SIZE, buf, FROM) == PAGE_SIZE
     assert buf.tobytes() == b"\x06" * 256
-    with pytest.raises(TypeError):                          # a read-only buffer cannot be written
+    with pytest.raises(TypeError):  # a read-only buffer cannot be written
         vm.mte_copy_tags(BASE, PAGE_SIZE, bytes(256), FROM)
 
 
@@ -336,7 +357,7 @@ def test_to_guest_stores_tags_and_marks_tagged(vm):
     assert vm.memory.tagged[9] == vm.memory.tagged[10] == 1
     assert vm.memory.tagged.count(1) == 2
     assert vm.guest_tags(ipa(9), 2 * PAGE_SIZE) == tags
-    assert bytes(vm.memory.tags[9 * 128:11 * 128]) == T.pack(tags)
+    assert bytes(vm.memory.tags[9 * 128 : 11 * 128]) == T.pack(tags)
     out = bytearray(2 * 256)
     vm.mte_copy_tags(ipa(9), 2 * PAGE_SIZE, out, FROM)
     assert out == tags
@@ -348,12 +369,13 @@ def test_to_guest_stores_tags_and_marks_tagged(vm):
 
 def test_to_guest_reads_any_buffer_by_bytes_and_only_what_length_covers(vm):
     import array
+
     tags = bytes((i * 7) & 0x0F for i in range(2 * 256))
     wide = array.array("H")
-    wide.frombytes(tags)                                    # 256 items, 512 bytes
+    wide.frombytes(tags)  # 256 items, 512 bytes
     assert vm.mte_copy_tags(ipa(3), 2 * PAGE_SIZE, wide, TO) == 2 * PAGE_SIZE
     assert vm.guest_tags(ipa(3), 2 * PAGE_SIZE) == tags
-    longer = b"\x05" * 256 + b"\x0a" * 256                  # a page more than length covers
+    longer = b"\x05" * 256 + b"\x0a" * 256  # a page more than length covers
     assert vm.mte_copy_tags(ipa(7), PAGE_SIZE, longer, TO) == PAGE_SIZE
     assert vm.guest_tags(ipa(7), 2 * PAGE_SIZE) == b"\x05" * 256 + bytes(256)
     assert vm.memory.tagged[8] == 0
@@ -377,7 +399,7 @@ def test_copy_tags_spans_contiguous_memslots(vm_slots):
     buf = bytearray(1024 * 256)
     assert vm_slots.mte_copy_tags(BASE, 4 * MiB, buf, FROM) == 4 * MiB
     for page, tag in ((255, 1), (256, 2), (511, 3), (512, 4), (0, 0), (1023, 0)):
-        assert buf[page * 256:(page + 1) * 256] == bytes([tag]) * 256
+        assert buf[page * 256 : (page + 1) * 256] == bytes([tag]) * 256
     other = Kernel().create_vm(4 * MiB, [MiB, MiB, 2 * MiB])
     other.enable_mte()
     assert other.mte_copy_tags(BASE, 4 * MiB, buf, TO) == 4 * MiB
@@ -403,7 +425,7 @@ def test_partial_copy_past_the_last_memslot_returns_bytes_done(vm, flags):
 @pytest.mark.parametrize("flags", [FROM, TO])
 def test_partial_copy_when_the_buffer_is_too_small(vm, flags):
     vm.guest_set_tags(ipa(20), 3 * PAGE_SIZE, 0xB)
-    buf = bytearray(b"\x02" * (256 + 255))                  # one page and a bit
+    buf = bytearray(b"\x02" * (256 + 255))  # one page and a bit
     done = vm.mte_copy_tags(ipa(20), 3 * PAGE_SIZE, buf, flags)
     assert done == PAGE_SIZE
     if flags == FROM:
@@ -442,11 +464,10 @@ def test_to_guest_is_serialised_with_guest_first_touch(vm):
     stand and a later guest touch keeps them."""
     done = []
     with vm.mmu_lock:
-        t = threading.Thread(target=lambda: done.append(
-            vm.mte_copy_tags(ipa(4), PAGE_SIZE, b"\x0d" * 256, TO)))
+        t = threading.Thread(target=lambda: done.append(vm.mte_copy_tags(ipa(4), PAGE_SIZE, b"\x0d" * 256, TO)))
         t.start()
         t.join(0.2)
-        assert vm.memory.tagged[4] == 0          # blocked: the page is not marked yet
+        assert vm.memory.tagged[4] == 0  # blocked: the page is not marked yet
     t.join(10)
     assert done == [PAGE_SIZE]
     vm.guest_write(ipa(4), b"after")
@@ -479,9 +500,9 @@ def test_dirty_log_get_and_clear(vm):
     assert vm.dirty_logging()
     log = vm.get_dirty_log(0)
     assert log.count() == 0 and log.ranges() == []
-    vm.guest_write(ipa(3, 4000), b"x" * 200)                # pages 3 and 4
+    vm.guest_write(ipa(3, 4000), b"x" * 200)  # pages 3 and 4
     vm.guest_write(ipa(9), b"y")
-    vm.guest_read(ipa(20), 100)                              # reads do not dirty
+    vm.guest_read(ipa(20), 100)  # reads do not dirty
     log = vm.get_dirty_log(0)
     assert log.ranges() == [(3, 5), (9, 10)]
     assert log.count() == 3
@@ -531,19 +552,19 @@ def test_dirty_log_only_on_enabled_slots(vm_slots):
 def test_guest_tag_store_dirties_the_page_with_data_unchanged(vm, how):
     vm.guest_write(ipa(6), b"data" * 1024)
     vm.enable_dirty_logging(0)
-    data = bytes(vm.memory.data[6 * PAGE_SIZE:7 * PAGE_SIZE])
+    data = bytes(vm.memory.data[6 * PAGE_SIZE : 7 * PAGE_SIZE])
     if how == "set_tags":
         vm.guest_set_tags(ipa(6, 64), 16, 0xA)
     else:
         vm.guest_store_tags_packed(ipa(6), b"\x21" * PACKED_TAGS_PER_PAGE)
     assert vm.get_dirty_log(0).ranges() == [(6, 7)]
-    assert bytes(vm.memory.data[6 * PAGE_SIZE:7 * PAGE_SIZE]) == data
+    assert bytes(vm.memory.data[6 * PAGE_SIZE : 7 * PAGE_SIZE]) == data
 
 
 def test_tag_store_without_mte_dirties_nothing(kernel):
     vm = kernel.create_vm(MiB)
     vm.enable_dirty_logging(0)
-    vm.guest_set_tags(ipa(1), PAGE_SIZE, 3)                 # a NOP without MTE
+    vm.guest_set_tags(ipa(1), PAGE_SIZE, 3)  # a NOP without MTE
     assert vm.get_dirty_log(0).count() == 0
 
 
@@ -552,16 +573,16 @@ def test_vmm_writes_are_not_in_kvm_log_but_in_the_vmm_tracker():
     try:
         vm = host.vm
         vm.enable_dirty_logging(0)
-        host.ram.write(5 * PAGE_SIZE, b"not tracked yet")   # tracker off: nothing recorded
+        host.ram.write(5 * PAGE_SIZE, b"not tracked yet")  # tracker off: nothing recorded
         assert host.vmm_dirty.harvest().count(1) == 0
         host.vmm_dirty.enabled = True
-        host.ram.write(7 * PAGE_SIZE + 4000, b"v" * 200)        # untagged mapping, pages 7-8
+        host.ram.write(7 * PAGE_SIZE + 4000, b"v" * 200)  # untagged mapping, pages 7-8
         with host.device_mapping.tco():
-            host.device_mapping.write(12 * PAGE_SIZE, b"w")     # PROT_MTE mapping
-        assert vm.get_dirty_log(0).count() == 0                 # KVM never saw them
+            host.device_mapping.write(12 * PAGE_SIZE, b"w")  # PROT_MTE mapping
+        assert vm.get_dirty_log(0).count() == 0  # KVM never saw them
         vmm = host.vmm_dirty.harvest()
         assert [p for p in range(len(vmm)) if vmm[p]] == [7, 8, 12]
-        assert host.vmm_dirty.harvest().count(1) == 0           # get-and-clear
+        assert host.vmm_dirty.harvest().count(1) == 0  # get-and-clear
         vm.guest_write(ipa(3), b"guest")
         assert vm.get_dirty_log(0).ranges() == [(3, 4)]
         assert host.vmm_dirty.harvest().count(1) == 0
@@ -571,6 +592,7 @@ def test_vmm_writes_are_not_in_kvm_log_but_in_the_vmm_tracker():
 
 def test_dirty_log_ranges_runs():
     from hosts.kernel import DirtyLog, Memslot
+
     slot = Memslot(1, BASE + MiB, 10 * PAGE_SIZE, MiB)
     assert DirtyLog(slot, bytes(10)).ranges() == []
     assert DirtyLog(slot, b"\x01" * 10).ranges() == [(256, 266)]
@@ -617,10 +639,10 @@ def test_tag_only_stores_go_to_the_tag_log_data_stores_to_the_data_log(vm):
     vm.guest_write(ipa(8), b"data")
     assert vm.get_tag_dirty_log(0).ranges() == [(4, 5), (6, 7)]
     assert vm.get_dirty_log(0).ranges() == [(8, 9)]
-    assert vm.get_tag_dirty_log(0).count() == 0             # get-and-clear
+    assert vm.get_tag_dirty_log(0).count() == 0  # get-and-clear
     assert vm.counters.get("kvm.tag_access_faults") == 2
     vm.disable_tag_dirty_logging(0)
-    vm.guest_set_tags(ipa(4), 32, 0x4)                       # back to the rule: a tag store dirties
+    vm.guest_set_tags(ipa(4), 32, 0x4)  # back to the rule: a tag store dirties
     assert vm.get_dirty_log(0).ranges() == [(4, 5)]
 
 
@@ -630,8 +652,8 @@ def test_tag_store_in_a_slot_without_tag_log_still_dirties_its_data_log(vm_slots
     for s in range(3):
         vm_slots.enable_dirty_logging(s)
     vm_slots.enable_tag_dirty_logging(0)
-    vm_slots.guest_set_tags(ipa(10), 16, 1)                  # slot 0: tag log
-    vm_slots.guest_set_tags(ipa(300), 16, 2)                 # slot 1: no tag log
+    vm_slots.guest_set_tags(ipa(10), 16, 1)  # slot 0: tag log
+    vm_slots.guest_set_tags(ipa(300), 16, 2)  # slot 1: no tag log
     assert vm_slots.get_tag_dirty_log(0).ranges() == [(10, 11)]
     assert vm_slots.get_dirty_log(0).ranges() == []
     assert vm_slots.get_dirty_log(1).ranges() == [(300, 301)]

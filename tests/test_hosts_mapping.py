@@ -49,12 +49,15 @@ def test_prot_mte_mapping_needs_mte_enabled():
 
 
 # -- untagged mapping ----------------------------------------------------------------------
-@pytest.mark.parametrize("call", [
-    lambda m: m.load_tags(0, 1),
-    lambda m: m.load_tag(0),
-    lambda m: m.store_tags(0, bytes(PACKED_TAGS_PER_PAGE)),
-    lambda m: m.store_tag_range(0, 32, 1),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.load_tags(0, 1),
+        lambda m: m.load_tag(0),
+        lambda m: m.store_tags(0, bytes(PACKED_TAGS_PER_PAGE)),
+        lambda m: m.store_tag_range(0, 32, 1),
+    ],
+)
 def test_untagged_mapping_refuses_tag_instructions(plain_map, call):
     with pytest.raises(PermissionError):
         call(plain_map)
@@ -103,7 +106,7 @@ def test_load_tags_counts_one_ldg_per_granule(vm, mte_map):
 
 
 def test_load_tags_of_a_never_tagged_page_sanitises_and_reads_zero(vm, mte_map):
-    vm.memory.page_tags(7)[:] = b"\xff" * PACKED_TAGS_PER_PAGE      # stale storage
+    vm.memory.page_tags(7)[:] = b"\xff" * PACKED_TAGS_PER_PAGE  # stale storage
     assert mte_map.load_tags(7, 1) == bytes(PACKED_TAGS_PER_PAGE)
     assert vm.memory.tagged[7] == 1
     assert vm.counters.get("kernel.tag_clears") == 1
@@ -112,7 +115,7 @@ def test_load_tags_of_a_never_tagged_page_sanitises_and_reads_zero(vm, mte_map):
 def test_store_tags_counts_one_stg_per_granule(vm, mte_map):
     packed = bytes(range(256))
     mte_map.store_tags(10, packed)
-    assert bytes(vm.memory.tags[10 * 128:12 * 128]) == packed
+    assert bytes(vm.memory.tags[10 * 128 : 12 * 128]) == packed
     assert list(vm.memory.tagged[10:12]) == [1, 1]
     assert vm.counters.get("el0.stg") == 2 * GRANULES_PER_PAGE
     assert vm.guest_tags(RAM_BASE_IPA + 10 * PAGE_SIZE, 32) == b"\x00\x00"
@@ -127,7 +130,7 @@ def test_store_then_load_round_trip(mte_map):
 
 
 def test_load_tag_and_store_tag_range(vm, mte_map):
-    mte_map.store_tag_range(PAGE_SIZE + 16, 48, 0x6)       # granules 1..3 of page 1: 3 granules
+    mte_map.store_tag_range(PAGE_SIZE + 16, 48, 0x6)  # granules 1..3 of page 1: 3 granules
     assert vm.counters.get("el0.st2g") == 1
     assert vm.counters.get("el0.stg") == 1
     assert [mte_map.load_tag(PAGE_SIZE + 16 * g) for g in range(5)] == [0, 6, 6, 6, 0]
@@ -173,18 +176,21 @@ def test_default_mode_none_never_faults(vm, mte_map):
     assert vm.counters.get("tag_check_faults") == 0
 
 
-@pytest.mark.parametrize("offset,length,bad_granule", [
-    (2 * PAGE_SIZE, PAGE_SIZE, 2 * 256 + 5),         # mismatch inside the access
-    (2 * PAGE_SIZE + 3, 100, 2 * 256 + 5),           # access starts mid-granule
-    (2 * PAGE_SIZE + 5 * 16 + 7, 20, 2 * 256 + 5),   # first granule touched mismatches
-    (2 * PAGE_SIZE, 2 * PAGE_SIZE, 3 * 256),         # mismatch on the next page
-])
+@pytest.mark.parametrize(
+    "offset,length,bad_granule",
+    [
+        (2 * PAGE_SIZE, PAGE_SIZE, 2 * 256 + 5),  # mismatch inside the access
+        (2 * PAGE_SIZE + 3, 100, 2 * 256 + 5),  # access starts mid-granule
+        (2 * PAGE_SIZE + 5 * 16 + 7, 20, 2 * 256 + 5),  # first granule touched mismatches
+        (2 * PAGE_SIZE, 2 * PAGE_SIZE, 3 * 256),  # mismatch on the next page
+    ],
+)
 def test_sync_fault_reports_first_mismatching_granule(vm, mte_map, offset, length, bad_granule):
     tag_page(vm, 2, 0x4)
     tag_page(vm, 3, 0x4)
     vm.guest_set_tags(RAM_BASE_IPA + bad_granule * 16, 16, 0xB)
     mte_map.set_tag_check_mode(TagCheckMode.SYNC)
-    before = bytes(vm.memory.data[offset:offset + length])
+    before = bytes(vm.memory.data[offset : offset + length])
     with pytest.raises(TagCheckFault) as info:
         mte_map.write(offset, b"\x99" * length, pointer_tag=0x4)
     fault = info.value
@@ -194,7 +200,7 @@ def test_sync_fault_reports_first_mismatching_granule(vm, mte_map, offset, lengt
     assert fault.logical_tag == 0x4 and fault.allocation_tag == 0xB
     assert f"{fault.address:#x}" in str(fault)
     assert vm.counters.get("tag_check_faults") == 1
-    assert bytes(vm.memory.data[offset:offset + length]) == before    # the store did not happen
+    assert bytes(vm.memory.data[offset : offset + length]) == before  # the store did not happen
 
 
 def test_sync_fault_on_read(vm, mte_map):
@@ -229,10 +235,10 @@ def test_async_mode_records_without_raising(vm, mte_map):
     mte_map.set_tag_check_mode(TagCheckMode.ASYNC)
     assert not mte_map.take_async_fault()
     mte_map.write(2 * PAGE_SIZE, b"async", pointer_tag=0x1)
-    assert bytes(vm.memory.data[2 * PAGE_SIZE:2 * PAGE_SIZE + 5]) == b"async"   # the store happened
+    assert bytes(vm.memory.data[2 * PAGE_SIZE : 2 * PAGE_SIZE + 5]) == b"async"  # the store happened
     assert vm.counters.get("tag_check_faults") == 1
     assert mte_map.take_async_fault()
-    assert not mte_map.take_async_fault()            # read-and-clear
+    assert not mte_map.take_async_fault()  # read-and-clear
     mte_map.write(2 * PAGE_SIZE, b"fine", pointer_tag=0x4)
     assert not mte_map.take_async_fault()
 
@@ -242,12 +248,12 @@ def test_tco_suppresses_checks_and_counts_switches(vm, mte_map):
     mte_map.set_tag_check_mode(TagCheckMode.SYNC)
     with mte_map.tco():
         mte_map.write(2 * PAGE_SIZE, b"under tco", pointer_tag=0)
-        with mte_map.tco():                          # nesting keeps TCO set
+        with mte_map.tco():  # nesting keeps TCO set
             pass
         mte_map.read(2 * PAGE_SIZE, PAGE_SIZE)
     assert vm.counters.get("tag_check_faults") == 0
     assert vm.counters.get("el0.tco_switches") == 4
-    with pytest.raises(TagCheckFault):               # checks are back after the block
+    with pytest.raises(TagCheckFault):  # checks are back after the block
         mte_map.write(2 * PAGE_SIZE, b"x")
 
 

@@ -47,9 +47,9 @@ def test_fresh_memory_is_unpopulated(mem):
 
 def test_populated_ranges_after_writes(mem):
     mem.data[3 * PAGE_SIZE] = 1
-    mem.data[5 * PAGE_SIZE - 1] = 1          # last byte of page 4
-    mem.data[10 * PAGE_SIZE + 100:10 * PAGE_SIZE + 200] = b"x" * 100
-    mem.data[1023 * PAGE_SIZE] = 9           # the last page
+    mem.data[5 * PAGE_SIZE - 1] = 1  # last byte of page 4
+    mem.data[10 * PAGE_SIZE + 100 : 10 * PAGE_SIZE + 200] = b"x" * 100
+    mem.data[1023 * PAGE_SIZE] = 9  # the last page
     assert mem.populated_ranges() == [(3, 5), (10, 11), (1023, 1024)]
     assert mem.populated_pages() == 4
     # bounds clip the answer to [first_page, end_page)
@@ -62,7 +62,7 @@ def test_populated_ranges_after_writes(mem):
 
 
 def test_zero_bytes_written_still_populate(mem):
-    mem.data[7 * PAGE_SIZE:8 * PAGE_SIZE] = bytes(PAGE_SIZE)
+    mem.data[7 * PAGE_SIZE : 8 * PAGE_SIZE] = bytes(PAGE_SIZE)
     assert mem.populated_ranges() == [(7, 8)]
 
 
@@ -76,7 +76,7 @@ def test_write_stores_bytes_and_populates(mem, length, prepopulated):
         mem.data[offset] = 0xAA
     payload = bytes((i * 7 + 3) & 0xFF for i in range(length))
     mem.write(offset, payload)
-    assert bytes(mem.data[offset:offset + length]) == payload
+    assert bytes(mem.data[offset : offset + length]) == payload
     last = -(-(offset + length) // PAGE_SIZE)
     assert mem.populated_ranges() == [(2, last)]
     assert mem.data[offset - 1] == 0 and mem.data[offset + length] == 0
@@ -86,7 +86,7 @@ def test_write_accepts_memoryview_and_starts_in_a_hole_after_data(mem):
     mem.data[0] = 1
     src = bytearray(b"\x5a" * (256 * 1024))
     mem.write(PAGE_SIZE, memoryview(src)[1000:200_000])
-    assert bytes(mem.data[PAGE_SIZE:PAGE_SIZE + 199_000]) == b"\x5a" * 199_000
+    assert bytes(mem.data[PAGE_SIZE : PAGE_SIZE + 199_000]) == b"\x5a" * 199_000
     assert mem.populated_ranges() == [(0, 1 + -(-199_000 // PAGE_SIZE))]
 
 
@@ -99,14 +99,14 @@ def test_prefault_allocates_but_pages_count_as_unwritten(mem):
     assert mem.populated_ranges() == []
     mem.data[105 * PAGE_SIZE] = 0
     assert mem.populated_ranges() == [(105, 106)]
-    assert bytes(mem.data[100 * PAGE_SIZE:110 * PAGE_SIZE]) == bytes(10 * PAGE_SIZE)
+    assert bytes(mem.data[100 * PAGE_SIZE : 110 * PAGE_SIZE]) == bytes(10 * PAGE_SIZE)
 
 
 def test_reading_a_hole_through_the_mapping_populates_it(mem):
     """tmpfs allocates a page on a read fault of a shared mapping, as it would
     for a real VMM's memfd-backed RAM: a migration source that wants to keep
     RAM sparse must consult populated_ranges() before reading."""
-    assert bytes(mem.data[50 * PAGE_SIZE:50 * PAGE_SIZE + 8]) == bytes(8)
+    assert bytes(mem.data[50 * PAGE_SIZE : 50 * PAGE_SIZE + 8]) == bytes(8)
     assert mem.populated_ranges() == [(50, 51)]
 
 
@@ -117,7 +117,7 @@ def test_close_with_a_view_still_alive():
     m.data[0:5] = b"alive"
     view = m.data[0:5]
     m.close()
-    assert bytes(view) == b"alive"          # the mapping lives as long as the view
+    assert bytes(view) == b"alive"  # the mapping lives as long as the view
     del view
 
 
@@ -129,15 +129,15 @@ def _image(tmp_path, content: bytes, name="img.raw"):
 
 
 def test_load_image_at_offset(mem, tmp_path):
-    content = bytes(range(256)) * 48 + b"tail"         # 3 pages + 4 bytes
+    content = bytes(range(256)) * 48 + b"tail"  # 3 pages + 4 bytes
     n = mem.load_image(_image(tmp_path, content), offset=8 * PAGE_SIZE)
     assert n == len(content)
-    assert bytes(mem.data[8 * PAGE_SIZE:8 * PAGE_SIZE + len(content)]) == content
+    assert bytes(mem.data[8 * PAGE_SIZE : 8 * PAGE_SIZE + len(content)]) == content
     assert mem.populated_ranges() == [(8, 12)]
 
 
 def test_load_image_repeat_fills_ram(mem, tmp_path):
-    content = bytes((i * 13 + 1) & 0xFF or 1 for i in range(5000))   # not a page multiple
+    content = bytes((i * 13 + 1) & 0xFF or 1 for i in range(5000))  # not a page multiple
     offset = 1000 * PAGE_SIZE
     n = mem.load_image(_image(tmp_path, content), offset=offset, repeat=True)
     assert n == mem.size - offset
@@ -150,7 +150,7 @@ def test_load_image_larger_than_ram_is_cut_at_the_end(mem, tmp_path):
     content = b"\x01" * (mem.size + 3 * PAGE_SIZE)
     n = mem.load_image(_image(tmp_path, content), offset=mem.size - 2 * PAGE_SIZE)
     assert n == 2 * PAGE_SIZE
-    assert bytes(mem.data[-2 * PAGE_SIZE:]) == b"\x01" * 2 * PAGE_SIZE
+    assert bytes(mem.data[-2 * PAGE_SIZE :]) == b"\x01" * 2 * PAGE_SIZE
 
 
 def test_load_image_leaves_all_zero_chunks_unpopulated(tmp_path):
@@ -160,7 +160,7 @@ def test_load_image_leaves_all_zero_chunks_unpopulated(tmp_path):
         n = mem.load_image(_image(tmp_path, content), offset=0)
         assert n == len(content)
         assert bytes(mem.data[:MiB]) == b"\x11" * MiB
-        assert bytes(mem.data[3 * MiB:4 * MiB]) == b"\x22" * MiB
+        assert bytes(mem.data[3 * MiB : 4 * MiB]) == b"\x22" * MiB
         pages_per_mib = MiB // PAGE_SIZE
         assert mem.populated_ranges() == [(0, pages_per_mib), (3 * pages_per_mib, 4 * pages_per_mib)]
     finally:
@@ -229,13 +229,12 @@ def test_64gib_guest_with_few_touched_pages_stays_small():
     data file's allocated blocks are checked too: stores that go through
     pwrite() land in the memfd without being mapped, so RSS alone could miss
     them."""
-    proc = subprocess.run([sys.executable, "-c", _SPARSE_CHILD, REPO],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _SPARSE_CHILD, REPO], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     growth = r["after"]["VmRSS"] - r["before"]["VmRSS"]
     assert growth < 200 * MiB, r
-    assert r["populated_pages"] == r["touched"] + 1          # + the device write's page
+    assert r["populated_pages"] == r["touched"] + 1  # + the device write's page
     assert r["data_file_bytes"] <= 64 * PAGE_SIZE, r
     assert r["tags_file_bytes"] <= 64 * PAGE_SIZE, r
     assert r["dirty"] == [[0, 1]]
@@ -243,6 +242,7 @@ def test_64gib_guest_with_few_touched_pages_stays_small():
 
 def test_prefaulted_pages_read_in_place_though_mincore_and_seek_data_call_them_holes():
     from hosts.memory import GuestMemory
+
     m = GuestMemory(8 << 20)
     try:
         m.prefault(0, 512)

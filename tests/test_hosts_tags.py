@@ -3,7 +3,8 @@ granule helpers, checked against a per-granule reference written the slow,
 obvious way (low nibble = lower-addressed granule)."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hosts import tags as T
 
@@ -12,14 +13,13 @@ from hosts import tags as T
 def ref_unpack(packed: bytes) -> bytes:
     out = bytearray()
     for b in packed:
-        out.append(b & 0x0F)   # lower address: low nibble
+        out.append(b & 0x0F)  # lower address: low nibble
         out.append(b >> 4)
     return bytes(out)
 
 
 def ref_pack(unpacked: bytes) -> bytes:
-    return bytes((unpacked[i] & 0x0F) | ((unpacked[i + 1] & 0x0F) << 4)
-                 for i in range(0, len(unpacked), 2))
+    return bytes((unpacked[i] & 0x0F) | ((unpacked[i + 1] & 0x0F) << 4) for i in range(0, len(unpacked), 2))
 
 
 def ref_tags(storage) -> list[int]:
@@ -88,6 +88,7 @@ def test_unpack_into_writes_only_its_span():
 
 def test_large_round_trip():
     import os
+
     packed = os.urandom(1 << 20)
     assert T.pack(T.unpack(packed)) == packed
 
@@ -111,8 +112,8 @@ def test_fill_granules_half_byte_edges(first, count):
     T.fill_granules(storage, first, count, 0x3)
     tags = ref_tags(storage)
     assert tags[:first] == [0xF] * first
-    assert tags[first:first + count] == [0x3] * count
-    assert tags[first + count:] == [0xF] * (12 - first - count)
+    assert tags[first : first + count] == [0x3] * count
+    assert tags[first + count :] == [0xF] * (12 - first - count)
 
 
 def test_fill_granules_zero_or_negative_count_is_a_no_op():
@@ -135,8 +136,9 @@ def test_granule_tag():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 15), min_size=64, max_size=64), st.integers(0, 63),
-       st.integers(0, 64), st.integers(0, 15))
+@given(
+    st.lists(st.integers(0, 15), min_size=64, max_size=64), st.integers(0, 63), st.integers(0, 64), st.integers(0, 15)
+)
 def test_first_mismatch_matches_reference(tags, first, count, tag):
     count = min(count, 64 - first)
     storage = T.pack(bytes(tags))
@@ -144,15 +146,18 @@ def test_first_mismatch_matches_reference(tags, first, count, tag):
     assert T.first_mismatch(storage, first, count, tag) == expect
 
 
-@pytest.mark.parametrize("first,count,bad", [
-    (1, 5, 1),     # odd start granule itself mismatches
-    (1, 5, 5),     # odd end: the last granule, a low nibble
-    (0, 6, 2),     # inside the whole bytes, low nibble
-    (0, 6, 3),     # inside the whole bytes, high nibble
-    (3, 1, 3),     # single odd granule
-    (2, 1, 2),     # single even granule
-    (1, 8, 8),     # past a full run, low nibble of the last byte
-])
+@pytest.mark.parametrize(
+    "first,count,bad",
+    [
+        (1, 5, 1),  # odd start granule itself mismatches
+        (1, 5, 5),  # odd end: the last granule, a low nibble
+        (0, 6, 2),  # inside the whole bytes, low nibble
+        (0, 6, 3),  # inside the whole bytes, high nibble
+        (3, 1, 3),  # single odd granule
+        (2, 1, 2),  # single even granule
+        (1, 8, 8),  # past a full run, low nibble of the last byte
+    ],
+)
 def test_first_mismatch_edges(first, count, bad):
     tags = [7] * 16
     tags[bad] = 2
@@ -169,7 +174,7 @@ def test_first_mismatch_edges(first, count, bad):
 def test_first_mismatch_empty_range_and_tag_masking():
     storage = bytes([0x77] * 4)
     assert T.first_mismatch(storage, 0, 0, 1) is None
-    assert T.first_mismatch(storage, 0, 8, 0x17) is None   # only the low 4 bits of the tag count
+    assert T.first_mismatch(storage, 0, 8, 0x17) is None  # only the low 4 bits of the tag count
     assert T.first_mismatch(storage, 0, 8, 7) is None
 
 
@@ -180,17 +185,18 @@ def test_all_zero():
     assert not T.all_zero(b"\x00\x01")
     big = bytearray(3 * (1 << 20) + 5)
     assert T.all_zero(big)
-    big[-1] = 1                     # in the last, short chunk
+    big[-1] = 1  # in the last, short chunk
     assert not T.all_zero(big)
     big[-1] = 0
-    big[1 << 20] = 1                # first byte of the second chunk
+    big[1 << 20] = 1  # first byte of the second chunk
     assert not T.all_zero(big)
     big[1 << 20] = 0
-    big[(1 << 20) - 1] = 1          # last byte of the first chunk
+    big[(1 << 20) - 1] = 1  # last byte of the first chunk
     assert not T.all_zero(memoryview(big))
 
 
 def test_all_zero_accepts_wider_formats():
     import array
+
     assert T.all_zero(array.array("Q", [0] * 100))
     assert not T.all_zero(array.array("Q", [0] * 99 + [1 << 60]))

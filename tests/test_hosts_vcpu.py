@@ -38,7 +38,7 @@ def test_pause_returns_only_when_every_vcpu_has_stopped(host):
     assert v._stopped == v.count
     steps = list(v.steps)
     data = bytes(host.memory.data)
-    time.sleep(0.05)                       # parked threads take no step
+    time.sleep(0.05)  # parked threads take no step
     for _ in range(50):
         time.sleep(0)
     assert v.steps == steps
@@ -66,7 +66,7 @@ def test_repeated_pause_resume(host):
 def test_pause_before_start_and_threads_start_parked():
     h = SimulatedHost(MiB, vcpus=2, workload="idle", rate=None)
     try:
-        h.vcpus.pause()                    # no threads yet: returns at once
+        h.vcpus.pause()  # no threads yet: returns at once
         assert h.vcpus.steps == [0, 0]
         h.vcpus.start()
         wait_for(lambda: min(h.vcpus.steps) > 0)
@@ -107,7 +107,7 @@ def test_get_states_raises_while_running(host):
     v.pause()
     states = v.get_states()
     assert [s.index for s in states] == [0, 1, 2]
-    states[0].regs["pc"] = 0                 # a copy: the vCPU is not changed
+    states[0].regs["pc"] = 0  # a copy: the vCPU is not changed
     assert v.get_states()[0].regs["pc"] != 0
 
 
@@ -118,7 +118,7 @@ def test_vcpu_state_advances_with_steps():
         h.vcpus.run_steps(3)
         after = h.vcpus.get_states()[0]
         assert after.regs["pc"] != before.regs["pc"]
-        assert after.sysregs["RGSR_EL1"] != before.sysregs["RGSR_EL1"]   # IRG advanced the seed
+        assert after.sysregs["RGSR_EL1"] != before.sysregs["RGSR_EL1"]  # IRG advanced the seed
         assert h.vcpus.steps == [3]
     finally:
         h.close()
@@ -210,7 +210,7 @@ def test_a_crashing_vcpu_parks_and_reports():
         v.start()
         wait_for(lambda: v.error is not None)
         wait_for(lambda: not v.running)
-        v.pause()                                   # returns: every thread parked
+        v.pause()  # returns: every thread parked
         assert isinstance(v.error, RuntimeError)
     finally:
         v.shutdown()
@@ -226,7 +226,9 @@ def test_shutdown_joins_threads(host):
 
 def test_pause_does_not_wait_out_a_slow_guest_pacing():
     import time as _time
+
     from hosts import SimulatedHost
+
     host = SimulatedHost(8 << 20, workload="idle", rate=2, seed=3)  # one step per vCPU per second
     try:
         host.prepare_guest()

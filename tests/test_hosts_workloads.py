@@ -7,9 +7,9 @@ import json
 import pytest
 
 from hosts import PAGE_SIZE, SimulatedHost
+from hosts import tags as T
 from hosts.datapool import DataPool, tag_pool
 from hosts.workloads import WORKLOADS
-from hosts import tags as T
 
 MiB = 1 << 20
 RAM = 8 * MiB
@@ -75,6 +75,7 @@ def test_threads_give_the_same_result_as_sequential_steps(name, hosts_to_close):
 
 def _wait_for(cond, limit=30.0):
     import time
+
     deadline = time.monotonic() + limit
     while not cond():
         if time.monotonic() > deadline:
@@ -89,12 +90,12 @@ def test_prepare_fill_and_tagged_fraction(hosts_to_close):
     npages = h.memory.npages
     assert h.memory.populated_ranges() == [(0, npages // 4)]
     assert h.memory.tagged.count(1) == npages // 4
-    tags = T.unpack(h.memory.tags[:npages // 4 * 128])
-    assert tags.count(0) == 0                    # allocator-style tags are never 0
+    tags = T.unpack(h.memory.tags[: npages // 4 * 128])
+    assert tags.count(0) == 0  # allocator-style tags are never 0
     u = make("stream", workload_params={"fill": 0.25, "tagged": 0.0})
     hosts_to_close.append(u)
     u.prepare_guest()
-    assert u.memory.tagged.count(1) == npages // 4   # touched, sanitised, tags all zero
+    assert u.memory.tagged.count(1) == npages // 4  # touched, sanitised, tags all zero
     assert bytes(u.memory.tags) == bytes(len(u.memory.tags))
 
 
@@ -118,7 +119,7 @@ def test_retag_churn_changes_tags_not_data(hosts_to_close):
     data2, tags2, _ = snapshot(h)
     assert data2 == data
     assert tags2 != tags
-    assert h.vm.get_dirty_log(0).count() > 0     # tag stores dirty pages
+    assert h.vm.get_dirty_log(0).count() > 0  # tag stores dirty pages
 
 
 def test_allocator_tags_allocations_and_retags_on_free(hosts_to_close):
@@ -127,7 +128,7 @@ def test_allocator_tags_allocations_and_retags_on_free(hosts_to_close):
     h.vcpus.run_steps(200)
     live = h.workload.live[0]
     assert live
-    assert all(1 <= tag <= 15 for _, _, tag in live)     # IRG excludes tag 0
+    assert all(1 <= tag <= 15 for _, _, tag in live)  # IRG excludes tag 0
     # allocations may overlap older ones (the model does not track free space),
     # but the newest one carries its tag intact
     addr, size, tag = live[-1]
@@ -185,7 +186,7 @@ def test_device_dma_under_prot_mte(policy, hosts_to_close):
     assert h.device_mapping.prot_mte
     vmm = h.vmm_dirty.harvest()
     if policy == "checked":
-        assert vmm.count(1) == 0                 # every device write faulted before storing
+        assert vmm.count(1) == 0  # every device write faulted before storing
     else:
         assert vmm.count(1) > 0
 
@@ -201,7 +202,7 @@ def test_device_dma_through_an_untagged_mapping(hosts_to_close):
     assert c.get("tag_check_faults", 0) == 0 and c.get("el0.ldg", 0) == 0
     vmm_pages = {p for p, d in enumerate(h.vmm_dirty.harvest()) if d}
     kvm_pages = {p for s, e in h.vm.get_dirty_log(0).ranges() for p in range(s, e)}
-    assert vmm_pages and vmm_pages <= kvm_pages   # the guest tagged them (KVM log); the VMM wrote them (own log)
+    assert vmm_pages and vmm_pages <= kvm_pages  # the guest tagged them (KVM log); the VMM wrote them (own log)
     assert h.workload.faults == 0
 
 
@@ -211,7 +212,7 @@ def test_device_dma_data_arrives_in_guest_ram(hosts_to_close):
     hosts_to_close += [a, b]
     a.vcpus.run_steps(20)
     b.vcpus.run_steps(20)
-    assert snapshot(a) == snapshot(b)            # same seed: same buffers, however they were written
+    assert snapshot(a) == snapshot(b)  # same seed: same buffers, however they were written
     assert a.memory.populated_pages() > 0
 
 
@@ -224,7 +225,7 @@ def test_workload_state_round_trip_continues_identically(name, hosts_to_close):
     kw = {"device_prot_mte": True} if name == "device-dma" else {}
     a = run(name, 3, 25, hosts_to_close, **kw)
     state = json.loads(json.dumps(a.workload.get_state()))
-    b = make(name, seed=3, **kw)                      # fresh: no prepare, no steps
+    b = make(name, seed=3, **kw)  # fresh: no prepare, no steps
     hosts_to_close.append(b)
     b.memory.data[:] = a.memory.data
     b.memory.tags[:] = a.memory.tags
@@ -241,13 +242,14 @@ def test_data_pool_is_deterministic_and_kinds():
     assert bytes(a.data) == bytes(b.data)
     assert bytes(DataPool(5, pages=64).data) != bytes(a.data)
     zero = DataPool(1, kinds={"zero": 1}, pages=8)
-    assert bytes(zero.data[:8 * PAGE_SIZE]) == bytes(8 * PAGE_SIZE)
+    assert bytes(zero.data[: 8 * PAGE_SIZE]) == bytes(8 * PAGE_SIZE)
     with pytest.raises(ValueError):
         DataPool(1, kinds={"nope": 1}, pages=2)
 
 
 def test_data_pool_slices_up_to_1mib_wrap():
     import random
+
     pool = DataPool(2, pages=512)
     rng = random.Random(0)
     for _ in range(50):

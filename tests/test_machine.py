@@ -10,8 +10,18 @@ import pytest
 from migrate import frames as fr
 from migrate import machine as mach
 from migrate.errors import ProtocolError
-from migrate.machine import (DEST_TABLE, LOCAL, RECV, SEND, SOURCE_TABLE, Connection, DestState,
-                             SourceState, dest_machine, source_machine)
+from migrate.machine import (
+    DEST_TABLE,
+    LOCAL,
+    RECV,
+    SEND,
+    SOURCE_TABLE,
+    Connection,
+    DestState,
+    SourceState,
+    dest_machine,
+    source_machine,
+)
 
 T = fr.FrameType
 S, D = SourceState, DestState
@@ -54,19 +64,35 @@ SIDES = {
     "source": (source_machine, list(SourceState), SOURCE_TABLE, S.FAILED, S.ABORTED, {S.DONE}, "source"),
     "destination": (dest_machine, list(DestState), DEST_TABLE, D.FAILED, D.ABORTED, {D.RUNNING}, "destination"),
 }
-if hasattr(mach, "DATA_SOURCE_TABLE"):   # extra data connections (--channels)
-    SIDES["data-source"] = (lambda: mach.data_source_machine(1),
-                            _reachable(mach.DATA_SOURCE_TABLE, S.IDLE, S.FAILED, S.ABORTED),
-                            mach.DATA_SOURCE_TABLE, S.FAILED, S.ABORTED, set(), "source channel 1")
-    SIDES["data-destination"] = (mach.data_dest_machine,
-                                 _reachable(mach.DATA_DEST_TABLE, D.WAIT_HELLO, D.FAILED, D.ABORTED),
-                                 mach.DATA_DEST_TABLE, D.FAILED, D.ABORTED,
-                                 {D.RUNNING} if "RECOVER" in fr.FrameType.__members__ else set(),
-                                 "destination data channel")
-if hasattr(mach, "RECOVERY_SOURCE_TABLE"):   # the in-doubt window: RECOVER on a new connection
-    SIDES["recovery-source"] = (mach.recovery_source_machine,
-                                _reachable(mach.RECOVERY_SOURCE_TABLE, S.IDLE, S.FAILED, S.ABORTED),
-                                mach.RECOVERY_SOURCE_TABLE, S.FAILED, S.ABORTED, {S.DONE}, "source recovery")
+if hasattr(mach, "DATA_SOURCE_TABLE"):  # extra data connections (--channels)
+    SIDES["data-source"] = (
+        lambda: mach.data_source_machine(1),
+        _reachable(mach.DATA_SOURCE_TABLE, S.IDLE, S.FAILED, S.ABORTED),
+        mach.DATA_SOURCE_TABLE,
+        S.FAILED,
+        S.ABORTED,
+        set(),
+        "source channel 1",
+    )
+    SIDES["data-destination"] = (
+        mach.data_dest_machine,
+        _reachable(mach.DATA_DEST_TABLE, D.WAIT_HELLO, D.FAILED, D.ABORTED),
+        mach.DATA_DEST_TABLE,
+        D.FAILED,
+        D.ABORTED,
+        {D.RUNNING} if "RECOVER" in fr.FrameType.__members__ else set(),
+        "destination data channel",
+    )
+if hasattr(mach, "RECOVERY_SOURCE_TABLE"):  # the in-doubt window: RECOVER on a new connection
+    SIDES["recovery-source"] = (
+        mach.recovery_source_machine,
+        _reachable(mach.RECOVERY_SOURCE_TABLE, S.IDLE, S.FAILED, S.ABORTED),
+        mach.RECOVERY_SOURCE_TABLE,
+        S.FAILED,
+        S.ABORTED,
+        {S.DONE},
+        "source recovery",
+    )
 PAIRS = [("source", "destination")] + ([("data-source", "data-destination")] if "data-source" in SIDES else [])
 # Live states a machine may stop in without being terminal: a data channel is
 # ended by its main connection.  (A recovery connection on the data listener
@@ -158,7 +184,7 @@ def test_every_table_transition_on_the_bare_machine(side, state, direction, what
 def _illegal(direction):
     """(side, state, frame type) for every frame the table does not allow in
     ``direction`` (ERROR and ABORT are legal everywhere)."""
-    for side, (_, states, table, failed, aborted, terminal, _) in SIDES.items():
+    for side, (_, states, table, _failed, _aborted, _terminal, _) in SIDES.items():
         for state in states:
             for ftype in T:
                 if ftype in (T.ERROR, T.ABORT) or (state, direction, ftype) in table:
@@ -201,7 +227,7 @@ def test_pause_is_a_local_event_of_the_source_precopy_only(side):
 
 
 def _live_states():
-    for side, (_, states, table, failed, aborted, terminal, _) in SIDES.items():
+    for side, (_, states, _table, failed, aborted, terminal, _) in SIDES.items():
         for state in states:
             if state not in terminal | {failed, aborted}:
                 yield pytest.param(side, state, id=f"{side}-{state.value}")
@@ -258,7 +284,7 @@ def test_parse_header_after_the_end_is_refused(side):
     for state in terminal | {failed, aborted}:
         conn = conn_in(side, state)
         with pytest.raises(ProtocolError, match="received data after the migration ended"):
-            conn.parse_header(wire(fr.Go())[:fr.HEADER_SIZE])
+            conn.parse_header(wire(fr.Go())[: fr.HEADER_SIZE])
 
 
 # -- page bounds from HELLO ----------------------------------------------------------
@@ -279,21 +305,25 @@ def _pages(ranges):
     return fr.Pages(1, ranges, bytes([fr.PAGE_ZERO]) * n)
 
 
-@pytest.mark.parametrize("ranges", [[(0, 1)], [(RAM_PAGES - 1, 1)], [(0, 1024)], [(RAM_PAGES - 1024, 1024)],
-                                    [(0, 3), (RAM_PAGES - 2, 2)]])
+@pytest.mark.parametrize(
+    "ranges", [[(0, 1)], [(RAM_PAGES - 1, 1)], [(0, 1024)], [(RAM_PAGES - 1024, 1024)], [(0, 3), (RAM_PAGES - 2, 2)]]
+)
 def test_pages_inside_ram_are_accepted(ranges):
     conn = _dest_after_hello()
     assert conn.feed(wire(_pages(ranges))) == [_pages(ranges)]
     assert conn.state == D.RECEIVING
 
 
-@pytest.mark.parametrize("ranges, shown", [
-    ([(RAM_PAGES, 1)], f"{RAM_PAGES}..{RAM_PAGES}"),
-    ([(RAM_PAGES - 1, 2)], f"{RAM_PAGES - 1}..{RAM_PAGES}"),
-    ([(0, 1), (RAM_PAGES + 100, 3)], f"{RAM_PAGES + 100}..{RAM_PAGES + 102}"),
-    ([(2**64 - 1, 1)], f"{2**64 - 1}..{2**64 - 1}"),
-    ([(2**63, 1024)], None),
-])
+@pytest.mark.parametrize(
+    "ranges, shown",
+    [
+        ([(RAM_PAGES, 1)], f"{RAM_PAGES}..{RAM_PAGES}"),
+        ([(RAM_PAGES - 1, 2)], f"{RAM_PAGES - 1}..{RAM_PAGES}"),
+        ([(0, 1), (RAM_PAGES + 100, 3)], f"{RAM_PAGES + 100}..{RAM_PAGES + 102}"),
+        ([(2**64 - 1, 1)], f"{2**64 - 1}..{2**64 - 1}"),
+        ([(2**63, 1024)], None),
+    ],
+)
 def test_pages_outside_ram_are_a_protocol_error(ranges, shown):
     conn = _dest_after_hello()
     with pytest.raises(ProtocolError) as info:
@@ -321,23 +351,26 @@ def test_ram_bound_follows_each_hello_size():
 
 
 # -- out of order, concretely ------------------------------------------------------------
-@pytest.mark.parametrize("frames, bad, state", [
-    ([], fr.Go(), D.WAIT_HELLO),
-    ([], EXAMPLE[T.PAGES], D.WAIT_HELLO),
-    ([HELLO], EXAMPLE[T.PAGES], D.NEGOTIATING),     # before WELCOME went out
-    ([HELLO], AUTH, D.NEGOTIATING),                  # a proof before the destination's nonce
-    ([HELLO, "welcome"], EXAMPLE[T.PAGES], D.AUTHENTICATING),  # pages before the source proved the key
-    ([HELLO, "welcome"], EXAMPLE[T.PASS_END], D.AUTHENTICATING),
-    ([HELLO, "welcome"], EXAMPLE[T.STATE], D.AUTHENTICATING),
-    ([HELLO, "welcome"], HELLO, D.AUTHENTICATING),   # a second HELLO instead of AUTH
-    ([HELLO, "welcome", AUTH], AUTH, D.RECEIVING),   # a second AUTH
-    ([HELLO, "welcome", AUTH], HELLO, D.RECEIVING),  # a second HELLO
-    ([HELLO, "welcome", AUTH], fr.Go(), D.RECEIVING),      # GO without COMPLETE/CONFIRM
-    ([HELLO, "welcome", AUTH], EXAMPLE[T.COMPLETE], D.RECEIVING),  # COMPLETE before STATE
-    ([HELLO, "welcome", AUTH, EXAMPLE[T.STATE]], EXAMPLE[T.STATE], D.STATE_LOADED),
-    ([HELLO, "welcome", AUTH, EXAMPLE[T.STATE]], EXAMPLE[T.PAGES], D.STATE_LOADED),
-    ([HELLO, "welcome", AUTH, EXAMPLE[T.STATE], EXAMPLE[T.COMPLETE]], fr.Go(), D.VERIFYING),  # before CONFIRM
-])
+@pytest.mark.parametrize(
+    "frames, bad, state",
+    [
+        ([], fr.Go(), D.WAIT_HELLO),
+        ([], EXAMPLE[T.PAGES], D.WAIT_HELLO),
+        ([HELLO], EXAMPLE[T.PAGES], D.NEGOTIATING),  # before WELCOME went out
+        ([HELLO], AUTH, D.NEGOTIATING),  # a proof before the destination's nonce
+        ([HELLO, "welcome"], EXAMPLE[T.PAGES], D.AUTHENTICATING),  # pages before the source proved the key
+        ([HELLO, "welcome"], EXAMPLE[T.PASS_END], D.AUTHENTICATING),
+        ([HELLO, "welcome"], EXAMPLE[T.STATE], D.AUTHENTICATING),
+        ([HELLO, "welcome"], HELLO, D.AUTHENTICATING),  # a second HELLO instead of AUTH
+        ([HELLO, "welcome", AUTH], AUTH, D.RECEIVING),  # a second AUTH
+        ([HELLO, "welcome", AUTH], HELLO, D.RECEIVING),  # a second HELLO
+        ([HELLO, "welcome", AUTH], fr.Go(), D.RECEIVING),  # GO without COMPLETE/CONFIRM
+        ([HELLO, "welcome", AUTH], EXAMPLE[T.COMPLETE], D.RECEIVING),  # COMPLETE before STATE
+        ([HELLO, "welcome", AUTH, EXAMPLE[T.STATE]], EXAMPLE[T.STATE], D.STATE_LOADED),
+        ([HELLO, "welcome", AUTH, EXAMPLE[T.STATE]], EXAMPLE[T.PAGES], D.STATE_LOADED),
+        ([HELLO, "welcome", AUTH, EXAMPLE[T.STATE], EXAMPLE[T.COMPLETE]], fr.Go(), D.VERIFYING),  # before CONFIRM
+    ],
+)
 def test_destination_refuses_frames_out_of_order(frames, bad, state):
     conn = Connection(dest_machine())
     for f in frames:
@@ -346,7 +379,9 @@ def test_destination_refuses_frames_out_of_order(frames, bad, state):
         else:
             conn.feed(wire(f))
     assert conn.state == state
-    with pytest.raises(ProtocolError, match=f"unexpected {bad.type.name} frame while the destination is in state {state.value}"):
+    with pytest.raises(
+        ProtocolError, match=f"unexpected {bad.type.name} frame while the destination is in state {state.value}"
+    ):
         conn.feed(wire(bad))
 
 
@@ -387,7 +422,7 @@ def _deliver(conn, data, step):
         return conn.feed(data)
     out = []
     for i in range(0, len(data), step):
-        out += conn.feed(data[i:i + step])
+        out += conn.feed(data[i : i + step])
     return out
 
 
@@ -413,8 +448,7 @@ def test_happy_path_hello_to_resumed(step, checksum):
     assert j.deliver_to_dst(step) == [AUTH]
     assert (j.src.state, j.dst.state) == (S.PRECOPY, D.RECEIVING)
     # precopy: a bulk pass and a dirty pass
-    sent = [_data_pages(0, 4, 1), _pages([(4, 100)]), fr.PassEnd(0, 104),
-            _data_pages(2, 1, 2), fr.PassEnd(1, 1)]
+    sent = [_data_pages(0, 4, 1), _pages([(4, 100)]), fr.PassEnd(0, 104), _data_pages(2, 1, 2), fr.PassEnd(1, 1)]
     for f in sent:
         j.s(f)
     assert j.deliver_to_dst(step) == sent
@@ -446,10 +480,18 @@ def test_happy_path_hello_to_resumed(step, checksum):
     assert j.deliver_to_src(step) == [fr.Resumed()]
     assert (j.src.state, j.dst.state) == (S.DONE, D.RUNNING)
     assert j.src.machine.finished and j.dst.machine.finished
-    assert j.src.machine.history == [S.IDLE, S.HANDSHAKE, S.AUTHENTICATING, S.PRECOPY] + [S.PRECOPY] * 5 + \
-        [S.STOP_COPY] * 4 + [S.COMPLETING, S.VALIDATING, S.VALIDATING, S.VALIDATING, S.SWITCHING, S.DONE]
-    assert j.dst.machine.history == [D.WAIT_HELLO, D.NEGOTIATING, D.AUTHENTICATING, D.RECEIVING] + [D.RECEIVING] * 7 + \
-        [D.STATE_LOADED, D.VERIFYING, D.AWAIT_GO, D.AWAIT_GO, D.AWAIT_GO, D.RESUMING, D.RUNNING]
+    assert j.src.machine.history == [S.IDLE, S.HANDSHAKE, S.AUTHENTICATING, S.PRECOPY] + [S.PRECOPY] * 5 + [
+        S.STOP_COPY
+    ] * 4 + [S.COMPLETING, S.VALIDATING, S.VALIDATING, S.VALIDATING, S.SWITCHING, S.DONE]
+    assert j.dst.machine.history == [D.WAIT_HELLO, D.NEGOTIATING, D.AUTHENTICATING, D.RECEIVING] + [D.RECEIVING] * 7 + [
+        D.STATE_LOADED,
+        D.VERIFYING,
+        D.AWAIT_GO,
+        D.AWAIT_GO,
+        D.AWAIT_GO,
+        D.RESUMING,
+        D.RUNNING,
+    ]
     for conn in (j.src, j.dst):
         assert conn._buffer.pending == 0
 
@@ -557,7 +599,7 @@ def test_data_channel_join_then_pages_only():
     src, dst = Connection(src), Connection(dst)
     join = fr.Join("session-1", 1, b"\x05" * 32)
     assert dst.feed(b"".join(bytes(b) for b in src.send(join))) == [join]
-    assert dst.ram_pages is None        # a data channel learns the RAM size from its main connection
+    assert dst.ram_pages is None  # a data channel learns the RAM size from its main connection
     dst.ram_pages = RAM_PAGES
     assert src.feed(b"".join(bytes(b) for b in dst.send(fr.Welcome(1)))) == [fr.Welcome(1)]
     assert (src.state, dst.state) == (S.PRECOPY, D.RECEIVING)

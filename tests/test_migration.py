@@ -16,16 +16,16 @@ import zlib
 import msgpack
 import pytest
 import zstandard
+from support import address, digests, run_engines, steps_advance
 
 from hosts.constants import GRANULE, PAGE_SIZE
 from migrate import PROTOCOL_VERSION
 from migrate import frames as fr
 from migrate.config import MigrationConfig
-from migrate.digest import CHUNK_PAGES, MemoryDigest
 from migrate.dest import DestVmm
+from migrate.digest import CHUNK_PAGES, MemoryDigest
 from migrate.machine import DestState, SourceState
 from migrate.source import SourceVmm
-from support import address, digests, run_engines, steps_advance
 from migrate.units import fmt_bytes
 
 MiB = 1 << 20
@@ -56,8 +56,9 @@ def assert_identical_guests(src, dst):
     assert digests(src) == digests(dst)
     # The destination guest runs at rate 0, so its state is the migrated one.
     src_states = src.vcpus.get_states()
-    assert [(s.index, s.regs, s.sysregs) for s in src_states] == \
-           [(s.index, s.regs, s.sysregs) for s in dst.vcpus.states]
+    assert [(s.index, s.regs, s.sysregs) for s in src_states] == [
+        (s.index, s.regs, s.sysregs) for s in dst.vcpus.states
+    ]
     assert any("GCR_EL1" in s.sysregs for s in src_states)  # the MTE registers travelled too
 
 
@@ -236,8 +237,10 @@ async def test_second_connection_is_refused_while_busy(hosts, listener):
     dest_task = asyncio.ensure_future(dest_engine.serve(listener))
     src_task = asyncio.ensure_future(SourceVmm(src, config).migrate(address(listener)))
     try:
-        await wait_until(lambda: dest_engine.machine is not None
-                         and dest_engine.machine.state == DestState.RECEIVING, "the destination to receive")
+        await wait_until(
+            lambda: dest_engine.machine is not None and dest_engine.machine.state == DestState.RECEIVING,
+            "the destination to receive",
+        )
         # A second source: it connects and says HELLO, as any source would.
         reader, writer = await asyncio.open_connection(*address(listener))
         data = b""
@@ -278,9 +281,17 @@ def raw(ftype, meta, payload=b"", checksum=True) -> bytes:
 
 def hello_for(dst, **changes) -> bytes:
     """A HELLO that ``dst`` accepts, with ``changes`` to its fields."""
-    meta = fr.Hello(version=PROTOCOL_VERSION, ram_size=dst.memory.size, page_size=PAGE_SIZE, granule=GRANULE,
-                    mte=True, vcpus=dst.vcpus.count, strategy="tag-ioctl", tag_format="packed4",
-                    compression="zstd").meta()
+    meta = fr.Hello(
+        version=PROTOCOL_VERSION,
+        ram_size=dst.memory.size,
+        page_size=PAGE_SIZE,
+        granule=GRANULE,
+        mte=True,
+        vcpus=dst.vcpus.count,
+        strategy="tag-ioctl",
+        tag_format="packed4",
+        compression="zstd",
+    ).meta()
     meta.update(changes)
     return raw(fr.FrameType.HELLO, meta)
 
@@ -331,15 +342,22 @@ HOSTILE = {
     "pages range overflowing": (lambda d: [*handshake(d), pages(2**64 - 1, 1)], "outside guest RAM"),
     "flags count differs": (lambda d: [*handshake(d), pages(0, 2, flags=b"\x01")], "flags"),
     "unknown page flag": (lambda d: [*handshake(d), pages(0, 1, flags=b"\x09")], "unknown page flag"),
-    "raw data too short": (lambda d: [*handshake(d), pages(0, 1, flags=b"\x00", data=b"x" * 100)],
-                           "expected 4096"),
-    "decompression bomb": (lambda d: [*handshake(d), pages(0, 1, flags=b"\x00", dc=True,
-                                                          data=zstandard.ZstdCompressor().compress(bytes(64 * MiB)))],
-                           "expected 4096"),
+    "raw data too short": (lambda d: [*handshake(d), pages(0, 1, flags=b"\x00", data=b"x" * 100)], "expected 4096"),
+    "decompression bomb": (
+        lambda d: [
+            *handshake(d),
+            pages(0, 1, flags=b"\x00", dc=True, data=zstandard.ZstdCompressor().compress(bytes(64 * MiB))),
+        ],
+        "expected 4096",
+    ),
     "not zstd": (lambda d: [*handshake(d), pages(0, 1, flags=b"\x00", dc=True, data=b"\x00" * 64)], "zstd"),
     "tags for a strategy without tags": (
-        lambda d: [*handshake(d, strategy="none", tag_format="none"),
-                   pages(0, 1, flags=bytes([fr.PAGE_TAGS | fr.PAGE_ZERO]), tags=b"\x11" * 128)], "tags"),
+        lambda d: [
+            *handshake(d, strategy="none", tag_format="none"),
+            pages(0, 1, flags=bytes([fr.PAGE_TAGS | fr.PAGE_ZERO]), tags=b"\x11" * 128),
+        ],
+        "tags",
+    ),
     "invalid STATE": (lambda d: [*handshake(d), encoded(fr.State({"vcpus": "nonsense"}))], "STATE"),
     "INSPECT before COMPLETE": (lambda d: [*handshake(d), encoded(fr.Inspect([0]))], "unexpected INSPECT"),
     "stream ends inside a frame": (lambda d: [*handshake(d), pages(0, 1)[:20]], "inside a frame"),
@@ -348,8 +366,10 @@ HOSTILE = {
     "PAGES before AUTH": (lambda d: [hello_for(d), pages(0, 1)], "unexpected PAGES"),
     "unsupported strategy": (lambda d: [hello_for(d, strategy="telepathy")], "telepathy"),
     "protocol version": (lambda d: [hello_for(d, version=PROTOCOL_VERSION + 1)], "protocol version differs"),
-    "frame without checksum": (lambda d: [raw(fr.FrameType.HELLO, {"version": PROTOCOL_VERSION}, checksum=False)],
-                               "checksum"),
+    "frame without checksum": (
+        lambda d: [raw(fr.FrameType.HELLO, {"version": PROTOCOL_VERSION}, checksum=False)],
+        "checksum",
+    ),
 }
 
 
@@ -446,8 +466,9 @@ async def test_cancel_mid_migration_keeps_the_guest_on_the_source(hosts, listene
     dest_task = asyncio.ensure_future(dest_engine.serve(listener))
     src_task = asyncio.ensure_future(source_engine.migrate(address(listener)))
     try:
-        await wait_until(lambda: source_engine.machine is not None
-                         and source_engine.machine.state == SourceState.PRECOPY, "precopy")
+        await wait_until(
+            lambda: source_engine.machine is not None and source_engine.machine.state == SourceState.PRECOPY, "precopy"
+        )
         await asyncio.sleep(0.3)
         assert not src_task.done()
         src_task.cancel()
@@ -488,8 +509,10 @@ async def test_destination_cancelled_mid_migration_source_resumes(hosts, listene
     dest_task = asyncio.ensure_future(dest_engine.serve(listener))
     src_task = asyncio.ensure_future(source_engine.migrate(address(listener)))
     try:
-        await wait_until(lambda: dest_engine.machine is not None
-                         and dest_engine.machine.state == DestState.RECEIVING, "the destination to receive")
+        await wait_until(
+            lambda: dest_engine.machine is not None and dest_engine.machine.state == DestState.RECEIVING,
+            "the destination to receive",
+        )
         await asyncio.sleep(0.3)
         dest_task.cancel()
         listener.close()
@@ -571,8 +594,9 @@ async def test_unreachable_destination_fails_with_one_line(hosts):
     assert sres["guest_on"] == "source" and src.vcpus.running
 
 
-@pytest.mark.parametrize("workload, strategy", [("allocator", "tag-ioctl"), ("retag-churn", "tag-dirty-log"),
-                                                ("device-dma", "prot-mte")])
+@pytest.mark.parametrize(
+    "workload, strategy", [("allocator", "tag-ioctl"), ("retag-churn", "tag-dirty-log"), ("device-dma", "prot-mte")]
+)
 async def test_incremental_source_digest_equals_a_fresh_one(hosts, listener, workload, strategy):
     # The source digests chunks while the guest runs and re-reads only the
     # chunks a dirty harvest (or a tags-dirty harvest) marked stale; on the
@@ -610,9 +634,9 @@ async def test_destination_digests_while_the_source_still_digests(hosts, listene
     async def timed(self):
         await real(self)
         marks["dest_digested"] = time.monotonic()
+
     monkeypatch.setattr(DestVmm, "_final_digest", timed)
-    sres, dres, _, _ = await run_engines(src, dst, MigrationConfig(channels=2), listener,
-                                         source_cls=SlowDigestSource)
+    sres, dres, _, _ = await run_engines(src, dst, MigrationConfig(channels=2), listener, source_cls=SlowDigestSource)
     assert_completed(sres, dres)
     assert marks["dest_digested"] < marks["source_complete"]
 
@@ -632,8 +656,7 @@ async def test_pages_on_a_data_channel_after_the_final_pass_are_refused(hosts, l
             await asyncio.sleep(0.5)
             return digest
 
-    sres, dres, _, _ = await run_engines(src, dst, MigrationConfig(channels=2), listener,
-                                         source_cls=LatePagesSource)
+    sres, dres, _, _ = await run_engines(src, dst, MigrationConfig(channels=2), listener, source_cls=LatePagesSource)
     assert sres["status"] == "failed" and dres["status"] == "failed"
     assert "on data channel 1 after" in dres["error"], dres["error"]
     assert sres["guest_on"] == "source" and src.vcpus.running
@@ -646,6 +669,7 @@ async def test_whole_chunks_are_spliced_into_guest_ram(hosts, listener, strategy
     with splice(2), checked on the landed pages; not with prot-mte, whose
     data goes through its PROT_MTE mapping.  The result is the same guest."""
     import os
+
     src = hosts.source(ram=16 * MiB, workload="stream", strategy=strategy, params={"fill": 0.5}, rate=0)
     for chunk in range(4):  # whole chunks of data: what is spliced
         src.memory.write(chunk * CHUNK_PAGES * PAGE_SIZE, os.urandom(CHUNK_PAGES * PAGE_SIZE))
@@ -667,17 +691,24 @@ async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip):
     the destination's RAM, and the landed pages are held to the frame's data
     CRC -- a byte flipped on the wire fails there, naming the pages."""
     import os
+
     from migrate.compression import Compressor
     from migrate.errors import ProtocolError
     from migrate.machine import Connection, dest_machine
     from migrate.pages import BatchApplier, BatchBuilder
     from migrate.strategies import get as get_strategy
     from migrate.transport import FrameChannel
+
     src, dst = hosts.source(ram=16 * MiB, workload="idle", rate=0, start=False), hosts.dest(ram=16 * MiB)
     chunk = os.urandom(CHUNK_PAGES * PAGE_SIZE)
     src.memory.write(CHUNK_PAGES * PAGE_SIZE, chunk)  # chunk 1
-    builder = BatchBuilder(get_strategy("tag-ioctl")(src, MigrationConfig()), Compressor("none"), CHUNK_PAGES,
-                           checked=True, digest=MemoryDigest(src.memory, compute=False))
+    builder = BatchBuilder(
+        get_strategy("tag-ioctl")(src, MigrationConfig()),
+        Compressor("none"),
+        CHUNK_PAGES,
+        checked=True,
+        digest=MemoryDigest(src.memory, compute=False),
+    )
     frame, _ = builder.build(0, [(CHUNK_PAGES, CHUNK_PAGES)])
     wire = bytearray(b"".join(bytes(b) for b in fr.encode(frame, "full")))
     meta_len = struct.unpack_from("<I", wire, 4)[0]
@@ -701,7 +732,7 @@ async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip):
                 applier.apply(got)
         else:
             applier.apply(got)
-            assert bytes(dst.memory.data[CHUNK_PAGES * PAGE_SIZE:2 * CHUNK_PAGES * PAGE_SIZE]) == chunk
+            assert bytes(dst.memory.data[CHUNK_PAGES * PAGE_SIZE : 2 * CHUNK_PAGES * PAGE_SIZE]) == chunk
     finally:
         chan.close()
         a.close()
@@ -713,6 +744,7 @@ async def test_every_checksum_mode_migrates_and_only_full_splices(hosts, listene
     "meta" or "none" the data is read and stored as before, and every mode
     ends with the same validated guest."""
     import os
+
     src = hosts.source(ram=16 * MiB, workload="allocator", rate=2000)
     src.memory.write(8 * CHUNK_PAGES * PAGE_SIZE, os.urandom(2 * CHUNK_PAGES * PAGE_SIZE))
     dst = hosts.dest(ram=16 * MiB)

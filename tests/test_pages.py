@@ -55,7 +55,7 @@ def set_tags(host, page, tag, npages=1):
 
 
 def page_bytes(host, page):
-    return bytes(host.memory.data[page * PAGE:(page + 1) * PAGE])
+    return bytes(host.memory.data[page * PAGE : (page + 1) * PAGE])
 
 
 def page_tags(host, page):
@@ -71,8 +71,7 @@ class Link:
     """Source builder -> wire -> destination Connection (page bounds checked
     against HELLO) -> applier."""
 
-    def __init__(self, src, dst, mode="none", strategy="tag-ioctl", batch_pages=256, link_cap=None,
-                 dst_strategy=None):
+    def __init__(self, src, dst, mode="none", strategy="tag-ioctl", batch_pages=256, link_cap=None, dst_strategy=None):
         cfg = MigrationConfig(strategy=strategy)
         self.src_strategy = strategies.get(strategy)(src, cfg)
         self.src_strategy.setup_source()
@@ -104,32 +103,45 @@ class Link:
         """One batch given as [(first, count)]; returns the built frame."""
         frame, stats = self.builder.build(pass_no, ranges)
         self.sent.add(stats)
-        snapshot = fr.Pages(frame.pass_no, frame.ranges, frame.flags, bytes(frame.data), bytes(frame.tags),
-                            frame.data_compressed, frame.tags_compressed)
+        snapshot = fr.Pages(
+            frame.pass_no,
+            frame.ranges,
+            frame.flags,
+            bytes(frame.data),
+            bytes(frame.tags),
+            frame.data_compressed,
+            frame.tags_compressed,
+        )
         (got,) = self.conn.feed(b"".join(bytes(b) for b in fr.encode(frame)))
         self.applied.add(self.applier.apply(got))
         return snapshot
 
 
 # -- helpers ---------------------------------------------------------------------------
-@pytest.mark.parametrize("bits, value, expected", [
-    (b"", 1, []),
-    (b"\0\0", 1, []),
-    (b"\1\1\0\1", 1, [(0, 2), (3, 4)]),
-    (b"\1\1\0\1", 0, [(2, 3)]),
-    (b"\0\1\1\1", 0, [(0, 1)]),
-])
+@pytest.mark.parametrize(
+    "bits, value, expected",
+    [
+        (b"", 1, []),
+        (b"\0\0", 1, []),
+        (b"\1\1\0\1", 1, [(0, 2), (3, 4)]),
+        (b"\1\1\0\1", 0, [(2, 3)]),
+        (b"\0\1\1\1", 0, [(0, 1)]),
+    ],
+)
 def test_runs(bits, value, expected):
     assert list(runs(bits, value)) == expected
 
 
-@pytest.mark.parametrize("ranges, n, expected", [
-    ([(0, 10)], 4, [[(0, 4)], [(4, 4)], [(8, 2)]]),
-    ([(0, 3), (10, 13)], 4, [[(0, 3), (10, 1)], [(11, 2)]]),
-    ([(0, 4)], 4, [[(0, 4)]]),
-    ([], 4, []),
-    ([(5, 6), (7, 8), (9, 10)], 2, [[(5, 1), (7, 1)], [(9, 1)]]),
-])
+@pytest.mark.parametrize(
+    "ranges, n, expected",
+    [
+        ([(0, 10)], 4, [[(0, 4)], [(4, 4)], [(8, 2)]]),
+        ([(0, 3), (10, 13)], 4, [[(0, 3), (10, 1)], [(11, 2)]]),
+        ([(0, 4)], 4, [[(0, 4)]]),
+        ([], 4, []),
+        ([(5, 6), (7, 8), (9, 10)], 2, [[(5, 1), (7, 1)], [(9, 1)]]),
+    ],
+)
 def test_split_batches(ranges, n, expected):
     got = list(split_batches(ranges, n))
     assert got == expected
@@ -181,9 +193,9 @@ def test_round_trip_with_mixed_pages(blank_pair, strategy):
     src, dst = blank_pair
     write(src, 0, b"\x11" * PAGE)
     set_tags(src, 0, 5)
-    write(src, 1, bytes(PAGE))                        # zero data, tagged (sanitised) with zero tags
-    write(src, 2, b"\x22" * PAGE)                     # data, zero tags
-    set_tags(src, 3, 9)                               # zero data, non-zero tags
+    write(src, 1, bytes(PAGE))  # zero data, tagged (sanitised) with zero tags
+    write(src, 2, b"\x22" * PAGE)  # data, zero tags
+    set_tags(src, 3, 9)  # zero data, non-zero tags
     write(src, 4, b"\x44" * 100 + bytes(PAGE - 100))
     src.vm.guest_set_tags(src.vm.page_to_ipa(4) + 32, 48, 0xA)  # a few granules only
     link = Link(src, dst, "1", strategy=strategy).send([(0, 8)])
@@ -191,18 +203,28 @@ def test_round_trip_with_mixed_pages(blank_pair, strategy):
     for p in range(8):
         assert page_bytes(src, p) == page_bytes(dst, p)
         assert page_tags(src, p) == page_tags(dst, p)
-    assert link.frames[0].flags == bytes([fr.PAGE_TAGS, fr.PAGE_ZERO, 0, fr.PAGE_ZERO | fr.PAGE_TAGS,
-                                          fr.PAGE_TAGS, fr.PAGE_ZERO, fr.PAGE_ZERO, fr.PAGE_ZERO])
+    assert link.frames[0].flags == bytes(
+        [
+            fr.PAGE_TAGS,
+            fr.PAGE_ZERO,
+            0,
+            fr.PAGE_ZERO | fr.PAGE_TAGS,
+            fr.PAGE_TAGS,
+            fr.PAGE_ZERO,
+            fr.PAGE_ZERO,
+            fr.PAGE_ZERO,
+        ]
+    )
 
 
 # -- what goes on the wire ---------------------------------------------------------------------
 def test_zero_pages_carry_no_payload(blank_pair):
     src, dst = blank_pair
     write(src, 10, b"\x01" * PAGE)
-    write(src, 12, bytes(PAGE))         # written, but zero
+    write(src, 12, bytes(PAGE))  # written, but zero
     write(src, 13, b"\x03" * PAGE)
     link = Link(src, dst, "none")
-    frame = link.send_one([(10, 6)])    # 10..15; 11, 14, 15 never populated
+    frame = link.send_one([(10, 6)])  # 10..15; 11, 14, 15 never populated
     assert frame.flags == bytes([0, fr.PAGE_ZERO, fr.PAGE_ZERO, 0, fr.PAGE_ZERO, fr.PAGE_ZERO])
     assert frame.data == b"\x01" * PAGE + b"\x03" * PAGE
     assert frame.tags == b""
@@ -266,9 +288,9 @@ def test_zero_page_after_earlier_data_overwrites_it(blank_pair):
     link = Link(src, dst, "1")
     link.send_one([(7, 3)])
     assert page_bytes(dst, 8) == b"\x77" * PAGE
-    write(src, 8, bytes(PAGE))     # the guest zeroes page 8 (tags stay)
-    set_tags(src, 9, 0)            # and frees page 9's tags
-    write(src, 9, bytes(PAGE))     # and zeroes it too
+    write(src, 8, bytes(PAGE))  # the guest zeroes page 8 (tags stay)
+    set_tags(src, 9, 0)  # and frees page 9's tags
+    write(src, 9, bytes(PAGE))  # and zeroes it too
     frame = link.send_one([(7, 3)], pass_no=1)
     assert frame.flags == bytes([fr.PAGE_TAGS, fr.PAGE_ZERO | fr.PAGE_TAGS, fr.PAGE_ZERO])
     assert page_bytes(dst, 8) == bytes(PAGE) and page_bytes(dst, 9) == bytes(PAGE)
@@ -296,6 +318,7 @@ def test_dirty_pass_over_a_migrated_guest_converges(pair):
 # -- compression on the wire --------------------------------------------------------------
 def test_incompressible_batch_goes_raw_and_tags_compressed_separately(blank_pair):
     import os
+
     src, dst = blank_pair
     noise = os.urandom(4 * PAGE)
     write(src, 0, noise)
@@ -319,23 +342,55 @@ def _through_wire(frame):
     return got
 
 
-@pytest.mark.parametrize("frame, match", [
-    (fr.Pages(0, [(0, 2)], bytes(2), b"\1" * (2 * PAGE - 1)), f"PAGES page data is {2 * PAGE - 1} bytes, expected {2 * PAGE}"),
-    (fr.Pages(0, [(0, 2)], bytes(2), b"\1" * (3 * PAGE)), f"PAGES page data is {3 * PAGE} bytes, expected {2 * PAGE}"),
-    (fr.Pages(0, [(0, 2)], bytes([0, fr.PAGE_ZERO]), b"\1" * (2 * PAGE)), f"page data is {2 * PAGE} bytes, expected {PAGE}"),
-    (fr.Pages(0, [(0, 1)], bytes([fr.PAGE_TAGS]), b"\1" * PAGE, b"\2" * (TAGB + 1)), f"PAGES page tags is {TAGB + 1} bytes, expected {TAGB}"),
-    (fr.Pages(0, [(0, 1)], bytes([0]), b"\1" * PAGE, b"\2" * TAGB), f"page tags is {TAGB} bytes, expected 0"),
-    (fr.Pages(0, [(0, 1)], bytes([0]), zstandard.compress(bytes(2 * PAGE)), b"", True),
-     f"page data declares {2 * PAGE} bytes, expected {PAGE}"),
-    (fr.Pages(0, [(0, 2)], bytes(2), zstandard.compress(bytes(PAGE)), b"", True),
-     f"page data declares {PAGE} bytes, expected {2 * PAGE}"),
-    (fr.Pages(0, [(0, 1)], bytes([fr.PAGE_TAGS]), b"\1" * PAGE, zstandard.compress(bytes(2 * TAGB)), False, True),
-     f"page tags declares {2 * TAGB} bytes, expected {TAGB}"),
-    (fr.Pages(0, [(0, 1)], bytes([0]), b"not zstd at all", b"", True), "page data is not a zstd frame"),
-    (fr.Pages(0, [(0, 1)], bytes([0]), b"", b"", True), "page data is not a zstd frame"),
-    (fr.Pages(0, [(0, 1)], bytes([0]), zstandard.ZstdCompressor(write_content_size=False).compress(bytes(PAGE)), b"", True),
-     f"page data declares -1 bytes, expected {PAGE}"),
-])
+@pytest.mark.parametrize(
+    "frame, match",
+    [
+        (
+            fr.Pages(0, [(0, 2)], bytes(2), b"\1" * (2 * PAGE - 1)),
+            f"PAGES page data is {2 * PAGE - 1} bytes, expected {2 * PAGE}",
+        ),
+        (
+            fr.Pages(0, [(0, 2)], bytes(2), b"\1" * (3 * PAGE)),
+            f"PAGES page data is {3 * PAGE} bytes, expected {2 * PAGE}",
+        ),
+        (
+            fr.Pages(0, [(0, 2)], bytes([0, fr.PAGE_ZERO]), b"\1" * (2 * PAGE)),
+            f"page data is {2 * PAGE} bytes, expected {PAGE}",
+        ),
+        (
+            fr.Pages(0, [(0, 1)], bytes([fr.PAGE_TAGS]), b"\1" * PAGE, b"\2" * (TAGB + 1)),
+            f"PAGES page tags is {TAGB + 1} bytes, expected {TAGB}",
+        ),
+        (fr.Pages(0, [(0, 1)], bytes([0]), b"\1" * PAGE, b"\2" * TAGB), f"page tags is {TAGB} bytes, expected 0"),
+        (
+            fr.Pages(0, [(0, 1)], bytes([0]), zstandard.compress(bytes(2 * PAGE)), b"", True),
+            f"page data declares {2 * PAGE} bytes, expected {PAGE}",
+        ),
+        (
+            fr.Pages(0, [(0, 2)], bytes(2), zstandard.compress(bytes(PAGE)), b"", True),
+            f"page data declares {PAGE} bytes, expected {2 * PAGE}",
+        ),
+        (
+            fr.Pages(
+                0, [(0, 1)], bytes([fr.PAGE_TAGS]), b"\1" * PAGE, zstandard.compress(bytes(2 * TAGB)), False, True
+            ),
+            f"page tags declares {2 * TAGB} bytes, expected {TAGB}",
+        ),
+        (fr.Pages(0, [(0, 1)], bytes([0]), b"not zstd at all", b"", True), "page data is not a zstd frame"),
+        (fr.Pages(0, [(0, 1)], bytes([0]), b"", b"", True), "page data is not a zstd frame"),
+        (
+            fr.Pages(
+                0,
+                [(0, 1)],
+                bytes([0]),
+                zstandard.ZstdCompressor(write_content_size=False).compress(bytes(PAGE)),
+                b"",
+                True,
+            ),
+            f"page data declares -1 bytes, expected {PAGE}",
+        ),
+    ],
+)
 def test_hostile_batches_are_protocol_errors(blank_pair, frame, match):
     _, dst = blank_pair
     applier = _applier(dst)
@@ -351,7 +406,7 @@ def test_compressed_data_that_lies_about_its_content_is_refused(blank_pair):
     # A zstd frame whose header declares PAGE bytes but whose body holds
     # 2 * PAGE: the frame content size field is patched by hand.
     real = bytearray(zstandard.compress(b"\x5a" * (2 * PAGE)))
-    assert real[:4] == b"\x28\xb5\x2f\xfd" and real[4] == 0x60   # single segment, 2-byte FCS
+    assert real[:4] == b"\x28\xb5\x2f\xfd" and real[4] == 0x60  # single segment, 2-byte FCS
     assert int.from_bytes(real[5:7], "little") + 256 == 2 * PAGE
     real[5:7] = (PAGE - 256).to_bytes(2, "little")
     forged = bytes(real)
@@ -370,8 +425,9 @@ def test_tags_for_the_none_strategy_are_refused(blank_pair):
         applier.apply(_through_wire(frame))
     assert dst.memory.populated_ranges() == []
     # compressed tags too
-    frame = fr.Pages(0, [(0, 1)], bytes([fr.PAGE_ZERO | fr.PAGE_TAGS]), b"", zstandard.compress(b"\x12" * TAGB),
-                     False, True)
+    frame = fr.Pages(
+        0, [(0, 1)], bytes([fr.PAGE_ZERO | fr.PAGE_TAGS]), b"", zstandard.compress(b"\x12" * TAGB), False, True
+    )
     with pytest.raises(ProtocolError, match="carries tags"):
         applier.apply(_through_wire(frame))
 
@@ -420,8 +476,8 @@ def test_keep_pages_carry_no_data(blank_pair):
 def test_pages_with_a_zero_first_byte_are_compared_in_full(blank_pair):
     src, dst = blank_pair
     tail_only = bytearray(PAGE)
-    tail_only[-1] = 7                       # first byte 0, last byte not: not a zero page
-    write(src, 10, bytes(PAGE))             # populated, all zero
+    tail_only[-1] = 7  # first byte 0, last byte not: not a zero page
+    write(src, 10, bytes(PAGE))  # populated, all zero
     write(src, 11, bytes(tail_only))
     write(src, 12, b"\x01" + bytes(PAGE - 1))
     write(src, 13, bytes(PAGE))
@@ -441,9 +497,9 @@ def test_one_run_of_data_is_sent_from_guest_ram_unless_a_snapshot_is_needed(blan
     link.builder.checked = checked
     frame, _ = link.builder.build(0, [(20, 4)])
     assert bytes(frame.data) == b"\x33" * (4 * PAGE)
-    write(src, 21, b"\x55" * PAGE)          # the guest writes before the frame goes out
-    live = bytes(frame.data)[PAGE:2 * PAGE] == b"\x55" * PAGE
-    assert live is not checked              # a view of guest RAM sees it; a snapshot does not
+    write(src, 21, b"\x55" * PAGE)  # the guest writes before the frame goes out
+    live = bytes(frame.data)[PAGE : 2 * PAGE] == b"\x55" * PAGE
+    assert live is not checked  # a view of guest RAM sees it; a snapshot does not
     # Two runs (a hole between them) are always gathered into one buffer.
     frame, _ = link.builder.build(0, [(20, 1), (30, 1)])
     assert bytes(frame.data) == page_bytes(src, 20) + b"\x44" * PAGE
@@ -467,8 +523,11 @@ def test_interleaved_data_and_zero_pages_land_in_one_write_and_keep_pages_are_un
     frame = fr.Pages(1, [(44, 3)], bytes([0, fr.PAGE_KEEP, 0]), b"\x01" * PAGE + b"\x02" * PAGE, b"", False, False)
     (got,) = link.conn.feed(b"".join(bytes(b) for b in fr.encode(frame)))
     link.applier.apply(got)
-    assert (page_bytes(dst, 44), page_bytes(dst, 45), page_bytes(dst, 46)) == \
-        (b"\x01" * PAGE, b"\x77" * PAGE, b"\x02" * PAGE)
+    assert (page_bytes(dst, 44), page_bytes(dst, 45), page_bytes(dst, 46)) == (
+        b"\x01" * PAGE,
+        b"\x77" * PAGE,
+        b"\x02" * PAGE,
+    )
 
 
 def test_write_parts_lands_more_buffers_than_iov_max(blank_pair):
@@ -476,7 +535,7 @@ def test_write_parts_lands_more_buffers_than_iov_max(blank_pair):
     n = 1500  # more than IOV_MAX (1024): several pwritev calls
     parts = [bytes([i % 251]) * 1024 for i in range(n)]
     dst.memory.write_parts(3 * PAGE, parts)
-    assert bytes(dst.memory.data[3 * PAGE:3 * PAGE + n * 1024]) == b"".join(parts)
+    assert bytes(dst.memory.data[3 * PAGE : 3 * PAGE + n * 1024]) == b"".join(parts)
     dst.memory.write_parts(0, [b"ab", b"cd"])  # small: through the mapping
     assert bytes(dst.memory.data[:4]) == b"abcd"
 
@@ -502,7 +561,7 @@ def wire_of(frame, flip_at=None):
 def test_checked_frame_of_a_whole_chunk_is_verified_on_the_landed_memory(blank_pair):
     src, dst = blank_pair
     write(src, CHUNK, bytes(range(256)) * (CHUNK * PAGE // 256))
-    write(src, CHUNK + 5, bytes(PAGE))     # a zero page inside
+    write(src, CHUNK + 5, bytes(PAGE))  # a zero page inside
     set_tags(src, CHUNK + 9, 3)
     link = checked_link(src, dst)
     frame, _ = link.builder.build(0, [(CHUNK, CHUNK)])
@@ -512,7 +571,7 @@ def test_checked_frame_of_a_whole_chunk_is_verified_on_the_landed_memory(blank_p
     digest = link.applier.digest
     fresh = MemoryDigest(dst.memory, chunks=[1])
     assert digest.data_crcs[1] == fresh.data_crcs[1] == frame.dcrc
-    assert not digest.stale[1] and digest.tags_stale[1]   # data known; tags read later
+    assert not digest.stale[1] and digest.tags_stale[1]  # data known; tags read later
     digest.refresh()
     assert digest.tag_crcs[1] == fresh.tag_crcs[1]
     assert same_guest(src, dst) == (True, True)
@@ -527,7 +586,7 @@ def test_a_flipped_data_byte_is_caught_at_its_frame(blank_pair, whole_chunk):
     frame, _ = link.builder.build(0, ranges)
     good = wire_of(frame)
     bad = wire_of(frame, flip_at=len(good) - len(frame.tags) - 100)  # inside the data
-    (got,) = link.conn.feed(bad)   # header and meta are intact: the frame decodes
+    (got,) = link.conn.feed(bad)  # header and meta are intact: the frame decodes
     where = "on the landed pages 0..255" if whole_chunk else "data failed its checksum: the stream is corrupt"
     with pytest.raises(ProtocolError, match=where):
         link.applier.apply(got)
@@ -549,7 +608,9 @@ def test_pages_stored_in_the_wrong_place_fail_the_landed_check(blank_pair):
     write(src, 0, bytes(range(256)) * (CHUNK * PAGE // 256))
     link = checked_link(src, dst)
     real = link.dst_strategy.write_data
-    link.dst_strategy.write_data = lambda off, data, populated=False: real(off + PAGE, data[:len(data) - PAGE])  # off by a page
+    link.dst_strategy.write_data = lambda off, data, populated=False: real(
+        off + PAGE, data[: len(data) - PAGE]
+    )  # off by a page
     frame, _ = link.builder.build(0, [(0, CHUNK)])
     (got,) = link.conn.feed(wire_of(frame))
     with pytest.raises(ProtocolError, match="stored in the wrong place"):
@@ -592,6 +653,7 @@ def test_scattered_pages_over_landed_ones_are_stored_in_memory_not_through_the_f
     destination already holds: they land with a memcpy, no pwrite each, and
     still land exactly (and only) where they belong."""
     import os
+
     src, dst = blank_pair
     write(src, 0, bytes(range(256)) * (64 * PAGE // 256))
     link = Link(src, dst, "none")
@@ -611,6 +673,7 @@ def test_scattered_pages_over_landed_ones_are_stored_in_memory_not_through_the_f
 
 def test_scattered_pages_into_never_written_memory_still_go_through_the_file(blank_pair, monkeypatch):
     import os
+
     src, dst = blank_pair
     for p in (5, 70):
         write(src, p, bytes([p]) * PAGE)
@@ -623,11 +686,14 @@ def test_scattered_pages_into_never_written_memory_still_go_through_the_file(bla
     assert same_guest(src, dst) == (True, True)
 
 
-@pytest.mark.parametrize("pages, calls", [
-    ([1, 3, 8, 13], 1),     # gaps of 1, 4 and 4 pages: fetched with the pages around them
-    ([1, 7, 20], 3),        # gaps of 5 and 12: a call each
-    ([0, 1, 2, 100], 2),
-])
+@pytest.mark.parametrize(
+    "pages, calls",
+    [
+        ([1, 3, 8, 13], 1),  # gaps of 1, 4 and 4 pages: fetched with the pages around them
+        ([1, 7, 20], 3),  # gaps of 5 and 12: a call each
+        ([0, 1, 2, 100], 2),
+    ],
+)
 def test_tag_fetches_bridge_gaps_of_up_to_four_pages(pair, pages, calls):
     src, _ = pair
     s = strategies.get("tag-ioctl")(src, MigrationConfig())
@@ -647,8 +713,10 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_p
     import struct
     import types
     import zlib
+
     from migrate import digest as digest_mod
     from migrate import pages
+
     src, dst = blank_pair
     for p in range(CHUNK):
         if p % 4:
@@ -665,10 +733,12 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_p
     monkeypatch.undo()
     assert [p for p in range(CHUNK) if frame.flags[p] & fr.PAGE_ZERO] == list(range(0, CHUNK, 4))
     assert len(frame.data) == stats.data_bytes == (CHUNK - CHUNK // 4) * PAGE
-    chunk_bytes = bytes(src.memory.data[:CHUNK * PAGE])
-    pieces = b"".join(struct.pack("<I", zlib.crc32(chunk_bytes[o:o + 16384])) for o in range(0, len(chunk_bytes), 16384))
+    chunk_bytes = bytes(src.memory.data[: CHUNK * PAGE])
+    pieces = b"".join(
+        struct.pack("<I", zlib.crc32(chunk_bytes[o : o + 16384])) for o in range(0, len(chunk_bytes), 16384)
+    )
     assert frame.dcrc == zlib.crc32(pieces) == digest.data_crcs[0]
     assert not digest.stale[0] and not digest.unread[0]
     (got,) = link.conn.feed(wire_of(frame))
     link.applier.apply(got)
-    assert bytes(dst.memory.data[:CHUNK * PAGE]) == chunk_bytes
+    assert bytes(dst.memory.data[: CHUNK * PAGE]) == chunk_bytes

@@ -32,11 +32,11 @@ def test_rate_must_be_positive():
 
 
 def test_first_send_goes_at_once_then_sends_queue(clock):
-    rl = RateLimiter(1000.0, burst_s=0.0)      # 1000 bytes/s
-    assert rl.book(500) == 0.0                 # link free: go now; busy until +0.5 s
+    rl = RateLimiter(1000.0, burst_s=0.0)  # 1000 bytes/s
+    assert rl.book(500) == 0.0  # link free: go now; busy until +0.5 s
     assert rl.book(500) == pytest.approx(0.5)  # waits for the first
     assert rl.book(1000) == pytest.approx(1.0)  # after both: +1.0 s
-    clock.t += 2.0                             # link free again exactly now
+    clock.t += 2.0  # link free again exactly now
     assert rl.book(100) == pytest.approx(0.0)
     assert rl.book(100) == pytest.approx(0.1)
 
@@ -45,9 +45,9 @@ def test_waiting_callers_advance_the_clock(clock):
     rl = RateLimiter(1e6, burst_s=0.0)
     total_wait = 0.0
     for _ in range(10):
-        d = rl.book(100_000)   # 0.1 s each
+        d = rl.book(100_000)  # 0.1 s each
         total_wait += d
-        clock.t += d            # the caller sleeps as told
+        clock.t += d  # the caller sleeps as told
     # 10 x 100 kB at 1 MB/s: the tenth starts 0.9 s after the first
     assert total_wait == pytest.approx(0.9)
     assert rl._free_at == pytest.approx(clock.t + 0.1)
@@ -67,11 +67,11 @@ def test_average_rate_is_the_cap(clock):
 
 def test_burst_credit_is_bounded(clock):
     rl = RateLimiter(1000.0, burst_s=0.01)
-    clock.t += 100.0                        # idle for a long time
+    clock.t += 100.0  # idle for a long time
     # Only 10 ms of credit is kept: 10 bytes go now, free_at = now.
     assert rl.book(10) == 0.0
     assert rl._free_at == pytest.approx(clock.t)
-    assert rl.book(10) == 0.0               # link free at exactly now
+    assert rl.book(10) == 0.0  # link free at exactly now
     assert rl.book(10) == pytest.approx(0.01)
 
 
@@ -79,9 +79,9 @@ def test_small_scheduling_delay_does_not_lower_the_rate(clock):
     rl = RateLimiter(1000.0, burst_s=0.01)
     assert rl.book(100) == 0.0
     free = rl._free_at
-    clock.t = free + 0.005                  # the sender came back 5 ms late
+    clock.t = free + 0.005  # the sender came back 5 ms late
     assert rl.book(100) == 0.0
-    assert rl._free_at == pytest.approx(free + 0.1)   # booked from when the link was free
+    assert rl._free_at == pytest.approx(free + 0.1)  # booked from when the link was free
 
 
 def test_late_sender_beyond_the_burst_loses_the_rest(clock):
@@ -115,4 +115,4 @@ def test_wait_sleeps_for_what_book_says(clock, monkeypatch):
         await rl.wait(500)
 
     asyncio.run(go())
-    assert slept == [pytest.approx(0.25), pytest.approx(0.5)]   # no sleep for the first
+    assert slept == [pytest.approx(0.25), pytest.approx(0.5)]  # no sleep for the first

@@ -11,8 +11,8 @@ import socket
 from hosts import SimulatedHost
 from migrate import frames as fr
 from migrate.config import MigrationConfig
-from migrate.digest import MemoryDigest
 from migrate.dest import DestVmm
+from migrate.digest import MemoryDigest
 from migrate.source import SourceVmm
 
 MiB = 1 << 20
@@ -43,6 +43,7 @@ async def test_lost_go_is_recovered_on_a_new_connection(monkeypatch):
     src, dst = _hosts()
     config = MigrationConfig(timeout_s=2.0, channels=1)
     from migrate import transport
+
     real_send = transport.FrameChannel.send
 
     async def send(self, frame):
@@ -50,8 +51,10 @@ async def test_lost_go_is_recovered_on_a_new_connection(monkeypatch):
             send.done = True
             self.close()
             from migrate.errors import TransportError
+
             raise TransportError("simulated: link cut while sending GO")
         return await real_send(self, frame)
+
     monkeypatch.setattr(transport.FrameChannel, "send", send)
     try:
         sres, dres = await _run(src, dst, config, SourceVmm)
@@ -74,18 +77,21 @@ async def test_lost_go_with_the_destination_gone_resumes_here(monkeypatch):
     src, dst = _hosts()
     config = MigrationConfig(timeout_s=1.0, channels=1)
     from migrate import transport
+
     real_send = transport.FrameChannel.send
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
 
     async def send(self, frame):
         if frame.type == fr.FrameType.GO:
-            listener.close()          # the destination VMM dies with the GO in flight
+            listener.close()  # the destination VMM dies with the GO in flight
             dest_task.cancel()
             self.close()
             from migrate.errors import TransportError
+
             raise TransportError("simulated: link cut while sending GO")
         return await real_send(self, frame)
+
     monkeypatch.setattr(transport.FrameChannel, "send", send)
     dest_task = asyncio.ensure_future(DestVmm(dst, config).serve(listener))
     try:
@@ -106,9 +112,11 @@ async def test_lost_go_with_a_silent_destination_waits_for_the_operator(monkeypa
     the operator's SIGUSR1 (the command the source prints) resumes it here."""
     import os
     import signal
+
     src, dst = _hosts()
     config = MigrationConfig(timeout_s=1.0, channels=1)
     from migrate import transport
+
     real_send = transport.FrameChannel.send
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -120,15 +128,18 @@ async def test_lost_go_with_a_silent_destination_waits_for_the_operator(monkeypa
             dest_task.cancel()
             self.close()
             from migrate.errors import TransportError
+
             raise TransportError("simulated: link cut while sending GO")
         return await real_send(self, frame)
+
     monkeypatch.setattr(transport.FrameChannel, "send", send)
     dest_task = asyncio.ensure_future(DestVmm(dst, config).serve(listener))
     engine = SourceVmm(src, config)
     real_settle = engine._settle_lost_go
 
-    async def settle(address, lost):   # the destination is now behind a silent address
+    async def settle(address, lost):  # the destination is now behind a silent address
         return await real_settle(("127.0.0.1", silent_port), lost)
+
     engine._settle_lost_go = settle
     task = asyncio.ensure_future(engine.migrate(("127.0.0.1", port)))
     try:
@@ -139,7 +150,7 @@ async def test_lost_go_with_a_silent_destination_waits_for_the_operator(monkeypa
         assert not src.vcpus.running, "held paused while in doubt"
         await asyncio.sleep(0.5)
         assert not task.done()
-        os.kill(os.getpid(), signal.SIGUSR1)   # the operator: the destination is not running it
+        os.kill(os.getpid(), signal.SIGUSR1)  # the operator: the destination is not running it
         sres = await asyncio.wait_for(task, 30)
         assert sres["status"] == "failed"
         assert sres["in_doubt"]["resolution"] == "operator: resumed here"

@@ -5,11 +5,17 @@ from migrate.report import empty_result, summary
 
 def _completed():
     r = empty_result("default", "tag-ioctl")
-    r.update(status="completed", total_time_ms=2900.0, setup_time_ms=30.0, downtime_ms=790.0,
-             dirty_sync_count=2, guest_on="destination",
-             downtime_breakdown_ms={"final_memory": 537.6, "state": 2.8, "completion": 250.4},
-             digest={"stale_chunks_at_pause": 984, "stale_mib_at_pause": 212.5, "final_ms": 597.6},
-             destination={"final_digest": {"stale_chunks": 393, "stale_mib": 31.0, "ms": 94.7}})
+    r.update(
+        status="completed",
+        total_time_ms=2900.0,
+        setup_time_ms=30.0,
+        downtime_ms=790.0,
+        dirty_sync_count=2,
+        guest_on="destination",
+        downtime_breakdown_ms={"final_memory": 537.6, "state": 2.8, "completion": 250.4},
+        digest={"stale_chunks_at_pause": 984, "stale_mib_at_pause": 212.5, "final_ms": 597.6},
+        destination={"final_digest": {"stale_chunks": 393, "stale_mib": 31.0, "ms": 94.7}},
+    )
     r["ram"]["transferred_bytes"] = 1
     return r
 

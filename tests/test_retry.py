@@ -15,8 +15,14 @@ TIMEOUT = 120
 
 
 def _start(*args):
-    return subprocess.Popen([sys.executable, "-m", "migrate", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "migrate", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _listening(proc) -> str:
@@ -43,8 +49,22 @@ def test_retry_moves_on_to_the_next_destination_and_validates(tmp_path):
     try:
         a, b = _listening(bad), _listening(good)
         out = tmp_path / "src.json"
-        src = _start("source", "--connect", a, "--connect", b, "--retry", "2", "--ram", "32MiB",
-                     "--scenario", "allocator", "--quiet", "--json", str(out))
+        src = _start(
+            "source",
+            "--connect",
+            a,
+            "--connect",
+            b,
+            "--retry",
+            "2",
+            "--ram",
+            "32MiB",
+            "--scenario",
+            "allocator",
+            "--quiet",
+            "--json",
+            str(out),
+        )
         _, err = src.communicate(timeout=TIMEOUT)
         assert src.returncode == 0, err
         r = json.loads(out.read_text())
@@ -62,8 +82,20 @@ def test_sigterm_cancels_and_the_source_keeps_its_guest(tmp_path):
     try:
         address = _listening(dest)
         out = tmp_path / "src.json"
-        src = _start("source", "--connect", address, "--ram", "64MiB", "--scenario", "allocator",
-                     "--max-bandwidth", "10M", "--quiet", "--json", str(out))
+        src = _start(
+            "source",
+            "--connect",
+            address,
+            "--ram",
+            "64MiB",
+            "--scenario",
+            "allocator",
+            "--max-bandwidth",
+            "10M",
+            "--quiet",
+            "--json",
+            str(out),
+        )
         time.sleep(2.0)  # well inside the bulk pass at 10 MB/s
         src.send_signal(signal.SIGTERM)
         _, err = src.communicate(timeout=TIMEOUT)
@@ -83,8 +115,9 @@ def test_destination_refuses_a_guest_it_was_not_told_to_expect(tmp_path):
     try:
         address = _listening(dest)
         out = tmp_path / "src.json"
-        src = _start("source", "--connect", address, "--ram", "32MiB", "--vm-uuid", "vm-b", "--quiet",
-                     "--json", str(out))
+        src = _start(
+            "source", "--connect", address, "--ram", "32MiB", "--vm-uuid", "vm-b", "--quiet", "--json", str(out)
+        )
         _, src_err = src.communicate(timeout=TIMEOUT)
         _, dst_err = dest.communicate(timeout=TIMEOUT)
         assert src.returncode == 1 and dest.returncode == 1

@@ -50,7 +50,7 @@ def test_parse_full_scenario():
     assert (m.strategy, m.compression, m.max_bandwidth) == ("none", "3", 50_000_000)
     assert (m.downtime_limit_ms, m.max_passes, m.batch_pages, m.tag_batch_pages) == (150, 8, 512, 64)
     assert (m.checksum, m.validate, m.timeout_s, m.vm_uuid) == ("none", "full", 2.5, "abc")  # false = none
-    m.check()   # a valid configuration
+    m.check()  # a valid configuration
 
 
 def test_parse_minimal_scenario_uses_defaults_and_file_stem():
@@ -60,7 +60,9 @@ def test_parse_minimal_scenario_uses_defaults_and_file_stem():
     assert s.migration == MigrationConfig()
 
 
-@pytest.mark.parametrize("rate, expected", [('"max"', None), ('"unlimited"', None), ("0", 0.0), ("2.5", 2.5), ('"300"', 300.0)])
+@pytest.mark.parametrize(
+    "rate, expected", [('"max"', None), ('"unlimited"', None), ("0", 0.0), ("2.5", 2.5), ('"300"', 300.0)]
+)
 def test_rate_values(rate, expected):
     assert scen.parse(f"[guest]\nrate = {rate}\n").guest.rate == expected
 
@@ -75,53 +77,68 @@ def test_scenarios_do_not_share_mutable_defaults():
     assert b.guest.params == {}
 
 
-@pytest.mark.parametrize("text, names", [
-    ('colour = "blue"\n', "unknown top-level keys ['colour']"),
-    ('bogus = 1\nzzz = 2\n', "unknown top-level keys ['bogus', 'zzz']"),
-    ("[guest]\nram_size = '1GiB'\n", "unknown [guest] keys ['ram_size']"),
-    ("[guest]\nwokload = 'idle'\nvcpu = 2\n", "unknown [guest] keys ['vcpu', 'wokload']"),
-    ("[migration]\nmax_bandwith = '1G'\n", "unknown [migration] keys ['max_bandwith']"),
-    ("[migrate]\nstrategy = 'none'\n", "unknown top-level keys ['migrate']"),
-])
+@pytest.mark.parametrize(
+    "text, names",
+    [
+        ('colour = "blue"\n', "unknown top-level keys ['colour']"),
+        ("bogus = 1\nzzz = 2\n", "unknown top-level keys ['bogus', 'zzz']"),
+        ("[guest]\nram_size = '1GiB'\n", "unknown [guest] keys ['ram_size']"),
+        ("[guest]\nwokload = 'idle'\nvcpu = 2\n", "unknown [guest] keys ['vcpu', 'wokload']"),
+        ("[migration]\nmax_bandwith = '1G'\n", "unknown [migration] keys ['max_bandwith']"),
+        ("[migrate]\nstrategy = 'none'\n", "unknown top-level keys ['migrate']"),
+    ],
+)
 def test_unknown_keys_are_rejected_by_name(text, names):
     with pytest.raises(ConfigError) as info:
         scen.parse(text, "x.toml")
     assert str(info.value) == f"scenario x.toml: {names}"
 
 
-@pytest.mark.parametrize("text", [
-    "[guest\nram = 1\n",
-    "name = \n",
-    "[guest]\nram = 1GiB\n",       # unquoted
-    "name = 'a'\nname = 'b'\n",    # duplicate key
-    "\x00",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[guest\nram = 1\n",
+        "name = \n",
+        "[guest]\nram = 1GiB\n",  # unquoted
+        "name = 'a'\nname = 'b'\n",  # duplicate key
+        "\x00",
+    ],
+)
 def test_bad_toml_is_rejected(text):
     with pytest.raises(ConfigError, match="^scenario bad.toml: not valid TOML: "):
         scen.parse(text, "bad.toml")
 
 
-@pytest.mark.parametrize("text, match", [
-    ('[guest]\nram = "lots"\n', "scenario w.toml: guest RAM 'lots' is not a size"),
-    ('[guest]\nrate = "fast"\n', "scenario w.toml: "),
-    ('[migration]\nmax_bandwidth = "quick"\n', "scenario w.toml: max bandwidth 'quick' is not a size"),
-    ('[guest]\nvcpus = "2"\n', r"scenario w.toml: \[guest\] vcpus must be an integer, got str '2'"),
-    ('[guest]\nvcpus = 2.0\n', r"\[guest\] vcpus must be an integer, got float"),
-    ('[guest]\nseed = true\n', r"\[guest\] seed must be an integer, got bool"),
-    ('[guest]\nmte = 1\n', r"\[guest\] mte must be true or false, got int"),
-    ('[guest]\nparams = 5\n', r"\[guest\] params must be a table, got int"),
-    ('[guest]\nworkload = 3\n', r"\[guest\] workload must be a string, got int"),
-    ('[guest]\nrate = [1]\n', r"\[guest\] rate must be a number or 'max', got list"),
-    ('[migration]\nmax_passes = "ten"\n', r"\[migration\] max_passes must be an integer, got str"),
-    ('[migration]\nbatch_pages = 2.5\n', r"\[migration\] batch_pages must be an integer, got float"),
-    ('[migration]\ndowntime_limit_ms = "300"\n', r"\[migration\] downtime_limit_ms must be a number, got str"),
-    ('[migration]\ntimeout_s = false\n', r"\[migration\] timeout_s must be a number, got bool"),
-    ('[migration]\nchecksum = "no"\n', r"\[migration\] checksum must be 'full', 'meta', 'none' or true/false, got 'no'"),
-    ('[migration]\nchecksum = 1\n', r"\[migration\] checksum must be 'full', 'meta', 'none' or true/false, got int"),
-    ('[migration]\nstrategy = ["none"]\n', r"\[migration\] strategy must be a string, got list"),
-    ('guest = 5\n', r"scenario w.toml: \[guest\] must be a table"),
-    ('migration = "fast"\n', r"scenario w.toml: \[migration\] must be a table"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('[guest]\nram = "lots"\n', "scenario w.toml: guest RAM 'lots' is not a size"),
+        ('[guest]\nrate = "fast"\n', "scenario w.toml: "),
+        ('[migration]\nmax_bandwidth = "quick"\n', "scenario w.toml: max bandwidth 'quick' is not a size"),
+        ('[guest]\nvcpus = "2"\n', r"scenario w.toml: \[guest\] vcpus must be an integer, got str '2'"),
+        ("[guest]\nvcpus = 2.0\n", r"\[guest\] vcpus must be an integer, got float"),
+        ("[guest]\nseed = true\n", r"\[guest\] seed must be an integer, got bool"),
+        ("[guest]\nmte = 1\n", r"\[guest\] mte must be true or false, got int"),
+        ("[guest]\nparams = 5\n", r"\[guest\] params must be a table, got int"),
+        ("[guest]\nworkload = 3\n", r"\[guest\] workload must be a string, got int"),
+        ("[guest]\nrate = [1]\n", r"\[guest\] rate must be a number or 'max', got list"),
+        ('[migration]\nmax_passes = "ten"\n', r"\[migration\] max_passes must be an integer, got str"),
+        ("[migration]\nbatch_pages = 2.5\n", r"\[migration\] batch_pages must be an integer, got float"),
+        ('[migration]\ndowntime_limit_ms = "300"\n', r"\[migration\] downtime_limit_ms must be a number, got str"),
+        ("[migration]\ntimeout_s = false\n", r"\[migration\] timeout_s must be a number, got bool"),
+        (
+            '[migration]\nchecksum = "no"\n',
+            r"\[migration\] checksum must be 'full', 'meta', 'none' or true/false, got 'no'",
+        ),
+        (
+            "[migration]\nchecksum = 1\n",
+            r"\[migration\] checksum must be 'full', 'meta', 'none' or true/false, got int",
+        ),
+        ('[migration]\nstrategy = ["none"]\n', r"\[migration\] strategy must be a string, got list"),
+        ("guest = 5\n", r"scenario w.toml: \[guest\] must be a table"),
+        ('migration = "fast"\n', r"scenario w.toml: \[migration\] must be a table"),
+    ],
+)
 def test_wrong_value_types_are_config_errors_naming_the_key(text, match):
     # Each of these used to pass parse() and fail later with a TypeError
     # traceback (e.g. `vcpus < 1` on a str) instead of a ConfigError.
@@ -149,7 +166,11 @@ def test_load_none_is_the_default():
 def test_default_file_matches_the_builtin_where_it_matters():
     assert "default" in scen.available()
     f, b = scen.load("default"), scen.builtin_default()
-    assert (f.guest.ram, f.guest.workload, f.migration.strategy) == (b.guest.ram, b.guest.workload, b.migration.strategy)
+    assert (f.guest.ram, f.guest.workload, f.migration.strategy) == (
+        b.guest.ram,
+        b.guest.workload,
+        b.migration.strategy,
+    )
 
 
 def test_every_shipped_scenario_loads_and_checks():
@@ -193,7 +214,7 @@ def test_load_by_path_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=f"scenario {p}: unknown \\[guest\\] keys \\['foo'\\]"):
         scen.load(str(p))
     with pytest.raises(ConfigError, match="no scenario"):
-        scen.load(str(tmp_path))   # a directory is not a scenario
+        scen.load(str(tmp_path))  # a directory is not a scenario
 
 
 def test_relative_image_is_resolved_beside_the_scenario(tmp_path):

@@ -8,27 +8,57 @@ import pytest
 from migrate.ceilings import crc_throughput, landing_throughput
 from migrate.speed import floor_ms, markdown
 
-CEILINGS = {"loopback_bytes_per_s": 4e9, "zstd": {"random": {"level": 1, "bytes_per_s": 5e9, "ratio": 1.0}},
-            "crc_bytes_per_s": 4e9, "landing_bytes_per_s": 2e9, "cores": 2}
+CEILINGS = {
+    "loopback_bytes_per_s": 4e9,
+    "zstd": {"random": {"level": 1, "bytes_per_s": 5e9, "ratio": 1.0}},
+    "crc_bytes_per_s": 4e9,
+    "landing_bytes_per_s": 2e9,
+    "cores": 2,
+}
 
 
 def test_floor_is_crc_on_both_sides_landing_and_sending_over_the_cores():
     # 1 GB of data pages: 2 x 0.25 s of CRC + 0.5 s landing + 0.25 s sending = 1.25 s, over 2 cores
     assert floor_ms({"median": 1e9, "min": 0, "max": 0}, CEILINGS) == pytest.approx(625.0)
-    assert floor_ms({"median": 0, "min": 0, "max": 0}, CEILINGS) is None     # all-zero image: no data pages
+    assert floor_ms({"median": 0, "min": 0, "max": 0}, CEILINGS) is None  # all-zero image: no data pages
     assert floor_ms(None, CEILINGS) is None
 
 
 @pytest.mark.parametrize("prealloc, memory", [(False, "fresh"), (True, "preallocated")])
 def test_report_shows_the_floor_beside_the_measured_time(prealloc, memory):
     stat = {"median": 1000.0, "min": 900.0, "max": 1100.0}
-    doc = {"command": "mte-migrate speed", "prealloc": prealloc, "ceilings": CEILINGS, "capped": {},
-           "summary": [{"kind": "random", "size": 1 << 30, "runs": 5, "validated": 5, "total_ms": stat,
-                        "floor_ms": 625.4, "downtime_ms": stat, "gb_per_s": stat, "rss_over_touched": None,
-                        "qemu_ms": {"plain": 489, "multifd2": 289}},
-                       {"kind": "zero", "size": 1 << 30, "runs": 5, "validated": 5, "total_ms": stat,
-                        "floor_ms": None, "downtime_ms": stat, "gb_per_s": stat, "rss_over_touched": None,
-                        "qemu_ms": None}]}
+    doc = {
+        "command": "mte-migrate speed",
+        "prealloc": prealloc,
+        "ceilings": CEILINGS,
+        "capped": {},
+        "summary": [
+            {
+                "kind": "random",
+                "size": 1 << 30,
+                "runs": 5,
+                "validated": 5,
+                "total_ms": stat,
+                "floor_ms": 625.4,
+                "downtime_ms": stat,
+                "gb_per_s": stat,
+                "rss_over_touched": None,
+                "qemu_ms": {"plain": 489, "multifd2": 289},
+            },
+            {
+                "kind": "zero",
+                "size": 1 << 30,
+                "runs": 5,
+                "validated": 5,
+                "total_ms": stat,
+                "floor_ms": None,
+                "downtime_ms": stat,
+                "gb_per_s": stat,
+                "rss_over_touched": None,
+                "qemu_ms": None,
+            },
+        ],
+    }
     text = markdown(doc)
     assert f"storing them at 2.00 GB/s into {memory} memory" in text
     assert "| random 1 GiB | 5/5 | 1000 (900–1100) | 625 | 1000 (900–1100) |" in text
@@ -40,4 +70,4 @@ def test_ceilings_measure_and_clean_up():
     assert crc_throughput(4 << 20, repeat=1) > 0
     for preallocated in (False, True):
         assert landing_throughput(preallocated, size=8 << 20, repeat=1) > 0
-    assert len(os.listdir("/proc/self/fd")) == before                      # every memfd closed
+    assert len(os.listdir("/proc/self/fd")) == before  # every memfd closed

@@ -25,8 +25,16 @@ SCENARIOS = sorted(scen.available())
 
 def _source(s, strategy):
     g = s.guest
-    host = SimulatedHost(RAM, mte=g.mte, vcpus=g.vcpus, workload=g.workload, workload_params=g.params,
-                         rate=g.rate, seed=g.seed, device_prot_mte=STRATEGIES[strategy].vmm_prot_mte)
+    host = SimulatedHost(
+        RAM,
+        mte=g.mte,
+        vcpus=g.vcpus,
+        workload=g.workload,
+        workload_params=g.params,
+        rate=g.rate,
+        seed=g.seed,
+        device_prot_mte=STRATEGIES[strategy].vmm_prot_mte,
+    )
     if g.image:
         host.memory.load_image(builtin_image(g.image, RAM) if g.image.startswith("builtin:") else g.image)
     host.prepare_guest()
@@ -54,11 +62,16 @@ async def test_strategy_on_scenario(name, strategy, capped):
     if capped:
         # 8 MB/s raw with a 1 ms downtime target: the guest dirties pages
         # during the bulk pass and two dirty passes must follow.
-        config = replace(config, max_bandwidth=8_000_000, compression="none", downtime_limit_ms=1.0,
-                         max_passes=2, auto_converge=False)
+        config = replace(
+            config,
+            max_bandwidth=8_000_000,
+            compression="none",
+            downtime_limit_ms=1.0,
+            max_passes=2,
+            auto_converge=False,
+        )
     src = _source(s, strategy)
-    dst = SimulatedHost(RAM, mte=s.guest.mte, vcpus=s.guest.vcpus, workload="idle",
-                        workload_params={"fill": 0}, rate=0)
+    dst = SimulatedHost(RAM, mte=s.guest.mte, vcpus=s.guest.vcpus, workload="idle", workload_params={"fill": 0}, rate=0)
     try:
         sres, dres = await _migrate(src, dst, config)
         if strategy == "none" and _has_tags(src):
@@ -83,5 +96,8 @@ async def test_strategy_on_scenario(name, strategy, capped):
 def _has_tags(host) -> bool:
     """Does the guest hold any non-zero effective tag (read from the kernel)?"""
     from migrate.digest import effective_tags
-    return any(effective_tags(host.memory, p, min(p + 256, host.memory.npages)).strip(b"\0")
-               for p in range(0, host.memory.npages, 256))
+
+    return any(
+        effective_tags(host.memory, p, min(p + 256, host.memory.npages)).strip(b"\0")
+        for p in range(0, host.memory.npages, 256)
+    )

@@ -15,21 +15,52 @@ from migrate.dest import DestVmm
 from migrate.source import SourceVmm
 
 MiB = 1 << 20
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+pytestmark = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command to make certificates"
+)
 
 
 def _pki(path, name):
     """A CA and a certificate for each side, signed by it."""
+
     def run(*args):
         subprocess.run(["openssl", *args], check=True, capture_output=True)
+
     ca_key, ca = path / f"{name}-ca.key", path / f"{name}-ca.pem"
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", f"/CN={name} CA")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        ca_key,
+        "-out",
+        ca,
+        "-days",
+        "1",
+        "-subj",
+        f"/CN={name} CA",
+    )
     out = {"ca": str(ca)}
     for who in ("dest", "source"):
         key, csr, cert = path / f"{name}-{who}.key", path / f"{name}-{who}.csr", path / f"{name}-{who}.pem"
-        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", key, "-out", csr, "-subj", f"/CN={who}")
+        run(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            csr,
+            "-subj",
+            f"/CN={who}",
+        )
         run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "1")
         out[who] = (str(cert), str(key))
     return out
@@ -86,8 +117,8 @@ async def test_certificate_from_another_ca_is_refused_and_nothing_written(pki):
         assert sres["status"] == "failed"
         assert "certificate" in sres["error"] or "TLS" in sres["error"], sres["error"]
         assert sres["guest_on"] == "source" and src.vcpus.running
-        assert dst.memory.populated_ranges() == []     # the destination wrote nothing
-        assert not dest_task.done()                    # and still waits for its real source
+        assert dst.memory.populated_ranges() == []  # the destination wrote nothing
+        assert not dest_task.done()  # and still waits for its real source
     finally:
         dest_task.cancel()
         src.close()

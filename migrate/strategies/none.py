@@ -4,6 +4,7 @@ from .base import TagStrategy
 class NoTags(TagStrategy):
     """Data only: the baseline for the cost of tags, and the proof that
     validation catches lost tags."""
+
     name = "none"
     description = "data only, no tags (baseline; validation fails on tagged guests)"
     tag_format = "none"

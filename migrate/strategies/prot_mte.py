@@ -9,6 +9,7 @@ class ProtMte(TagStrategy):
     calls.  Every VMM access through the mapping is tag checked, so each
     migration thread sets PSTATE.TCO before it copies; device emulation must
     cope too (see the device-dma scenario)."""
+
     name = "prot-mte"
     description = "all guest RAM mapped PROT_MTE in the VMM; tags via EL0 LDG/STG per granule"
     vmm_prot_mte = True

@@ -9,6 +9,7 @@ class TagDirtyLog(TagIoctl):
     without writing it (an MTE allocator's free) dirties only the tag log,
     and the VMM resends 128 bytes of tags instead of the whole page.
     Otherwise it moves tags like tag-ioctl."""
+
     name = "tag-dirty-log"
     description = "tag-ioctl plus a proposed tags-only dirty log: a retag resends 128 B of tags, not the page"
     proposal = True
@@ -22,7 +23,7 @@ class TagDirtyLog(TagIoctl):
         merged = bytearray(self.host.memory.npages)
         for slot in self.vm.memslots:
             log = self.vm.get_tag_dirty_log(slot.slot)
-            merged[slot.first_page:slot.first_page + slot.npages] = log.bitmap
+            merged[slot.first_page : slot.first_page + slot.npages] = log.bitmap
         return bytes(merged)
 
     def close(self):

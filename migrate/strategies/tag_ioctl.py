@@ -17,6 +17,7 @@ class TagIoctl(TagStrategy):
     """The VMM's mapping stays untagged; tags move through
     KVM_ARM_MTE_COPY_TAGS, one call per ``tag_batch_pages`` pages, one byte
     per granule in the buffer, packed to 4 bits for the wire."""
+
     name = "tag-ioctl"
     description = "untagged VMM mapping; tags via KVM_ARM_MTE_COPY_TAGS in batches (Linux 5.14+)"
 
@@ -75,9 +76,8 @@ class TagIoctl(TagStrategy):
         out_parts = []
         view = memoryview(self._buffer)
         for span_first, span_pages, parts in self._spans(ranges):
-            out = view[:span_pages * GRANULES_PER_PAGE]
-            self.vm.mte_copy_tags(self.vm.page_to_ipa(span_first), span_pages * PAGE_SIZE, out,
-                                  KVM_ARM_TAGS_FROM_GUEST)
+            out = view[: span_pages * GRANULES_PER_PAGE]
+            self.vm.mte_copy_tags(self.vm.page_to_ipa(span_first), span_pages * PAGE_SIZE, out, KVM_ARM_TAGS_FROM_GUEST)
             # Untagged memory comes back as zeros: skip packing them.
             packed = _zero_packed(span_pages) if tagops.all_zero(out) else tagops.pack(out)
             if len(parts) == 1 and parts[0][1] == span_pages:
@@ -85,19 +85,20 @@ class TagIoctl(TagStrategy):
             else:
                 for first, count in parts:
                     a = (first - span_first) * 128
-                    out_parts.append(packed[a:a + count * 128])
+                    out_parts.append(packed[a : a + count * 128])
         return b"".join(out_parts)
 
     def write_tags(self, first_page, packed):
         npages = len(packed) // 128
         if npages <= self.batch:  # one call (the scattered pages of a dirty pass)
-            self.vm.mte_copy_tags(self.vm.page_to_ipa(first_page), npages * PAGE_SIZE, tagops.unpack(packed),
-                                  KVM_ARM_TAGS_TO_GUEST)
+            self.vm.mte_copy_tags(
+                self.vm.page_to_ipa(first_page), npages * PAGE_SIZE, tagops.unpack(packed), KVM_ARM_TAGS_TO_GUEST
+            )
             return
         packed = memoryview(packed)
         done = 0
         for ipa, n in self._calls(first_page, len(packed) // 128):
-            unpacked = tagops.unpack(packed[done * 128:(done + n) * 128])
+            unpacked = tagops.unpack(packed[done * 128 : (done + n) * 128])
             self.vm.mte_copy_tags(ipa, n * PAGE_SIZE, unpacked, KVM_ARM_TAGS_TO_GUEST)
             done += n
 
