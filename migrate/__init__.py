@@ -3,4 +3,3 @@ host (hosts/): protocol core, transport, precopy engine, tag strategies,
 validation, host process runners and the CLI."""
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 2

@@ -4,9 +4,9 @@ import argparse
 import logging
 import sys
 
-from . import __version__
-from .errors import ConfigError, MigrationError
-from .units import parse_rate, parse_size
+from migrate import __version__
+from migrate.errors import ConfigError, MigrationError
+from migrate.units import parse_rate, parse_size
 
 DESCRIPTION = """\
 Live migration of a simulated Arm64 KVM guest that uses MTE memory tags,
@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-out", metavar="DIR", help="output folder (default bench-out)")
     p.add_argument("--quick", action="store_true", help="small guests (64 MiB), one repeat: under 2 minutes")
     p.add_argument("--ram", metavar="SIZE", help="guest RAM for every scenario")
-    p.add_argument("--cost-model", metavar="FILE", help="cost model parameters (default: migrate/costmodel.toml)")
+    p.add_argument(
+        "--cost-model", metavar="FILE", help="cost model parameters (default: the shipped migrate/tools/costmodel.toml)"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress")
 
     p = sub.add_parser(
@@ -265,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args):
     """Scenario + command-line overrides -> (GuestSpec, MigrationConfig, name)."""
-    from . import scenario as scen
-    from .hostproc import spec_from_json
+    from migrate.config import scenario as scen
+    from migrate.hosting.process import spec_from_json
 
     if getattr(args, "spec", None):
         with open(args.spec) as f:
@@ -328,7 +330,7 @@ def resolve(args):
         for option in ("tls_cert", "tls_key", "tls_ca"):
             if getattr(args, option):
                 setattr(config, option, getattr(args, option))
-        from .tls import from_options
+        from migrate.net.tls import from_options
 
         from_options(config.tls_cert, config.tls_key, config.tls_ca)  # all three or none
     except ValueError as exc:
@@ -343,10 +345,10 @@ def resolve(args):
         raise ConfigError(f"unknown workload {guest.workload!r}; known: {', '.join(WORKLOADS)}")
     if args.command == "validate":
         config.validate = "full"
-    from .auth import load_key
+    from migrate.protocol.auth import load_key
 
     load_key(config.psk_file)  # unreadable or short keys are usage errors, caught before anything starts
-    from .strategies import STRATEGIES
+    from migrate.strategies import STRATEGIES
 
     if not guest.mte and config.strategy in STRATEGIES and STRATEGIES[config.strategy].vmm_prot_mte:
         raise ConfigError(
@@ -392,11 +394,11 @@ def main(argv=None) -> int:
 def _resolve(args) -> int:
     import asyncio
 
-    from . import auth
-    from . import frames as fr
-    from .machine import Connection, recovery_source_machine
-    from .tls import from_options
-    from .transport import FrameChannel, connect, parse_address, secure
+    from migrate.net.tls import from_options
+    from migrate.net.transport import FrameChannel, connect, parse_address, secure
+    from migrate.protocol import auth
+    from migrate.protocol import frames as fr
+    from migrate.protocol.machine import Connection, recovery_source_machine
 
     try:
         address = parse_address(args.connect, "--connect")
@@ -428,9 +430,9 @@ def _resolve(args) -> int:
 def _bench(args) -> int:
     from dataclasses import replace
 
-    from . import scenario as scen
-    from .bench import QUICK_RAM, run_bench
-    from .strategies import STRATEGIES
+    from migrate.config import scenario as scen
+    from migrate.strategies import STRATEGIES
+    from migrate.tools.bench import QUICK_RAM, run_bench
 
     names = (
         args.scenarios.split(",")
@@ -462,10 +464,10 @@ def _bench(args) -> int:
 
 
 def _dispatch(args) -> int:
-    from .report import summary, write_json
+    from migrate.engine.report import summary, write_json
 
     if args.command == "scenarios":
-        from . import scenario as scen
+        from migrate.config import scenario as scen
 
         names = scen.available()
         if "default" not in names:
@@ -477,7 +479,7 @@ def _dispatch(args) -> int:
                 print(f"{name}\t(invalid: {exc})")
         return 0
     if args.command == "strategies":
-        from .strategies import STRATEGIES
+        from migrate.strategies import STRATEGIES
 
         for name, cls in STRATEGIES.items():
             label = "[proposal] " if cls.proposal else ""
@@ -488,9 +490,9 @@ def _dispatch(args) -> int:
     if args.command == "resolve":
         return _resolve(args)
     if args.command == "speed":
-        from .speed import markdown
-        from .speed import run as run_speed
-        from .units import parse_rate
+        from migrate.tools.speed import markdown
+        from migrate.tools.speed import run as run_speed
+        from migrate.units import parse_rate
 
         try:
             sizes = [parse_size(x, "--sizes") for x in args.sizes.split(",")]
@@ -498,7 +500,7 @@ def _dispatch(args) -> int:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         kinds = args.kinds.split(",")
-        from .images import KINDS
+        from migrate.hosting.images import KINDS
 
         if any(k not in KINDS for k in kinds) or any(s % (1 << 20) for s in sizes) or args.repeat < 1:
             raise ConfigError(f"--kinds from {', '.join(KINDS)}; --sizes whole MiB; --repeat >= 1")
@@ -515,12 +517,12 @@ def _dispatch(args) -> int:
         print(markdown(doc))
         return 0 if all(e["validated"] == e["runs"] for e in doc["summary"]) else 1
     if args.command == "endurance-worker":
-        from .endurance import worker
+        from migrate.tools.endurance import worker
 
         return worker(args.spec, args.role, args.hops, "")
     guest, config, name = resolve(args)
     if args.command in ("run", "validate"):
-        from .runner import run_pair
+        from migrate.hosting.pair import run_pair
 
         result = run_pair(guest, config, name, args.quiet, retry=getattr(args, "retry", 0))
         if args.json:
@@ -534,7 +536,7 @@ def _dispatch(args) -> int:
     if args.command == "endurance":
         import json as _json
 
-        from .endurance import run as run_endurance
+        from migrate.tools.endurance import run as run_endurance
 
         if args.hops < 1:
             raise ConfigError("--hops must be at least 1")
@@ -544,7 +546,7 @@ def _dispatch(args) -> int:
                 _json.dump(report, f, indent=2)
         print(_json.dumps({k: report[k] for k in ("hops", "hops_validated", "growth")}, indent=2))
         return 0 if report["hops_validated"] == args.hops else 1
-    from .hostproc import run_dest, run_source
+    from migrate.hosting.process import run_dest, run_source
 
     if args.command == "source":
         return run_source(

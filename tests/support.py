@@ -6,7 +6,7 @@ import time
 import types
 
 from hosts import SimulatedHost
-from migrate.digest import MemoryDigest
+from migrate.engine.digest import MemoryDigest
 from migrate.strategies import STRATEGIES
 
 WAIT = 60.0  # generous: the machine is shared and noisy
@@ -67,8 +67,8 @@ def steps_advance(host, within=WAIT) -> bool:
 async def run_engines(src, dst, src_config, listener, dst_config=None, source_cls=None):
     """Both engines concurrently on one loop; returns (source result,
     destination result, source engine, destination engine)."""
-    from migrate.dest import DestVmm
-    from migrate.source import SourceVmm
+    from migrate.engine.dest import DestVmm
+    from migrate.engine.source import SourceVmm
 
     source_engine = (source_cls or SourceVmm)(src, src_config)
     dest_engine = DestVmm(dst, dst_config or src_config)

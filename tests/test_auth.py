@@ -25,13 +25,14 @@ import pytest
 from support import address, digests, run_engines, steps_advance
 
 from hosts.constants import GRANULE, PAGE_SIZE
-from migrate import PROTOCOL_VERSION, auth
-from migrate import frames as fr
-from migrate.config import MigrationConfig
-from migrate.dest import DestVmm
+from migrate.config.spec import MigrationConfig
+from migrate.engine.dest import DestVmm
+from migrate.engine.source import SourceVmm
 from migrate.errors import ConfigError
-from migrate.machine import DestState
-from migrate.source import SourceVmm
+from migrate.protocol import auth
+from migrate.protocol import frames as fr
+from migrate.protocol.frames import PROTOCOL_VERSION
+from migrate.protocol.machine import DestState
 
 MiB = 1 << 20
 RAM = 16 * MiB

@@ -1,4 +1,4 @@
-"""migrate.bench and migrate.ceilings: the comparison's arithmetic on
+"""migrate.tools.bench and migrate.ceilings: the comparison's arithmetic on
 made-up runs (no migrations here), and the tag-work timing on real tags."""
 
 import os
@@ -6,8 +6,8 @@ import os
 import pytest
 
 from hosts import tags as tagops
-from migrate.bench import markdown, summarise, tag_work_bounds
-from migrate.ceilings import tag_work_per_page
+from migrate.tools.bench import markdown, summarise, tag_work_bounds
+from migrate.tools.ceilings import tag_work_per_page
 
 GB = 10**9
 

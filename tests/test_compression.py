@@ -6,8 +6,8 @@ import os
 import pytest
 import zstandard
 
-from migrate.compression import Compressor, Decompressor
 from migrate.errors import ProtocolError
+from migrate.protocol.compression import Compressor, Decompressor
 
 PAGE = 4096
 TEXT = (b"The quick brown fox jumps over the lazy dog; virtio ring buffer. " * 64)[:PAGE] * 64  # 256 KiB

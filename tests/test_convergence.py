@@ -4,7 +4,7 @@ say why."""
 
 import pytest
 
-from migrate.convergence import Decision, DowntimeOrPassLimit
+from migrate.engine.convergence import Decision, DowntimeOrPassLimit
 
 MB = 1_000_000
 
@@ -100,7 +100,7 @@ def _pass(no, pages, seconds, normal=None):
 
 
 def test_the_estimate_divides_by_a_dirty_pass_never_the_bulk_pass():
-    from migrate.source import dirty_pass_bandwidth
+    from migrate.engine.source import dirty_pass_bandwidth
 
     bulk = _pass(0, 262144, 1.0)  # 1.07 GB/s of whole chunks
     assert dirty_pass_bandwidth([bulk]) is None  # the final pass's scattered pages are not like that

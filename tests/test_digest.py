@@ -10,7 +10,7 @@ import pytest
 
 from hosts import SimulatedHost
 from hosts import tags as tagops
-from migrate.digest import (
+from migrate.engine.digest import (
     CHUNK_PAGES,
     DETAIL_PER_PAGE,
     MemoryDigest,
@@ -20,7 +20,7 @@ from migrate.digest import (
     page_detail,
     state_digest,
 )
-from migrate.validate import MAX_REPORTED, Validation, _compact, compare_detail, differing_chunks
+from migrate.engine.validate import MAX_REPORTED, Validation, _compact, compare_detail, differing_chunks
 
 PAGE = 4096
 TAGB = 128
@@ -244,7 +244,7 @@ def test_a_refresh_reads_only_the_stale_pieces_of_a_chunk_read_before(twins, mon
     assert db.stale_piece_bytes() == 3 * 16384  # pages 5 and 6 share a piece
     read = []
     real = zlib.crc32
-    monkeypatch.setattr("migrate.digest.zlib.crc32", lambda buf, *a: read.append(len(buf)) or real(buf, *a))
+    monkeypatch.setattr("migrate.engine.digest.zlib.crc32", lambda buf, *a: read.append(len(buf)) or real(buf, *a))
     db.refresh()
     data_reads = [n for n in read if n == 16384]
     assert len(data_reads) == 3 and max(read) < 1 << 20  # no whole chunk read again
@@ -464,7 +464,7 @@ def test_frozen_refresh_of_prefaulted_ram_reads_only_what_was_written(blank):
     reads = []
     real = zlib.crc32
     d = MemoryDigest(mem, compute=False)
-    import migrate.digest as dg
+    import migrate.engine.digest as dg
 
     dg.zlib = type("Z", (), {"crc32": staticmethod(lambda b, c=0: reads.append(len(b)) or real(b, c))})
     try:
@@ -567,7 +567,7 @@ def test_the_source_digest_keeper_works_while_the_event_loop_is_busy(twins):
     import asyncio
     import time
 
-    from migrate.source import _DigestKeeper
+    from migrate.engine.source import _DigestKeeper
 
     a, _ = twins
     d = MemoryDigest(a.memory, compute=False)
@@ -589,7 +589,7 @@ def test_stopping_the_digest_keeper_waits_for_its_thread(twins):
     # memory: stop() must return only once no refresh is in flight.
     import asyncio
 
-    from migrate.source import _DigestKeeper
+    from migrate.engine.source import _DigestKeeper
 
     a, _ = twins
     d = MemoryDigest(a.memory, compute=False)
@@ -607,7 +607,7 @@ def test_stopping_the_digest_keeper_waits_for_its_thread(twins):
 def test_a_failing_digest_keeper_leaves_every_chunk_to_be_read_again(twins, caplog):
     import asyncio
 
-    from migrate.source import _DigestKeeper
+    from migrate.engine.source import _DigestKeeper
 
     a, _ = twins
     d = MemoryDigest(a.memory)

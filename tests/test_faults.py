@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pytest
 
-from migrate.faultproxy import ProxyThread
+from migrate.tools.faultproxy import ProxyThread
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 3  # --timeout of both sides: a silent peer is dead after this long
@@ -525,7 +525,17 @@ def test_proxy_command_line_cut_at_handshake(tmp_path):
         procs.append(dest)
         target = _readline(dest, 30).removeprefix("listening on ")
         proxy = subprocess.Popen(
-            [sys.executable, "-m", "migrate.faultproxy", "--target", target, "--fault", "cut", "--at", "handshake"],
+            [
+                sys.executable,
+                "-m",
+                "migrate.tools.faultproxy",
+                "--target",
+                target,
+                "--fault",
+                "cut",
+                "--at",
+                "handshake",
+            ],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -569,7 +579,17 @@ def test_proxy_command_line_cut_at_handshake(tmp_path):
 
 def test_proxy_refuses_unknown_phase_and_fault():
     cp = subprocess.run(
-        [sys.executable, "-m", "migrate.faultproxy", "--target", "127.0.0.1:1", "--fault", "cut", "--at", "teatime"],
+        [
+            sys.executable,
+            "-m",
+            "migrate.tools.faultproxy",
+            "--target",
+            "127.0.0.1:1",
+            "--fault",
+            "cut",
+            "--at",
+            "teatime",
+        ],
         cwd=REPO,
         env=_env(),
         capture_output=True,

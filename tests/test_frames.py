@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migrate import frames as fr
 from migrate.errors import ProtocolError
-from migrate.machine import Connection, DestState, SourceState, dest_machine, source_machine
+from migrate.protocol import frames as fr
+from migrate.protocol.machine import Connection, DestState, SourceState, dest_machine, source_machine
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 fuzz_settings = settings(
@@ -116,7 +116,7 @@ RECEIVER = {
     T.ABORT: (source_machine, SourceState.PRECOPY),
 }
 if hasattr(T, "JOIN"):
-    from migrate.machine import data_dest_machine
+    from migrate.protocol.machine import data_dest_machine
 
     RECEIVER[T.JOIN] = (data_dest_machine, DestState.WAIT_HELLO)
 if hasattr(T, "RECOVER"):
@@ -578,14 +578,14 @@ def _all_receivers():
     makers = [fr.FrameBuffer, lambda: fr.FrameBuffer(require_crc=True)]
     machines = [(dest_machine, list(DestState)), (source_machine, list(SourceState))]
     if hasattr(T, "JOIN"):
-        from migrate.machine import data_dest_machine, data_source_machine
+        from migrate.protocol.machine import data_dest_machine, data_source_machine
 
         machines += [
             (data_dest_machine, [DestState.WAIT_HELLO, DestState.RECEIVING]),
             (lambda: data_source_machine(1), [SourceState.HANDSHAKE, SourceState.PRECOPY]),
         ]
     if hasattr(T, "RECOVER"):
-        from migrate.machine import recovery_source_machine
+        from migrate.protocol.machine import recovery_source_machine
 
         machines += [(recovery_source_machine, [SourceState.SWITCHING])]
     for make, states in machines:

@@ -7,10 +7,10 @@ import logging
 
 import pytest
 
-from migrate import frames as fr
-from migrate import machine as mach
 from migrate.errors import ProtocolError
-from migrate.machine import (
+from migrate.protocol import frames as fr
+from migrate.protocol import machine as mach
+from migrate.protocol.machine import (
     DEST_TABLE,
     LOCAL,
     RECV,
@@ -157,7 +157,7 @@ def test_tables_cover_the_documented_protocol():
 def test_every_table_transition_through_a_connection(side, state, direction, what, new, caplog):
     conn = conn_in(side, state)
     before = len(conn.machine.history)
-    with caplog.at_level(logging.DEBUG, logger="migrate.machine"):
+    with caplog.at_level(logging.DEBUG, logger="migrate.protocol.machine"):
         if direction == SEND:
             bufs = conn.send(EXAMPLE[what])
             assert fr.FrameBuffer().feed(b"".join(bytes(b) for b in bufs)) == [EXAMPLE[what]]

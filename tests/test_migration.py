@@ -19,13 +19,13 @@ import zstandard
 from support import address, digests, run_engines, steps_advance
 
 from hosts.constants import GRANULE, PAGE_SIZE
-from migrate import PROTOCOL_VERSION
-from migrate import frames as fr
-from migrate.config import MigrationConfig
-from migrate.dest import DestVmm
-from migrate.digest import CHUNK_PAGES, MemoryDigest
-from migrate.machine import DestState, SourceState
-from migrate.source import SourceVmm
+from migrate.config.spec import MigrationConfig
+from migrate.engine.dest import DestVmm
+from migrate.engine.digest import CHUNK_PAGES, MemoryDigest
+from migrate.engine.source import SourceVmm
+from migrate.protocol import frames as fr
+from migrate.protocol.frames import PROTOCOL_VERSION
+from migrate.protocol.machine import DestState, SourceState
 from migrate.units import fmt_bytes
 
 MiB = 1 << 20
@@ -692,12 +692,12 @@ async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip):
     CRC -- a byte flipped on the wire fails there, naming the pages."""
     import os
 
-    from migrate.compression import Compressor
+    from migrate.engine.pages import BatchApplier, BatchBuilder
     from migrate.errors import ProtocolError
-    from migrate.machine import Connection, dest_machine
-    from migrate.pages import BatchApplier, BatchBuilder
+    from migrate.net.transport import FrameChannel
+    from migrate.protocol.compression import Compressor
+    from migrate.protocol.machine import Connection, dest_machine
     from migrate.strategies import get as get_strategy
-    from migrate.transport import FrameChannel
 
     src, dst = hosts.source(ram=16 * MiB, workload="idle", rate=0, start=False), hosts.dest(ram=16 * MiB)
     chunk = os.urandom(CHUNK_PAGES * PAGE_SIZE)

@@ -7,14 +7,14 @@ import pytest
 import zstandard
 
 from hosts import SimulatedHost
-from migrate import frames as fr
 from migrate import strategies
-from migrate.compression import Compressor
-from migrate.config import MigrationConfig
-from migrate.digest import MemoryDigest, effective_tags
+from migrate.config.spec import MigrationConfig
+from migrate.engine.digest import MemoryDigest, effective_tags
+from migrate.engine.pages import BatchApplier, BatchBuilder, BatchStats, runs, split_batches
 from migrate.errors import ProtocolError
-from migrate.machine import Connection, DestState, dest_machine
-from migrate.pages import BatchApplier, BatchBuilder, BatchStats, runs, split_batches
+from migrate.protocol import frames as fr
+from migrate.protocol.compression import Compressor
+from migrate.protocol.machine import Connection, DestState, dest_machine
 
 PAGE = fr.PAGE_SIZE
 TAGB = fr.PACKED_TAGS_PER_PAGE
@@ -714,8 +714,8 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_p
     import types
     import zlib
 
-    from migrate import digest as digest_mod
-    from migrate import pages
+    from migrate.engine import digest as digest_mod
+    from migrate.engine import pages
 
     src, dst = blank_pair
     for p in range(CHUNK):

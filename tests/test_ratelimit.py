@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from migrate import ratelimit
-from migrate.ratelimit import RateLimiter
+from migrate.net import ratelimit
+from migrate.net.ratelimit import RateLimiter
 
 
 class Clock:

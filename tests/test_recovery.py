@@ -9,11 +9,11 @@ import asyncio
 import socket
 
 from hosts import SimulatedHost
-from migrate import frames as fr
-from migrate.config import MigrationConfig
-from migrate.dest import DestVmm
-from migrate.digest import MemoryDigest
-from migrate.source import SourceVmm
+from migrate.config.spec import MigrationConfig
+from migrate.engine.dest import DestVmm
+from migrate.engine.digest import MemoryDigest
+from migrate.engine.source import SourceVmm
+from migrate.protocol import frames as fr
 
 MiB = 1 << 20
 
@@ -42,7 +42,7 @@ async def test_lost_go_is_recovered_on_a_new_connection(monkeypatch):
     RECOVER go; the guest resumes there -- exactly once, never on both."""
     src, dst = _hosts()
     config = MigrationConfig(timeout_s=2.0, channels=1)
-    from migrate import transport
+    from migrate.net import transport
 
     real_send = transport.FrameChannel.send
 
@@ -76,7 +76,7 @@ async def test_lost_go_with_the_destination_gone_resumes_here(monkeypatch):
     only one left, so the source resumes it -- never on two hosts."""
     src, dst = _hosts()
     config = MigrationConfig(timeout_s=1.0, channels=1)
-    from migrate import transport
+    from migrate.net import transport
 
     real_send = transport.FrameChannel.send
     listener = socket.create_server(("127.0.0.1", 0))
@@ -115,7 +115,7 @@ async def test_lost_go_with_a_silent_destination_waits_for_the_operator(monkeypa
 
     src, dst = _hosts()
     config = MigrationConfig(timeout_s=1.0, channels=1)
-    from migrate import transport
+    from migrate.net import transport
 
     real_send = transport.FrameChannel.send
     listener = socket.create_server(("127.0.0.1", 0))

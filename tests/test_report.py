@@ -1,6 +1,6 @@
 """The human summary: where the downtime went."""
 
-from migrate.report import empty_result, summary
+from migrate.engine.report import empty_result, summary
 
 
 def _completed():

@@ -4,8 +4,8 @@ loading by name or path."""
 
 import pytest
 
-from migrate import scenario as scen
-from migrate.config import GuestSpec, MigrationConfig
+from migrate.config import scenario as scen
+from migrate.config.spec import GuestSpec, MigrationConfig
 from migrate.errors import ConfigError
 
 GiB, MiB = 2**30, 2**20

@@ -1,12 +1,12 @@
-"""migrate.speed's floor and report on made-up runs, and the ceilings it
+"""migrate.tools.speed's floor and report on made-up runs, and the ceilings it
 measures (no migrations here)."""
 
 import os
 
 import pytest
 
-from migrate.ceilings import crc_throughput, landing_throughput
-from migrate.speed import floor_ms, markdown
+from migrate.tools.ceilings import crc_throughput, landing_throughput
+from migrate.tools.speed import floor_ms, markdown
 
 CEILINGS = {
     "loopback_bytes_per_s": 4e9,

@@ -12,11 +12,11 @@ from dataclasses import replace
 import pytest
 
 from hosts import SimulatedHost
-from migrate import scenario as scen
-from migrate.dest import DestVmm
-from migrate.digest import MemoryDigest
-from migrate.images import builtin_image
-from migrate.source import SourceVmm
+from migrate.config import scenario as scen
+from migrate.engine.dest import DestVmm
+from migrate.engine.digest import MemoryDigest
+from migrate.engine.source import SourceVmm
+from migrate.hosting.images import builtin_image
 from migrate.strategies import STRATEGIES
 
 RAM = 4 << 20
@@ -95,7 +95,7 @@ async def test_strategy_on_scenario(name, strategy, capped):
 
 def _has_tags(host) -> bool:
     """Does the guest hold any non-zero effective tag (read from the kernel)?"""
-    from migrate.digest import effective_tags
+    from migrate.engine.digest import effective_tags
 
     return any(
         effective_tags(host.memory, p, min(p + 256, host.memory.npages)).strip(b"\0")

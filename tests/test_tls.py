@@ -10,9 +10,9 @@ import subprocess
 import pytest
 
 from hosts import SimulatedHost
-from migrate.config import MigrationConfig
-from migrate.dest import DestVmm
-from migrate.source import SourceVmm
+from migrate.config.spec import MigrationConfig
+from migrate.engine.dest import DestVmm
+from migrate.engine.source import SourceVmm
 
 MiB = 1 << 20
 pytestmark = pytest.mark.skipif(

@@ -1,10 +1,10 @@
 """Tag strategies behind a small interface, in a registry keyed by name."""
 
-from .base import TagStrategy
-from .none import NoTags
-from .prot_mte import ProtMte
-from .tag_dirty_log import TagDirtyLog
-from .tag_ioctl import TagIoctl
+from migrate.strategies.base import TagStrategy
+from migrate.strategies.none import NoTags
+from migrate.strategies.prot_mte import ProtMte
+from migrate.strategies.tag_dirty_log import TagDirtyLog
+from migrate.strategies.tag_ioctl import TagIoctl
 
 STRATEGIES: dict[str, type[TagStrategy]] = {cls.name: cls for cls in (TagIoctl, ProtMte, NoTags, TagDirtyLog)}
 DEFAULT_STRATEGY = "tag-ioctl"

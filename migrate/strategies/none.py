@@ -1,4 +1,4 @@
-from .base import TagStrategy
+from migrate.strategies.base import TagStrategy
 
 
 class NoTags(TagStrategy):

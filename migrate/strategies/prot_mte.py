@@ -1,6 +1,5 @@
 from hosts import PAGE_SIZE
-
-from .base import TagStrategy
+from migrate.strategies.base import TagStrategy
 
 
 class ProtMte(TagStrategy):

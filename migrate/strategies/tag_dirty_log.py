@@ -1,4 +1,4 @@
-from .tag_ioctl import TagIoctl
+from migrate.strategies.tag_ioctl import TagIoctl
 
 
 class TagDirtyLog(TagIoctl):

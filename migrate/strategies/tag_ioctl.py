@@ -4,8 +4,7 @@ import threading
 from hosts import KVM_ARM_TAGS_FROM_GUEST, KVM_ARM_TAGS_TO_GUEST, PAGE_SIZE
 from hosts import tags as tagops
 from hosts.constants import GRANULES_PER_PAGE
-
-from .base import TagStrategy
+from migrate.strategies.base import TagStrategy
 
 
 @functools.lru_cache(maxsize=8)
@@ -40,7 +39,7 @@ class TagIoctl(TagStrategy):
             yield self.vm.page_to_ipa(start), n
 
     #: pages of clean gap worth fetching to save a system call: by the cost
-    #: model (migrate/costmodel.toml) a call costs 300 ns and a page fetched
+    #: model (migrate/tools/costmodel.toml) a call costs 300 ns and a page fetched
     #: for nothing 66 ns (a kernel page-tag read, 256 bytes copied), so a gap
     #: pays up to 4 pages.  (It was 32: a dirty pass with one page in 17
     #: dirty then fetched ~15 pages of tags per page it needed.)

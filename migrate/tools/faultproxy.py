@@ -5,7 +5,7 @@ accepts to the destination, follows the frame stream in both directions by
 the header lengths (so it knows where each frame starts and what type it is),
 and injects one fault when the chosen phase is reached::
 
-    python3 -m migrate.faultproxy --listen 127.0.0.1:0 --target HOST:PORT \\
+    python3 -m migrate.tools.faultproxy --listen 127.0.0.1:0 --target HOST:PORT \\
         --fault cut --at bulk
 
 prints ``listening on HOST:PORT`` (point the source there), then
@@ -87,8 +87,8 @@ import time
 
 import msgpack
 
-from .frames import HEADER, HEADER_SIZE, MAGIC, MAX_META, MAX_PAYLOAD, FrameType
-from .units import parse_size
+from migrate.protocol.frames import HEADER, HEADER_SIZE, MAGIC, MAX_META, MAX_PAYLOAD, FrameType
+from migrate.units import parse_size
 
 FAULTS = ("none", "cut", "flip", "truncate", "stall", "kill-dest", "kill-source")
 PHASES = ("handshake", "bulk", "dirty", "stop-and-copy", "state", "completion")
@@ -638,7 +638,7 @@ def _address(text: str, what: str) -> tuple[str, int]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python3 -m migrate.faultproxy",
+        prog="python3 -m migrate.tools.faultproxy",
         description="Fault-injecting TCP proxy for mte-migrate streams (loopback testing).",
         epilog="Phases: handshake[:HELLO|WELCOME], bulk, dirty, stop-and-copy, state, "
         "completion[:COMPLETE|CONFIRM|GO|RESUMED]. See the module docstring.",

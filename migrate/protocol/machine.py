@@ -28,10 +28,10 @@ destination answers WELCOME, then only PAGES and PASS_END flow.
 import enum
 import logging
 
-from . import frames as fr
-from .errors import ProtocolError
+from migrate.errors import ProtocolError
+from migrate.protocol import frames as fr
 
-log = logging.getLogger("migrate.machine")
+log = logging.getLogger("migrate.protocol.machine")
 T = fr.FrameType
 
 

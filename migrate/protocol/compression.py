@@ -104,7 +104,7 @@ class Decompressor:
         self._z = zstandard.ZstdDecompressor()
 
     def decompress(self, blob, expected: int, what: str):
-        from .errors import ProtocolError
+        from migrate.errors import ProtocolError
 
         try:
             declared = zstandard.frame_content_size(blob)

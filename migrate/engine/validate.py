@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 from hosts import tags as tagops
 from hosts.constants import PACKED_TAGS_PER_PAGE
-
-from .digest import CHUNK_PAGES, DETAIL_PER_PAGE
+from migrate.engine.digest import CHUNK_PAGES, DETAIL_PER_PAGE
 
 MAX_REPORTED = 10
 

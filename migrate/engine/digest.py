@@ -24,8 +24,7 @@ import zlib
 from array import array
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
-
-from .bitmaps import runs
+from migrate.engine.bitmaps import runs
 
 CHUNK_PAGES = 256
 #: data digest granularity; 16 KiB also keeps each CRC call above the size

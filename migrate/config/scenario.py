@@ -5,11 +5,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import GuestSpec, MigrationConfig
-from .errors import ConfigError
-from .units import parse_rate, parse_size
+from migrate.config.spec import GuestSpec, MigrationConfig
+from migrate.errors import ConfigError
+from migrate.units import parse_rate, parse_size
 
-SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
 
 # The built-in default, used when no scenario is named (and when the
 # scenarios/ folder is not beside the package).

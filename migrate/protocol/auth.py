@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import os
 
-from .errors import ConfigError
+from migrate.errors import ConfigError
 
 NONCE_BYTES = 32
 MIN_KEY_BYTES = 16

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from .errors import ProtocolError
+from migrate.errors import ProtocolError
 
+#: bumped whenever a frame changes shape; both sides must agree (HELLO)
+PROTOCOL_VERSION = 2
 MAGIC = b"MT"
 HEADER = struct.Struct("<2sBBIII")
 HEADER_SIZE = HEADER.size

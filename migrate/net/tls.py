@@ -9,7 +9,7 @@ CA is the trust anchor."""
 import ssl
 from dataclasses import dataclass
 
-from .errors import AuthError, ConfigError, TransportError
+from migrate.errors import AuthError, ConfigError, TransportError
 
 RECORD_READ = 256 * 1024
 

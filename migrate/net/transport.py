@@ -14,9 +14,9 @@ import os
 import socket
 import time
 
-from . import frames as fr
-from .errors import PeerTimeout, TransportError
-from .tls import PlainIO, TlsIO
+from migrate.errors import PeerTimeout, TransportError
+from migrate.net.tls import PlainIO, TlsIO
+from migrate.protocol import frames as fr
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 

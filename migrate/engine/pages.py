@@ -8,13 +8,12 @@ from dataclasses import dataclass
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from hosts.tags import all_zero
-
-from . import frames as fr
-from .bitmaps import runs
-from .compression import Compressor, Decompressor
-from .digest import CHUNK_PAGES, chunk_crc, piece_crcs, zero_pieces
-from .errors import ProtocolError
-from .strategies.base import TagStrategy
+from migrate.engine.bitmaps import runs
+from migrate.engine.digest import CHUNK_PAGES, chunk_crc, piece_crcs, zero_pieces
+from migrate.errors import ProtocolError
+from migrate.protocol import frames as fr
+from migrate.protocol.compression import Compressor, Decompressor
+from migrate.strategies.base import TagStrategy
 
 _PLAIN_WRITE = TagStrategy.write_data  # a strategy that keeps it stores data as a plain write to RAM
 

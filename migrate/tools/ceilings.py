@@ -80,8 +80,7 @@ def tag_work_per_page(packed_tags, chunk_pages: int = 256, repeat: int = 5) -> d
     a C-level codec pass."""
     from hosts import PACKED_TAGS_PER_PAGE as PER_PAGE
     from hosts import tags as tagops
-
-    from .compression import TAG_LEVEL
+    from migrate.protocol.compression import TAG_LEVEL
 
     packed_tags = memoryview(packed_tags)
     step = chunk_pages * PER_PAGE
@@ -104,7 +103,7 @@ def crc_throughput(sample_bytes: int = 64 << 20, repeat: int = 3) -> float:
     """Bytes per second of CRC32 over random data in the digest's 16 KiB
     pieces, best of ``repeat``: what each side pays per byte of page data
     for the per-frame check that doubles as the validation digest."""
-    from .digest import piece_crcs
+    from migrate.engine.digest import piece_crcs
 
     sample = os.urandom(sample_bytes)
     best = float("inf")

@@ -15,9 +15,9 @@ import subprocess
 import sys
 import time
 
-from .dest import DestVmm
-from .hostproc import build_host, spec_from_json, spec_to_json
-from .source import SourceVmm
+from migrate.engine.dest import DestVmm
+from migrate.engine.source import SourceVmm
+from migrate.hosting.process import build_host, spec_from_json, spec_to_json
 
 
 def _rss_kib() -> int:

@@ -9,8 +9,8 @@ import sys
 import tempfile
 import time
 
-from .hostproc import spec_to_json
-from .report import empty_result
+from migrate.engine.report import empty_result
+from migrate.hosting.process import spec_to_json
 
 
 def run_pair(

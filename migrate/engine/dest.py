@@ -12,12 +12,11 @@ import time
 from hosts.constants import GRANULE, PAGE_SIZE
 from hosts.vcpu import VcpuState
 from hosts.workloads import make_workload
-
-from . import PROTOCOL_VERSION, auth, tls
-from . import frames as fr
-from .channels import LoopThread
-from .digest import MemoryDigest, chunk_count, page_detail, state_digest
-from .errors import (
+from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, state_digest
+from migrate.engine.pages import BatchApplier, BatchStats
+from migrate.engine.progress import Progress
+from migrate.engine.report import empty_result
+from migrate.errors import (
     AuthError,
     Cancelled,
     HandshakeMismatch,
@@ -29,15 +28,17 @@ from .errors import (
     TransportError,
     one_line,
 )
-from .machine import Connection, DestState, data_dest_machine, dest_machine
-from .pages import BatchApplier, BatchStats
-from .progress import Progress
-from .report import empty_result
-from .strategies import STRATEGIES
-from .transport import FrameChannel, secure, tune
-from .units import fmt_bytes
+from migrate.net import tls
+from migrate.net.threads import LoopThread
+from migrate.net.transport import FrameChannel, secure, tune
+from migrate.protocol import auth
+from migrate.protocol import frames as fr
+from migrate.protocol.frames import PROTOCOL_VERSION
+from migrate.protocol.machine import Connection, DestState, data_dest_machine, dest_machine
+from migrate.strategies import STRATEGIES
+from migrate.units import fmt_bytes
 
-log = logging.getLogger("migrate.dest")
+log = logging.getLogger("migrate.engine.dest")
 T = fr.FrameType
 
 

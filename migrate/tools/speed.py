@@ -15,11 +15,11 @@ import statistics
 import sys
 from dataclasses import replace
 
-from .ceilings import crc_throughput, landing_throughput, loopback_throughput, zstd_throughput
-from .config import GuestSpec, MigrationConfig
-from .images import block_bytes, builtin_image
-from .runner import run_pair
-from .units import fmt_bytes
+from migrate.config.spec import GuestSpec, MigrationConfig
+from migrate.hosting.images import block_bytes, builtin_image
+from migrate.hosting.pair import run_pair
+from migrate.tools.ceilings import crc_throughput, landing_throughput, loopback_throughput, zstd_throughput
+from migrate.units import fmt_bytes
 
 # QEMU 10.0.2 on these machines (PERF-NOTES.md), medians of 5, in ms.
 QEMU_MS = {

@@ -12,15 +12,15 @@ import threading
 import time
 
 from hosts.constants import GRANULE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
-
-from . import PROTOCOL_VERSION, auth, tls
-from . import frames as fr
-from .bitmaps import runs
-from .channels import LoopThread, SendLane, partition
-from .compression import Compressor
-from .convergence import AutoConverge, DowntimeOrPassLimit
-from .digest import PIECE_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
-from .errors import (
+from migrate.engine.bitmaps import runs
+from migrate.engine.convergence import AutoConverge, DowntimeOrPassLimit
+from migrate.engine.digest import PIECE_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
+from migrate.engine.lanes import SendLane, partition
+from migrate.engine.pages import BatchBuilder, BatchStats
+from migrate.engine.progress import Progress
+from migrate.engine.report import empty_result
+from migrate.engine.validate import Validation, compare_detail, differing_chunks
+from migrate.errors import (
     AuthError,
     Cancelled,
     DestinationGone,
@@ -32,16 +32,24 @@ from .errors import (
     ValidationFailed,
     one_line,
 )
-from .machine import Connection, SourceState, data_source_machine, recovery_source_machine, source_machine
-from .pages import BatchBuilder, BatchStats
-from .progress import Progress
-from .ratelimit import RateLimiter
-from .report import empty_result
-from .strategies import get as get_strategy
-from .transport import FrameChannel, connect, secure
-from .validate import Validation, compare_detail, differing_chunks
+from migrate.net import tls
+from migrate.net.ratelimit import RateLimiter
+from migrate.net.threads import LoopThread
+from migrate.net.transport import FrameChannel, connect, secure
+from migrate.protocol import auth
+from migrate.protocol import frames as fr
+from migrate.protocol.compression import Compressor
+from migrate.protocol.frames import PROTOCOL_VERSION
+from migrate.protocol.machine import (
+    Connection,
+    SourceState,
+    data_source_machine,
+    recovery_source_machine,
+    source_machine,
+)
+from migrate.strategies import get as get_strategy
 
-log = logging.getLogger("migrate.source")
+log = logging.getLogger("migrate.engine.source")
 
 
 def _ms(seconds: float) -> float:

@@ -10,15 +10,14 @@ import sys
 import time
 
 from hosts import SimulatedHost
-
-from .config import GuestSpec, MigrationConfig
-from .dest import DestVmm
-from .errors import ConfigError, one_line
-from .progress import Progress
-from .report import summary, write_json
-from .source import SourceVmm
-from .strategies import STRATEGIES
-from .transport import parse_address
+from migrate.config.spec import GuestSpec, MigrationConfig
+from migrate.engine.dest import DestVmm
+from migrate.engine.progress import Progress
+from migrate.engine.report import summary, write_json
+from migrate.engine.source import SourceVmm
+from migrate.errors import ConfigError, one_line
+from migrate.net.transport import parse_address
+from migrate.strategies import STRATEGIES
 
 
 def build_host(guest: GuestSpec, strategy: str, role: str) -> SimulatedHost:
@@ -43,7 +42,7 @@ def build_host(guest: GuestSpec, strategy: str, role: str) -> SimulatedHost:
             try:
                 path = guest.image
                 if path.startswith("builtin:"):
-                    from .images import builtin_image
+                    from migrate.hosting.images import builtin_image
 
                     path = builtin_image(path, guest.ram - guest.image_offset, guest.seed)
                 host.memory.load_image(path, guest.image_offset, guest.image_repeat)

@@ -4,7 +4,7 @@ when stderr is not a terminal (unless forced)."""
 import sys
 import time
 
-from .units import fmt_rate
+from migrate.units import fmt_rate
 
 
 class Progress:

@@ -3,7 +3,7 @@ human summary.  Field names follow QEMU's query-migrate where they fit."""
 
 import json
 
-from .units import fmt_bytes, fmt_rate
+from migrate.units import fmt_bytes, fmt_rate
 
 
 def empty_result(scenario: str, strategy: str) -> dict:

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field, fields, replace
 
-from .errors import ConfigError
+from migrate.errors import ConfigError
 
 
 @dataclass
@@ -63,7 +63,7 @@ class MigrationConfig:
     before any guest byte moves."""
 
     def check(self) -> "MigrationConfig":
-        from .strategies import STRATEGIES
+        from migrate.strategies import STRATEGIES
 
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; known: {', '.join(STRATEGIES)}")
@@ -78,7 +78,7 @@ class MigrationConfig:
                 raise ConfigError(f"zstd level {level} is out of range (-7..22)")
         if not 1 <= self.batch_pages <= 1024:
             raise ConfigError(f"batch_pages must be 1..1024, got {self.batch_pages}")
-        from .frames import checksum_mode
+        from migrate.protocol.frames import checksum_mode
 
         try:
             self.checksum = checksum_mode(self.checksum)  # scenario files may say true/false

@@ -14,10 +14,10 @@ import sys
 import time
 from dataclasses import replace
 
-from . import costmodel
-from .ceilings import loopback_throughput, tag_work_per_page, zstd_throughput
-from .runner import run_pair
-from .units import fmt_rate
+from migrate.hosting.pair import run_pair
+from migrate.tools import costmodel
+from migrate.tools.ceilings import loopback_throughput, tag_work_per_page, zstd_throughput
+from migrate.units import fmt_rate
 
 QUICK_RAM = 64 << 20
 METRICS = (
@@ -136,7 +136,7 @@ def markdown(summary: list[dict], ceilings: dict, command: str, bounds: dict | N
         ),
         "",
         "Medians (min–max). `est. tag CPU` is the cost model's estimate for real hardware "
-        "(migrate/costmodel.toml), not a measurement.",
+        "(migrate/tools/costmodel.toml), not a measurement.",
         "",
         "| scenario | strategy | ok | total ms | downtime ms | guest MB/s | data MiB on wire | tag KiB on wire "
         "| CPU s src / dst | vs none: time, throughput | est. tag CPU ms |",
@@ -172,9 +172,8 @@ def markdown(summary: list[dict], ceilings: dict, command: str, bounds: dict | N
 
 def measure_ceilings(scenarios, seconds: float = 1.0) -> dict:
     from hosts import PACKED_TAGS_PER_PAGE as PER_PAGE
-
-    from .bitmaps import runs
-    from .hostproc import build_host
+    from migrate.engine.bitmaps import runs
+    from migrate.hosting.process import build_host
 
     zs, tag_work = {}, {}
     for s in scenarios:
