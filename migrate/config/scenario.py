@@ -1,6 +1,7 @@
 """Scenarios: TOML files in scenarios/ (read with tomllib) describing a guest
 and how to migrate it.  See README.md ("Scenario format")."""
 
+import importlib.resources
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +10,19 @@ from migrate.config.spec import GuestSpec, MigrationConfig
 from migrate.errors import ConfigError
 from migrate.units import parse_rate, parse_size
 
-SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
+
+
+def _shipped_dir() -> Path:
+    """Where the shipped scenarios are: the package data of an install
+    (migrate.scenarios, which is the repository's scenarios/ folder), or that
+    folder itself when the code runs from a checkout that was never installed."""
+    try:
+        return Path(str(importlib.resources.files("migrate.scenarios")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "scenarios"
+
+
+SCENARIO_DIR = _shipped_dir()
 
 # The built-in default, used when no scenario is named (and when the
 # scenarios/ folder is not beside the package).
