@@ -157,10 +157,14 @@ class Vm:
         raise ValueError(f"page {page} is outside guest RAM")
 
     # -- MTE page state -------------------------------------------------------
-    def sanitise(self, first_page: int, end_page: int) -> None:
+    def sanitise(self, first_page: int, end_page: int, fault_in: bool = True) -> None:
         """Clear tags and set PG_mte_tagged on each untagged page in the range,
         as the host does on the first stage-2 (or PROT_MTE) mapping of a page.
-        One bulk clear per run of untagged pages."""
+        One bulk clear per run of untagged pages.  That first mapping is a
+        fault, which allocates a never-populated page (a tag store or a load
+        does too, not only a data store), so a page marked tagged always
+        holds memory; ``fault_in=False`` for a caller about to store data
+        there, which populates the page itself."""
         if not self.mte_enabled:
             return
         tagged = self.memory.tagged
@@ -172,6 +176,8 @@ class Vm:
             end = tagged.find(1, start, end_page)
             end = end_page if end < 0 else end
             n = end - start
+            if fault_in:
+                self.counters.add("kernel.pages_faulted_in", self.memory.fault_in(start, end))
             self.memory.tags[start * PACKED_TAGS_PER_PAGE : end * PACKED_TAGS_PER_PAGE] = bytes(
                 n * PACKED_TAGS_PER_PAGE
             )
@@ -188,7 +194,7 @@ class Vm:
         off = self.ipa_to_ram(ipa, n)
         first, end = off // PAGE_SIZE, -(-(off + n) // PAGE_SIZE)
         with self.mmu_lock:
-            self.sanitise(first, end)
+            self.sanitise(first, end, fault_in=False)  # the store allocates the page
             self.memory.write(off, data)
             self._mark_dirty(first, end)
 
@@ -373,6 +379,11 @@ class Vm:
                     self._tags_from_user(first, npages, out)
                 done += npages * PAGE_SIZE
             if npages * PAGE_SIZE < span:
+                if not from_guest:
+                    # The copy from the user buffer failed inside the next
+                    # page: the kernel clears that page's tags rather than
+                    # leave stale ones, and marks it tagged.
+                    self._clear_failed_page(first + npages)
                 error = efault("tag buffer is too small for the requested length")
                 break
         if done:
@@ -395,7 +406,19 @@ class Vm:
             return einval("length does not fit the return value")
         return None
 
+    def _clear_failed_page(self, page: int) -> None:
+        with self.mmu_lock:
+            self.counters.add("kernel.pages_faulted_in", self.memory.fault_in(page, page + 1))
+            self.memory.tags[page * PACKED_TAGS_PER_PAGE : (page + 1) * PACKED_TAGS_PER_PAGE] = bytes(
+                PACKED_TAGS_PER_PAGE
+            )
+            self.memory.tagged[page] = 1
+        self.counters.add("kernel.tag_clears")
+
     def _tags_to_user(self, first: int, npages: int, out: memoryview, calls: int = 0) -> None:
+        """FROM_GUEST.  The kernel pins each page first, which faults a
+        never-populated page in (guest RAM is a memfd: shared memory
+        allocates on a read fault too)."""
         mem = self.memory
         end = first + npages
         if mem.tagged.find(0, first, end) < 0:  # every page tagged: one unpack
@@ -417,6 +440,7 @@ class Vm:
             if tagged_run:
                 tagops.unpack_into(mem.tags[pos * PACKED_TAGS_PER_PAGE : stop * PACKED_TAGS_PER_PAGE], out, lo)
             else:
+                self.counters.add("kernel.pages_faulted_in", mem.fault_in(pos, stop))
                 out[lo:hi] = bytes(hi - lo)
             pos = stop
         tagged = mem.tagged.count(1, first, end)
@@ -428,9 +452,14 @@ class Vm:
         )
 
     def _tags_from_user(self, first: int, npages: int, src: memoryview, calls: int = 0) -> None:
+        """TO_GUEST.  Pinning a page for writing faults it in, so a page that
+        only ever received tags holds memory like any other (a page marked
+        tagged always does: see sanitise)."""
         mem = self.memory
         end = first + npages
         packed = tagops.pack(src)
+        if mem.tagged.find(0, first, end) >= 0:
+            self.counters.add("kernel.pages_faulted_in", mem.fault_in(first, end))
         # Under the MMU lock, as KVM serialises with try_page_mte_tagging():
         # a vCPU's first-touch sanitise must not clear the tags just stored
         # (it saw the page untagged, then cleared it after this store).

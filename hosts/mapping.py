@@ -114,26 +114,25 @@ class VmmMapping:
 
     def write(self, offset: int, data, pointer_tag: int = 0, populated: bool = False) -> None:
         n = len(data)
-        self._touch(offset, n, pointer_tag)
+        self._touch(offset, n, pointer_tag, storing=True)
         self.memory.write(offset, data, populated)
-        if self.dirty_tracker is not None:
-            self.dirty_tracker.mark(offset // PAGE_SIZE, -(-(offset + n) // PAGE_SIZE))
+        self._mark_dirty(offset // PAGE_SIZE, -(-(offset + n) // PAGE_SIZE))
 
     def write_parts(self, offset: int, parts, pointer_tag: int = 0) -> None:
         """Like write() of the parts joined, without joining them."""
         n = sum(len(p) for p in parts)
-        self._touch(offset, n, pointer_tag)
+        self._touch(offset, n, pointer_tag, storing=True)
         self.memory.write_parts(offset, parts)
-        if self.dirty_tracker is not None:
-            self.dirty_tracker.mark(offset // PAGE_SIZE, -(-(offset + n) // PAGE_SIZE))
+        self._mark_dirty(offset // PAGE_SIZE, -(-(offset + n) // PAGE_SIZE))
 
-    def _touch(self, offset: int, length: int, pointer_tag: int) -> None:
+    def _touch(self, offset: int, length: int, pointer_tag: int, storing: bool = False) -> None:
         if offset < 0 or length < 0 or offset + length > self.memory.size:
             raise IndexError(f"access {offset:#x}+{length:#x} is outside the guest RAM mapping")
         if not self.prot_mte:
             return
-        # Mapping a page PROT_MTE sanitises it if it was never tagged.
-        self._sanitise(offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE))
+        # Mapping a page PROT_MTE sanitises it if it was never tagged (a
+        # data store then allocates the page itself).
+        self._sanitise(offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE), fault_in=not storing)
         state = self._thread
         if state.tco or state.mode is TagCheckMode.NONE or length == 0:
             return
@@ -182,6 +181,7 @@ class VmmMapping:
         self._sanitise(first_page, end)
         self.memory.tags[first_page * PACKED_TAGS_PER_PAGE : end * PACKED_TAGS_PER_PAGE] = packed
         self.counters.add("el0.stg", npages * GRANULES_PER_PAGE)
+        self._mark_dirty(first_page, end)
 
     def store_tag_range(self, offset: int, length: int, tag: int) -> None:
         """STG/ST2G over a granule-aligned byte range with one tag (as a tagged
@@ -194,10 +194,17 @@ class VmmMapping:
         tagops.fill_granules(self.memory.tags, offset // GRANULE, granules, tag)
         self.counters.add("el0.st2g", granules // 2)
         self.counters.add("el0.stg", granules % 2)
+        self._mark_dirty(offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE))
 
-    def _sanitise(self, first_page: int, end_page: int) -> None:
+    def _mark_dirty(self, first_page: int, end_page: int) -> None:
+        """A store of the VMM's own, data or tags, bypasses stage 2 and so
+        KVM's log: it goes in the VMM's bitmap."""
+        if self.dirty_tracker is not None:
+            self.dirty_tracker.mark(first_page, end_page)
+
+    def _sanitise(self, first_page: int, end_page: int, fault_in: bool = True) -> None:
         with self.vm.mmu_lock:
-            self.vm.sanitise(first_page, end_page)
+            self.vm.sanitise(first_page, end_page, fault_in)
 
     def _check_pages(self, first_page: int, end_page: int) -> None:
         if first_page < 0 or end_page < first_page or end_page > self.memory.npages:

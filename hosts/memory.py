@@ -175,6 +175,27 @@ class GuestMemory:
         os.posix_fallocate(self._data_fd, first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE)
         self._prefaulted[first_page:end_page] = b"\x01" * (end_page - first_page)
 
+    def fault_in(self, first_page: int, end_page: int) -> int:
+        """Allocate the never-populated pages of a range as a fault on them
+        would (a zeroed page, data for SEEK_DATA from then on), leaving
+        populated ones alone; returns how many pages needed a new page (those
+        allocated ahead by prefault are not counted: they existed)."""
+        holes, pos = [], first_page
+        for a, b in self.populated_ranges(first_page, end_page):
+            if a > pos:
+                holes.append((pos, a))
+            pos = b
+        if pos < end_page:
+            holes.append((pos, end_page))
+        for a, b in holes:
+            try:
+                self._data_map.madvise(MADV_POPULATE_WRITE, a * PAGE_SIZE, (b - a) * PAGE_SIZE)
+            except OSError:  # a kernel before 5.14: a store of zeros allocates as well
+                with self._write_lock:
+                    for page in range(a, b):
+                        os.pwrite(self._data_fd, bytes(PAGE_SIZE), page * PAGE_SIZE)
+        return sum(self._prefaulted.count(0, a, b) for a, b in holes)
+
     # -- storing -------------------------------------------------------------
     def write(self, offset: int, data, populated: bool = False) -> None:
         """Store ``data`` at RAM byte ``offset``.  A small store is a memcpy

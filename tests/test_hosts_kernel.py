@@ -431,14 +431,64 @@ def test_partial_copy_when_the_buffer_is_too_small(vm, flags):
     if flags == FROM:
         assert buf == b"\x0b" * 256 + b"\x02" * 255
     else:
-        assert vm.guest_tags(ipa(20), 3 * PAGE_SIZE) == b"\x02" * 256 + b"\x0b" * 512
+        # The page whose copy from the buffer failed has its tags cleared
+        # (not left stale); the page after it is not reached.
+        assert vm.guest_tags(ipa(20), 3 * PAGE_SIZE) == b"\x02" * 256 + bytes(256) + b"\x0b" * 256
 
 
 @pytest.mark.parametrize("flags", [FROM, TO])
 def test_buffer_too_small_for_the_first_page_is_efault(vm, flags):
+    vm.guest_set_tags(ipa(0), PAGE_SIZE, 0x5)
     with raise_errno("EFAULT"):
-        vm.mte_copy_tags(ipa(0), PAGE_SIZE, bytearray(255), flags)
-    assert vm.memory.tagged.count(1) == 0
+        vm.mte_copy_tags(ipa(0), PAGE_SIZE, bytearray(b"\x03" * 255), flags)
+    # FROM_GUEST leaves the page alone; a failed TO_GUEST clears its tags
+    assert vm.guest_tags(ipa(0), PAGE_SIZE) == (b"\x05" * 256 if flags == FROM else bytes(256))
+    assert vm.memory.tagged[0] == 1
+
+
+def test_a_failed_copy_to_an_untouched_page_leaves_it_tagged_and_present(vm):
+    with raise_errno("EFAULT"):
+        vm.mte_copy_tags(ipa(7), PAGE_SIZE, bytearray(10), TO)
+    assert vm.memory.tagged[7] == 1 and vm.memory.populated_ranges(7, 8) == [(7, 8)]
+    assert vm.guest_tags(ipa(7), PAGE_SIZE) == bytes(256)
+
+
+@pytest.mark.parametrize("flags", [FROM, TO])
+def test_the_ioctl_faults_untouched_pages_in(vm, flags):
+    assert vm.memory.populated_ranges(40, 44) == []
+    before = vm.counters.snapshot().get("kernel.pages_faulted_in", 0)
+    buf = bytearray(b"\x06" * (4 * 256))
+    assert vm.mte_copy_tags(ipa(40), 4 * PAGE_SIZE, buf, flags) == 4 * PAGE_SIZE
+    assert vm.memory.populated_ranges(40, 44) == [(40, 44)]
+    assert vm.counters.snapshot()["kernel.pages_faulted_in"] - before == 4
+    if flags == FROM:  # read as zeros, and still not marked tagged
+        assert buf == bytes(4 * 256) and vm.memory.tagged[40:44] == bytes(4)
+    else:
+        assert vm.guest_tags(ipa(40), 4 * PAGE_SIZE) == b"\x06" * 1024 and vm.memory.tagged[40:44] == b"\x01" * 4
+    # a second call faults nothing in
+    vm.mte_copy_tags(ipa(40), 4 * PAGE_SIZE, buf, flags)
+    assert vm.counters.snapshot()["kernel.pages_faulted_in"] - before == 4
+
+
+@pytest.mark.parametrize("store", ["stg", "stgm"])
+def test_a_guest_tag_store_faults_an_untouched_page_in(vm, store):
+    """STG is a store: at the first stage-2 fault the page is allocated and
+    sanitised, then tagged, so it holds memory though no data was written."""
+    assert vm.memory.populated_ranges(50, 52) == []
+    if store == "stg":
+        vm.guest_set_tags(ipa(50), 2 * PAGE_SIZE, 0x9)
+    else:
+        vm.guest_store_tags_packed(ipa(50), b"\x99" * 256)
+    assert vm.memory.populated_ranges(50, 52) == [(50, 52)]
+    assert vm.counters.snapshot()["kernel.pages_faulted_in"] == 2
+    assert bytes(vm.memory.data[50 * PAGE_SIZE : 52 * PAGE_SIZE]) == bytes(2 * PAGE_SIZE)
+    assert vm.guest_tags(ipa(50), 2 * PAGE_SIZE) == b"\x09" * 512
+
+
+def test_a_guest_data_store_is_not_counted_as_a_tag_fault_in(vm):
+    vm.guest_write(ipa(60), b"x" * 100)
+    assert vm.memory.populated_ranges(60, 61) == [(60, 61)]
+    assert vm.counters.snapshot().get("kernel.pages_faulted_in", 0) == 0
 
 
 def test_copy_tags_counters(vm):

@@ -302,3 +302,32 @@ def test_mappings_have_independent_thread_state(vm):
     b.write(2 * PAGE_SIZE, b"b is unchecked")
     with pytest.raises(TagCheckFault):
         a.write(2 * PAGE_SIZE, b"a is checked")
+
+
+# -- the VMM's own tag stores ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "store",
+    [
+        lambda m: m.store_tags(3, b"\x77" * (2 * PACKED_TAGS_PER_PAGE)),
+        lambda m: m.store_tag_range(3 * PAGE_SIZE + 64, PAGE_SIZE, 0x7),
+    ],
+)
+def test_vmm_tag_stores_reach_the_vmm_dirty_bitmap(vm, store):
+    """They bypass stage 2 like the VMM's data stores, so KVM's log never
+    sees them: without the VMM's own bitmap a migration would miss them."""
+    from hosts.mapping import VmmDirtyTracker
+
+    tracker = VmmDirtyTracker(vm.memory.npages)
+    tracker.enabled = True
+    mapping = vm.map_guest_ram(prot_mte=True, dirty_tracker=tracker)
+    store(mapping)
+    dirty = tracker.harvest()
+    assert [i for i, b in enumerate(dirty) if b] == [3, 4]
+
+
+def test_a_vmm_tag_store_faults_an_untouched_page_in(vm, mte_map):
+    assert vm.memory.populated_ranges(9, 10) == []
+    mte_map.store_tags(9, b"\x55" * PACKED_TAGS_PER_PAGE)
+    assert vm.memory.populated_ranges(9, 10) == [(9, 10)]
+    assert vm.counters.get("kernel.pages_faulted_in") == 1
+    assert mte_map.load_tag(9 * PAGE_SIZE) == 5
