@@ -567,13 +567,13 @@ def test_the_source_digest_keeper_works_while_the_event_loop_is_busy(twins):
     import asyncio
     import time
 
-    from migrate.engine.source import _DigestKeeper
+    from migrate.engine.digest_keeper import DigestKeeper
 
     a, _ = twins
     d = MemoryDigest(a.memory, compute=False)
 
     async def go():
-        keeper = _DigestKeeper(d)
+        keeper = DigestKeeper(d)
         t = time.monotonic()
         while d.pending() and time.monotonic() - t < 10:
             time.sleep(0.001)  # blocking: the event loop does not run
@@ -589,13 +589,13 @@ def test_stopping_the_digest_keeper_waits_for_its_thread(twins):
     # memory: stop() must return only once no refresh is in flight.
     import asyncio
 
-    from migrate.engine.source import _DigestKeeper
+    from migrate.engine.digest_keeper import DigestKeeper
 
     a, _ = twins
     d = MemoryDigest(a.memory, compute=False)
 
     async def go():
-        keeper = _DigestKeeper(d)
+        keeper = DigestKeeper(d)
         await asyncio.sleep(0)  # it is working on a slice now or soon
         await keeper.stop()
         return keeper
@@ -607,7 +607,7 @@ def test_stopping_the_digest_keeper_waits_for_its_thread(twins):
 def test_a_failing_digest_keeper_leaves_every_chunk_to_be_read_again(twins, caplog):
     import asyncio
 
-    from migrate.engine.source import _DigestKeeper
+    from migrate.engine.digest_keeper import DigestKeeper
 
     a, _ = twins
     d = MemoryDigest(a.memory)
@@ -619,7 +619,7 @@ def test_a_failing_digest_keeper_leaves_every_chunk_to_be_read_again(twins, capl
     d.refresh = broken
 
     async def go():
-        keeper = _DigestKeeper(d)
+        keeper = DigestKeeper(d)
         keeper._thread.join(10)  # it fails on its first slice and ends
         assert not keeper._thread.is_alive()
         await keeper.stop()

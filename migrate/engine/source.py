@@ -8,13 +8,13 @@ import os
 import secrets
 import signal
 import sys
-import threading
 import time
 
 from hosts.constants import GRANULE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from migrate.engine.bitmaps import runs
 from migrate.engine.convergence import AutoConverge, DowntimeOrPassLimit
 from migrate.engine.digest import PIECE_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
+from migrate.engine.digest_keeper import DigestKeeper
 from migrate.engine.lanes import SendLane, partition
 from migrate.engine.pages import BatchBuilder, BatchStats
 from migrate.engine.progress import Progress
@@ -79,36 +79,6 @@ def dirty_pass_bandwidth(passes: list[dict]) -> float | None:
     return None
 
 
-class _DigestKeeper:
-    """Keeps the source's validation digest up to date in its own thread
-    while the guest runs, a slice of chunks at a time.  (As an asyncio task
-    it waited for the event loop, which a pass keeps busy -- lane 0 builds
-    and sends inline -- so the pieces the guest dirtied during the bulk pass
-    were still stale at the pause.)"""
-
-    def __init__(self, digest: MemoryDigest):
-        self._digest, self._stop = digest, threading.Event()
-        self._thread = threading.Thread(target=self._run, name="digest-keeper", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                chunks = self._digest.pending_chunks(limit=64)
-                if chunks:
-                    self._digest.refresh(chunks)
-                else:
-                    self._stop.wait(0.02)
-        except Exception as exc:  # the final digest then reads everything again
-            log.warning("validation digest keeper stopped: %s", one_line(exc))
-            self._digest.invalidate()
-
-    async def stop(self) -> None:
-        """Stop it and wait until its slice is done."""
-        self._stop.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-
-
 class SourceVmm:
     def __init__(self, host, config, scenario: str = "custom", progress: Progress | None = None):
         self.host = host
@@ -170,7 +140,7 @@ class SourceVmm:
                 lane.builder.digest = self._digest
             # With checked frames the bulk pass digests the chunks it sends
             # (BatchBuilder), and the background loop starts after it.
-            self._digest_loop = None if self.lanes[0].builder.checked else _DigestKeeper(self._digest)
+            self._digest_loop = None if self.lanes[0].builder.checked else DigestKeeper(self._digest)
 
             policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
             converge = (
@@ -181,7 +151,7 @@ class SourceVmm:
             self._converge = converge
             await self._send_pass(0, host.memory.populated_ranges())
             if self._digest_loop is None:
-                self._digest_loop = _DigestKeeper(self._digest)
+                self._digest_loop = DigestKeeper(self._digest)
             dirty_passes = 0
             tags_only = b""
             while True:

@@ -1,0 +1,41 @@
+"""The source's validation digest, kept up to date in a thread of its own
+while the guest runs."""
+
+import asyncio
+import logging
+import threading
+
+from migrate.engine.digest import MemoryDigest
+from migrate.errors import one_line
+
+log = logging.getLogger("migrate.engine.digest_keeper")
+
+
+class DigestKeeper:
+    """Keeps the source's validation digest up to date in its own thread
+    while the guest runs, a slice of chunks at a time.  (As an asyncio task
+    it waited for the event loop, which a pass keeps busy -- lane 0 builds
+    and sends inline -- so the pieces the guest dirtied during the bulk pass
+    were still stale at the pause.)"""
+
+    def __init__(self, digest: MemoryDigest):
+        self._digest, self._stop = digest, threading.Event()
+        self._thread = threading.Thread(target=self._run, name="digest-keeper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunks = self._digest.pending_chunks(limit=64)
+                if chunks:
+                    self._digest.refresh(chunks)
+                else:
+                    self._stop.wait(0.02)
+        except Exception as exc:  # the final digest then reads everything again
+            log.warning("validation digest keeper stopped: %s", one_line(exc))
+            self._digest.invalidate()
+
+    async def stop(self) -> None:
+        """Stop it and wait until its slice is done."""
+        self._stop.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
