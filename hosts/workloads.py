@@ -103,7 +103,12 @@ class Idle(Workload):
 class Allocator(Workload):
     """An MTE-aware malloc/free: IRG picks a random tag per allocation (never
     the tag it replaces), STG tags it, then data is written; free retags the
-    chunk without touching its data, so use-after-free faults."""
+    chunk without touching its data, so use-after-free faults.
+
+    ``write_fraction`` (default 1): the share of allocations written after
+    they are tagged.  The rest stay tagged and zero, as memory an allocator
+    hands out zeroed or reserves ahead: on fresh RAM that makes pages with
+    tags and no data, which a migration must still carry."""
 
     name = "allocator"
     description = "MTE-aware malloc/free: IRG+STG per allocation, retag on free"
@@ -113,6 +118,9 @@ class Allocator(Workload):
     def __init__(self, vm, **kw):
         super().__init__(vm, **kw)
         self.live: list[list[tuple[int, int, int]]] = [[] for _ in range(self.vcpus)]
+        self.write_fraction = float(self.params.get("write_fraction", 1.0))
+        if not 0.0 <= self.write_fraction <= 1.0:
+            raise ValueError(f"write_fraction must be between 0 and 1, got {self.write_fraction}")
 
     def _irg(self, rng, avoid: int) -> int:
         # GCR_EL1.Exclude keeps tag 0 for untagged memory.
@@ -133,7 +141,9 @@ class Allocator(Workload):
         addr = self.ipa(lo) + start * GRANULE
         tag = self._irg(rng, 0)
         self.vm.guest_set_tags(addr, size, tag)
-        self.vm.guest_write(addr, self.pool.slice(rng, size))
+        # (the draw only when asked for: the default guest stays the same guest)
+        if self.write_fraction >= 1.0 or rng.random() < self.write_fraction:
+            self.vm.guest_write(addr, self.pool.slice(rng, size))
         live.append((addr, size, tag))
         return touched + -(-size // PAGE_SIZE)
 

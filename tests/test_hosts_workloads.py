@@ -106,6 +106,8 @@ def test_bad_parameters():
         make("idle", workload_params={"fill": 1.5})
     with pytest.raises(ValueError, match="dma_policy"):
         make("device-dma", workload_params={"dma_policy": "yolo"})
+    with pytest.raises(ValueError, match="write_fraction"):
+        make("allocator", workload_params={"write_fraction": 2})
 
 
 # -- what each workload does -------------------------------------------------------------
@@ -134,6 +136,30 @@ def test_allocator_tags_allocations_and_retags_on_free(hosts_to_close):
     addr, size, tag = live[-1]
     assert h.vm.guest_tags(addr, size) == bytes([tag]) * (size // 16)
     assert h.counters.get("guest.tag_store_granules") > 0
+
+
+def test_allocator_that_tags_before_it_writes_leaves_pages_with_tags_and_no_data(hosts_to_close):
+    """write_fraction 0 on fresh RAM: every allocation is tagged, none written.
+    The pages it touched hold memory (an STG faults a page in), zero data
+    and non-zero tags -- what a migration must carry although no data moves."""
+    h = make("allocator", vcpus=1, workload_params={"fill": 0.0, "region_pages": 2048, "write_fraction": 0.0})
+    hosts_to_close.append(h)
+    h.prepare_guest()
+    assert h.memory.populated_pages() == 0
+    h.vcpus.run_steps(300)
+    populated = h.memory.populated_ranges()
+    assert populated and not any(bytes(h.memory.data))
+    pages = [p for a, b in populated for p in range(a, b)]
+    assert all(h.memory.tagged[p] for p in pages)
+    assert sum(1 for p in pages if any(h.memory.page_tags(p))) > 0
+    assert h.counters.get("kernel.pages_faulted_in") == len(pages)
+
+
+def test_allocator_default_draws_are_unchanged_by_write_fraction(hosts_to_close):
+    """The write draw happens only when asked for: the default guest is the guest it always was."""
+    a = run("allocator", 3, 50, hosts_to_close)
+    b = run("allocator", 3, 50, hosts_to_close, workload_params={"write_fraction": 1.0})
+    assert snapshot(a) == snapshot(b)
 
 
 def test_stream_writes_sequentially_and_wraps(hosts_to_close):
