@@ -6,7 +6,6 @@ and never resumes a partial guest."""
 import asyncio
 import logging
 import socket
-import sys
 import time
 
 from hosts.constants import GRANULE, PAGE_SIZE
@@ -15,12 +14,12 @@ from hosts.workloads import make_workload
 from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, state_digest
 from migrate.engine.pages import BatchApplier, BatchStats
 from migrate.engine.progress import Progress
+from migrate.engine.recovery import DestRecovery
 from migrate.engine.report import empty_result
 from migrate.errors import (
     AuthError,
     Cancelled,
     HandshakeMismatch,
-    InDoubt,
     MigrationError,
     PeerError,
     PeerTimeout,
@@ -83,8 +82,7 @@ class DestVmm:
         self._pass_seen = {0: -1}  # channel -> last PASS_END
         self._key = auth.load_key(config.psk_file)
         self._nonce = b""
-        self._recover_future: asyncio.Future | None = None
-        self._lingering: asyncio.Future | None = None
+        self._recovery = DestRecovery(config, self._key, self.result, self._resume)
         self._handshaking = False
         self._ready = asyncio.Event()
         self._tls = tls.from_options(config.tls_cert, config.tls_key, config.tls_ca)
@@ -133,8 +131,7 @@ class DestVmm:
         chan = FrameChannel(sock, conn, min(self.config.timeout_s, 5.0), io=io)
         try:
             hello = self.hello
-            in_doubt = any(f is not None and not f.done() for f in (self._recover_future, self._lingering))
-            if hello is not None and len(self._lanes) >= hello.channels - 1 and not in_doubt:
+            if hello is not None and len(self._lanes) >= hello.channels - 1 and not self._recovery.listening:
                 # Every data channel is here: whoever this is, we are busy.
                 raise ProtocolError("this destination is already receiving a migration")
             frame = await chan.recv()
@@ -145,9 +142,7 @@ class DestVmm:
                     await self._ready.wait()
             hello = self.hello
             if frame.type == T.RECOVER:
-                await self._take_recover(frame, chan)
-                if self.resumed and getattr(self, "_lingering", None) is not None and not self._lingering.done():
-                    self._lingering.set_result(True)  # the source knows now
+                await self._recovery.take(frame, chan, self.hello, self.resumed)
                 return
             if frame.type == T.HELLO:
                 raise ProtocolError("this destination is already receiving a migration")
@@ -237,77 +232,6 @@ class DestVmm:
             )
         finally:
             lane["bytes"] = chan.bytes_received
-            chan.close()
-
-    async def _take_recover(self, frame, chan) -> None:
-        """A RECOVER for our session: hand it to the waiting receive(), or,
-        if the guest already runs here, confirm that again."""
-        if self.hello is None or frame.session != self.hello.session:
-            raise ProtocolError("no migration is in doubt for that session")
-        if self._key is not None and not auth.check(self._key, frame.proof, "recover", frame.session, frame.decision):
-            raise AuthError("RECOVER failed authentication")
-        if self.resumed:
-            if frame.decision != "go":
-                raise ProtocolError("the guest already runs here: it cannot be aborted")
-            try:
-                async with asyncio.timeout(self.config.timeout_s):
-                    await chan.send(fr.Resumed())
-            finally:
-                chan.close()
-            return
-        future = self._recover_future
-        if future is None or future.done():
-            raise ProtocolError("no migration is in doubt for that session")
-        future.set_result((frame.decision, chan))
-
-    async def _linger(self, chan) -> None:
-        """After RESUMED: the source closes its connection once it has read
-        it.  If that clean close does not come, RESUMED may be lost: stay
-        reachable for a while so the source's RECOVER go is answered."""
-        try:
-            await chan.recv(timeout=self.config.timeout_s)
-        except TransportError as exc:
-            if "closed the connection between frames" in str(exc):
-                return  # the source read RESUMED and hung up
-        except MigrationError:
-            pass
-        self._lingering = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.wait_for(self._lingering, self.config.in_doubt_hold_s)
-        except TimeoutError:
-            pass
-
-    async def _in_doubt(self, cause: MigrationError) -> bool:
-        """The connection broke after CONFIRM and before GO: the source may
-        or may not have given the guest up.  Keep the validated guest paused
-        and wait for the source (or an operator) to say which.  Returns True
-        once resumed here."""
-        wait = self.config.in_doubt_hold_s
-        self._recover_future = asyncio.get_running_loop().create_future()
-        # An operator alert, not progress: always on stderr.
-        print(
-            f"mte-migrate dest: IN DOUBT after: {one_line(cause)}; the validated guest is paused HERE for up to "
-            f"{wait:.0f} s; if the source gave it up, resume it here with `mte-migrate resolve --connect "
-            f"THIS-HOST:PORT --session {self.hello.session} go` (or `abort` if the source kept it)",
-            file=sys.stderr,
-            flush=True,
-        )
-        self.result["in_doubt"] = {"session": self.hello.session, "cause": one_line(cause)}
-        try:
-            decision, chan = await asyncio.wait_for(self._recover_future, wait)
-        except TimeoutError:
-            raise InDoubt(
-                f"in doubt after: {one_line(cause)}; nobody said GO or ABORT within {wait:.0f} s, "
-                f"so the partial-or-not guest is discarded here (the source keeps it if it never sent GO)"
-            ) from None
-        try:
-            if decision != "go":
-                raise Cancelled("the source kept the guest (RECOVER abort)")
-            self._resume()
-            async with asyncio.timeout(self.config.timeout_s):
-                await chan.send(fr.Resumed())
-            return True
-        finally:
             chan.close()
 
     def _lane_pass_end(self, index: int, pass_no: int) -> None:
@@ -438,7 +362,7 @@ class DestVmm:
                         await chan.send(fr.Resumed())
                     except MigrationError:
                         pass  # the source will ask again (RECOVER go): we linger for it
-                    await self._linger(chan)
+                    await self._recovery.linger(chan)
                     break
                 elif ftype == T.ERROR:
                     raise PeerError(f"source: {frame.message}", frame.code)
@@ -451,7 +375,7 @@ class DestVmm:
             # only the source's own ERROR or ABORT says it kept the guest.
             if self.machine.state == DestState.AWAIT_GO and not isinstance(exc, (PeerError, Cancelled)):
                 try:
-                    if await self._in_doubt(exc):
+                    if await self._recovery.wait(exc, self.hello.session):
                         res["status"], res["error"] = "completed", None
                 except MigrationError as final:
                     self._fail(final, chan)

@@ -4,10 +4,7 @@ resumes here with memory and tags untouched."""
 
 import asyncio
 import logging
-import os
 import secrets
-import signal
-import sys
 import time
 
 from hosts.constants import GRANULE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
@@ -18,6 +15,7 @@ from migrate.engine.digest_keeper import DigestKeeper
 from migrate.engine.lanes import SendLane, partition
 from migrate.engine.pages import BatchBuilder, BatchStats
 from migrate.engine.progress import Progress
+from migrate.engine.recovery import SourceRecovery
 from migrate.engine.report import empty_result
 from migrate.engine.validate import Validation, compare_detail, differing_chunks
 from migrate.errors import (
@@ -44,7 +42,6 @@ from migrate.protocol.machine import (
     Connection,
     SourceState,
     data_source_machine,
-    recovery_source_machine,
     source_machine,
 )
 from migrate.strategies import get as get_strategy
@@ -92,6 +89,7 @@ class SourceVmm:
         self._chan = None
         self.lanes: list[SendLane] = []
         self._threads: list[LoopThread] = []
+        self._recovery: SourceRecovery | None = None  # once the session is known
 
     # -- public ---------------------------------------------------------------------
     async def migrate(self, address: tuple[str, int]) -> dict:
@@ -115,6 +113,7 @@ class SourceVmm:
             strategy = get_strategy(cfg.strategy)(host, cfg)
             self.strategy = strategy
             session = self._session = secrets.token_hex(8)
+            self._recovery = SourceRecovery(cfg, self._tls, session, res, self.progress)
             await self._handshake(chan, strategy, session)
             compressor = Compressor(cfg.compression, cfg.max_bandwidth)
             self.lanes = [SendLane(0, chan, self._new_builder(compressor), cfg.batch_pages)]
@@ -379,101 +378,10 @@ class SourceVmm:
         )
         progress(force=True)
 
-    async def _recover(self, address, decision: str, cause: MigrationError, patience: float | None = None) -> None:
-        """Send RECOVER(decision) on fresh connections until the destination
-        answers (RESUMED for "go"), for up to ``patience`` seconds (three
-        timeouts).  Raises DestinationGone if every attempt was refused
-        (nothing listens: the destination VMM is gone), else InDoubt."""
-        cfg = self.config
-        key = auth.load_key(cfg.psk_file)
-        deadline = time.monotonic() + (2 * cfg.timeout_s if patience is None else patience)
-        last, refused = cause, True
-        while time.monotonic() < deadline:
-            chan = None
-            try:
-                sock = await connect(*address, cfg.timeout_s)
-                io = await secure(sock, self._tls, False, cfg.timeout_s)
-                chan = FrameChannel(sock, Connection(recovery_source_machine(), cfg.checksum), cfg.timeout_s, io=io)
-                proof = auth.proof(key, "recover", self._session, decision) if key else b""
-                await chan.send(fr.Recover(self._session, decision, proof))
-                if decision == "abort":
-                    return
-                reply = await chan.recv(timeout=max(0.5, min(cfg.timeout_s, deadline - time.monotonic())))
-                if reply.type == fr.FrameType.ERROR:
-                    raise PeerError(f"destination: {reply.message}", reply.code)
-                return
-            except MigrationError as exc:
-                last = exc
-                refused = refused and getattr(exc, "refused", False)
-                await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-            finally:
-                if chan is not None:
-                    chan.close()
-        if refused:
-            raise DestinationGone(one_line(last))
-        raise InDoubt(one_line(last))
-
     async def _settle_lost_go(self, address, lost: MigrationError) -> bool:
-        """GO went out but RESUMED did not come back.  Returns True once the
-        destination confirms it runs the guest; False when the guest is to
-        resume here.  Raises InDoubt when nobody can tell."""
-        try:
-            await self._recover(address, "go", lost)
-            return True
-        except DestinationGone as gone:
-            # Nothing listens where the destination VMM was: it is gone, and
-            # the guest with it -- the paused copy here is the only one left.
-            self.progress.message(f"the destination is gone ({gone}); resuming the guest here")
-            self.result["in_doubt"] = {"session": self._session, "resolution": "destination gone: resumed here"}
-            return False
-        except InDoubt as doubt:
-            return await self._hold_for_operator(address, doubt)
-
-    async def _hold_for_operator(self, address, doubt: MigrationError) -> bool:
-        """The destination is silent, not gone: it may be running the guest.
-        Keep the paused guest and its full state here, keep asking the
-        destination, and let the operator decide with a signal."""
-        hold = self.config.in_doubt_hold_s
-        host, port = address
-        word = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGUSR1, word.set)
-        self.result["in_doubt"] = {"session": self._session, "held_s": hold}
-        # An operator alert, not progress: always on stderr.
-        print(
-            f"mte-migrate source: IN DOUBT: GO was sent and {host}:{port} does not answer ({doubt}). The guest "
-            f"is paused HERE with its full state for {hold:.0f} s (session {self._session}). If the destination "
-            f"is not running it, resume it here with `kill -USR1 {os.getpid()}`; if it is, do nothing.",
-            file=sys.stderr,
-            flush=True,
-        )
-        deadline = time.monotonic() + hold
-        try:
-            while time.monotonic() < deadline:
-                try:
-                    await asyncio.wait_for(word.wait(), min(2.0, max(0.1, deadline - time.monotonic())))
-                    self.result["in_doubt"]["resolution"] = "operator: resumed here"
-                    return False
-                except TimeoutError:
-                    pass
-                if time.monotonic() >= deadline:
-                    break
-                try:
-                    await self._recover(address, "go", doubt, patience=min(2.0, deadline - time.monotonic()))
-                    self.result["in_doubt"]["resolution"] = "destination answered later"
-                    return True
-                except DestinationGone:
-                    self.result["in_doubt"]["resolution"] = "destination gone: resumed here"
-                    return False
-                except InDoubt:
-                    pass
-        finally:
-            loop.remove_signal_handler(signal.SIGUSR1)
-        raise InDoubt(
-            f"GO was sent and the destination never confirmed ({doubt}); after {hold:.0f} s nobody "
-            f"said where the guest runs, so this source gives up its paused copy; the destination may "
-            f"hold it: `mte-migrate resolve --connect {host}:{port} --session {self._session} go`"
-        )
+        """True once the destination confirms it runs the guest, False when it
+        is to resume here (see SourceRecovery.settle_lost_go)."""
+        return await self._recovery.settle_lost_go(address, lost)
 
     async def _final_digest(self) -> MemoryDigest:
         t = time.perf_counter()
@@ -642,7 +550,7 @@ class SourceVmm:
             # get: tell it, on a new connection, that this side keeps the guest.
             try:
                 async with asyncio.timeout(self.config.timeout_s):
-                    await self._recover(self._address, "abort", err)
+                    await self._recovery.send(self._address, "abort", err)
             except (MigrationError, TimeoutError):
                 pass
         if self.machine is not None and err is not None:
