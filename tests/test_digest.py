@@ -244,7 +244,7 @@ def test_a_refresh_reads_only_the_stale_pieces_of_a_chunk_read_before(twins, mon
     assert db.stale_piece_bytes() == 3 * 16384  # pages 5 and 6 share a piece
     read = []
     real = zlib.crc32
-    monkeypatch.setattr("migrate.engine.digest.zlib.crc32", lambda buf, *a: read.append(len(buf)) or real(buf, *a))
+    monkeypatch.setattr("migrate.engine.digest.crc32", lambda buf, *a: read.append(len(buf)) or real(buf, *a))
     db.refresh()
     data_reads = [n for n in read if n == 16384]
     assert len(data_reads) == 3 and max(read) < 1 << 20  # no whole chunk read again
@@ -466,11 +466,11 @@ def test_frozen_refresh_of_prefaulted_ram_reads_only_what_was_written(blank):
     d = MemoryDigest(mem, compute=False)
     import migrate.engine.digest as dg
 
-    dg.zlib = type("Z", (), {"crc32": staticmethod(lambda b, c=0: reads.append(len(b)) or real(b, c))})
+    dg.crc32 = lambda b, c=0: reads.append(len(b)) or real(b, c)
     try:
         d.refresh(frozen=True)
     finally:
-        dg.zlib = zlib
+        dg.crc32 = real
     assert (
         reads.count(16384) == 64 and max(reads) < CHUNK_PAGES * PAGE
     )  # only chunk 2's pieces were read (and its tags)
@@ -506,6 +506,7 @@ def test_frozen_parallel_refresh_settles_runs_of_empty_chunks_in_bulk():
         assert mem.populated_ranges() == [
             (3 * CHUNK_PAGES + 7, 3 * CHUNK_PAGES + 10),
             (20 * CHUNK_PAGES, 20 * CHUNK_PAGES + 1),
+            (30 * CHUNK_PAGES + 1, 30 * CHUNK_PAGES + 3),  # the tag store faulted these in
         ]  # nothing populated by reading
     finally:
         host.close()

@@ -2,7 +2,7 @@
 reaches up or sideways fails here, naming the import.
 
     hosts/          the simulated machine; imports nothing of migrate/
-    foundation      migrate/{__init__,errors,units}.py
+    foundation      migrate/{__init__,checksum,errors,units}.py
     protocol        frames, state machines, compression, proofs: no I/O
     net             sockets, TLS, rate limit, loop threads
     strategies      how the VMM reaches tags (through hosts/ only)
@@ -34,7 +34,7 @@ MAY_IMPORT = {
 }
 #: modules the protocol core must never import: it takes bytes in and gives bytes and events out
 NO_IO = {"asyncio", "socket", "ssl", "selectors", "threading", "subprocess"}
-FOUNDATION = {"migrate", "migrate.errors", "migrate.units"}
+FOUNDATION = {"migrate", "migrate.checksum", "migrate.errors", "migrate.units"}
 CLI = {"migrate.cli", "migrate.__main__"}
 PACKAGES = ("protocol", "net", "strategies", "engine", "config", "hosting", "tools")
 

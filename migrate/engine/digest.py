@@ -20,10 +20,10 @@ import functools
 import hashlib
 import sys
 import threading
-import zlib
 from array import array
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
+from migrate.checksum import crc32
 from migrate.engine.bitmaps import runs
 
 CHUNK_PAGES = 256
@@ -51,7 +51,7 @@ _ZERO_TAGS = bytes(CHUNK_PAGES * PACKED_TAGS_PER_PAGE)
 @functools.lru_cache(maxsize=64)
 def _zero_crc(npages: int, per_page: int = PAGE_SIZE) -> int:
     """CRC of ``npages`` pages of zeros (computed once per size)."""
-    return zlib.crc32(bytes(npages * per_page))
+    return crc32(bytes(npages * per_page))
 
 
 @functools.lru_cache(maxsize=8)
@@ -72,7 +72,7 @@ def chunk_count(npages: int) -> int:
 def piece_crcs(content) -> array:
     """The piece CRCs of a chunk's bytes (the last piece may be short)."""
     view = memoryview(content).cast("B")
-    return array("I", [zlib.crc32(view[o : o + PIECE_BYTES]) for o in range(0, len(view), PIECE_BYTES)])
+    return array("I", [crc32(view[o : o + PIECE_BYTES]) for o in range(0, len(view), PIECE_BYTES)])
 
 
 def chunk_crc(pieces: array) -> int:
@@ -82,7 +82,7 @@ def chunk_crc(pieces: array) -> int:
     if sys.byteorder != "little":
         pieces = array("I", pieces)
         pieces.byteswap()
-    return zlib.crc32(pieces)
+    return crc32(pieces)
 
 
 class MemoryDigest:
@@ -309,7 +309,7 @@ class MemoryDigest:
             lo, hi = i * PIECE_BYTES, min((i + 1) * PIECE_BYTES, size)
             if not in_place:
                 mem.read_into(first * PAGE_SIZE + lo, view[lo:hi])
-            out[i] = zlib.crc32(view[lo:hi])
+            out[i] = crc32(view[lo:hi])
             i = which.find(1, i + 1)
         return out
 
@@ -317,7 +317,7 @@ class MemoryDigest:
         first, end = self._chunk_bounds(chunk)
         if self.memory.tagged.find(1, first, end) < 0:
             return _zero_crc(end - first, PACKED_TAGS_PER_PAGE)
-        return zlib.crc32(effective_tags(self.memory, first, end))
+        return crc32(effective_tags(self.memory, first, end))
 
     def data_digest(self) -> str:
         return hashlib.sha256(self.data_crcs.tobytes()).hexdigest()
@@ -374,7 +374,7 @@ def page_detail(memory, chunks: list[int]) -> bytes:
         memory.read_into(first * PAGE_SIZE, buf)
         tags = effective_tags(memory, first, end)
         for i in range(end - first):
-            out += zlib.crc32(buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]).to_bytes(4, "little")
+            out += crc32(buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]).to_bytes(4, "little")
             out += tags[i * PACKED_TAGS_PER_PAGE : (i + 1) * PACKED_TAGS_PER_PAGE]
     return bytes(out)
 

@@ -3,11 +3,11 @@ applying them on the destination.  Work is per run of pages (bytes.find on
 flag bytes), per page only for the zero-page test, never per granule."""
 
 import re
-import zlib
 from dataclasses import dataclass
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from hosts.tags import all_zero
+from migrate.checksum import crc32
 from migrate.engine.bitmaps import runs
 from migrate.engine.digest import CHUNK_PAGES, chunk_crc, piece_crcs, zero_pieces
 from migrate.errors import ProtocolError
@@ -48,10 +48,10 @@ def content_crc(flags, data) -> int:
     for m in _SAME_KIND_RUN.finditer(bytes(flags).translate(_PAGE_KIND)):
         n, kind = m.end() - m.start(), m.group()[0]
         if kind == 1:
-            crc = zlib.crc32(data[pos : pos + n * PAGE_SIZE], crc)
+            crc = crc32(data[pos : pos + n * PAGE_SIZE], crc)
             pos += n * PAGE_SIZE
         elif kind == 2:
-            crc = zlib.crc32(_zeros(n), crc)
+            crc = crc32(_zeros(n), crc)
     return crc
 
 
@@ -277,7 +277,7 @@ class BatchBuilder:
             dcrc = tcrc = None
         else:
             dcrc = frame_data_crc(ranges, flags, data, self.npages) if dcrc is None else dcrc
-            tcrc = zlib.crc32(tags_wire)
+            tcrc = crc32(tags_wire)
         frame = fr.Pages(pass_no, list(ranges), bytes(flags), data_wire, tags_wire, data_c, tags_c, dcrc, tcrc)
         return frame, stats
 

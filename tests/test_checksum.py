@@ -1,0 +1,54 @@
+"""migrate.checksum: the accelerated CRC-32 gives the standard library's
+values, and without an accelerator the standard library's is used."""
+
+import builtins
+import importlib
+import os
+import zlib
+
+import pytest
+
+import migrate.checksum as checksum
+
+CASES = [b"", b"a", os.urandom(4096), os.urandom(3 << 20)]
+
+
+@pytest.mark.parametrize("data", CASES, ids=["empty", "one", "page", "3MiB"])
+def test_same_values_as_the_standard_library(data):
+    view = memoryview(bytearray(data))
+    assert checksum.crc32(data) == zlib.crc32(data)
+    assert checksum.crc32(view[1:]) == zlib.crc32(view[1:])
+    assert checksum.crc32(data, 0x1234_5678) == zlib.crc32(data, 0x1234_5678)  # a running CRC continues
+
+
+def test_a_running_crc_over_pieces_equals_one_over_the_whole():
+    data = os.urandom(1 << 20)
+    crc = 0
+    for o in range(0, len(data), 16384):
+        crc = checksum.crc32(data[o : o + 16384], crc)
+    assert crc == zlib.crc32(data)
+
+
+def test_without_an_accelerator_the_standard_library_is_used(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_accelerators(name, *args, **kw):
+        if name.split(".")[0] in ("zlib_ng", "isal"):
+            raise ImportError(f"no {name} here")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_accelerators)
+    try:
+        plain = importlib.reload(checksum)
+        assert plain.IMPLEMENTATION == "zlib" and plain.crc32 is zlib.crc32
+    finally:
+        monkeypatch.undo()
+        importlib.reload(checksum)
+
+
+def test_the_accelerator_is_used_when_installed():
+    try:
+        import zlib_ng  # noqa: F401
+    except ImportError:
+        pytest.skip("zlib-ng is not installed (the fast extra)")
+    assert checksum.IMPLEMENTATION == "zlib-ng"
