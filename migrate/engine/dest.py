@@ -8,10 +8,10 @@ import logging
 import socket
 import time
 
-from hosts.constants import GRANULE, PAGE_SIZE
 from hosts.vcpu import VcpuState
 from hosts.workloads import make_workload
 from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, state_digest
+from migrate.engine.handshake import authenticate, hello_mismatch
 from migrate.engine.pages import BatchApplier, BatchStats
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import DestRecovery
@@ -35,7 +35,6 @@ from migrate.protocol import frames as fr
 from migrate.protocol.frames import PROTOCOL_VERSION
 from migrate.protocol.machine import Connection, DestState, data_dest_machine, dest_machine
 from migrate.strategies import STRATEGIES
-from migrate.units import fmt_bytes
 
 log = logging.getLogger("migrate.engine.dest")
 T = fr.FrameType
@@ -298,7 +297,7 @@ class DestVmm:
         chan = self.chan = FrameChannel(sock, conn, cfg.timeout_s, io=io)
         try:
             hello = await chan.recv()
-            mismatch = self._check_hello(hello)
+            mismatch = hello_mismatch(hello, host, self.required_strategy, self.expect_uuid)
             if mismatch:
                 await chan.send(fr.Error("mismatch", mismatch))
                 raise HandshakeMismatch(mismatch)
@@ -320,7 +319,8 @@ class DestVmm:
             self._lane_failure.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._lane_progress = asyncio.Event()
             self._handshaking = True
-            await self._authenticate(chan, hello)
+            self._nonce = auth.new_nonce()
+            await authenticate(chan, hello, self._key, self._nonce)
             self.hello = hello
             # Authenticated: whole chunks of raw data are spliced into place
             # from here on (never a frame the checks below would refuse).
@@ -421,57 +421,6 @@ class DestVmm:
         return res
 
     # -- handshake ----------------------------------------------------------------
-    async def _authenticate(self, chan, hello) -> None:
-        """WELCOME with our proof, then the source's AUTH must prove the key
-        before anything else is accepted."""
-        key = self._key
-        self._nonce = auth.new_nonce()
-        mine = auth.proof(key, "destination", hello.nonce, self._nonce, hello.session) if key else b""
-        await chan.send(fr.Welcome(PROTOCOL_VERSION, self._nonce, mine))
-        frame = await chan.recv()
-        if frame.type == T.ERROR:
-            raise PeerError(f"source: {frame.message}", frame.code)
-        if frame.type == T.ABORT:
-            raise Cancelled(f"source aborted: {frame.reason}")
-        if key is not None and not (
-            frame.proof and auth.check(key, frame.proof, "source", self._nonce, hello.nonce, hello.session)
-        ):
-            raise AuthError("authentication failed: the source did not prove the shared key")
-
-    def _check_hello(self, hello) -> str | None:
-        """The first capability that does not match, as a sentence; None if all do."""
-        host = self.host
-        if hello.type == T.ERROR:
-            raise PeerError(f"source: {hello.message}", hello.code)
-        if hello.type != T.HELLO:
-            return f"expected HELLO, got {hello.type.name}"
-        if hello.version != PROTOCOL_VERSION:
-            return f"protocol version differs: source {hello.version}, destination {PROTOCOL_VERSION}"
-        if hello.ram_size != host.memory.size:
-            return f"RAM size differs: source {fmt_bytes(hello.ram_size)}, destination {fmt_bytes(host.memory.size)}"
-        if hello.page_size != PAGE_SIZE:
-            return f"page size differs: source {hello.page_size}, destination {PAGE_SIZE}"
-        if hello.granule != GRANULE:
-            return f"tag granule differs: source {hello.granule}, destination {GRANULE}"
-        if hello.mte != host.vm.mte_enabled:
-            return f"MTE differs: source {'on' if hello.mte else 'off'}, destination {'on' if host.vm.mte_enabled else 'off'}"
-        if hello.vcpus != host.vcpus.count:
-            return f"vCPU count differs: source {hello.vcpus}, destination {host.vcpus.count}"
-        if hello.strategy not in STRATEGIES:
-            return f"strategy {hello.strategy!r} is not supported here (supported: {', '.join(STRATEGIES)})"
-        if self.required_strategy and hello.strategy != self.required_strategy:
-            return f"strategy differs: source {hello.strategy}, destination {self.required_strategy}"
-        wanted = STRATEGIES[hello.strategy].tag_format
-        if hello.tag_format != wanted:
-            return f"tag format differs: source {hello.tag_format}, destination {wanted} for {hello.strategy}"
-        if hello.channels > 1 and not hello.session:
-            return "several channels need a session identifier"
-        if hello.compression != "zstd":
-            return f"compression differs: source {hello.compression}, destination zstd"
-        if self.expect_uuid and hello.vm_uuid != self.expect_uuid:
-            return f"VM identity differs: source {hello.vm_uuid or '(none)'}, destination expects {self.expect_uuid}"
-        return None
-
     # -- state and completion --------------------------------------------------------
     def _load_state(self, state: dict) -> None:
         """Check and stage vCPU + workload state; nothing runs until GO."""

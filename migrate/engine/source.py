@@ -7,11 +7,12 @@ import logging
 import secrets
 import time
 
-from hosts.constants import GRANULE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
+from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from migrate.engine.bitmaps import runs
 from migrate.engine.convergence import AutoConverge, DowntimeOrPassLimit
 from migrate.engine.digest import PIECE_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
 from migrate.engine.digest_keeper import DigestKeeper
+from migrate.engine.handshake import introduce
 from migrate.engine.lanes import SendLane, partition
 from migrate.engine.pages import BatchBuilder, BatchStats
 from migrate.engine.progress import Progress
@@ -19,7 +20,6 @@ from migrate.engine.recovery import SourceRecovery
 from migrate.engine.report import empty_result
 from migrate.engine.validate import Validation, compare_detail, differing_chunks
 from migrate.errors import (
-    AuthError,
     Cancelled,
     DestinationGone,
     InDoubt,
@@ -37,7 +37,6 @@ from migrate.net.transport import FrameChannel, connect, secure
 from migrate.protocol import auth
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Compressor
-from migrate.protocol.frames import PROTOCOL_VERSION
 from migrate.protocol.machine import (
     Connection,
     SourceState,
@@ -114,7 +113,7 @@ class SourceVmm:
             self.strategy = strategy
             session = self._session = secrets.token_hex(8)
             self._recovery = SourceRecovery(cfg, self._tls, session, res, self.progress)
-            await self._handshake(chan, strategy, session)
+            self._dest_nonce = await introduce(chan, host, cfg, strategy, session, self._tls)
             compressor = Compressor(cfg.compression, cfg.max_bandwidth)
             self.lanes = [SendLane(0, chan, self._new_builder(compressor), cfg.batch_pages)]
             for i in range(1, cfg.channels):
@@ -250,48 +249,6 @@ class SourceVmm:
         return res
 
     # -- steps --------------------------------------------------------------------------
-    async def _handshake(self, chan, strategy, session: str) -> None:
-        host = self.host
-        key = auth.load_key(self.config.psk_file)
-        nonce = auth.new_nonce()
-        await chan.send(
-            fr.Hello(
-                version=PROTOCOL_VERSION,
-                ram_size=host.memory.size,
-                page_size=PAGE_SIZE,
-                granule=GRANULE,
-                mte=host.vm.mte_enabled,
-                vcpus=host.vcpus.count,
-                strategy=strategy.name,
-                tag_format=strategy.tag_format,
-                compression="zstd",
-                vm_uuid=self.config.vm_uuid,
-                channels=self.config.channels,
-                session=session,
-                nonce=nonce,
-            )
-        )
-        try:
-            reply = await chan.recv()
-        except TransportError as exc:
-            hint = "" if self._tls else " (does the destination expect TLS, --tls-*?)"
-            raise TransportError(f"no answer to HELLO: {exc}{hint}") from None
-        if reply.type == fr.FrameType.ERROR:
-            raise PeerError(reply.message, reply.code)
-        self._dest_nonce = reply.nonce
-        if key is not None:
-            if not reply.proof:
-                raise AuthError("the destination has no shared key: start it with the same --psk-file")
-            if not auth.check(key, reply.proof, "destination", nonce, reply.nonce, session):
-                raise AuthError("the destination failed authentication: its shared key differs")
-            await chan.send(fr.Auth(auth.proof(key, "source", reply.nonce, nonce, session)))
-        else:
-            if reply.proof:
-                raise AuthError(
-                    "authentication failed: the destination requires a shared key; start the source with the same --psk-file"
-                )
-            await chan.send(fr.Auth(b""))
-
     async def _open_lane(self, index: int, address, session: str, limiter) -> SendLane:
         """Runs on the channel's own thread: connect, JOIN, wait for WELCOME."""
         cfg = self.config
