@@ -77,6 +77,16 @@ class Workload:
         for rng, s in zip(self.rngs, state["rngs"]):
             rng.setstate(_rng_unstate(s))
 
+    # -- emulated devices ---------------------------------------------------------
+    def device_state(self) -> dict:
+        """The state of the devices this workload drives, by device name:
+        what a VMM would save for them (empty: the guest has none)."""
+        return {}
+
+    def set_device_state(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"this guest has no devices, got state for {', '.join(map(str, state))}")
+
 
 def _rng_state(rng: random.Random) -> list:
     version, internal, gauss = rng.getstate()
@@ -242,6 +252,16 @@ class DeviceDma(Workload):
         if self.policy not in self.POLICIES:
             raise ValueError(f"dma_policy must be one of {', '.join(self.POLICIES)}, got {self.policy!r}")
         self.faults = 0
+        #: DMA requests the device has completed (its used ring index) and failed
+        self.completed = 0
+
+    def device_state(self) -> dict:
+        return {"dma0": {"completed": self.completed, "faults": self.faults}}
+
+    def set_device_state(self, state: dict) -> None:
+        if set(state) != {"dma0"}:
+            raise ValueError(f"device-dma expects state for dma0, got {sorted(map(str, state))}")
+        self.completed, self.faults = int(state["dma0"]["completed"]), int(state["dma0"]["faults"])
 
     def step(self, cpu):
         rng, (lo, hi) = self.rngs[cpu], self.slices[cpu]
@@ -270,6 +290,8 @@ class DeviceDma(Workload):
                 device.write(offset, payload)
             except TagCheckFault:
                 self.faults += 1  # the device request fails; the guest sees an I/O error
+                return size // PAGE_SIZE
+        self.completed += 1
         return size // PAGE_SIZE
 
 

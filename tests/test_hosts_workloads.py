@@ -288,3 +288,21 @@ def test_tag_pool_is_deterministic_and_never_tag_zero():
     assert a != tag_pool(4, granules=4096)
     assert len(a) == 2048
     assert 0 not in T.unpack(a)
+
+
+def test_device_state_is_what_the_device_keeps(hosts_to_close):
+    """device-dma's device reports the requests it completed and failed (its
+    real state, saved and restored with the guest); other guests have none."""
+    h = run("device-dma", 5, 40, hosts_to_close, device_prot_mte=True, workload_params={"dma_policy": "checked"})
+    state = h.workload.device_state()
+    assert set(state) == {"dma0"} and state["dma0"]["completed"] + state["dma0"]["faults"] > 0
+    twin = make("device-dma", workload_params={"dma_policy": "checked"})
+    hosts_to_close.append(twin)
+    twin.workload.set_device_state(state)
+    assert twin.workload.device_state() == state
+    with pytest.raises(ValueError, match="dma0"):
+        twin.workload.set_device_state({"net0": {}})
+    idle = run("idle", 1, 1, hosts_to_close)
+    assert idle.workload.device_state() == {}
+    with pytest.raises(ValueError, match="no devices"):
+        idle.workload.set_device_state(state)
