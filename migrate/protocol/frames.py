@@ -9,11 +9,16 @@ raw payload::
 
 All integers little-endian.  With FLAG_CRC set, crc32 covers the header's
 first 12 bytes, the meta and the payload, so corruption is caught at the frame
-where it happens; with FLAG_CRC_META_ONLY as well it leaves the payload out
-(checksum mode "meta", the default: page data and tags are proven end to end
-by the completion digest, which reads both kernels' memory, so a second CRC
-pass over every payload byte on each side buys only earlier detection).  Lengths are checked against the bounds before anything is
-allocated; field types are checked before anything is used.
+where it happens; with FLAG_CRC_META_ONLY as well it leaves the payload out:
+in checksum mode "meta" (page data and tags are then proven end to end by the
+completion digest, which reads both kernels' memory) and, in mode "full" (the
+default), for a PAGES frame whose meta carries CRCs of its own data and tags.
+Lengths are checked against the bounds before anything is allocated; field
+types are checked before anything is used.
+
+``python -m migrate.protocol.describe`` renders the frame list, the header,
+the bounds and the state tables of docs/PROTOCOL.md from this module and
+machine.py.
 """
 
 import enum
@@ -63,6 +68,8 @@ VALID_PAGE_FLAGS = bytes([0, PAGE_ZERO, PAGE_TAGS, PAGE_ZERO | PAGE_TAGS, PAGE_K
 
 
 class FrameType(enum.IntEnum):
+    """The type byte of the header; a receiver refuses any other value."""
+
     HELLO = 1
     WELCOME = 2
     PAGES = 3
@@ -118,7 +125,9 @@ def _channels(meta, frame):
 # -- frames --------------------------------------------------------------------
 @dataclass
 class Hello:
-    """Source -> destination: who I am and what I will send."""
+    """Source -> destination, the first frame of the control connection: who
+    I am and what I will send.  The destination compares each capability
+    with its own and refuses the first difference."""
 
     version: int
     ram_size: int
@@ -175,8 +184,8 @@ class Hello:
 
 @dataclass
 class Join:
-    """Source -> destination, first frame of an extra data connection:
-    this connection carries data channel ``channel`` of session ``session``."""
+    """Source -> destination, the first frame of an extra data connection:
+    it carries data channel ``channel`` of session ``session``."""
 
     session: str
     channel: int
@@ -198,7 +207,8 @@ class Join:
 @dataclass
 class Auth:
     """Source -> destination, right after WELCOME: the source's proof that it
-    holds the shared key (empty when no key is configured)."""
+    holds the shared key (empty when no key is configured).  Nothing else is
+    accepted before it."""
 
     proof: bytes = b""
     type = FrameType.AUTH
@@ -213,9 +223,13 @@ class Auth:
 
 @dataclass
 class Recover:
-    """Source -> destination on a new connection, when the last confirmation
-    was lost: the source's decision for session ``session`` -- "go" (it gave
-    the guest up: resume it) or "abort" (it kept the guest: discard yours)."""
+    """Source -> destination, the only frame of a recovery connection: settles
+    a migration left in doubt.  Sent when the control connection broke after
+    CONFIRM: the decision for session ``session`` is "go" (the source gave
+    the guest up: resume it) or "abort" (it kept the guest: discard yours).
+    The source sends it on its own; an operator can with ``mte-migrate
+    resolve``.  With a shared key, ``proof`` is the HMAC over "recover", the
+    session and the decision.  For "go" the destination answers RESUMED."""
 
     session: str
     decision: str
@@ -235,8 +249,9 @@ class Recover:
 
 @dataclass
 class Welcome:
-    """Destination -> source: capabilities accepted; with a shared key, the
-    destination's nonce and its proof that it holds the key."""
+    """Destination -> source: HELLO (or, on a data connection, JOIN)
+    accepted.  Answering HELLO it carries the destination's nonce and, with
+    a shared key, its proof that it holds the key."""
 
     version: int
     nonce: bytes = b""
@@ -253,10 +268,12 @@ class Welcome:
 
 @dataclass
 class Pages:
-    """A batch of pages.  ``ranges`` is a list of (first_page, count);
-    ``flags`` one byte per page (PAGE_ZERO | PAGE_TAGS); ``data`` holds the
-    non-zero pages in order, ``tags`` the packed tags of PAGE_TAGS pages in
-    order, each zstd-compressed when ``data_compressed`` / ``tags_compressed``."""
+    """Source -> destination: a batch of pages, their data and their tags.
+    ``ranges`` is a list of (first_page, count); ``flags`` one byte per page
+    (PAGE_ZERO, PAGE_TAGS, PAGE_KEEP); ``data`` holds the pages that are
+    neither zero nor KEEP, in order, ``tags`` the packed tags of PAGE_TAGS
+    pages in order, each zstd-compressed when ``data_compressed`` /
+    ``tags_compressed``."""
 
     pass_no: int
     ranges: list
@@ -356,7 +373,8 @@ class Pages:
 
 @dataclass
 class PassEnd:
-    """Source -> destination: pass ``pass_no`` is complete."""
+    """Source -> destination: this connection's share of pass ``pass_no`` is
+    complete (``pages``: how many pages it sent in that pass)."""
 
     pass_no: int
     pages: int
@@ -372,7 +390,8 @@ class PassEnd:
 
 @dataclass
 class State:
-    """vCPU and device state, msgpack in the payload (bounded like pages)."""
+    """Source -> destination, after the final pass: the vCPU and device state,
+    msgpack in the payload (bounded like pages)."""
 
     state: dict
     type = FrameType.STATE
@@ -396,7 +415,8 @@ class State:
 
 @dataclass
 class Complete:
-    """Source -> destination: everything is sent; here is what you should hold."""
+    """Source -> destination: everything is sent; here is what you should
+    hold (digests of data, tags and state) and which pass was the final one."""
 
     data_digest: str
     tag_digest: str
@@ -415,7 +435,7 @@ class Complete:
 
 @dataclass
 class Confirm:
-    """Destination -> source: what I hold.  The payload carries the per-chunk
+    """Destination -> source: the digests of what I hold.  The payload carries the per-chunk
     CRCs of data and tags (4 bytes each per 1 MiB chunk of RAM), so the source
     can tell which chunks differ when the digests do."""
 
@@ -439,7 +459,8 @@ class Confirm:
 
 @dataclass
 class Inspect:
-    """Source -> destination: send per-page detail for these RAM chunks."""
+    """Source -> destination: send per-page detail for these RAM chunks (at
+    most MAX_CHUNKS per frame)."""
 
     chunks: list
     type = FrameType.INSPECT
@@ -460,8 +481,9 @@ class Inspect:
 
 @dataclass
 class Inspection:
-    """Destination -> source: per page of the requested chunks, a data CRC
-    (4 bytes) followed by the page's effective packed tags (128 bytes)."""
+    """Destination -> source: the detail INSPECT asked for.  Per page of the
+    requested chunks, a data CRC (4 bytes) followed by the page's effective
+    packed tags (128 bytes)."""
 
     chunks: list
     detail: bytes
@@ -511,7 +533,8 @@ class Resumed:
 
 @dataclass
 class Error:
-    """Either way: the migration failed; ``message`` is one line for the user."""
+    """Either way: the migration failed.  ``code`` names the kind of failure
+    (e.g. "mismatch", "busy", "auth"), ``message`` is one line for the user."""
 
     code: str
     message: str
@@ -588,6 +611,8 @@ def encode(frame, checksum="full") -> list:
 
 @dataclass
 class Header:
+    """A frame header, checked by parse_header (``raw``: its 16 bytes)."""
+
     type: FrameType
     flags: int
     meta_len: int

@@ -23,6 +23,16 @@ Any live state --send/recv ERROR--> FAILED, --send/recv ABORT--> ABORTED.
 
 Extra data connections (``--channels`` > 1): the source sends JOIN, the
 destination answers WELCOME, then only PAGES and PASS_END flow.
+
+Recovery connections (the control connection broke after CONFIRM): the
+source, or ``mte-migrate resolve``, sends RECOVER "go" or "abort"; for "go"
+the destination resumes the guest (if it does not run already) and answers
+RESUMED.  On the destination every connection after the control one starts
+in DATA_DEST_TABLE, which takes JOIN, RECOVER, or another source's HELLO
+(answered "busy").
+
+The tables below are data; ``python -m migrate.protocol.describe`` draws the
+state tables and diagrams of docs/PROTOCOL.md from them.
 """
 
 import enum
@@ -36,6 +46,8 @@ T = fr.FrameType
 
 
 class SourceState(enum.Enum):
+    """States of the source's machines (control, data and recovery)."""
+
     IDLE = "idle"
     HANDSHAKE = "handshake"
     AUTHENTICATING = "authenticating"
@@ -50,6 +62,8 @@ class SourceState(enum.Enum):
 
 
 class DestState(enum.Enum):
+    """States of the destination's machines (control and later connections)."""
+
     WAIT_HELLO = "wait-hello"
     NEGOTIATING = "negotiating"
     AUTHENTICATING = "authenticating"
@@ -129,6 +143,10 @@ RECOVERY_SOURCE_TABLE = {
 
 
 class StateMachine:
+    """One side of one connection: ``table`` maps (state, direction, frame
+    type or local event) to the next state; ERROR and ABORT lead from any
+    state outside ``terminal`` to ``failed`` / ``aborted``."""
+
     def __init__(self, side: str, initial, table: dict, failed, aborted, terminal: set):
         self.side = side
         self.state = initial
