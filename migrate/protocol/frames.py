@@ -23,12 +23,12 @@ machine.py.
 
 import enum
 import struct
-import zlib
 from array import array
 from dataclasses import dataclass, field
 
 import msgpack
 
+from migrate.checksum import crc32
 from migrate.errors import ProtocolError
 
 #: bumped whenever a frame changes shape; both sides must agree (HELLO)
@@ -367,7 +367,7 @@ class Pages:
         ), dl
 
     def check_tags(self) -> None:
-        if self.tcrc is not None and zlib.crc32(self.tags) != self.tcrc:
+        if self.tcrc is not None and crc32(self.tags) != self.tcrc:
             raise ProtocolError("PAGES frame tags failed their checksum: the stream is corrupt")
 
 
@@ -602,10 +602,10 @@ def encode(frame, checksum="full") -> list:
     head = struct.pack("<2sBBII", MAGIC, frame.type, flags, len(meta), payload_len)
     crc = 0
     if flags & FLAG_CRC:
-        crc = zlib.crc32(meta, zlib.crc32(head))
+        crc = crc32(meta, crc32(head))
         if not flags & FLAG_CRC_META_ONLY:
             for p in payload:
-                crc = zlib.crc32(p, crc)
+                crc = crc32(p, crc)
     return [head + struct.pack("<I", crc) + meta, *payload]
 
 
@@ -688,9 +688,9 @@ def _checked_meta(header: Header, meta_bytes, payload=None) -> dict:
     """The frame's CRC checked (over the payload too unless the frame's CRC
     leaves it out) and its meta unpacked into a map."""
     if header.flags & FLAG_CRC:
-        crc = zlib.crc32(meta_bytes, zlib.crc32(header.raw[:12]))
+        crc = crc32(meta_bytes, crc32(header.raw[:12]))
         if not header.flags & FLAG_CRC_META_ONLY:
-            crc = zlib.crc32(payload, crc)
+            crc = crc32(payload, crc)
         if crc != header.crc:
             raise ProtocolError(
                 f"{header.type.name} frame failed its checksum "
