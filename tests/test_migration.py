@@ -652,7 +652,7 @@ async def test_pages_on_a_data_channel_after_the_final_pass_are_refused(hosts, l
             # (chunk 1 is channel 1's), then time for the destination to see it.
             lane = self.lanes[1]
             frame, _ = lane.builder.build(self.passes[-1]["pass"], [(CHUNK_PAGES, 1)])
-            await self._threads[0].submit(lane.chan.send(frame))
+            await self._sender.threads[0].submit(lane.chan.send(frame))
             await asyncio.sleep(0.5)
             return digest
 

@@ -1,20 +1,30 @@
 """The source VMM's migration engine: handshake, bulk pass, dirty passes to
 convergence, stop-and-copy, completion -- and, whatever goes wrong, the guest
-resumes here with memory and tags untouched."""
+resumes here with memory and tags untouched.
+
+``SourceVmm.migrate`` reads like QEMU's migration thread: connect, bulk pass,
+dirty passes until the rest fits in the downtime, switch over (pause, final
+pass, state), complete (digests, CONFIRM, validation), hand over (GO,
+RESUMED), finish.  Passes are sent by ``passes.PassSender``, dirty pages
+found by ``dirty.DirtyLog``, the in-doubt window after GO is
+``recovery.SourceRecovery``'s."""
 
 import asyncio
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from migrate.engine.bitmaps import runs
 from migrate.engine.convergence import AutoConverge, DowntimeOrPassLimit
 from migrate.engine.digest import PIECE_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
 from migrate.engine.digest_keeper import DigestKeeper
+from migrate.engine.dirty import DirtyLog, union
 from migrate.engine.handshake import introduce
-from migrate.engine.lanes import SendLane, partition
-from migrate.engine.pages import BatchBuilder, BatchStats
+from migrate.engine.lanes import SendLane
+from migrate.engine.pages import BatchBuilder
+from migrate.engine.passes import PassSender, PeerWatch
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import SourceRecovery
 from migrate.engine.report import empty_result
@@ -37,12 +47,7 @@ from migrate.net.transport import FrameChannel, connect, secure
 from migrate.protocol import auth
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Compressor
-from migrate.protocol.machine import (
-    Connection,
-    SourceState,
-    data_source_machine,
-    source_machine,
-)
+from migrate.protocol.machine import Connection, SourceState, data_source_machine, source_machine
 from migrate.strategies import get as get_strategy
 
 log = logging.getLogger("migrate.engine.source")
@@ -50,15 +55,6 @@ log = logging.getLogger("migrate.engine.source")
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
-
-
-def _union(a: bytes, b: bytes) -> bytes:
-    """Bytewise OR of two 0/1 page maps, in bulk (big-int OR, not per page)."""
-    if b.find(1) < 0:
-        return a
-    if a.find(1) < 0:
-        return b
-    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
 
 
 def dirty_pass_bandwidth(passes: list[dict]) -> float | None:
@@ -75,180 +71,117 @@ def dirty_pass_bandwidth(passes: list[dict]) -> float | None:
     return None
 
 
+@dataclass
+class _Clock:
+    """perf_counter() marks of one migration, for the result's timings."""
+
+    start: float = 0.0
+    pause: float = 0.0  # the guest stopped here
+    memory_sent: float = 0.0  # the final pass went out
+    state_sent: float = 0.0
+
+
 class SourceVmm:
     def __init__(self, host, config, scenario: str = "custom", progress: Progress | None = None):
         self.host = host
         self.config = config
         self.scenario = scenario
         self.progress = progress or Progress(False)
-        self.machine = None
         self.result = empty_result(scenario, config.strategy)
-        self.passes: list[dict] = []
-        self._peer_task = None
-        self._chan = None
-        self.lanes: list[SendLane] = []
-        self._threads: list[LoopThread] = []
-        self._recovery: SourceRecovery | None = None  # once the session is known
+        self.handed_over = False  # GO was sent: from then on this side never resumes the guest
+        self.machine = None  # the control connection's state machine
+        self.strategy = None
+        self._clock = _Clock()
+        self._address: tuple[str, int] | None = None
+        self._error: MigrationError | None = None
+        # -- connect
+        self._tls = None
+        self._chan: FrameChannel | None = None  # the control connection (channel 0)
+        self._session: str | None = None
+        self._dest_nonce = b""  # the destination's, from WELCOME: data channels' JOIN proofs name it
+        self._recovery: SourceRecovery | None = None
+        # -- precopy
+        self._peer = PeerWatch()
+        self._dirty_log = DirtyLog(host, self.result)
+        self._sender = PassSender(self._peer, self._dirty_log, self.progress, self.result)
+        self._digest: MemoryDigest | None = None
+        self._digest_keeper: DigestKeeper | None = None
+        self._policy: DowntimeOrPassLimit | None = None
+        self._converge: AutoConverge | None = None
+        self._dirty_passes = 0
+        self._dirty = b""  # the last harvest, not sent yet
+        self._tags_only = b""  # pages whose tags alone changed, not sent yet
+        self._remaining = 0  # bytes the last harvest left to send
+        # -- switch over and completion
+        self._paused_here = False
+        self._digest_job: asyncio.Future | None = None  # the final digest, while the final pass goes out
+        self._state: dict | None = None  # vCPU, workload and device state, sent with STATE
+
+    @property
+    def lanes(self) -> list[SendLane]:
+        return self._sender.lanes
+
+    @property
+    def passes(self) -> list[dict]:
+        """One record per pass sent."""
+        return self._sender.passes
 
     # -- public ---------------------------------------------------------------------
     async def migrate(self, address: tuple[str, int]) -> dict:
         """Migrate the guest to the destination at ``address``; returns the result."""
-        host, cfg, res = self.host, self.config, self.result
-        res["ram"]["total_bytes"] = host.memory.size
-        t_start = time.perf_counter()
-        before = host.counters.snapshot()
-        self.handed_over = False
-        paused_here = False
+        self.result["ram"]["total_bytes"] = self.host.memory.size
+        self._clock.start = time.perf_counter()
+        counters_before = self.host.counters.snapshot()
         self._address = address
         try:
-            auth.load_key(cfg.psk_file)  # a missing or short key fails here, before any connection
-            sock = await connect(*address, cfg.timeout_s)
-            conn = Connection(source_machine(), cfg.checksum)
-            self.machine = conn.machine
-            limiter = RateLimiter(cfg.max_bandwidth) if cfg.max_bandwidth else None
-            self._tls = tls.from_options(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
-            io = await secure(sock, self._tls, False, cfg.timeout_s)
-            chan = self._chan = FrameChannel(sock, conn, cfg.timeout_s, limiter, io)
-            strategy = get_strategy(cfg.strategy)(host, cfg)
-            self.strategy = strategy
-            session = self._session = secrets.token_hex(8)
-            self._recovery = SourceRecovery(cfg, self._tls, session, res, self.progress)
-            self._dest_nonce = await introduce(chan, host, cfg, strategy, session, self._tls)
-            compressor = Compressor(cfg.compression, cfg.max_bandwidth)
-            self.lanes = [SendLane(0, chan, self._new_builder(compressor), cfg.batch_pages)]
-            for i in range(1, cfg.channels):
-                thread = LoopThread(f"channel{i}")
-                self._threads.append(thread)
-                self.lanes.append(await thread.submit(self._open_lane(i, address, session, limiter)))
-            res["setup_time_ms"] = _ms(time.perf_counter() - t_start)
-
-            # Dirty logging starts before the first page is read: the rule
-            # "clear / write-protect first, then copy" from pass 0 on.
-            for slot in host.vm.memslots:
-                host.vm.enable_dirty_logging(slot.slot)
-            host.vmm_dirty.enabled = True
-            strategy.setup_source()
-            self._peer_task = asyncio.ensure_future(chan.recv(timeout=None))
-            # The validation digest is kept up to date from here on, in the
-            # background: every write after a chunk is read is in a later
-            # dirty harvest, which marks the chunk stale (see _harvest), so
-            # after the pause only the chunks dirtied since are read again.
-            self._digest = MemoryDigest(host.memory, compute=False)
-            for lane in self.lanes:
-                lane.builder.digest = self._digest
-            # With checked frames the bulk pass digests the chunks it sends
-            # (BatchBuilder), and the background loop starts after it.
-            self._digest_loop = None if self.lanes[0].builder.checked else DigestKeeper(self._digest)
-
-            policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
-            converge = (
-                AutoConverge(cfg.throttle_initial, cfg.throttle_increment, cfg.throttle_max)
-                if cfg.auto_converge
-                else None
-            )
-            self._converge = converge
-            await self._send_pass(0, host.memory.populated_ranges())
-            if self._digest_loop is None:
-                self._digest_loop = DigestKeeper(self._digest)
-            dirty_passes = 0
-            tags_only = b""
-            while True:
-                bitmap = self._harvest()
-                tags_only = _union(tags_only, self._harvest_tags_only(bitmap))
-                remaining = bitmap.count(1) * PAGE_SIZE + tags_only.count(1) * PACKED_TAGS_PER_PAGE
-                bandwidth = dirty_pass_bandwidth(self.passes)
-                decision = policy.decide(dirty_passes, remaining, bandwidth)
-                res["expected_downtime_ms"] = policy.expected_downtime_ms(remaining, bandwidth)
-                if decision.stop:
-                    break
-                if converge is not None and dirty_passes >= 1:
-                    throttle = converge.after_pass(remaining)
-                    if throttle != host.vcpus.throttle:
-                        host.vcpus.set_throttle(throttle)
-                        self.progress.message(f"auto-converge: vCPUs throttled to {throttle:.0%}")
-                dirty_passes += 1
-                await self._send_pass(dirty_passes, list(runs(bitmap, 1)), tags_only=tags_only)
-                tags_only = b""
-            res["convergence"] = {"policy": policy.name, "reason": decision.reason, "forced": decision.forced}
-            self.progress.message(f"stop-and-copy: {decision.reason}")
-
-            # -- stop and copy --------------------------------------------------------
-            t_pause = time.perf_counter()
-            host.vcpus.pause()
-            paused_here = True
-            conn.machine.local("pause")
-            # The pages harvested for the last decision were never sent:
-            # they go out with whatever the guest dirtied since.
-            final = _union(bitmap, self._harvest())
-            tags_only = _union(tags_only, self._harvest_tags_only(final))
-            # Memory is frozen and the last harvest marked what changed: bring
-            # the digest up to date in threads (CRC releases the GIL) while
-            # the last pages go out.
-            digest_job = asyncio.ensure_future(self._final_digest())
-            await self._send_pass(dirty_passes + 1, list(runs(final, 1)), final=True, tags_only=tags_only)
-            t_mem = time.perf_counter()
-            state = self._collect_state()
-            await chan.send(fr.State(state))
-            t_state = time.perf_counter()
-            digest = await digest_job
-            await chan.send(
-                fr.Complete(digest.data_digest(), digest.tag_digest(), state_digest(state), final_pass=dirty_passes + 1)
-            )
-            confirm = await self._await_peer(chan)
-            # Everything has crossed and been digested on both sides: the
-            # transfer time every strategy is compared on (validation
-            # details and switchover come after).
-            res["confirm_time_ms"] = _ms(time.perf_counter() - t_start)
-            if confirm.type != fr.FrameType.CONFIRM:
-                raise ProtocolError(f"expected CONFIRM, got {confirm.type.name}")
-            validation = await self._validate(chan, digest, confirm, state)
-            res["validation"] = validation.to_dict()
-            if not validation.ok:
-                raise ValidationFailed(validation.summary())
-            # From here on the destination owns the guest: whatever happens
-            # next, this side never resumes it.
-            self.handed_over = True
-            try:
-                await chan.send(fr.Go())
-                resumed = await chan.recv()
-                if resumed.type != fr.FrameType.RESUMED:
-                    raise ProtocolError(f"expected RESUMED, got {resumed.type.name}")
-            except MigrationError as lost:
-                # The one window where neither side can be sure: tell the
-                # destination again, on a new connection, that it owns the guest.
-                if not await self._settle_lost_go(address, lost):
-                    self.handed_over = False  # _finish resumes the guest here
-                    raise DestinationGone(
-                        f"GO was lost and the destination is gone ({one_line(lost)}); the guest resumed on the source"
-                    ) from None
-                res["recovered"] = True
-            t_resumed = time.perf_counter()
-            res["downtime_ms"] = _ms(t_resumed - t_pause)
-            res["downtime_breakdown_ms"] = {
-                "final_memory": _ms(t_mem - t_pause),
-                "state": _ms(t_state - t_mem),
-                "completion": _ms(t_resumed - t_state),
-            }
-            res["status"] = "completed"
-            res["guest_on"] = "destination"
+            await self._connect(address)
+            self._start_precopy()
+            await self._bulk_pass()
+            while not self._precopy_done():
+                await self._dirty_pass()
+            await self._switch_over()
+            await self._complete()
+            await self._hand_over()
         except (asyncio.CancelledError, KeyboardInterrupt):
             self._fail(Cancelled("cancelled by the user"))
         except InDoubt as exc:
             self._fail(exc)
-            res["guest_on"] = "unknown (in doubt: see the error)"
+            self.result["guest_on"] = "unknown (in doubt: see the error)"
         except MigrationError as exc:
             self._fail(exc)
         except Exception as exc:  # a bug: still never lose the guest
             log.exception("internal error")
             self._fail(MigrationError(f"internal error: {type(exc).__name__}: {one_line(exc)}"))
         finally:
-            await self._finish(paused_here)
-            res["total_time_ms"] = _ms(time.perf_counter() - t_start)
-            res["counters"] = type(host.counters).delta(host.counters.snapshot(), before)
-            self._fill_stats()
-        return res
+            await self._finish()
+            self._fill_stats(counters_before)
+        return self.result
 
-    # -- steps --------------------------------------------------------------------------
+    # -- setup ----------------------------------------------------------------------
+    async def _connect(self, address) -> None:
+        """The control connection (TLS if configured), the handshake, then the
+        data channels, each on a thread of its own."""
+        host, cfg = self.host, self.config
+        auth.load_key(cfg.psk_file)  # a missing or short key fails here, before any connection
+        sock = await connect(*address, cfg.timeout_s)
+        conn = Connection(source_machine(), cfg.checksum)
+        self.machine = conn.machine
+        limiter = RateLimiter(cfg.max_bandwidth) if cfg.max_bandwidth else None
+        self._tls = tls.from_options(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+        io = await secure(sock, self._tls, False, cfg.timeout_s)
+        chan = self._chan = FrameChannel(sock, conn, cfg.timeout_s, limiter, io)
+        self.strategy = get_strategy(cfg.strategy)(host, cfg)
+        session = self._session = secrets.token_hex(8)
+        self._recovery = SourceRecovery(cfg, self._tls, session, self.result, self.progress)
+        self._dest_nonce = await introduce(chan, host, cfg, self.strategy, session, self._tls)
+        compressor = Compressor(cfg.compression, cfg.max_bandwidth)
+        self.lanes.append(SendLane(0, chan, self._new_builder(compressor), cfg.batch_pages))
+        for i in range(1, cfg.channels):
+            thread = LoopThread(f"channel{i}")
+            self._sender.threads.append(thread)
+            self.lanes.append(await thread.submit(self._open_lane(i, address, session, limiter)))
+        self.result["setup_time_ms"] = _ms(time.perf_counter() - self._clock.start)
+
     async def _open_lane(self, index: int, address, session: str, limiter) -> SendLane:
         """Runs on the channel's own thread: connect, JOIN, wait for WELCOME."""
         cfg = self.config
@@ -271,133 +204,87 @@ class SourceVmm:
         snapshots each batch and puts its CRCs in the frame."""
         return BatchBuilder(self.strategy, compressor, self.config.batch_pages, checked=self.config.checksum == "full")
 
-    async def _send_pass(self, pass_no: int, ranges, final: bool = False, tags_only: bytes = b"") -> None:
-        """Send the pages in ``ranges`` (data and tags) and the pages marked in
-        ``tags_only`` (their tags alone), each on its chunk's channel; every
-        channel ends its share with PASS_END."""
-        tag_ranges = list(runs(tags_only, 1)) if tags_only else []
-        total = sum(b - a for a, b in ranges) + sum(b - a for a, b in tag_ranges)
-        n = len(self.lanes)
-        shares, tag_shares = partition(ranges, n), partition(tag_ranges, n)
-        t0 = time.perf_counter()
-        start_done = [lane.pages_done for lane in self.lanes]
-        jobs = [asyncio.ensure_future(self.lanes[0].send_share(pass_no, shares[0], tag_shares[0], self._check_peer))]
-        for lane, thread in zip(self.lanes[1:], self._threads):
-            jobs.append(
-                thread.submit(
-                    lane.send_share(pass_no, shares[lane.index], tag_shares[lane.index], self._check_peer_from_thread)
-                )
-            )
-        for job in jobs:  # the first failure is raised below; the others are only read
-            job.add_done_callback(lambda j: j.cancelled() or j.exception())
+    def _start_precopy(self) -> None:
+        """Dirty logging, the validation digest and the convergence policy:
+        all on before the first page is read."""
+        cfg = self.config
+        # The validation digest is kept up to date from here on, in the
+        # background: every write after a chunk is read is in a later
+        # dirty harvest, which marks the chunk stale (see DirtyLog), so
+        # after the pause only the chunks dirtied since are read again.
+        self._digest = MemoryDigest(self.host.memory, compute=False)
+        self._dirty_log.start(self.strategy, self._digest)
+        self.strategy.setup_source()
+        self._peer.listen(self._chan)
+        for lane in self.lanes:
+            lane.builder.digest = self._digest
+        # With checked frames the bulk pass digests the chunks it sends
+        # (BatchBuilder), and the background keeper starts after it.
+        if not self.lanes[0].builder.checked:
+            self._digest_keeper = DigestKeeper(self._digest)
+        self._policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
+        if cfg.auto_converge:
+            self._converge = AutoConverge(cfg.throttle_initial, cfg.throttle_increment, cfg.throttle_max)
 
-        def progress(force=False):
-            done = sum(lane.pages_done - s0 for lane, s0 in zip(self.lanes, start_done))
-            elapsed = time.perf_counter() - t0
-            self.progress.update(
-                pass_no,
-                done,
-                total,
-                done * PAGE_SIZE / elapsed if elapsed else 0.0,
-                self._dirty_rate(),
-                self.result["expected_downtime_ms"],
-                force=force,
-            )
+    # -- precopy --------------------------------------------------------------------
+    async def _bulk_pass(self) -> None:
+        """Pass 0: every populated page."""
+        await self._sender.send(0, self.host.memory.populated_ranges())
+        if self._digest_keeper is None:
+            self._digest_keeper = DigestKeeper(self._digest)
 
-        pending = set(jobs)
-        try:
-            while pending:
-                _, pending = await asyncio.wait(pending, timeout=0.25, return_when=asyncio.FIRST_EXCEPTION)
-                for job in jobs:
-                    if job.done() and not job.cancelled() and job.exception() is not None:
-                        self._check_peer()  # the destination's own words beat a broken pipe
-                        raise job.exception()
-                progress()
-        finally:
-            for job in pending:
-                job.cancel()
-        pass_stats = BatchStats()
-        for job in jobs:
-            pass_stats.add(job.result())
-        elapsed = time.perf_counter() - t0
-        self.passes.append(
-            {
-                "pass": pass_no,
-                "final": final,
-                "pages": total,
-                "tags_only_pages": sum(b - a for a, b in tag_ranges),
-                "normal_pages": pass_stats.normal_pages,
-                "zero_pages": pass_stats.zero_pages,
-                "tagged_pages": pass_stats.tagged_pages,
-                "seconds": round(elapsed, 6),
-                "wire_bytes": pass_stats.data_wire + pass_stats.tag_wire,
+    def _precopy_done(self) -> bool:
+        """Harvest what the guest dirtied and ask the policy whether the rest
+        fits in the downtime (or precopy has to stop anyway)."""
+        self._dirty = self._dirty_log.harvest()
+        self._tags_only = union(self._tags_only, self._dirty_log.harvest_tags_only(self._dirty))
+        remaining = self._dirty.count(1) * PAGE_SIZE + self._tags_only.count(1) * PACKED_TAGS_PER_PAGE
+        bandwidth = dirty_pass_bandwidth(self.passes)
+        decision = self._policy.decide(self._dirty_passes, remaining, bandwidth)
+        self.result["expected_downtime_ms"] = self._policy.expected_downtime_ms(remaining, bandwidth)
+        self._remaining = remaining
+        if decision.stop:
+            self.result["convergence"] = {
+                "policy": self._policy.name,
+                "reason": decision.reason,
+                "forced": decision.forced,
             }
-        )
-        progress(force=True)
+            self.progress.message(f"stop-and-copy: {decision.reason}")
+        return decision.stop
 
-    async def _settle_lost_go(self, address, lost: MigrationError) -> bool:
-        """True once the destination confirms it runs the guest, False when it
-        is to resume here (see SourceRecovery.settle_lost_go)."""
-        return await self._recovery.settle_lost_go(address, lost)
+    async def _dirty_pass(self) -> None:
+        """Send what the last harvest found (throttling the vCPUs first, with
+        auto-converge, from the second dirty pass on)."""
+        if self._converge is not None and self._dirty_passes >= 1:
+            throttle = self._converge.after_pass(self._remaining)
+            if throttle != self.host.vcpus.throttle:
+                self.host.vcpus.set_throttle(throttle)
+                self.progress.message(f"auto-converge: vCPUs throttled to {throttle:.0%}")
+        self._dirty_passes += 1
+        await self._sender.send(self._dirty_passes, list(runs(self._dirty, 1)), tags_only=self._tags_only)
+        self._tags_only = b""
 
-    async def _final_digest(self) -> MemoryDigest:
-        t = time.perf_counter()
-        if self._digest_loop is not None:
-            await self._digest_loop.stop()  # not two threads on one chunk
-        stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()
-        await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # the guest is paused
-        self.result["digest"] = {
-            "stale_chunks_at_pause": stale,
-            "stale_mib_at_pause": round(stale_bytes / 2**20, 1),
-            "final_ms": _ms(time.perf_counter() - t),
-        }
-        return self._digest
-
-    def _check_peer_from_thread(self) -> None:
-        """From a channel thread: stop sending once the destination has spoken
-        (the main loop reads what it said)."""
-        task = self._peer_task
-        if task is not None and task.done():
-            raise TransportError("destination stopped the migration")
-
-    def _harvest(self) -> bytes:
-        """KVM_GET_DIRTY_LOG on every memslot, merged with the VMM's own
-        bitmap of device writes: one byte per page, 1 = dirty."""
-        vm, npages = self.host.vm, self.host.memory.npages
-        merged = bytearray(npages)
-        for slot in vm.memslots:
-            log_ = vm.get_dirty_log(slot.slot)
-            merged[slot.first_page : slot.first_page + slot.npages] = log_.bitmap
-        vmm = self.host.vmm_dirty.harvest()
-        merged = _union(bytes(merged), vmm)
-        self._mark_digest_stale(merged)
-        self.result["dirty_sync_count"] += 1
-        self._last_dirty = (time.perf_counter(), merged.count(1))
-        return merged
-
-    def _harvest_tags_only(self, data_dirty: bytes) -> bytes:
-        """Pages in the strategy's tags-dirty log whose data is not being
-        resent anyway (with the proposed tag-dirty-log strategy only)."""
-        tag_dirty = self.strategy.harvest_tag_dirty()
-        if tag_dirty is None or tag_dirty.find(1) < 0:
-            return b""
-        self._mark_digest_stale(tag_dirty)  # tags changed there: the tag CRC is stale
-        n = len(tag_dirty)
-        # tag_dirty AND NOT data_dirty, in bulk: (t | d) ^ d
-        t, d = int.from_bytes(tag_dirty, "little"), int.from_bytes(data_dirty, "little")
-        return ((t | d) ^ d).to_bytes(n, "little")
-
-    def _mark_digest_stale(self, bitmap: bytes) -> None:
-        digest = getattr(self, "_digest", None)
-        if digest is not None:
-            for a, b in runs(bitmap, 1):
-                digest.mark_stale(a, b)
-
-    def _dirty_rate(self) -> float | None:
-        if not self.passes or not getattr(self, "_last_dirty", None):
-            return None
-        last = self.passes[-1]
-        return self._last_dirty[1] / last["seconds"] if last["seconds"] else None
+    # -- stop and copy --------------------------------------------------------------
+    async def _switch_over(self) -> None:
+        """Pause the guest; send what it dirtied since the last pass, then its state."""
+        self._clock.pause = time.perf_counter()
+        self.host.vcpus.pause()
+        self._paused_here = True
+        self.machine.local("pause")
+        # The pages harvested for the last decision were never sent:
+        # they go out with whatever the guest dirtied since.
+        final = union(self._dirty, self._dirty_log.harvest())
+        self._tags_only = union(self._tags_only, self._dirty_log.harvest_tags_only(final))
+        # Memory is frozen and the last harvest marked what changed: bring
+        # the digest up to date in threads (CRC releases the GIL) while
+        # the last pages go out.
+        self._digest_job = asyncio.ensure_future(self._final_digest())
+        final_pass = self._dirty_passes + 1
+        await self._sender.send(final_pass, list(runs(final, 1)), final=True, tags_only=self._tags_only)
+        self._clock.memory_sent = time.perf_counter()
+        self._state = self._collect_state()
+        await self._chan.send(fr.State(self._state))
+        self._clock.state_sent = time.perf_counter()
 
     def _collect_state(self) -> dict:
         host = self.host
@@ -412,6 +299,47 @@ class SourceVmm:
             "devices": {"virtio-net0": {"rx_avail_idx": host.vcpus.steps[0] & 0xFFFF, "status": 0x0F}},
             "mte": host.vm.mte_enabled,
         }
+
+    async def _final_digest(self) -> MemoryDigest:
+        t = time.perf_counter()
+        if self._digest_keeper is not None:
+            await self._digest_keeper.stop()  # not two threads on one chunk
+        stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()
+        await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # the guest is paused
+        self.result["digest"] = {
+            "stale_chunks_at_pause": stale,
+            "stale_mib_at_pause": round(stale_bytes / 2**20, 1),
+            "final_ms": _ms(time.perf_counter() - t),
+        }
+        return self._digest
+
+    # -- completion -----------------------------------------------------------------
+    async def _complete(self) -> None:
+        """COMPLETE with this side's digests; the destination's CONFIRM carries
+        its own; they must agree (or the differing chunks are inspected)."""
+        digest, state = await self._digest_job, self._state
+        final_pass = self._dirty_passes + 1
+        await self._chan.send(
+            fr.Complete(digest.data_digest(), digest.tag_digest(), state_digest(state), final_pass=final_pass)
+        )
+        confirm = await self._peer.answer(self._chan, self._confirm_timeout())
+        # Everything has crossed and been digested on both sides: the
+        # transfer time every strategy is compared on (validation
+        # details and switchover come after).
+        self.result["confirm_time_ms"] = _ms(time.perf_counter() - self._clock.start)
+        if confirm.type != fr.FrameType.CONFIRM:
+            raise ProtocolError(f"expected CONFIRM, got {confirm.type.name}")
+        validation = await self._validate(self._chan, digest, confirm, state)
+        self.result["validation"] = validation.to_dict()
+        if not validation.ok:
+            raise ValidationFailed(validation.summary())
+
+    def _confirm_timeout(self) -> float:
+        # The destination digests the chunks of the final pass before it
+        # answers; allow for that at a pessimistic 250 MB/s, no more.
+        final_pages = self.passes[-1]["pages"] if self.passes else 0
+        stale_pages = min(final_pages * PIECE_PAGES, self.host.memory.npages)  # a page stales a digest piece
+        return self.config.timeout_s + stale_pages * PAGE_SIZE / 250e6
 
     async def _validate(self, chan, digest, confirm, state) -> Validation:
         cfg, memory = self.config, self.host.memory
@@ -442,37 +370,42 @@ class SourceVmm:
                 raise ProtocolError(f"INSPECTION: {exc}") from None
         return validation
 
-    def _check_peer(self) -> None:
-        task = self._peer_task
-        if task is not None and task.done():
-            self._peer_task = None
-            frame = task.result()  # raises the peer's transport/protocol error
-            if frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
-                raise PeerError(
-                    f"destination: {getattr(frame, 'message', None) or frame.reason}", getattr(frame, "code", "abort")
-                )
-            raise ProtocolError(f"unexpected {frame.type.name} frame from the destination")
-
-    async def _await_peer(self, chan):
-        task, self._peer_task = self._peer_task, None
-        if task is None:
-            return await chan.recv()
+    # -- hand over ------------------------------------------------------------------
+    async def _hand_over(self) -> None:
+        """GO, and the destination's RESUMED: the guest runs there now."""
+        # From here on the destination owns the guest: whatever happens
+        # next, this side never resumes it.
+        self.handed_over = True
         try:
-            # The destination digests the chunks of the final pass before it
-            # answers; allow for that at a pessimistic 250 MB/s, no more.
-            final_pages = self.passes[-1]["pages"] if self.passes else 0
-            stale_pages = min(final_pages * PIECE_PAGES, self.host.memory.npages)  # a page stales a digest piece
-            allowance = stale_pages * PAGE_SIZE / 250e6
-            frame = await asyncio.wait_for(asyncio.shield(task), self.config.timeout_s + allowance)
-        except TimeoutError:
-            task.cancel()
-            raise TransportError("the destination did not confirm in time") from None
-        if frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
-            raise PeerError(
-                f"destination: {getattr(frame, 'message', None) or frame.reason}", getattr(frame, "code", "abort")
-            )
-        return frame
+            await self._chan.send(fr.Go())
+            resumed = await self._chan.recv()
+            if resumed.type != fr.FrameType.RESUMED:
+                raise ProtocolError(f"expected RESUMED, got {resumed.type.name}")
+        except MigrationError as lost:
+            # The one window where neither side can be sure: tell the
+            # destination again, on a new connection, that it owns the guest.
+            if not await self._settle_lost_go(self._address, lost):
+                self.handed_over = False  # _finish resumes the guest here
+                raise DestinationGone(
+                    f"GO was lost and the destination is gone ({one_line(lost)}); the guest resumed on the source"
+                ) from None
+            self.result["recovered"] = True
+        clock, resumed_at = self._clock, time.perf_counter()
+        self.result["downtime_ms"] = _ms(resumed_at - clock.pause)
+        self.result["downtime_breakdown_ms"] = {
+            "final_memory": _ms(clock.memory_sent - clock.pause),
+            "state": _ms(clock.state_sent - clock.memory_sent),
+            "completion": _ms(resumed_at - clock.state_sent),
+        }
+        self.result["status"] = "completed"
+        self.result["guest_on"] = "destination"
 
+    async def _settle_lost_go(self, address, lost: MigrationError) -> bool:
+        """True once the destination confirms it runs the guest, False when it
+        is to resume here (see SourceRecovery.settle_lost_go)."""
+        return await self._recovery.settle_lost_go(address, lost)
+
+    # -- the end, whatever happened -------------------------------------------------
     def _fail(self, exc: MigrationError) -> None:
         res = self.result
         res["status"] = exc.status
@@ -480,27 +413,48 @@ class SourceVmm:
         self._error = exc
         self.progress.message(f"migration {exc.status}: {res['error']}")
 
-    async def _finish(self, paused_here: bool) -> None:
-        host, chan = self.host, self._chan
-        err = getattr(self, "_error", None)
+    async def _finish(self) -> None:
+        """Tell the destination what failed, stop every thread and log, and
+        resume the guest here unless it was handed over."""
+        if self._error is not None:
+            await self._report_failure(self._error)
+        if self._digest_keeper is not None:
+            await self._digest_keeper.stop()  # before the guest's memory can go away
+        self._peer.stop()
+        if self._chan is not None:
+            self._chan.close()
+        self._sender.close()
+        self._dirty_log.stop()
+        if self.strategy is not None:
+            self.strategy.close()
+        if self._converge is not None:
+            self.result["throttle"] = {"max": max(self._converge.history, default=0.0), "steps": self._converge.history}
+        self.host.vcpus.set_throttle(0.0)  # the guest runs at full speed again, wherever it is
+        if not self.handed_over:
+            if self._paused_here:
+                self.host.vcpus.resume()  # nothing lost: the guest goes on here
+            self.result["guest_on"] = "source"
+        elif self.result["status"] != "completed" and not self.result["guest_on"].startswith("destination"):
+            self.result["guest_on"] = "unknown: GO was sent but the destination did not confirm resuming"
+
+    async def _report_failure(self, err: MigrationError) -> None:
+        machine = self.machine
         if (
-            err is not None
-            and chan is not None
-            and self.machine is not None
-            and not self.machine.finished
+            self._chan is not None
+            and machine is not None
+            and not machine.finished
             and not isinstance(err, (PeerError, TransportError))
         ):
             frame = fr.Abort(one_line(err)) if isinstance(err, Cancelled) else fr.Error(err.code, one_line(err))
             try:
                 async with asyncio.timeout(1.0):
-                    await chan.send(frame)
+                    await self._chan.send(frame)
             except Exception:  # best effort: the peer may be gone
                 pass
         if (
-            err is not None
-            and not self.handed_over
-            and self.machine is not None
-            and self.machine.state in (SourceState.VALIDATING,)
+            not self.handed_over
+            and machine is not None
+            and machine.state in (SourceState.VALIDATING,)
             and isinstance(err, TransportError)
         ):
             # The destination confirmed and now waits for GO it will never
@@ -510,43 +464,16 @@ class SourceVmm:
                     await self._recovery.send(self._address, "abort", err)
             except (MigrationError, TimeoutError):
                 pass
-        if self.machine is not None and err is not None:
-            self.machine.fail(one_line(err))
-        if getattr(self, "_digest_loop", None) is not None:
-            await self._digest_loop.stop()  # before the guest's memory can go away
-        if self._peer_task is not None:
-            self._peer_task.cancel()
-            self._peer_task = None
-        if chan is not None:
-            chan.close()
-        for thread in self._threads:  # cancel what still runs there, then close its socket
-            thread.stop()
-        for lane in self.lanes[1:]:
-            lane.chan.close()
-        for slot in host.vm.memslots:
-            if host.vm.dirty_logging():
-                host.vm.disable_dirty_logging(slot.slot)
-        host.vmm_dirty.enabled = False
-        if getattr(self, "strategy", None) is not None:
-            self.strategy.close()
-        if getattr(self, "_converge", None) is not None:
-            self.result["throttle"] = {"max": max(self._converge.history, default=0.0), "steps": self._converge.history}
-        host.vcpus.set_throttle(0.0)  # the guest runs at full speed again, wherever it is
-        if not self.handed_over:
-            if paused_here:
-                host.vcpus.resume()  # nothing lost: the guest goes on here
-            self.result["guest_on"] = "source"
-        elif self.result["status"] != "completed" and not self.result["guest_on"].startswith("destination"):
-            self.result["guest_on"] = "unknown: GO was sent but the destination did not confirm resuming"
+        if machine is not None:
+            machine.fail(one_line(err))
 
-    def _fill_stats(self) -> None:
-        res = self.result
-        s = BatchStats()
-        for lane in self.lanes:  # including passes that broke off
-            s.add(lane.totals)
+    def _fill_stats(self, counters_before) -> None:
+        res, host, chan, lanes = self.result, self.host, self._chan, self.lanes
+        res["total_time_ms"] = _ms(time.perf_counter() - self._clock.start)
+        res["counters"] = type(host.counters).delta(host.counters.snapshot(), counters_before)
+        s = self._sender.totals()
         total_s = res["total_time_ms"] / 1000.0
-        chan = self._chan
-        sent = sum(lane.chan.bytes_sent for lane in self.lanes) if self.lanes else (chan.bytes_sent if chan else 0)
+        sent = sum(lane.chan.bytes_sent for lane in lanes) if lanes else (chan.bytes_sent if chan else 0)
         res["passes"] = self.passes
         res["ram"].update(
             transferred_bytes=sent,
@@ -558,16 +485,16 @@ class SourceVmm:
             guest_bytes_per_s=round(res["ram"]["total_bytes"] / total_s)
             if total_s and res["status"] == "completed"
             else None,
-            dirty_pages_rate=round(self._dirty_rate() or 0.0, 1),
+            dirty_pages_rate=round(self._dirty_log.rate(self.passes) or 0.0, 1),
         )
         res["tags"].update(tagged_pages=s.tagged_pages, raw_bytes=s.tag_raw, wire_bytes=s.tag_wire)
-        comps = [lane.builder.compressor for lane in self.lanes]
+        comps = [lane.builder.compressor for lane in lanes]
         res["wire"].update(
             bytes_sent=sent,
             bytes_received=chan.bytes_received if chan else 0,
             data_bytes=s.data_wire,
             tag_bytes=s.tag_wire,
-            channels=len(self.lanes) or None,
+            channels=len(lanes) or None,
             compression=None
             if not comps
             else {

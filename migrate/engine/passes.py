@@ -1,0 +1,167 @@
+"""The source's passes: each sends a set of pages over every channel, each
+page on its chunk's channel (see lanes.py), and the destination stays
+silent meanwhile -- unless it fails, which one pending receive on the
+control connection hears at once (``PeerWatch``)."""
+
+import asyncio
+import functools
+import time
+
+from hosts.constants import PAGE_SIZE
+from migrate.engine.bitmaps import runs
+from migrate.engine.lanes import SendLane, partition
+from migrate.engine.pages import BatchStats
+from migrate.errors import PeerError, ProtocolError, TransportError
+from migrate.net.threads import LoopThread
+from migrate.protocol import frames as fr
+
+
+def _peer_error(frame) -> PeerError:
+    return PeerError(f"destination: {getattr(frame, 'message', None) or frame.reason}", getattr(frame, "code", "abort"))
+
+
+class PeerWatch:
+    """A pending receive on the control connection, from the bulk pass to
+    CONFIRM: the destination speaks only to fail (or, at the end, to confirm)."""
+
+    def __init__(self):
+        self._task: asyncio.Future | None = None
+
+    def listen(self, chan) -> None:
+        self._task = asyncio.ensure_future(chan.recv(timeout=None))
+
+    def check(self) -> None:
+        """Raise what the destination said, if it said anything."""
+        task = self._task
+        if task is not None and task.done():
+            self._task = None
+            frame = task.result()  # raises the peer's transport/protocol error
+            if frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
+                raise _peer_error(frame)
+            raise ProtocolError(f"unexpected {frame.type.name} frame from the destination")
+
+    def check_from_thread(self) -> None:
+        """From a channel thread: stop sending once the destination has spoken
+        (the main loop reads what it said)."""
+        task = self._task
+        if task is not None and task.done():
+            raise TransportError("destination stopped the migration")
+
+    async def answer(self, chan, timeout: float):
+        """The destination's next frame (its CONFIRM), within ``timeout`` seconds."""
+        task, self._task = self._task, None
+        if task is None:
+            return await chan.recv()
+        try:
+            frame = await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            task.cancel()
+            raise TransportError("the destination did not confirm in time") from None
+        if frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
+            raise _peer_error(frame)
+        return frame
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+
+class PassSender:
+    """Sends passes over ``lanes`` (lane 0 on the event loop, lane i on
+    ``threads[i - 1]``) and keeps a record of each in ``passes``."""
+
+    def __init__(self, peer: PeerWatch, dirty_log, progress, result: dict):
+        self.peer = peer
+        self.dirty_log = dirty_log  # for the dirty rate the progress line shows
+        self.progress = progress
+        self.result = result
+        self.lanes: list[SendLane] = []
+        self.threads: list[LoopThread] = []
+        self.passes: list[dict] = []
+
+    async def send(self, pass_no: int, ranges, final: bool = False, tags_only: bytes = b"") -> None:
+        """Send the pages in ``ranges`` (data and tags) and the pages marked in
+        ``tags_only`` (their tags alone), each on its chunk's channel; every
+        channel ends its share with PASS_END."""
+        tag_ranges = list(runs(tags_only, 1)) if tags_only else []
+        total = sum(b - a for a, b in ranges) + sum(b - a for a, b in tag_ranges)
+        n = len(self.lanes)
+        shares, tag_shares = partition(ranges, n), partition(tag_ranges, n)
+        started = time.perf_counter()
+        report = functools.partial(self._report, pass_no, total, started, [lane.pages_done for lane in self.lanes])
+        jobs = self._start_shares(pass_no, shares, tag_shares)
+        await self._wait(jobs, report)
+        pass_stats = BatchStats()
+        for job in jobs:
+            pass_stats.add(job.result())
+        self._record(pass_no, final, total, tag_ranges, pass_stats, time.perf_counter() - started)
+        report(force=True)
+
+    def _start_shares(self, pass_no: int, shares, tag_shares) -> list:
+        lane0 = self.lanes[0]
+        jobs = [asyncio.ensure_future(lane0.send_share(pass_no, shares[0], tag_shares[0], self.peer.check))]
+        for lane, thread in zip(self.lanes[1:], self.threads):
+            jobs.append(
+                thread.submit(
+                    lane.send_share(pass_no, shares[lane.index], tag_shares[lane.index], self.peer.check_from_thread)
+                )
+            )
+        for job in jobs:  # the first failure is raised below; the others are only read
+            job.add_done_callback(lambda j: j.cancelled() or j.exception())
+        return jobs
+
+    async def _wait(self, jobs: list, report) -> None:
+        pending = set(jobs)
+        try:
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=0.25, return_when=asyncio.FIRST_EXCEPTION)
+                for job in jobs:
+                    if job.done() and not job.cancelled() and job.exception() is not None:
+                        self.peer.check()  # the destination's own words beat a broken pipe
+                        raise job.exception()
+                report()
+        finally:
+            for job in pending:
+                job.cancel()
+
+    def _report(self, pass_no: int, total: int, started: float, start_done: list[int], force: bool = False) -> None:
+        done = sum(lane.pages_done - s0 for lane, s0 in zip(self.lanes, start_done))
+        elapsed = time.perf_counter() - started
+        self.progress.update(
+            pass_no,
+            done,
+            total,
+            done * PAGE_SIZE / elapsed if elapsed else 0.0,
+            self.dirty_log.rate(self.passes),
+            self.result["expected_downtime_ms"],
+            force=force,
+        )
+
+    def _record(self, pass_no: int, final: bool, total: int, tag_ranges, stats: BatchStats, elapsed: float) -> None:
+        self.passes.append(
+            {
+                "pass": pass_no,
+                "final": final,
+                "pages": total,
+                "tags_only_pages": sum(b - a for a, b in tag_ranges),
+                "normal_pages": stats.normal_pages,
+                "zero_pages": stats.zero_pages,
+                "tagged_pages": stats.tagged_pages,
+                "seconds": round(elapsed, 6),
+                "wire_bytes": stats.data_wire + stats.tag_wire,
+            }
+        )
+
+    def totals(self) -> BatchStats:
+        """Everything the channels sent, including passes that broke off."""
+        stats = BatchStats()
+        for lane in self.lanes:
+            stats.add(lane.totals)
+        return stats
+
+    def close(self) -> None:
+        for thread in self.threads:  # cancel what still runs there, then close its socket
+            thread.stop()
+        for lane in self.lanes[1:]:
+            lane.chan.close()
