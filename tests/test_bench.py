@@ -232,6 +232,34 @@ def test_without_matplotlib_there_is_no_chart_and_no_error(monkeypatch, tmp_path
     assert not (tmp_path / "c.png").exists()
 
 
+def test_the_chart_draws_each_panel_with_whiskers_and_hatches_proposals(monkeypatch, tmp_path):
+    # A stand-in for matplotlib that records the calls, so the drawing code
+    # runs here even where the plot extra is not installed.
+    from unittest import mock
+
+    axes = [mock.MagicMock(name=f"ax{i}") for i in range(4)]
+    fig = mock.MagicMock(name="fig")
+    fig.savefig.side_effect = lambda path, dpi: open(path, "wb").close()
+    pyplot = SimpleNamespace(subplots=lambda *a, **k: (fig, SimpleNamespace(flat=axes)), close=lambda f: None)
+    mpl = SimpleNamespace(use=lambda backend: None, pyplot=pyplot)
+    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    rows = [row("none", t, repeat=i) for i, t in enumerate((1000.0, 1100.0))]
+    rows += [row("tag-dirty-log", t, repeat=i) for i, t in enumerate((1250.0, 1000.0))]
+    assert plot(summarise(rows), str(tmp_path / "c.png")) is True
+    assert (tmp_path / "c.png").exists()
+    titles = [ax.set_title.call_args.args[0] for ax in axes]
+    assert titles == [p["title"] for p in chart_panels(summarise(rows))]
+    bars = axes[0].bar.call_args_list
+    assert len(bars) == 2  # none and the proposal, one series each
+    proposal = next(c for c in bars if "[PROPOSAL]" in c.kwargs["label"])
+    assert proposal.kwargs["hatch"] == "//"
+    lows, highs = proposal.kwargs["yerr"]
+    assert lows == [900.0 - 800.0] and highs == [1000.0 - 900.0]  # median 900, whiskers to min and max
+    axes[3].set_facecolor.assert_called_once()  # the estimate panel stands apart
+    axes[0].set_facecolor.assert_not_called()
+
+
 def test_with_matplotlib_the_chart_is_drawn(tmp_path):
     pytest.importorskip("matplotlib")
     summary = summarise([row("none", 1000.0), row("tag-dirty-log", 900.0)])
