@@ -4,11 +4,14 @@ from migrate.strategies.tag_ioctl import TagIoctl
 class TagDirtyLog(TagIoctl):
     """PROPOSAL -- no public work has built it, and it needs a kernel
     interface that does not exist: a second, tags-only dirty log
-    (KVM_GET_TAG_DIRTY_LOG).  With stage 2 able to trap tag stores apart from
-    data stores (FEAT_MTE_PERM's NoTagAccess), a guest that retags memory
-    without writing it (an MTE allocator's free) dirties only the tag log,
-    and the VMM resends 128 bytes of tags instead of the whole page.
-    Otherwise it moves tags like tag-ioctl."""
+    (KVM_GET_TAG_DIRTY_LOG).  If stage 2 could let a tag store to a clean
+    page through while still trapping data stores, a guest that retags
+    memory without writing it (an MTE allocator's free) would dirty only the
+    tag log, and the VMM would resend 128 bytes of tags instead of the whole
+    page.  The simulation assumes that permission; the architecture has none
+    (STG is a write to stage 2, and FEAT_MTE_PERM's NoTagAccess helps only on
+    pages already writable: docs/PROPOSALS.md).  Otherwise it moves tags like
+    tag-ioctl."""
 
     name = "tag-dirty-log"
     description = "tag-ioctl plus a proposed tags-only dirty log: a retag resends 128 B of tags, not the page"
