@@ -471,7 +471,7 @@ async def test_stranger_join_with_a_wrong_proof_is_refused_and_the_migration_com
             assert [f.type for f in frames] == [T.ERROR], what
             assert frames[0].code == "auth", what
             assert frames[0].message == "data channel 1 failed authentication", what
-            assert dest_engine._lanes == {}, what
+            assert dest_engine._channels.lanes == {}, what
             assert not src_task.done(), what
         GatedSource.gate.set()
         sres = await asyncio.wait_for(src_task, WAIT)
