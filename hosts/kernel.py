@@ -329,6 +329,7 @@ class Vm:
         if (
             one is not None
             and flags in _COPY_FLAGS
+            and (flags or not self._dirty)
             and reserved == (0, 0)
             and self.mte_enabled
             and not (guest_ipa | length) % PAGE_SIZE
@@ -352,10 +353,15 @@ class Vm:
                     self._tags_from_user(first, npages, view, calls=1)
                 return length
         error = self._copy_tags_einval(guest_ipa, length, flags, reserved)
+        from_guest = flags & KVM_ARM_TAGS_FROM_GUEST
+        if error is None and not from_guest and self._dirty:
+            # Measured (docs/FIDELITY.md): KVM refuses to store tags while any
+            # memslot logs dirty pages, because the store would not be logged;
+            # a zero length is refused too (the check comes first).
+            error = KernelError("EBUSY", "tags cannot be copied to the guest while dirty logging is on")
         if error is not None:
             self.counters.add("syscalls.kvm_arm_mte_copy_tags")
             raise error
-        from_guest = flags & KVM_ARM_TAGS_FROM_GUEST
         view = memoryview(buf).cast("B")
         self.counters.add("syscalls.kvm_arm_mte_copy_tags")
         done = 0
@@ -379,10 +385,16 @@ class Vm:
                     self._tags_from_user(first, npages, out)
                 done += npages * PAGE_SIZE
             if npages * PAGE_SIZE < span:
-                if not from_guest:
-                    # The copy from the user buffer failed inside the next
-                    # page: the kernel clears that page's tags rather than
-                    # leave stale ones, and marks it tagged.
+                # The user buffer ends inside the next page's tags.  The
+                # kernel pinned that page first, which faulted it in, then
+                # copied tag by tag until the buffer faulted.
+                if from_guest:
+                    # Measured: the tags that fit are in the buffer (zeros
+                    # for an untagged page), the page is faulted in.
+                    self._partial_tags_to_user(first + npages, view[tag_offset + npages * GRANULES_PER_PAGE :])
+                else:
+                    # It clears that page's tags rather than leave a mix of
+                    # old and new ones, and marks it tagged.
                     self._clear_failed_page(first + npages)
                 error = efault("tag buffer is too small for the requested length")
                 break
@@ -405,6 +417,18 @@ class Vm:
         if length > _INT_MAX:
             return einval("length does not fit the return value")
         return None
+
+    def _partial_tags_to_user(self, page: int, out: memoryview) -> None:
+        """FROM_GUEST of ``page`` into a buffer that holds fewer than its
+        GRANULES_PER_PAGE tags: the first len(out) tags land, then the copy
+        faults (the call counts the page as not done)."""
+        mem = self.memory
+        with self.mmu_lock:
+            self.counters.add("kernel.pages_faulted_in", mem.fault_in(page, page + 1))
+            if mem.tagged[page]:
+                out[:] = tagops.unpack(mem.page_tags(page))[: len(out)]
+            else:
+                out[:] = bytes(len(out))
 
     def _clear_failed_page(self, page: int) -> None:
         with self.mmu_lock:

@@ -429,7 +429,10 @@ def test_partial_copy_when_the_buffer_is_too_small(vm, flags):
     done = vm.mte_copy_tags(ipa(20), 3 * PAGE_SIZE, buf, flags)
     assert done == PAGE_SIZE
     if flags == FROM:
-        assert buf == b"\x0b" * 256 + b"\x02" * 255
+        # The kernel copies tag by tag until the buffer faults: the page that
+        # did not fit is not counted, but the tags that fit are in the buffer
+        # (recorded on 6.1 and 6.12: tests/fidelity, fault.from_mid_page1).
+        assert buf == b"\x0b" * (256 + 255)
     else:
         # The page whose copy from the buffer failed has its tags cleared
         # (not left stale); the page after it is not reached.
