@@ -5,15 +5,16 @@ import logging
 import sys
 
 from migrate import __version__
+from migrate.config import options
 from migrate.errors import ConfigError, MigrationError
-from migrate.units import parse_rate, parse_size
+from migrate.units import parse_size
 
 DESCRIPTION = """\
 Live migration of a simulated Arm64 KVM guest that uses MTE memory tags,
 between two host processes over TCP, with pluggable ways for the VMM to reach
 the tags (PROT_MTE mapping, KVM_ARM_MTE_COPY_TAGS, ...).  With no command,
-`run` migrates the built-in default scenario: a 1 GiB allocator guest with
-the tag-ioctl strategy."""
+`run` migrates the default scenario: a 1 GiB allocator guest with the
+tag-ioctl strategy.  Every option and result field: docs/USAGE.md."""
 
 EPILOG = """\
 examples:
@@ -26,88 +27,44 @@ examples:
 exit status: 0 migrated and validated; 1 failed; 2 bad usage; 130 cancelled."""
 
 
-def _add_guest_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("guest and scenario")
-    g.add_argument(
-        "--scenario",
-        metavar="NAME|FILE",
-        help="scenario name from scenarios/ or a TOML file (default: built-in 'default')",
-    )
-    g.add_argument("--ram", metavar="SIZE", help="guest RAM, e.g. 512MiB, 16GiB")
-    g.add_argument("--image", metavar="FILE", help="load guest RAM from this raw image")
-    g.add_argument("--image-repeat", action="store_true", help="repeat the image to fill RAM")
-    g.add_argument(
-        "--workload", help="guest workload (idle, allocator, retag-churn, stream, hot-set, random, device-dma)"
-    )
-    g.add_argument("--rate", metavar="PAGES/S", help="guest dirtying rate in pages per second ('max' for flat out)")
-    g.add_argument("--vcpus", type=int, metavar="N", help="number of vCPUs")
-    g.add_argument("--seed", type=int, help="workload seed (same seed, same guest)")
-    g.add_argument("--fill", type=float, metavar="FRACTION", help="share of RAM the workload populates at boot (0..1)")
-    g.add_argument("--spec", help=argparse.SUPPRESS)  # internal: full spec from `run`
+def _add_table_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """A migrating command's options, from the option table.  Settings of a
+    guest or migration default to None, "not given", so that a scenario's
+    value stands unless the command line names one (resolve() parses them);
+    the command's own settings are typed and defaulted here."""
+    groups = {}
+    for option in options.for_command(command):
+        where = parser
+        if option.help_group is not None:
+            if option.help_group not in groups:
+                groups[option.help_group] = parser.add_argument_group(*options.GROUPS[option.help_group])
+            where = groups[option.help_group]
+        own = option.section is None
+        if option.flags:
+            value = {"choices": option.kind.choices} if option.kind.choices else {"metavar": option.metavar_text}
+            where.add_argument(
+                *option.flags,
+                dest=option.name,
+                action="append" if option.repeat else "store",
+                type=option.kind.type if own and option.kind.type in (int, float) else None,
+                default=option.default if own else None,
+                required=option.required,
+                help=argparse.SUPPRESS if option.hidden else option.help_text(),
+                **value,
+            )
+        if option.switch:
+            where.add_argument(
+                *option.switch,
+                dest=option.name,
+                action="store_const",
+                const=option.switch_value,
+                default=option.default if own else None,
+                help=argparse.SUPPRESS if option.hidden else option.switch_help or _switch_help(option),
+            )
 
 
-def _add_migration_options(p: argparse.ArgumentParser) -> None:
-    m = p.add_argument_group("migration")
-    m.add_argument("--strategy", help="tag strategy (see `mte-migrate strategies`; default tag-ioctl)")
-    m.add_argument(
-        "--compression", metavar="auto|none|LEVEL", help="zstd: auto (default) decides from measured throughput"
-    )
-    m.add_argument(
-        "--max-bandwidth", metavar="RATE", help="cap the sending rate, e.g. 125M (bytes/s), 1GiB; default none"
-    )
-    m.add_argument(
-        "--downtime-limit",
-        type=float,
-        metavar="MS",
-        help="converged when the estimated downtime (what is left to send / the last dirty pass's rate) <= this (default 300)",
-    )
-    m.add_argument("--max-passes", type=int, metavar="N", help="stop-and-copy after N dirty passes anyway (default 30)")
-    m.add_argument(
-        "--no-auto-converge",
-        action="store_true",
-        help="never throttle the guest's vCPUs when dirty passes stop shrinking",
-    )
-    m.add_argument("--batch-pages", type=int, metavar="N", help="pages per frame (default 256)")
-    m.add_argument(
-        "--tag-batch-pages", type=int, metavar="N", help="pages per KVM_ARM_MTE_COPY_TAGS call (default 256)"
-    )
-    m.add_argument("--channels", type=int, metavar="N", help="data connections, like multifd (default 2)")
-    m.add_argument(
-        "--prealloc",
-        action="store_true",
-        help="destination: allocate all guest RAM before the source connects, like QEMU's "
-        "-mem-prealloc (faster landing; host memory for the whole guest)",
-    )
-    m.add_argument(
-        "--checksum",
-        choices=("meta", "full", "none"),
-        help="CRC32 per frame: meta (default) covers headers and metadata, page data and tags being "
-        "proven end to end by the completion digest; full covers payloads too, catching "
-        "corruption at the frame; none. Both sides must agree",
-    )
-    m.add_argument("--no-checksum", action="store_true", help="same as --checksum none")
-    m.add_argument(
-        "--timeout", type=float, metavar="S", help="peer silent this long is dead (default 8: detected within 10 s)"
-    )
-    m.add_argument(
-        "--in-doubt-hold",
-        type=float,
-        metavar="S",
-        help="if the last confirmation is lost, keep the paused guest this long for an operator (default 60)",
-    )
-    m.add_argument("--vm-uuid", help="identity of the guest (checked by a destination started with --expect-uuid)")
-    m.add_argument(
-        "--psk-file", metavar="FILE", help="shared key: both sides must prove it before any guest byte moves"
-    )
-    m.add_argument(
-        "--tls-cert", metavar="PEM", help="this side's TLS certificate (with --tls-key and --tls-ca: mutual TLS 1.3)"
-    )
-    m.add_argument("--tls-key", metavar="PEM", help="this side's TLS private key")
-    m.add_argument("--tls-ca", metavar="PEM", help="CA that must have signed the peer's certificate")
-    o = p.add_argument_group("output")
-    o.add_argument("--json", metavar="FILE", help="write the result as JSON")
-    o.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
-    o.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)  # `run` prints the merged one
+def _switch_help(option) -> str:
+    return f"same as {option.flags[0]} {option.switch_value}" if option.flags else option.help
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,60 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="migrate between a destination and a source process on loopback",
         description="Start a destination and a source host process on loopback, migrate, report.",
     )
-    p.add_argument(
-        "--retry",
-        type=int,
-        default=0,
-        metavar="N",
-        help="after a failure, try again up to N times (the guest keeps running meanwhile)",
-    )
-    _add_guest_options(p)
-    _add_migration_options(p)
+    _add_table_options(p, "run")
 
     p = sub.add_parser(
         "validate",
         help="migrate, then compare every page and every tag",
         description="Run a migration with full validation and print the first mismatches.",
     )
-    _add_guest_options(p)
-    _add_migration_options(p)
+    _add_table_options(p, "validate")
 
     p = sub.add_parser("dest", help="run the destination host: listen and receive one migration")
-    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any)")
-    p.add_argument("--expect-uuid", metavar="UUID", help="refuse any guest with another --vm-uuid")
-    p.add_argument(
-        "--run-after", type=float, default=0.0, metavar="S", help="keep the migrated guest running this long"
-    )
-    p.add_argument(
-        "--attempts",
-        type=int,
-        default=1,
-        metavar="N",
-        help="after a failed migration, discard it and accept another, up to N in all (default 1)",
-    )
-    _add_guest_options(p)
-    _add_migration_options(p)
+    _add_table_options(p, "dest")
 
     p = sub.add_parser("source", help="run the source host: boot the guest and migrate it to a destination")
-    p.add_argument(
-        "--connect",
-        required=True,
-        action="append",
-        metavar="HOST:PORT",
-        help="destination address; give it again for fallbacks tried in order by --retry",
-    )
-    p.add_argument(
-        "--retry",
-        type=int,
-        default=0,
-        metavar="N",
-        help="after a failure, try again up to N times (the guest keeps running meanwhile)",
-    )
-    p.add_argument(
-        "--warmup", type=float, default=0.2, metavar="S", help="let the guest run this long first (default 0.2)"
-    )
-    _add_guest_options(p)
-    _add_migration_options(p)
+    _add_table_options(p, "source")
 
     p = sub.add_parser(
         "bench",
@@ -252,9 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Two long-lived host processes pass one running guest back and forth; every "
         "hop is validated and both processes report RSS and open file descriptors.",
     )
-    p.add_argument("--hops", type=int, default=100, metavar="N", help="migrations in all (default 100)")
-    _add_guest_options(p)
-    _add_migration_options(p)
+    _add_table_options(p, "endurance")
     p = sub.add_parser("endurance-worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", required=True)
     p.add_argument("--role", choices=("a", "b"), required=True)
@@ -277,59 +192,13 @@ def resolve(args):
         s = scen.load(args.scenario)
         guest, config, name = s.guest, s.migration, s.name
     try:
-        if args.ram:
-            guest.ram = parse_size(args.ram, "--ram")
-        if args.image:
-            guest.image = args.image
-        if args.image_repeat:
-            guest.image_repeat = True
-        if args.workload:
-            guest.workload = args.workload
-        if args.rate:
-            guest.rate = None if args.rate in ("max", "unlimited") else float(args.rate)
-        if args.vcpus is not None:
-            guest.vcpus = args.vcpus
-        if args.seed is not None:
-            guest.seed = args.seed
-        if args.fill is not None:
-            guest.params = {**guest.params, "fill": args.fill}
-        if args.strategy:
-            config.strategy = args.strategy
-        if args.compression:
-            config.compression = args.compression
-        if args.max_bandwidth:
-            config.max_bandwidth = parse_rate(args.max_bandwidth, "--max-bandwidth")
-        if args.downtime_limit is not None:
-            config.downtime_limit_ms = args.downtime_limit
-        if args.max_passes is not None:
-            config.max_passes = args.max_passes
-        if args.batch_pages is not None:
-            config.batch_pages = args.batch_pages
-        if args.tag_batch_pages is not None:
-            config.tag_batch_pages = args.tag_batch_pages
-        if args.no_auto_converge:
-            config.auto_converge = False
-        if args.channels is not None:
-            config.channels = args.channels
-        if args.checksum:
-            config.checksum = args.checksum
-        if args.prealloc:
-            config.prealloc = True
-        if args.no_checksum:
-            config.checksum = "none"
-        if args.timeout is not None:
-            config.timeout_s = args.timeout
-        if args.vm_uuid:
-            config.vm_uuid = args.vm_uuid
-        if args.in_doubt_hold is not None:
-            config.in_doubt_hold_s = args.in_doubt_hold
-        if args.psk_file is not None:
-            if not args.psk_file:
-                raise ConfigError("--psk-file is empty (an unset variable?); give the key file's path")
-            config.psk_file = args.psk_file
-        for option in ("tls_cert", "tls_key", "tls_ca"):
-            if getattr(args, option):
-                setattr(config, option, getattr(args, option))
+        for option in options.for_command(args.command):
+            value = getattr(args, option.name, None)
+            if option.section is None or value is None:
+                continue  # the command's own setting, or not given: the scenario's value stands
+            if isinstance(value, str):
+                value = option.kind.parse(value, option.cli_flags[0])
+            options.assign(guest if option.section == "guest" else config, option, value)
         from migrate.net.tls import from_options
 
         from_options(config.tls_cert, config.tls_key, config.tls_ca)  # all three or none
@@ -469,10 +338,7 @@ def _dispatch(args) -> int:
     if args.command == "scenarios":
         from migrate.config import scenario as scen
 
-        names = scen.available()
-        if "default" not in names:
-            print(f"default\t{scen.builtin_default().description} (built-in)")
-        for name, path in names.items():
+        for name, path in scen.available().items():
             try:
                 print(f"{name}\t{scen.load(str(path)).description}")
             except ConfigError as exc:

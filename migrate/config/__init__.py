@@ -1,6 +1,2 @@
-"""What a migration is told: the option table, the configuration built from
-it, and scenario files."""
-
-from migrate.config.spec import GuestSpec, MigrationConfig
-
-__all__ = ["GuestSpec", "MigrationConfig"]
+"""What a migration is told: the option table (options.py), the
+configuration built from it (spec.py), and scenario files (scenario.py)."""

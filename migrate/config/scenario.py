@@ -1,15 +1,15 @@
 """Scenarios: TOML files in scenarios/ (read with tomllib) describing a guest
-and how to migrate it.  See README.md ("Scenario format")."""
+and how to migrate it.  Their keys are the option table's (options.py); see
+docs/USAGE.md."""
 
 import importlib.resources
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from migrate.config import options
 from migrate.config.spec import GuestSpec, MigrationConfig
 from migrate.errors import ConfigError
-from migrate.units import parse_rate, parse_size
-
 
 
 def _shipped_dir() -> Path:
@@ -24,84 +24,28 @@ def _shipped_dir() -> Path:
 
 SCENARIO_DIR = _shipped_dir()
 
-# The built-in default, used when no scenario is named (and when the
-# scenarios/ folder is not beside the package).
-DEFAULT_TOML = """
-name = "default"
-description = "1 GiB guest running an MTE-aware allocator, migrated with tag-ioctl"
-
-[guest]
-ram = "1GiB"
-vcpus = 2
-workload = "allocator"
-rate = 20000
-seed = 1
-
-[migration]
-strategy = "tag-ioctl"
-"""
-
-_GUEST_KEYS = {"ram", "vcpus", "mte", "workload", "rate", "seed", "params", "image", "image_offset", "image_repeat"}
-_MIGRATION_KEYS = {
-    "strategy",
-    "compression",
-    "max_bandwidth",
-    "downtime_limit_ms",
-    "max_passes",
-    "auto_converge",
-    "throttle_initial",
-    "throttle_increment",
-    "throttle_max",
-    "batch_pages",
-    "tag_batch_pages",
-    "channels",
-    "checksum",
-    "prealloc",
-    "validate",
-    "timeout_s",
-    "vm_uuid",
-    "in_doubt_hold_s",
-    "psk_file",
-    "tls_cert",
-    "tls_key",
-    "tls_ca",
-}
-# The TOML types each key takes, and how to say so (keys not listed are
-# converted by parse()).
-_INT, _NUMBER = ((int,), "an integer"), ((int, float), "a number")
-_STR, _BOOL = ((str,), "a string"), ((bool,), "true or false")
-_TYPES = {
-    "vcpus": _INT,
-    "mte": _BOOL,
-    "workload": _STR,
-    "rate": ((int, float, str), "a number or 'max'"),
-    "seed": _INT,
-    "params": ((dict,), "a table"),
-    "image": _STR,
-    "image_repeat": _BOOL,
-    "strategy": _STR,
-    "downtime_limit_ms": _NUMBER,
-    "max_passes": _INT,
-    "batch_pages": _INT,
-    "tag_batch_pages": _INT,
-    "channels": _INT,
-    "checksum": ((str, bool), "'full', 'meta', 'none' or true/false"),
-    "validate": _STR,
-    "timeout_s": _NUMBER,
-    "vm_uuid": _STR,
-    "prealloc": _BOOL,
-}
+#: The scenario `mte-migrate run` migrates when none is named.
+DEFAULT = "default"
+SECTIONS = ("guest", "migration")
 
 
-def _check_types(source: str, section: str, values: dict) -> None:
+def _read_section(source: str, section: str, values: dict, target) -> None:
+    """Set ``target``'s fields from one section's keys, each checked and
+    converted as its option in the table says."""
+    known = {option.toml_key: option for option in options.OPTIONS if option.section == section and option.toml_key}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"scenario {source}: unknown [{section}] keys {sorted(unknown)}")
     for key, value in values.items():
-        if key not in _TYPES:
-            continue
-        kinds, want = _TYPES[key]
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        kind = known[key].kind
+        if not isinstance(value, kind.toml_types) or (isinstance(value, bool) and bool not in kind.toml_types):
             raise ConfigError(
-                f"scenario {source}: [{section}] {key} must be {want}, got {type(value).__name__} {value!r}"
+                f"scenario {source}: [{section}] {key} must be {kind.want}, got {type(value).__name__} {value!r}"
             )
+        try:
+            options.assign(target, known[key], kind.parse(value, f"[{section}] {key}"))
+        except ValueError as exc:
+            raise ConfigError(f"scenario {source}: {exc}") from None
 
 
 @dataclass
@@ -110,10 +54,10 @@ class Scenario:
     description: str = ""
     guest: GuestSpec = field(default_factory=GuestSpec)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
-    source: str = "built-in"
+    source: str = "<text>"
 
 
-def parse(text: str, source: str = "built-in") -> Scenario:
+def parse(text: str, source: str = "<text>") -> Scenario:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -121,46 +65,19 @@ def parse(text: str, source: str = "built-in") -> Scenario:
     unknown = set(doc) - {"name", "description", "guest", "migration"}
     if unknown:
         raise ConfigError(f"scenario {source}: unknown top-level keys {sorted(unknown)}")
-    for section in ("guest", "migration"):
+    for section in SECTIONS:
         if not isinstance(doc.get(section, {}), dict):
             raise ConfigError(f"scenario {source}: [{section}] must be a table")
-    guest_doc, mig_doc = dict(doc.get("guest", {})), dict(doc.get("migration", {}))
-    for section, keys, allowed in (("guest", guest_doc, _GUEST_KEYS), ("migration", mig_doc, _MIGRATION_KEYS)):
-        bad = set(keys) - allowed
-        if bad:
-            raise ConfigError(f"scenario {source}: unknown [{section}] keys {sorted(bad)}")
-        _check_types(source, section, keys)
-    try:
-        guest = GuestSpec()
-        if "ram" in guest_doc:
-            guest.ram = parse_size(guest_doc.pop("ram"), "guest RAM")
-        if "rate" in guest_doc:
-            rate = guest_doc.pop("rate")
-            guest.rate = None if rate in ("max", "unlimited") else float(rate)
-        if "image_offset" in guest_doc:
-            guest.image_offset = parse_size(guest_doc.pop("image_offset"), "image offset")
-        for key, value in guest_doc.items():
-            setattr(guest, key, value)
-        mig = MigrationConfig()
-        if "max_bandwidth" in mig_doc:
-            mig.max_bandwidth = parse_rate(mig_doc.pop("max_bandwidth"), "max bandwidth")
-        if "compression" in mig_doc:
-            mig.compression = str(mig_doc.pop("compression"))
-        if "checksum" in mig_doc:
-            value = mig_doc.pop("checksum")
-            if isinstance(value, str) and value not in ("full", "meta", "none"):
-                raise ValueError(f"[migration] checksum must be 'full', 'meta', 'none' or true/false, got {value!r}")
-            mig.checksum = value if isinstance(value, str) else ("full" if value else "none")
-        for key, value in mig_doc.items():
-            setattr(mig, key, value)
-    except ValueError as exc:
-        raise ConfigError(f"scenario {source}: {exc}") from None
+    guest, migration = GuestSpec(), MigrationConfig()
+    for section, target in zip(SECTIONS, (guest, migration)):
+        _read_section(source, section, doc.get(section, {}), target)
     name = doc.get("name") or Path(source).stem
-    return Scenario(str(name), str(doc.get("description", "")), guest, mig, source)
+    return Scenario(str(name), str(doc.get("description", "")), guest, migration, source)
 
 
-def builtin_default() -> Scenario:
-    return parse(DEFAULT_TOML)
+def default() -> Scenario:
+    """The shipped default scenario (its keys are the table's defaults)."""
+    return load(DEFAULT)
 
 
 def available() -> dict[str, Path]:
@@ -171,9 +88,8 @@ def available() -> dict[str, Path]:
 
 
 def load(name_or_path: str | None) -> Scenario:
-    """A scenario by name (scenarios/NAME.toml), by file path, or the default."""
-    if name_or_path is None or name_or_path == "default" and "default" not in available():
-        return builtin_default()
+    """A scenario by name (scenarios/NAME.toml), by file path, or (None) the default."""
+    name_or_path = name_or_path or DEFAULT
     path = Path(name_or_path)
     if not path.suffix and name_or_path in available():
         path = available()[name_or_path]

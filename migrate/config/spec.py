@@ -1,66 +1,39 @@
-"""Configuration of one migration and of the guest it moves."""
+"""Configuration of one migration and of the guest it moves: dataclasses
+whose fields, types, defaults and documentation are the option table's."""
 
+from copy import deepcopy
 from dataclasses import dataclass, field, fields, replace
 
+from migrate.config import options
 from migrate.errors import ConfigError
 
 
-@dataclass
+def _field(option: options.Option):
+    doc = {"doc": option.doc or option.help}
+    if isinstance(option.default, dict | list):  # each instance its own copy
+        return field(default_factory=lambda: deepcopy(option.default), metadata=doc)
+    return field(default=option.default, metadata=doc)
+
+
+def from_table(section: str):
+    """Make the class a dataclass with one field per option of ``section``
+    in the table, so that a field is declared in one place only."""
+
+    def build(cls):
+        cls.__annotations__ = {}
+        for option in options.fields_of(section):
+            cls.__annotations__[option.name] = (
+                option.kind.type if option.default is not None else option.kind.type | None
+            )
+            setattr(cls, option.name, _field(option))
+        return dataclass(cls)
+
+    return build
+
+
+@from_table("migration")
 class MigrationConfig:
-    strategy: str = "tag-ioctl"
-    """Tag strategy (see ``mte-migrate strategies``)."""
-    compression: str = "auto"
-    """'auto' (compress when the link is the bottleneck, decided from measured
-    throughput and ratio), 'none', or a zstd level such as '1' or '-5'."""
-    max_bandwidth: int | None = None
-    """Cap on the sending rate in bytes per second (None: uncapped), as QEMU's
-    max-bandwidth."""
-    downtime_limit_ms: float = 300.0
-    """Stop-and-copy once the estimated downtime is at most this."""
-    max_passes: int = 30
-    """Stop-and-copy after this many dirty passes even if not converged."""
-    auto_converge: bool = True
-    """Throttle the guest's vCPUs step by step when dirty passes stop
-    shrinking (QEMU's auto-converge / cpu-throttle)."""
-    throttle_initial: float = 0.2
-    throttle_increment: float = 0.1
-    throttle_max: float = 0.99
-    batch_pages: int = 256
-    """Pages per PAGES frame (at most 1024)."""
-    tag_batch_pages: int = 256
-    """Pages per KVM_ARM_MTE_COPY_TAGS call for the tag-ioctl strategy."""
-    channels: int = 2
-    """Data connections (like QEMU's multifd); each page always uses the
-    same one, so a stale copy can never overtake a newer one."""
-    checksum: str = "full"
-    """CRC32 per frame: 'full' (payloads too, so corruption is caught at the
-    frame where it happens; page data is checked on the landed memory where
-    a frame fills a digest chunk), 'meta' (header and metadata only: page
-    payloads are proven end to end by the completion digest) or 'none'."""
-    validate: str = "digest"
-    """'digest': compare per-chunk digests at completion and detail the
-    chunks that differ; 'full': compare every page and every tag."""
-    timeout_s: float = 8.0
-    """A peer silent for this long is declared dead (checked four times per
-    period, so detection takes at most 10 s with the default)."""
-    vm_uuid: str = ""
-    """Identity of the guest; a destination told to expect one refuses others."""
-    prealloc: bool = False
-    """Destination: allocate all guest RAM when the VM is created, before the
-    source connects (QEMU's -mem-prealloc), so landing pages costs a copy, not
-    a page allocation.  Costs host memory for RAM the guest never touched."""
-    in_doubt_hold_s: float = 60.0
-    """How long a side that may own the guest after a lost confirmation keeps
-    it paused, waiting to be told (the source: a signal; the destination:
-    `mte-migrate resolve`)."""
-    tls_cert: str | None = None
-    """TLS certificate (PEM) of this side; with tls_key and tls_ca: mutual TLS 1.3."""
-    tls_key: str | None = None
-    tls_ca: str | None = None
-    """CA that signed the peer's certificate."""
-    psk_file: str | None = None
-    """File holding a shared key: both sides prove it (HMAC challenge/response)
-    before any guest byte moves."""
+    """How to migrate: the [migration] options of the table (options.py)."""
 
     def check(self) -> "MigrationConfig":
         from migrate.strategies import STRATEGIES
@@ -111,22 +84,9 @@ class MigrationConfig:
         return replace(cls(), **{k: v for k, v in d.items() if k in known})
 
 
-@dataclass
+@from_table("guest")
 class GuestSpec:
-    ram: int = 1 << 30
-    """Guest RAM in bytes."""
-    vcpus: int = 2
-    mte: bool = True
-    workload: str = "allocator"
-    rate: float | None = 20000
-    """Target dirtying rate in pages per second for the whole guest (None: flat out)."""
-    seed: int = 1
-    params: dict = field(default_factory=dict)
-    """Workload parameters (fill, tagged, hot_pages, dma_policy, ...)."""
-    image: str | None = None
-    """Raw image file to load into guest RAM before the workload starts."""
-    image_offset: int = 0
-    image_repeat: bool = False
+    """The guest to boot and migrate: the [guest] options of the table (options.py)."""
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
