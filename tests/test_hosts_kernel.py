@@ -710,3 +710,26 @@ def test_tag_store_in_a_slot_without_tag_log_still_dirties_its_data_log(vm_slots
     assert vm_slots.get_tag_dirty_log(0).ranges() == [(10, 11)]
     assert vm_slots.get_dirty_log(0).ranges() == []
     assert vm_slots.get_dirty_log(1).ranges() == [(300, 301)]
+
+
+# -- answers recorded on a real kernel (tests/fidelity, docs/FIDELITY.md) ------------------
+def test_copy_to_guest_is_ebusy_while_any_memslot_logs_dirty_pages(vm_slots):
+    tags = b"\x04" * GRANULES_PER_PAGE
+    vm_slots.enable_dirty_logging(2)  # another slot than the one written
+    for length in (PAGE_SIZE, 0):
+        with raise_errno("EBUSY"):
+            vm_slots.mte_copy_tags(ipa(0), length, tags, KVM_ARM_TAGS_TO_GUEST)
+    assert vm_slots.guest_tags(ipa(0), PAGE_SIZE) == bytes(GRANULES_PER_PAGE)
+    # reading is allowed, and writing again once logging is off
+    assert vm_slots.mte_copy_tags(ipa(0), PAGE_SIZE, bytearray(256), KVM_ARM_TAGS_FROM_GUEST) == PAGE_SIZE
+    vm_slots.disable_dirty_logging(2)
+    assert vm_slots.mte_copy_tags(ipa(0), PAGE_SIZE, tags, KVM_ARM_TAGS_TO_GUEST) == PAGE_SIZE
+
+
+def test_copy_from_guest_faults_in_the_page_whose_tags_did_not_fit(vm):
+    # nothing readable for page 2: the kernel pinned it (faulting it in) before the copy faulted
+    populated = vm.memory.populated_pages()
+    buf = bytearray(b"\xee" * (2 * GRANULES_PER_PAGE + 10))
+    assert vm.mte_copy_tags(ipa(0), 3 * PAGE_SIZE, buf, KVM_ARM_TAGS_FROM_GUEST) == 2 * PAGE_SIZE
+    assert buf == bytes(len(buf))  # untagged pages read as zeros, the 10 that fit too
+    assert vm.memory.populated_pages() == populated + 3
