@@ -1090,7 +1090,7 @@ static void dirty_logging(void)
 			put_tags(&v, 0, 4, 1); /* every page tagged and populated */
 		/* then dirty logging switched on, as a migration source does */
 		long rs = set_slot(v.fd, 0, BASE, v.ram, 4 * PAGE, KVM_MEM_LOG_DIRTY_PAGES);
-		char first[16];
+		char first[32];
 		snprintf(first, sizeof(first), "%s", dirty_log(&v, 0, 4));
 		begin(names[what], what == 4 ? "mte memfd slots=4 +LOG_DIRTY_PAGES" : "mte memfd slots=4 tagged=p1 +LOG_DIRTY_PAGES");
 		fill_pat(buf, 1, 6);
@@ -1160,7 +1160,7 @@ static void dirty_logging(void)
 		set_slot(v.fd, 0, BASE, v.ram, 4 * PAGE, 0);
 		put_tags(&v, 0, 4, 1);
 		long rs = set_slot(v.fd, 0, BASE, v.ram, 4 * PAGE, KVM_MEM_LOG_DIRTY_PAGES);
-		char first[16];
+		char first[32];
 		snprintf(first, sizeof(first), "%s", dirty_log(&v, 0, 4));
 		fill_pat(buf, 1, 6);
 		begin(dir ? "dirty.anon_from_guest" : "dirty.anon_to_guest", "mte anon slots=4 tagged=p1 +LOG_DIRTY_PAGES");
@@ -1387,6 +1387,7 @@ static void userfaults(void)
 	end();
 	vm_close(&v);
 }
+
 
 /* ---- the machine ------------------------------------------------------ */
 static void boot_facts(void)
