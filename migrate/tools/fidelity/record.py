@@ -325,7 +325,7 @@ def record(series: str) -> Path:
         f"# command python3 -m migrate.tools.fidelity record --kernel {series}",
         *(f"# boot {line}" for line in facts.get("dmesg", [])),
         f"# cases {len(cases)}",
-        "# format: case | call | result | observations (see migrate/tools/fidelity/cases.py)",
+        "# format: case | setup | call | result | observations (docs/FIDELITY.md)",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(header + cases) + "\n")
