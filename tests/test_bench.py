@@ -296,12 +296,13 @@ def test_a_bench_run_rotates_the_order_and_writes_position_and_proposal(monkeypa
 
     def fake_run_pair(guest, config, scenario, quiet=True):
         calls.append(config.strategy)
+        assert config.validate == "digest"  # never the digest that trusts the dirty tracking
         return result(config.strategy, times[config.strategy], tagged_pages=100)
 
     monkeypatch.setattr(bench, "run_pair", fake_run_pair)
     monkeypatch.setattr(bench, "measure_ceilings", lambda scenarios, seconds: CEILINGS)
     monkeypatch.setattr(bench, "plot", lambda summary, path: False)
-    scenario = SimpleNamespace(name="allocator", guest=None, migration=SimpleNamespace())
+    scenario = SimpleNamespace(name="allocator", guest=None, migration=SimpleNamespace(validate="tracked"))
     monkeypatch.setattr(bench, "replace", lambda obj, **kw: SimpleNamespace(**kw))
     strategies = list(STRATEGIES)
     code = bench.run_bench([scenario], strategies, 4, str(tmp_path), True, None, "mte-migrate bench", quiet=True)

@@ -388,7 +388,7 @@ def test_compact(granules, text):
 def test_validation_state_only_failure():
     v = Validation("digest", state_ok=False)
     assert not v.ok
-    assert v.summary() == "validation failed: vCPU/device state differs"
+    assert v.summary() == "validation failed: vCPU/device state differs (as loaded on the destination)"
     assert Validation("digest", state_ok=None).ok
 
 

@@ -149,6 +149,7 @@ FLAGS = [
     (["--channels", "3"], "channels", 3),
     (["--checksum", "meta"], "checksum", "meta"),
     (["--no-checksum"], "checksum", "none"),
+    (["--validate", "tracked"], "validate", "tracked"),
     (["--timeout", "2.5"], "timeout_s", 2.5),
     (["--in-doubt-hold", "5"], "in_doubt_hold_s", 5.0),
     (["--prealloc"], "prealloc", True),

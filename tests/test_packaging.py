@@ -13,8 +13,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-IGNORED = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis",
-                                 ".ruff_cache", "bench-out", "results")
+IGNORED = shutil.ignore_patterns(
+    ".git",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    ".ruff_cache",
+    "bench-out",
+    "results",
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +36,13 @@ def installed(tmp_path_factory):
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(copy)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    pip = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(copy)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert pip.returncode == 0, pip.stderr[-2000:]
     elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
@@ -48,8 +63,14 @@ def test_the_installed_package_lists_every_shipped_scenario(installed):
 @pytest.mark.slow
 def test_the_installed_package_migrates_a_shipped_scenario(installed):
     exe, elsewhere, env = installed
-    run = subprocess.run([str(exe), "run", "--scenario", "idle", "--ram", "256MiB", "--json", "out.json", "-q"],
-                         cwd=elsewhere, capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [str(exe), "run", "--scenario", "idle", "--ram", "256MiB", "--json", "out.json", "-q"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((elsewhere / "out.json").read_text())
     assert result["status"] == "completed" and result["validation"]["ok"]

@@ -13,7 +13,13 @@ def _completed():
         dirty_sync_count=2,
         guest_on="destination",
         downtime_breakdown_ms={"final_memory": 537.6, "state": 2.8, "completion": 250.4},
-        digest={"stale_chunks_at_pause": 984, "stale_mib_at_pause": 212.5, "final_ms": 597.6},
+        digest={
+            "taken": "kept from the dirty-log harvests",
+            "trusts_dirty_tracking": True,
+            "chunks_read_at_pause": 984,
+            "mib_read_at_pause": 212.5,
+            "final_ms": 597.6,
+        },
         destination={"final_digest": {"stale_chunks": 393, "stale_mib": 31.0, "ms": 94.7}},
     )
     r["ram"]["transferred_bytes"] = 1
@@ -31,9 +37,23 @@ def test_summary_splits_the_downtime_and_names_the_digests():
 
 def test_summary_of_a_result_without_stale_bytes_names_chunks_only():
     r = _completed()
-    del r["digest"]["stale_mib_at_pause"], r["destination"]["final_digest"]["stale_mib"]
+    r["digest"]["mib_read_at_pause"] = None
+    del r["destination"]["final_digest"]["stale_mib"]
     digests = next(x for x in summary(r).splitlines() if "digests after the pause" in x)
     assert "source 598 ms (984 chunks brought up to date" in digests and "destination 95 ms (393 chunks)" in digests
+
+
+def test_summary_of_the_default_digest_says_it_read_memory_again():
+    r = _completed()
+    r["digest"].update(taken="re-read after the pause", trusts_dirty_tracking=False, mib_read_at_pause=1024.0)
+    digests = next(x for x in summary(r).splitlines() if "digests after the pause" in x)
+    assert "source 598 ms (1024 MiB of populated RAM and its tags read again" in digests
+
+
+def test_summary_says_what_was_compared():
+    r = _completed()
+    r["validation"].update(mode="digest", ok=True, compared="per-chunk CRCs ...; device state: none")
+    assert "    compared: per-chunk CRCs ...; device state: none" in summary(r).splitlines()
 
 
 def test_summary_without_a_downtime_has_no_split():

@@ -287,10 +287,28 @@ class DestVmm:
                 device=self.host.device_mapping,
             )
             workload.set_state(wl["state"])
+            workload.set_device_state(dict(state["devices"]))
             self.host.vcpus.set_states(vcpus)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise ProtocolError(f"STATE is not a valid guest state: {type(exc).__name__}: {one_line(exc)}") from None
         self._staged_workload = workload
+
+    def _loaded_state(self) -> dict:
+        """The guest state as this side now holds it, read back from the
+        vCPUs and the staged workload and devices (not the STATE message):
+        what is validated is what will run."""
+        host, workload = self.host, self._staged_workload
+        return {
+            "vcpus": [s.to_wire() for s in host.vcpus.get_states()],
+            "workload": {
+                "name": workload.name,
+                "seed": workload.seed,
+                "params": workload.params,
+                "state": workload.get_state(),
+            },
+            "devices": workload.device_state(),
+            "mte": host.vm.mte_enabled,
+        }
 
     async def _refresh_loop(self) -> None:
         """Keep digesting what has landed while more arrives, so that at
@@ -353,7 +371,7 @@ class DestVmm:
         if self._channels.failure.done():  # a data channel failed after delivering the final pass
             raise self._channels.failure.exception()
         digest = self._digest
-        sdigest = state_digest(state) if state is not None else ""
+        sdigest = state_digest(self._loaded_state()) if state is not None else ""
         await self.chan.send(fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs()))
 
     def _check_chunks(self, chunks) -> None:

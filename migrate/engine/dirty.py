@@ -1,7 +1,8 @@
 """What the guest wrote since the last look: KVM's dirty log of every
 memslot, the VMM's own bitmap of device writes and, with the tag-dirty-log
-strategy, the pages whose tags alone changed.  Every harvest also marks the
-validation digest's chunks stale where the guest wrote."""
+strategy, the pages whose tags alone changed.  With ``--validate tracked``
+every harvest also marks the validation digest's chunks stale where the
+guest wrote (the default digest trusts no harvest)."""
 
 from migrate.engine.bitmaps import runs
 
@@ -77,5 +78,7 @@ class DirtyLog:
         return self.last_count / last["seconds"] if last["seconds"] else None
 
     def _mark_digest_stale(self, bitmap: bytes) -> None:
+        if self.digest is None:  # the default digest is taken after the pause, trusting no harvest
+            return
         for a, b in runs(bitmap, 1):
             self.digest.mark_stale(a, b)

@@ -84,8 +84,10 @@ def summary(result: dict) -> str:
         lines.append(
             f"  validation ({val['mode']}) {verdict}: {val['pages_checked']} pages checked, "
             f"{val['data_mismatches']} data and {val['tag_mismatches']} tag mismatches"
-            + ("" if val.get("state_ok") in (None, True) else ", vCPU state differs")
+            + ("" if val.get("state_ok") in (None, True) else ", vCPU/device state differs")
         )
+        if val.get("compared"):
+            lines.append(f"    compared: {val['compared']}")
         for m in val.get("first_mismatches", [])[:5]:
             lines.append(
                 f"    page {m['page']}: {m['kind']}" + (f", granules {m['granules']}" if m.get("granules") else "")
@@ -109,11 +111,11 @@ def downtime_split(result: dict) -> list[str]:
     src = result.get("digest") or {}
     dst = (result.get("destination") or {}).get("final_digest") or {}
     if src.get("final_ms") is not None:
-        text = (
-            f"validation digests after the pause: source {src['final_ms']:.0f} ms "
-            f"({_stale(src.get('stale_mib_at_pause'), src['stale_chunks_at_pause'])} brought up to date, "
-            f"alongside the final pages)"
-        )
+        if src.get("trusts_dirty_tracking"):
+            how = f"{_stale(src['mib_read_at_pause'], src['chunks_read_at_pause'])} brought up to date"
+        else:
+            how = f"{src['mib_read_at_pause']:g} MiB of populated RAM and its tags read again"
+        text = f"validation digests after the pause: source {src['final_ms']:.0f} ms ({how}, alongside the final pages)"
         if dst.get("ms") is not None:
             text += f", destination {dst['ms']:.0f} ms ({_stale(dst.get('stale_mib'), dst['stale_chunks'])})"
         lines.append(text)

@@ -208,20 +208,22 @@ class SourceVmm:
         """Dirty logging, the validation digest and the convergence policy:
         all on before the first page is read."""
         cfg = self.config
-        # The validation digest is kept up to date from here on, in the
-        # background: every write after a chunk is read is in a later
-        # dirty harvest, which marks the chunk stale (see DirtyLog), so
-        # after the pause only the chunks dirtied since are read again.
-        self._digest = MemoryDigest(self.host.memory, compute=False)
+        if cfg.validate == "tracked":
+            # Opt-in: the digest is kept up to date from here on, in the
+            # background: every write after a chunk is read is in a later
+            # dirty harvest, which marks the chunk stale (see DirtyLog), so
+            # after the pause only the chunks dirtied since are read again.
+            # It trusts the dirty tracking it is meant to check.
+            self._digest = MemoryDigest(self.host.memory, compute=False)
+            for lane in self.lanes:
+                lane.builder.digest = self._digest
+            # With checked frames the bulk pass digests the chunks it sends
+            # (BatchBuilder), and the background keeper starts after it.
+            if not self.lanes[0].builder.checked:
+                self._digest_keeper = DigestKeeper(self._digest)
         self._dirty_log.start(self.strategy, self._digest)
         self.strategy.setup_source()
         self._peer.listen(self._chan)
-        for lane in self.lanes:
-            lane.builder.digest = self._digest
-        # With checked frames the bulk pass digests the chunks it sends
-        # (BatchBuilder), and the background keeper starts after it.
-        if not self.lanes[0].builder.checked:
-            self._digest_keeper = DigestKeeper(self._digest)
         self._policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
         if cfg.auto_converge:
             self._converge = AutoConverge(cfg.throttle_initial, cfg.throttle_increment, cfg.throttle_max)
@@ -230,7 +232,7 @@ class SourceVmm:
     async def _bulk_pass(self) -> None:
         """Pass 0: every populated page."""
         await self._sender.send(0, self.host.memory.populated_ranges())
-        if self._digest_keeper is None:
+        if self._digest is not None and self._digest_keeper is None:
             self._digest_keeper = DigestKeeper(self._digest)
 
     def _precopy_done(self) -> bool:
@@ -275,9 +277,8 @@ class SourceVmm:
         # they go out with whatever the guest dirtied since.
         final = union(self._dirty, self._dirty_log.harvest())
         self._tags_only = union(self._tags_only, self._dirty_log.harvest_tags_only(final))
-        # Memory is frozen and the last harvest marked what changed: bring
-        # the digest up to date in threads (CRC releases the GIL) while
-        # the last pages go out.
+        # Memory is frozen: digest it in threads (CRC releases the GIL)
+        # while the last pages go out.
         self._digest_job = asyncio.ensure_future(self._final_digest())
         final_pass = self._dirty_passes + 1
         await self._sender.send(final_pass, list(runs(final, 1)), final=True, tags_only=self._tags_only)
@@ -296,22 +297,34 @@ class SourceVmm:
                 "params": host.workload.params,
                 "state": host.workload.get_state(),
             },
-            "devices": {"virtio-net0": {"rx_avail_idx": host.vcpus.steps[0] & 0xFFFF, "status": 0x0F}},
+            # what the emulated devices really hold; {} when the guest has none
+            "devices": host.workload.device_state(),
             "mte": host.vm.mte_enabled,
         }
 
     async def _final_digest(self) -> MemoryDigest:
+        """The source's digest of its frozen memory.  By default a new one,
+        read from the kernel's memory and tag storage alone, so that no bug
+        of the dirty log, the VMM's bitmap or a strategy can hide in it
+        (chunks never populated are settled without reading); with
+        ``validate = "tracked"`` the one kept up to date from the harvests."""
         t = time.perf_counter()
         if self._digest_keeper is not None:
             await self._digest_keeper.stop()  # not two threads on one chunk
-        stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()
-        await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # the guest is paused
+        independent = self._digest is None
+        digest = MemoryDigest(self.host.memory, compute=False) if independent else self._digest
+        stale, stale_bytes = len(digest.pending_chunks()), digest.stale_piece_bytes()
+        populated = self.host.memory.populated_pages() if independent else None
+        await digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # the guest is paused
+        self._digest = digest
         self.result["digest"] = {
-            "stale_chunks_at_pause": stale,
-            "stale_mib_at_pause": round(stale_bytes / 2**20, 1),
+            "taken": "re-read after the pause" if independent else "kept from the dirty-log harvests",
+            "trusts_dirty_tracking": not independent,
+            "chunks_read_at_pause": stale,
+            "mib_read_at_pause": round((populated * PAGE_SIZE if independent else stale_bytes) / 2**20, 1),
             "final_ms": _ms(time.perf_counter() - t),
         }
-        return self._digest
+        return digest
 
     # -- completion -----------------------------------------------------------------
     async def _complete(self) -> None:
@@ -343,7 +356,7 @@ class SourceVmm:
 
     async def _validate(self, chan, digest, confirm, state) -> Validation:
         cfg, memory = self.config, self.host.memory
-        validation = Validation(cfg.validate, pages_checked=memory.npages)
+        validation = Validation(cfg.validate, pages_checked=memory.npages, compared=self._what_is_compared(state))
         validation.state_ok = confirm.state_digest == state_digest(state)
         nchunks = chunk_count(memory.npages)
         try:
@@ -369,6 +382,17 @@ class SourceVmm:
             except ValueError as exc:
                 raise ProtocolError(f"INSPECTION: {exc}") from None
         return validation
+
+    def _what_is_compared(self, state) -> str:
+        memory = {
+            "digest": "per-chunk CRCs of the source's RAM and tags, read again after the pause (trusting no "
+            "dirty tracking), against the destination's record of what it wrote",
+            "tracked": "per-chunk CRCs of the source's RAM and tags kept from the dirty-log harvests (TRUSTS "
+            "the dirty tracking), against the destination's record of what it wrote",
+            "full": "every page and every tag of both sides",
+        }[self.config.validate]
+        devices = ", ".join(state["devices"]) or "none (the guest has no emulated device)"
+        return f"{memory}; vCPU registers as loaded into the destination's vCPUs; device state: {devices}"
 
     # -- hand over ------------------------------------------------------------------
     async def _hand_over(self) -> None:

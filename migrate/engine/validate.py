@@ -23,6 +23,8 @@ class Validation:
     tag_mismatches: int = 0
     state_ok: bool | None = None
     first_mismatches: list = field(default_factory=list)
+    #: what was compared with what, in words, for the report
+    compared: str = ""
 
     @property
     def ok(self) -> bool:
@@ -37,6 +39,7 @@ class Validation:
             "tag_mismatches": self.tag_mismatches,
             "state_ok": self.state_ok,
             "first_mismatches": self.first_mismatches,
+            "compared": self.compared,
         }
 
     def summary(self) -> str:
@@ -46,7 +49,7 @@ class Validation:
         if self.tag_mismatches:
             parts.append(f"{self.tag_mismatches} pages with different tags")
         if self.state_ok is False:
-            parts.append("vCPU/device state differs")
+            parts.append("vCPU/device state differs (as loaded on the destination)")
         return "validation failed: " + ", ".join(parts) if parts else "validation ok"
 
 
