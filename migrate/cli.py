@@ -138,13 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "speed",
-        help="migrate raw images (zero, random, mixed) with defaults; compare with QEMU's figures",
+        help="migrate raw images (zero, random, mixed) with defaults; compare with QEMU (--vs-qemu: measured)",
         description="Builds (once) raw images of each kind and size, migrates each REPEAT times "
         "with default settings, and reports medians and min-max of total time, downtime "
-        "and guest-RAM throughput beside QEMU's figures, the ceilings measured in the "
+        "and guest-RAM throughput beside QEMU's dated figures from another run, the ceilings measured in the "
         "same run and the floor they set for each image, adaptive compression against "
         "raw under a 1 Gbit/s cap, and each "
-        "host's peak RSS against the RAM the guest touched.",
+        "host's peak RSS against the RAM the guest touched.  With --vs-qemu: QEMU 10 and mte-migrate "
+        "measured interleaved on the same images instead, with the ratios.",
     )
     p.add_argument("--sizes", default="1GiB,4GiB", metavar="A,B", help="image sizes (default 1GiB,4GiB)")
     p.add_argument(
@@ -159,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--prealloc",
         action="store_true",
         help="preallocate the destination's RAM before each migration, as QEMU's reference figures "
-        "were taken (-mem-prealloc); default: default settings",
+        "were taken (-mem-prealloc); default: default settings; with --vs-qemu, QEMU's destination "
+        "gets -mem-prealloc too",
+    )
+    p.add_argument(
+        "--vs-qemu",
+        action="store_true",
+        help="run QEMU 10 (qemu-system-aarch64, TCG) and mte-migrate interleaved on the same images and "
+        "report both with the ratios; only that (no ceilings, no capped comparison: --cap is ignored)",
     )
     p.add_argument("--quiet", "-q", action="store_true")
 
@@ -370,16 +378,15 @@ def _dispatch(args) -> int:
 
         if any(k not in KINDS for k in kinds) or any(s % (1 << 20) for s in sizes) or args.repeat < 1:
             raise ConfigError(f"--kinds from {', '.join(KINDS)}; --sizes whole MiB; --repeat >= 1")
-        doc = run_speed(
-            sizes,
-            kinds,
-            args.repeat,
-            args.out,
-            cap,
-            args.quiet,
-            "mte-migrate " + " ".join(sys.argv[1:]),
-            prealloc=args.prealloc,
-        )
+        command = "mte-migrate " + " ".join(sys.argv[1:])
+        if args.vs_qemu:
+            from migrate.tools.speed import run_vs_qemu
+
+            doc = run_vs_qemu(sizes, kinds, args.repeat, args.out, args.quiet, command, prealloc=args.prealloc)
+            print(markdown(doc))
+            ok = all(e["qemu_completed"] == e["ours_validated"] == e["runs"] for e in doc["summary"])
+            return 0 if ok else 1
+        doc = run_speed(sizes, kinds, args.repeat, args.out, cap, args.quiet, command, prealloc=args.prealloc)
         print(markdown(doc))
         return 0 if all(e["validated"] == e["runs"] for e in doc["summary"]) else 1
     if args.command == "endurance-worker":

@@ -63,6 +63,22 @@ def test_report_shows_the_floor_beside_the_measured_time(prealloc, memory):
     assert f"storing them at 2.00 GB/s into {memory} memory" in text
     assert "| random 1 GiB | 5/5 | 1000 (900–1100) | 625 | 1000 (900–1100) |" in text
     assert "| zero 1 GiB | 5/5 | 1000 (900–1100) | – |" in text
+    # QEMU's constants are labelled as figures from another run, not measured here
+    assert "| dated QEMU plain / multifd×2 ms |" in text
+    assert "QEMU 10.0.2, recorded 2026-11-28 in another run" in text and "--vs-qemu" in text
+
+
+def test_markdown_of_a_side_by_side_doc_is_the_side_by_side_table():
+    doc = {
+        "vs_qemu": True,
+        "command": "mte-migrate speed --vs-qemu",
+        "prealloc": False,
+        "qemu": {"binary": "qemu-system-aarch64", "version": "QEMU emulator version 10.0.2"},
+        "image_offset_in_qemu": 2 << 20,
+        "summary": [],
+    }
+    text = markdown(doc)
+    assert "defaults against defaults" in text and "| image | QEMU ms | mte-migrate ms | ratio |" in text
 
 
 def test_ceilings_measure_and_clean_up():

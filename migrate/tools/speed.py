@@ -19,9 +19,14 @@ from migrate.config.spec import GuestSpec, MigrationConfig
 from migrate.hosting.images import block_bytes, builtin_image
 from migrate.hosting.pair import run_pair
 from migrate.tools.ceilings import crc_throughput, landing_throughput, loopback_throughput, zstd_throughput
+from migrate.tools.qemu_peer import IMAGE_OFFSET, find_qemu, migrate_once
 from migrate.units import fmt_bytes
 
-# QEMU 10.0.2 on these machines (PERF-NOTES.md), medians of 5, in ms.
+# Dated figures from another run, not measured by `speed`: QEMU 10.0.2 on
+# these machines, recorded by 2026-11-28 (PERF-NOTES.md), destination started
+# with -mem-prealloc, medians of 5, in ms.  `speed --vs-qemu` measures QEMU
+# side by side instead.
+QEMU_RECORDED = "QEMU 10.0.2, recorded 2026-11-28 in another run"
 QEMU_MS = {
     ("zero", 1 << 30): {"plain": 59, "multifd2": 102},
     ("random", 1 << 30): {"plain": 489, "multifd2": 289},
@@ -54,6 +59,8 @@ def _one(kind: str, size: int, config: MigrationConfig) -> dict:
         "touched_bytes": r.get("guest_populated_bytes"),
         "source_peak_rss": r.get("peak_rss_bytes"),
         "dest_peak_rss": dest.get("peak_rss_bytes"),
+        "cpu_src": (r.get("cpu") or {}).get("process_s"),
+        "cpu_dst": (dest.get("cpu") or {}).get("process_s"),
     }
 
 
@@ -151,6 +158,8 @@ def floor_ms(data_bytes, ceilings: dict) -> float | None:
 
 
 def markdown(doc: dict) -> str:
+    if doc.get("vs_qemu"):
+        return vs_qemu_markdown(doc)
     c = doc["ceilings"]
     setting = (
         "destination RAM preallocated before each migration (--prealloc), as QEMU's figures were taken (-mem-prealloc)"
@@ -171,7 +180,7 @@ def markdown(doc: dict) -> str:
         + " memory and sending them at the loopback "
         f"rate, spread over {c['cores']} cores: no migration with these settings can take less here.",
         "",
-        "| image | runs ok | total ms, median (min–max) | floor ms | downtime ms | GB/s of guest RAM | QEMU plain / multifd×2 ms | peak RSS / touched RAM |",
+        "| image | runs ok | total ms, median (min–max) | floor ms | downtime ms | GB/s of guest RAM | dated QEMU plain / multifd×2 ms | peak RSS / touched RAM |",
         "|---|---|---|---|---|---|---|---|",
     ]
 
@@ -188,6 +197,11 @@ def markdown(doc: dict) -> str:
             f"| {e['kind']} {fmt_bytes(e['size'])} | {e['validated']}/{e['runs']} | {f(e['total_ms'])} | "
             f"{floor} | {f(e['downtime_ms'])} | {f(e['gb_per_s'], 2)} | {qemu} | {f(e['rss_over_touched'], 2)} |"
         )
+    lines += [
+        "",
+        f"Dated QEMU figures: {QEMU_RECORDED} (-mem-prealloc, medians of 5), not measured here; "
+        "`mte-migrate speed --vs-qemu` runs QEMU side by side.",
+    ]
     if doc["capped"]:
         a, n = doc["capped"]["auto"], doc["capped"]["none"]
         lines += [
@@ -196,4 +210,169 @@ def markdown(doc: dict) -> str:
             f"({a['min']:.0f}–{a['max']:.0f}), raw {n['median']:.0f} ms ({n['min']:.0f}–{n['max']:.0f}): "
             f"{doc['capped_speedup']:.2f}× faster with adaptive compression.",
         ]
+    return "\n".join(lines) + "\n"
+
+
+# --- side by side with QEMU (`speed --vs-qemu`) -------------------------------
+
+
+def run_vs_qemu(
+    sizes,
+    kinds,
+    repeat: int,
+    out_dir: str | None,
+    quiet: bool,
+    command: str,
+    prealloc: bool = False,
+    binary: str | None = None,
+) -> dict:
+    """QEMU and mte-migrate on the same image files, in interleaved pairs:
+    for every repeat, size and kind one QEMU migration and one of ours, the
+    order alternating from one repeat to the next.  Defaults against
+    defaults, or with ``prealloc`` QEMU's -mem-prealloc against --prealloc."""
+    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    path, version_line = find_qemu(binary)  # before anything else: say early that QEMU is missing
+    images = {}
+    for k in kinds:
+        for size in sizes:
+            say(f"preparing image {k} {fmt_bytes(size)} (cached after the first time)...")
+            images[(k, size)] = builtin_image(f"builtin:{k}", size)
+    config = replace(MigrationConfig(), prealloc=prealloc).check()
+    pairs = {}
+    for rep in range(repeat):
+        order = ("qemu", "ours") if rep % 2 == 0 else ("ours", "qemu")
+        for size in sizes:
+            for k in kinds:
+                pair = {"repeat": rep + 1, "first": order[0]}
+                for who in order:
+                    pair[who] = (
+                        migrate_once(images[(k, size)], prealloc, path) if who == "qemu" else _one(k, size, config)
+                    )
+                pairs.setdefault((k, size), []).append(pair)
+                q, o = pair["qemu"], pair["ours"]
+                say(
+                    f"[{rep + 1}/{repeat}] {k} {fmt_bytes(size)}: QEMU {q['status']} {q['total_ms']} ms, "
+                    f"mte-migrate {o['status']} {o['total_ms']:.0f} ms"
+                )
+    doc = {
+        "vs_qemu": True,
+        "command": command,
+        "prealloc": prealloc,
+        "qemu": {"binary": path, "version": version_line},
+        "image_offset_in_qemu": IMAGE_OFFSET,
+        "summary": [vs_qemu_entry(k, size, ps) for (k, size), ps in pairs.items()],
+        "runs": {f"{k}-{size}": ps for (k, size), ps in pairs.items()},
+    }
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "speed.json"), "w") as f:
+            json.dump(doc, f, indent=2)
+        with open(os.path.join(out_dir, "speed.md"), "w") as f:
+            f.write(markdown(doc))
+    return doc
+
+
+def _cpu(r: dict) -> float | None:
+    return r["cpu_src"] + r["cpu_dst"] if r.get("cpu_src") is not None and r.get("cpu_dst") is not None else None
+
+
+def vs_qemu_entry(kind: str, size: int, pairs: list[dict]) -> dict:
+    """Medians and min-max of each side over its good runs (QEMU completed,
+    ours completed and validated), and the ratios ours / QEMU taken per pair
+    (both good), never as a ratio of medians."""
+    q_ok = [p["qemu"]["status"] == "completed" for p in pairs]
+    o_ok = [p["ours"]["status"] == "completed" and bool(p["ours"]["ok"]) for p in pairs]
+    good_q = [p["qemu"] for p, ok in zip(pairs, q_ok) if ok]
+    good_o = [p["ours"] for p, ok in zip(pairs, o_ok) if ok]
+    both = [p for p, a, b in zip(pairs, q_ok, o_ok) if a and b]
+
+    def ratio(key):
+        return _stat(
+            [
+                key(p["ours"]) / key(p["qemu"])
+                for p in both
+                if key(p["ours"]) is not None and key(p["qemu"]) not in (None, 0)
+            ]
+        )
+
+    def cpu(rs):
+        return {
+            "src": _stat([r.get("cpu_src") for r in rs]),
+            "dst": _stat([r.get("cpu_dst") for r in rs]),
+            "sum": _stat([_cpu(r) for r in rs]),
+        }
+
+    return {
+        "kind": kind,
+        "size": size,
+        "runs": len(pairs),
+        "qemu_completed": sum(q_ok),
+        "ours_validated": sum(o_ok),
+        "qemu_ms": _stat([r["total_ms"] for r in good_q]),
+        "ours_ms": _stat([r["total_ms"] for r in good_o]),
+        "ratio": ratio(lambda r: r["total_ms"]),
+        "qemu_downtime_ms": _stat([r["downtime_ms"] for r in good_q]),
+        "ours_downtime_ms": _stat([r["downtime_ms"] for r in good_o]),
+        "qemu_cpu_s": cpu(good_q),
+        "ours_cpu_s": cpu(good_o),
+        "cpu_ratio": ratio(_cpu),
+        "qemu_ram_total": _stat([r.get("ram_total") for r in good_q]),
+        "qemu_transferred": _stat([r.get("transferred") for r in good_q]),
+        "ours_wire_bytes": _stat([r.get("wire_bytes") for r in good_o]),
+    }
+
+
+def _fmt(stat, digits=0) -> str:
+    if not stat:
+        return "n/a"
+    return f"{stat['median']:.{digits}f} ({stat['min']:.{digits}f}–{stat['max']:.{digits}f})"
+
+
+def _fmt_cpu(c: dict) -> str:
+    if not c["sum"]:
+        return "n/a"
+    return f"{c['src']['median']:.2f} + {c['dst']['median']:.2f} = {_fmt(c['sum'], 2)}"
+
+
+def vs_qemu_markdown(doc: dict) -> str:
+    setting = (
+        "prealloc against prealloc: QEMU's destination with -mem-prealloc, mte-migrate with --prealloc"
+        if doc["prealloc"]
+        else "defaults against defaults"
+    )
+    runs = max((e["runs"] for e in doc["summary"]), default=0)
+    lines = [
+        f"Command: `{doc['command']}` ({setting})",
+        "",
+        f"QEMU: {doc['qemu']['version']} (`{doc['qemu']['binary']}`), `-M virt,mte=on -cpu max -accel tcg -S`, "
+        "max-bandwidth 100 GiB/s; its own total-time and downtime.",
+        "",
+        "Both migrate the same image file: mte-migrate's guest RAM is the image, QEMU's is the image plus "
+        f"{doc['image_offset_in_qemu'] >> 20} MiB below it (the image loaded at RAM + 2 MiB, over the device tree's "
+        "MiB); QEMU also migrates its two 64 MiB flash devices and the MTE tag storage (`QEMU RAM MiB`), "
+        "all zero but the image and the device tree.",
+        "",
+        f"Interleaved pairs, the order alternating each repeat (QEMU first in odd repeats): medians (min–max) of "
+        f"{runs} runs each; `ratio` is ours / QEMU per pair, median (min–max); above 1 mte-migrate is slower. "
+        "CPU s: src + dst = sum (min–max of the sum); the source from the start of the migration, the "
+        "destination from before its VM exists (its preallocation included) to the end.",
+        "",
+        "| image | QEMU ms | mte-migrate ms | ratio | QEMU CPU s src+dst | ours CPU s src+dst | CPU ratio | "
+        "QEMU downtime ms | ours downtime ms | QEMU RAM MiB | ok QEMU / ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in doc["summary"]:
+        ram = e["qemu_ram_total"]
+        ram_cell = f"{ram['median'] / (1 << 20):.0f}" if ram else "n/a"
+        lines.append(
+            f"| {e['kind']} {fmt_bytes(e['size'])} | {_fmt(e['qemu_ms'])} | {_fmt(e['ours_ms'])} | "
+            f"{_fmt(e['ratio'], 2)} | {_fmt_cpu(e['qemu_cpu_s'])} | {_fmt_cpu(e['ours_cpu_s'])} | "
+            f"{_fmt(e['cpu_ratio'], 2)} | {_fmt(e['qemu_downtime_ms'])} | {_fmt(e['ours_downtime_ms'])} | "
+            f"{ram_cell} | {e['qemu_completed']}/{e['runs']} / {e['ours_validated']}/{e['runs']} |"
+        )
+    lines += [
+        "",
+        "QEMU's source is paused (-S): no vCPU runs, so nothing is dirtied and its downtime is taken with the "
+        "guest already stopped; mte-migrate's guest has 2 idle vCPUs.",
+    ]
     return "\n".join(lines) + "\n"
