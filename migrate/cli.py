@@ -271,11 +271,10 @@ def main(argv=None) -> int:
 def _resolve(args) -> int:
     import asyncio
 
+    from migrate.engine.recovery import send_decision
     from migrate.net.tls import from_options
-    from migrate.net.transport import FrameChannel, connect, parse_address, secure
+    from migrate.net.transport import parse_address
     from migrate.protocol import auth
-    from migrate.protocol import frames as fr
-    from migrate.protocol.machine import Connection, recovery_source_machine
 
     try:
         address = parse_address(args.connect, "--connect")
@@ -283,24 +282,7 @@ def _resolve(args) -> int:
         raise ConfigError(str(exc)) from None
     key = auth.load_key(args.psk_file)
     tls = from_options(args.tls_cert, args.tls_key, args.tls_ca)
-
-    async def main():
-        sock = await connect(*address, args.timeout)
-        io = await secure(sock, tls, False, args.timeout)
-        chan = FrameChannel(sock, Connection(recovery_source_machine()), args.timeout, io=io)
-        try:
-            proof = auth.proof(key, "recover", args.session, args.decision) if key else b""
-            await chan.send(fr.Recover(args.session, args.decision, proof))
-            if args.decision == "go":
-                reply = await chan.recv()
-                if reply.type == fr.FrameType.ERROR:
-                    raise MigrationError(f"destination: {reply.message}")
-                return "the guest is running on the destination"
-            return "the destination discards its copy; the guest stays with the source"
-        finally:
-            chan.close()
-
-    print(asyncio.run(main()))
+    print(asyncio.run(send_decision(address, args.session, args.decision, key, tls, args.timeout)))
     return 0
 
 
