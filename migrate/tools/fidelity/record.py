@@ -19,6 +19,7 @@ repository.  Needs root (apt-get, dpkg).
 """
 
 import datetime
+import functools
 import gzip
 import hashlib
 import os
@@ -108,21 +109,23 @@ def _debian_mirror() -> str:
 
 
 def ensure_sources(apt: Apt) -> None:
+    """bookworm-backports in apt's sources and arm64 among dpkg's
+    architectures; apt-get update when either was added or arm64's lists
+    are missing."""
+    changed = False
     sources = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
-    if any(p.is_file() and "bookworm-backports" in p.read_text() for p in sources):
-        pass
-    else:
+    if not any(p.is_file() and "bookworm-backports" in p.read_text() for p in sources):
         mirror = _debian_mirror()
         _say(f"adding bookworm-backports from {mirror} as {BACKPORTS_SOURCES}")
         BACKPORTS_SOURCES.write_text(
             f"Types: deb\nURIs: {mirror}\nSuites: bookworm-backports\nComponents: main\n"
             "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
         )
-        apt.updated = False
+        changed = True
     if "arm64" not in _out(["dpkg", "--print-foreign-architectures"]).split():
         _run(["dpkg", "--add-architecture", "arm64"])
-        apt.updated = False
-    if not apt.updated and not _have_arm64_lists():
+        changed = True
+    if changed or not _have_arm64_lists():
         apt.update()
 
 
@@ -154,17 +157,11 @@ def ensure_tools(apt: Apt) -> None:
 
 
 # -- the kernel ----------------------------------------------------------------
-def _version_key(apt_version: str):
-    """dpkg's order, by asking dpkg (a handful of comparisons)."""
-
-    class Key:
-        def __init__(self, v):
-            self.v = v
-
-        def __lt__(self, other):
-            return subprocess.run(["dpkg", "--compare-versions", self.v, "lt", other.v]).returncode == 0
-
-    return Key(apt_version)
+def _dpkg_compare(a: str, b: str) -> int:
+    """dpkg's order of two versions, by asking dpkg (a handful of calls)."""
+    if a == b:
+        return 0
+    return -1 if subprocess.run(["dpkg", "--compare-versions", a, "lt", b]).returncode == 0 else 1
 
 
 def _kernel_names(series: str) -> list[str]:
@@ -183,7 +180,7 @@ def find_kernel(series: str, apt: Apt) -> tuple[str, str, str]:
         raise SystemExit(f"fidelity: no linux-image-{series}.*-arm64 in apt's lists (is arm64 added?)")
     show = subprocess.run(["apt-cache", "show", *(f"{n}:arm64" for n in names)], capture_output=True, text=True).stdout
     found = re.findall(r"^Package: (\S+)\n(?:.*\n)*?Version: (\S+)$", show, re.M)
-    name, version = max(((n, v) for n, v in found), key=lambda f: _version_key(f[1]))
+    name, version = max(found, key=functools.cmp_to_key(lambda x, y: _dpkg_compare(x[1], y[1])))
     madison = _out(["apt-cache", "madison", f"{name}:arm64"])
     suite = next((line.split("|")[2].split()[1] for line in madison.splitlines() if version in line), "?")
     return name, version, suite
