@@ -64,12 +64,13 @@ def test_there_are_recordings():
     assert GOLDEN, "no tests/fidelity/linux-*.txt: record one (docs/FIDELITY.md)"
 
 
-def test_the_simulation_answers_as_the_kernel(report):
+def test_the_simulation_answers_as_the_kernel(report, capsys):
     r = report
-    print(
-        f"\nlinux {r['kernel']}: {len(r['agree'])} of {r['total']} cases agree"
-        f" ({len(r['simplified'])} deliberate simplifications, {len(r['not_modelled'])} not modelled)"
-    )
+    with capsys.disabled():  # shown in a plain `pytest -q` run too
+        print(
+            f"\nlinux {r['kernel']}: {len(r['agree'])} of {r['total']} cases agree"
+            f" ({len(r['simplified'])} deliberate simplifications, {len(r['not_modelled'])} not modelled)"
+        )
     unexplained = [f"{name}\n  kernel: {line}\n  hosts/: {sim}" for name, line, sim in r["differ"]]
     assert not unexplained, (
         f"{len(unexplained)} cases where hosts/ answers unlike linux {r['kernel']}, "
