@@ -30,6 +30,19 @@ except (OSError, AttributeError):
     _mincore = None
 
 
+def _runs_of(flags: bytes, value: int):
+    """Runs [a, b) of bytes equal to ``value``, one find per run."""
+    other, pos, n = 1 - value, 0, len(flags)
+    while True:
+        a = flags.find(value, pos)
+        if a < 0:
+            return
+        b = flags.find(other, a)
+        b = n if b < 0 else b
+        yield a, b
+        pos = b
+
+
 def _address_of(mapping: mmap.mmap) -> int:
     anchor = ctypes.c_char.from_buffer(mapping)
     try:
@@ -179,14 +192,12 @@ class GuestMemory:
         """Allocate the never-populated pages of a range as a fault on them
         would (a zeroed page, data for SEEK_DATA from then on), leaving
         populated ones alone; returns how many pages needed a new page (those
-        allocated ahead by prefault are not counted: they existed)."""
-        holes, pos = [], first_page
-        for a, b in self.populated_ranges(first_page, end_page):
-            if a > pos:
-                holes.append((pos, a))
-            pos = b
-        if pos < end_page:
-            holes.append((pos, end_page))
+        allocated ahead by prefault are not counted: they existed).  Asks
+        mincore() which pages hold memory: its cost is per page asked, while
+        SEEK_HOLE scans the file up to the next hole, which in a fully
+        populated guest is the end of RAM (a call per 256 pages then made a
+        1 GiB bulk pass three times slower)."""
+        holes = self._missing(first_page, end_page)
         for a, b in holes:
             try:
                 self._data_map.madvise(MADV_POPULATE_WRITE, a * PAGE_SIZE, (b - a) * PAGE_SIZE)
@@ -195,6 +206,22 @@ class GuestMemory:
                     for page in range(a, b):
                         os.pwrite(self._data_fd, bytes(PAGE_SIZE), page * PAGE_SIZE)
         return sum(self._prefaulted.count(0, a, b) for a, b in holes)
+
+    def _missing(self, first_page: int, end_page: int) -> list[tuple[int, int]]:
+        """Runs [a, b) of pages in the range that hold no memory yet."""
+        if self._data_address is not None and 0 <= first_page < end_page <= self.npages:
+            vec = ctypes.create_string_buffer(end_page - first_page)
+            if _mincore(self._data_address + first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE, vec) == 0:
+                # bit 0 of each byte: resident (the other bits are reserved, 0)
+                return [(first_page + a, first_page + b) for a, b in _runs_of(vec.raw, 0)]
+        holes, pos = [], first_page  # no mincore: ask the file
+        for a, b in self.populated_ranges(first_page, end_page):
+            if a > pos:
+                holes.append((pos, a))
+            pos = b
+        if pos < end_page:
+            holes.append((pos, end_page))
+        return holes
 
     # -- storing -------------------------------------------------------------
     def write(self, offset: int, data, populated: bool = False) -> None:
