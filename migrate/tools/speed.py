@@ -1,5 +1,5 @@
-"""`mte-migrate speed`: the same RAM images QEMU was measured with
-(PERF-NOTES.md), migrated with default settings; medians and min-max of
+"""`mte-migrate speed`: the same kinds of RAM image QEMU was measured with
+(zero, random, mixed), migrated with default settings; medians and min-max of
 total time, downtime and guest-RAM throughput, with the loopback and zstd
 ceilings measured in the same run and the floor they set for each image
 (the data pages' CRC on both sides, landing and sending, over the cores);
@@ -23,7 +23,7 @@ from migrate.tools.qemu_peer import IMAGE_OFFSET, find_qemu, migrate_once
 from migrate.units import fmt_bytes
 
 # Dated figures from another run, not measured by `speed`: QEMU 10.0.2 on
-# these machines, recorded by 2026-11-28 (PERF-NOTES.md), destination started
+# these machines, recorded by 2026-11-28 in another run, destination started
 # with -mem-prealloc, medians of 5, in ms.  `speed --vs-qemu` measures QEMU
 # side by side instead.
 QEMU_RECORDED = "QEMU 10.0.2, recorded 2026-11-28 in another run"
@@ -133,12 +133,7 @@ def run(
         "runs": {f"{k}-{s}": rs for (k, s), rs in rows.items()},
         "capped_runs": capped,
     }
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "speed.json"), "w") as f:
-            json.dump(doc, f, indent=2)
-        with open(os.path.join(out_dir, "speed.md"), "w") as f:
-            f.write(markdown(doc))
+    _write(doc, out_dir)
     return doc
 
 
@@ -263,12 +258,7 @@ def run_vs_qemu(
         "summary": [vs_qemu_entry(k, size, ps) for (k, size), ps in pairs.items()],
         "runs": {f"{k}-{size}": ps for (k, size), ps in pairs.items()},
     }
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "speed.json"), "w") as f:
-            json.dump(doc, f, indent=2)
-        with open(os.path.join(out_dir, "speed.md"), "w") as f:
-            f.write(markdown(doc))
+    _write(doc, out_dir)
     return doc
 
 
@@ -376,3 +366,13 @@ def vs_qemu_markdown(doc: dict) -> str:
         "guest already stopped; mte-migrate's guest has 2 idle vCPUs.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _write(doc: dict, out_dir: str | None) -> None:
+    """speed.json and speed.md in ``out_dir`` (nothing without one)."""
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "speed.json"), "w") as f:
+            json.dump(doc, f, indent=2)
+        with open(os.path.join(out_dir, "speed.md"), "w") as f:
+            f.write(markdown(doc))
