@@ -1,7 +1,8 @@
 """The thin asyncio layer: frames over a non-blocking TCP socket.
 
-Reads land in one reused buffer (no allocation per read: see PERF-NOTES on
-StreamReader); a frame's meta and payload are views into it, valid until the
+Reads land in one reused buffer (no allocation per read: asyncio's
+StreamReader, reading 1 MiB at a time, swung between 0.9 and 4 GB/s here as
+malloc mapped and unmapped memory on every read); a frame's meta and payload are views into it, valid until the
 next receive.  Sends go straight from the frame's buffers (guest RAM views or
 the batch scratch) with loop.sock_sendall.  Every receive is bounded in time
 (the peer timeout) and in size (the frame limits, checked on the header
