@@ -120,7 +120,10 @@ def test_bad_toml_is_rejected(text):
             '[migration]\nmax_bandwidth = "quick"\n',
             r"scenario w.toml: \[migration\] max_bandwidth 'quick' is not a size",
         ),
-        ('[migration]\nvalidate = "some"\n', r"\[migration\] validate must be 'digest', 'tracked' or 'full', got 'some'"),
+        (
+            '[migration]\nvalidate = "some"\n',
+            r"\[migration\] validate must be 'digest', 'tracked' or 'full', got 'some'",
+        ),
         ('[migration]\npsk_file = ""\n', r"\[migration\] psk_file is empty \(an unset variable\?\)"),
         ('[guest]\nvcpus = "2"\n', r"scenario w.toml: \[guest\] vcpus must be an integer, got str '2'"),
         ("[guest]\nvcpus = 2.0\n", r"\[guest\] vcpus must be an integer, got float"),
