@@ -183,6 +183,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=("a", "b"), required=True)
     p.add_argument("--hops", type=int, required=True)
 
+    p = sub.add_parser(
+        "fuzz",
+        help="fuzz the destination's input path in process with mutated real streams",
+        description="Captures the streams a source sends for a small guest, mutates them (headers, "
+        "msgpack meta, payloads, zstd bombs, frame order, in every protocol state) and feeds each "
+        "input to the destination's frame parser, state machines and page applier in process. "
+        "Reports outcome classes, crashes (any exception that is not a MigrationError), hangs and "
+        "peak memory; exit status 1 on any crash or hang.",
+    )
+    p.add_argument("--inputs", type=int, default=10000, metavar="N", help="inputs to run (default 10000)")
+    p.add_argument("--seed", type=int, default=1, help="the campaign's seed (default 1): same seed, same inputs")
+    p.add_argument("--out", default="fuzz-out", metavar="DIR", help="fuzz.json and reproducers (default fuzz-out)")
+    p.add_argument(
+        "--hang-seconds", type=float, default=10.0, metavar="S", help="an input slower than this is a hang (default 10)"
+    )
+    p.add_argument(
+        "--trace-every",
+        type=int,
+        default=50,
+        metavar="N",
+        help="measure tracemalloc's peak on every Nth input (default 50; 0: never)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress")
+
     sub.add_parser("scenarios", help="list the scenarios, one a line")
     sub.add_parser("strategies", help="list the tag strategies, one a line")
     return parser
@@ -375,6 +399,16 @@ def _dispatch(args) -> int:
         from migrate.tools.endurance import worker
 
         return worker(args.spec, args.role, args.hops, "")
+    if args.command == "fuzz":
+        from migrate.tools.fuzz import campaign
+        from migrate.tools.fuzz import summary as fuzz_summary
+
+        if args.inputs < 1 or args.hang_seconds <= 0 or args.trace_every < 0:
+            raise ConfigError("--inputs >= 1, --hang-seconds > 0, --trace-every >= 0")
+        progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        report = campaign(args.inputs, args.seed, args.out, args.hang_seconds, args.trace_every, progress=progress)
+        print(fuzz_summary(report))
+        return 1 if report.crashes or report.hangs else 0
     guest, config, name = resolve(args)
     if args.command in ("run", "validate"):
         from migrate.hosting.pair import run_pair
