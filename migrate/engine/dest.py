@@ -289,7 +289,7 @@ class DestVmm:
             workload.set_state(wl["state"])
             workload.set_device_state(dict(state["devices"]))
             self.host.vcpus.set_states(vcpus)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
             raise ProtocolError(f"STATE is not a valid guest state: {type(exc).__name__}: {one_line(exc)}") from None
         self._staged_workload = workload
 
