@@ -172,6 +172,7 @@ def test_a_short_campaign_finds_no_crash_and_no_hang(tmp_path):
     assert report.inputs == 2000
     assert not report.crashes, fuzz.summary(report)
     assert not report.hangs, fuzz.summary(report)
+    assert not report.generator_errors, report.generator_errors[0]
     assert "accepted:running" in report.classes
     assert len(report.classes) > 50
     assert time.perf_counter() - t < 60  # under 20 s on an idle machine

@@ -272,7 +272,7 @@ def mut_header(rng, frames, at, ctx):
             [0, old + 1, max(old - 1, 0), old * 2, fr.MAX_META, fr.MAX_META + 1, fr.MAX_PAYLOAD, fr.MAX_PAYLOAD + 1]
             + [2**32 - 1, rng.getrandbits(32), rng.randrange(64)]
         )
-        struct.pack_into("<I", raw, off, new)
+        struct.pack_into("<I", raw, off, new & 0xFFFFFFFF)
     else:  # crc
         struct.pack_into("<I", raw, 12, rng.getrandbits(32))
     if which in (1, 2) and rng.random() < 0.5:  # the same change with a CRC that covers it
@@ -838,6 +838,7 @@ class Report:
     tracemalloc_peak: int = 0
     tracemalloc_peak_input: int = -1
     traced_inputs: int = 0
+    generator_errors: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -850,6 +851,7 @@ class Report:
             "tracemalloc_peak_bytes": self.tracemalloc_peak,
             "tracemalloc_peak_input": self.tracemalloc_peak_input,
             "traced_inputs": self.traced_inputs,
+            "generator_errors": self.generator_errors,
             "outcome_classes": dict(sorted(self.classes.items(), key=lambda kv: -kv[1])),
         }
 
@@ -918,7 +920,11 @@ def campaign(
     started = time.perf_counter()
     try:
         for i in range(inputs):
-            inp = make_input(random.Random(f"{seed}:{i}"), seeds, strays)
+            try:
+                inp = make_input(random.Random(f"{seed}:{i}"), seeds, strays)
+            except Exception:  # a bug of the fuzzer, not of the destination: count it, go on
+                report.generator_errors.append({"index": i, "traceback": traceback.format_exc()})
+                continue
             traced = trace_every > 0 and i % trace_every == 0
             if traced:
                 tracemalloc.start()
@@ -988,6 +994,7 @@ def summary(report: Report, top: int = 40) -> str:
         f"tracemalloc   {report.tracemalloc_peak / 2**20:.1f} MiB peak over {report.traced_inputs} traced inputs "
         f"(#{report.tracemalloc_peak_input})",
         f"outcome classes: {len(report.classes)}",
+        f"fuzzer errors {len(report.generator_errors)} (inputs the mutators failed to make)",
         "",
         "| count | outcome |",
         "|---:|---|",
