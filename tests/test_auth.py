@@ -169,6 +169,20 @@ def test_join_proof_binds_channel_and_migration():
     assert not auth.check(KEY, good, "join", "another-session", 1, N_DST)
 
 
+def test_recover_proof_binds_the_challenge_session_and_decision():
+    """A recovery connection's AUTH is good for the nonce the destination
+    sent on that connection only: the same decision under another challenge
+    (a replay on a new connection) fails."""
+    good = auth.recover_proof(KEY, SESSION, "go", N_DST)
+    assert good == auth.proof(KEY, "recover", SESSION, "go", N_DST)
+    assert auth.check_recover(KEY, good, SESSION, "go", N_DST)
+    assert not auth.check_recover(KEY, good, SESSION, "go", b"\x09" * 32)  # another connection's challenge
+    assert not auth.check_recover(KEY, good, SESSION, "abort", N_DST)
+    assert not auth.check_recover(KEY, good, "another-session", "go", N_DST)
+    assert not auth.check_recover(b"another key of 32 bytes, really!", good, SESSION, "go", N_DST)
+    assert not auth.check(KEY, good, "recover", SESSION, "go")  # the old, nonce-less form
+
+
 @pytest.mark.parametrize("how", ["empty", "zeros", "reversed", "truncated", "one bit", "longer"])
 def test_malformed_or_empty_proofs_fail(how):
     role, parts = BASE

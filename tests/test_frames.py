@@ -93,7 +93,7 @@ if hasattr(fr, "Join"):  # extra data connections
     SAMPLES.append(fr.Join("session-1", 1))
     SAMPLES.append(fr.Join("0123456789abcdef", 3, b"\xee" * 32))
 if hasattr(fr, "Recover"):  # the in-doubt window, on a new connection
-    SAMPLES.append(fr.Recover("0123456789abcdef", "go", b"\xdd" * 32))
+    SAMPLES.append(fr.Recover("0123456789abcdef", "go"))
     SAMPLES.append(fr.Recover("0123456789abcdef", "abort"))
 SAMPLE_IDS = [f"{f.type.name}-{i}" for i, f in enumerate(SAMPLES)]
 

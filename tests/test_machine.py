@@ -51,7 +51,7 @@ EXAMPLE = {
 if hasattr(T, "JOIN"):
     EXAMPLE[T.JOIN] = fr.Join("session-1", 1, b"\x05" * 32)
 if hasattr(T, "RECOVER"):  # the in-doubt window, on a new connection
-    EXAMPLE[T.RECOVER] = fr.Recover("session-1", "go", b"\x06" * 32)
+    EXAMPLE[T.RECOVER] = fr.Recover("session-1", "go")
 
 
 def _reachable(table, initial, failed, aborted):
@@ -62,7 +62,16 @@ def _reachable(table, initial, failed, aborted):
 # side -> (make, states, table, failed, aborted, terminal, name in messages)
 SIDES = {
     "source": (source_machine, list(SourceState), SOURCE_TABLE, S.FAILED, S.ABORTED, {S.DONE}, "source"),
-    "destination": (dest_machine, list(DestState), DEST_TABLE, D.FAILED, D.ABORTED, {D.RUNNING}, "destination"),
+    "destination": (
+        dest_machine,
+        # CHALLENGING belongs to recovery connections only (DATA_DEST_TABLE)
+        [s for s in DestState if s.name != "CHALLENGING"],
+        DEST_TABLE,
+        D.FAILED,
+        D.ABORTED,
+        {D.RUNNING},
+        "destination",
+    ),
 }
 if hasattr(mach, "DATA_SOURCE_TABLE"):  # extra data connections (--channels)
     SIDES["data-source"] = (

@@ -46,7 +46,7 @@ EXAMPLES = {
     T.ABORT: fr.Abort("user cancelled"),
     T.JOIN: fr.Join("s", 1, b"\4" * 32),
     T.AUTH: fr.Auth(b"\4" * 32),
-    T.RECOVER: fr.Recover("s", "go", b"\6" * 32),
+    T.RECOVER: fr.Recover("s", "go"),
 }
 
 

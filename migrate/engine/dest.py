@@ -405,7 +405,8 @@ class DestVmm:
             task.add_done_callback(pending.discard)
 
     async def _admit(self, sock) -> None:
-        """A data channel's JOIN, a RECOVER in the in-doubt window, or a refusal."""
+        """A data channel's JOIN, a RECOVER in the in-doubt window (challenged
+        and checked by ``DestRecovery.take``), or a refusal."""
         conn = Connection(data_dest_machine(), self.config.checksum)
         try:
             io = await secure(sock, self._tls, True, min(self.config.timeout_s, 5.0))
@@ -416,7 +417,7 @@ class DestVmm:
         try:
             frame = await self._first_frame(chan)
             if frame.type == T.RECOVER:
-                await self._recovery.take(frame, chan, self.hello, self.resumed)
+                await self._recovery.take(frame, chan, self.hello, lambda: self.resumed)
                 return
             self._check_join(frame, chan)
             conn.ram_pages = self.host.memory.npages

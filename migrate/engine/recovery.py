@@ -12,7 +12,12 @@ time) says which side runs it; after RESUMED it stays reachable for a while,
 in case that RESUMED was lost, and answers a RECOVER go again.
 
 Operator (``send_decision``): ``mte-migrate resolve`` says the source's part
-by hand."""
+by hand.
+
+Every recovery connection is RECOVER, the destination's challenge (WELCOME
+with a nonce made for this connection), then AUTH proving the decision over
+that nonce (``recover``); the destination acts only after the proof checks
+out, so a RECOVER captured on one connection cannot be replayed on another."""
 
 import asyncio
 import os
@@ -35,7 +40,24 @@ from migrate.errors import (
 from migrate.net.transport import FrameChannel, connect, secure
 from migrate.protocol import auth
 from migrate.protocol import frames as fr
+from migrate.protocol.frames import PROTOCOL_VERSION
 from migrate.protocol.machine import Connection, recovery_source_machine
+
+
+async def recover(chan: FrameChannel, session: str, decision: str, key: bytes | None, timeout: float) -> None:
+    """The source's half of a recovery connection up to the proof: RECOVER,
+    the destination's challenge (WELCOME with a fresh nonce; an ERROR
+    raises PeerError), then AUTH -- the decision proven over that nonce
+    (empty without a key)."""
+    await chan.send(fr.Recover(session, decision))
+    challenge = await chan.recv(timeout=timeout)
+    if challenge.type == fr.FrameType.ERROR:
+        raise PeerError(f"destination: {challenge.message}", challenge.code)
+    if challenge.version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"the destination speaks protocol version {challenge.version}, this side {PROTOCOL_VERSION}"
+        )
+    await chan.send(fr.Auth(auth.recover_proof(key, session, decision, challenge.nonce) if key else b""))
 
 
 class SourceRecovery:
@@ -63,8 +85,8 @@ class SourceRecovery:
                 sock = await connect(*address, cfg.timeout_s)
                 io = await secure(sock, self.tls, False, cfg.timeout_s)
                 chan = FrameChannel(sock, Connection(recovery_source_machine(), cfg.checksum), cfg.timeout_s, io=io)
-                proof = auth.proof(key, "recover", self.session, decision) if key else b""
-                await chan.send(fr.Recover(self.session, decision, proof))
+                wait = max(0.5, min(cfg.timeout_s, deadline - time.monotonic()))
+                await recover(chan, self.session, decision, key, wait)
                 if decision == "abort":
                     return
                 reply = await chan.recv(timeout=max(0.5, min(cfg.timeout_s, deadline - time.monotonic())))
@@ -169,14 +191,14 @@ class DestRecovery:
         """In doubt, or lingering after RESUMED: a RECOVER may come."""
         return any(f is not None and not f.done() for f in (self._decision, self._lingering))
 
-    async def take(self, frame, chan, hello, resumed: bool) -> None:
-        """A RECOVER for our session (``hello``'s): hand it to the waiting
-        ``wait``, or, if the guest already runs here, confirm that again."""
+    async def take(self, frame, chan, hello, resumed: Callable[[], bool]) -> None:
+        """A RECOVER for our session (``hello``'s): challenge it, then hand
+        it to the waiting ``wait``, or, if the guest already runs here
+        (``resumed()``), confirm that again."""
         if hello is None or frame.session != hello.session:
             raise ProtocolError("no migration is in doubt for that session")
-        if self.key is not None and not auth.check(self.key, frame.proof, "recover", frame.session, frame.decision):
-            raise AuthError("RECOVER failed authentication")
-        if resumed:
+        await self._challenge(frame, chan)
+        if resumed():
             if frame.decision != "go":
                 raise ProtocolError("the guest already runs here: it cannot be aborted")
             try:
@@ -191,6 +213,25 @@ class DestRecovery:
         if future is None or future.done():
             raise ProtocolError("no migration is in doubt for that session")
         future.set_result((frame.decision, chan))
+
+    async def _challenge(self, frame, chan) -> None:
+        """Answer RECOVER with a nonce made for this connection (WELCOME) and
+        take the AUTH that proves the decision over it.  The nonce lives as
+        long as this call and is checked once: nothing is remembered across
+        connections, and a RECOVER and AUTH captured elsewhere name another
+        nonce.  Without a key the proof is not checked (nor required)."""
+        nonce = auth.new_nonce()
+        await chan.send(fr.Welcome(PROTOCOL_VERSION, nonce))
+        answer = await chan.recv()
+        if answer.type != fr.FrameType.AUTH:  # ERROR or ABORT: the source gave up
+            raise ProtocolError(f"the recovery connection ended with {answer.type.name} instead of AUTH")
+        if self.key is not None and not auth.check_recover(
+            self.key, answer.proof, frame.session, frame.decision, nonce
+        ):
+            raise AuthError(
+                f"RECOVER {frame.decision} failed authentication: its proof is not over this connection's "
+                f"challenge (a replayed RECOVER, or another key); nothing changed here"
+            )
 
     async def wait(self, cause: MigrationError, session: str) -> bool:
         """The connection broke after CONFIRM and before GO: the source may
@@ -253,8 +294,7 @@ async def send_decision(
     io = await secure(sock, tls_config, False, timeout)
     chan = FrameChannel(sock, Connection(recovery_source_machine()), timeout, io=io)
     try:
-        proof = auth.proof(key, "recover", session, decision) if key else b""
-        await chan.send(fr.Recover(session, decision, proof))
+        await recover(chan, session, decision, key, timeout)
         if decision == "go":
             reply = await chan.recv()
             if reply.type == fr.FrameType.ERROR:

@@ -5,7 +5,13 @@ Each side sends a fresh random nonce (HELLO, WELCOME).  The destination
 proves itself in WELCOME, the source in AUTH, each with HMAC-SHA256 over a
 role label, both nonces and the session; a data connection proves itself in
 JOIN the same way.  Nothing is trusted before the proofs check out, and the
-comparisons are constant-time."""
+comparisons are constant-time.
+
+Every proof names a fresh nonce of the side that checks it, so none can be
+replayed on another connection: WELCOME's the source's (HELLO), AUTH's and
+JOIN's the destination's (WELCOME).  A recovery connection has its own
+challenge: the destination answers RECOVER with a WELCOME carrying a new
+nonce, and the source's AUTH proves ``recover_proof`` over it."""
 
 import hashlib
 import hmac
@@ -47,3 +53,13 @@ def proof(key: bytes, role: str, *parts) -> bytes:
 
 def check(key: bytes, given: bytes, role: str, *parts) -> bool:
     return hmac.compare_digest(given, proof(key, role, *parts))
+
+
+def recover_proof(key: bytes, session: str, decision: str, nonce: bytes) -> bytes:
+    """A recovery connection's AUTH: the RECOVER decision for ``session``,
+    bound to ``nonce``, the destination's challenge on that connection."""
+    return proof(key, "recover", session, decision, nonce)
+
+
+def check_recover(key: bytes, given: bytes, session: str, decision: str, nonce: bytes) -> bool:
+    return check(key, given, "recover", session, decision, nonce)

@@ -32,7 +32,7 @@ from migrate.checksum import crc32
 from migrate.errors import ProtocolError
 
 #: bumped whenever a frame changes shape; both sides must agree (HELLO)
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"MT"
 HEADER = struct.Struct("<2sBBIII")
 HEADER_SIZE = HEADER.size
@@ -208,7 +208,8 @@ class Join:
 class Auth:
     """Source -> destination, right after WELCOME: the source's proof that it
     holds the shared key (empty when no key is configured).  Nothing else is
-    accepted before it."""
+    accepted before it.  On a recovery connection it proves the RECOVER
+    decision over the nonce of the WELCOME that challenged it."""
 
     proof: bytes = b""
     type = FrameType.AUTH
@@ -223,35 +224,40 @@ class Auth:
 
 @dataclass
 class Recover:
-    """Source -> destination, the only frame of a recovery connection: settles
-    a migration left in doubt.  Sent when the control connection broke after
-    CONFIRM: the decision for session ``session`` is "go" (the source gave
-    the guest up: resume it) or "abort" (it kept the guest: discard yours).
-    The source sends it on its own; an operator can with ``mte-migrate
-    resolve``.  With a shared key, ``proof`` is the HMAC over "recover", the
-    session and the decision.  For "go" the destination answers RESUMED."""
+    """Source -> destination, the first frame of a recovery connection:
+    settles a migration left in doubt.  Sent when the control connection
+    broke after CONFIRM: the decision for session ``session`` is "go" (the
+    source gave the guest up: resume it) or "abort" (it kept the guest:
+    discard yours).  The source sends it on its own; an operator can with
+    ``mte-migrate resolve``.  The destination answers with a challenge
+    (WELCOME with a fresh nonce) and acts only on the AUTH that follows: with
+    a shared key its proof is the HMAC over "recover", the session, the
+    decision and that nonce, so a captured RECOVER and AUTH are worth nothing
+    on another connection.  For "go" the destination then answers RESUMED."""
 
     session: str
     decision: str
-    proof: bytes = b""
     type = FrameType.RECOVER
 
     def meta(self):
-        return {"session": self.session, "decision": self.decision, "proof": self.proof}
+        return {"session": self.session, "decision": self.decision}
 
     @classmethod
     def from_meta(cls, m, payload):
         decision = _field(m, "decision", str, "RECOVER")
         if decision not in ("go", "abort"):
             raise ProtocolError(f"RECOVER decision must be 'go' or 'abort', got {decision[:20]!r}")
-        return cls(_field(m, "session", str, "RECOVER")[:64], decision, _nonce(m, "RECOVER", "proof"))
+        return cls(_field(m, "session", str, "RECOVER")[:64], decision)
 
 
 @dataclass
 class Welcome:
     """Destination -> source: HELLO (or, on a data connection, JOIN)
-    accepted.  Answering HELLO it carries the destination's nonce and, with
-    a shared key, its proof that it holds the key."""
+    accepted; on a recovery connection, the challenge to RECOVER.
+    Answering HELLO it carries the destination's nonce and, with a shared
+    key, its proof that it holds the key.  Answering RECOVER it carries a
+    fresh nonce, made for this connection only, that the source's AUTH must
+    prove the decision over (and no proof of its own)."""
 
     version: int
     nonce: bytes = b""

@@ -25,9 +25,10 @@ Extra data connections (``--channels`` > 1): the source sends JOIN, the
 destination answers WELCOME, then only PAGES and PASS_END flow.
 
 Recovery connections (the control connection broke after CONFIRM): the
-source, or ``mte-migrate resolve``, sends RECOVER "go" or "abort"; for "go"
-the destination resumes the guest (if it does not run already) and answers
-RESUMED.  On the destination every connection after the control one starts
+source, or ``mte-migrate resolve``, sends RECOVER "go" or "abort"; the
+destination challenges it with a fresh nonce (WELCOME), the source proves
+the decision over that nonce (AUTH); for "go" the destination then resumes
+the guest (if it does not run already) and answers RESUMED.  On the destination every connection after the control one starts
 in DATA_DEST_TABLE, which takes JOIN, RECOVER, or another source's HELLO
 (answered "busy").
 
@@ -66,6 +67,7 @@ class DestState(enum.Enum):
 
     WAIT_HELLO = "wait-hello"
     NEGOTIATING = "negotiating"
+    CHALLENGING = "challenging"
     AUTHENTICATING = "authenticating"
     RECEIVING = "receiving"
     STATE_LOADED = "state-loaded"
@@ -123,7 +125,10 @@ DATA_SOURCE_TABLE = {
 }
 
 DATA_DEST_TABLE = {
-    (D.WAIT_HELLO, RECV, T.RECOVER): D.RESUMING,  # the in-doubt window: see RECOVERY below
+    # the in-doubt window: RECOVER, our challenge, its proof (see RECOVERY below)
+    (D.WAIT_HELLO, RECV, T.RECOVER): D.CHALLENGING,
+    (D.CHALLENGING, SEND, T.WELCOME): D.AUTHENTICATING,
+    (D.AUTHENTICATING, RECV, T.AUTH): D.RESUMING,
     (D.RESUMING, SEND, T.RESUMED): D.RUNNING,
     (D.WAIT_HELLO, RECV, T.JOIN): D.NEGOTIATING,
     (D.WAIT_HELLO, RECV, T.HELLO): D.NEGOTIATING,  # another source: answered "busy"
@@ -134,10 +139,13 @@ DATA_DEST_TABLE = {
 
 
 # A recovery connection: after GO the source did not hear RESUMED; it says
-# RECOVER "go" (or, after CONFIRM but before GO, "abort") and for "go" waits
+# RECOVER "go" (or, after CONFIRM but before GO, "abort"), proves it in AUTH
+# over the nonce of the destination's challenge (WELCOME), and for "go" waits
 # for RESUMED.
 RECOVERY_SOURCE_TABLE = {
-    (S.IDLE, SEND, T.RECOVER): S.SWITCHING,
+    (S.IDLE, SEND, T.RECOVER): S.HANDSHAKE,
+    (S.HANDSHAKE, RECV, T.WELCOME): S.AUTHENTICATING,
+    (S.AUTHENTICATING, SEND, T.AUTH): S.SWITCHING,
     (S.SWITCHING, RECV, T.RESUMED): S.DONE,
 }
 
