@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 
 from migrate import __version__
@@ -290,6 +291,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("mte-migrate: cancelled", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`mte-migrate scenarios | head -1`): stop
+        # quietly, as a shell tool does, and keep Python from complaining
+        # again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
 
 
 def _resolve(args) -> int:

@@ -388,3 +388,11 @@ def test_destination_killed_source_fails_and_keeps_its_guest(tmp_path):
     assert "\n" not in r["error"]
     assert "connection" in r["error"] or "closed" in r["error"], r["error"]
     assert r["error"] in src_err
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`mte-migrate scenarios | head -1`: the reader is gone before the writer writes."""
+    out = subprocess.run(
+        f"{sys.executable} -m migrate scenarios | true", shell=True, capture_output=True, text=True, cwd=REPO
+    )
+    assert out.stdout == "" and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
