@@ -217,3 +217,17 @@ def test_a_state_whose_rng_word_is_negative_is_a_protocol_error(seeds):
     state["workload"]["state"]["rngs"][0][1][5] = -(2**63)  # the most negative a msgpack int holds
     with pytest.raises(ProtocolError, match="STATE is not a valid guest state: OverflowError"):
         fuzz.run_input(fuzz.FuzzInput(i, _with_state(seed, state), None), seeds)
+
+
+@pytest.mark.parametrize("first", [fr.Error("fuzz", "an error"), fr.Abort("fuzz")], ids=["ERROR", "ABORT"])
+def test_an_error_or_abort_instead_of_join_is_refused(seeds, first):
+    """Found by `mte-migrate fuzz --seed 1` (inputs 21820, 49537, 59386,
+    65822, 68771, 71930, 92107): ERROR and ABORT are legal in every state of
+    the data machine, so a new connection whose first frame was one of them
+    reached _check_join, which read ``frame.session``: AttributeError, out of
+    _admit's task (only MigrationError is refused there)."""
+    i = next(i for i, s in enumerate(seeds) if s.data)
+    seed = seeds[i]
+    data = b"".join(fr.encode(first, seed.checksum))  # the minimal reproducer: one frame
+    with pytest.raises(ProtocolError, match=f"expected JOIN on a new connection, got {first.type.name}"):
+        fuzz.run_input(fuzz.FuzzInput(i, b"".join(seed.control), data), seeds)

@@ -448,6 +448,8 @@ class DestVmm:
         hello = self.hello
         if frame.type == T.HELLO:
             raise ProtocolError("this destination is already receiving a migration")
+        if frame.type != T.JOIN:  # ERROR or ABORT: legal in any state, but no JOIN
+            raise ProtocolError(f"expected JOIN on a new connection, got {frame.type.name}")
         if hello is None or self.machine is None or self.machine.finished:
             raise (
                 ProtocolError("this destination is already receiving a migration")
