@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         "hop is validated and both processes report RSS and open file descriptors.",
     )
     _add_table_options(p, "endurance")
-    p = sub.add_parser("endurance-worker", help=argparse.SUPPRESS)
+    # internal, so no help= (argparse lists a subcommand only when it has one)
+    p = sub.add_parser("endurance-worker")
     p.add_argument("--spec", required=True)
     p.add_argument("--role", choices=("a", "b"), required=True)
     p.add_argument("--hops", type=int, required=True)

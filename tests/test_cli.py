@@ -396,3 +396,8 @@ def test_a_reader_that_stops_early_gets_no_traceback():
         f"{sys.executable} -m migrate scenarios | true", shell=True, capture_output=True, text=True, cwd=REPO
     )
     assert out.stdout == "" and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
+
+
+def test_the_help_lists_no_internal_command():
+    out = subprocess.run([sys.executable, "-m", "migrate", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert "SUPPRESS" not in out.stdout and "endurance-worker" not in out.stdout and "fuzz" in out.stdout
