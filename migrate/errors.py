@@ -20,6 +20,14 @@ class ProtocolError(MigrationError):
     code = "protocol"
 
 
+class TamperedFrame(ProtocolError):
+    """A frame on a connection sealed with the shared key failed its MAC (or
+    came without one): it was altered, dropped, replayed or reordered on
+    the way."""
+
+    code = "tampered"
+
+
 class HandshakeMismatch(MigrationError):
     """Source and destination cannot migrate this guest (sizes, versions...)."""
 

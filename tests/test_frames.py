@@ -280,8 +280,7 @@ def _detected(mutated: bytes) -> bool:
     buf = fr.FrameBuffer(require_crc=True)
     try:
         h = fr.parse_header(mutated[: fr.HEADER_SIZE])
-        total = fr.HEADER_SIZE + h.meta_len + h.payload_len
-        buf.feed(mutated + bytes(max(0, total - len(mutated))))
+        buf.feed(mutated + bytes(max(0, h.total - len(mutated))))
     except ProtocolError:
         return True
     return False

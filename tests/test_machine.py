@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from migrate.errors import ProtocolError
+from migrate.errors import PeerError, ProtocolError
 from migrate.protocol import frames as fr
 from migrate.protocol import machine as mach
 from migrate.protocol.machine import (
@@ -569,7 +569,7 @@ def test_joined_destination_refuses_the_source_proof():
     assert j.dst.state == D.FAILED
     assert j.deliver_to_src() == [refusal]
     assert j.src.state == S.FAILED
-    with pytest.raises(RuntimeError, match="source cannot send PAGES in state failed"):
+    with pytest.raises(PeerError, match="destination: authentication failed: the source did not prove the shared key"):
         j.s(_data_pages(0, 1, 9))
 
 

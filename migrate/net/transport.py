@@ -22,7 +22,7 @@ from migrate.protocol import frames as fr
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 DEFAULT_TIMEOUT = object()
-BUFFER_SIZE = fr.HEADER_SIZE + fr.MAX_META + fr.MAX_PAYLOAD + (1 << 20)
+BUFFER_SIZE = fr.HEADER_SIZE + fr.MAX_META + fr.MAX_PAYLOAD + fr.MAC_SIZE + (1 << 20)
 
 
 class FrameChannel:
@@ -105,19 +105,22 @@ class FrameChannel:
                     and header.type == fr.FrameType.PAGES
                     and header.flags & fr.FLAG_CRC_META_ONLY
                     and isinstance(self.io, PlainIO)
+                    and not self.conn.sealed  # a MAC is checked before any byte is used
                 ):
                     landed = await self._recv_landing(header)
                     if landed is not None:
                         return landed
-                total = fr.HEADER_SIZE + header.meta_len + header.payload_len
+                total = header.total
                 await self._fill(total)
         except TimeoutError:
             raise PeerTimeout(f"peer sent nothing for {timeout:g} s") from None
         base = self._start + fr.HEADER_SIZE
+        body = base + header.meta_len + header.payload_len
         meta = self._view[base : base + header.meta_len]
-        payload = self._view[base + header.meta_len : self._start + total]
+        payload = self._view[base + header.meta_len : body]
+        trailer = self._view[body : self._start + total]
         self._start += total
-        return self.conn.receive(header, meta, payload)
+        return self.conn.receive(header, meta, payload, trailer)
 
     async def _recv_landing(self, header):
         """Read a self-checked PAGES frame's meta; if the placer takes its

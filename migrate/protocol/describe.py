@@ -404,7 +404,8 @@ def render_header() -> str:
         "flags": (
             f"bit {_bit(fr.FLAG_CRC)} `FLAG_CRC`: a CRC is present; bit {_bit(fr.FLAG_CRC_META_ONLY)} "
             f"`FLAG_CRC_META_ONLY` (only with bit {_bit(fr.FLAG_CRC)}): the CRC leaves the payload out; "
-            "any other bit is a protocol error"
+            f"bit {_bit(fr.FLAG_MAC)} `FLAG_MAC`: a {fr.MAC_SIZE}-byte MAC follows the payload "
+            "(required on a sealed connection, refused on any other); any other bit is a protocol error"
         ),
         "meta_len": f"≤ `MAX_META` = {fr.MAX_META:,}",
         "payload_len": f"≤ `MAX_PAYLOAD` = {fr.MAX_PAYLOAD:,}",
@@ -414,8 +415,8 @@ def render_header() -> str:
         ),
     }
     rows = [
-        f"A frame is a fixed {fr.HEADER_SIZE}-byte header, a msgpack map (the meta) and an optional raw",
-        "payload. Integers are little-endian.",
+        f"A frame is a fixed {fr.HEADER_SIZE}-byte header, a msgpack map (the meta), an optional raw",
+        f"payload and, with `FLAG_MAC`, a {fr.MAC_SIZE}-byte MAC. Integers are little-endian.",
         "",
         "| offset | size | field | type | notes |",
         "|---:|---:|---|---|---|",
@@ -447,6 +448,7 @@ def render_bounds(defaults: dict) -> str:
         ("PROTOCOL_VERSION", fr.PROTOCOL_VERSION, "carried by HELLO and WELCOME; the destination refuses any other"),
         ("HEADER_SIZE", fr.HEADER_SIZE, "bytes of header, read and checked before anything else"),
         ("MAX_META", fr.MAX_META, "bytes of meta per frame"),
+        ("MAC_SIZE", fr.MAC_SIZE, "bytes of MAC after the payload of a `FLAG_MAC` frame (not in `payload_len`)"),
         (
             "MAX_PAYLOAD",
             fr.MAX_PAYLOAD,

@@ -7,7 +7,11 @@ raw payload::
     meta (msgpack map, <= MAX_META bytes)
     payload (<= MAX_PAYLOAD bytes)
 
-All integers little-endian.  With FLAG_CRC set, crc32 covers the header's
+All integers little-endian.  With FLAG_MAC set, a MAC_SIZE-byte message
+authentication code follows the payload (not counted in payload_len): a
+connection sealed with a shared key (--psk-file) sends and requires it on
+every frame after the handshake; the key and the sequence number it covers
+live in the connection (auth.FrameMac), not here.  With FLAG_CRC set, crc32 covers the header's
 first 12 bytes, the meta and the payload, so corruption is caught at the frame
 where it happens; with FLAG_CRC_META_ONLY as well it leaves the payload out:
 in checksum mode "meta" (page data and tags are then proven end to end by the
@@ -32,12 +36,15 @@ from migrate.checksum import crc32
 from migrate.errors import ProtocolError
 
 #: bumped whenever a frame changes shape; both sides must agree (HELLO)
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = b"MT"
 HEADER = struct.Struct("<2sBBIII")
 HEADER_SIZE = HEADER.size
 FLAG_CRC = 0x01
 FLAG_CRC_META_ONLY = 0x02
+FLAG_MAC = 0x04
+#: bytes of the MAC trailer of a FLAG_MAC frame (HMAC-SHA-256 cut to 128 bits)
+MAC_SIZE = 16
 #: checksum modes and their header flags
 CHECKSUM_FLAGS = {"full": FLAG_CRC, "meta": FLAG_CRC | FLAG_CRC_META_ONLY, "none": 0}
 CHECKSUM_MODES = tuple(CHECKSUM_FLAGS)
@@ -593,9 +600,11 @@ FRAME_CLASSES = {
 
 
 # -- codec ------------------------------------------------------------------------
-def encode(frame, checksum="full") -> list:
+def encode(frame, checksum="full", mac=None) -> list:
     """Frame -> list of buffers to send in order (payload buffers not copied).
-    ``checksum``: a mode of CHECKSUM_FLAGS (or a bool, see checksum_mode)."""
+    ``checksum``: a mode of CHECKSUM_FLAGS (or a bool, see checksum_mode).
+    ``mac``: the sending half of a sealed connection (auth.FrameMac): the
+    frame gets FLAG_MAC and the trailer ``mac.tag(header[:12], meta, payload)``."""
     meta = msgpack.packb(frame.meta())
     payload = [p for p in (frame.payload() if hasattr(frame, "payload") else []) if len(p)]
     payload_len = sum(len(p) for p in payload)
@@ -605,6 +614,8 @@ def encode(frame, checksum="full") -> list:
     flags = CHECKSUM_FLAGS[mode]
     if mode == "full" and getattr(frame, "self_checked", False):
         flags |= FLAG_CRC_META_ONLY  # its payload is checked by fields of the (covered) meta
+    if mac is not None:
+        flags |= FLAG_MAC
     head = struct.pack("<2sBBII", MAGIC, frame.type, flags, len(meta), payload_len)
     crc = 0
     if flags & FLAG_CRC:
@@ -612,7 +623,10 @@ def encode(frame, checksum="full") -> list:
         if not flags & FLAG_CRC_META_ONLY:
             for p in payload:
                 crc = crc32(p, crc)
-    return [head + struct.pack("<I", crc) + meta, *payload]
+    out = [head + struct.pack("<I", crc) + meta, *payload]
+    if mac is not None:
+        out.append(mac.tag(head, meta, payload))
+    return out
 
 
 @dataclass
@@ -625,6 +639,16 @@ class Header:
     payload_len: int
     crc: int
     raw: bytes = field(repr=False, default=b"")
+
+    @property
+    def trailer_len(self) -> int:
+        """Bytes after the payload: the MAC of a FLAG_MAC frame."""
+        return MAC_SIZE if self.flags & FLAG_MAC else 0
+
+    @property
+    def total(self) -> int:
+        """The whole frame on the wire: header, meta, payload and trailer."""
+        return HEADER_SIZE + self.meta_len + self.payload_len + self.trailer_len
 
 
 def parse_header(raw, require_crc=False) -> Header:
@@ -642,7 +666,10 @@ def parse_header(raw, require_crc=False) -> Header:
         ftype = FrameType(ftype)
     except ValueError:
         raise ProtocolError(f"unknown frame type {ftype}") from None
-    if flags & ~(FLAG_CRC | FLAG_CRC_META_ONLY) or flags == FLAG_CRC_META_ONLY:
+    if (
+        flags & ~(FLAG_CRC | FLAG_CRC_META_ONLY | FLAG_MAC)
+        or flags & (FLAG_CRC | FLAG_CRC_META_ONLY) == FLAG_CRC_META_ONLY
+    ):
         raise ProtocolError(f"unknown frame flags {flags:#x}")
     required = checksum_mode(require_crc)
     if required != "none" and not flags & FLAG_CRC:
@@ -712,25 +739,33 @@ def _checked_meta(header: Header, meta_bytes, payload=None) -> dict:
 
 
 class FrameBuffer:
-    """Sans-I/O decoder for tests and in-memory joins: feed bytes, get frames."""
+    """Sans-I/O decoder for tests and in-memory joins: feed bytes, get frames.
+    A FLAG_MAC frame's trailer is split off and not checked here (that takes
+    the connection's key: Connection.feed); ``units`` gives it."""
 
     def __init__(self, require_crc=False):
         self._buf = bytearray()
         self.require_crc = require_crc
 
-    def feed(self, data) -> list:
+    def units(self, data) -> list:
+        """(header, meta, payload, trailer) of every frame now complete."""
         self._buf += data
-        frames = []
+        out = []
         while len(self._buf) >= HEADER_SIZE:
             header = parse_header(bytes(self._buf[:HEADER_SIZE]), self.require_crc)
-            total = HEADER_SIZE + header.meta_len + header.payload_len
+            total = header.total
             if len(self._buf) < total:
                 break
+            body = HEADER_SIZE + header.meta_len + header.payload_len
             meta = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + header.meta_len])
-            payload = bytes(self._buf[HEADER_SIZE + header.meta_len : total])
+            payload = bytes(self._buf[HEADER_SIZE + header.meta_len : body])
+            trailer = bytes(self._buf[body:total])
             del self._buf[:total]
-            frames.append(decode(header, meta, payload, self.require_crc))
-        return frames
+            out.append((header, meta, payload, trailer))
+        return out
+
+    def feed(self, data) -> list:
+        return [decode(h, m, p, self.require_crc) for h, m, p, _ in self.units(data)]
 
     @property
     def pending(self) -> int:

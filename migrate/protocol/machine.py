@@ -37,9 +37,11 @@ state tables and diagrams of docs/PROTOCOL.md from them.
 """
 
 import enum
+import hashlib
 import logging
 
-from migrate.errors import ProtocolError
+from migrate.errors import PeerError, ProtocolError, TamperedFrame
+from migrate.protocol import auth
 from migrate.protocol import frames as fr
 
 log = logging.getLogger("migrate.protocol.machine")
@@ -163,6 +165,7 @@ class StateMachine:
         self.aborted = aborted
         self.terminal = terminal | {failed, aborted}
         self.history = [initial]
+        self.peer_said = None  # the peer's ERROR or ABORT frame, once received
 
     def _move(self, new, why: str) -> None:
         log.debug("%s: %s -> %s (%s)", self.side, self.state.value, new.value, why)
@@ -177,6 +180,13 @@ class StateMachine:
         new = self.table.get((self.state, direction, what))
         name = what.name if isinstance(what, T) else what
         if new is None:
+            said = self.peer_said
+            if said is not None and direction != RECV:
+                # The peer already ended this connection (a receive pending
+                # elsewhere read it): its words, not "cannot X in state failed".
+                peer = "destination" if self.side.startswith("source") else "source"
+                message = getattr(said, "message", None) or said.reason
+                raise PeerError(f"{peer}: {message}", getattr(said, "code", "abort"))
             if direction == RECV:
                 raise ProtocolError(f"unexpected {name} frame while the {self.side} is in state {self.state.value}")
             raise RuntimeError(f"{self.side} cannot {direction} {name} in state {self.state.value}")
@@ -218,32 +228,106 @@ class Connection:
     """Sans-I/O protocol endpoint: frames in and out through the state machine.
 
     ``send(frame)`` checks the transition and returns the buffers to write;
-    ``receive(header, meta, payload)`` decodes, checks the transition and the
-    page bounds, and returns the frame.  ``feed(bytes)`` does both halves of
-    receiving for callers that hold whole byte strings (tests, joins)."""
+    ``receive(header, meta, payload, trailer)`` authenticates (once sealed),
+    decodes, checks the transition and the page bounds, and returns the
+    frame.  ``feed(bytes)`` does both halves of receiving for callers that
+    hold whole byte strings (tests, joins).
 
-    def __init__(self, machine: StateMachine, checksum="full"):
+    ``keyed``: the side has a shared key; the connection then keeps a digest
+    of every frame until ``seal`` turns the MACs on (see auth)."""
+
+    def __init__(self, machine: StateMachine, checksum="full", keyed: bool = False):
         self.machine = machine
         self.checksum = checksum = fr.checksum_mode(checksum)
         self.ram_pages: int | None = None
         self._buffer = fr.FrameBuffer(require_crc=checksum)
+        self._transcript = hashlib.sha256() if keyed else None
+        self._mac_out: auth.FrameMac | None = None
+        self._mac_in: auth.FrameMac | None = None
+        #: once sealed: this connection's secret (data channels derive theirs from it)
+        self.stream_secret: bytes | None = None
 
     @property
     def state(self):
         return self.machine.state
 
+    @property
+    def sealed(self) -> bool:
+        return self._mac_in is not None
+
+    @property
+    def authenticated_frames(self) -> int:
+        """Frames received whose MAC checked out."""
+        return self._mac_in.seq if self._mac_in is not None else 0
+
+    def seal(self, secret: bytes, side: str) -> bytes:
+        """From the next frame on, every frame each way carries a MAC under
+        keys bound to ``secret`` and to every byte exchanged so far; returns
+        the connection's stream secret."""
+        if self._transcript is None:
+            raise RuntimeError("only a keyed connection can be sealed")
+        self.stream_secret = auth.stream_secret(secret, self._transcript.digest())
+        out, into = auth.direction_keys(self.stream_secret, side)
+        self._mac_out, self._mac_in = auth.FrameMac(out), auth.FrameMac(into)
+        self._transcript = None
+        return self.stream_secret
+
     def send(self, frame) -> list:
         self.machine.step(SEND, frame.type)
-        return fr.encode(frame, self.checksum)
+        buffers = fr.encode(frame, self.checksum, self._mac_out)
+        if self._transcript is not None:
+            for b in buffers:
+                self._transcript.update(b)
+        return buffers
 
     def parse_header(self, raw) -> fr.Header:
         if self.machine.finished:
             raise ProtocolError(f"{self.machine.side} received data after the migration ended")
-        return fr.parse_header(raw, self.checksum)
+        return self._check_mac_flag(fr.parse_header(raw, self.checksum))
 
-    def receive(self, header: fr.Header, meta, payload):
+    def _check_mac_flag(self, header: fr.Header) -> fr.Header:
+        """Refused at the header, before its meta or payload is read: a frame
+        without a MAC on a sealed connection, or with one before the seal
+        (nothing could check it)."""
+        has_mac = bool(header.flags & fr.FLAG_MAC)
+        if self._mac_in is not None and not has_mac and not self._refusal(header):
+            raise TamperedFrame(
+                f"{header.type.name} frame carries no MAC on a connection sealed with the shared key: "
+                f"the stream was altered in transit"
+            )
+        if self._mac_in is None and has_mac:
+            raise ProtocolError(
+                f"{header.type.name} frame carries a MAC where this side expects none "
+                f"(give both sides the same --psk-file)"
+            )
+        return header
+
+    def _refusal(self, header: fr.Header) -> bool:
+        """An ERROR without a MAC as the very first frame after the seal: a
+        peer that refused our proof never sealed, and says why.  It can only
+        end the migration, as anyone on the path can by cutting the link."""
+        return header.type == T.ERROR and not header.flags & fr.FLAG_MAC and self._mac_in.seq == 0
+
+    def receive(self, header: fr.Header, meta, payload, trailer=b""):
+        self._authenticate(header, meta, payload, trailer)
         frame = fr.decode(header, meta, payload, self.checksum)
         return self._accept(frame)
+
+    def _authenticate(self, header: fr.Header, meta, payload, trailer) -> None:
+        """Check the MAC of a sealed connection's frame before its meta is
+        even unpacked; before the seal, add the frame to the transcript."""
+        mac = self._mac_in
+        if mac is not None and not self._refusal(header):
+            seq = mac.seq
+            if not header.flags & fr.FLAG_MAC or not mac.check(header.raw, meta, payload, trailer):
+                why = "the peer does not hold the shared key, or " if seq == 0 else ""
+                raise TamperedFrame(
+                    f"{header.type.name} frame #{seq} after the handshake failed its authentication (MAC): "
+                    f"{why}it was altered, replayed or reordered in transit"
+                )
+        elif self._transcript is not None:
+            for b in (header.raw, meta, payload, trailer):
+                self._transcript.update(b)
 
     def receive_pages_head(self, header: fr.Header, meta):
         """The checked fields of a self-checked PAGES frame whose payload is
@@ -257,10 +341,16 @@ class Connection:
         return self._accept(fr.Pages(data=None, tags=b"", landed=True, **fields))
 
     def feed(self, data) -> list:
-        return [self._accept(f) for f in self._buffer.feed(data)]
+        frames = []
+        for header, meta, payload, trailer in self._buffer.units(data):
+            self._check_mac_flag(header)
+            frames.append(self.receive(header, meta, payload, trailer))
+        return frames
 
     def _accept(self, frame):
         self.machine.step(RECV, frame.type)
+        if frame.type in (T.ERROR, T.ABORT) and self.machine.peer_said is None:
+            self.machine.peer_said = frame
         if frame.type == T.HELLO:
             self.ram_pages = frame.ram_size // fr.PAGE_SIZE if frame.page_size == fr.PAGE_SIZE else None
         elif frame.type == T.PAGES:
