@@ -265,8 +265,12 @@ async def test_same_key_migrates_and_validates(hosts, listener, keys, channels, 
     assert_completed_and_identical(sres, dres, src, dst)
     assert dres["wire"]["channels"] == channels
     # every proof went through the constant-time compare: the source checked
-    # WELCOME's, the destination AUTH's and each JOIN's
-    assert checks == [32] * (2 + channels - 1)
+    # WELCOME's, the destination AUTH's and each JOIN's; every frame after
+    # them was checked against its 16-byte MAC the same way
+    assert [c for c in checks if c == 32] == [32] * (2 + channels - 1)
+    authenticated = sres["wire"]["authenticated_frames"] + dres["wire"]["authenticated_frames"]
+    assert authenticated > 10 and checks.count(16) == authenticated
+    assert sres["wire"]["protection"] == dres["wire"]["protection"] == "psk-mac"
 
 
 async def test_same_key_in_differently_formatted_files_migrates(hosts, listener, tmp_path):
@@ -400,11 +404,11 @@ async def test_raw_source_with_a_wrong_proof_writes_nothing(hosts, listener, key
         writer.close()
         task.cancel()
     frames = buf.feed(rest)
+    # it could not seal the stream either: its AUTH is refused at the header
     assert [f.type for f in frames] == [T.ERROR]
-    assert frames[0].code == "auth"
-    assert frames[0].message == "authentication failed: the source did not prove the shared key"
-    assert result["status"] == "failed"
-    assert result["error"] == "authentication failed: the source did not prove the shared key"
+    assert frames[0].code == "tampered"
+    assert frames[0].message.startswith("AUTH frame carries no MAC on a connection sealed with the shared key")
+    assert result["status"] == "failed" and result["error"] == frames[0].message
     assert dst.memory.populated_ranges() == [] and result["ram"]["normal_pages"] == 0
     assert not dst.vcpus.running and not engine.resumed
 
@@ -419,18 +423,29 @@ async def test_raw_source_with_the_right_proof_gets_its_pages_in(hosts, listener
     reader, writer = await asyncio.open_connection(*address(listener))
     nonce = auth.new_nonce()
     try:
-        writer.write(encoded(hello_for(dst, nonce)))
+        hello = encoded(hello_for(dst, nonce))
+        writer.write(hello)
         await writer.drain()
-        buf, welcome = fr.FrameBuffer(), []
+        buf, welcome, answer = fr.FrameBuffer(), [], b""
         while not welcome:
-            welcome = buf.feed(await asyncio.wait_for(reader.read(4096), WAIT))
+            chunk = await asyncio.wait_for(reader.read(4096), WAIT)
+            answer += chunk
+            welcome = buf.feed(chunk)
         w = welcome[0]
         # the destination proved the key over both nonces and the session
         assert auth.check(key, w.proof, "destination", nonce, w.nonce, SESSION)
+        # then the stream is sealed: keys from the key and every byte so far
+        secret = auth.stream_secret(key, hashlib.sha256(hello + answer).digest())
+        to_dest, _ = auth.direction_keys(secret, "source")
+        mac = auth.FrameMac(to_dest)
+
+        def sealed(frame):
+            return b"".join(bytes(b) for b in fr.encode(frame, "full", mac))
+
         writer.write(
-            encoded(fr.Auth(auth.proof(key, "source", w.nonce, nonce, SESSION)))
-            + encoded(fr.Pages(0, [(0, 4)], bytes(4), b"\xab" * (4 * PAGE_SIZE)))
-            + encoded(fr.PassEnd(0, 4))
+            sealed(fr.Auth(auth.proof(key, "source", w.nonce, nonce, SESSION)))
+            + sealed(fr.Pages(0, [(0, 4)], bytes(4), b"\xab" * (4 * PAGE_SIZE)))
+            + sealed(fr.PassEnd(0, 4))
         )
         await writer.drain()
         deadline = time.monotonic() + WAIT
@@ -438,7 +453,7 @@ async def test_raw_source_with_the_right_proof_gets_its_pages_in(hosts, listener
             assert time.monotonic() < deadline, "the pages never landed"
             await asyncio.sleep(0.01)
         assert engine.machine.state == DestState.RECEIVING
-        writer.write(encoded(fr.Abort("that is all")))
+        writer.write(sealed(fr.Abort("that is all")))
         await writer.drain()
         result = await asyncio.wait_for(task, WAIT)
     finally:

@@ -194,8 +194,7 @@ class _Wiretap:
         try:
             for forward in (True, False):  # RECOVER passes, AUTH is kept
                 head = await reader.readexactly(fr.HEADER_SIZE)
-                _, _, _, meta_len, payload_len, _ = fr.HEADER.unpack(head)
-                frame = head + await reader.readexactly(meta_len + payload_len)
+                frame = head + await reader.readexactly(fr.parse_header(head).total - fr.HEADER_SIZE)
                 self.sent += frame
                 if forward:
                     up_writer.write(frame)
@@ -218,17 +217,21 @@ def _key_file(tmp_path) -> str:
     return str(path)
 
 
-async def _raw_recover(address, session, decision, proof_for):
+async def _raw_recover(address, session, decision, proof_for, key=None):
     """A hand-made recovery connection: RECOVER, read the challenge, AUTH
-    with ``proof_for(nonce)``; returns (challenge, the answer or None)."""
+    with ``proof_for(nonce)`` (sealed with ``key``, as the real one is);
+    returns (challenge, the answer or None)."""
     from migrate.net.transport import FrameChannel, connect, secure
     from migrate.protocol.machine import Connection, recovery_source_machine
 
     sock = await connect(*address, 5.0)
-    chan = FrameChannel(sock, Connection(recovery_source_machine()), 5.0, io=await secure(sock, None, False, 5.0))
+    conn = Connection(recovery_source_machine(), keyed=key is not None)
+    chan = FrameChannel(sock, conn, 5.0, io=await secure(sock, None, False, 5.0))
     try:
         await chan.send(fr.Recover(session, decision))
         challenge = await chan.recv()
+        if key is not None:
+            conn.seal(key, "source")
         await chan.send(fr.Auth(proof_for(challenge.nonce)))
         return challenge, await chan.recv()
     finally:
@@ -238,9 +241,11 @@ async def _raw_recover(address, session, decision, proof_for):
 async def test_a_captured_recover_is_refused_on_a_new_connection_and_a_fresh_one_resolves(monkeypatch, tmp_path):
     """The destination is in doubt.  An operator's `resolve go` is captured
     on the way (RECOVER and its AUTH) and never arrives.  Sent again, byte
-    for byte, on a new connection, it is refused ("auth"): its proof names
-    the nonce of the connection it was made on, not the fresh challenge.  A
-    proof over another nonce is refused too; the guest stays paused.  Then
+    for byte, on a new connection, it is refused: its AUTH is sealed with
+    keys from the connection it was made on ("tampered"), and its proof
+    names that connection's nonce, not the fresh challenge.  A proof over
+    another nonce, sealed properly, is refused too ("auth"); the guest stays
+    paused.  Then
     the real `mte-migrate resolve go` with the key resumes it there."""
     import os
     import sys
@@ -307,20 +312,21 @@ async def test_a_captured_recover_is_refused_on_a_new_connection_and_a_fresh_one
         writer.close()
         challenge, refusal = fr.FrameBuffer().feed(answer)
         assert challenge.type == fr.FrameType.WELCOME and challenge.nonce != first_challenge.nonce
-        assert refusal.type == fr.FrameType.ERROR and refusal.code == "auth", refusal
-        assert "replayed RECOVER" in refusal.message
+        assert refusal.type == fr.FrameType.ERROR and refusal.code == "tampered", refusal
+        assert refusal.message.startswith("AUTH frame #0 after the handshake failed its authentication")
         await asyncio.sleep(0.3)
         assert not dst.vcpus.running and not dest_task.done()
         assert dest.result["status"] != "completed"
 
         # 3. A proof made over another nonce: refused.
         _, refusal = await _raw_recover(
-            dest_addr, session, "go", lambda nonce: auth.recover_proof(key, session, "go", os.urandom(len(nonce)))
+            dest_addr, session, "go", lambda nonce: auth.recover_proof(key, session, "go", os.urandom(len(nonce))), key
         )
         assert refusal.type == fr.FrameType.ERROR and refusal.code == "auth"
+        assert "replayed RECOVER" in refusal.message
         # ... and a proof over the challenge for the other decision.
         _, refusal = await _raw_recover(
-            dest_addr, session, "go", lambda nonce: auth.recover_proof(key, session, "abort", nonce)
+            dest_addr, session, "go", lambda nonce: auth.recover_proof(key, session, "abort", nonce), key
         )
         assert refusal.type == fr.FrameType.ERROR and refusal.code == "auth"
         assert not dst.vcpus.running and not dest_task.done()

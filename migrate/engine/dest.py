@@ -22,7 +22,7 @@ from migrate.engine.handshake import authenticate, hello_mismatch
 from migrate.engine.pages import BatchApplier, BatchStats
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import DestRecovery
-from migrate.engine.report import empty_result
+from migrate.engine.report import empty_result, protection
 from migrate.errors import (
     AuthError,
     Cancelled,
@@ -123,7 +123,7 @@ class DestVmm:
         self.result["ram"]["total_bytes"] = self.host.memory.size
         self._started = time.perf_counter()
         self._counters_before = self.host.counters.snapshot()
-        conn = Connection(dest_machine(), self.config.checksum)
+        conn = Connection(dest_machine(), self.config.checksum, keyed=self._key is not None)
         self.machine = conn.machine
         self.chan = FrameChannel(sock, conn, self.config.timeout_s, io=io)
         try:
@@ -407,7 +407,7 @@ class DestVmm:
     async def _admit(self, sock) -> None:
         """A data channel's JOIN, a RECOVER in the in-doubt window (challenged
         and checked by ``DestRecovery.take``), or a refusal."""
-        conn = Connection(data_dest_machine(), self.config.checksum)
+        conn = Connection(data_dest_machine(), self.config.checksum, keyed=self._key is not None)
         try:
             io = await secure(sock, self._tls, True, min(self.config.timeout_s, 5.0))
         except MigrationError:
@@ -422,6 +422,8 @@ class DestVmm:
             self._check_join(frame, chan)
             conn.ram_pages = self.host.memory.npages
             await chan.send(fr.Welcome(PROTOCOL_VERSION))
+            if self._key is not None:  # bound to this migration's control connection
+                conn.seal(self.chan.conn.stream_secret, "destination")
         except MigrationError as exc:
             await self._refuse(io, chan, exc)
             return
@@ -471,7 +473,7 @@ class DestVmm:
         code = "busy" if "already receiving" in str(exc) else exc.code
         try:
             async with asyncio.timeout(1.0):
-                for b in fr.encode(fr.Error(code, one_line(exc))):
+                for b in chan.conn.send(fr.Error(code, one_line(exc))):  # sealed, if it was
                     await io.sendall(b)
         except (OSError, TimeoutError):
             pass
@@ -544,6 +546,8 @@ class DestVmm:
         res["wire"].update(
             bytes_sent=chan.bytes_sent,
             bytes_received=received,
+            protection=protection(self._tls, self._key),
+            authenticated_frames=chan.conn.authenticated_frames + self._channels.authenticated_frames(),
             channels=1 + len(self._channels.lanes),
             data_bytes=s.data_wire,
             tag_bytes=s.tag_wire,

@@ -142,3 +142,6 @@ class DataChannels:
 
     def bytes_received(self) -> int:
         return sum(lane.bytes for lane in self.lanes.values())
+
+    def authenticated_frames(self) -> int:
+        return sum(lane.chan.conn.authenticated_frames for lane in self.lanes.values() if lane.chan is not None)

@@ -1,6 +1,7 @@
 """The handshake on the control connection, both sides: HELLO carries what
 the destination must match, WELCOME and AUTH prove the shared key each way
-(``--psk-file``) before a page moves."""
+(``--psk-file``) before a page moves.  With a key, the connection is sealed
+right after WELCOME: AUTH and every frame after it carry a MAC (auth)."""
 
 from hosts.constants import GRANULE, PAGE_SIZE
 from migrate.errors import AuthError, Cancelled, PeerError, TransportError
@@ -32,6 +33,7 @@ async def introduce(chan, host, config, strategy, session: str, tls_config) -> b
             raise AuthError("the destination has no shared key: start it with the same --psk-file")
         if not auth.check(key, reply.proof, "destination", nonce, reply.nonce, session):
             raise AuthError("the destination failed authentication: its shared key differs")
+        chan.conn.seal(key, "source")
         await chan.send(fr.Auth(auth.proof(key, "source", reply.nonce, nonce, session)))
     else:
         if reply.proof:
@@ -102,6 +104,8 @@ async def authenticate(chan, hello, key: bytes | None, nonce: bytes) -> None:
     source's AUTH must prove the key before anything else is accepted."""
     mine = auth.proof(key, "destination", hello.nonce, nonce, hello.session) if key else b""
     await chan.send(fr.Welcome(PROTOCOL_VERSION, nonce, mine))
+    if key is not None:
+        chan.conn.seal(key, "destination")
     frame = await chan.recv()
     if frame.type == T.ERROR:
         raise PeerError(f"source: {frame.message}", frame.code)

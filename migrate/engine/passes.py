@@ -40,6 +40,15 @@ class PeerWatch:
                 raise _peer_error(frame)
             raise ProtocolError(f"unexpected {frame.type.name} frame from the destination")
 
+    async def words(self, grace: float) -> None:
+        """After a data channel broke: the destination's ERROR, if it is on
+        its way (it fails, then closes the channel; the reset can overtake
+        the control connection's frame), beats the broken pipe."""
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=grace)
+        self.check()
+
     def check_from_thread(self) -> None:
         """From a channel thread: stop sending once the destination has spoken
         (the main loop reads what it said)."""
@@ -118,7 +127,7 @@ class PassSender:
                 _, pending = await asyncio.wait(pending, timeout=0.25, return_when=asyncio.FIRST_EXCEPTION)
                 for job in jobs:
                     if job.done() and not job.cancelled() and job.exception() is not None:
-                        self.peer.check()  # the destination's own words beat a broken pipe
+                        await self.peer.words(0.5)  # the destination's own words beat a broken pipe
                         raise job.exception()
                 report()
         finally:

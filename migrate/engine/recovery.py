@@ -57,6 +57,8 @@ async def recover(chan: FrameChannel, session: str, decision: str, key: bytes | 
         raise ProtocolError(
             f"the destination speaks protocol version {challenge.version}, this side {PROTOCOL_VERSION}"
         )
+    if key is not None:
+        chan.conn.seal(key, "source")
     await chan.send(fr.Auth(auth.recover_proof(key, session, decision, challenge.nonce) if key else b""))
 
 
@@ -84,7 +86,8 @@ class SourceRecovery:
             try:
                 sock = await connect(*address, cfg.timeout_s)
                 io = await secure(sock, self.tls, False, cfg.timeout_s)
-                chan = FrameChannel(sock, Connection(recovery_source_machine(), cfg.checksum), cfg.timeout_s, io=io)
+                conn = Connection(recovery_source_machine(), cfg.checksum, keyed=key is not None)
+                chan = FrameChannel(sock, conn, cfg.timeout_s, io=io)
                 wait = max(0.5, min(cfg.timeout_s, deadline - time.monotonic()))
                 await recover(chan, self.session, decision, key, wait)
                 if decision == "abort":
@@ -222,6 +225,8 @@ class DestRecovery:
         nonce.  Without a key the proof is not checked (nor required)."""
         nonce = auth.new_nonce()
         await chan.send(fr.Welcome(PROTOCOL_VERSION, nonce))
+        if self.key is not None:
+            chan.conn.seal(self.key, "destination")
         answer = await chan.recv()
         if answer.type != fr.FrameType.AUTH:  # ERROR or ABORT: the source gave up
             raise ProtocolError(f"the recovery connection ended with {answer.type.name} instead of AUTH")
@@ -292,7 +297,7 @@ async def send_decision(
     "abort" (it discards its copy).  Returns the sentence to print."""
     sock = await connect(*address, timeout)
     io = await secure(sock, tls_config, False, timeout)
-    chan = FrameChannel(sock, Connection(recovery_source_machine()), timeout, io=io)
+    chan = FrameChannel(sock, Connection(recovery_source_machine(), keyed=key is not None), timeout, io=io)
     try:
         await recover(chan, session, decision, key, timeout)
         if decision == "go":

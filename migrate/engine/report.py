@@ -6,6 +6,15 @@ import json
 from migrate.units import fmt_bytes, fmt_rate
 
 
+def protection(tls_config, key) -> str:
+    """What protects the stream, for wire.protection: "tls" (encrypted and
+    authenticated), "psk-mac" (a MAC on every frame: authenticated, readable
+    on the path), both, or "none" (a CRC at most: anyone on the path can
+    rewrite frames)."""
+    parts = [name for name, on in (("tls", tls_config), ("psk-mac", key)) if on]
+    return "+".join(parts) or "none"
+
+
 def empty_result(scenario: str, strategy: str) -> dict:
     return {
         "status": "failed",

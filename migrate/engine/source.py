@@ -27,7 +27,7 @@ from migrate.engine.pages import BatchBuilder
 from migrate.engine.passes import PassSender, PeerWatch
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import SourceRecovery
-from migrate.engine.report import empty_result
+from migrate.engine.report import empty_result, protection
 from migrate.engine.validate import Validation, compare_detail, differing_chunks
 from migrate.errors import (
     Cancelled,
@@ -148,7 +148,7 @@ class SourceVmm:
             self._fail(exc)
             self.result["guest_on"] = "unknown (in doubt: see the error)"
         except MigrationError as exc:
-            self._fail(exc)
+            self._fail(await self._peer_words(exc))
         except Exception as exc:  # a bug: still never lose the guest
             log.exception("internal error")
             self._fail(MigrationError(f"internal error: {type(exc).__name__}: {one_line(exc)}"))
@@ -157,14 +157,26 @@ class SourceVmm:
             self._fill_stats(counters_before)
         return self.result
 
+    async def _peer_words(self, exc: MigrationError) -> MigrationError:
+        """A broken connection may be the destination hanging up right after
+        saying why (its ERROR still in flight): its words, if they come."""
+        if isinstance(exc, TransportError):
+            try:
+                await self._peer.words(0.5)
+            except PeerError as said:
+                return said
+            except MigrationError:
+                pass
+        return exc
+
     # -- setup ----------------------------------------------------------------------
     async def _connect(self, address) -> None:
         """The control connection (TLS if configured), the handshake, then the
         data channels, each on a thread of its own."""
         host, cfg = self.host, self.config
-        auth.load_key(cfg.psk_file)  # a missing or short key fails here, before any connection
+        key = auth.load_key(cfg.psk_file)  # a missing or short key fails here, before any connection
         sock = await connect(*address, cfg.timeout_s)
-        conn = Connection(source_machine(), cfg.checksum)
+        conn = Connection(source_machine(), cfg.checksum, keyed=key is not None)
         self.machine = conn.machine
         limiter = RateLimiter(cfg.max_bandwidth) if cfg.max_bandwidth else None
         self._tls = tls.from_options(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
@@ -187,8 +199,9 @@ class SourceVmm:
         cfg = self.config
         sock = await connect(*address, cfg.timeout_s)
         io = await secure(sock, self._tls, False, cfg.timeout_s)
-        chan = FrameChannel(sock, Connection(data_source_machine(index), cfg.checksum), cfg.timeout_s, limiter, io)
         key = auth.load_key(cfg.psk_file)
+        conn = Connection(data_source_machine(index), cfg.checksum, keyed=key is not None)
+        chan = FrameChannel(sock, conn, cfg.timeout_s, limiter, io)
         await chan.send(
             fr.Join(session, index, auth.proof(key, "join", session, index, self._dest_nonce) if key else b"")
         )
@@ -196,6 +209,8 @@ class SourceVmm:
         if reply.type == fr.FrameType.ERROR:
             chan.close()
             raise PeerError(f"destination refused data channel {index}: {reply.message}", reply.code)
+        if key is not None:  # bound to this migration's control connection
+            conn.seal(self._chan.conn.stream_secret, "source")
         compressor = Compressor(cfg.compression, cfg.max_bandwidth)
         return SendLane(index, chan, self._new_builder(compressor), cfg.batch_pages)
 
@@ -516,6 +531,10 @@ class SourceVmm:
         res["wire"].update(
             bytes_sent=sent,
             bytes_received=chan.bytes_received if chan else 0,
+            protection=protection(self._tls, self.config.psk_file),
+            authenticated_frames=sum(lane.chan.conn.authenticated_frames for lane in lanes)
+            if lanes
+            else (chan.conn.authenticated_frames if chan else 0),
             data_bytes=s.data_wire,
             tag_bytes=s.tag_wire,
             channels=len(lanes) or None,
