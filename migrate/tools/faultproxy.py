@@ -33,6 +33,16 @@ Faults (applied to the *trigger frame*, see the phases below):
               connection as the dead side's kernel would: the trigger frame
               and anything else not yet forwarded is lost, the surviving side
               sees its connections end (FIN).
+``tamper``    an attacker on the path (phases ``bulk`` and ``dirty`` only): the
+              trigger PAGES frame (the first with data) is held whole,
+              decoded, one byte of its first data page inverted, and
+              re-encoded with every CRC recomputed (the frame's own data
+              CRC too), so no checksum can tell; a MAC trailer is passed on
+              as it came (nobody on the path can make one).  Later the
+              destination's CONFIRM is rewritten to carry the digests the
+              source's COMPLETE announced, so the completion check agrees.
+              Without --psk-file this gets the altered guest resumed on the
+              destination; with it, the destination refuses the PAGES frame.
 ``none``      inject nothing; report every phase marker as it passes.
 
 Connections accepted after the fault (a source's recovery or retry) are
@@ -86,11 +96,14 @@ import threading
 import time
 
 import msgpack
+import zstandard
 
-from migrate.protocol.frames import HEADER, HEADER_SIZE, MAGIC, MAX_META, MAX_PAYLOAD, FrameType
+from migrate.engine.pages import frame_data_crc
+from migrate.protocol import frames as fr
+from migrate.protocol.frames import FLAG_MAC, HEADER, HEADER_SIZE, MAC_SIZE, MAGIC, MAX_META, MAX_PAYLOAD, FrameType
 from migrate.units import parse_size
 
-FAULTS = ("none", "cut", "flip", "truncate", "stall", "kill-dest", "kill-source")
+FAULTS = ("none", "cut", "flip", "truncate", "stall", "kill-dest", "kill-source", "tamper")
 PHASES = ("handshake", "bulk", "dirty", "stop-and-copy", "state", "completion")
 POINTS = {"handshake": ("HELLO", "WELCOME"), "completion": ("COMPLETE", "CONFIRM", "GO", "RESUMED")}
 UP, DOWN = "source->destination", "destination->source"
@@ -118,7 +131,7 @@ def parse_phase(text: str) -> str:
 class FrameInfo:
     """What the proxy knows about one frame once its header and meta are in."""
 
-    __slots__ = ("index", "type", "name", "flags", "meta_len", "payload_len", "pass_no")
+    __slots__ = ("index", "type", "name", "flags", "meta_len", "payload_len", "pass_no", "data_len")
 
     def __init__(self, index, ftype, flags, meta_len, payload_len):
         self.index = index
@@ -128,10 +141,15 @@ class FrameInfo:
         self.meta_len = meta_len
         self.payload_len = payload_len
         self.pass_no = None
+        self.data_len = None  # a PAGES frame's data bytes ("dl")
+
+    @property
+    def trailer_len(self) -> int:
+        return MAC_SIZE if self.flags & FLAG_MAC else 0
 
     @property
     def total(self) -> int:
-        return HEADER_SIZE + self.meta_len + self.payload_len
+        return HEADER_SIZE + self.meta_len + self.payload_len + self.trailer_len
 
 
 class FrameScanner:
@@ -140,7 +158,8 @@ class FrameScanner:
 
     - ``("frame", info, head)`` when a frame's header and meta are complete
       (``head`` is those bytes);
-    - ``("payload", info, chunk, offset)`` for pieces of its payload;
+    - ``("payload", info, chunk, offset)`` for pieces of its payload (and
+      then of its MAC trailer, at offsets from ``info.payload_len`` on);
     - ``("raw", None, chunk)`` once the stream could not be parsed."""
 
     def __init__(self):
@@ -175,7 +194,7 @@ class FrameScanner:
             if self._payload_left:
                 info = self._info
                 n = min(self._payload_left, end - pos)
-                yield ("payload", info, view[pos : pos + n], info.payload_len - self._payload_left)
+                yield ("payload", info, view[pos : pos + n], info.payload_len + info.trailer_len - self._payload_left)
                 self._payload_left -= n
                 pos += n
                 continue
@@ -204,10 +223,12 @@ class FrameScanner:
                     meta = msgpack.unpackb(head[HEADER_SIZE:], raw=False, strict_map_key=False)
                     p = meta.get("p") if isinstance(meta, dict) else None
                     info.pass_no = p if isinstance(p, int) and not isinstance(p, bool) else None
+                    dl = meta.get("dl") if isinstance(meta, dict) else None
+                    info.data_len = dl if isinstance(dl, int) and not isinstance(dl, bool) else None
                 except Exception:
                     info.pass_no = None
             self.frames += 1
-            self._payload_left = info.payload_len
+            self._payload_left = info.payload_len + info.trailer_len
             yield ("frame", info, head)
 
 
@@ -225,6 +246,7 @@ class Link:
         self.last_up = None  # type of the last frame source -> destination
         self.flip = {}  # direction -> payload offset to invert
         self.truncate = {}  # direction -> payload offset to stop at
+        self.capture = {}  # direction -> [info, bytearray]: a whole frame held to be rewritten (tamper)
         self.tasks = []
 
     def transports(self):
@@ -257,6 +279,8 @@ class FaultProxy:
             raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
         if fault != "none" and not at:
             raise ValueError(f"fault {fault} needs a phase (--at)")
+        if fault == "tamper" and parse_phase(at) not in ("bulk", "dirty"):
+            raise ValueError("fault tamper rewrites a PAGES frame: use --at bulk or --at dirty")
         self.target = target
         self.fault = fault
         self.at = parse_phase(at) if at else None
@@ -272,6 +296,10 @@ class FaultProxy:
         self.fired_at: float | None = None
         self.fired_frame: str | None = None
         self.fired = None
+        #: tamper: the guest page altered and how ({"page", "offset", "frame"}), once done
+        self.tampered: dict | None = None
+        self._ram_pages: int | None = None  # from HELLO: a whole-chunk frame's data CRC depends on it
+        self._announced: dict | None = None  # COMPLETE's digests, for the rewritten CONFIRM
         self._bulk_seen = 0
         self._frozen = False
         self._closing = False
@@ -456,6 +484,10 @@ class FaultProxy:
                 return out
         if d == UP:
             link.last_up = info.type
+        if self.fault == "tamper":
+            rewrite = self._tamper_watch(link, d, info, head)
+            if rewrite is not None:
+                return out + rewrite
         marker = self._marker(link, d, info)
         if marker is None:
             return out + head
@@ -464,7 +496,10 @@ class FaultProxy:
         else:
             hit = True
         self._see(marker, link, d, info)
-        if hit and self._armed() and self.at == marker:
+        if self.fault == "tamper" and self._armed() and self.at == marker and info.data_len:
+            self._fire(marker, link, d, info)
+            return out + self._hold(link, d, info, head)
+        if hit and self._armed() and self.at == marker and self.fault != "tamper":
             injected = await self._inject(marker, link, d, info, head)
             return None if injected is None else out + injected
         return out + head
@@ -531,7 +566,65 @@ class FaultProxy:
             return head
         raise AssertionError(fault)
 
+    # -- tamper: an attacker who rewrites a frame and fixes its checksums ----------------
+    def _tamper_watch(self, link: Link, d: str, info: FrameInfo, head: bytes):
+        """Learn the guest's size (HELLO) and the digests the source announces
+        (COMPLETE); hold the CONFIRM that answers them.  Bytes to forward
+        now, or None to go on as usual."""
+        if d == UP and info.type == FrameType.HELLO:
+            meta = _meta_of(head)
+            size = meta.get("ram_size")
+            self._ram_pages = size // fr.PAGE_SIZE if isinstance(size, int) else None
+        elif d == UP and info.type == FrameType.COMPLETE and self.tampered:
+            self._announced = _meta_of(head)
+        elif d == DOWN and info.type == FrameType.CONFIRM and self._announced:
+            return self._hold(link, d, info, head)
+        return None
+
+    def _hold(self, link: Link, d: str, info: FrameInfo, head: bytes) -> bytes:
+        """Keep the whole frame (bounded by the frame limits) to rewrite it."""
+        link.capture[d] = [info, bytearray(head)]
+        return self._captured(link, d, b"")
+
+    def _captured(self, link: Link, d: str, chunk) -> bytes:
+        info, raw = link.capture[d]
+        raw += chunk
+        if len(raw) < info.total:
+            return b""
+        del link.capture[d]
+        return self._forge_pages(bytes(raw)) if info.type == FrameType.PAGES else self._forge_confirm(bytes(raw))
+
+    def _forge_pages(self, raw: bytes) -> bytes:
+        header, meta, payload, trailer = _split(raw)
+        frame = fr.decode(header, meta, payload)
+        data_pages = [i for i, f in enumerate(frame.flags) if not f & (fr.PAGE_ZERO | fr.PAGE_KEEP)]
+        data = bytearray(
+            zstandard.ZstdDecompressor().decompress(bytes(frame.data), max_output_size=len(data_pages) * fr.PAGE_SIZE)
+            if frame.data_compressed
+            else frame.data
+        )
+        offset = 123  # any byte will do
+        data[offset] ^= 0xFF
+        frame.data, frame.data_compressed = bytes(data), False
+        if frame.dcrc is not None:
+            frame.dcrc = frame_data_crc(frame.ranges, frame.flags, frame.data, self._ram_pages or 0)
+        self.tampered = {"page": _guest_page(frame.ranges, data_pages[0]), "offset": offset, "frame": "PAGES"}
+        self._note(
+            f"fault tamper: byte {offset} of guest page {self.tampered['page']} inverted in a PAGES frame, "
+            f"its CRCs recomputed{'; its MAC passed on unchanged' if trailer else ''}"
+        )
+        return _reencode(frame, header, trailer)
+
+    def _forge_confirm(self, raw: bytes) -> bytes:
+        header, meta, payload, trailer = _split(raw)
+        frame = fr.decode(header, meta, payload)
+        frame.data_digest, frame.tag_digest = self._announced.get("d"), self._announced.get("t")
+        self._note("fault tamper: CONFIRM rewritten to carry the digests COMPLETE announced")
+        return _reencode(frame, header, trailer)
+
     def _on_payload(self, link: Link, d: str, info: FrameInfo, chunk, offset: int):
+        if d in link.capture:
+            return self._captured(link, d, chunk)
         stop = link.truncate.get(d)
         if stop is not None and offset + len(chunk) >= stop:
             link.writers[d].write(chunk[: stop - offset])
@@ -576,6 +669,51 @@ class FaultProxy:
             dead_w.transport.abort()
         if live_w is not None:
             live_w.transport.close()
+
+
+def _meta_of(head: bytes) -> dict:
+    try:
+        meta = msgpack.unpackb(head[HEADER_SIZE:], raw=False, strict_map_key=False)
+    except Exception:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _split(raw: bytes):
+    header = fr.parse_header(raw[:HEADER_SIZE])
+    body = HEADER_SIZE + header.meta_len
+    end = body + header.payload_len
+    return header, raw[HEADER_SIZE:body], raw[body:end], raw[end:]
+
+
+def _guest_page(ranges, index: int) -> int:
+    """The guest page at position ``index`` of a batch."""
+    for first, count in ranges:
+        if index < count:
+            return first + index
+        index -= count
+    raise ValueError("index beyond the batch")
+
+
+class _Replayed:
+    """Stands in for a MAC key nobody on the path has: the frame's old MAC."""
+
+    def __init__(self, trailer: bytes):
+        self.trailer = trailer
+
+    def tag(self, head, meta, payload) -> bytes:
+        return self.trailer
+
+
+def _reencode(frame, header, trailer: bytes) -> bytes:
+    """The frame encoded with the checksum coverage it came with."""
+    if not header.flags & fr.FLAG_CRC:
+        mode = "none"
+    elif header.flags & fr.FLAG_CRC_META_ONLY and not getattr(frame, "self_checked", False):
+        mode = "meta"
+    else:
+        mode = "full"
+    return b"".join(bytes(b) for b in fr.encode(frame, mode, _Replayed(trailer) if trailer else None))
 
 
 class ProxyThread:
