@@ -170,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run QEMU 10 (qemu-system-aarch64, TCG) and mte-migrate interleaved on the same images and "
         "report both with the ratios; only that (no ceilings, no capped comparison: --cap is ignored)",
     )
+    p.add_argument(
+        "--protection",
+        metavar="A,B",
+        help="instead: what protecting the stream costs; migrate each image with each of none (plain TCP), "
+        "psk (--psk-file: a MAC on every frame), tls (mutual TLS 1.3, throw-away certificates made with "
+        "openssl) and tls+psk, interleaved, and report time, GB/s and CPU per GiB against none; "
+        "writes protection.json and protection.md",
+    )
     p.add_argument("--quiet", "-q", action="store_true")
 
     p = sub.add_parser(
@@ -393,6 +401,14 @@ def _dispatch(args) -> int:
         if any(k not in KINDS for k in kinds) or any(s % (1 << 20) for s in sizes) or args.repeat < 1:
             raise ConfigError(f"--kinds from {', '.join(KINDS)}; --sizes whole MiB; --repeat >= 1")
         command = "mte-migrate " + " ".join(sys.argv[1:])
+        if args.protection:
+            from migrate.tools import protection
+
+            doc = protection.run(
+                sizes, kinds, args.protection.split(","), args.repeat, args.out, args.quiet, command, args.prealloc
+            )
+            print(protection.markdown(doc))
+            return 0 if all(e["validated"] == e["runs"] for e in doc["summary"]) else 1
         if args.vs_qemu:
             from migrate.tools.speed import run_vs_qemu
 

@@ -588,8 +588,13 @@ OPTIONS = (
         "psk_file",
         KEY_FILE,
         None,
-        "shared key: both sides must prove it before any guest byte moves",
-        "File holding a shared key: both sides prove it (HMAC challenge/response) before any guest byte moves.",
+        "shared key: both sides prove it before any guest byte moves, then every frame carries a MAC",
+        "File holding a shared key (at least 16 bytes, the same on both sides): both sides prove it "
+        "(HMAC challenge/response) before any guest byte moves, and from then on every frame of every "
+        "connection carries a MAC, so a frame altered, dropped, replayed or reordered on the way ends the "
+        "migration at that frame (error code `tampered`) with the guest still on the source. It "
+        "authenticates; it does not encrypt (add TLS for that). Without it, anyone on the path can rewrite "
+        "the stream.",
         section="migration",
         flags=("--psk-file",),
     ),

@@ -61,6 +61,7 @@ def _one(kind: str, size: int, config: MigrationConfig) -> dict:
         "dest_peak_rss": dest.get("peak_rss_bytes"),
         "cpu_src": (r.get("cpu") or {}).get("process_s"),
         "cpu_dst": (dest.get("cpu") or {}).get("process_s"),
+        "protection": r["wire"].get("protection"),
     }
 
 
