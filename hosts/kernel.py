@@ -121,6 +121,8 @@ class Vm:
             else None
         )
         self._mappings = []
+        #: a registered userfaultfd (postcopy): guest accesses wait for missing pages
+        self.uffd = None
 
     # -- KVM_ENABLE_CAP / KVM_CREATE_VCPU -------------------------------------
     def enable_mte(self) -> None:
@@ -193,6 +195,7 @@ class Vm:
         n = len(data)
         off = self.ipa_to_ram(ipa, n)
         first, end = off // PAGE_SIZE, -(-(off + n) // PAGE_SIZE)
+        self._await_pages(first, end)
         with self.mmu_lock:
             self.sanitise(first, end, fault_in=False)  # the store allocates the page
             self.memory.write(off, data)
@@ -207,6 +210,7 @@ class Vm:
             return  # without MTE the tag instructions are NOPs
         off = self.ipa_to_ram(ipa, length)
         first, end = off // PAGE_SIZE, -(-(off + length) // PAGE_SIZE)
+        self._await_pages(first, end)
         with self.mmu_lock:
             self.sanitise(first, end)
             tagops.fill_granules(self.memory.tags, off // GRANULE, length // GRANULE, tag)
@@ -223,14 +227,56 @@ class Vm:
         npages = len(packed) // PACKED_TAGS_PER_PAGE
         off = self.ipa_to_ram(ipa, npages * PAGE_SIZE)
         first = off // PAGE_SIZE
+        self._await_pages(first, first + npages)
         with self.mmu_lock:
             self.sanitise(first, first + npages)
             self.memory.tags[first * PACKED_TAGS_PER_PAGE : (first + npages) * PACKED_TAGS_PER_PAGE] = packed
             self._mark_tag_store(first, first + npages)
         self.counters.add("guest.tag_store_granules", npages * GRANULES_PER_PAGE)
 
+    def _await_pages(self, first: int, end: int) -> None:
+        """Postcopy: a guest access to a page not yet here blocks the vCPU
+        until the VMM resolves it (the fault goes to the userfaultfd)."""
+        uffd = self.uffd
+        if uffd is not None:
+            uffd.wait_present(first, end)
+
+    def guest_check_page_tags(self, ipa: int, packed) -> bool:
+        """A tag-checked access to whole pages whose tags the guest set and
+        remembers (``packed``, two a byte): False, and counted, when any
+        granule's tag differs."""
+        npages = len(packed) // PACKED_TAGS_PER_PAGE
+        first = self.ipa_to_ram(ipa, npages * PAGE_SIZE) // PAGE_SIZE
+        self._await_pages(first, first + npages)
+        with self.mmu_lock:
+            self.sanitise(first, first + npages)
+            same = self.memory.tags[first * PACKED_TAGS_PER_PAGE : (first + npages) * PACKED_TAGS_PER_PAGE] == packed
+        self.counters.add("guest.tag_checked_loads")
+        if not same:
+            self.counters.add("guest.wrong_tag_accesses")
+        return same
+
+    def guest_check_tags(self, ipa: int, length: int, tag: int) -> bool:
+        """A tag-checked load of ``length`` bytes through a pointer tagged
+        ``tag`` (as an MTE allocator's user does): False, and counted, when
+        any granule's allocation tag differs -- a tag check fault the guest
+        would take.  Like any access it faults the pages in and sanitises
+        untagged ones first."""
+        off = self.ipa_to_ram(ipa, length)
+        first, end = off // PAGE_SIZE, -(-(off + length) // PAGE_SIZE)
+        self._await_pages(first, end)
+        with self.mmu_lock:
+            self.sanitise(first, end)
+            seen = self.guest_tags(ipa, length)
+        self.counters.add("guest.tag_checked_loads")
+        if seen.count(tag) == len(seen):
+            return True
+        self.counters.add("guest.wrong_tag_accesses")
+        return False
+
     def guest_read(self, ipa: int, length: int) -> bytes:
         off = self.ipa_to_ram(ipa, length)
+        self._await_pages(off // PAGE_SIZE, -(-(off + length) // PAGE_SIZE))
         with self.mmu_lock:
             self.sanitise(off // PAGE_SIZE, -(-(off + length) // PAGE_SIZE))
             return bytes(self.memory.data[off : off + length])

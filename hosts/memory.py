@@ -22,6 +22,14 @@ MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _PWRITE_MIN = 4096  # a pwrite beats a page fault per page already for one page
 _MEMCPY_POPULATED_MAX = 16 * PAGE_SIZE  # up to here a memcpy into populated pages beats the system call
 
+try:  # fallocate(2) with FALLOC_FL_PUNCH_HOLE (os has only posix_fallocate)
+    _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+    _fallocate.restype = ctypes.c_int
+except (OSError, AttributeError):
+    _fallocate = None
+_PUNCH_HOLE_KEEP_SIZE = 0x02 | 0x01
+
 try:  # mincore(2): which pages of a mapping are in memory, without touching them
     _mincore = ctypes.CDLL(None, use_errno=True).mincore
     _mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
@@ -187,6 +195,14 @@ class GuestMemory:
         -mem-prealloc does), so first-touch faults happen now, not later."""
         os.posix_fallocate(self._data_fd, first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE)
         self._prefaulted[first_page:end_page] = b"\x01" * (end_page - first_page)
+
+    def punch(self, first_page: int, end_page: int) -> None:
+        """fallocate(PUNCH_HOLE): the pages hold no memory any more (they
+        read as zeros; SEEK_DATA and mincore see holes)."""
+        offset, length = first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE
+        if _fallocate is not None and _fallocate(self._data_fd, _PUNCH_HOLE_KEEP_SIZE, offset, length) == 0:
+            return
+        self.data[offset : offset + length] = bytes(length)  # no hole punching here: at least the zeros
 
     def fault_in(self, first_page: int, end_page: int) -> int:
         """Allocate the never-populated pages of a range as a fault on them

@@ -50,10 +50,13 @@ class Workload:
     def write_pages(self, rng, page: int, npages: int) -> None:
         self.vm.guest_write(self.ipa(page), self.pool.slice(rng, npages * PAGE_SIZE))
 
-    def tag_pages(self, rng, page: int, npages: int) -> None:
+    def tag_pages(self, rng, page: int, npages: int) -> int:
+        """Store tags from the pool on whole pages; returns where in the pool
+        they came from (a guest that checks its tags later remembers that)."""
         n = npages * PACKED_TAGS_PER_PAGE
         start = rng.randrange(len(self._tag_pool) - n + 1) if n < len(self._tag_pool) else 0
         self.vm.guest_store_tags_packed(self.ipa(page), self._tag_pool[start : start + n])
+        return start
 
     # -- the interface ----------------------------------------------------------
     def prepare(self) -> None:
@@ -212,15 +215,29 @@ class HotSet(Workload):
     def __init__(self, vm, **kw):
         super().__init__(vm, **kw)
         self.hot = int(self.params.get("hot_pages", 4096))
+        #: the tags this guest gave each hot page it retagged (where in the tag
+        #: pool they came from): before it writes such a page again, it reads
+        #: through its tagged pointer, so a wrong tag is a tag check fault
+        self.expected: dict[int, int] = {}
 
     def step(self, cpu):
         rng, (lo, hi) = self.rngs[cpu], self.slices[cpu]
         span = max(1, min(self.hot // self.vcpus, hi - lo))
         page = lo + rng.randrange(span)
+        start = self.expected.get(page)
+        if start is not None:
+            self.vm.guest_check_page_tags(self.ipa(page), self._tag_pool[start : start + PACKED_TAGS_PER_PAGE])
         self.write_pages(rng, page, 1)
         if rng.random() < 0.25:
-            self.tag_pages(rng, page, 1)
+            self.expected[page] = self.tag_pages(rng, page, 1)
         return 1
+
+    def get_state(self):
+        return {**super().get_state(), "expected": [[p, s] for p, s in self.expected.items()]}
+
+    def set_state(self, state):
+        super().set_state(state)
+        self.expected = {int(p): int(s) for p, s in state.get("expected", [])}
 
 
 class RandomWrites(Workload):
