@@ -95,6 +95,9 @@ if hasattr(fr, "Join"):  # extra data connections
 if hasattr(fr, "Recover"):  # the in-doubt window, on a new connection
     SAMPLES.append(fr.Recover("0123456789abcdef", "go"))
     SAMPLES.append(fr.Recover("0123456789abcdef", "abort"))
+SAMPLES.append(fr.Postcopy([(3, 2), (9, 1)], bytes(range(24))))  # the switch to postcopy
+SAMPLES.append(fr.Postcopy([(0, 1)], b"\x01" * 8, last=False))
+SAMPLES.append(fr.Request([(5, 1), (50, 4)]))
 SAMPLE_IDS = [f"{f.type.name}-{i}" for i, f in enumerate(SAMPLES)]
 
 
@@ -121,6 +124,8 @@ if hasattr(T, "JOIN"):
     RECEIVER[T.JOIN] = (data_dest_machine, DestState.WAIT_HELLO)
 if hasattr(T, "RECOVER"):
     RECEIVER[T.RECOVER] = (data_dest_machine, DestState.WAIT_HELLO)
+RECEIVER[T.POSTCOPY] = (dest_machine, DestState.STATE_LOADED)
+RECEIVER[T.REQUEST] = (source_machine, SourceState.POSTCOPY)
 
 
 def receiver_for(ftype, ram_pages=64):

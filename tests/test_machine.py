@@ -52,6 +52,8 @@ if hasattr(T, "JOIN"):
     EXAMPLE[T.JOIN] = fr.Join("session-1", 1, b"\x05" * 32)
 if hasattr(T, "RECOVER"):  # the in-doubt window, on a new connection
     EXAMPLE[T.RECOVER] = fr.Recover("session-1", "go")
+EXAMPLE[T.POSTCOPY] = fr.Postcopy([(1, 1)], b"\x02" * 8)
+EXAMPLE[T.REQUEST] = fr.Request([(1, 1)])
 
 
 def _reachable(table, initial, failed, aborted):

@@ -47,6 +47,8 @@ EXAMPLES = {
     T.JOIN: fr.Join("s", 1, b"\4" * 32),
     T.AUTH: fr.Auth(b"\4" * 32),
     T.RECOVER: fr.Recover("s", "go"),
+    T.POSTCOPY: fr.Postcopy([(0, 1)], b"\x00" * 8),
+    T.REQUEST: fr.Request([(0, 1)]),
 }
 
 

@@ -93,6 +93,8 @@ class FrameType(enum.IntEnum):
     JOIN = 14
     AUTH = 15
     RECOVER = 16
+    POSTCOPY = 17
+    REQUEST = 18
 
 
 # -- field checking ----------------------------------------------------------
@@ -516,6 +518,85 @@ class Inspection:
         return cls(chunks, bytes(payload))
 
 
+def _page_ranges(m, frame: str, limit: int) -> list:
+    """A "r" field: (first page, count) pairs packed as little-endian u64s,
+    at most ``limit`` pairs, none empty."""
+    raw = _field(m, "r", bytes, frame)
+    if len(raw) % 16 or len(raw) // 16 > limit:
+        raise ProtocolError(f"{frame} ranges field is not a list of at most {limit} (page, count) pairs")
+    flat = array("Q")
+    flat.frombytes(raw)
+    ranges = list(zip(flat[0::2], flat[1::2]))
+    if any(c == 0 for _, c in ranges):
+        raise ProtocolError(f"{frame} names an empty range")
+    return ranges
+
+
+def _pack_ranges(ranges) -> bytes:
+    return array("Q", [v for r in ranges for v in r]).tobytes()
+
+
+#: bytes per page of a POSTCOPY table: CRC-32 of the data, CRC-32 of the packed tags
+POSTCOPY_ENTRY = 8
+
+
+@dataclass
+class Postcopy:
+    """Source -> destination, after STATE: switch to postcopy.  Without a
+    table, ``ranges`` announce pages the destination does not hold as they
+    now are; at the one with ``last`` set it drops them all and resumes the
+    guest (they come later, asked for or in the background).  With a
+    table, which follows, it holds per page of ``ranges`` in order the
+    CRC-32 of its data and of its packed tags on the paused source, by
+    which each page is checked as it lands."""
+
+    ranges: list
+    table: bytes
+    last: bool = True
+    type = FrameType.POSTCOPY
+    MAX_RANGES = 65536
+    MAX_PAGES = MAX_PAYLOAD // POSTCOPY_ENTRY
+
+    def meta(self):
+        return {"r": _pack_ranges(self.ranges), "l": self.last}
+
+    def payload(self):
+        return [self.table]
+
+    @property
+    def npages(self) -> int:
+        return sum(c for _, c in self.ranges)
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        f = "POSTCOPY"
+        ranges = _page_ranges(m, f, cls.MAX_RANGES)
+        npages = sum(c for _, c in ranges)
+        if len(payload) and (npages > cls.MAX_PAGES or len(payload) != npages * POSTCOPY_ENTRY):
+            raise ProtocolError(
+                f"POSTCOPY table is {len(payload)} bytes for {npages} pages "
+                f"({POSTCOPY_ENTRY} a page, at most {cls.MAX_PAGES} pages a frame)"
+            )
+        return cls(ranges, bytes(payload), _field(m, "l", bool, f))
+
+
+@dataclass
+class Request:
+    """Destination -> source, during postcopy: the guest waits for these
+    pages; send them ahead of the background stream."""
+
+    ranges: list
+    type = FrameType.REQUEST
+    MAX_RANGES = 256
+
+    def meta(self):
+        return {"r": _pack_ranges(self.ranges)}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        return cls(_page_ranges(m, "REQUEST", cls.MAX_RANGES))
+
+
 @dataclass
 class Go:
     """Source -> destination: I have given the guest up; resume it."""
@@ -595,6 +676,8 @@ FRAME_CLASSES = {
         Join,
         Auth,
         Recover,
+        Postcopy,
+        Request,
     )
 }
 

@@ -56,6 +56,7 @@ class SourceState(enum.Enum):
     AUTHENTICATING = "authenticating"
     PRECOPY = "precopy"
     STOP_COPY = "stop-and-copy"
+    POSTCOPY = "postcopy"
     COMPLETING = "completing"
     VALIDATING = "validating"
     SWITCHING = "switching"
@@ -73,6 +74,7 @@ class DestState(enum.Enum):
     AUTHENTICATING = "authenticating"
     RECEIVING = "receiving"
     STATE_LOADED = "state-loaded"
+    POSTCOPY = "postcopy"
     VERIFYING = "verifying"
     AWAIT_GO = "await-go"
     RESUMING = "resuming"
@@ -100,6 +102,15 @@ SOURCE_TABLE = {
     (S.VALIDATING, RECV, T.INSPECTION): S.VALIDATING,
     (S.VALIDATING, SEND, T.GO): S.SWITCHING,
     (S.SWITCHING, RECV, T.RESUMED): S.DONE,
+    # --postcopy: the guest moves at POSTCOPY, the pages it lacks follow
+    (S.STOP_COPY, SEND, T.POSTCOPY): S.POSTCOPY,
+    (S.POSTCOPY, SEND, T.POSTCOPY): S.POSTCOPY,
+    (S.POSTCOPY, RECV, T.CONFIRM): S.POSTCOPY,
+    (S.POSTCOPY, RECV, T.REQUEST): S.POSTCOPY,
+    (S.POSTCOPY, SEND, T.PAGES): S.POSTCOPY,
+    (S.POSTCOPY, SEND, T.PASS_END): S.SWITCHING,
+    (S.SWITCHING, RECV, T.REQUEST): S.SWITCHING,  # asked before the page it wants arrived there
+    (S.SWITCHING, RECV, T.CONFIRM): S.SWITCHING,  # every page sent before the switch's CONFIRM came
 }
 
 DEST_TABLE = {
@@ -115,6 +126,13 @@ DEST_TABLE = {
     (D.AWAIT_GO, SEND, T.INSPECTION): D.AWAIT_GO,
     (D.AWAIT_GO, RECV, T.GO): D.RESUMING,
     (D.RESUMING, SEND, T.RESUMED): D.RUNNING,
+    # --postcopy: resume at POSTCOPY, fetch the missing pages, RESUMED once all are here
+    (D.STATE_LOADED, RECV, T.POSTCOPY): D.POSTCOPY,
+    (D.POSTCOPY, RECV, T.POSTCOPY): D.POSTCOPY,
+    (D.POSTCOPY, SEND, T.CONFIRM): D.POSTCOPY,
+    (D.POSTCOPY, SEND, T.REQUEST): D.POSTCOPY,
+    (D.POSTCOPY, RECV, T.PAGES): D.POSTCOPY,
+    (D.POSTCOPY, RECV, T.PASS_END): D.RESUMING,
 }
 
 
@@ -353,7 +371,7 @@ class Connection:
             self.machine.peer_said = frame
         if frame.type == T.HELLO:
             self.ram_pages = frame.ram_size // fr.PAGE_SIZE if frame.page_size == fr.PAGE_SIZE else None
-        elif frame.type == T.PAGES:
+        elif frame.type in (T.PAGES, T.POSTCOPY, T.REQUEST):
             self._check_pages(frame)
         return frame
 

@@ -534,6 +534,8 @@ def stray_frames(seeds: list[Seed]) -> list[bytes]:
             fr.Resumed(),
             fr.Recover(SESSION, "go"),
             fr.Recover(SESSION, "abort"),
+            fr.Postcopy([(0, 1)], b"\x00" * 8),
+            fr.Request([(0, 1)]),
             fr.Join(SESSION, 1),
             fr.Error("fuzz", "an error"),
             fr.Abort("fuzz"),
