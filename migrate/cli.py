@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: allocator,retag-churn,stream,device-dma,idle; --quick: allocator,retag-churn,device-dma)",
     )
     p.add_argument("--strategies", metavar="A,B", help="comma-separated strategies (default: all)")
+    p.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="instead: postcopy against precopy on each scenario (default hot-set): precopy with and without "
+        "auto-converge, postcopy with each strategy that can; total time, downtime or switch downtime, fault "
+        "latency, the guest's progress and its wrong-tag accesses; writes postcopy.md to --out",
+    )
     p.add_argument("--repeat", type=int, metavar="N", help="runs of each pair (default 3; --quick 1)")
     p.add_argument("--out", default="bench-out", metavar="DIR", help="output folder (default bench-out)")
     p.add_argument("--quick", action="store_true", help="small guests (64 MiB), one repeat: under 2 minutes")
@@ -326,11 +333,36 @@ def _resolve(args) -> int:
     return 0
 
 
+def _bench_postcopy(args) -> int:
+    import os
+
+    from migrate.tools import postcopy_bench
+
+    try:
+        ram = parse_size(args.ram, "--ram") if args.ram else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    command = "mte-migrate " + " ".join(sys.argv[1:])
+    out = []
+    for name in (args.scenarios or "hot-set").split(","):
+        doc = postcopy_bench.run(name.strip(), ram, args.repeat or 3, args.quiet)
+        out.append(postcopy_bench.markdown(doc, command))
+    text = "\n".join(out)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "postcopy.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
 def _bench(args) -> int:
     from dataclasses import replace
 
+    if args.postcopy:
+        return _bench_postcopy(args)
+
     from migrate.config import scenario as scen
-    from migrate.strategies import STRATEGIES
+    from migrate.strategies import BENCH_STRATEGIES, STRATEGIES
     from migrate.tools.bench import QUICK_RAM, run_bench
 
     names = (
@@ -341,7 +373,7 @@ def _bench(args) -> int:
         else ["allocator", "retag-churn", "stream", "device-dma", "idle"]
     )
     scenarios = [scen.load(n.strip()) for n in names if n.strip()]
-    strategies = args.strategies.split(",") if args.strategies else list(STRATEGIES)
+    strategies = args.strategies.split(",") if args.strategies else list(BENCH_STRATEGIES)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ConfigError(f"unknown strategy {unknown[0]!r}; known: {', '.join(STRATEGIES)}")
@@ -379,7 +411,8 @@ def _dispatch(args) -> int:
 
         for name, cls in STRATEGIES.items():
             label = "[proposal] " if cls.proposal else ""
-            print(f"{name}\t{label}{cls.description}")
+            postcopy = "postcopy: yes" if cls.postcopy_mode else "postcopy: no"
+            print(f"{name}\t{label}{cls.description}\t{postcopy}")
         return 0
     if args.command == "bench":
         return _bench(args)

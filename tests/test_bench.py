@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from hosts import tags as tagops
-from migrate.strategies import STRATEGIES
+from migrate.strategies import BENCH_STRATEGIES, STRATEGIES
 from migrate.tools import bench, costmodel
 from migrate.tools.bench import (
     _row,
@@ -65,7 +65,7 @@ def entry(summary, strategy, scenario="allocator"):
 
 # -- order -----------------------------------------------------------------------------
 def test_latin_square_puts_every_strategy_in_at_least_two_positions_over_four_repeats():
-    strategies = list(STRATEGIES)
+    strategies = list(BENCH_STRATEGIES)
     orders = [run_order(strategies, rep) for rep in range(4)]
     assert all(sorted(o) == sorted(strategies) for o in orders)  # each repeat runs each once
     for s in strategies:
@@ -304,7 +304,7 @@ def test_a_bench_run_rotates_the_order_and_writes_position_and_proposal(monkeypa
     monkeypatch.setattr(bench, "plot", lambda summary, path: False)
     scenario = SimpleNamespace(name="allocator", guest=None, migration=SimpleNamespace(validate="tracked"))
     monkeypatch.setattr(bench, "replace", lambda obj, **kw: SimpleNamespace(**kw))
-    strategies = list(STRATEGIES)
+    strategies = list(BENCH_STRATEGIES)
     code = bench.run_bench([scenario], strategies, 4, str(tmp_path), True, None, "mte-migrate bench", quiet=True)
     assert code == 0
     per_repeat = [calls[i : i + 4] for i in range(0, 16, 4)]

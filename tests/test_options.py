@@ -143,6 +143,8 @@ FLAGS = [
     (["--max-bandwidth", "none"], "max_bandwidth", None),
     (["--downtime-limit", "150"], "downtime_limit_ms", 150.0),
     (["--max-passes", "4"], "max_passes", 4),
+    (["--postcopy"], "postcopy", True),
+    (["--postcopy", "--postcopy-after-passes", "3"], "postcopy_after_passes", 3),
     (["--no-auto-converge"], "auto_converge", False),
     (["--batch-pages", "64"], "batch_pages", 64),
     (["--tag-batch-pages", "32"], "tag_batch_pages", 32),

@@ -462,6 +462,29 @@ OPTIONS = (
         flags=("--max-passes",),
     ),
     Option(
+        "postcopy",
+        BOOL,
+        False,
+        "switch to postcopy when precopy will not converge (or after --postcopy-after-passes)",
+        "Postcopy: after the bulk pass and `postcopy_after_passes` dirty passes, or sooner when the "
+        "convergence policy says precopy will not converge, pause the source, move the vCPU state and "
+        "resume the guest on the destination at once; the pages it still lacks follow, those it faults "
+        "on first. Needs a strategy that can place a page and its tags for a running guest "
+        "(`mte-migrate strategies` says which). After the switch neither side alone holds the whole "
+        "guest: a destination lost then loses the guest (the source keeps its paused copy).",
+        section="migration",
+        switch=("--postcopy",),
+    ),
+    Option(
+        "postcopy_after_passes",
+        INT,
+        1,
+        "with --postcopy: switch after this many dirty passes at most",
+        "With postcopy: switch after this many dirty passes at most (0: right after the bulk pass).",
+        section="migration",
+        flags=("--postcopy-after-passes",),
+    ),
+    Option(
         "auto_converge",
         BOOL,
         True,

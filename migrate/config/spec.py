@@ -73,6 +73,12 @@ class MigrationConfig:
             raise ConfigError("timeout must be positive")
         if self.in_doubt_hold_s <= 0:
             raise ConfigError("in-doubt hold must be positive")
+        if self.postcopy_after_passes < 0:
+            raise ConfigError("postcopy_after_passes must be 0 or more")
+        if self.postcopy and not STRATEGIES[self.strategy].postcopy_mode:
+            cls = STRATEGIES[self.strategy]
+            able = ", ".join(n for n, c in STRATEGIES.items() if c.postcopy_mode)
+            raise ConfigError(f"strategy {self.strategy} cannot do postcopy: {cls.postcopy_refusal}; use one of {able}")
         return self
 
     def to_dict(self) -> dict:

@@ -20,6 +20,16 @@ class TagStrategy(ABC):
     tag_format: ClassVar[str] = "packed4"
     #: whether the VMM maps guest RAM PROT_MTE (device emulation then goes through it)
     vmm_prot_mte: ClassVar[bool] = False
+    #: postcopy: the userfaultfd mode its placement needs ("missing" or
+    #: "minor"); None: it cannot place tags in postcopy and refuses --postcopy
+    postcopy_mode: ClassVar[str | None] = None
+    #: a postcopy variant: the strategy it is identical to until the postcopy
+    #: switch (bench leaves it out unless named)
+    postcopy_variant_of: ClassVar[str | None] = None
+    #: postcopy: the window in which the guest can see a page without its tags, if any
+    postcopy_race: ClassVar[str] = ""
+    #: postcopy: why not, when postcopy_mode is None (for the refusal)
+    postcopy_refusal: ClassVar[str] = "it has no way to place a page and its tags for a running guest"
 
     def __init__(self, host, config):
         self.host = host
@@ -66,6 +76,12 @@ class TagStrategy(ABC):
     def clear_tags(self, first_page: int, npages: int) -> None:
         """The pages' tags are now all zero (they arrived without tags but
         carried tags before)."""
+
+    # -- destination side, postcopy ---------------------------------------------------
+    def place_postcopy(self, uffd, page: int, data, packed_tags) -> None:
+        """Make ``page`` (whole pages of ``data``, their packed tags) present
+        to the running guest, through the registered userfaultfd."""
+        raise NotImplementedError(f"{self.name} cannot place pages in postcopy")
 
     def close(self) -> None:
         pass

@@ -8,6 +8,7 @@ class NoTags(TagStrategy):
     name = "none"
     description = "data only, no tags (baseline; validation fails on tagged guests)"
     tag_format = "none"
+    postcopy_refusal = "it moves no tags"
 
     def read_tags(self, ranges):
         return None

@@ -12,6 +12,10 @@ class ProtMte(TagStrategy):
     name = "prot-mte"
     description = "all guest RAM mapped PROT_MTE in the VMM; tags via EL0 LDG/STG per granule"
     vmm_prot_mte = True
+    postcopy_refusal = (
+        "it stores tags with EL0 STG through the VMM's mapping, which makes no page present to the guest: "
+        "use memfd-continue, its postcopy form"
+    )
 
     def __init__(self, host, config):
         super().__init__(host, config)

@@ -16,6 +16,8 @@ class TagDirtyLog(TagIoctl):
     name = "tag-dirty-log"
     description = "tag-ioctl plus a proposed tags-only dirty log: a retag resends 128 B of tags, not the page"
     proposal = True
+    postcopy_mode = None
+    postcopy_refusal = "its tags-only dirty log is a precopy design (postcopy sends each page once)"
 
     def setup_source(self):
         for slot in self.vm.memslots:

@@ -1,5 +1,6 @@
 import functools
 import threading
+import time
 
 from hosts import KVM_ARM_TAGS_FROM_GUEST, KVM_ARM_TAGS_TO_GUEST, PAGE_SIZE
 from hosts import tags as tagops
@@ -104,3 +105,18 @@ class TagIoctl(TagStrategy):
     def clear_tags(self, first_page, npages):
         for ipa, n in self._calls(first_page, npages):
             self.vm.mte_copy_tags(ipa, n * PAGE_SIZE, bytes(n * GRANULES_PER_PAGE), KVM_ARM_TAGS_TO_GUEST)
+
+    # -- postcopy, as a VMM would do it today ---------------------------------------------
+    postcopy_mode = "missing"
+    postcopy_race = "UFFDIO_COPY maps the page, KVM_ARM_MTE_COPY_TAGS stores its tags only afterwards"
+
+    def place_postcopy(self, uffd, page, data, packed_tags):
+        """UFFDIO_COPY, then KVM_ARM_MTE_COPY_TAGS TO_GUEST: two system calls.
+        The page is live after the first, with tags the guest's first access
+        clears; between the two, other CPUs run (the GIL is let go here as a
+        real kernel entry lets the vCPUs on other cores go on), and a vCPU
+        that was waiting for the page can see the wrong tags."""
+        uffd.copy(page, data)
+        if packed_tags is not None and not tagops.all_zero(packed_tags):
+            time.sleep(0)
+            self.write_tags(page, packed_tags)
