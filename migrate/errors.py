@@ -28,6 +28,14 @@ class TamperedFrame(ProtocolError):
     code = "tampered"
 
 
+class GuestFaulted(MigrationError):
+    """Every page arrived, but the guest took tag check faults on the way
+    (pages went live before their tags): not a clean migration."""
+
+    code = "guest-faulted"
+    status = "guest-faulted"
+
+
 class HandshakeMismatch(MigrationError):
     """Source and destination cannot migrate this guest (sizes, versions...)."""
 

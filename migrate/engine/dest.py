@@ -12,25 +12,30 @@ here.  Later connections go through ``_admit``: data channels
 import asyncio
 import logging
 import socket
+import sys
 import time
 
+from hosts.uffd import Userfaultfd
 from hosts.vcpu import VcpuState
 from hosts.workloads import make_workload
 from migrate.engine.dest_channels import DataChannels
 from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, state_digest
 from migrate.engine.handshake import authenticate, hello_mismatch
 from migrate.engine.pages import BatchApplier, BatchStats
+from migrate.engine.postcopy import DestPostcopy
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import DestRecovery
 from migrate.engine.report import empty_result, protection
 from migrate.errors import (
     AuthError,
     Cancelled,
+    GuestFaulted,
     HandshakeMismatch,
     MigrationError,
     PeerError,
     PeerTimeout,
     ProtocolError,
+    TransportError,
     one_line,
 )
 from migrate.net import tls
@@ -98,6 +103,12 @@ class DestVmm:
         self._guest_state: dict | None = None  # from STATE
         self._staged_workload = None  # built from STATE, runs on GO
         self._recovery = DestRecovery(config, self._key, self.result, self._resume)
+        # -- postcopy
+        self._announced: list = []  # POSTCOPY ranges so far, until the last announcement
+        self._postcopy: DestPostcopy | None = None
+        self._postcopy_done = False
+        self._switch_interval = sys.getswitchinterval()
+        self._send_lock = asyncio.Lock()  # REQUESTs go out while the main loop may send too
 
     async def serve(self, listener: socket.socket) -> dict:
         """Accept one migration on ``listener``; refuse any other connection."""
@@ -129,7 +140,9 @@ class DestVmm:
         try:
             await self._handshake()
             handlers = self._handlers()
-            while not self.resumed:  # GO resumes the guest here
+            # GO resumes the guest here; in postcopy, POSTCOPY does, and the
+            # missing pages follow until the source's last PASS_END
+            while not self.resumed or (self._postcopy is not None and not self._postcopy_done):
                 frame = await self._recv_control()
                 await handlers[frame.type](frame)
         except asyncio.CancelledError:
@@ -154,6 +167,7 @@ class DestVmm:
             T.COMPLETE: self._on_complete,
             T.INSPECT: self._on_inspect,
             T.GO: self._on_go,
+            T.POSTCOPY: self._on_postcopy,
             T.ERROR: self._on_error,
             T.ABORT: self._on_abort,
         }
@@ -234,11 +248,17 @@ class DestVmm:
                     pass
 
     async def _on_pages(self, frame) -> None:
+        if self._postcopy is not None:
+            self.stats.normal_pages += self._postcopy.place(frame)
+            return
         if frame.pass_no <= self._channels.pass_seen[0]:
             raise ProtocolError(f"PAGES of pass {frame.pass_no} after that pass ended")
         self.stats.add(self._applier.apply(frame))
 
     async def _on_pass_end(self, frame) -> None:
+        if self._postcopy is not None:
+            await self._end_postcopy(frame)
+            return
         self.result["dirty_sync_count"] = frame.pass_no
         self._channels.pass_seen[0] = frame.pass_no
         self._start_refresh()
@@ -265,6 +285,104 @@ class DestVmm:
         except MigrationError:
             pass  # the source will ask again (RECOVER go): we linger for it
         await self._recovery.linger(self.chan)
+
+    # -- postcopy -----------------------------------------------------------------------
+    async def _on_postcopy(self, frame) -> None:
+        if frame.table:
+            if self._postcopy is None:
+                raise ProtocolError("a POSTCOPY table before the switch")
+            self._postcopy.add_table(frame)
+            return
+        if self._postcopy is not None:
+            raise ProtocolError("POSTCOPY announced pages after the switch")
+        self._announced += frame.ranges
+        if frame.last:
+            await self._switch_to_postcopy(self._announced)
+
+    async def _switch_to_postcopy(self, ranges) -> None:
+        """Every channel has delivered the last pass and the digest of what
+        is here is taken (with the guest still stopped); drop the pages the
+        source will send, register the userfaultfd, resume, CONFIRM."""
+        t = time.perf_counter()
+        if self.strategy.postcopy_mode is None:
+            raise ProtocolError(f"strategy {self.strategy.name} cannot do postcopy")
+        early = self._early_digest
+        if early is None:
+            raise ProtocolError("POSTCOPY before STATE")
+        await early[1]  # every channel done with the last pass, the digest refreshed
+        self.chan.placer = None  # pages land through the userfaultfd from now on
+        uffd = Userfaultfd(self.host.vm, self.strategy.postcopy_mode)
+        missing_mode = self.strategy.postcopy_mode == "missing"
+        for first, count in ranges:
+            if missing_mode:
+                uffd.punch(first, first + count)  # UFFDIO_COPY needs the page gone from the memfd
+            else:
+                uffd.drop(first, first + count)
+        self.host.vm.uffd = uffd
+        # The vCPU threads and this loop share one interpreter lock: let a
+        # fault's round trip (event, REQUEST, page, placement) have it back
+        # within 0.5 ms instead of the default 5 ms per hand-over.
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, 0.0005))
+        pc = self._postcopy = DestPostcopy(self.host, self.strategy, uffd, ranges)
+        pc.wrong_before = self.host.counters.get("guest.wrong_tag_accesses")
+        sdigest = state_digest(self._loaded_state())  # what will run, read back before it runs
+        self._resume()
+        pc.resumed_at = time.perf_counter()
+        self.result["postcopy_switch_ms"] = _ms(pc.resumed_at - t)
+        digest = self._digest
+        loop = asyncio.get_running_loop()
+        loop.add_reader(uffd.fileno(), self._on_fault)
+        async with self._send_lock:
+            await self.chan.send(fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs()))
+        if pc.total == 0:
+            pc.last_page_at = pc.resumed_at
+
+    def _on_fault(self) -> None:
+        """A vCPU waits for a page: ask the source for it, ahead of the rest."""
+        pc = self._postcopy
+        ranges = pc.faulted()
+        for i in range(0, len(ranges), fr.Request.MAX_RANGES):
+            pc.requests += 1
+            task = asyncio.ensure_future(self._send_request(ranges[i : i + fr.Request.MAX_RANGES]))
+            task.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _send_request(self, ranges) -> None:
+        async with self._send_lock:
+            await self.chan.send(fr.Request(ranges))
+
+    async def _end_postcopy(self, frame) -> None:
+        pc = self._postcopy
+        if not pc.complete:
+            raise ProtocolError(f"the source ended postcopy with {pc.total - pc.landed} pages not sent")
+        self._stop_faults()
+        self.host.vm.uffd = None
+        pc.uffd.close()
+        self._postcopy_done = True
+        wrong = self.host.counters.get("guest.wrong_tag_accesses") - pc.wrong_before
+        if wrong:
+            # Every page is here and right now, but the guest already took
+            # tag check faults that a correct migration never causes.
+            self._fail(
+                GuestFaulted(
+                    f"the guest saw wrong tags {wrong} times: pages went live before their tags "
+                    f"({self.strategy.name}: {self.strategy.postcopy_race})"
+                )
+            )
+            self.result["guest_on"] = "destination"
+        else:
+            self.result["status"] = "completed"
+        async with self._send_lock:
+            await self.chan.send(fr.Resumed())
+
+    def _stop_faults(self) -> None:
+        sys.setswitchinterval(self._switch_interval)
+        pc = self._postcopy
+        if pc is not None and not pc.uffd.closed:
+            try:
+                asyncio.get_running_loop().remove_reader(pc.uffd.fileno())
+            except (ValueError, OSError):
+                pass
 
     async def _on_error(self, frame) -> None:
         raise PeerError(f"source: {frame.message}", frame.code)
@@ -487,6 +605,9 @@ class DestVmm:
         self.progress.message(f"migration {exc.status}: {self.result['error']}")
 
     async def _on_failure(self, exc: MigrationError) -> None:
+        if self._postcopy is not None and not self._postcopy_done:
+            await self._postcopy_failed(exc)
+            return
         # After CONFIRM, a broken or garbled stream may have carried GO:
         # only the source's own ERROR or ABORT says it kept the guest.
         if self.machine.state == DestState.AWAIT_GO and not isinstance(exc, (PeerError, Cancelled)):
@@ -497,6 +618,24 @@ class DestVmm:
                 self._fail(final)
         else:
             self._fail(exc)
+
+    async def _postcopy_failed(self, exc: MigrationError) -> None:
+        """After the switch neither side holds the whole guest: it runs here,
+        its vCPUs blocked on the pages still missing; nothing is discarded."""
+        self._fail(exc)
+        self._stop_faults()
+        pc = self._postcopy
+        self.result["status"] = "postcopy-paused"
+        self.result["guest_on"] = (
+            f"split: running here with {pc.total - pc.landed} pages missing (vCPUs that touch them wait); "
+            f"those pages are only on the paused source"
+        )
+        if not isinstance(exc, (PeerError, TransportError)) and not self.chan.closed:
+            try:
+                async with asyncio.timeout(1.0), self._send_lock:
+                    await self.chan.send(fr.Error(exc.code, one_line(exc)))
+            except Exception:
+                pass
 
     async def _clean_up(self) -> None:
         if self._refresher is not None:
@@ -534,6 +673,9 @@ class DestVmm:
         res, s, chan = self.result, self.stats, self.chan
         res["total_time_ms"] = _ms(time.perf_counter() - self._started)
         res["counters"] = type(self.host.counters).delta(self.host.counters.snapshot(), self._counters_before)
+        if self._postcopy is not None:
+            res["postcopy"] = self._postcopy.report(res["counters"])
+            res["postcopy"]["guest_pages_touched"] = self.host.vcpus.pages_touched  # the guest's progress here
         received = chan.bytes_received + self._channels.bytes_received()
         res["ram"].update(
             transferred_bytes=received,

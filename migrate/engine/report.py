@@ -98,11 +98,41 @@ def summary(result: dict) -> str:
         if val.get("compared"):
             lines.append(f"    compared: {val['compared']}")
         for m in val.get("first_mismatches", [])[:5]:
+            if "chunk" in m:
+                lines.append(f"    chunk {m['chunk']} differs")
+                continue
             lines.append(
                 f"    page {m['page']}: {m['kind']}" + (f", granules {m['granules']}" if m.get("granules") else "")
             )
+    lines += postcopy_lines(result.get("postcopy"))
     lines.append(f"  guest: {_where(result.get('guest_on', 'source'))}")
     return "\n".join(lines)
+
+
+def postcopy_lines(pc: dict | None) -> list[str]:
+    if not pc:
+        return []
+
+    def ms(v):
+        return "n/a" if v is None else f"{v:.1f} ms"
+
+    lat = pc.get("fault_latency_ms") or {}
+    lines = [
+        f"  postcopy ({pc.get('reason')}): switch downtime {ms(pc.get('switch_downtime_ms'))}, "
+        f"{pc.get('pages', 0)} pages after the switch, last one {ms(pc.get('last_page_ms'))} after it"
+    ]
+    if "faults" in pc:
+        lines.append(
+            f"    guest faults on missing pages: {pc['faults']}, {pc.get('requests', 0)} requests; latency "
+            f"p50 {ms(lat.get('p50'))}, p99 {ms(lat.get('p99'))}, max {ms(lat.get('max'))}"
+        )
+    if "guest_wrong_tag_accesses" in pc:
+        wrong = pc["guest_wrong_tag_accesses"]
+        lines.append(
+            f"    guest tag checks: {pc.get('guest_tag_checked_loads', 0)}, wrong tags seen: {wrong}"
+            + (" -- NOT CLEAN: pages went live before their tags" if wrong else "")
+        )
+    return lines
 
 
 def downtime_split(result: dict) -> list[str]:

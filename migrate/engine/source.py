@@ -25,6 +25,7 @@ from migrate.engine.handshake import introduce
 from migrate.engine.lanes import SendLane
 from migrate.engine.pages import BatchBuilder
 from migrate.engine.passes import PassSender, PeerWatch
+from migrate.engine.postcopy import SourcePostcopy, mixed_chunks
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import SourceRecovery
 from migrate.engine.report import empty_result, protection
@@ -116,6 +117,9 @@ class SourceVmm:
         self._paused_here = False
         self._digest_job: asyncio.Future | None = None  # the final digest, while the final pass goes out
         self._state: dict | None = None  # vCPU, workload and device state, sent with STATE
+        # -- postcopy
+        self._postcopy_reason: str | None = None  # why precopy gave way to postcopy
+        self._switched = False  # POSTCOPY announced: the guest runs there, its missing pages are here
 
     @property
     def lanes(self) -> list[SendLane]:
@@ -132,6 +136,7 @@ class SourceVmm:
         self.result["ram"]["total_bytes"] = self.host.memory.size
         self._clock.start = time.perf_counter()
         counters_before = self.host.counters.snapshot()
+        self._touched_before = self.host.vcpus.pages_touched
         self._address = address
         try:
             await self._connect(address)
@@ -139,9 +144,12 @@ class SourceVmm:
             await self._bulk_pass()
             while not self._precopy_done():
                 await self._dirty_pass()
-            await self._switch_over()
-            await self._complete()
-            await self._hand_over()
+            if self._postcopy_reason:
+                await self._postcopy()
+            else:
+                await self._switch_over()
+                await self._complete()
+                await self._hand_over()
         except (asyncio.CancelledError, KeyboardInterrupt):
             self._fail(Cancelled("cancelled by the user"))
         except InDoubt as exc:
@@ -177,6 +185,7 @@ class SourceVmm:
         key = auth.load_key(cfg.psk_file)  # a missing or short key fails here, before any connection
         sock = await connect(*address, cfg.timeout_s)
         conn = Connection(source_machine(), cfg.checksum, keyed=key is not None)
+        conn.ram_pages = host.memory.npages  # bounds the destination's page REQUESTs (postcopy)
         self.machine = conn.machine
         limiter = RateLimiter(cfg.max_bandwidth) if cfg.max_bandwidth else None
         self._tls = tls.from_options(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
@@ -260,6 +269,15 @@ class SourceVmm:
         decision = self._policy.decide(self._dirty_passes, remaining, bandwidth)
         self.result["expected_downtime_ms"] = self._policy.expected_downtime_ms(remaining, bandwidth)
         self._remaining = remaining
+        if self.config.postcopy and not (decision.stop and not decision.forced):  # converged: stop-and-copy
+            if decision.stop:
+                self._postcopy_reason = f"precopy will not converge ({decision.reason})"
+            elif self._dirty_passes >= self.config.postcopy_after_passes:
+                self._postcopy_reason = f"postcopy after {self._dirty_passes} dirty passes (--postcopy-after-passes)"
+            if self._postcopy_reason:
+                self.result["convergence"] = {"policy": "postcopy", "reason": self._postcopy_reason, "forced": False}
+                self.progress.message(f"postcopy: {self._postcopy_reason}")
+                return True
         if decision.stop:
             self.result["convergence"] = {
                 "policy": self._policy.name,
@@ -301,6 +319,96 @@ class SourceVmm:
         self._state = self._collect_state()
         await self._chan.send(fr.State(self._state))
         self._clock.state_sent = time.perf_counter()
+
+    async def _postcopy(self) -> None:
+        """Pause; STATE; announce the pages the destination lacks (it
+        resumes the guest at the last announcement); then the table and the
+        pages, requested ones first.  From the announcement on the guest
+        runs there and is never resumed here: this paused copy is the only
+        whole one until the last page has landed."""
+        self._clock.pause = time.perf_counter()
+        self.host.vcpus.pause()
+        self._paused_here = True
+        self.machine.local("pause")
+        self._peer.stop()  # the postcopy reader takes the control connection's replies
+        missing = union(self._dirty, self._dirty_log.harvest())
+        missing = union(missing, union(self._tags_only, self._dirty_log.harvest_tags_only(missing)))
+        ranges = [(a, b - a) for a, b in runs(missing, 1)]  # (first page, count)
+        self._digest_job = asyncio.ensure_future(self._final_digest())  # frozen memory, read independently
+        self._state = self._collect_state()
+        await self._chan.send(fr.State(self._state))
+        pc = SourcePostcopy(
+            self._chan, self.lanes[0].builder, self.host.memory, ranges, self._dirty_passes + 1, self.progress
+        )
+        await pc.announce()
+        self._switched = self.handed_over = True
+        self.result["guest_on"] = "destination (postcopy: its missing pages still here)"
+        run = asyncio.ensure_future(pc.run())
+        try:
+            await asyncio.wait({run, pc.confirm}, return_when=asyncio.FIRST_COMPLETED)
+            if not pc.confirm.done():
+                await run  # raises the failure
+            switched = time.perf_counter()
+            self.result["downtime_ms"] = _ms(switched - self._clock.pause)
+            validation = await self._validate_postcopy(pc.confirm.result(), ranges)
+            await run
+        finally:
+            if not run.done():
+                run.cancel()
+        done = time.perf_counter()
+        self.result["postcopy"] = {
+            "reason": self._postcopy_reason,
+            "switch_downtime_ms": self.result["downtime_ms"],
+            "pages": pc.total,
+            "pages_requested": pc.requested_pages,
+            "requests": pc.requests,
+            "last_page_ms": _ms(pc.last_page_at - switched) if pc.last_page_at else 0.0,
+            "total_after_switch_ms": _ms(done - switched),
+        }
+        self.result["validation"] = validation.to_dict()
+        if not validation.ok:
+            raise ValidationFailed(
+                f"{validation.summary()} -- found after the postcopy switch: the guest runs on the destination"
+            )
+        self.result["status"] = "completed"
+        self.result["guest_on"] = "destination"
+
+    async def _validate_postcopy(self, confirm, ranges) -> Validation:
+        """What the destination held at the switch against this side's frozen
+        memory, chunk by chunk, except the chunks holding a page fetched in
+        postcopy (each of those pages is checked against the table as it
+        lands, and the destination fails on any difference)."""
+        digest, memory = await self._digest_job, self.host.memory
+        nchunks = chunk_count(memory.npages)
+        try:
+            their_data, their_tags = MemoryDigest.split_chunk_crcs(confirm.chunk_crcs, nchunks)
+        except ValueError as exc:
+            raise ProtocolError(f"CONFIRM: {exc}") from None
+        skipped = mixed_chunks(ranges)
+        differ = [
+            c for c in differing_chunks(digest.data_crcs, digest.tag_crcs, their_data, their_tags) if c not in skipped
+        ]
+        validation = Validation(
+            "postcopy",
+            pages_checked=memory.npages,
+            compared=(
+                f"per-chunk CRCs of the paused source's RAM and tags, read again after the pause (trusting no "
+                f"dirty tracking), against the destination's digest at the switch, for the "
+                f"{nchunks - len(skipped)} chunks without a postcopy page; each of the "
+                f"{sum(c for _, c in ranges)} pages fetched in postcopy checked as it landed against the "
+                f"paused source's CRCs of its data and tags; the other pages of the {len(skipped)} chunks "
+                f"holding those pages are not compared; vCPU registers as loaded on the destination"
+            ),
+        )
+        validation.state_ok = confirm.state_digest == state_digest(self._state)
+        for c in differ:
+            if digest.data_crcs[c] != their_data[c]:
+                validation.data_mismatches += 1
+            if digest.tag_crcs[c] != their_tags[c]:
+                validation.tag_mismatches += 1
+            if len(validation.first_mismatches) < 10:
+                validation.first_mismatches.append({"chunk": c})
+        return validation
 
     def _collect_state(self) -> dict:
         host = self.host
@@ -450,7 +558,15 @@ class SourceVmm:
         res["status"] = exc.status
         res["error"] = one_line(exc)
         self._error = exc
-        self.progress.message(f"migration {exc.status}: {res['error']}")
+        if self._switched and not isinstance(exc, ValidationFailed):
+            # After the postcopy switch neither side holds the whole guest:
+            # keep this paused copy, discard nothing.
+            res["status"] = "postcopy-paused"
+            res["guest_on"] = (
+                "split: the guest ran on the destination from the postcopy switch; pages it lacked are only "
+                "in this paused copy, kept"
+            )
+        self.progress.message(f"migration {res['status']}: {res['error']}")
 
     async def _finish(self) -> None:
         """Tell the destination what failed, stop every thread and log, and
@@ -473,7 +589,9 @@ class SourceVmm:
             if self._paused_here:
                 self.host.vcpus.resume()  # nothing lost: the guest goes on here
             self.result["guest_on"] = "source"
-        elif self.result["status"] != "completed" and not self.result["guest_on"].startswith("destination"):
+        elif self.result["status"] not in ("completed", "postcopy-paused") and not self.result["guest_on"].startswith(
+            "destination"
+        ):
             self.result["guest_on"] = "unknown: GO was sent but the destination did not confirm resuming"
 
     async def _report_failure(self, err: MigrationError) -> None:
@@ -510,6 +628,7 @@ class SourceVmm:
         res, host, chan, lanes = self.result, self.host, self._chan, self.lanes
         res["total_time_ms"] = _ms(time.perf_counter() - self._clock.start)
         res["counters"] = type(host.counters).delta(host.counters.snapshot(), counters_before)
+        res["guest_pages_touched"] = host.vcpus.pages_touched - self._touched_before
         s = self._sender.totals()
         total_s = res["total_time_ms"] / 1000.0
         sent = sum(lane.chan.bytes_sent for lane in lanes) if lanes else (chan.bytes_sent if chan else 0)

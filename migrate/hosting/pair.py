@@ -94,7 +94,11 @@ def run_pair(
             }
             result["destination"]["spliced_bytes"] = (dresult.get("ram") or {}).get("spliced_bytes")
             result["counters"] = {**result.get("counters", {}), **dresult.get("counters", {})}
-            if dresult["status"] != "completed" and result["status"] == "completed":
+            if dresult.get("postcopy"):  # what only the destination sees: faults, latencies, the guest's checks
+                result["postcopy"] = {**(result.get("postcopy") or {}), **dresult["postcopy"]}
+            if dresult["status"] == "guest-faulted" and result["status"] == "completed":
+                result["status"], result["error"] = "guest-faulted", f"destination: {dresult['error']}"
+            elif dresult["status"] != "completed" and result["status"] == "completed":
                 result["status"] = "failed"
                 result["error"] = f"destination: {dresult['error']}"
         return result

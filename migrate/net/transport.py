@@ -50,10 +50,12 @@ class FrameChannel:
         self._pipe = None
 
     # -- sending --------------------------------------------------------------
-    async def send(self, frame) -> int:
+    async def send(self, frame, paced: bool = True) -> int:
+        """``paced=False``: past --max-bandwidth's limiter (a page a stopped
+        vCPU waits for in postcopy; the background stream keeps to the cap)."""
         buffers = self.conn.send(frame)
         n = sum(len(b) for b in buffers)
-        if self.limiter is not None:
+        if self.limiter is not None and paced:
             await self.limiter.wait(n)
         t = time.perf_counter()
         try:

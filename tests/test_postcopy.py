@@ -1,0 +1,261 @@
+"""Postcopy: the simulated userfaultfd, the three ways to place a page and its
+tags for a running guest, and whole migrations that switch to postcopy."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+from support import WAIT, digests, open_listener
+
+from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
+from hosts.errors import KernelError
+from hosts.host import SimulatedHost
+from hosts.uffd import MINOR, MISSING, GuestStopped, Userfaultfd
+from migrate.config.spec import MigrationConfig
+from migrate.engine.dest import DestVmm
+from migrate.engine.source import SourceVmm
+from migrate.errors import ConfigError
+from migrate.strategies import POSTCOPY_STRATEGIES, STRATEGIES
+
+MiB = 1 << 20
+TAGS = bytes([0x53]) * PACKED_TAGS_PER_PAGE
+DATA = bytes(range(256)) * 16
+
+
+def host(ram=4 * MiB, **kw):
+    return SimulatedHost(ram, workload="idle", workload_params={"fill": 0}, rate=0, **kw)
+
+
+# -- the simulated userfaultfd ------------------------------------------------------------
+def test_a_guest_access_to_a_missing_page_waits_for_it_and_raises_one_event():
+    h = host()
+    uffd = h.vm.uffd = Userfaultfd(h.vm, MISSING)
+    uffd.drop(3, 4)
+    ipa = h.vm.page_to_ipa(3)
+    done = []
+    reader = threading.Thread(target=lambda: done.append(h.vm.guest_read(ipa, 16)))
+    reader.start()
+    time.sleep(0.1)
+    assert not done  # blocked
+    assert uffd.read_events() == [3] and uffd.faults == 1
+    uffd.copy(3, DATA)
+    reader.join(WAIT)
+    assert done == [DATA[:16]] and len(uffd.latencies) == 1
+    with pytest.raises(KernelError, match="EEXIST"):
+        uffd.copy(3, DATA)  # present already
+    h.close()
+
+
+def test_uffdio_copy_makes_a_page_live_without_its_tags_which_is_the_race():
+    """What tag-ioctl does in postcopy: between UFFDIO_COPY and the tag
+    ioctl the guest sees the page with tags cleared by its first access."""
+    h = host()
+    uffd = h.vm.uffd = Userfaultfd(h.vm, MISSING)
+    uffd.drop(5, 6)
+    strategy = STRATEGIES["tag-ioctl"](h, MigrationConfig().check())
+    ipa = h.vm.page_to_ipa(5)
+    uffd.copy(5, DATA)  # first of the two calls
+    assert not h.vm.guest_check_page_tags(ipa, TAGS)  # the guest runs here: wrong tags
+    strategy.write_tags(5, TAGS)  # the second call
+    assert h.vm.guest_check_page_tags(ipa, TAGS)
+    assert h.counters.get("guest.wrong_tag_accesses") == 1
+    h.close()
+
+
+@pytest.mark.parametrize("name", ["uffd-copy-tags", "memfd-continue"])
+def test_atomic_placements_never_show_a_page_without_its_tags(name):
+    h = host()
+    strategy = STRATEGIES[name](h, MigrationConfig(strategy=name).check())
+    strategy.setup_dest()
+    uffd = h.vm.uffd = Userfaultfd(h.vm, strategy.postcopy_mode)
+    uffd.drop(0, 8)
+    seen = []
+
+    def guest():
+        for page in range(8):  # each access waits until the page is placed
+            seen.append(h.vm.guest_check_page_tags(h.vm.page_to_ipa(page), TAGS))
+
+    t = threading.Thread(target=guest)
+    t.start()
+    for page in range(8):
+        time.sleep(0.005)
+        strategy.place_postcopy(uffd, page, DATA, TAGS)
+    t.join(WAIT)
+    assert seen == [True] * 8 and h.counters.get("guest.wrong_tag_accesses") == 0
+    assert bytes(h.memory.data[: 8 * PAGE_SIZE]) == DATA * 8
+    h.close()
+
+
+def test_continue_needs_minor_mode_and_a_page_in_the_memfd():
+    h = host()
+    missing = Userfaultfd(h.vm, MISSING)
+    with pytest.raises(KernelError, match="EINVAL"):
+        missing.continue_(0)
+    minor = Userfaultfd(h.vm, MINOR)
+    minor.drop(0, 1)
+    with pytest.raises(KernelError, match="ENOENT"):
+        minor.continue_(0)  # a hole: nothing to map
+    h.memory.write(0, DATA)
+    minor.continue_(0)
+    assert minor.present[0] == 1
+    h.close()
+
+
+def test_punch_drops_data_and_tags_and_teardown_frees_a_waiting_vcpu():
+    h = host()
+    h.vm.guest_write(h.vm.page_to_ipa(2), DATA)
+    uffd = h.vm.uffd = Userfaultfd(h.vm, MISSING)
+    uffd.punch(2, 3)
+    assert h.memory.populated_ranges() == [] and uffd.present[2] == 0
+    errors = []
+
+    def guest():
+        try:
+            h.vm.guest_read(h.vm.page_to_ipa(2), 1)
+        except GuestStopped as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=guest)
+    t.start()
+    time.sleep(0.05)
+    uffd.close()
+    t.join(WAIT)
+    assert len(errors) == 1
+    h.close()
+
+
+# -- which strategies can --------------------------------------------------------------------
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n not in POSTCOPY_STRATEGIES])
+def test_strategies_that_cannot_place_tags_for_a_running_guest_refuse_postcopy(name):
+    with pytest.raises(ConfigError, match=rf"strategy {name} cannot do postcopy: .+; use one of tag-ioctl"):
+        MigrationConfig(strategy=name, postcopy=True).check()
+
+
+def test_the_postcopy_strategies_are_listed():
+    assert set(POSTCOPY_STRATEGIES) == {"tag-ioctl", "uffd-copy-tags", "memfd-continue"}
+    assert STRATEGIES["uffd-copy-tags"].proposal and not STRATEGIES["memfd-continue"].proposal
+
+
+# -- whole migrations ----------------------------------------------------------------------------
+# a small hot set, so the guest comes back to pages it retagged (and checks them) often
+HOT = {"fill": 0.25, "hot_pages": 256}
+
+
+def hot_set(ram=16 * MiB, start=True):
+    h = SimulatedHost(ram, workload="hot-set", workload_params=HOT, rate=4000, seed=3)
+    h.prepare_guest()
+    if start:
+        h.vcpus.start()
+    return h
+
+
+def dest_for(ram=16 * MiB):
+    # the destination runs the same guest program once it resumes
+    return SimulatedHost(ram, workload="hot-set", workload_params=HOT, rate=4000, seed=3)
+
+
+async def migrate(src, dst, config, source_cls=SourceVmm):
+    listener = open_listener()
+    dest = DestVmm(dst, config)
+    task = asyncio.ensure_future(dest.serve(listener))
+    try:
+        sres = await asyncio.wait_for(source_cls(src, config).migrate(listener.getsockname()), WAIT)
+        dres = await asyncio.wait_for(task, WAIT)
+    finally:
+        task.cancel()
+        listener.close()
+    return sres, dres
+
+
+@pytest.mark.parametrize("name", ["memfd-continue", "uffd-copy-tags"])
+async def test_postcopy_with_atomic_placement_completes_validated_and_clean(name):
+    src, dst = hot_set(), dest_for()
+    config = MigrationConfig(strategy=name, postcopy=True, postcopy_after_passes=0, channels=1).check()
+    sres, dres = await migrate(src, dst, config)
+    try:
+        assert sres["status"] == dres["status"] == "completed", (sres["error"], dres["error"])
+        assert sres["validation"]["ok"] and sres["validation"]["mode"] == "postcopy"
+        assert "checked as it landed" in sres["validation"]["compared"]
+        pc, dpc = sres["postcopy"], dres["postcopy"]
+        assert pc["pages"] == dpc["pages"] == dpc["pages_verified"] > 0
+        assert pc["switch_downtime_ms"] > 0 and pc["reason"].startswith("postcopy after 0 dirty passes")
+        assert set(dpc["fault_latency_ms"]) == {"p50", "p99", "max"}
+        assert dpc["guest_wrong_tag_accesses"] == 0
+        await asyncio.sleep(0.3)  # the guest runs on, checking the tags it set before the migration
+        assert dst.counters.get("guest.tag_checked_loads") > 0
+        assert dst.counters.get("guest.wrong_tag_accesses") == 0
+        assert not src.vcpus.running and dst.vcpus.running  # the source stays paused from the switch on
+        assert dst.vm.uffd is None  # every page is here: the userfaultfd is gone
+    finally:
+        src.close()
+        dst.close()
+
+
+async def test_tag_ioctl_in_postcopy_is_never_a_clean_success_when_the_guest_saw_wrong_tags():
+    src, dst = hot_set(), dest_for()
+    config = MigrationConfig(postcopy=True, postcopy_after_passes=0, channels=1).check()
+    sres, dres = await migrate(src, dst, config)
+    try:
+        wrong = dres["postcopy"]["guest_wrong_tag_accesses"]
+        assert dres["status"] == ("guest-faulted" if wrong else "completed"), dres["error"]
+        if wrong:
+            assert "saw wrong tags" in dres["error"] and "UFFDIO_COPY" in dres["error"]
+        # the pages themselves all arrived and checked out either way
+        assert dres["postcopy"]["pages_verified"] == dres["postcopy"]["pages"]
+        assert dres["counters"]["syscalls.uffd_copy"] > 0
+    finally:
+        src.close()
+        dst.close()
+
+
+async def test_precopy_that_converges_does_not_switch_to_postcopy():
+    src, dst = host(4 * MiB), host(4 * MiB)
+    src.prepare_guest()
+    config = MigrationConfig(strategy="memfd-continue", postcopy=True, postcopy_after_passes=5, channels=1).check()
+    sres, dres = await migrate(src, dst, config)
+    try:
+        assert sres["status"] == "completed" and "postcopy" not in sres
+        assert digests(src) == digests(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+class CutAfterSwitch(SourceVmm):
+    """A source whose link dies once a few postcopy pages went out."""
+
+    async def _postcopy(self):
+        from migrate.engine import postcopy
+
+        real = postcopy.SourcePostcopy._send
+        sent = []
+
+        async def send(pc, ranges, paced=True):
+            sent.append(ranges)
+            if len(sent) == 3:
+                pc.chan.sock.shutdown(2)  # the cable is pulled
+            return await real(pc, ranges, paced)
+
+        postcopy.SourcePostcopy._send = send
+        try:
+            await super()._postcopy()
+        finally:
+            postcopy.SourcePostcopy._send = real
+
+
+async def test_a_cut_link_after_the_switch_pauses_both_sides_and_discards_nothing():
+    src, dst = hot_set(), dest_for()
+    config = MigrationConfig(strategy="memfd-continue", postcopy=True, postcopy_after_passes=0, channels=1, timeout_s=3)
+    sres, dres = await migrate(src, dst, config.check(), CutAfterSwitch)
+    try:
+        assert sres["status"] == "postcopy-paused", sres["error"]
+        assert sres["guest_on"].startswith("split") and not src.vcpus.running  # kept, paused, never resumed
+        held = digests(src)
+        await asyncio.sleep(0.2)
+        assert digests(src) == held  # frozen, nothing discarded
+        assert dres["status"] == "postcopy-paused", dres["error"]
+        assert "pages missing" in dres["guest_on"]
+    finally:
+        src.close()
+        dst.close()
