@@ -293,6 +293,10 @@ class KvmMteMapping(VmmMapping):
         self.base, self.size = addr, size
         self.view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
 
+    def set_tco(self, on: bool) -> None:
+        """Nothing to do: this thread's tag checks are off (Linux's default,
+        PR_MTE_TCF_NONE), so no MSR is executed or counted."""
+
     def read(self, offset, length, pointer_tag=0):
         return self.view[offset : offset + length]
 
