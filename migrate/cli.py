@@ -223,12 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--workload", default="allocator", choices=("allocator", "retag-churn", "idle"), help="guest program mode"
     )
     p.add_argument("--rate", type=float, default=200.0, metavar="OPS/S", help="guest operations (pages) a second")
-    p.add_argument("--passes", type=int, default=2, metavar="N", help="dirty passes before stop-and-copy (default 2)")
+    p.add_argument(
+        "--passes",
+        type=int,
+        metavar="N",
+        help="dirty passes before stop-and-copy (default 2; 30 with --cut-link-after)",
+    )
     p.add_argument(
         "--cut-link-after",
         type=float,
         metavar="S",
-        help="take the source machine's link down S seconds into the migration (the guest must go on there)",
+        help="take the source machine's link down S seconds into the migration (the guest must go on there); "
+        "unless --max-bandwidth is given, precopy is slowed to 100 kB/s uncompressed so the cut lands in it",
     )
     p.add_argument("--max-bandwidth", metavar="RATE", help="cap the migration's sending rate (e.g. 2M)")
     p.add_argument("--json", metavar="FILE", help="write the report (both results, the guest's verdict) as JSON")
@@ -393,14 +399,15 @@ def _lab(args) -> int:
         ram = parse_size(args.ram, "--ram")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if args.passes < 0 or args.rate < 0:
+    passes = args.passes if args.passes is not None else (30 if args.cut_link_after is not None else 2)
+    if passes < 0 or args.rate < 0:
         raise ConfigError("--passes and --rate must be 0 or more")
     report = run_lab(
         ram=ram,
         strategy=args.strategy,
         workload=args.workload,
         rate=args.rate,
-        passes=args.passes,
+        passes=passes,
         cut_link_after=args.cut_link_after,
         max_bandwidth=args.max_bandwidth,
         log_dir=args.logs,

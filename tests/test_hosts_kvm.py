@@ -215,3 +215,20 @@ def test_guest_program_and_helper_build_small(tmp_path):
     ).stdout
     for insn in ("irg", "st2g", "ldg", "msr\tsctlr_el1"):
         assert insn in objdump, insn
+
+
+def test_a_verdict_after_a_moment_is_a_check_begun_after_it():
+    r = GuestReports()
+    r.resumed()
+
+    def check(at, mismatches):
+        r.write(REP_GRANULES, 256)
+        r.write(REP_MISMATCHES, mismatches)
+        r.checks[-1]["at"] = at
+
+    check(10.0, 0)  # before the moment
+    check(20.0, 1)  # ended after it, may have begun before
+    assert r.wait_check_since_resume(0.01, whole_after=15.0) is None
+    check(21.0, 2)
+    assert r.wait_check_since_resume(0, whole_after=15.0)["mismatches"] == 2
+    assert r.wait_check_since_resume(0)["mismatches"] == 0

@@ -181,9 +181,10 @@ class KvmHost(Host):
         return changed
 
     def guest_report(self, wait_s: float = 0.0) -> dict | None:
-        """The guest program's first self-check since it last resumed here."""
-        t = time.perf_counter()
-        check = self.vcpus.reports.wait_check_since_resume(wait_s) if self.vcpus.running else None
+        """The guest program's first self-check that began after this call
+        (so after whatever the migration did), if it runs here."""
+        t, now = time.perf_counter(), time.time()
+        check = self.vcpus.reports.wait_check_since_resume(wait_s, whole_after=now) if self.vcpus.running else None
         reports = self.vcpus.reports
         return {
             "program": self.workload.name,

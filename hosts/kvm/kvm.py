@@ -220,13 +220,8 @@ class KvmVm:
         addr, keep = address_of(buf, writable=flags == uapi.KVM_ARM_TAGS_FROM_GUEST)
         req = uapi.CopyMteTags(guest_ipa, length, addr, flags)
         req.reserved[0], req.reserved[1] = reserved
-        done = ioctl(
-            self.fd,
-            uapi.KVM_ARM_MTE_COPY_TAGS,
-            req,
-            counters=self.counters,
-            name=counter_prefix + "kvm_arm_mte_copy_tags",
-        )
+        self.counters.add(counter_prefix + "syscalls.kvm_arm_mte_copy_tags")
+        done = ioctl(self.fd, uapi.KVM_ARM_MTE_COPY_TAGS, req, name="kvm_arm_mte_copy_tags")
         del keep
         direction = "bytes.tags_to_user" if flags == uapi.KVM_ARM_TAGS_FROM_GUEST else "bytes.tags_from_user"
         self.counters.add(counter_prefix + direction, granules)

@@ -68,13 +68,17 @@ class GuestReports:
         with self._cond:
             self.resumes += 1
 
-    def wait_check_since_resume(self, timeout: float) -> dict | None:
+    def wait_check_since_resume(self, timeout: float, whole_after: float | None = None) -> dict | None:
         """The first self-check completed since the last resume (waiting up
-        to ``timeout``), or None."""
+        to ``timeout``), or None.  ``whole_after`` (a time.time()): the first
+        one that also began after that moment (the one after the first to
+        end after it)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 mine = [c for c in self.checks if c["after_resume"] == self.resumes]
+                if whole_after is not None:
+                    mine = [c for c in mine if c["at"] >= whole_after][1:]
                 if mine or self.fault:
                     return mine[0] if mine else None
                 left = deadline - time.monotonic()
