@@ -240,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the report (both results, the guest's verdict) as JSON")
     p.add_argument("--logs", metavar="DIR", help="consoles and outputs (default ~/.cache/mte-migrate/lab/last-run)")
     p.add_argument("--timeout", type=float, default=900.0, metavar="S", help="give up after S seconds (default 900)")
+    p.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="install and fetch what the lab needs (QEMU 10, cross tools, packages, kernel), build the image, stop",
+    )
 
     sub.add_parser("scenarios", help="list the scenarios, one a line")
     sub.add_parser("strategies", help="list the tag strategies, one a line")
@@ -393,6 +398,15 @@ def _lab(args) -> int:
     from migrate.tools.lab.run import run_lab
     from migrate.tools.lab.run import summary as lab_summary
 
+    if args.setup_only:
+        import time
+
+        from migrate.tools.lab import image
+
+        t = time.monotonic()
+        vmlinuz, initrd = image.build()
+        print(f"lab: ready in {time.monotonic() - t:.0f} s: {vmlinuz} {initrd}", file=sys.stderr)
+        return 0
     if args.strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {args.strategy!r}; known: {', '.join(STRATEGIES)}")
     try:

@@ -181,7 +181,8 @@ def _stage(root: Path, debs: list[Path], wheels: list[Path], modules: Path, nati
             z.extractall(site)
     project = root / "opt/mte-migrate"
     for d in PROJECT_DIRS:
-        shutil.copytree(REPO / d, project / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "build"))
+        if (REPO / d).is_dir():  # an installed package has its scenarios inside migrate/
+            shutil.copytree(REPO / d, project / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "build"))
     shutil.copytree(native, project / "hosts/kvm/build")
     lab = root / "lib/lab"
     lab.mkdir(parents=True)
@@ -211,7 +212,7 @@ def _inputs_key(debs, wheels, modules: Path, native: Path) -> str:
     for p in sorted(native.iterdir()):
         h.update(p.read_bytes())
     for d in PROJECT_DIRS:
-        for p in sorted((REPO / d).rglob("*")):
+        for p in sorted((REPO / d).rglob("*")) if (REPO / d).is_dir() else ():
             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc" and "build" not in p.parts:
                 h.update(str(p.relative_to(REPO)).encode())
                 h.update(p.read_bytes())
