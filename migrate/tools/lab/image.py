@@ -12,6 +12,7 @@ cross tools) is the fidelity recorder's job, reused here.
 
 import base64
 import compileall
+import gzip
 import hashlib
 import io
 import lzma
@@ -65,7 +66,7 @@ fi
 export PYTHONPATH=/opt/mte-migrate:/opt/wheels PYTHONDONTWRITEBYTECODE=1 HOME=/tmp
 export MTE_MIGRATE_KVM_BUILD=/opt/mte-migrate/hosts/kvm/build
 cd /tmp
-echo "$labcmd" | base64 -d > /tmp/cmd.sh
+echo "$labcmd" | base64 -d | gunzip > /tmp/cmd.sh
 echo "@@lab@@ start $(cut -d' ' -f1 /proc/uptime)"
 sh /tmp/cmd.sh > /tmp/out.txt 2>&1
 echo "@@lab@@ rc $?"
@@ -254,6 +255,14 @@ def build() -> tuple[Path, Path]:
     return vmlinuz, initrd
 
 
+#: arm64's COMMAND_LINE_SIZE, less what the rest of the line takes
+MAX_COMMAND = 2048 - 200
+
+
 def command_param(script: str) -> str:
-    """A shell script as the kernel command-line word /init runs."""
-    return "labcmd=" + base64.b64encode(script.encode()).decode()
+    """A shell script as the kernel command-line word /init runs (gzip,
+    base64: the whole line must fit in 2048 bytes)."""
+    word = "labcmd=" + base64.b64encode(gzip.compress(script.encode(), 9, mtime=0)).decode()
+    if len(word) > MAX_COMMAND:
+        raise ValueError(f"the machine's script is {len(word)} bytes on the kernel command line; at most {MAX_COMMAND}")
+    return word
