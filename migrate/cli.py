@@ -283,6 +283,14 @@ def resolve(args):
 
     if guest.workload not in WORKLOADS:
         raise ConfigError(f"unknown workload {guest.workload!r}; known: {', '.join(WORKLOADS)}")
+    if guest.host == "kvm":  # before anything starts: one line where this machine cannot run it
+        from hosts import HostUnavailable
+        from hosts.kvm import check_kvm
+
+        try:
+            check_kvm()
+        except HostUnavailable as exc:
+            raise ConfigError(f"--host kvm: {exc}") from None
     if args.command == "validate":
         config.validate = "full"
     from migrate.protocol.auth import load_key

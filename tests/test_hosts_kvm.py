@@ -181,7 +181,9 @@ def test_check_kvm_without_dev_kvm(tmp_path):
 
 
 @pytest.mark.skipif(platform.machine() == "aarch64", reason="an arm64 machine may have MTE")
-@pytest.mark.parametrize("command", [["source", "--connect", "127.0.0.1:9"], ["dest", "--listen", "127.0.0.1:0"]])
+@pytest.mark.parametrize(
+    "command", [["source", "--connect", "127.0.0.1:9"], ["dest", "--listen", "127.0.0.1:0"], ["run"], ["validate"]]
+)
 def test_host_kvm_here_stops_with_one_line(command):
     run = subprocess.run(
         [sys.executable, "-m", "migrate", *command, "--host", "kvm", "--ram", "64MiB"],
