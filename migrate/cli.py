@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workload", default="allocator", choices=("allocator", "retag-churn", "idle"), help="guest program mode"
     )
+    p.add_argument("--vcpus", type=int, default=1, help="guest vCPUs, each with its own heap (default 1)")
     p.add_argument("--rate", type=float, default=200.0, metavar="OPS/S", help="guest operations (pages) a second")
     p.add_argument(
         "--passes",
@@ -422,12 +423,15 @@ def _lab(args) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     passes = args.passes if args.passes is not None else (30 if args.cut_link_after is not None else 2)
+    if args.vcpus < 1:
+        raise ConfigError("--vcpus must be at least 1")
     if passes < 0 or args.rate < 0:
         raise ConfigError("--passes and --rate must be 0 or more")
     report = run_lab(
         ram=ram,
         strategy=args.strategy,
         workload=args.workload,
+        vcpus=args.vcpus,
         rate=args.rate,
         passes=passes,
         cut_link_after=args.cut_link_after,

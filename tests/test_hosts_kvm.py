@@ -234,3 +234,21 @@ def test_a_verdict_after_a_moment_is_a_check_begun_after_it():
     check(21.0, 2)
     assert r.wait_check_since_resume(0, whole_after=15.0)["mismatches"] == 2
     assert r.wait_check_since_resume(0)["mismatches"] == 0
+
+
+def test_a_verdict_takes_a_check_from_every_vcpu_and_adds_them_up():
+    r = GuestReports(2)
+    r.resumed()
+    # the two vCPUs' writes interleave: each keeps its own pending values
+    r.write(REP_OPS, 10, vcpu=0)
+    r.write(REP_OPS, 20, vcpu=1)
+    r.write(REP_GRANULES, 256, vcpu=1)
+    r.write(REP_GRANULES, 512, vcpu=0)
+    r.write(REP_MISMATCHES, 1, vcpu=0)
+    assert r.wait_check_since_resume(0.01) is None  # vCPU 1 has not reported yet
+    r.write(REP_MISMATCHES, 0, vcpu=1)
+    got = r.wait_check_since_resume(0)
+    assert (got["vcpus"], got["mismatches"], got["granules_checked"], got["ops"]) == (2, 1, 768, 30)
+    r.write(REP_OPS, 25, vcpu=1)
+    r.write(REP_MISMATCHES, 0, vcpu=1)
+    assert r.last_checks()["ops"] == 35

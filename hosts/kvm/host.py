@@ -191,7 +191,7 @@ class KvmHost(Host):
             "self_check": check,
             "waited_s": round(time.perf_counter() - t, 3),
             "checks_here": len(reports.checks),
-            "last_check": reports.checks[-1] if reports.checks else None,
+            "last_check": reports.last_checks(),
             "fault": reports.fault,
             "vcpu_error": None if self.vcpus.error is None else str(self.vcpus.error),
             "exits": dict(self.vcpus.exits),

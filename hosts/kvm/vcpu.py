@@ -35,55 +35,85 @@ def install_kick_handler() -> None:
 
 
 class GuestReports:
-    """What the guest program said through MMIO: its self-checks and faults."""
+    """What the guest program said through MMIO: its self-checks and faults.
+    Each vCPU runs the program on a heap of its own and reports on its own;
+    a verdict is one check from every vCPU, added up."""
 
-    def __init__(self):
+    def __init__(self, vcpus: int = 1):
+        self.vcpus = vcpus
         self._cond = threading.Condition()
         self.checks: list[dict] = []
         self.fault: dict | None = None
         self._pending: dict = {}
         self.resumes = 0  # how many times the vCPUs were started or resumed
 
-    def write(self, offset: int, value: int) -> None:
+    def write(self, offset: int, value: int, vcpu: int = 0) -> None:
         with self._cond:
+            pending = self._pending.setdefault(vcpu, {})
             if offset == REP_MISMATCHES:
                 self.checks.append(
                     {
+                        "vcpu": vcpu,
                         "mismatches": value,
-                        "granules_checked": self._pending.get(REP_GRANULES, 0),
-                        "ops": self._pending.get(REP_OPS, 0),
+                        "granules_checked": pending.get(REP_GRANULES, 0),
+                        "ops": pending.get(REP_OPS, 0),
                         "after_resume": self.resumes,
                         "at": time.time(),
                     }
                 )
-                self._pending = {}
+                pending.clear()
                 self._cond.notify_all()
             elif offset == REP_FAULT_ESR:
-                self.fault = {"esr": value, "elr": self._pending.get(REP_FAULT_ELR, 0)}
+                self.fault = {"vcpu": vcpu, "esr": value, "elr": pending.get(REP_FAULT_ELR, 0)}
                 self._cond.notify_all()
             else:
-                self._pending[offset] = value
+                pending[offset] = value
 
     def resumed(self) -> None:
         with self._cond:
             self.resumes += 1
 
     def wait_check_since_resume(self, timeout: float, whole_after: float | None = None) -> dict | None:
-        """The first self-check completed since the last resume (waiting up
-        to ``timeout``), or None.  ``whole_after`` (a time.time()): the first
-        one that also began after that moment (the one after the first to
-        end after it)."""
+        """The first self-check of every vCPU completed since the last resume,
+        added up (waiting up to ``timeout``), or None.  ``whole_after`` (a
+        time.time()): the first ones that also began after that moment (for
+        each vCPU, the one after its first to end after it)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                mine = [c for c in self.checks if c["after_resume"] == self.resumes]
-                if whole_after is not None:
-                    mine = [c for c in mine if c["at"] >= whole_after][1:]
-                if mine or self.fault:
-                    return mine[0] if mine else None
+                firsts = {}
+                for vcpu in range(self.vcpus):
+                    mine = [c for c in self.checks if c["vcpu"] == vcpu and c["after_resume"] == self.resumes]
+                    if whole_after is not None:
+                        mine = [c for c in mine if c["at"] >= whole_after][1:]
+                    if mine:
+                        firsts[vcpu] = mine[0]
+                if len(firsts) == self.vcpus:
+                    return self._combine(list(firsts.values()))
+                if self.fault:
+                    return None
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._cond.wait(left):
                     return None
+
+    def last_checks(self) -> dict | None:
+        """Every vCPU's latest self-check, added up (None until all reported)."""
+        with self._cond:
+            last = {c["vcpu"]: c for c in self.checks}
+            return self._combine([last[v] for v in range(self.vcpus)]) if len(last) == self.vcpus else None
+
+    @staticmethod
+    def _combine(checks: list[dict]) -> dict:
+        if len(checks) == 1:
+            return checks[0]
+        return {
+            "vcpus": len(checks),
+            "mismatches": sum(c["mismatches"] for c in checks),
+            "granules_checked": sum(c["granules_checked"] for c in checks),
+            "ops": sum(c["ops"] for c in checks),
+            "after_resume": checks[0]["after_resume"],
+            "at": max(c["at"] for c in checks),
+        }
 
 
 class KvmVcpuSet:
@@ -96,7 +126,7 @@ class KvmVcpuSet:
         self.workload = workload
         self.count = count
         self.throttle = 0.0
-        self.reports = GuestReports()
+        self.reports = GuestReports(count)
         self.error: BaseException | None = None
         install_kick_handler()
         self.fds = [vm.create_vcpu() for _ in range(count)]
@@ -222,7 +252,7 @@ class KvmVcpuSet:
                     mmio_pending = True
                     if mmio.is_write:
                         value = int.from_bytes(bytes(mmio.data)[: mmio.len], "little")
-                        self.reports.write(mmio.phys_addr - MMIO_BASE, value)
+                        self.reports.write(mmio.phys_addr - MMIO_BASE, value, i)
                     else:
                         ctypes.memset(ctypes.addressof(mmio.data), 0, 8)
                 elif reason == uapi.KVM_EXIT_INTR:

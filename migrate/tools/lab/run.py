@@ -33,7 +33,7 @@ description = "a bare-metal MTE guest program in a real KVM vCPU, in an emulated
 [guest]
 host = "kvm"
 ram = "{ram}"
-vcpus = 1
+vcpus = {vcpus}
 workload = "{workload}"
 rate = {rate}
 seed = {seed}
@@ -99,6 +99,7 @@ def run_lab(
     ram: int = 64 << 20,
     strategy: str = "tag-ioctl",
     workload: str = "allocator",
+    vcpus: int = 1,
     rate: float = 200.0,
     seed: int = 1,
     heap_pages: int = 256,
@@ -118,6 +119,7 @@ def run_lab(
     scenario = SCENARIO.format(
         ram=f"{ram // 2**20}MiB",
         workload=workload,
+        vcpus=vcpus,
         rate=rate,
         seed=seed,
         heap_pages=heap_pages,
@@ -178,7 +180,13 @@ def run_lab(
         "machine": machine_label(),
         "strategy": strategy,
         "ram_bytes": ram,
-        "workload": {"name": workload, "rate": rate, "heap_pages": heap_pages, "check_every": check_every},
+        "workload": {
+            "name": workload,
+            "vcpus": vcpus,
+            "rate": rate,
+            "heap_pages": heap_pages,
+            "check_every": check_every,
+        },
         "image_build_s": round(build_s, 1),
         "wall_s": round(time.monotonic() - t0, 1),
         "boot_to_init_s": {"source": source.boot_s if source else None, "destination": dest.boot_s},
