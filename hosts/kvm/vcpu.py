@@ -144,6 +144,7 @@ class KvmVcpuSet:
         self._parked = 0
         self._quit = False
         self._threads: list[threading.Thread] = []
+        self._throttler: threading.Thread | None = None
         self.exits: dict[str, int] = {}
 
     def _reg_list(self, fd: int) -> list[int]:
@@ -188,11 +189,43 @@ class KvmVcpuSet:
             if self._threads and not self._cond.wait_for(lambda: self._parked == self.count, timeout):
                 raise TimeoutError("vCPUs did not stop")
 
+    #: auto-converge's period: every THROTTLE_PERIOD_S the vCPUs are kicked
+    #: out of KVM_RUN and sleep ``throttle`` of it (QEMU's cpu-throttle does the same)
+    THROTTLE_PERIOD_S = 0.05
+
     def set_throttle(self, fraction: float) -> None:
-        """Recorded, not applied: the guest programs pace themselves (--rate)."""
+        """Keep the vCPUs off the CPU ``fraction`` of the time: a thread
+        kicks them every period and each sleeps its share before it enters
+        KVM_RUN again."""
         if not 0.0 <= fraction <= 0.99:
             raise ValueError("throttle must be between 0 and 0.99")
         self.throttle = fraction
+        if fraction and self._throttler is None:
+            self._throttler = threading.Thread(target=self._throttle_loop, name="kvm-throttle", daemon=True)
+            self._throttler.start()
+
+    def _throttle_loop(self) -> None:
+        while not self._quit:
+            time.sleep(self.THROTTLE_PERIOD_S)
+            with self._cond:
+                if not (self._running and self.throttle and self._threads):
+                    continue
+                for run in self._runs:
+                    run.immediate_exit = 1
+                for t in self._threads:
+                    if t.ident is not None:
+                        signal.pthread_kill(t.ident, KICK)
+
+    def _nap(self, run) -> None:
+        """After a kick: a throttled vCPU sleeps its share of the period,
+        then (unless it is being paused) clears immediate_exit again."""
+        share = self.throttle
+        if share and self._running:
+            time.sleep(share * self.THROTTLE_PERIOD_S)
+            self._count("throttle_naps")
+        with self._cond:
+            if self._running:
+                run.immediate_exit = 0
 
     def shutdown(self) -> None:
         with self._cond:
@@ -204,6 +237,8 @@ class KvmVcpuSet:
         for t in self._threads:
             t.join(timeout=5)
         self._threads.clear()
+        if self._throttler is not None:
+            self._throttler.join(timeout=1)
 
     def close(self) -> None:
         self.shutdown()
@@ -244,6 +279,7 @@ class KvmVcpuSet:
                 mmio_pending = False
                 if ret < 0:
                     self._count("intr")
+                    self._nap(run)
                     continue
                 reason = run.exit_reason
                 if reason == uapi.KVM_EXIT_MMIO:
@@ -257,6 +293,7 @@ class KvmVcpuSet:
                         ctypes.memset(ctypes.addressof(mmio.data), 0, 8)
                 elif reason == uapi.KVM_EXIT_INTR:
                     self._count("intr")
+                    self._nap(run)
                 elif reason == uapi.KVM_EXIT_SYSTEM_EVENT:
                     self._count("system_event")
                     raise RuntimeError(f"the guest stopped itself (system event {run.u.system_event.type})")

@@ -26,7 +26,7 @@ from .machine import Machine
 SOURCE_ADDR, DEST_ADDR, PORT = "169.254.0.1", "169.254.0.2", 7000
 #: the lab's own migration settings: a fixed number of dirty passes (the
 #: emulated machines' timing would make a downtime target arbitrary), no
-#: auto-converge (the kvm backend does not throttle a guest program)
+#: auto-converge (the guest program paces itself)
 SCENARIO = """name = "lab"
 description = "a bare-metal MTE guest program in a real KVM vCPU, in an emulated arm64 machine"
 
