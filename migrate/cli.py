@@ -218,7 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         "results and the guest's own self-check. Needs root for apt (see docs/LAB.md).",
     )
     p.add_argument("--ram", default="64MiB", metavar="SIZE", help="guest RAM (default 64MiB)")
-    p.add_argument("--strategy", default="tag-ioctl", help="tag-ioctl, prot-mte or none (default tag-ioctl)")
+    p.add_argument(
+        "--strategy",
+        default="tag-ioctl",
+        help="tag-ioctl, prot-mte or none (default tag-ioctl); several, comma-separated, run one after the "
+        "other and are compared",
+    )
     p.add_argument(
         "--workload", default="allocator", choices=("allocator", "retag-churn", "idle"), help="guest program mode"
     )
@@ -402,9 +407,10 @@ def _bench(args) -> int:
 
 def _lab(args) -> int:
     import json
+    from pathlib import Path
 
     from migrate.strategies import STRATEGIES
-    from migrate.tools.lab.run import run_lab
+    from migrate.tools.lab.run import comparison, run_lab
     from migrate.tools.lab.run import summary as lab_summary
 
     if args.setup_only:
@@ -416,8 +422,10 @@ def _lab(args) -> int:
         vmlinuz, initrd = image.build()
         print(f"lab: ready in {time.monotonic() - t:.0f} s: {vmlinuz} {initrd}", file=sys.stderr)
         return 0
-    if args.strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {args.strategy!r}; known: {', '.join(STRATEGIES)}")
+    strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise ConfigError(f"unknown strategy {(unknown or [''])[0]!r}; known: {', '.join(STRATEGIES)}")
     try:
         ram = parse_size(args.ram, "--ram")
     except ValueError as exc:
@@ -427,28 +435,38 @@ def _lab(args) -> int:
         raise ConfigError("--vcpus must be at least 1")
     if passes < 0 or args.rate < 0:
         raise ConfigError("--passes and --rate must be 0 or more")
-    report = run_lab(
-        ram=ram,
-        strategy=args.strategy,
-        workload=args.workload,
-        vcpus=args.vcpus,
-        rate=args.rate,
-        passes=passes,
-        cut_link_after=args.cut_link_after,
-        max_bandwidth=args.max_bandwidth,
-        log_dir=args.logs,
-        timeout=args.timeout,
-        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
-    )
+    reports = []
+    for strategy in strategies:
+        report = run_lab(
+            ram=ram,
+            strategy=strategy,
+            workload=args.workload,
+            vcpus=args.vcpus,
+            rate=args.rate,
+            passes=passes,
+            cut_link_after=args.cut_link_after,
+            max_bandwidth=args.max_bandwidth,
+            log_dir=Path(args.logs) / strategy if args.logs and len(strategies) > 1 else args.logs,
+            timeout=args.timeout,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+        print(lab_summary(report), file=sys.stderr)
+        reports.append(report)
+    if len(reports) > 1:
+        print(comparison(reports))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    print(lab_summary(report), file=sys.stderr)
-    src = report["source"] or {}
-    migrated = src.get("status") == "completed" and (src.get("validation") or {}).get("ok")
-    # none (or a cut link) is expected to fail: the run is good when the
-    # guest still checks out wherever it runs
-    return 0 if report["guest_verdict"]["ok"] and (migrated or report["guest_verdict"]["runs_on"] == "source") else 1
+            json.dump(reports[0] if len(reports) == 1 else {"runs": reports}, f, indent=2)
+
+    def good(report) -> bool:
+        # none (or a cut link) is expected to fail: the run is good when the
+        # guest still checks out wherever it runs
+        src = report["source"] or {}
+        migrated = src.get("status") == "completed" and (src.get("validation") or {}).get("ok")
+        verdict = report["guest_verdict"]
+        return verdict["ok"] and (migrated or verdict["runs_on"] == "source")
+
+    return 0 if all(good(r) for r in reports) else 1
 
 
 def _dispatch(args) -> int:

@@ -247,6 +247,40 @@ def tag_work(src: dict | None, dst: dict | None) -> dict:
     return dict(sorted(out.items()))
 
 
+#: the comparison's rows: (label, counter names added up)
+COMPARED = (
+    ("source KVM_ARM_MTE_COPY_TAGS calls", ("source.syscalls.kvm_arm_mte_copy_tags",)),
+    ("destination KVM_ARM_MTE_COPY_TAGS calls", ("destination.syscalls.kvm_arm_mte_copy_tags",)),
+    ("source LDG", ("source.el0.ldg",)),
+    ("destination STG", ("destination.el0.stg",)),
+    ("tag bytes through the ioctl", ("source.bytes.tags_to_user", "destination.bytes.tags_from_user")),
+    ("dirty-log calls (source)", ("source.syscalls.kvm_get_dirty_log", "source.syscalls.kvm_clear_dirty_log")),
+)
+
+
+def comparison(reports: list[dict]) -> str:
+    """The strategies side by side on the real kernel: tag work and verdicts,
+    labelled with the machine (counters and correctness, not speed)."""
+    names = [r["strategy"] for r in reports]
+    lines = [
+        f"strategy comparison on the real kernel, {reports[0]['machine']} (emulated CPU: counters, not speed)",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for label, keys in COMPARED:
+        cells = [str(sum((r.get("tag_work") or {}).get(k, 0) for k in keys)) for r in reports]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = []
+    for r in reports:
+        src, v = r["source"] or {}, r["guest_verdict"]
+        ok = (src.get("validation") or {}).get("ok")
+        cells.append(
+            f"{'ok' if ok else 'FAILED'}; guest: {v.get('mismatches', '?')} mismatches on the {v.get('runs_on')}"
+        )
+    lines.append("| validation; guest self-check | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summary(report: dict) -> str:
     src, dst, verdict = report["source"] or {}, report["destination"] or {}, report["guest_verdict"]
     lines = [f"lab: {report['strategy']} on {report['machine']}"]
