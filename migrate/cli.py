@@ -289,14 +289,6 @@ def resolve(args):
 
     if guest.workload not in WORKLOADS:
         raise ConfigError(f"unknown workload {guest.workload!r}; known: {', '.join(WORKLOADS)}")
-    if guest.host == "kvm":  # before anything starts: one line where this machine cannot run it
-        from hosts import HostUnavailable
-        from hosts.kvm import check_kvm
-
-        try:
-            check_kvm()
-        except HostUnavailable as exc:
-            raise ConfigError(f"--host kvm: {exc}") from None
     if args.command == "validate":
         config.validate = "full"
     from migrate.protocol.auth import load_key
@@ -535,6 +527,14 @@ def _dispatch(args) -> int:
         print(fuzz_summary(report))
         return 1 if report.crashes or report.hangs else 0
     guest, config, name = resolve(args)
+    if guest.host == "kvm":  # before anything starts: one line where this machine cannot run it
+        from hosts import HostUnavailable
+        from hosts.kvm import check_kvm
+
+        try:
+            check_kvm()
+        except HostUnavailable as exc:
+            raise ConfigError(f"--host kvm: {exc}") from None
     if args.command in ("run", "validate"):
         from migrate.hosting.pair import run_pair
 
