@@ -221,8 +221,14 @@ class KvmVm:
         req = uapi.CopyMteTags(guest_ipa, length, addr, flags)
         req.reserved[0], req.reserved[1] = reserved
         self.counters.add(counter_prefix + "syscalls.kvm_arm_mte_copy_tags")
-        done = ioctl(self.fd, uapi.KVM_ARM_MTE_COPY_TAGS, req, name="kvm_arm_mte_copy_tags")
-        del keep
+        try:
+            done = ioctl(self.fd, uapi.KVM_ARM_MTE_COPY_TAGS, req, name="kvm_arm_mte_copy_tags")
+        except KernelError as exc:
+            if exc.errno_name == "EBUSY" and self._logging:
+                raise KernelError("EBUSY", "KVM refuses TAGS_TO_GUEST while a memslot logs dirty pages") from None
+            raise
+        finally:
+            del keep
         direction = "bytes.tags_to_user" if flags == uapi.KVM_ARM_TAGS_FROM_GUEST else "bytes.tags_from_user"
         self.counters.add(counter_prefix + direction, granules)
         if done != length:
