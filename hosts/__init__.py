@@ -2,6 +2,7 @@
 kernel interface (copy-tags ioctl, dirty log, VMM mappings) and guest vCPU
 workloads.  It knows nothing about migration."""
 
+from .backend import BACKENDS, Host, HostUnavailable, make_host
 from .constants import GRANULE, GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from .counters import Counters
 from .errors import KernelError, TagCheckFault
@@ -19,6 +20,10 @@ from .memory import GuestMemory
 from .vcpu import VcpuSet, VcpuState
 
 __all__ = [
+    "BACKENDS",
+    "Host",
+    "HostUnavailable",
+    "make_host",
     "GRANULE",
     "GRANULES_PER_PAGE",
     "PAGE_SIZE",

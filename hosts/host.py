@@ -2,13 +2,14 @@
 and their workload, and the VMM's own mappings of guest RAM.  This is what a
 VMM process owns; the migration code drives it through these handles."""
 
+from .backend import Host
 from .kernel import Kernel
 from .mapping import VmmDirtyTracker
 from .vcpu import VcpuSet
 from .workloads import make_workload
 
 
-class SimulatedHost:
+class SimulatedHost(Host):
     """``device_prot_mte``: whether the VMM's device emulation reaches guest
     RAM through a PROT_MTE mapping (the prot-mte design) or an untagged one."""
 
@@ -25,6 +26,7 @@ class SimulatedHost:
         device_prot_mte: bool = False,
         memslot_sizes: list[int] | None = None,
     ):
+        self.kind = "sim"
         self.kernel = Kernel()
         self.vm = self.kernel.create_vm(ram_size, memslot_sizes)
         if mte:
@@ -46,6 +48,9 @@ class SimulatedHost:
     @property
     def counters(self):
         return self.kernel.counters
+
+    def make_workload(self, name: str, *, seed: int, vcpus: int, params: dict):
+        return make_workload(name, self.vm, seed=seed, vcpus=vcpus, params=params, device=self.device_mapping)
 
     def prepare_guest(self) -> None:
         """Boot-time population of guest memory by the workload; then the

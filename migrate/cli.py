@@ -224,6 +224,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress")
 
+    p = sub.add_parser(
+        "lab",
+        help="migrate a live MTE guest between two real KVM kernels in emulated arm64 machines",
+        description="Builds (once, cached) an arm64 initramfs with Python, this project and a bare-metal "
+        "MTE guest program; boots two QEMU arm64 machines (TCG, EL2, MTE) joined by a socket netdev; runs "
+        "`mte-migrate dest --host kvm` in one and `mte-migrate source --host kvm` in the other; reports both "
+        "results and the guest's own self-check. Needs root for apt (see docs/LAB.md).",
+    )
+    p.add_argument("--ram", default="64MiB", metavar="SIZE", help="guest RAM (default 64MiB)")
+    p.add_argument(
+        "--strategy",
+        default="tag-ioctl",
+        help="tag-ioctl, prot-mte or none (default tag-ioctl); several, comma-separated, run one after the "
+        "other and are compared",
+    )
+    p.add_argument(
+        "--workload", default="allocator", choices=("allocator", "retag-churn", "idle"), help="guest program mode"
+    )
+    p.add_argument("--vcpus", type=int, default=1, help="guest vCPUs, each with its own heap (default 1)")
+    p.add_argument("--rate", type=float, default=200.0, metavar="OPS/S", help="guest operations (pages) a second")
+    p.add_argument(
+        "--passes",
+        type=int,
+        metavar="N",
+        help="dirty passes before stop-and-copy (default 2; 30 with --cut-link-after)",
+    )
+    p.add_argument(
+        "--cut-link-after",
+        type=float,
+        metavar="S",
+        help="take the source machine's link down S seconds into the migration (the guest must go on there); "
+        "unless --max-bandwidth is given, precopy is slowed to 100 kB/s uncompressed so the cut lands in it",
+    )
+    p.add_argument("--max-bandwidth", metavar="RATE", help="cap the migration's sending rate (e.g. 2M)")
+    p.add_argument("--json", metavar="FILE", help="write the report (both results, the guest's verdict) as JSON")
+    p.add_argument("--logs", metavar="DIR", help="consoles and outputs (default ~/.cache/mte-migrate/lab/last-run)")
+    p.add_argument("--timeout", type=float, default=900.0, metavar="S", help="give up after S seconds (default 900)")
+    p.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="install and fetch what the lab needs (QEMU 10, cross tools, packages, kernel), build the image, stop",
+    )
+
     sub.add_parser("scenarios", help="list the scenarios, one a line")
     sub.add_parser("strategies", help="list the tag strategies, one a line")
     return parser
@@ -273,6 +316,8 @@ def resolve(args):
             f"strategy {config.strategy} maps guest RAM PROT_MTE, which needs an MTE guest "
             f"(the scenario sets mte = false)"
         )
+    if config.postcopy and getattr(guest, "host", "sim") != "sim":
+        raise ConfigError("--postcopy runs on the simulated host only: the kvm backend has no userfaultfd yet")
     return guest, config.check(), name
 
 
@@ -394,6 +439,70 @@ def _bench(args) -> int:
         raise ConfigError(f"bench: {exc}") from None
 
 
+def _lab(args) -> int:
+    import json
+    from pathlib import Path
+
+    from migrate.strategies import STRATEGIES
+    from migrate.tools.lab.run import comparison, run_lab
+    from migrate.tools.lab.run import summary as lab_summary
+
+    if args.setup_only:
+        import time
+
+        from migrate.tools.lab import image
+
+        t = time.monotonic()
+        vmlinuz, initrd = image.build()
+        print(f"lab: ready in {time.monotonic() - t:.0f} s: {vmlinuz} {initrd}", file=sys.stderr)
+        return 0
+    strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise ConfigError(f"unknown strategy {(unknown or [''])[0]!r}; known: {', '.join(STRATEGIES)}")
+    try:
+        ram = parse_size(args.ram, "--ram")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    passes = args.passes if args.passes is not None else (30 if args.cut_link_after is not None else 2)
+    if args.vcpus < 1:
+        raise ConfigError("--vcpus must be at least 1")
+    if passes < 0 or args.rate < 0:
+        raise ConfigError("--passes and --rate must be 0 or more")
+    reports = []
+    for strategy in strategies:
+        report = run_lab(
+            ram=ram,
+            strategy=strategy,
+            workload=args.workload,
+            vcpus=args.vcpus,
+            rate=args.rate,
+            passes=passes,
+            cut_link_after=args.cut_link_after,
+            max_bandwidth=args.max_bandwidth,
+            log_dir=Path(args.logs) / strategy if args.logs and len(strategies) > 1 else args.logs,
+            timeout=args.timeout,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+        print(lab_summary(report), file=sys.stderr)
+        reports.append(report)
+    if len(reports) > 1:
+        print(comparison(reports))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(reports[0] if len(reports) == 1 else {"runs": reports}, f, indent=2)
+
+    def good(report) -> bool:
+        # none (or a cut link) is expected to fail: the run is good when the
+        # guest still checks out wherever it runs
+        src = report["source"] or {}
+        migrated = src.get("status") == "completed" and (src.get("validation") or {}).get("ok")
+        verdict = report["guest_verdict"]
+        return verdict["ok"] and (migrated or verdict["runs_on"] == "source")
+
+    return 0 if all(good(r) for r in reports) else 1
+
+
 def _dispatch(args) -> int:
     from migrate.engine.report import summary, write_json
 
@@ -406,6 +515,8 @@ def _dispatch(args) -> int:
             except ConfigError as exc:
                 print(f"{name}\t(invalid: {exc})")
         return 0
+    if args.command == "lab":
+        return _lab(args)
     if args.command == "strategies":
         from migrate.strategies import STRATEGIES
 
@@ -467,6 +578,14 @@ def _dispatch(args) -> int:
         print(fuzz_summary(report))
         return 1 if report.crashes or report.hangs else 0
     guest, config, name = resolve(args)
+    if guest.host == "kvm":  # before anything starts: one line where this machine cannot run it
+        from hosts import HostUnavailable
+        from hosts.kvm import check_kvm
+
+        try:
+            check_kvm()
+        except HostUnavailable as exc:
+            raise ConfigError(f"--host kvm: {exc}") from None
     if args.command in ("run", "validate"):
         from migrate.hosting.pair import run_pair
 

@@ -129,6 +129,7 @@ def tls_files(tmp_path):
 #: (command line, the option it sets, the value it must set).
 FLAGS = [
     (["--ram", "8MiB"], "ram", 8 * MiB),
+    (["--host", "kvm"], "host", "kvm"),
     (["--vcpus", "3"], "vcpus", 3),
     (["--workload", "idle"], "workload", "idle"),
     (["--rate", "max"], "rate", None),

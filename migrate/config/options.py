@@ -357,6 +357,18 @@ OPTIONS = (
         section="guest",
         flags=("--ram",),
     ),
+    Option(
+        "host",
+        choice("sim", "kvm"),
+        "sim",
+        "host backend: sim (the simulator, anywhere) or kvm (Linux KVM on arm64 with MTE)",
+        "Host backend the VMM runs on: `sim`, the simulated host (runs anywhere), or `kvm`, the real Linux "
+        "KVM of an arm64 machine with MTE (guest RAM in memfd memslots, bare-metal guest programs; "
+        "workloads allocator, retag-churn and idle). `kvm` on a machine without /dev/kvm or without "
+        "KVM_CAP_ARM_MTE stops with one line saying so.",
+        section="guest",
+        flags=("--host",),
+    ),
     Option("vcpus", INT, 2, "number of vCPUs", section="guest", flags=("--vcpus",)),
     Option(
         "mte",

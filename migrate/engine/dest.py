@@ -17,7 +17,6 @@ import time
 
 from hosts.uffd import Userfaultfd
 from hosts.vcpu import VcpuState
-from hosts.workloads import make_workload
 from migrate.engine.dest_channels import DataChannels
 from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, state_digest
 from migrate.engine.handshake import authenticate, hello_mismatch
@@ -396,13 +395,8 @@ class DestVmm:
         try:
             vcpus = [VcpuState.from_wire(v) for v in state["vcpus"]]
             wl = state["workload"]
-            workload = make_workload(
-                wl["name"],
-                self.host.vm,
-                seed=int(wl["seed"]),
-                vcpus=len(vcpus),
-                params=dict(wl["params"]),
-                device=self.host.device_mapping,
+            workload = self.host.make_workload(
+                wl["name"], seed=int(wl["seed"]), vcpus=len(vcpus), params=dict(wl["params"])
             )
             workload.set_state(wl["state"])
             workload.set_device_state(dict(state["devices"]))
@@ -468,6 +462,11 @@ class DestVmm:
             self._refresher.cancel()
         if self._refresh_job is not None:
             await self._refresh_job
+        # Nothing writes this RAM any more: a real host reads the tags it now
+        # holds from the hardware into the view the digest reads, and the
+        # chunks whose tags differ from that view are digested again.
+        for a, b in await asyncio.get_running_loop().run_in_executor(None, self.host.refresh_tag_view):
+            self._digest.mark_stale(a, b)
         stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()
         # Every channel delivered the final pass: nothing writes this RAM any more.
         await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)

@@ -436,6 +436,11 @@ class SourceVmm:
             await self._digest_keeper.stop()  # not two threads on one chunk
         independent = self._digest is None
         digest = MemoryDigest(self.host.memory, compute=False) if independent else self._digest
+        # A real host's tags are in the hardware: read them into the view the
+        # digest reads, now that the guest is paused (the simulator's view is
+        # its tag storage: nothing changes).
+        for a, b in await asyncio.get_running_loop().run_in_executor(None, self.host.refresh_tag_view):
+            digest.mark_stale(a, b)
         stale, stale_bytes = len(digest.pending_chunks()), digest.stale_piece_bytes()
         populated = self.host.memory.populated_pages() if independent else None
         await digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # the guest is paused

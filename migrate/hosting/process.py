@@ -1,5 +1,6 @@
-"""One host process: build the simulated host from a scenario and run the
-source or destination side of a migration on it."""
+"""One host process: build the host (the simulator or a real KVM, by
+``--host``) from a scenario and run the source or destination side of a
+migration on it."""
 
 import asyncio
 import json
@@ -9,7 +10,7 @@ import socket
 import sys
 import time
 
-from hosts import SimulatedHost
+from hosts import Host, HostUnavailable, make_host
 from migrate.config.spec import GuestSpec, MigrationConfig
 from migrate.engine.dest import DestVmm
 from migrate.engine.progress import Progress
@@ -19,13 +20,18 @@ from migrate.errors import ConfigError, one_line
 from migrate.net.transport import parse_address
 from migrate.strategies import STRATEGIES
 
+#: how long the source waits for a self-checking guest's verdict after the
+#: guest resumed there (it returns as soon as one comes)
+GUEST_REPORT_WAIT_S = 60.0
 
-def build_host(guest: GuestSpec, strategy: str, role: str) -> SimulatedHost:
+
+def build_host(guest: GuestSpec, strategy: str, role: str) -> Host:
     """The source boots and fills its guest; the destination only creates an
     empty VM of the same shape (MTE enabled before its vCPUs, as KVM requires)."""
     prot_mte = STRATEGIES[strategy].vmm_prot_mte if strategy in STRATEGIES else False
     try:
-        host = SimulatedHost(
+        host = make_host(
+            guest.host,
             guest.ram,
             mte=guest.mte,
             vcpus=guest.vcpus,
@@ -35,6 +41,8 @@ def build_host(guest: GuestSpec, strategy: str, role: str) -> SimulatedHost:
             seed=guest.seed,
             device_prot_mte=prot_mte,
         )
+    except HostUnavailable as exc:
+        raise ConfigError(f"--host {guest.host}: {exc}") from None
     except (ValueError, OSError) as exc:
         raise ConfigError(f"cannot create the {role} guest: {one_line(exc)}") from None
     if role == "source":
@@ -160,6 +168,11 @@ def run_source(
     try:
         result = asyncio.run(main())
         result["cpu"] = cpu.read()
+        # A guest that goes on here says what it finds in its memory now
+        # (waited for); one handed over says what it last found here.
+        report = host.guest_report(GUEST_REPORT_WAIT_S if result["guest_on"] == "source" else 0.0)
+        if report is not None:
+            result["guest"] = report
     finally:
         host.close()
     progress.done()
@@ -239,8 +252,15 @@ def run_dest(
 
             try:
                 result = asyncio.run(main())
-                if result["status"] == "completed" and run_after_s > 0:
-                    time.sleep(run_after_s)  # the guest runs on here for a while
+                if result["status"] == "completed":
+                    # The guest runs on here for a while; a guest that checks
+                    # itself says what it found once it has run (that ends the wait).
+                    t = time.perf_counter()
+                    report = host.guest_report(run_after_s)
+                    if report is not None:
+                        result["guest"] = report
+                    else:
+                        time.sleep(max(0.0, run_after_s - (time.perf_counter() - t)))
             finally:
                 host.close()  # a failed attempt's partial guest is discarded here
             history.append({"attempt": n + 1, "status": result["status"], "error": result["error"]})
