@@ -52,3 +52,24 @@ def test_the_accelerator_is_used_when_installed():
     except ImportError:
         pytest.skip("zlib-ng is not installed (the fast extra)")
     assert checksum.IMPLEMENTATION == "zlib-ng"
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[16384] * 64, [16384, 16384, 8192], [16384], [4096, 4096], [3, 5], [0, 7], [1 << 20, 16384 * 3 + 1]],
+    ids=["chunk", "short-last", "one", "pages", "tiny", "empty-first", "mixed"],
+)
+def test_concatenated_crcs_equal_the_crc_of_the_joined_bytes(sizes):
+    # Pieces of one length, the last one possibly shorter: what a digest
+    # keeps per 16 KiB of a chunk and joins into the chunk's plain CRC.
+    parts = [os.urandom(n) for n in sizes]
+    crcs = [zlib.crc32(p) for p in parts]
+    assert checksum.crc32_concat(crcs, sizes[0], sizes[-1]) == zlib.crc32(b"".join(parts))
+
+
+def test_concatenated_crcs_of_nothing_and_of_zeros():
+    assert checksum.crc32_concat([], 16384) == 0 == zlib.crc32(b"")
+    zero = zlib.crc32(bytes(16384))
+    assert checksum.crc32_concat([zero] * 4, 16384) == zlib.crc32(bytes(4 * 16384))
+    # one flipped bit in one piece changes the joined CRC
+    assert checksum.crc32_concat([zero, zero ^ 1, zero, zero], 16384) != zlib.crc32(bytes(4 * 16384))

@@ -312,16 +312,18 @@ class SourceVmm:
         if self._digest_keeper is not None:
             await self._digest_keeper.stop()  # not two threads on one chunk
         independent = self._digest is None
-        digest = MemoryDigest(self.host.memory, compute=False) if independent else self._digest
-        stale, stale_bytes = len(digest.pending_chunks()), digest.stale_piece_bytes()
-        populated = self.host.memory.populated_pages() if independent else None
+        # Taken once over frozen memory: one CRC call a chunk, no pieces kept.
+        digest = MemoryDigest(self.host.memory, compute=False, pieces=False) if independent else self._digest
+        stale, read_before = len(digest.pending_chunks()), digest.bytes_read
         await digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # the guest is paused
         self._digest = digest
         self.result["digest"] = {
             "taken": "re-read after the pause" if independent else "kept from the dirty-log harvests",
             "trusts_dirty_tracking": not independent,
             "chunks_read_at_pause": stale,
-            "mib_read_at_pause": round((populated * PAGE_SIZE if independent else stale_bytes) / 2**20, 1),
+            # counted by the digest as it reads (asking the file how much RAM
+            # is populated scanned all of it with SEEK_HOLE, in the downtime)
+            "mib_read_at_pause": round((digest.bytes_read - read_before) / 2**20, 1),
             "final_ms": _ms(time.perf_counter() - t),
         }
         return digest
