@@ -88,3 +88,34 @@ def crc32_concat(crcs, nbytes: int, last_nbytes: int | None = None) -> int:
         lo, hi = _shift_tables(nbytes if last_nbytes is None else last_nbytes)
         acc = lo[acc & 0xFFFF] ^ hi[acc >> 16] ^ crcs[n - 1]
     return acc
+
+
+_POWERS: dict[int, list[tuple[list[int], ...]]] = {}  # piece length -> [k] = byte tables of x^(8 nbytes k)
+
+
+def _shift_powers(nbytes: int, k: int) -> tuple[list[int], ...]:
+    """Four 256-entry tables of c -> c * x^(8 nbytes k) mod P, each power
+    derived from the one before with the nbytes shift (1,024 look-ups a
+    power, not 1,024 multiplications)."""
+    powers = _POWERS.get(nbytes)
+    if powers is None or k >= len(powers):
+        # Built on a copy and published whole: threads that race here each
+        # see a complete list (one may build it twice), never a half one.
+        grown = list(powers or [tuple([b << (8 * j) for b in range(256)] for j in range(4))])  # x^0
+        lo, hi = _shift_tables(nbytes)
+        while k >= len(grown):
+            grown.append(tuple([lo[v & 0xFFFF] ^ hi[v >> 16] for v in table] for table in grown[-1]))
+        _POWERS[nbytes] = powers = grown
+    return powers[k]
+
+
+def crc32_swap(crc: int, old: int, new: int, nbytes: int, after: int) -> int:
+    """The CRC-32 of a block of pieces once one piece, followed by ``after``
+    pieces of ``nbytes`` bytes, is replaced by one of the same length: from
+    its old and new CRCs, in four look-ups.  By crc32_concat's rule a
+    block's CRC is the XOR over its pieces of crc(piece) * x^(8 bytes after
+    it), linear in each piece's CRC, so a stale piece re-read costs no pass
+    over the others' CRCs."""
+    d = old ^ new
+    t0, t1, t2, t3 = _shift_powers(nbytes, after)
+    return crc ^ t0[d & 0xFF] ^ t1[(d >> 8) & 0xFF] ^ t2[(d >> 16) & 0xFF] ^ t3[d >> 24]

@@ -73,3 +73,19 @@ def test_concatenated_crcs_of_nothing_and_of_zeros():
     assert checksum.crc32_concat([zero] * 4, 16384) == zlib.crc32(bytes(4 * 16384))
     # one flipped bit in one piece changes the joined CRC
     assert checksum.crc32_concat([zero, zero ^ 1, zero, zero], 16384) != zlib.crc32(bytes(4 * 16384))
+
+
+@pytest.mark.parametrize("piece", [0, 1, 31, 62, 63])
+def test_swapping_one_piece_crc_gives_the_crc_of_the_new_block(piece):
+    # A block of 64 pieces of 16 KiB (a digest chunk); one piece rewritten:
+    # its old and new CRCs give the block's new CRC without the others.
+    size = 16384
+    block = bytearray(os.urandom(64 * size))
+    before = zlib.crc32(block)
+    old = zlib.crc32(block[piece * size : (piece + 1) * size])
+    block[piece * size + 100] ^= 0x01
+    new = zlib.crc32(block[piece * size : (piece + 1) * size])
+    after = checksum.crc32_swap(before, old, new, size, 63 - piece)
+    assert after == zlib.crc32(block) != before
+    assert checksum.crc32_swap(after, new, old, size, 63 - piece) == before  # and back
+    assert checksum.crc32_swap(before, old, old, size, 63 - piece) == before  # unchanged piece, unchanged CRC

@@ -232,6 +232,11 @@ def test_a_partial_last_chunk_has_a_short_last_piece(pieces):
                 zlib.crc32(host.memory.data[lo : lo + 16384]),
                 zlib.crc32(host.memory.data[lo + 16384 : lo + 6 * PAGE]),
             ]
+        # a stale page in the short piece: the refreshed CRC is still the plain one
+        host.memory.data[lo + 5 * PAGE] ^= 0x80
+        d.mark_stale(CHUNK_PAGES + 5, CHUNK_PAGES + 6)
+        d.refresh()
+        assert d.data_crcs[1] == zlib.crc32(host.memory.data[lo : lo + 6 * PAGE])
     finally:
         host.close()
 
@@ -287,6 +292,27 @@ def test_a_refresh_reads_only_the_stale_pieces_of_a_chunk_read_before(twins, mon
     db.refresh()
     assert db.data_digest() == da.data_digest() and db.chunk_crcs() == da.chunk_crcs()
     assert db.data_digest() == MemoryDigest(b.memory).data_digest()
+
+
+def test_a_stopped_refresh_leaves_the_chunks_it_did_not_reach_stale(twins):
+    # The destination stops its background refresh when the final digest
+    # starts: what it did not reach must still be read, and nothing is lost.
+    import threading
+
+    a, b = twins
+    d = MemoryDigest(b.memory)
+    for page in (5, 300, 600, 1500):
+        b.memory.data[page * PAGE] ^= 0x08
+        d.mark_stale(page, page + 1)
+    stop = threading.Event()
+    real = d._tag_crc
+    d._tag_crc = lambda c: stop.set() or real(c)  # stop once the first chunk is under way
+    assert d.refresh(stop=stop) == 1
+    assert d.pending_chunks() == [1, 2, 5]  # chunk 0 done, the rest left stale
+    del d._tag_crc
+    assert d.refresh(stop=stop) == 0  # still stopped: nothing taken, nothing cleared
+    assert d.refresh() == 3 and not d.pending()
+    assert d.chunk_crcs() == MemoryDigest(b.memory).chunk_crcs() != MemoryDigest(a.memory).chunk_crcs()
 
 
 def test_a_change_not_marked_stale_is_not_seen_until_the_chunk_is_read_again(twins):

@@ -28,7 +28,7 @@ import threading
 from array import array
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
-from migrate.checksum import crc32, crc32_concat
+from migrate.checksum import crc32, crc32_concat, crc32_swap
 from migrate.engine.bitmaps import runs
 
 CHUNK_PAGES = 256
@@ -37,6 +37,7 @@ CHUNK_PAGES = 256
 PIECE_PAGES = 4
 PIECES_PER_CHUNK = CHUNK_PAGES // PIECE_PAGES
 PIECE_BYTES = PIECE_PAGES * PAGE_SIZE
+_LAST_PIECE = PIECES_PER_CHUNK - 1
 _ZERO_CHUNK = bytes(CHUNK_PAGES * PAGE_SIZE)
 _NO_STALE_PIECES = bytes(PIECES_PER_CHUNK)
 _LOCAL = threading.local()
@@ -78,6 +79,13 @@ def piece_crcs(content) -> array:
     """The piece CRCs of a chunk's bytes (the last piece may be short)."""
     view = memoryview(content).cast("B")
     return array("I", [crc32(view[o : o + PIECE_BYTES]) for o in range(0, len(view), PIECE_BYTES)])
+
+
+def prepare_piece_tables() -> None:
+    """Build the look-up tables that join and update piece CRCs (~70 ms,
+    once a process), so that the first use is not inside the downtime."""
+    chunk_crc(zero_pieces(CHUNK_PAGES))
+    crc32_swap(0, 0, 0, PIECE_BYTES, _LAST_PIECE)
 
 
 def chunk_crc(pieces, nbytes: int = CHUNK_PAGES * PAGE_SIZE) -> int:
@@ -237,7 +245,9 @@ class MemoryDigest:
                 self.tags_stale[chunk] = 1
         return crc
 
-    def refresh(self, chunks=None, frozen: bool = False, resident: bytes | None = None) -> int:
+    def refresh(
+        self, chunks=None, frozen: bool = False, resident: bytes | None = None, stop: threading.Event | None = None
+    ) -> int:
         """Recompute ``chunks`` (default: the stale ones); returns how many.
         A chunk read before is read again only in its stale pieces.
         ``frozen``: nothing writes this RAM meanwhile (a paused guest, a
@@ -245,11 +255,16 @@ class MemoryDigest:
         up to some page stands for every chunk before it (in ascending order):
         a sparse 16 GiB guest is read with a few system calls, not 16,384.
         ``resident``: resident_pages() of all RAM, taken while frozen, so that
-        no chunk asks mincore() again."""
+        no chunk asks mincore() again.  ``stop``: once set, the chunks not
+        started yet are left stale (for a later refresh)."""
         if chunks is None:
             chunks = self.pending_chunks()
         hole_end = -1  # with frozen: no page below this holds data
+        done = 0
         for c in chunks:
+            if stop is not None and stop.is_set():
+                break
+            done += 1
             p = c * PIECES_PER_CHUNK
             with self._lock:
                 gen = self._gen[c]
@@ -277,7 +292,14 @@ class MemoryDigest:
             tag_crc = self._tag_crc(c)
             with self._lock:
                 if self._gen[c] == gen:
-                    if isinstance(pieces, dict):
+                    if isinstance(pieces, dict) and end - first == CHUNK_PAGES:
+                        # Only some pieces changed: update the chunk's CRC
+                        # from their old and new CRCs (a few look-ups each).
+                        data_crc = self.data_crcs[c]
+                        for i, crc in pieces.items():
+                            data_crc = crc32_swap(data_crc, self.piece_crcs[p + i], crc, PIECE_BYTES, _LAST_PIECE - i)
+                            self.piece_crcs[p + i] = crc
+                    elif isinstance(pieces, dict):  # a short last chunk: join them all
                         for i, crc in pieces.items():
                             self.piece_crcs[p + i] = crc
                         n = -(-(end - first) // PIECE_PAGES)
@@ -289,7 +311,7 @@ class MemoryDigest:
                     self.tag_crcs[c] = tag_crc
                 else:  # set_data() stored newer data meanwhile: keep it, and read the tags again
                     self.tags_stale[c] = 1
-        return len(chunks)
+        return done
 
     def _chunk_bounds(self, chunk: int) -> tuple[int, int]:
         first = chunk * CHUNK_PAGES

@@ -332,11 +332,11 @@ class SourceVmm:
     async def _complete(self) -> None:
         """COMPLETE with this side's digests; the destination's CONFIRM carries
         its own; they must agree (or the differing chunks are inspected)."""
-        digest, state = await self._digest_job, self._state
+        state = self._state
+        sdigest = state_digest(state)  # once, while the memory digest is still being taken
+        digest = await self._digest_job
         final_pass = self._dirty_passes + 1
-        await self._chan.send(
-            fr.Complete(digest.data_digest(), digest.tag_digest(), state_digest(state), final_pass=final_pass)
-        )
+        await self._chan.send(fr.Complete(digest.data_digest(), digest.tag_digest(), sdigest, final_pass=final_pass))
         confirm = await self._peer.answer(self._chan, self._confirm_timeout())
         # Everything has crossed and been digested on both sides: the
         # transfer time every strategy is compared on (validation
@@ -344,7 +344,7 @@ class SourceVmm:
         self.result["confirm_time_ms"] = _ms(time.perf_counter() - self._clock.start)
         if confirm.type != fr.FrameType.CONFIRM:
             raise ProtocolError(f"expected CONFIRM, got {confirm.type.name}")
-        validation = await self._validate(self._chan, digest, confirm, state)
+        validation = await self._validate(self._chan, digest, confirm, state, sdigest)
         self.result["validation"] = validation.to_dict()
         if not validation.ok:
             raise ValidationFailed(validation.summary())
@@ -356,10 +356,10 @@ class SourceVmm:
         stale_pages = min(final_pages * PIECE_PAGES, self.host.memory.npages)  # a page stales a digest piece
         return self.config.timeout_s + stale_pages * PAGE_SIZE / 250e6
 
-    async def _validate(self, chan, digest, confirm, state) -> Validation:
+    async def _validate(self, chan, digest, confirm, state, sdigest: str) -> Validation:
         cfg, memory = self.config, self.host.memory
         validation = Validation(cfg.validate, pages_checked=memory.npages, compared=self._what_is_compared(state))
-        validation.state_ok = confirm.state_digest == state_digest(state)
+        validation.state_ok = confirm.state_digest == sdigest
         nchunks = chunk_count(memory.npages)
         try:
             their_data, their_tags = MemoryDigest.split_chunk_crcs(confirm.chunk_crcs, nchunks)
