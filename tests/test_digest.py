@@ -257,6 +257,46 @@ def test_the_source_digest_reads_each_chunk_in_one_crc_call(twins, monkeypatch):
     assert one_shot.chunk_crcs() == MemoryDigest(b.memory).chunk_crcs()
 
 
+def test_the_source_and_destination_computations_agree_and_a_flipped_byte_is_named(twins):
+    # The destination's digest as a migration builds it: whole chunks
+    # recorded from their landed piece CRCs (set_data), then pages written by
+    # a dirty pass re-read piece by piece (the chunk CRC updated from the old
+    # and new piece CRCs).  The source's: one CRC call a chunk after the
+    # pause.  Equal memory: equal digests; one flipped byte: that chunk, and
+    # page detail names the page.
+    import asyncio
+
+    from migrate.engine.digest import piece_crcs
+
+    a, b = twins
+    dst = MemoryDigest(b.memory, compute=False)
+    for c in range(dst.nchunks):
+        lo, hi = c * CHUNK_PAGES * PAGE, (c + 1) * CHUNK_PAGES * PAGE
+        dst.set_data(c, piece_crcs(b.memory.data[lo:hi]), tags_changed=True)
+    for page in (7, 300, 301, 1500, NPAGES - 1):  # a dirty pass lands on both
+        for host in (a, b):
+            host.memory.data[page * PAGE : (page + 1) * PAGE] = bytes([page % 251]) * PAGE
+        dst.mark_stale(page, page + 1)
+    dst.refresh()
+
+    async def source_digest():
+        d = MemoryDigest(a.memory, compute=False, pieces=False)
+        await d.refresh_parallel(asyncio.get_running_loop(), frozen=True)
+        return d
+
+    src = asyncio.run(source_digest())
+    assert src.chunk_crcs() == dst.chunk_crcs() and src.data_digest() == dst.data_digest()
+    b.memory.data[1500 * PAGE + 99] ^= 0x04  # lands wrong on the destination, unmarked
+    dst.mark_stale(1500, 1501)
+    dst.refresh()
+    chunks = differing_chunks(src.data_crcs, src.tag_crcs, dst.data_crcs, dst.tag_crcs)
+    assert chunks == [1500 // CHUNK_PAGES]
+    v = Validation("digest")
+    compare_detail(v, chunks, page_detail(a.memory, chunks), page_detail(b.memory, chunks), NPAGES)
+    assert (v.data_mismatches, v.tag_mismatches) == (1, 0)
+    assert v.first_mismatches == [{"page": 1500, "kind": "data"}]
+
+
 def test_a_digest_without_pieces_reads_a_stale_chunk_whole_and_stays_right(twins):
     a, b = twins
     d = MemoryDigest(b.memory, pieces=False)
