@@ -134,7 +134,7 @@ class MemoryDigest:
         import asyncio
 
         stale = self.pending_chunks()
-        resident = self.memory.resident_pages() if frozen and stale else None
+        resident = await loop.run_in_executor(None, self.memory.resident_pages) if frozen and stale else None
         if frozen and self.unread.find(1) >= 0:  # only chunks never read can be holes worth settling
             never_read = [c for c in stale if self.unread[c]]
             left = await loop.run_in_executor(None, self._settle_holes, never_read, resident)
