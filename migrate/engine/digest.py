@@ -219,10 +219,14 @@ class MemoryDigest:
             self.unread[:] = b"\x01" * self.nchunks
 
     def mark_stale(self, first_page: int, end_page: int) -> None:
-        a, b = first_page // CHUNK_PAGES, -(-end_page // CHUNK_PAGES)
-        pa, pb = first_page // PIECE_PAGES, -(-end_page // PIECE_PAGES)
         # Under the lock: refresh() takes a chunk's stale pieces and clears
         # them in one step, and a mark landing in between would be lost.
+        if end_page - first_page == 1:  # a dirty pass's scattered pages: no slices to build
+            with self._lock:
+                self.piece_stale[first_page // PIECE_PAGES] = self.stale[first_page // CHUNK_PAGES] = 1
+            return
+        a, b = first_page // CHUNK_PAGES, -(-end_page // CHUNK_PAGES)
+        pa, pb = first_page // PIECE_PAGES, -(-end_page // PIECE_PAGES)
         with self._lock:
             self.piece_stale[pa:pb] = b"\x01" * (pb - pa)
             self.stale[a:b] = b"\x01" * (b - a)
