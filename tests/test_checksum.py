@@ -52,3 +52,40 @@ def test_the_accelerator_is_used_when_installed():
     except ImportError:
         pytest.skip("zlib-ng is not installed (the fast extra)")
     assert checksum.IMPLEMENTATION == "zlib-ng"
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[16384] * 64, [16384, 16384, 8192], [16384], [4096, 4096], [3, 5], [0, 7], [1 << 20, 16384 * 3 + 1]],
+    ids=["chunk", "short-last", "one", "pages", "tiny", "empty-first", "mixed"],
+)
+def test_concatenated_crcs_equal_the_crc_of_the_joined_bytes(sizes):
+    # Pieces of one length, the last one possibly shorter: what a digest
+    # keeps per 16 KiB of a chunk and joins into the chunk's plain CRC.
+    parts = [os.urandom(n) for n in sizes]
+    crcs = [zlib.crc32(p) for p in parts]
+    assert checksum.crc32_concat(crcs, sizes[0], sizes[-1]) == zlib.crc32(b"".join(parts))
+
+
+def test_concatenated_crcs_of_nothing_and_of_zeros():
+    assert checksum.crc32_concat([], 16384) == 0 == zlib.crc32(b"")
+    zero = zlib.crc32(bytes(16384))
+    assert checksum.crc32_concat([zero] * 4, 16384) == zlib.crc32(bytes(4 * 16384))
+    # one flipped bit in one piece changes the joined CRC
+    assert checksum.crc32_concat([zero, zero ^ 1, zero, zero], 16384) != zlib.crc32(bytes(4 * 16384))
+
+
+@pytest.mark.parametrize("piece", [0, 1, 31, 62, 63])
+def test_swapping_one_piece_crc_gives_the_crc_of_the_new_block(piece):
+    # A block of 64 pieces of 16 KiB (a digest chunk); one piece rewritten:
+    # its old and new CRCs give the block's new CRC without the others.
+    size = 16384
+    block = bytearray(os.urandom(64 * size))
+    before = zlib.crc32(block)
+    old = zlib.crc32(block[piece * size : (piece + 1) * size])
+    block[piece * size + 100] ^= 0x01
+    new = zlib.crc32(block[piece * size : (piece + 1) * size])
+    after = checksum.crc32_swap(before, old, new, size, 63 - piece)
+    assert after == zlib.crc32(block) != before
+    assert checksum.crc32_swap(after, new, old, size, 63 - piece) == before  # and back
+    assert checksum.crc32_swap(before, old, old, size, 63 - piece) == before  # unchanged piece, unchanged CRC

@@ -2,7 +2,6 @@
 pages and granules (migrate/validate.py).  Both read the simulated kernel's
 memory and tag storage directly."""
 
-import struct
 import zlib
 from array import array
 
@@ -51,17 +50,14 @@ def blank():
 
 
 def diff(a, b):
-    da, db = MemoryDigest(a.memory), MemoryDigest(b.memory)
+    # As in a migration: ``a`` digested as the source does after the pause
+    # (one CRC a chunk, no pieces kept), ``b`` as the destination does (piece
+    # CRCs joined per chunk), so every comparison below also checks that the
+    # two computations agree.
+    da, db = MemoryDigest(a.memory, pieces=False), MemoryDigest(b.memory)
     data = [c for c in range(da.nchunks) if da.data_crcs[c] != db.data_crcs[c]]
     tags = [c for c in range(da.nchunks) if da.tag_crcs[c] != db.tag_crcs[c]]
     return data, tags, da, db
-
-
-def bytes_crc(chunk: bytes) -> int:
-    """A chunk's digest CRC from its bytes, written out: the CRC of its 16 KiB pieces' CRCs (LE u32)."""
-    return zlib.crc32(
-        b"".join(struct.pack("<I", zlib.crc32(chunk[o : o + 16384])) for o in range(0, len(chunk), 16384))
-    )
 
 
 def set_granules(memory, page, first_granule, count, tag):
@@ -206,32 +202,110 @@ def test_digest_of_selected_chunks(twins):
             assert (part.data_crcs[c], part.tag_crcs[c]) == (0, 0)
 
 
-def test_chunk_crc_is_the_crc_of_its_16k_piece_crcs(twins):
+@pytest.mark.parametrize("pieces", [True, False])
+def test_chunk_crc_is_the_plain_crc_of_its_bytes(twins, pieces):
     a, _ = twins
-    d = MemoryDigest(a.memory)
+    d = MemoryDigest(a.memory, pieces=pieces)
     c = 2
     lo, hi = c * CHUNK_PAGES * PAGE, (c + 1) * CHUNK_PAGES * PAGE
-    pieces = b"".join(struct.pack("<I", zlib.crc32(a.memory.data[o : o + 16384])) for o in range(lo, hi, 16384))
-    assert len(pieces) == 4 * 64
-    assert d.data_crcs[c] == zlib.crc32(pieces)
+    assert d.data_crcs[c] == zlib.crc32(a.memory.data[lo:hi])
     assert d.tag_crcs[c] == zlib.crc32(a.memory.tags[lo // 32 : hi // 32])
+    if pieces:  # and the pieces kept are the CRCs of its 16 KiB pieces
+        want = [zlib.crc32(a.memory.data[o : o + 16384]) for o in range(lo, hi, 16384)]
+        assert list(d.piece_crcs[c * 64 : (c + 1) * 64]) == want
+        assert chunk_crc(array("I", want)) == d.data_crcs[c]
+    else:
+        assert len(d.piece_crcs) == 0
 
 
-def test_a_partial_last_chunk_has_a_short_last_piece():
+@pytest.mark.parametrize("pieces", [True, False])
+def test_a_partial_last_chunk_has_a_short_last_piece(pieces):
     # 1 MiB + 6 pages: the second chunk holds one whole piece and one of 2 pages.
     host = make_host(ram=RAM // 8 + 6 * PAGE)
     try:
         assert host.memory.npages == CHUNK_PAGES + 6
-        d = MemoryDigest(host.memory)
+        d = MemoryDigest(host.memory, pieces=pieces)
         lo = CHUNK_PAGES * PAGE
-        pieces = struct.pack(
-            "<II",
-            zlib.crc32(host.memory.data[lo : lo + 16384]),
-            zlib.crc32(host.memory.data[lo + 16384 : lo + 6 * PAGE]),
-        )
-        assert d.nchunks == 2 and d.data_crcs[1] == zlib.crc32(pieces)
+        assert d.nchunks == 2 and d.data_crcs[1] == zlib.crc32(host.memory.data[lo : lo + 6 * PAGE])
+        if pieces:
+            assert list(d.piece_crcs[64:66]) == [
+                zlib.crc32(host.memory.data[lo : lo + 16384]),
+                zlib.crc32(host.memory.data[lo + 16384 : lo + 6 * PAGE]),
+            ]
+        # a stale page in the short piece: the refreshed CRC is still the plain one
+        host.memory.data[lo + 5 * PAGE] ^= 0x80
+        d.mark_stale(CHUNK_PAGES + 5, CHUNK_PAGES + 6)
+        d.refresh()
+        assert d.data_crcs[1] == zlib.crc32(host.memory.data[lo : lo + 6 * PAGE])
     finally:
         host.close()
+
+
+def test_the_source_digest_reads_each_chunk_in_one_crc_call(twins, monkeypatch):
+    # The source's digest after the pause: one call of 1 MiB a chunk (where
+    # 16 KiB pieces made 64), and the same chunk CRCs as the destination's
+    # piece-keeping digest of the same bytes.
+    a, b = twins
+    calls = []
+    real = zlib.crc32
+    monkeypatch.setattr("migrate.engine.digest.crc32", lambda buf, *x: calls.append(len(buf)) or real(buf, *x))
+    one_shot = MemoryDigest(a.memory, compute=False, pieces=False)
+    one_shot.refresh(frozen=True)
+    data_calls = [n for n in calls if n > TAGB * CHUNK_PAGES]  # not the tag CRCs (32 KiB a chunk)
+    assert data_calls == [CHUNK_PAGES * PAGE] * one_shot.nchunks
+    monkeypatch.undo()
+    assert one_shot.chunk_crcs() == MemoryDigest(b.memory).chunk_crcs()
+
+
+def test_the_source_and_destination_computations_agree_and_a_flipped_byte_is_named(twins):
+    # The destination's digest as a migration builds it: whole chunks
+    # recorded from their landed piece CRCs (set_data), then pages written by
+    # a dirty pass re-read piece by piece (the chunk CRC updated from the old
+    # and new piece CRCs).  The source's: one CRC call a chunk after the
+    # pause.  Equal memory: equal digests; one flipped byte: that chunk, and
+    # page detail names the page.
+    import asyncio
+
+    from migrate.engine.digest import piece_crcs
+
+    a, b = twins
+    dst = MemoryDigest(b.memory, compute=False)
+    for c in range(dst.nchunks):
+        lo, hi = c * CHUNK_PAGES * PAGE, (c + 1) * CHUNK_PAGES * PAGE
+        dst.set_data(c, piece_crcs(b.memory.data[lo:hi]), tags_changed=True)
+    for page in (7, 300, 301, 1500, NPAGES - 1):  # a dirty pass lands on both
+        for host in (a, b):
+            host.memory.data[page * PAGE : (page + 1) * PAGE] = bytes([page % 251]) * PAGE
+        dst.mark_stale(page, page + 1)
+    dst.refresh()
+
+    async def source_digest():
+        d = MemoryDigest(a.memory, compute=False, pieces=False)
+        await d.refresh_parallel(asyncio.get_running_loop(), frozen=True)
+        return d
+
+    src = asyncio.run(source_digest())
+    assert src.chunk_crcs() == dst.chunk_crcs() and src.data_digest() == dst.data_digest()
+    b.memory.data[1500 * PAGE + 99] ^= 0x04  # lands wrong on the destination, unmarked
+    dst.mark_stale(1500, 1501)
+    dst.refresh()
+    chunks = differing_chunks(src.data_crcs, src.tag_crcs, dst.data_crcs, dst.tag_crcs)
+    assert chunks == [1500 // CHUNK_PAGES]
+    v = Validation("digest")
+    compare_detail(v, chunks, page_detail(a.memory, chunks), page_detail(b.memory, chunks), NPAGES)
+    assert (v.data_mismatches, v.tag_mismatches) == (1, 0)
+    assert v.first_mismatches == [{"page": 1500, "kind": "data"}]
+
+
+def test_a_digest_without_pieces_reads_a_stale_chunk_whole_and_stays_right(twins):
+    a, b = twins
+    d = MemoryDigest(b.memory, pieces=False)
+    b.memory.data[700 * PAGE + 3] ^= 0x10
+    d.mark_stale(700, 701)
+    assert d.stale_piece_bytes() == CHUNK_PAGES * PAGE  # the whole chunk, not its 16 KiB piece
+    d.refresh()
+    assert d.chunk_crcs() == MemoryDigest(b.memory).chunk_crcs()
+    assert [c for c in range(d.nchunks) if d.data_crcs[c] != MemoryDigest(a.memory).data_crcs[c]] == [2]
 
 
 def test_a_refresh_reads_only_the_stale_pieces_of_a_chunk_read_before(twins, monkeypatch):
@@ -258,6 +332,27 @@ def test_a_refresh_reads_only_the_stale_pieces_of_a_chunk_read_before(twins, mon
     db.refresh()
     assert db.data_digest() == da.data_digest() and db.chunk_crcs() == da.chunk_crcs()
     assert db.data_digest() == MemoryDigest(b.memory).data_digest()
+
+
+def test_a_stopped_refresh_leaves_the_chunks_it_did_not_reach_stale(twins):
+    # The destination stops its background refresh when the final digest
+    # starts: what it did not reach must still be read, and nothing is lost.
+    import threading
+
+    a, b = twins
+    d = MemoryDigest(b.memory)
+    for page in (5, 300, 600, 1500):
+        b.memory.data[page * PAGE] ^= 0x08
+        d.mark_stale(page, page + 1)
+    stop = threading.Event()
+    real = d._tag_crc
+    d._tag_crc = lambda c: stop.set() or real(c)  # stop once the first chunk is under way
+    assert d.refresh(stop=stop) == 1
+    assert d.pending_chunks() == [1, 2, 5]  # chunk 0 done, the rest left stale
+    del d._tag_crc
+    assert d.refresh(stop=stop) == 0  # still stopped: nothing taken, nothing cleared
+    assert d.refresh() == 3 and not d.pending()
+    assert d.chunk_crcs() == MemoryDigest(b.memory).chunk_crcs() != MemoryDigest(a.memory).chunk_crcs()
 
 
 def test_a_change_not_marked_stale_is_not_seen_until_the_chunk_is_read_again(twins):
@@ -402,26 +497,28 @@ def test_full_and_holey_chunks_read_in_place_or_by_pread_give_the_plain_crc(blan
     assert not mem.fully_populated(CHUNK_PAGES, 2 * CHUNK_PAGES)
     assert not mem.fully_populated(2 * CHUNK_PAGES - 1, 2 * CHUNK_PAGES)
     d = MemoryDigest(mem, chunks=[0, 1])
-    assert d.data_crcs[0] == bytes_crc(bytes(mem.data[: CHUNK_PAGES * PAGE]))
-    assert d.data_crcs[1] == bytes_crc(b"\x5a" * ((CHUNK_PAGES - 1) * PAGE) + bytes(PAGE))
+    assert d.data_crcs[0] == zlib.crc32(mem.data[: CHUNK_PAGES * PAGE])
+    assert d.data_crcs[1] == zlib.crc32(b"\x5a" * ((CHUNK_PAGES - 1) * PAGE) + bytes(PAGE))
+    one_shot = MemoryDigest(mem, chunks=[0, 1], pieces=False)
+    assert one_shot.data_crcs[:2] == d.data_crcs[:2]
     assert mem.populated_ranges() == [(0, 2 * CHUNK_PAGES - 1)]
 
 
 def test_a_refresh_racing_set_data_keeps_the_newer_crc(blank):
     d = MemoryDigest(blank.memory, compute=False)
-    real = d._data_pieces
+    real = d._read_chunk
     newer = array("I", range(1000, 1064))
 
-    def racing(chunk, frozen=False):  # a whole chunk lands and is recorded while this read is in flight
+    def racing(chunk, *args):  # a whole chunk lands and is recorded while this read is in flight
         d.set_data(chunk, newer, tags_changed=False)
-        pieces, next_data = real(chunk, frozen)
-        return array("I", (c ^ 1 for c in pieces)), next_data  # what the stale read saw
+        pieces, crc, next_data = real(chunk, *args)
+        return array("I", (c ^ 1 for c in pieces)), crc ^ 1, next_data  # what the stale read saw
 
-    d._data_pieces = racing
+    d._read_chunk = racing
     d.refresh([2])
     assert d.data_crcs[2] == chunk_crc(newer)
     assert d.tags_stale[2] and not d.stale[2]  # its tag CRC may be stale too: read again
-    d._data_pieces = real
+    d._read_chunk = real
     d.refresh()
     assert d.data_crcs[2] == chunk_crc(newer) and not d.pending()
 
@@ -492,8 +589,8 @@ def test_frozen_parallel_refresh_settles_runs_of_empty_chunks_in_bulk():
         assert mem.tagged.find(1, 30 * CHUNK_PAGES, 31 * CHUNK_PAGES) >= 0
         d = MemoryDigest(mem, compute=False)
         read = []
-        real = d._data_pieces
-        d._data_pieces = lambda c, frozen=False: read.append(c) or real(c, frozen)
+        real = d._read_chunk
+        d._read_chunk = lambda c, *args: read.append(c) or real(c, *args)
 
         async def go():
             await d.refresh_parallel(asyncio.get_running_loop(), frozen=True)

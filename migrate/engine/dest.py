@@ -13,12 +13,13 @@ import asyncio
 import logging
 import socket
 import sys
+import threading
 import time
 
 from hosts.uffd import Userfaultfd
 from hosts.vcpu import VcpuState
 from migrate.engine.dest_channels import DataChannels
-from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, state_digest
+from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, prepare_piece_tables, state_digest
 from migrate.engine.handshake import authenticate, hello_mismatch
 from migrate.engine.pages import BatchApplier, BatchStats
 from migrate.engine.postcopy import DestPostcopy
@@ -98,8 +99,10 @@ class DestVmm:
         self._digest: MemoryDigest | None = None
         self._refresher: asyncio.Task | None = None  # background digest refreshes while pages land
         self._refresh_job: asyncio.Future | None = None  # the refresh running in a thread
+        self._refresh_stop = threading.Event()  # set: a running refresh leaves its remaining chunks stale
         self._early_digest = None  # (final pass, task) once STATE arrived
         self._guest_state: dict | None = None  # from STATE
+        self._state_digest = ""  # of the state as loaded, taken when STATE arrives
         self._staged_workload = None  # built from STATE, runs on GO
         self._recovery = DestRecovery(config, self._key, self.result, self._resume)
         # -- postcopy
@@ -204,6 +207,7 @@ class DestVmm:
         # re-read in the background after each pass, so completion only
         # reads what the last pass wrote.
         self._digest = MemoryDigest(host.memory, compute=False)
+        asyncio.get_running_loop().run_in_executor(None, prepare_piece_tables)  # while the first pages arrive
         self._applier = BatchApplier(
             self.strategy, host.memory.npages, on_write=self._digest.mark_stale, digest=self._digest
         )
@@ -265,6 +269,9 @@ class DestVmm:
     async def _on_state(self, frame) -> None:
         self._guest_state = frame.state
         self._load_state(frame.state)
+        # Nothing changes the loaded state until GO: digest it now, while the
+        # final pass lands, not after the memory digest (the downtime waits).
+        self._state_digest = state_digest(self._loaded_state())
         self._start_final_digest(self._channels.pass_seen[0])
 
     async def _on_complete(self, frame) -> None:
@@ -325,7 +332,7 @@ class DestVmm:
         sys.setswitchinterval(min(self._switch_interval, 0.0005))
         pc = self._postcopy = DestPostcopy(self.host, self.strategy, uffd, ranges)
         pc.wrong_before = self.host.counters.get("guest.wrong_tag_accesses")
-        sdigest = state_digest(self._loaded_state())  # what will run, read back before it runs
+        sdigest = self._state_digest  # of what will run, read back when STATE arrived
         self._resume()
         pc.resumed_at = time.perf_counter()
         self.result["postcopy_switch_ms"] = _ms(pc.resumed_at - t)
@@ -436,7 +443,7 @@ class DestVmm:
         if self._refresh_job is None or self._refresh_job.done():
             digest = self._digest
             self._refresh_job = asyncio.get_running_loop().run_in_executor(
-                None, lambda: digest.refresh(digest.pending_chunks(unread=False))
+                None, lambda: digest.refresh(digest.pending_chunks(unread=False), stop=self._refresh_stop)
             )
 
     def _start_final_digest(self, final_pass: int) -> None:
@@ -461,6 +468,9 @@ class DestVmm:
         if self._refresher is not None:
             self._refresher.cancel()
         if self._refresh_job is not None:
+            # Stop it after its current chunk rather than wait for its whole
+            # list: the chunks it leaves are read below, in parallel threads.
+            self._refresh_stop.set()
             await self._refresh_job
         # Nothing writes this RAM any more: a real host reads the tags it now
         # holds from the hardware into the view the digest reads, and the
@@ -488,7 +498,7 @@ class DestVmm:
         if self._channels.failure.done():  # a data channel failed after delivering the final pass
             raise self._channels.failure.exception()
         digest = self._digest
-        sdigest = state_digest(self._loaded_state()) if state is not None else ""
+        sdigest = self._state_digest if state is not None else ""
         await self.chan.send(fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs()))
 
     def _check_chunks(self, chunks) -> None:

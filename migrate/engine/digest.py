@@ -1,37 +1,43 @@
 """Digests of guest memory and tags, read straight from the simulated
 kernel's storage -- never through a tag strategy -- for validation.
 
-RAM is cut into 1 MiB chunks (256 pages), and each chunk's data into 16 KiB
-pieces (4 pages).  A piece's CRC covers its bytes: read in place through the
-kernel's mapping when every page of the chunk is populated, with pread()
-otherwise so that never-populated pages read as zeros without being
-populated (a load through the mapping would allocate them); a chunk with no
-data at all is not read.  A chunk's data CRC is the CRC of its piece CRCs
-(little-endian u32s), so a page written since the chunk was read costs a
-16 KiB read at the next refresh, not 1 MiB: a guest that writes all over RAM
-leaves some pages dirty in every chunk.  A chunk's tag CRC covers its
-*effective* tags: packed storage for pages marked tagged, zeros for the rest
-(FROM_GUEST semantics); tags are 1/32 of the data, so they stay per chunk.
-The digest is sha256 over the per-chunk CRCs, so two hosts agree exactly
-when every chunk does, and the chunk CRCs say where they differ.
+RAM is cut into 1 MiB chunks (256 pages).  A chunk's data CRC is the plain
+CRC-32 of its bytes: read in place through the kernel's mapping when every
+page of the chunk is populated, with pread() otherwise so that
+never-populated pages read as zeros without being populated (a load through
+the mapping would allocate them); a chunk with no data at all is not read.
+
+Two ways to the same value.  A digest taken once over frozen memory (the
+source's, after the pause) CRCs each chunk in one call: 1,024 calls a GiB,
+where 16 KiB pieces took 65,536 and twice the time.  A digest kept up to
+date while pages are written (the destination's, or the source's with
+--validate tracked) keeps the CRCs of each chunk's 16 KiB pieces (4 pages)
+as well and joins them with crc32_concat, so a page written since the chunk
+was read costs a 16 KiB read at the next refresh, not 1 MiB: a guest that
+writes all over RAM leaves some pages dirty in every chunk.  A chunk's tag
+CRC covers its *effective* tags: packed storage for pages marked tagged,
+zeros for the rest (FROM_GUEST semantics); tags are 1/32 of the data, so
+they stay per chunk.  The digest is sha256 over the per-chunk CRCs, so two
+hosts agree exactly when every chunk does, and the chunk CRCs say where they
+differ.
 """
 
 import functools
 import hashlib
-import sys
 import threading
 from array import array
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
-from migrate.checksum import crc32
+from migrate.checksum import crc32, crc32_concat, crc32_swap
 from migrate.engine.bitmaps import runs
 
 CHUNK_PAGES = 256
-#: data digest granularity; 16 KiB also keeps each CRC call above the size
-#: at which zlib releases the GIL (5 KiB), so digests run in parallel
+#: granularity of an incremental digest's re-reads; 16 KiB also keeps each
+#: CRC call above the size at which zlib and zlib-ng release the GIL (5 KiB)
 PIECE_PAGES = 4
 PIECES_PER_CHUNK = CHUNK_PAGES // PIECE_PAGES
 PIECE_BYTES = PIECE_PAGES * PAGE_SIZE
+_LAST_PIECE = PIECES_PER_CHUNK - 1
 _ZERO_CHUNK = bytes(CHUNK_PAGES * PAGE_SIZE)
 _NO_STALE_PIECES = bytes(PIECES_PER_CHUNK)
 _LOCAL = threading.local()
@@ -62,7 +68,7 @@ def zero_pieces(npages: int) -> array:
 
 @functools.lru_cache(maxsize=8)
 def zero_chunk_crc(npages: int) -> int:
-    return chunk_crc(zero_pieces(npages))
+    return _zero_crc(npages)
 
 
 def chunk_count(npages: int) -> int:
@@ -75,31 +81,39 @@ def piece_crcs(content) -> array:
     return array("I", [crc32(view[o : o + PIECE_BYTES]) for o in range(0, len(view), PIECE_BYTES)])
 
 
-def chunk_crc(pieces: array) -> int:
-    """A chunk's data CRC from its piece CRCs (as little-endian u32s): what
-    the digest table holds and what a PAGES frame carrying exactly one whole
-    chunk is checked against."""
-    if sys.byteorder != "little":
-        pieces = array("I", pieces)
-        pieces.byteswap()
-    return crc32(pieces)
+def prepare_piece_tables() -> None:
+    """Build the look-up tables that join and update piece CRCs (~70 ms,
+    once a process), so that the first use is not inside the downtime."""
+    chunk_crc(zero_pieces(CHUNK_PAGES))
+    crc32_swap(0, 0, 0, PIECE_BYTES, _LAST_PIECE)
+
+
+def chunk_crc(pieces, nbytes: int = CHUNK_PAGES * PAGE_SIZE) -> int:
+    """A chunk's data CRC -- the CRC-32 of its ``nbytes`` bytes -- from its
+    piece CRCs, without reading the bytes again (the last piece of a short
+    chunk may be short)."""
+    return crc32_concat(pieces, PIECE_BYTES, nbytes - (len(pieces) - 1) * PIECE_BYTES)
 
 
 class MemoryDigest:
-    """Per-chunk CRCs of one guest's RAM and tags, kept from per-piece data CRCs.
+    """Per-chunk CRCs of one guest's RAM and tags.
 
-    It can be kept up to date incrementally by a writer that knows what it
-    wrote: ``mark_stale`` after each write, ``refresh`` in the background,
-    and at completion only the pieces written since are read again.  Stale
-    flags are cleared before a CRC is computed, so a write that lands during
-    the computation marks it stale again."""
+    With ``pieces`` (the default) it keeps per-piece data CRCs too, and can
+    be kept up to date incrementally by a writer that knows what it wrote:
+    ``mark_stale`` after each write, ``refresh`` in the background, and at
+    completion only the pieces written since are read again.  Stale flags
+    are cleared before a CRC is computed, so a write that lands during the
+    computation marks it stale again.  Without ``pieces`` each chunk is
+    CRC'd in one call and a stale chunk is read whole: for a digest taken
+    once, over frozen memory."""
 
-    def __init__(self, memory, chunks: list[int] | None = None, compute: bool = True):
+    def __init__(self, memory, chunks: list[int] | None = None, compute: bool = True, pieces: bool = True):
         self.memory = memory
         self.nchunks = chunk_count(memory.npages)
+        self.keeps_pieces = pieces
         self.data_crcs = array("I", [0]) * self.nchunks
         self.tag_crcs = array("I", [0]) * self.nchunks
-        self.piece_crcs = array("I", [0]) * (self.nchunks * PIECES_PER_CHUNK)
+        self.piece_crcs = array("I", [0]) * (self.nchunks * PIECES_PER_CHUNK if pieces else 0)
         self.unread = bytearray(b"\x01") * self.nchunks  # never read yet
         self.stale = bytearray(self.nchunks)  # written since read: some piece, and the tags
         self.piece_stale = bytearray(self.nchunks * PIECES_PER_CHUNK)  # which pieces
@@ -108,46 +122,60 @@ class MemoryDigest:
         # set_data bumps the chunk's generation.
         self._gen = array("I", [0]) * self.nchunks
         self._lock = threading.Lock()
+        #: bytes of RAM read so far (holes settled or skipped are not read)
+        self.bytes_read = 0
         if compute:
             self.refresh(range(self.nchunks) if chunks is None else chunks)
 
     async def refresh_parallel(self, loop, workers: int = 2, frozen: bool = False) -> None:
-        """Recompute the stale chunks in ``workers`` threads (see refresh)."""
+        """Recompute the stale chunks in ``workers`` threads (see refresh).
+        Frozen, which pages hold memory is asked once, of mincore() for all
+        of RAM, and serves every chunk."""
         import asyncio
 
         stale = self.pending_chunks()
-        if frozen and self.unread.find(1) >= 0:  # SEEK_HOLE over populated RAM is not free: only for chunks never read
+        resident = await loop.run_in_executor(None, self.memory.resident_pages) if frozen and stale else None
+        if frozen and self.unread.find(1) >= 0:  # only chunks never read can be holes worth settling
             never_read = [c for c in stale if self.unread[c]]
-            settled = set(never_read).difference(await loop.run_in_executor(None, self._settle_holes, never_read))
+            left = await loop.run_in_executor(None, self._settle_holes, never_read, resident)
+            settled = set(never_read).difference(left)
             stale = [c for c in stale if c not in settled]
         if stale:
             await asyncio.gather(
-                *(loop.run_in_executor(None, self.refresh, stale[i::workers], frozen) for i in range(workers))
+                *(loop.run_in_executor(None, self.refresh, stale[i::workers], frozen, resident) for i in range(workers))
             )
 
-    def _settle_holes(self, chunks: list[int]) -> list[int]:
+    def _settle_holes(self, chunks: list[int], resident: bytes | None = None) -> list[int]:
         """Frozen memory: a chunk none of whose pages was ever populated reads
-        as zeros.  Settle every run of such chunks without a tagged page in
-        bulk -- a few SEEK_DATA/SEEK_HOLE calls and slice assignments, not a
-        loop per chunk in threads that take turns on the GIL (a 16 GiB guest
-        5 % populated has 15,000 of them); returns the chunks left to read."""
+        as zeros.  Settle such chunks (without a tagged page) in bulk -- slice
+        assignments per run, not a refresh per chunk in threads that take
+        turns on the GIL (a 16 GiB guest 5 % populated has 15,000 of them);
+        returns the chunks left to read.  A chunk that ``resident`` (one
+        mincore() over RAM) shows all in memory holds data; each other one
+        is asked of SEEK_DATA, one call standing for every chunk up to the
+        data it finds.  No SEEK_HOLE: it scans populated RAM up to the next
+        hole, the end of a fully populated guest (50 ms a GiB here)."""
         mem, n = self.memory, self.nchunks
+        whole = mem.npages // CHUNK_PAGES  # a short last chunk is read as usual
         settle = bytearray(n)
+        asked, no_data_below = 0, 0  # no page in [asked, no_data_below) holds data
         for c in chunks:
-            settle[c] = 1
-        # Chunks with data, or with tags on pages without data, are read as usual.
-        for a, b in [*mem.populated_ranges(), *runs(bytes(mem.tagged))]:
-            ca, cb = a // CHUNK_PAGES, -(-b // CHUNK_PAGES)
-            settle[ca:cb] = bytes(cb - ca)
-        whole = mem.npages // CHUNK_PAGES
-        settle[whole:] = bytes(n - whole)  # so is a short last chunk
+            first, end = c * CHUNK_PAGES, (c + 1) * CHUNK_PAGES
+            if c >= whole or (resident is not None and resident.find(0, first, end) < 0):
+                continue
+            if mem.tagged.find(1, first, end) >= 0:  # tags on pages without data: read as usual
+                continue
+            if not asked <= first < end <= no_data_below:
+                asked, no_data_below = first, mem.next_data(first)
+            settle[c] = end <= no_data_below
         zero_data, zero_tags = zero_chunk_crc(CHUNK_PAGES), _zero_crc(CHUNK_PAGES, PACKED_TAGS_PER_PAGE)
         for ca, cb in runs(bytes(settle)):
             k, pa, pb = cb - ca, ca * PIECES_PER_CHUNK, cb * PIECES_PER_CHUNK
             with self._lock:
                 self.data_crcs[ca:cb] = array("I", [zero_data]) * k
                 self.tag_crcs[ca:cb] = array("I", [zero_tags]) * k
-                self.piece_crcs[pa:pb] = zero_pieces(CHUNK_PAGES) * k
+                if self.keeps_pieces:
+                    self.piece_crcs[pa:pb] = zero_pieces(CHUNK_PAGES) * k
                 self.piece_stale[pa:pb] = bytes(pb - pa)
                 for flags in (self.stale, self.tags_stale, self.unread):
                     flags[ca:cb] = bytes(k)
@@ -175,13 +203,13 @@ class MemoryDigest:
 
     def stale_piece_bytes(self) -> int:
         """Bytes of the stale pieces of chunks read before: what a refresh
-        reads again (a chunk never read is read whole, if it holds data)."""
+        reads again (a chunk never read is read whole, if it holds data; so
+        is a stale one when this digest keeps no pieces)."""
+        again = [c for c in range(self.nchunks) if self.stale[c] and not self.unread[c]]
+        if not self.keeps_pieces:
+            return len(again) * CHUNK_PAGES * PAGE_SIZE
         return (
-            sum(
-                self.piece_stale.count(1, c * PIECES_PER_CHUNK, (c + 1) * PIECES_PER_CHUNK)
-                for c in range(self.nchunks)
-                if self.stale[c] and not self.unread[c]
-            )
+            sum(self.piece_stale.count(1, c * PIECES_PER_CHUNK, (c + 1) * PIECES_PER_CHUNK) for c in again)
             * PIECE_BYTES
         )
 
@@ -191,10 +219,14 @@ class MemoryDigest:
             self.unread[:] = b"\x01" * self.nchunks
 
     def mark_stale(self, first_page: int, end_page: int) -> None:
-        a, b = first_page // CHUNK_PAGES, -(-end_page // CHUNK_PAGES)
-        pa, pb = first_page // PIECE_PAGES, -(-end_page // PIECE_PAGES)
         # Under the lock: refresh() takes a chunk's stale pieces and clears
         # them in one step, and a mark landing in between would be lost.
+        if end_page - first_page == 1:  # a dirty pass's scattered pages: no slices to build
+            with self._lock:
+                self.piece_stale[first_page // PIECE_PAGES] = self.stale[first_page // CHUNK_PAGES] = 1
+            return
+        a, b = first_page // CHUNK_PAGES, -(-end_page // CHUNK_PAGES)
+        pa, pb = first_page // PIECE_PAGES, -(-end_page // PIECE_PAGES)
         with self._lock:
             self.piece_stale[pa:pb] = b"\x01" * (pb - pa)
             self.stale[a:b] = b"\x01" * (b - a)
@@ -204,10 +236,12 @@ class MemoryDigest:
         memory (the source from its snapshot of a whole chunk, the
         destination right after landing one); its tags are read again later
         if they changed.  Returns the chunk's CRC."""
-        p, crc = chunk * PIECES_PER_CHUNK, chunk_crc(pieces)
+        first, end = self._chunk_bounds(chunk)
+        p, crc = chunk * PIECES_PER_CHUNK, chunk_crc(pieces, (end - first) * PAGE_SIZE)
         with self._lock:
             self._gen[chunk] += 1
-            self.piece_crcs[p : p + len(pieces)] = pieces
+            if self.keeps_pieces:
+                self.piece_crcs[p : p + len(pieces)] = pieces
             self.data_crcs[chunk] = crc
             self.piece_stale[p : p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
             self.stale[chunk] = self.unread[chunk] = 0
@@ -215,36 +249,46 @@ class MemoryDigest:
                 self.tags_stale[chunk] = 1
         return crc
 
-    def refresh(self, chunks=None, frozen: bool = False) -> int:
+    def refresh(
+        self, chunks=None, frozen: bool = False, resident: bytes | None = None, stop: threading.Event | None = None
+    ) -> int:
         """Recompute ``chunks`` (default: the stale ones); returns how many.
         A chunk read before is read again only in its stale pieces.
         ``frozen``: nothing writes this RAM meanwhile (a paused guest, a
         destination after the last pass), so one SEEK_DATA that finds no data
         up to some page stands for every chunk before it (in ascending order):
-        a sparse 16 GiB guest is read with a few system calls, not 16,384."""
+        a sparse 16 GiB guest is read with a few system calls, not 16,384.
+        ``resident``: resident_pages() of all RAM, taken while frozen, so that
+        no chunk asks mincore() again.  ``stop``: once set, the chunks not
+        started yet are left stale (for a later refresh)."""
         if chunks is None:
             chunks = self.pending_chunks()
         hole_end = -1  # with frozen: no page below this holds data
+        done = 0
         for c in chunks:
+            if stop is not None and stop.is_set():
+                break
+            done += 1
             p = c * PIECES_PER_CHUNK
             with self._lock:
                 gen = self._gen[c]
                 if self.unread[c] or not (self.stale[c] or self.tags_stale[c]):
                     which = None  # every piece
                 elif self.stale[c]:
-                    which = bytes(self.piece_stale[p : p + PIECES_PER_CHUNK])
+                    which = bytes(self.piece_stale[p : p + PIECES_PER_CHUNK]) if self.keeps_pieces else None
                 else:
                     which = b""  # the tags only
                 if self.stale[c]:
                     self.piece_stale[p : p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
                 self.stale[c] = self.tags_stale[c] = self.unread[c] = 0
             first, end = self._chunk_bounds(c)
-            pieces = None
+            pieces, data_crc = None, None  # new piece CRCs (array, or dict of some), the chunk's CRC
             if which is None:
                 if frozen and end <= hole_end:
-                    pieces = zero_pieces(end - first)
+                    data_crc = zero_chunk_crc(end - first)
+                    pieces = zero_pieces(end - first) if self.keeps_pieces else None
                 else:
-                    pieces, next_data = self._data_pieces(c, frozen)
+                    pieces, data_crc, next_data = self._read_chunk(c, frozen, resident)
                     if frozen and next_data is not None:
                         hole_end = next_data
             elif which:
@@ -252,49 +296,68 @@ class MemoryDigest:
             tag_crc = self._tag_crc(c)
             with self._lock:
                 if self._gen[c] == gen:
-                    if isinstance(pieces, dict):
+                    if isinstance(pieces, dict) and end - first == CHUNK_PAGES:
+                        # Only some pieces changed: update the chunk's CRC
+                        # from their old and new CRCs (a few look-ups each).
+                        data_crc = self.data_crcs[c]
+                        for i, crc in pieces.items():
+                            data_crc = crc32_swap(data_crc, self.piece_crcs[p + i], crc, PIECE_BYTES, _LAST_PIECE - i)
+                            self.piece_crcs[p + i] = crc
+                    elif isinstance(pieces, dict):  # a short last chunk: join them all
                         for i, crc in pieces.items():
                             self.piece_crcs[p + i] = crc
+                        n = -(-(end - first) // PIECE_PAGES)
+                        data_crc = chunk_crc(self.piece_crcs[p : p + n], (end - first) * PAGE_SIZE)
                     elif pieces is not None:
                         self.piece_crcs[p : p + len(pieces)] = pieces
-                    if pieces is zero_pieces(end - first):  # a hole: its CRC is known
-                        self.data_crcs[c] = zero_chunk_crc(end - first)
-                    elif pieces is not None:
-                        n = -(-(end - first) // PIECE_PAGES)
-                        self.data_crcs[c] = chunk_crc(self.piece_crcs[p : p + n])
+                    if data_crc is not None:
+                        self.data_crcs[c] = data_crc
                     self.tag_crcs[c] = tag_crc
                 else:  # set_data() stored newer data meanwhile: keep it, and read the tags again
                     self.tags_stale[c] = 1
-        return len(chunks)
+        return done
 
     def _chunk_bounds(self, chunk: int) -> tuple[int, int]:
         first = chunk * CHUNK_PAGES
         return first, min(first + CHUNK_PAGES, self.memory.npages)
 
-    def _readable(self, first: int, end: int, frozen: bool) -> bool:
+    def _readable(self, first: int, end: int, frozen: bool, resident: bytes | None = None) -> bool:
         """Whether the chunk can be read in place through the mapping (every
         page populated).  mincore first: unlike lseek it does not wait for
         the inode lock that a concurrent pwrite into this RAM holds."""
         mem = self.memory
+        if resident is not None:
+            return resident.find(0, first, end) < 0
         return mem.all_resident(first, end) or (not frozen and mem.fully_populated(first, end))
 
-    def _data_pieces(self, chunk: int, frozen: bool = False) -> tuple[array, int | None]:
-        """(piece CRCs of the chunk's bytes, the first page holding data at or
-        after the chunk when that was asked of the file, else None).  Frozen,
-        a chunk only allocated ahead (prefault) is asked of SEEK_DATA before
-        it is read."""
+    def _read_chunk(
+        self, chunk: int, frozen: bool = False, resident: bytes | None = None
+    ) -> tuple[array | None, int, int | None]:
+        """(piece CRCs of the chunk's bytes, or None when this digest keeps
+        none; the chunk's CRC; the first page holding data at or after the
+        chunk when that was asked of the file, else None).  Frozen, a chunk
+        only allocated ahead (prefault) is asked of SEEK_DATA before it is
+        read."""
         first, end = self._chunk_bounds(chunk)
-        mem = self.memory
-        if self._readable(first, end, frozen):
-            return piece_crcs(mem.data[first * PAGE_SIZE : end * PAGE_SIZE]), None  # no copy
-        next_data = mem.next_data(first)
-        if next_data >= end:
-            return zero_pieces(end - first), next_data  # nothing here was ever populated
-        if mem.fully_populated(first, end):
-            return piece_crcs(mem.data[first * PAGE_SIZE : end * PAGE_SIZE]), next_data
-        buf = _chunk_buffer()[: (end - first) * PAGE_SIZE]
-        mem.read_into(first * PAGE_SIZE, buf)  # holes read as zeros, stay holes
-        return piece_crcs(buf), next_data
+        mem, nbytes = self.memory, (end - first) * PAGE_SIZE
+        next_data = None
+        if self._readable(first, end, frozen, resident):
+            content = mem.data[first * PAGE_SIZE : end * PAGE_SIZE]  # no copy
+        else:
+            next_data = mem.next_data(first)
+            if next_data >= end:  # nothing here was ever populated
+                return (zero_pieces(end - first) if self.keeps_pieces else None), zero_chunk_crc(end - first), next_data
+            if mem.fully_populated(first, end):
+                content = mem.data[first * PAGE_SIZE : end * PAGE_SIZE]
+            else:
+                content = _chunk_buffer()[:nbytes]
+                mem.read_into(first * PAGE_SIZE, content)  # holes read as zeros, stay holes
+        with self._lock:
+            self.bytes_read += nbytes
+        if not self.keeps_pieces:
+            return None, crc32(content), next_data  # one call a chunk
+        pieces = piece_crcs(content)
+        return pieces, chunk_crc(pieces, nbytes), next_data
 
     def _stale_pieces(self, chunk: int, which: bytes) -> dict:
         """CRCs of the pieces flagged in ``which`` (one byte a piece): read in
@@ -311,13 +374,18 @@ class MemoryDigest:
                 mem.read_into(first * PAGE_SIZE + lo, view[lo:hi])
             out[i] = crc32(view[lo:hi])
             i = which.find(1, i + 1)
+        with self._lock:
+            self.bytes_read += sum(min(PIECE_BYTES, size - i * PIECE_BYTES) for i in out)
         return out
 
     def _tag_crc(self, chunk: int) -> int:
         first, end = self._chunk_bounds(chunk)
-        if self.memory.tagged.find(1, first, end) < 0:
+        mem = self.memory
+        if mem.tagged.find(1, first, end) < 0:
             return _zero_crc(end - first, PACKED_TAGS_PER_PAGE)
-        return crc32(effective_tags(self.memory, first, end))
+        if mem.tagged.find(0, first, end) < 0:  # every page tagged: the storage as it is, not a copy
+            return crc32(mem.tags[first * PACKED_TAGS_PER_PAGE : end * PACKED_TAGS_PER_PAGE])
+        return crc32(effective_tags(mem, first, end))
 
     def data_digest(self) -> str:
         return hashlib.sha256(self.data_crcs.tobytes()).hexdigest()

@@ -9,7 +9,7 @@ from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from hosts.tags import all_zero
 from migrate.checksum import crc32
 from migrate.engine.bitmaps import runs
-from migrate.engine.digest import CHUNK_PAGES, chunk_crc, piece_crcs, zero_pieces
+from migrate.engine.digest import CHUNK_PAGES, chunk_crc, piece_crcs
 from migrate.errors import ProtocolError
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Compressor, Decompressor
@@ -41,8 +41,8 @@ _SAME_KIND_RUN = re.compile(rb"(.)\1*", re.S)
 def content_crc(flags, data) -> int:
     """CRC32 of a batch's pages as they must read on the destination: data
     pages from ``data`` and zero pages as zeros, in batch order; KEEP pages
-    (tags only) left out.  What Pages.dcrc holds, but for a batch that
-    lands one whole chunk (lands_whole_chunk)."""
+    (tags only) left out.  What Pages.dcrc holds; for a batch that lands one
+    whole chunk (lands_whole_chunk) it is also that chunk's digest CRC."""
     crc, pos = 0, 0
     data = memoryview(data)
     for m in _SAME_KIND_RUN.finditer(bytes(flags).translate(_PAGE_KIND)):
@@ -69,33 +69,10 @@ def whole_chunk(ranges, npages: int) -> int | None:
 def lands_whole_chunk(ranges, flags, npages: int) -> bool:
     """Whether every page of one whole digest chunk lands with this batch
     (data or zero pages, none tags-only).  Such a batch's data CRC is the
-    chunk's digest CRC (chunk_crc of its piece CRCs), so that one pass over
-    the bytes serves as frame check and validation digest on both sides."""
+    chunk's digest CRC, so the destination checks it on the landed pages
+    and keeps their piece CRCs: one pass over the bytes serves as frame
+    check and validation digest."""
     return whole_chunk(ranges, npages) is not None and bytes(flags).translate(_LANDED_BIT).find(0) < 0
-
-
-def frame_data_crc(ranges, flags, data, npages: int) -> int:
-    """What Pages.dcrc holds for a batch: the chunk's digest CRC when it
-    lands one whole chunk, else the CRC of its pages as they must land."""
-    if lands_whole_chunk(ranges, flags, npages):
-        return chunk_crc(content_pieces(flags, data))
-    return content_crc(flags, data)
-
-
-def content_pieces(flags, data):
-    """Piece CRCs of a whole chunk's pages as they must land: data pages
-    from ``data``, zero pages as zeros."""
-    flags = bytes(flags)
-    zero_bits = flags.translate(_ZERO_BIT)
-    if zero_bits.find(1) < 0:
-        return piece_crcs(data)
-    if zero_bits.find(0) < 0:
-        return zero_pieces(len(flags))
-    content, pos, data = bytearray(len(flags) * PAGE_SIZE), 0, memoryview(data)
-    for a, b in runs(zero_bits, 0):
-        content[a * PAGE_SIZE : b * PAGE_SIZE] = data[pos : pos + (b - a) * PAGE_SIZE]
-        pos += (b - a) * PAGE_SIZE
-    return piece_crcs(content)
 
 
 def _flag_zero_pages(view, heads: bytes, flags: bytearray, at: int) -> None:
@@ -276,7 +253,7 @@ class BatchBuilder:
         if not self.checked:
             dcrc = tcrc = None
         else:
-            dcrc = frame_data_crc(ranges, flags, data, self.npages) if dcrc is None else dcrc
+            dcrc = content_crc(flags, data) if dcrc is None else dcrc
             tcrc = crc32(tags_wire)
         frame = fr.Pages(pass_no, list(ranges), bytes(flags), data_wire, tags_wire, data_c, tags_c, dcrc, tcrc)
         return frame, stats
@@ -331,7 +308,7 @@ class BatchApplier:
         if frame.dcrc is not None:
             if self.digest is not None and ndata and lands_whole_chunk(frame.ranges, flags, self.npages):
                 landed_chunk = frame.ranges[0][0] // CHUNK_PAGES  # checked on the landed pages below
-            elif frame_data_crc(frame.ranges, flags, data, self.npages) != frame.dcrc:
+            elif content_crc(flags, data) != frame.dcrc:
                 raise ProtocolError("PAGES frame data failed its checksum: the stream is corrupt")
         self._store(page_of, flags.translate(_LANDED_BIT), data_bits, memoryview(data))
         self._land_tags(page_of, tag_bits, tags)
@@ -413,7 +390,7 @@ class BatchApplier:
         """The frame's data CRC against the pages as they landed; their piece
         CRCs become the chunk's validation digest."""
         pieces = piece_crcs(self.digest.memory.data[first * PAGE_SIZE : end * PAGE_SIZE])
-        crc = chunk_crc(pieces)
+        crc = chunk_crc(pieces, (end - first) * PAGE_SIZE)
         if crc != frame.dcrc:
             raise ProtocolError(
                 f"PAGES frame data failed its checksum on the landed pages {first}..{end - 1} "

@@ -435,21 +435,23 @@ class SourceVmm:
         if self._digest_keeper is not None:
             await self._digest_keeper.stop()  # not two threads on one chunk
         independent = self._digest is None
-        digest = MemoryDigest(self.host.memory, compute=False) if independent else self._digest
+        # Taken once over frozen memory: one CRC call a chunk, no pieces kept.
+        digest = MemoryDigest(self.host.memory, compute=False, pieces=False) if independent else self._digest
         # A real host's tags are in the hardware: read them into the view the
         # digest reads, now that the guest is paused (the simulator's view is
         # its tag storage: nothing changes).
         for a, b in await asyncio.get_running_loop().run_in_executor(None, self.host.refresh_tag_view):
             digest.mark_stale(a, b)
-        stale, stale_bytes = len(digest.pending_chunks()), digest.stale_piece_bytes()
-        populated = self.host.memory.populated_pages() if independent else None
+        stale, read_before = len(digest.pending_chunks()), digest.bytes_read
         await digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # the guest is paused
         self._digest = digest
         self.result["digest"] = {
             "taken": "re-read after the pause" if independent else "kept from the dirty-log harvests",
             "trusts_dirty_tracking": not independent,
             "chunks_read_at_pause": stale,
-            "mib_read_at_pause": round((populated * PAGE_SIZE if independent else stale_bytes) / 2**20, 1),
+            # counted by the digest as it reads (asking the file how much RAM
+            # is populated scanned all of it with SEEK_HOLE, in the downtime)
+            "mib_read_at_pause": round((digest.bytes_read - read_before) / 2**20, 1),
             "final_ms": _ms(time.perf_counter() - t),
         }
         return digest
@@ -458,11 +460,11 @@ class SourceVmm:
     async def _complete(self) -> None:
         """COMPLETE with this side's digests; the destination's CONFIRM carries
         its own; they must agree (or the differing chunks are inspected)."""
-        digest, state = await self._digest_job, self._state
+        state = self._state
+        sdigest = state_digest(state)  # once, while the memory digest is still being taken
+        digest = await self._digest_job
         final_pass = self._dirty_passes + 1
-        await self._chan.send(
-            fr.Complete(digest.data_digest(), digest.tag_digest(), state_digest(state), final_pass=final_pass)
-        )
+        await self._chan.send(fr.Complete(digest.data_digest(), digest.tag_digest(), sdigest, final_pass=final_pass))
         confirm = await self._peer.answer(self._chan, self._confirm_timeout())
         # Everything has crossed and been digested on both sides: the
         # transfer time every strategy is compared on (validation
@@ -470,7 +472,7 @@ class SourceVmm:
         self.result["confirm_time_ms"] = _ms(time.perf_counter() - self._clock.start)
         if confirm.type != fr.FrameType.CONFIRM:
             raise ProtocolError(f"expected CONFIRM, got {confirm.type.name}")
-        validation = await self._validate(self._chan, digest, confirm, state)
+        validation = await self._validate(self._chan, digest, confirm, state, sdigest)
         self.result["validation"] = validation.to_dict()
         if not validation.ok:
             raise ValidationFailed(validation.summary())
@@ -482,10 +484,10 @@ class SourceVmm:
         stale_pages = min(final_pages * PIECE_PAGES, self.host.memory.npages)  # a page stales a digest piece
         return self.config.timeout_s + stale_pages * PAGE_SIZE / 250e6
 
-    async def _validate(self, chan, digest, confirm, state) -> Validation:
+    async def _validate(self, chan, digest, confirm, state, sdigest: str) -> Validation:
         cfg, memory = self.config, self.host.memory
         validation = Validation(cfg.validate, pages_checked=memory.npages, compared=self._what_is_compared(state))
-        validation.state_ok = confirm.state_digest == state_digest(state)
+        validation.state_ok = confirm.state_digest == sdigest
         nchunks = chunk_count(memory.npages)
         try:
             their_data, their_tags = MemoryDigest.split_chunk_crcs(confirm.chunk_crcs, nchunks)

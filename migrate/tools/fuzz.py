@@ -471,11 +471,10 @@ def mut_pages(rng, frames, at, ctx):
     if "tk" in m and rng.random() < 0.8:
         m["tk"] = crc32(tags)
     if "dk" in m and rng.random() < 0.8 and not m.get("dc"):
-        from migrate.engine.pages import frame_data_crc
+        from migrate.engine.pages import content_crc
 
         try:
-            ranges = list(zip(*[iter(struct.unpack(f"<{len(m['r']) // 8}Q", m["r"]))] * 2))
-            m["dk"] = frame_data_crc(ranges, m["f"], data, npages)
+            m["dk"] = content_crc(m["f"], data)
         except Exception:  # malformed fields: leave the CRC as it was
             pass
     new = _repack(rng, parts, meta_obj=m, payload=data + tags)
