@@ -684,7 +684,8 @@ class DestVmm:
         res["counters"] = type(self.host.counters).delta(self.host.counters.snapshot(), self._counters_before)
         if self._postcopy is not None:
             res["postcopy"] = self._postcopy.report(res["counters"])
-            res["postcopy"]["guest_pages_touched"] = self.host.vcpus.pages_touched  # the guest's progress here
+            # the guest's progress here (the simulator counts it)
+            res["postcopy"]["guest_pages_touched"] = getattr(self.host.vcpus, "pages_touched", None)
         received = chan.bytes_received + self._channels.bytes_received()
         res["ram"].update(
             transferred_bytes=received,

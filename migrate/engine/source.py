@@ -136,7 +136,7 @@ class SourceVmm:
         self.result["ram"]["total_bytes"] = self.host.memory.size
         self._clock.start = time.perf_counter()
         counters_before = self.host.counters.snapshot()
-        self._touched_before = self.host.vcpus.pages_touched
+        self._touched_before = getattr(self.host.vcpus, "pages_touched", None)  # the simulator counts them
         self._address = address
         try:
             await self._connect(address)
@@ -635,7 +635,9 @@ class SourceVmm:
         res, host, chan, lanes = self.result, self.host, self._chan, self.lanes
         res["total_time_ms"] = _ms(time.perf_counter() - self._clock.start)
         res["counters"] = type(host.counters).delta(host.counters.snapshot(), counters_before)
-        res["guest_pages_touched"] = host.vcpus.pages_touched - self._touched_before
+        res["guest_pages_touched"] = (
+            host.vcpus.pages_touched - self._touched_before if self._touched_before is not None else None
+        )
         s = self._sender.totals()
         total_s = res["total_time_ms"] / 1000.0
         sent = sum(lane.chan.bytes_sent for lane in lanes) if lanes else (chan.bytes_sent if chan else 0)

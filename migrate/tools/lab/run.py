@@ -167,7 +167,10 @@ def run_lab(
             log=log_dir / "source.log",
         )
         source.wait(max(1.0, deadline - time.monotonic()))
-        dest.wait(max(1.0, deadline - time.monotonic()) if source.rc is not None else 5)
+        left = max(1.0, deadline - time.monotonic())
+        # A source that failed may never have connected: then the destination
+        # waits for a source that will not come, so give it 20 s, not the rest.
+        dest.wait(left if source.rc == 0 else min(20.0, left) if source.rc is not None else 5)
     finally:
         for m in (source, dest):
             if m is not None:
