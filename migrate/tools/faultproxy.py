@@ -98,7 +98,7 @@ import time
 import msgpack
 import zstandard
 
-from migrate.engine.pages import frame_data_crc
+from migrate.engine.pages import content_crc
 from migrate.protocol import frames as fr
 from migrate.protocol.frames import FLAG_MAC, HEADER, HEADER_SIZE, MAC_SIZE, MAGIC, MAX_META, MAX_PAYLOAD, FrameType
 from migrate.units import parse_size
@@ -298,7 +298,6 @@ class FaultProxy:
         self.fired = None
         #: tamper: the guest page altered and how ({"page", "offset", "frame"}), once done
         self.tampered: dict | None = None
-        self._ram_pages: int | None = None  # from HELLO: a whole-chunk frame's data CRC depends on it
         self._announced: dict | None = None  # COMPLETE's digests, for the rewritten CONFIRM
         self._bulk_seen = 0
         self._frozen = False
@@ -568,14 +567,10 @@ class FaultProxy:
 
     # -- tamper: an attacker who rewrites a frame and fixes its checksums ----------------
     def _tamper_watch(self, link: Link, d: str, info: FrameInfo, head: bytes):
-        """Learn the guest's size (HELLO) and the digests the source announces
-        (COMPLETE); hold the CONFIRM that answers them.  Bytes to forward
-        now, or None to go on as usual."""
-        if d == UP and info.type == FrameType.HELLO:
-            meta = _meta_of(head)
-            size = meta.get("ram_size")
-            self._ram_pages = size // fr.PAGE_SIZE if isinstance(size, int) else None
-        elif d == UP and info.type == FrameType.COMPLETE and self.tampered:
+        """Learn the digests the source announces (COMPLETE); hold the
+        CONFIRM that answers them.  Bytes to forward now, or None to go on
+        as usual."""
+        if d == UP and info.type == FrameType.COMPLETE and self.tampered:
             self._announced = _meta_of(head)
         elif d == DOWN and info.type == FrameType.CONFIRM and self._announced:
             return self._hold(link, d, info, head)
@@ -607,7 +602,7 @@ class FaultProxy:
         data[offset] ^= 0xFF
         frame.data, frame.data_compressed = bytes(data), False
         if frame.dcrc is not None:
-            frame.dcrc = frame_data_crc(frame.ranges, frame.flags, frame.data, self._ram_pages or 0)
+            frame.dcrc = content_crc(frame.flags, frame.data)  # what the sender puts there
         self.tampered = {"page": _guest_page(frame.ranges, data_pages[0]), "offset": offset, "frame": "PAGES"}
         self._note(
             f"fault tamper: byte {offset} of guest page {self.tampered['page']} inverted in a PAGES frame, "
