@@ -4,10 +4,10 @@ At the switch the source pauses, sends the vCPU state and POSTCOPY: the
 pages the destination does not hold as they now are (dirtied since they
 were last sent).  The destination drops those pages (they fault through a
 userfaultfd from now on), digests what it holds, and resumes the guest at
-once.  Then the source sends, per missing page, CRC-32s of its data and
-tags as the paused source holds them (the table), and the pages: those the
-destination asks for (REQUEST, from a vCPU's fault) ahead of the rest,
-each exactly once.  Each page is checked against the table as it lands and
+once.  Then the source sends the pages, those the destination asks for
+(REQUEST, from a vCPU's fault) ahead of the rest, each exactly once, and
+before each batch its table: per page, CRC-32s of its data and tags as the
+paused source holds them.  Each page is checked against the table as it lands and
 placed by the strategy (``place_postcopy``).  The source's guest stays
 paused from the switch on: it is the only complete copy until the last page
 has landed, and every page must equal it."""
@@ -110,7 +110,6 @@ class SourcePostcopy:
     async def run(self) -> None:
         reader = asyncio.ensure_future(self._read())
         try:
-            await self._send_table()
             cursor = 0
             while self.sent < self.total:
                 if reader.done():
@@ -163,8 +162,11 @@ class SourcePostcopy:
         return out
 
     async def _send(self, ranges, paced: bool = True) -> None:
+        """The pages' table entries, then the pages: a page asked for waits
+        for its own entries only, not for a table of every missing page."""
         for first, count in ranges:
             self.pending[first : first + count] = bytes(count)
+        await self.chan.send(fr.Postcopy(ranges, page_table(self.memory, ranges)), paced)
         frame, _ = self.builder.build(self.pass_no, ranges)
         await self.chan.send(frame, paced)
         self.sent += sum(c for _, c in ranges)
@@ -176,12 +178,6 @@ class SourcePostcopy:
         groups = list(_split_ranges(self.ranges, self.memory.npages, fr.Postcopy.MAX_RANGES)) or [[]]
         for i, group in enumerate(groups):
             await self.chan.send(fr.Postcopy(group, b"", last=i == len(groups) - 1))
-
-    async def _send_table(self) -> None:
-        loop = asyncio.get_running_loop()
-        for group in _split_ranges(self.ranges, fr.Postcopy.MAX_PAGES, fr.Postcopy.MAX_RANGES):
-            table = await loop.run_in_executor(None, page_table, self.memory, group)
-            await self.chan.send(fr.Postcopy(group, table))
 
     async def _read(self):
         """The destination's frames: REQUESTs, its CONFIRM, and RESUMED at the end."""

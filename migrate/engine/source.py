@@ -334,7 +334,6 @@ class SourceVmm:
         missing = union(self._dirty, self._dirty_log.harvest())
         missing = union(missing, union(self._tags_only, self._dirty_log.harvest_tags_only(missing)))
         ranges = [(a, b - a) for a, b in runs(missing, 1)]  # (first page, count)
-        self._digest_job = asyncio.ensure_future(self._final_digest())  # frozen memory, read independently
         self._state = self._collect_state()
         await self._chan.send(fr.State(self._state))
         pc = SourcePostcopy(
@@ -350,11 +349,15 @@ class SourceVmm:
                 await run  # raises the failure
             switched = time.perf_counter()
             self.result["downtime_ms"] = _ms(switched - self._clock.pause)
-            validation = await self._validate_postcopy(pc.confirm.result(), ranges)
             await run
         finally:
             if not run.done():
                 run.cancel()
+        # The independent re-read of this frozen memory waits until every
+        # page is sent: on two cores it would slow the answers to the guest's
+        # faults, and its result is needed only for the verdict.
+        self._digest_job = asyncio.ensure_future(self._final_digest())
+        validation = await self._validate_postcopy(pc.confirm.result(), ranges)
         done = time.perf_counter()
         self.result["postcopy"] = {
             "reason": self._postcopy_reason,
