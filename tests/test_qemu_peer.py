@@ -160,8 +160,10 @@ def test_wait_status_gives_up_at_the_deadline(fake):
     q = Qmp(server.path, deadline())
     try:
         t0 = time.monotonic()
-        with pytest.raises(QemuError, match="still 'active'"):
-            wait_status(q, time.monotonic() + 0.2, poll_s=0.01)
+        # Which words depend on where the deadline falls: between polls, or
+        # inside one (a loaded machine answers slowly); either way it gives up.
+        with pytest.raises(QemuError, match="still 'active' at the deadline|no answer in time"):
+            wait_status(q, time.monotonic() + 0.3, poll_s=0.01)
         assert time.monotonic() - t0 < 2
     finally:
         q.close()

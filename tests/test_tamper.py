@@ -81,9 +81,14 @@ async def test_with_a_key_the_rewritten_frame_is_refused_and_the_guest_stays(hos
     assert dres["status"] == "failed"
     assert "PAGES frame #" in dres["error"] and "failed its authentication (MAC)" in dres["error"], dres["error"]
     assert dres["guest_on"].startswith("nowhere") and not dst.vcpus.running
-    # ... the source learns it, and keeps the guest running
+    # ... the source learns it (with two channels the destination's reset of
+    # the data channel can overtake its ERROR: the source may see only that
+    # the connection broke), and keeps the guest running
     assert sres["status"] == "failed" and sres["guest_on"] == "source"
-    assert "failed its authentication (MAC)" in sres["error"], sres["error"]
+    if channels == 1:
+        assert "failed its authentication (MAC)" in sres["error"], sres["error"]
+    else:
+        assert "failed its authentication (MAC)" in sres["error"] or "connection" in sres["error"], sres["error"]
     assert src.vcpus.running
     if before is not None:
         assert digests(src) == before  # memory and tags as they were
