@@ -16,7 +16,7 @@ from migrate.net.threads import LoopThread
 from migrate.protocol import frames as fr
 
 
-def _peer_error(frame) -> PeerError:
+def peer_error(frame) -> PeerError:
     return PeerError(f"destination: {getattr(frame, 'message', None) or frame.reason}", getattr(frame, "code", "abort"))
 
 
@@ -37,7 +37,7 @@ class PeerWatch:
             self._task = None
             frame = task.result()  # raises the peer's transport/protocol error
             if frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
-                raise _peer_error(frame)
+                raise peer_error(frame)
             raise ProtocolError(f"unexpected {frame.type.name} frame from the destination")
 
     async def words(self, grace: float) -> None:
@@ -67,7 +67,7 @@ class PeerWatch:
             task.cancel()
             raise TransportError("the destination did not confirm in time") from None
         if frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
-            raise _peer_error(frame)
+            raise peer_error(frame)
         return frame
 
     def stop(self) -> None:

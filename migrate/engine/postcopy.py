@@ -21,7 +21,8 @@ from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from migrate.checksum import crc32
 from migrate.engine.bitmaps import runs
 from migrate.engine.digest import CHUNK_PAGES, effective_tags
-from migrate.errors import PeerError, ProtocolError
+from migrate.engine.passes import peer_error
+from migrate.errors import ProtocolError
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Decompressor
 
@@ -29,6 +30,10 @@ from migrate.protocol.compression import Decompressor
 #: this much on the wire (plus what the socket already holds)
 BACKGROUND_PAGES = 32
 _ZERO_PAGE = bytes(PAGE_SIZE)
+# per-page flag byte -> 1 where the page has that property (counted in bulk)
+_HAS_DATA = bytes(0 if b & (fr.PAGE_ZERO | fr.PAGE_KEEP) else 1 for b in range(256))
+_HAS_TAGS = bytes(1 if b & fr.PAGE_TAGS else 0 for b in range(256))
+_KEEP = bytes(1 if b & fr.PAGE_KEEP else 0 for b in range(256))
 _ZERO_TAGS = bytes(PACKED_TAGS_PER_PAGE)
 
 
@@ -192,8 +197,7 @@ class SourcePostcopy:
             elif frame.type == fr.FrameType.RESUMED:
                 return frame
             elif frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
-                said = getattr(frame, "message", None) or frame.reason
-                raise PeerError(f"destination: {said}", getattr(frame, "code", "abort"))
+                raise peer_error(frame)
             else:
                 raise ProtocolError(f"unexpected {frame.type.name} frame in postcopy")
 
@@ -231,11 +235,10 @@ class DestPostcopy:
     def place(self, frame) -> int:
         """Check each page of a PAGES frame against the table, then place it
         for the guest; returns the pages placed."""
-        flags = frame.flags
-        ndata = sum(1 for f in flags if not f & (fr.PAGE_ZERO | fr.PAGE_KEEP))
-        ntags = sum(1 for f in flags if f & fr.PAGE_TAGS)
-        if any(f & fr.PAGE_KEEP for f in flags):
+        flags = bytes(frame.flags)
+        if flags.translate(_KEEP).find(1) >= 0:
             raise ProtocolError("a postcopy page must carry its data")
+        ndata, ntags = flags.translate(_HAS_DATA).count(1), flags.translate(_HAS_TAGS).count(1)
         data = frame.data
         if frame.data_compressed:
             data = self.decompressor.decompress(data, ndata * PAGE_SIZE, "postcopy PAGES data")

@@ -198,6 +198,9 @@ def _carried(cls) -> dict[str, str]:
         if names:  # through a local variable: name what it was made from
             attrs = [a for n in names for a in _self_attrs(local[n])]
             return "from " + ", ".join(f"`{a}`" for a in dict.fromkeys(attrs))
+        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id.startswith("_"):
+            # through a private encoder: name what it encodes
+            return "from " + ", ".join(f"`{a}`" for a in dict.fromkeys(_self_attrs(expr)))
         return f"`{ast.unparse(expr).replace('self.', '')}`"
 
     out = {}

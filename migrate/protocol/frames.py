@@ -281,6 +281,26 @@ class Welcome:
         return cls(_uint(m, "version", "WELCOME", 2**16), _nonce(m, "WELCOME"), _nonce(m, "WELCOME", "proof"))
 
 
+def _page_ranges(m, frame: str, limit: int) -> list:
+    """A "r" field: (first page, count) pairs packed as little-endian u64s,
+    at most ``limit`` pairs, none empty."""
+    raw = _field(m, "r", bytes, frame)
+    if len(raw) % 16 or len(raw) // 16 > limit:
+        raise ProtocolError(f"{frame} ranges field is not a list of (page, count) pairs, at most {limit}")
+    if array("Q").itemsize != 8:  # pragma: no cover - exotic platforms
+        raise ProtocolError("unsupported platform word size")
+    flat = array("Q")
+    flat.frombytes(raw)
+    ranges = list(zip(flat[0::2], flat[1::2]))
+    if any(c == 0 for _, c in ranges):
+        raise ProtocolError(f"{frame} batch has an empty range")
+    return ranges
+
+
+def _pack_ranges(ranges) -> bytes:
+    return array("Q", [v for r in ranges for v in r]).tobytes()
+
+
 @dataclass
 class Pages:
     """Source -> destination: a batch of pages, their data and their tags.
@@ -318,10 +338,9 @@ class Pages:
         return self.dcrc is not None and self.tcrc is not None
 
     def meta(self):
-        flat = array("Q", [v for r in self.ranges for v in r])
         m = {
             "p": self.pass_no,
-            "r": flat.tobytes(),
+            "r": _pack_ranges(self.ranges),
             "f": bytes(self.flags),
             "dc": self.data_compressed,
             "tc": self.tags_compressed,
@@ -349,21 +368,13 @@ class Pages:
         raw_ranges = _field(m, "r", bytes, f)
         flags = _field(m, "f", bytes, f)
         dl = _uint(m, "dl", f, MAX_PAYLOAD + 1)
-        if len(raw_ranges) % 16:
-            raise ProtocolError("PAGES ranges field is not a list of (page, count) pairs")
-        flat = array("Q")
-        flat.frombytes(raw_ranges)
-        if array("Q").itemsize != 8:  # pragma: no cover - exotic platforms
-            raise ProtocolError("unsupported platform word size")
-        ranges = list(zip(flat[0::2], flat[1::2]))
+        ranges = _page_ranges(m, f, limit=len(raw_ranges))  # the page total bounds them below
         total = sum(c for _, c in ranges)
         if not ranges or total != len(flags) or total > MAX_BATCH_PAGES:
             raise ProtocolError(
                 f"PAGES batch has {total} pages in ranges but {len(flags)} flags "
                 f"(at most {MAX_BATCH_PAGES} pages per batch)"
             )
-        if any(c == 0 for _, c in ranges):
-            raise ProtocolError("PAGES batch has an empty range")
         if flags.translate(None, VALID_PAGE_FLAGS):
             raise ProtocolError("PAGES batch has an unknown page flag")
         if dl > payload_len:
@@ -516,24 +527,6 @@ class Inspection:
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in chunks):
             raise ProtocolError("INSPECTION chunk numbers must be non-negative integers")
         return cls(chunks, bytes(payload))
-
-
-def _page_ranges(m, frame: str, limit: int) -> list:
-    """A "r" field: (first page, count) pairs packed as little-endian u64s,
-    at most ``limit`` pairs, none empty."""
-    raw = _field(m, "r", bytes, frame)
-    if len(raw) % 16 or len(raw) // 16 > limit:
-        raise ProtocolError(f"{frame} ranges field is not a list of at most {limit} (page, count) pairs")
-    flat = array("Q")
-    flat.frombytes(raw)
-    ranges = list(zip(flat[0::2], flat[1::2]))
-    if any(c == 0 for _, c in ranges):
-        raise ProtocolError(f"{frame} names an empty range")
-    return ranges
-
-
-def _pack_ranges(ranges) -> bytes:
-    return array("Q", [v for r in ranges for v in r]).tobytes()
 
 
 #: bytes per page of a POSTCOPY table: CRC-32 of the data, CRC-32 of the packed tags

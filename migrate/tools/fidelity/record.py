@@ -240,29 +240,21 @@ def build_initrd() -> Path:
     return initrd
 
 
+def qemu_command(vmlinuz: Path, initrd: Path, append: str, mem_mib: int, smp: int) -> list[str]:
+    """An emulated arm64 machine with EL2 (so KVM works inside it) and MTE,
+    booting ``vmlinuz`` with ``initrd``, no display; the caller adds its
+    network."""
+    return [
+        QEMU, "-M", "virt,virtualization=on,mte=on,gic-version=3", "-cpu", "max,pauth-impdef=on",
+        "-m", str(mem_mib), "-smp", str(smp), "-nographic", "-no-reboot",
+        "-kernel", str(vmlinuz), "-initrd", str(initrd), "-append", append,
+    ]  # fmt: skip
+
+
 def boot(vmlinuz: Path, initrd: Path) -> list[str]:
     """Boot the kernel with the probe as init; the console's lines."""
-    cmd = [
-        QEMU,
-        "-M",
-        "virt,virtualization=on,mte=on,gic-version=3",
-        "-cpu",
-        "max,pauth-impdef=on",
-        "-m",
-        "1024",
-        "-smp",
-        "1",
-        "-nographic",
-        "-nic",
-        "none",
-        "-no-reboot",
-        "-kernel",
-        str(vmlinuz),
-        "-initrd",
-        str(initrd),
-        "-append",
-        "console=ttyAMA0 panic=-1 loglevel=4",
-    ]
+    cmd = qemu_command(vmlinuz, initrd, "console=ttyAMA0 panic=-1 loglevel=4", mem_mib=1024, smp=1)
+    cmd += ["-nic", "none"]
     _say("$ " + " ".join(cmd))
     run = subprocess.run(cmd, capture_output=True, timeout=BOOT_TIMEOUT, stdin=subprocess.DEVNULL)
     text = run.stdout.decode("utf-8", "replace").replace("\r", "")

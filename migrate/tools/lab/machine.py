@@ -8,9 +8,9 @@ import threading
 import time
 from pathlib import Path
 
-from .image import MARK, command_param
+from migrate.tools.fidelity import record
 
-QEMU = "qemu-system-aarch64"
+from .image import MARK, command_param
 
 
 class Machine:
@@ -31,25 +31,7 @@ class Machine:
         append = f"console=ttyAMA0 panic=-1 quiet loglevel=3 {command_param(script)}"
         if addr:
             append += f" labaddr={addr}"
-        cmd = [
-            QEMU,
-            "-M",
-            "virt,virtualization=on,mte=on,gic-version=3",
-            "-cpu",
-            "max,pauth-impdef=on",
-            "-smp",
-            str(smp),
-            "-m",
-            str(mem_mib),
-            "-nographic",
-            "-no-reboot",
-            "-kernel",
-            str(vmlinuz),
-            "-initrd",
-            str(initrd),
-            "-append",
-            append,
-        ]
+        cmd = record.qemu_command(vmlinuz, initrd, append, mem_mib=mem_mib, smp=smp)
         if net is None:
             cmd += ["-nic", "none"]
         else:
