@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 
 from migrate.errors import ProtocolError
 from migrate.protocol import frames as fr
-from migrate.protocol.machine import Connection, DestState, SourceState, dest_machine, source_machine
+from migrate.protocol.machine import (
+    Connection,
+    DestState,
+    SourceState,
+    data_source_machine,
+    dest_machine,
+    source_machine,
+)
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 fuzz_settings = settings(
@@ -125,7 +132,7 @@ if hasattr(T, "JOIN"):
 if hasattr(T, "RECOVER"):
     RECEIVER[T.RECOVER] = (data_dest_machine, DestState.WAIT_HELLO)
 RECEIVER[T.POSTCOPY] = (dest_machine, DestState.STATE_LOADED)
-RECEIVER[T.REQUEST] = (source_machine, SourceState.POSTCOPY)
+RECEIVER[T.REQUEST] = (lambda: data_source_machine(2), SourceState.POSTCOPY)  # on the fault channel
 
 
 def receiver_for(ftype, ram_pages=64):

@@ -106,9 +106,10 @@ if hasattr(mach, "RECOVERY_SOURCE_TABLE"):  # the in-doubt window: RECOVER on a 
     )
 PAIRS = [("source", "destination")] + ([("data-source", "data-destination")] if "data-source" in SIDES else [])
 # Live states a machine may stop in without being terminal: a data channel is
-# ended by its main connection.  (A recovery connection on the data listener
-# ends in RUNNING, which is terminal.)
-DEAD_ENDS = {"data-source": {S.PRECOPY}, "data-destination": {D.RECEIVING}}
+# ended by its main connection, and so is the fault channel, which leaves a
+# data channel's states for postcopy's.  (A recovery connection on the data
+# listener ends in RUNNING, which is terminal.)
+DEAD_ENDS = {"data-source": {S.POSTCOPY}, "data-destination": {D.POSTCOPY}}
 
 
 def wire(frame, checksum=True) -> bytes:

@@ -15,7 +15,7 @@ from hosts.uffd import MINOR, MISSING, GuestStopped, Userfaultfd
 from migrate.config.spec import MigrationConfig
 from migrate.engine.dest import DestVmm
 from migrate.engine.source import SourceVmm
-from migrate.errors import ConfigError
+from migrate.errors import ConfigError, ProtocolError
 from migrate.strategies import POSTCOPY_STRATEGIES, STRATEGIES
 
 MiB = 1 << 20
@@ -182,6 +182,9 @@ async def test_postcopy_with_atomic_placement_completes_validated_and_clean(name
         assert pc["switch_downtime_ms"] > 0 and pc["reason"].startswith("postcopy after 0 dirty passes")
         assert set(dpc["fault_latency_ms"]) == {"p50", "p99", "max"}
         assert dpc["guest_wrong_tag_accesses"] == 0
+        # what the guest faulted on came over the fault channel, not behind the background stream
+        assert dpc["faults"] > 0 and pc["pages_requested"] > 0
+        assert pc["fault_channel_bytes"] >= pc["pages_requested"] * 128  # at least the tags' bytes
         await asyncio.sleep(0.3)  # the guest runs on, checking the tags it set before the migration
         assert dst.counters.get("guest.tag_checked_loads") > 0
         assert dst.counters.get("guest.wrong_tag_accesses") == 0
@@ -231,11 +234,12 @@ class CutAfterSwitch(SourceVmm):
         real = postcopy.SourcePostcopy._send
         sent = []
 
-        async def send(pc, ranges, paced=True):
+        async def send(pc, chan, builder, ranges, paced=True):
             sent.append(ranges)
             if len(sent) == 3:
                 pc.chan.sock.shutdown(2)  # the cable is pulled
-            return await real(pc, ranges, paced)
+                pc.faults.sock.shutdown(2)
+            return await real(pc, chan, builder, ranges, paced)
 
         postcopy.SourcePostcopy._send = send
         try:
@@ -259,3 +263,37 @@ async def test_a_cut_link_after_the_switch_pauses_both_sides_and_discards_nothin
     finally:
         src.close()
         dst.close()
+
+
+def test_a_page_sent_in_the_background_is_not_sent_again_when_asked_for():
+    from migrate.engine import postcopy
+
+    class Memory:
+        npages = 64
+
+    async def run():
+        pc = postcopy.SourcePostcopy(None, None, (None, None), Memory(), [(0, 64)], 1, None)
+        pc.pending[10:20] = bytes(10)  # already on their way in the background
+        return pc._unsent([(8, 4), (18, 4), (30, 1), (8, 1), (63, 5)])
+
+    assert asyncio.run(run()) == [(8, 2), (20, 2), (30, 1), (63, 1)]
+
+
+def test_only_the_fault_channel_carries_requests():
+    from migrate.protocol import frames as fr
+    from migrate.protocol.machine import Connection, data_source_machine
+
+    def joined():
+        conn = Connection(data_source_machine(1))
+        conn.ram_pages = 64
+        conn.send(fr.Join("s", 1))
+        conn.feed(b"".join(bytes(b) for b in fr.encode(fr.Welcome(fr.PROTOCOL_VERSION))))
+        return conn
+
+    request = b"".join(bytes(b) for b in fr.encode(fr.Request([(3, 1)])))
+    data = joined()
+    with pytest.raises(ProtocolError, match="unexpected REQUEST"):
+        data.feed(request)  # a data channel: pages only
+    faults = joined()
+    faults.machine.local("faults")
+    assert [f.ranges for f in faults.feed(request)] == [[(3, 1)]]

@@ -22,7 +22,7 @@ from migrate.engine.dest_channels import DataChannels
 from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, prepare_piece_tables, state_digest
 from migrate.engine.handshake import authenticate, hello_mismatch
 from migrate.engine.pages import BatchApplier, BatchStats
-from migrate.engine.postcopy import DestPostcopy
+from migrate.engine.postcopy import BACKGROUND_BACKLOG, DestFaultChannel, DestPostcopy
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import DestRecovery
 from migrate.engine.report import empty_result, protection
@@ -39,7 +39,7 @@ from migrate.errors import (
     one_line,
 )
 from migrate.net import tls
-from migrate.net.transport import FrameChannel, secure, tune
+from migrate.net.transport import FrameChannel, bound_backlog, secure, tune
 from migrate.protocol import auth
 from migrate.protocol import frames as fr
 from migrate.protocol.frames import PROTOCOL_VERSION
@@ -109,6 +109,9 @@ class DestVmm:
         self._announced: list = []  # POSTCOPY ranges so far, until the last announcement
         self._postcopy: DestPostcopy | None = None
         self._postcopy_done = False
+        self._faults: DestFaultChannel | None = None  # the fault channel, once joined
+        self._faults_joined = asyncio.Event()
+        self._all_landed = asyncio.Event()  # every postcopy page is here (set from either thread)
         self._switch_interval = sys.getswitchinterval()
         self._send_lock = asyncio.Lock()  # REQUESTs go out while the main loop may send too
 
@@ -316,6 +319,11 @@ class DestVmm:
         if early is None:
             raise ProtocolError("POSTCOPY before STATE")
         await early[1]  # every channel done with the last pass, the digest refreshed
+        try:  # opened before the source paused: here by now, but its admission may lag
+            async with asyncio.timeout(self.config.timeout_s):
+                await self._faults_joined.wait()
+        except TimeoutError:
+            raise ProtocolError("POSTCOPY without a fault channel: the source never joined one") from None
         self.chan.placer = None  # pages land through the userfaultfd from now on
         uffd = Userfaultfd(self.host.vm, self.strategy.postcopy_mode)
         missing_mode = self.strategy.postcopy_mode == "missing"
@@ -338,29 +346,24 @@ class DestVmm:
         self.result["postcopy_switch_ms"] = _ms(pc.resumed_at - t)
         digest = self._digest
         loop = asyncio.get_running_loop()
-        loop.add_reader(uffd.fileno(), self._on_fault)
+        pc.on_complete = lambda: loop.call_soon_threadsafe(self._all_landed.set)
+        self._faults.start(pc, self._channels.fail)
+        bound_backlog(self.chan.sock, BACKGROUND_BACKLOG)  # see BACKGROUND_BACKLOG
         async with self._send_lock:
             await self.chan.send(fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs()))
         if pc.total == 0:
             pc.last_page_at = pc.resumed_at
-
-    def _on_fault(self) -> None:
-        """A vCPU waits for a page: ask the source for it, ahead of the rest."""
-        pc = self._postcopy
-        ranges = pc.faulted()
-        for i in range(0, len(ranges), fr.Request.MAX_RANGES):
-            pc.requests += 1
-            task = asyncio.ensure_future(self._send_request(ranges[i : i + fr.Request.MAX_RANGES]))
-            task.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-    async def _send_request(self, ranges) -> None:
-        async with self._send_lock:
-            await self.chan.send(fr.Request(ranges))
+            self._all_landed.set()
 
     async def _end_postcopy(self, frame) -> None:
+        """The source's last PASS_END: every page was sent, the last ones
+        perhaps on the fault channel, whose thread may still be placing them."""
         pc = self._postcopy
-        if not pc.complete:
-            raise ProtocolError(f"the source ended postcopy with {pc.total - pc.landed} pages not sent")
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                await self._all_landed.wait()
+        except TimeoutError:
+            raise ProtocolError(f"the source ended postcopy with {pc.total - pc.landed} pages not sent") from None
         self._stop_faults()
         self.host.vm.uffd = None
         pc.uffd.close()
@@ -383,12 +386,8 @@ class DestVmm:
 
     def _stop_faults(self) -> None:
         sys.setswitchinterval(self._switch_interval)
-        pc = self._postcopy
-        if pc is not None and not pc.uffd.closed:
-            try:
-                asyncio.get_running_loop().remove_reader(pc.uffd.fileno())
-            except (ValueError, OSError):
-                pass
+        if self._faults is not None:
+            self._faults.close()
 
     async def _on_error(self, frame) -> None:
         raise PeerError(f"source: {frame.message}", frame.code)
@@ -556,12 +555,22 @@ class DestVmm:
             return
         # Hand the connection to a thread of its own (no bytes are buffered:
         # the source sends nothing before WELCOME).
+        if frame.channel == self.hello.channels:
+            conn.machine.local("faults")
+            self._faults = DestFaultChannel(sock, conn, io, self.config.timeout_s)
+            self._faults_joined.set()
+            return
         self._channels.add(frame.channel, sock, conn, io)
 
     async def _first_frame(self, chan):
         hello = self.hello
-        if hello is not None and len(self._channels.lanes) >= hello.channels - 1 and not self._recovery.listening:
-            # Every data channel is here: whoever this is, we are busy.
+        if (
+            hello is not None
+            and len(self._channels.lanes) >= hello.channels - 1
+            and (self._faults is not None or self.strategy.postcopy_mode is None)
+            and not self._recovery.listening
+        ):
+            # Every data channel (and the fault channel, if any) is here: whoever this is, we are busy.
             raise ProtocolError("this destination is already receiving a migration")
         frame = await chan.recv()
         if frame.type == T.JOIN and self.hello is None and self._handshaking:
@@ -585,9 +594,14 @@ class DestVmm:
                 if hello
                 else ProtocolError("no migration to join")
             )
-        if frame.session != hello.session or not 1 <= frame.channel < hello.channels:
+        if frame.session != hello.session or not 1 <= frame.channel <= hello.channels:
             raise ProtocolError(f"JOIN for channel {frame.channel} of an unknown session")
-        if frame.channel in self._channels.lanes:
+        if frame.channel == hello.channels:  # the one after the last data channel
+            if self.strategy.postcopy_mode is None:
+                raise ProtocolError(f"a fault channel, but strategy {self.strategy.name} cannot do postcopy")
+            if self._faults is not None:
+                raise ProtocolError("the fault channel joined twice")
+        elif frame.channel in self._channels.lanes:
             raise ProtocolError(f"data channel {frame.channel} joined twice")
         if self._key is not None and not auth.check(
             self._key, frame.proof, "join", frame.session, frame.channel, self._nonce
@@ -655,6 +669,8 @@ class DestVmm:
             await self._report_failure()
         self.chan.close()
         self._channels.close(self.stats)
+        if self._faults is not None:
+            self._faults.close()
         if self.strategy is not None:
             self.strategy.close()
 
@@ -686,7 +702,8 @@ class DestVmm:
             res["postcopy"] = self._postcopy.report(res["counters"])
             # the guest's progress here (the simulator counts it)
             res["postcopy"]["guest_pages_touched"] = getattr(self.host.vcpus, "pages_touched", None)
-        received = chan.bytes_received + self._channels.bytes_received()
+        faults = self._faults
+        received = chan.bytes_received + self._channels.bytes_received() + (faults.bytes_received if faults else 0)
         res["ram"].update(
             transferred_bytes=received,
             zero_pages=s.zero_pages,
@@ -699,7 +716,9 @@ class DestVmm:
             bytes_sent=chan.bytes_sent,
             bytes_received=received,
             protection=protection(self._tls, self._key),
-            authenticated_frames=chan.conn.authenticated_frames + self._channels.authenticated_frames(),
+            authenticated_frames=chan.conn.authenticated_frames
+            + self._channels.authenticated_frames()
+            + (faults.authenticated_frames if faults else 0),
             channels=1 + len(self._channels.lanes),
             data_bytes=s.data_wire,
             tag_bytes=s.tag_wire,

@@ -91,12 +91,12 @@ class DataChannels:
                     raise ProtocolError(f"unexpected {frame.type.name} frame on data channel {index}")
         except TransportError as exc:
             if not chan.closed and not self._finished():
-                main_loop.call_soon_threadsafe(self._failed, exc)
+                main_loop.call_soon_threadsafe(self.fail, exc)
         except MigrationError as exc:
-            main_loop.call_soon_threadsafe(self._failed, exc)
+            main_loop.call_soon_threadsafe(self.fail, exc)
         except Exception as exc:  # a bug: fail the migration, never hang
             error = MigrationError(f"internal error on data channel {index}: {type(exc).__name__}: {one_line(exc)}")
-            main_loop.call_soon_threadsafe(self._failed, error)
+            main_loop.call_soon_threadsafe(self.fail, error)
         finally:
             lane.bytes = chan.bytes_received
             chan.close()
@@ -105,7 +105,8 @@ class DataChannels:
         self.pass_seen[index] = pass_no
         self._progress.set()
 
-    def _failed(self, exc: MigrationError) -> None:
+    def fail(self, exc: MigrationError) -> None:
+        """A channel failed (the fault channel's thread says so here too)."""
         if self.failure is not None and not self.failure.done():
             self.failure.set_exception(exc)
 

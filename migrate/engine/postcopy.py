@@ -4,16 +4,19 @@ At the switch the source pauses, sends the vCPU state and POSTCOPY: the
 pages the destination does not hold as they now are (dirtied since they
 were last sent).  The destination drops those pages (they fault through a
 userfaultfd from now on), digests what it holds, and resumes the guest at
-once.  Then the source sends the pages, those the destination asks for
-(REQUEST, from a vCPU's fault) ahead of the rest, each exactly once, and
-before each batch its table: per page, CRC-32s of its data and tags as the
-paused source holds them.  Each page is checked against the table as it lands and
+once.  Then the source sends the pages, each exactly once, and before each
+batch its table: per page, CRC-32s of its data and tags as the paused
+source holds them.  The pages a vCPU faults on are asked for (REQUEST) and
+sent on a connection of their own, the fault channel, served on the
+destination by a thread of its own: they never queue behind the background
+stream, which fills the control connection's socket buffers.  Each page is checked against the table as it lands and
 placed by the strategy (``place_postcopy``).  The source's guest stays
 paused from the switch on: it is the only complete copy until the last page
 has landed, and every page must equal it."""
 
 import asyncio
 import statistics
+import threading
 import time
 from array import array
 
@@ -22,13 +25,21 @@ from migrate.checksum import crc32
 from migrate.engine.bitmaps import runs
 from migrate.engine.digest import CHUNK_PAGES, effective_tags
 from migrate.engine.passes import peer_error
-from migrate.errors import ProtocolError
+from migrate.errors import MigrationError, PeerError, ProtocolError, TransportError, one_line
+from migrate.net.threads import LoopThread
+from migrate.net.transport import FrameChannel
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Decompressor
 
-#: pages per background PAGES frame: a requested page waits behind at most
-#: this much on the wire (plus what the socket already holds)
+#: pages per background PAGES frame
 BACKGROUND_PAGES = 32
+#: bytes of the background stream the control connection's socket buffers
+#: may hold on each side once postcopy starts.  A page the guest faults on
+#: that was already sent in the background cannot be sent again (each page
+#: goes once): it waits until the destination has worked through what is
+#: queued ahead of it, so that queue is kept short -- at the cost of more,
+#: smaller reads and writes of the background stream.
+BACKGROUND_BACKLOG = 64 << 10
 _ZERO_PAGE = bytes(PAGE_SIZE)
 # per-page flag byte -> 1 where the page has that property (counted in bulk)
 _HAS_DATA = bytes(0 if b & (fr.PAGE_ZERO | fr.PAGE_KEEP) else 1 for b in range(256))
@@ -92,11 +103,13 @@ def _percentiles(values: list[float]) -> dict:
 
 # -- source -----------------------------------------------------------------------------
 class SourcePostcopy:
-    """Sends the table and the missing pages, requested ones first."""
+    """Sends the missing pages: the background stream on the control
+    connection, the pages the destination asks for on the fault channel."""
 
-    def __init__(self, chan, builder, memory, ranges, pass_no: int, progress):
-        self.chan = chan
-        self.builder = builder
+    def __init__(self, chan, faults, builders, memory, ranges, pass_no: int, progress):
+        self.chan = chan  # control: the background stream, CONFIRM and RESUMED
+        self.faults = faults  # the fault channel: REQUESTs in, the pages they ask for out
+        self.builder, self.fault_builder = builders  # one each: a frame may be in flight on both
         self.memory = memory
         self.ranges = ranges
         self.pass_no = pass_no
@@ -108,74 +121,92 @@ class SourcePostcopy:
         self.sent = 0
         self.requested_pages = 0  # pages sent because the destination asked
         self.requests = 0
-        self._asks: asyncio.Queue = asyncio.Queue()
+        self._all_sent = asyncio.Event()
+        if not self.total:
+            self._all_sent.set()
         self.confirm = asyncio.get_running_loop().create_future()
         self.last_page_at: float | None = None
 
     async def run(self) -> None:
         reader = asyncio.ensure_future(self._read())
+        server = asyncio.ensure_future(self._serve_requests())
+        tasks = (reader, server)
         try:
             cursor = 0
-            while self.sent < self.total:
-                if reader.done():
-                    reader.result()  # the destination's error, or the link's
-                    raise ProtocolError("the destination stopped asking in postcopy")
-                asked = self._take_asks()
-                if asked:
-                    for batch in _split_ranges(asked, BACKGROUND_PAGES, BACKGROUND_PAGES):
-                        await self._send(batch, paced=False)
-                        self.requested_pages += sum(c for _, c in batch)
-                    continue
+            while True:
+                self._check(tasks)
                 cursor = self.pending.find(1, cursor)
                 if cursor < 0:
                     cursor = self.pending.find(1)
-                    if cursor < 0:  # never spin: every page is accounted for or this is a bug
-                        raise RuntimeError(f"postcopy: {self.total - self.sent} pages unaccounted for")
+                    if cursor < 0:
+                        break  # every page handed out (asked-for ones may still be on their way)
                 end = self.pending.find(0, cursor, cursor + BACKGROUND_PAGES)
                 end = min(cursor + BACKGROUND_PAGES, self.memory.npages) if end < 0 else end
-                await self._send([(cursor, end - cursor)])
-                await asyncio.sleep(0)  # let a REQUEST in between batches
+                await self._send(self.chan, self.builder, [(cursor, end - cursor)])
+                await asyncio.sleep(0)  # let the fault channel's sends in between batches
+            sent = asyncio.ensure_future(self._all_sent.wait())
+            try:
+                await asyncio.wait({sent, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sent.cancel()
+            self._check(tasks)
             self.last_page_at = time.perf_counter()
             await self.chan.send(fr.PassEnd(self.pass_no, self.total))
-            return await self._finish(reader)
+            return await reader
         finally:
-            if not reader.done():
-                reader.cancel()
+            for task in tasks:
+                if task.done():
+                    task.cancelled() or task.exception()  # seen: the fault channel closes at the end
+                else:
+                    task.cancel()
 
-    async def _finish(self, reader):
-        """After the last page: the destination's CONFIRM (if not yet read)
-        and its RESUMED: every page arrived and checked out."""
-        return await reader
+    @staticmethod
+    def _check(tasks) -> None:
+        """The reader and the request server run until the end: one that
+        stopped raises the destination's error, or the link's."""
+        for task in tasks:
+            if task.done():
+                task.result()
+                raise ProtocolError("the destination stopped answering in postcopy")
 
-    def _take_asks(self) -> list:
-        """Requested pages not sent yet (a page asked twice, or already sent
-        in the background, goes no second time)."""
-        wanted = set()
-        while not self._asks.empty():
-            for first, count in self._asks.get_nowait():
-                end = min(first + count, self.memory.npages)
-                for a, b in runs(self.pending[first:end], 1):
-                    wanted.update(range(first + a, first + b))
-        # ascending, adjacent pages merged: a batch's ranges must be in order
-        pages = sorted(wanted)
-        out = []
-        for p in pages:
-            if out and out[-1][0] + out[-1][1] == p:
-                out[-1] = (out[-1][0], out[-1][1] + 1)
+    def _unsent(self, ranges) -> list:
+        """Of the pages asked for, those not sent yet (a page asked twice, or
+        already sent in the background, goes no second time), ascending."""
+        merged = []  # the asked ranges, overlaps and neighbours joined
+        for first, count in sorted(ranges):
+            end = min(first + count, self.memory.npages)
+            if merged and first <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            elif first < end:
+                merged.append([first, end])
+        return [(first + a, b - a) for first, end in merged for a, b in runs(self.pending[first:end], 1)]
+
+    async def _serve_requests(self) -> None:
+        """The fault channel: each REQUEST answered at once, on that channel."""
+        while True:
+            frame = await self.faults.recv(timeout=None)
+            if frame.type == fr.FrameType.REQUEST:
+                self.requests += 1
+                for batch in _split_ranges(self._unsent(frame.ranges), BACKGROUND_PAGES, BACKGROUND_PAGES):
+                    await self._send(self.faults, self.fault_builder, batch, paced=False)
+                    self.requested_pages += sum(c for _, c in batch)
+            elif frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
+                raise peer_error(frame)
             else:
-                out.append((p, 1))
-        return out
+                raise ProtocolError(f"unexpected {frame.type.name} frame on the fault channel")
 
-    async def _send(self, ranges, paced: bool = True) -> None:
+    async def _send(self, chan, builder, ranges, paced: bool = True) -> None:
         """The pages' table entries, then the pages: a page asked for waits
         for its own entries only, not for a table of every missing page."""
         for first, count in ranges:
             self.pending[first : first + count] = bytes(count)
-        await self.chan.send(fr.Postcopy(ranges, page_table(self.memory, ranges)), paced)
-        frame, _ = self.builder.build(self.pass_no, ranges)
-        await self.chan.send(frame, paced)
+        await chan.send(fr.Postcopy(ranges, page_table(self.memory, ranges)), paced)
+        frame, _ = builder.build(self.pass_no, ranges)
+        await chan.send(frame, paced)
         self.sent += sum(c for _, c in ranges)
-        self.progress.message(f"postcopy: {self.sent}/{self.total} pages") if self.sent == self.total else None
+        if self.sent == self.total:
+            self._all_sent.set()
+            self.progress.message(f"postcopy: {self.sent}/{self.total} pages")
 
     async def announce(self) -> None:
         """The switch: every missing page, in as many frames as it takes;
@@ -185,13 +216,11 @@ class SourcePostcopy:
             await self.chan.send(fr.Postcopy(group, b"", last=i == len(groups) - 1))
 
     async def _read(self):
-        """The destination's frames: REQUESTs, its CONFIRM, and RESUMED at the end."""
+        """The destination's frames on the control connection: its CONFIRM,
+        and RESUMED at the end."""
         while True:
             frame = await self.chan.recv(timeout=None)
-            if frame.type == fr.FrameType.REQUEST:
-                self.requests += 1
-                self._asks.put_nowait(frame.ranges)
-            elif frame.type == fr.FrameType.CONFIRM:
+            if frame.type == fr.FrameType.CONFIRM:
                 if not self.confirm.done():
                     self.confirm.set_result(frame)
             elif frame.type == fr.FrameType.RESUMED:
@@ -205,7 +234,8 @@ class SourcePostcopy:
 # -- destination --------------------------------------------------------------------------
 class DestPostcopy:
     """The destination's side after POSTCOPY: expected CRCs per missing
-    page, placing and checking pages as they land, and the requests."""
+    page, placing and checking pages as they land (from the event loop and
+    the fault channel's thread), and the requests."""
 
     def __init__(self, host, strategy, uffd, ranges):
         self.host = host
@@ -218,10 +248,12 @@ class DestPostcopy:
         self.verified = 0
         self.requests = 0
         self.requested: set[int] = set()
-        self.decompressor = Decompressor()
+        self.decompressor = Decompressor()  # the event loop's; the fault channel has its own
         self.resumed_at: float | None = None
         self.last_page_at: float | None = None
         self.wrong_before = 0  # the guest's wrong-tag count at the switch
+        self.on_complete = None  # called (from either thread) once the last page has landed
+        self._count_lock = threading.Lock()  # two threads place pages: their counts add up here
 
     def add_table(self, frame) -> None:
         table = array("I")
@@ -232,19 +264,21 @@ class DestPostcopy:
                 self.expected[p] = (table[i], table[i + 1])
                 i += 2
 
-    def place(self, frame) -> int:
+    def place(self, frame, decompressor=None) -> int:
         """Check each page of a PAGES frame against the table, then place it
-        for the guest; returns the pages placed."""
+        for the guest; returns the pages placed.  Safe from two threads: the
+        source sends each page once, on one channel, after its table entry."""
+        decompressor = decompressor or self.decompressor
         flags = bytes(frame.flags)
         if flags.translate(_KEEP).find(1) >= 0:
             raise ProtocolError("a postcopy page must carry its data")
         ndata, ntags = flags.translate(_HAS_DATA).count(1), flags.translate(_HAS_TAGS).count(1)
         data = frame.data
         if frame.data_compressed:
-            data = self.decompressor.decompress(data, ndata * PAGE_SIZE, "postcopy PAGES data")
+            data = decompressor.decompress(data, ndata * PAGE_SIZE, "postcopy PAGES data")
         tags = frame.tags
         if frame.tags_compressed:
-            tags = self.decompressor.decompress(tags, ntags * PACKED_TAGS_PER_PAGE, "postcopy PAGES tags")
+            tags = decompressor.decompress(tags, ntags * PACKED_TAGS_PER_PAGE, "postcopy PAGES tags")
         if len(data) != ndata * PAGE_SIZE or len(tags) != ntags * PACKED_TAGS_PER_PAGE:
             raise ProtocolError("postcopy PAGES frame: payload lengths do not match its flags")
         data, tags = memoryview(data), memoryview(tags)
@@ -269,8 +303,14 @@ class DestPostcopy:
                 packs.append(packed)
             # one placement per run of pages: a system call each, not one a page
             self.strategy.place_postcopy(self.uffd, first, b"".join(contents), b"".join(packs))
-            self.landed += count
-        self.last_page_at = time.perf_counter()
+            with self._count_lock:
+                self.landed += count
+                self.verified += count
+                done = self.landed == self.total
+            if done:
+                self.last_page_at = time.perf_counter()
+                if self.on_complete is not None:
+                    self.on_complete()
         return i
 
     def _check(self, page: int, content, packed) -> None:
@@ -281,10 +321,10 @@ class DestPostcopy:
             raise ProtocolError(
                 f"postcopy page {page} differs from the paused source's (data or tags): corrupt, or the wrong page"
             )
-        self.verified += 1
 
     def faulted(self) -> list:
-        """Ranges of pages the guest waits for that were not asked for yet."""
+        """Ranges of pages the guest waits for that were not asked for yet
+        (called on the fault channel's thread only)."""
         present = self.uffd.present  # (its table may not be here yet: ask all the same)
         pages = [p for p in self.uffd.read_events() if p not in self.requested and not present[p]]
         self.requested.update(pages)
@@ -306,3 +346,90 @@ class DestPostcopy:
             "guest_wrong_tag_accesses": counters.get("guest.wrong_tag_accesses", 0),
             "guest_tag_checked_loads": counters.get("guest.tag_checked_loads", 0),
         }
+
+
+class DestFaultChannel:
+    """The destination's end of the fault channel, on a thread of its own:
+    it reads the userfaultfd's events, asks the source for those pages and
+    places them as they come back, while the event loop works through the
+    background stream.  Until the switch it only holds the connection."""
+
+    def __init__(self, sock, conn, io, timeout_s: float):
+        self._sock, self._conn, self._io = sock, conn, io
+        self._timeout = timeout_s
+        self.thread: LoopThread | None = None
+        self.chan: FrameChannel | None = None
+        self.closing = False  # the migration is over: the source's close is no failure
+
+    def start(self, pc: DestPostcopy, failed) -> None:
+        """Serve ``pc``'s faults; ``failed(exc)`` is called on the caller's
+        loop if the channel fails."""
+        main_loop = asyncio.get_running_loop()
+        self.thread = LoopThread("faults")
+        self.thread.submit(self._serve(pc, lambda exc: main_loop.call_soon_threadsafe(failed, exc)))
+
+    async def _serve(self, pc: DestPostcopy, failed) -> None:
+        loop = asyncio.get_running_loop()
+        self._io.loop = loop  # the connection moves to this thread's loop
+        chan = self.chan = FrameChannel(self._sock, self._conn, self._timeout, io=self._io)
+        decompressor = Decompressor()
+        wake = asyncio.Event()
+        loop.add_reader(pc.uffd.fileno(), wake.set)
+        asker = asyncio.ensure_future(self._ask(pc, chan, wake))
+        try:
+            while True:
+                if asker.done():
+                    asker.result()
+                frame = await chan.recv(timeout=None)  # liveness is watched by the control loop
+                if frame.type == fr.FrameType.POSTCOPY:
+                    if not frame.table and frame.ranges:
+                        raise ProtocolError("a POSTCOPY announcement on the fault channel")
+                    pc.add_table(frame)
+                elif frame.type == fr.FrameType.PAGES:
+                    pc.place(frame, decompressor)
+                elif frame.type == fr.FrameType.ERROR:
+                    raise PeerError(f"source: {frame.message}", frame.code)
+                else:
+                    raise ProtocolError(f"unexpected {frame.type.name} frame on the fault channel")
+        except TransportError as exc:
+            if not self.closing and not pc.complete:
+                failed(exc)
+        except MigrationError as exc:
+            failed(exc)
+        except Exception as exc:  # a bug: fail the migration, never hang a vCPU
+            failed(MigrationError(f"internal error on the fault channel: {type(exc).__name__}: {one_line(exc)}"))
+        finally:
+            asker.cancel()
+            try:
+                loop.remove_reader(pc.uffd.fileno())
+            except (ValueError, OSError):
+                pass
+            chan.close()
+
+    @staticmethod
+    async def _ask(pc: DestPostcopy, chan: FrameChannel, wake: asyncio.Event) -> None:
+        """One sender: REQUESTs for the pages that faulted since the last."""
+        while True:
+            await wake.wait()
+            wake.clear()
+            ranges = pc.faulted()
+            for i in range(0, len(ranges), fr.Request.MAX_RANGES):
+                pc.requests += 1
+                await chan.send(fr.Request(ranges[i : i + fr.Request.MAX_RANGES]))
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if self.thread is not None:
+            self.thread.stop()  # cancels the serving task, which closes the connection
+        else:
+            self._sock.close()
+
+    @property
+    def bytes_received(self) -> int:
+        return self.chan.bytes_received if self.chan is not None else 0
+
+    @property
+    def authenticated_frames(self) -> int:
+        return self._conn.authenticated_frames

@@ -25,7 +25,7 @@ from migrate.engine.handshake import introduce
 from migrate.engine.lanes import SendLane
 from migrate.engine.pages import BatchBuilder
 from migrate.engine.passes import PassSender, PeerWatch
-from migrate.engine.postcopy import SourcePostcopy, mixed_chunks
+from migrate.engine.postcopy import BACKGROUND_BACKLOG, SourcePostcopy, mixed_chunks
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import SourceRecovery
 from migrate.engine.report import empty_result, protection
@@ -44,7 +44,7 @@ from migrate.errors import (
 from migrate.net import tls
 from migrate.net.ratelimit import RateLimiter
 from migrate.net.threads import LoopThread
-from migrate.net.transport import FrameChannel, connect, secure
+from migrate.net.transport import FrameChannel, bound_backlog, connect, secure
 from migrate.protocol import auth
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Compressor
@@ -120,6 +120,7 @@ class SourceVmm:
         # -- postcopy
         self._postcopy_reason: str | None = None  # why precopy gave way to postcopy
         self._switched = False  # POSTCOPY announced: the guest runs there, its missing pages are here
+        self._fault_chan: FrameChannel | None = None  # postcopy: REQUESTs and the pages they ask for
 
     @property
     def lanes(self) -> list[SendLane]:
@@ -204,12 +205,20 @@ class SourceVmm:
         self.result["setup_time_ms"] = _ms(time.perf_counter() - self._clock.start)
 
     async def _open_lane(self, index: int, address, session: str, limiter) -> SendLane:
-        """Runs on the channel's own thread: connect, JOIN, wait for WELCOME."""
+        """Runs on the channel's own thread: a data channel joined."""
+        cfg = self.config
+        chan = await self._join(index, address, session, limiter, "data channel")
+        compressor = Compressor(cfg.compression, cfg.max_bandwidth)
+        return SendLane(index, chan, self._new_builder(compressor), cfg.batch_pages)
+
+    async def _join(self, index: int, address, session: str, limiter, what: str) -> FrameChannel:
+        """Connect, JOIN, wait for WELCOME: an extra connection of this migration."""
         cfg = self.config
         sock = await connect(*address, cfg.timeout_s)
         io = await secure(sock, self._tls, False, cfg.timeout_s)
         key = auth.load_key(cfg.psk_file)
         conn = Connection(data_source_machine(index), cfg.checksum, keyed=key is not None)
+        conn.ram_pages = self.host.memory.npages  # bounds the fault channel's REQUESTs
         chan = FrameChannel(sock, conn, cfg.timeout_s, limiter, io)
         await chan.send(
             fr.Join(session, index, auth.proof(key, "join", session, index, self._dest_nonce) if key else b"")
@@ -217,11 +226,10 @@ class SourceVmm:
         reply = await chan.recv()
         if reply.type == fr.FrameType.ERROR:
             chan.close()
-            raise PeerError(f"destination refused data channel {index}: {reply.message}", reply.code)
+            raise PeerError(f"destination refused {what} {index}: {reply.message}", reply.code)
         if key is not None:  # bound to this migration's control connection
             conn.seal(self._chan.conn.stream_secret, "source")
-        compressor = Compressor(cfg.compression, cfg.max_bandwidth)
-        return SendLane(index, chan, self._new_builder(compressor), cfg.batch_pages)
+        return chan
 
     def _new_builder(self, compressor) -> BatchBuilder:
         """A channel's batch builder; with checked frames (--checksum full) it
@@ -326,6 +334,13 @@ class SourceVmm:
         pages, requested ones first.  From the announcement on the guest
         runs there and is never resumed here: this paused copy is the only
         whole one until the last page has landed."""
+        # The fault channel first, while the guest still runs here: a
+        # refusal or a broken link leaves it running, and the switch does not
+        # wait for a connection.
+        faults = self._fault_chan = await self._join(
+            self.config.channels, self._address, self._session, None, "the fault channel, channel"
+        )
+        faults.conn.machine.local("faults")
         self._clock.pause = time.perf_counter()
         self.host.vcpus.pause()
         self._paused_here = True
@@ -336,9 +351,11 @@ class SourceVmm:
         ranges = [(a, b - a) for a, b in runs(missing, 1)]  # (first page, count)
         self._state = self._collect_state()
         await self._chan.send(fr.State(self._state))
+        builders = (self.lanes[0].builder, self._new_builder(Compressor(self.config.compression)))
         pc = SourcePostcopy(
-            self._chan, self.lanes[0].builder, self.host.memory, ranges, self._dirty_passes + 1, self.progress
+            self._chan, faults, builders, self.host.memory, ranges, self._dirty_passes + 1, self.progress
         )
+        bound_backlog(self._chan.sock, BACKGROUND_BACKLOG)  # see BACKGROUND_BACKLOG
         await pc.announce()
         self._switched = self.handed_over = True
         self.result["guest_on"] = "destination (postcopy: its missing pages still here)"
@@ -365,6 +382,7 @@ class SourceVmm:
             "pages": pc.total,
             "pages_requested": pc.requested_pages,
             "requests": pc.requests,
+            "fault_channel_bytes": self._fault_chan.bytes_sent,
             "last_page_ms": _ms(pc.last_page_at - switched) if pc.last_page_at else 0.0,
             "total_after_switch_ms": _ms(done - switched),
         }
@@ -588,6 +606,8 @@ class SourceVmm:
         self._peer.stop()
         if self._chan is not None:
             self._chan.close()
+        if self._fault_chan is not None:
+            self._fault_chan.close()
         self._sender.close()
         self._dirty_log.stop()
         if self.strategy is not None:
@@ -644,6 +664,8 @@ class SourceVmm:
         s = self._sender.totals()
         total_s = res["total_time_ms"] / 1000.0
         sent = sum(lane.chan.bytes_sent for lane in lanes) if lanes else (chan.bytes_sent if chan else 0)
+        faults = self._fault_chan
+        sent += faults.bytes_sent if faults else 0
         res["passes"] = self.passes
         res["ram"].update(
             transferred_bytes=sent,
@@ -661,11 +683,14 @@ class SourceVmm:
         comps = [lane.builder.compressor for lane in lanes]
         res["wire"].update(
             bytes_sent=sent,
-            bytes_received=chan.bytes_received if chan else 0,
+            bytes_received=(chan.bytes_received if chan else 0) + (faults.bytes_received if faults else 0),
             protection=protection(self._tls, self.config.psk_file),
-            authenticated_frames=sum(lane.chan.conn.authenticated_frames for lane in lanes)
-            if lanes
-            else (chan.conn.authenticated_frames if chan else 0),
+            authenticated_frames=(
+                sum(lane.chan.conn.authenticated_frames for lane in lanes)
+                if lanes
+                else (chan.conn.authenticated_frames if chan else 0)
+            )
+            + (faults.conn.authenticated_frames if faults else 0),
             data_bytes=s.data_wire,
             tag_bytes=s.tag_wire,
             channels=len(lanes) or None,

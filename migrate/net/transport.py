@@ -283,6 +283,26 @@ def tune(sock: socket.socket) -> None:
             pass
 
 
+#: TCP_NOTSENT_LOWAT (Linux 3.12); not every Python names it
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+def bound_backlog(sock: socket.socket, nbytes: int) -> None:
+    """Keep at most about ``nbytes`` queued in this socket's kernel buffers
+    (send and receive; Linux doubles the figure for its bookkeeping).  For a
+    stream something more urgent must not wait behind: what is queued
+    cannot be taken back.  Best effort: a socket that refuses keeps its size."""
+    for level, opt, value in (
+        (socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes),
+        (socket.SOL_SOCKET, socket.SO_RCVBUF, nbytes),
+        (socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, nbytes // 4),
+    ):
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:
+            pass
+
+
 async def secure(sock: socket.socket, tls, server_side: bool, timeout: float):
     """The I/O object for a new connection: plain, or TLS after a handshake."""
     loop = asyncio.get_running_loop()

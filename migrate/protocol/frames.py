@@ -36,7 +36,7 @@ from migrate.checksum import crc32
 from migrate.errors import ProtocolError
 
 #: bumped whenever a frame changes shape; both sides must agree (HELLO)
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAGIC = b"MT"
 HEADER = struct.Struct("<2sBBIII")
 HEADER_SIZE = HEADER.size
@@ -194,7 +194,9 @@ class Hello:
 @dataclass
 class Join:
     """Source -> destination, the first frame of an extra data connection:
-    it carries data channel ``channel`` of session ``session``."""
+    it carries data channel ``channel`` of session ``session``; the channel
+    after the last data channel (``channel`` = HELLO's ``channels``) is the
+    postcopy fault channel."""
 
     session: str
     channel: int
@@ -208,7 +210,7 @@ class Join:
     def from_meta(cls, m, payload):
         return cls(
             _field(m, "session", str, "JOIN")[:64],
-            _uint(m, "channel", "JOIN", Hello.MAX_CHANNELS),
+            _uint(m, "channel", "JOIN", Hello.MAX_CHANNELS + 1),  # the fault channel follows the last
             _nonce(m, "JOIN", "proof"),
         )
 
@@ -575,8 +577,9 @@ class Postcopy:
 
 @dataclass
 class Request:
-    """Destination -> source, during postcopy: the guest waits for these
-    pages; send them ahead of the background stream."""
+    """Destination -> source, on the fault channel during postcopy: the
+    guest waits for these pages; they come back on the same channel, never
+    behind the background stream."""
 
     ranges: list
     type = FrameType.REQUEST

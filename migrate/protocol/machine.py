@@ -22,7 +22,10 @@ Destination::
 Any live state --send/recv ERROR--> FAILED, --send/recv ABORT--> ABORTED.
 
 Extra data connections (``--channels`` > 1): the source sends JOIN, the
-destination answers WELCOME, then only PAGES and PASS_END flow.
+destination answers WELCOME, then only PAGES and PASS_END flow.  The
+postcopy fault channel joins the same way and then carries the
+destination's REQUESTs one way and the requested pages (POSTCOPY tables and
+PAGES) the other.
 
 Recovery connections (the control connection broke after CONFIRM): the
 source, or ``mte-migrate resolve``, sends RECOVER "go" or "abort"; the
@@ -106,10 +109,8 @@ SOURCE_TABLE = {
     (S.STOP_COPY, SEND, T.POSTCOPY): S.POSTCOPY,
     (S.POSTCOPY, SEND, T.POSTCOPY): S.POSTCOPY,
     (S.POSTCOPY, RECV, T.CONFIRM): S.POSTCOPY,
-    (S.POSTCOPY, RECV, T.REQUEST): S.POSTCOPY,
     (S.POSTCOPY, SEND, T.PAGES): S.POSTCOPY,
     (S.POSTCOPY, SEND, T.PASS_END): S.SWITCHING,
-    (S.SWITCHING, RECV, T.REQUEST): S.SWITCHING,  # asked before the page it wants arrived there
     (S.SWITCHING, RECV, T.CONFIRM): S.SWITCHING,  # every page sent before the switch's CONFIRM came
 }
 
@@ -130,18 +131,25 @@ DEST_TABLE = {
     (D.STATE_LOADED, RECV, T.POSTCOPY): D.POSTCOPY,
     (D.POSTCOPY, RECV, T.POSTCOPY): D.POSTCOPY,
     (D.POSTCOPY, SEND, T.CONFIRM): D.POSTCOPY,
-    (D.POSTCOPY, SEND, T.REQUEST): D.POSTCOPY,
     (D.POSTCOPY, RECV, T.PAGES): D.POSTCOPY,
     (D.POSTCOPY, RECV, T.PASS_END): D.RESUMING,
 }
 
 
-# Extra data connections (--channels N > 1) carry only pages.
+# Extra data connections (--channels N > 1) carry only pages.  The fault
+# channel (JOIN for the channel after the last data channel, opened just
+# before a postcopy switch) turns to postcopy ("faults") at once: the
+# destination's REQUESTs and the pages they ask for, each with its table,
+# travel there and never wait behind the background stream.
 DATA_SOURCE_TABLE = {
     (S.IDLE, SEND, T.JOIN): S.HANDSHAKE,
     (S.HANDSHAKE, RECV, T.WELCOME): S.PRECOPY,
     (S.PRECOPY, SEND, T.PAGES): S.PRECOPY,
     (S.PRECOPY, SEND, T.PASS_END): S.PRECOPY,
+    (S.PRECOPY, LOCAL, "faults"): S.POSTCOPY,
+    (S.POSTCOPY, RECV, T.REQUEST): S.POSTCOPY,
+    (S.POSTCOPY, SEND, T.POSTCOPY): S.POSTCOPY,
+    (S.POSTCOPY, SEND, T.PAGES): S.POSTCOPY,
 }
 
 DATA_DEST_TABLE = {
@@ -155,6 +163,10 @@ DATA_DEST_TABLE = {
     (D.NEGOTIATING, SEND, T.WELCOME): D.RECEIVING,
     (D.RECEIVING, RECV, T.PAGES): D.RECEIVING,
     (D.RECEIVING, RECV, T.PASS_END): D.RECEIVING,
+    (D.RECEIVING, LOCAL, "faults"): D.POSTCOPY,
+    (D.POSTCOPY, SEND, T.REQUEST): D.POSTCOPY,
+    (D.POSTCOPY, RECV, T.POSTCOPY): D.POSTCOPY,
+    (D.POSTCOPY, RECV, T.PAGES): D.POSTCOPY,
 }
 
 
