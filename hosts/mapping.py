@@ -203,6 +203,12 @@ class VmmMapping:
             self.dirty_tracker.mark(first_page, end_page)
 
     def _sanitise(self, first_page: int, end_page: int, fault_in: bool = True) -> None:
+        # Pages already tagged need nothing: test the flags first, without
+        # the lock, as the kernel tests PG_mte_tagged before it takes one
+        # (a flag is set under the lock and never cleared while the page is
+        # mapped), so the VMM's stores do not queue behind the vCPUs' accesses.
+        if self.memory.tagged.find(0, first_page, end_page) < 0:
+            return
         with self.vm.mmu_lock:
             self.vm.sanitise(first_page, end_page, fault_in)
 
