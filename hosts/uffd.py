@@ -70,6 +70,12 @@ class Userfaultfd:
         with self._cond:
             self.present[first_page:end_page] = bytes(end_page - first_page)
 
+    def drop_ranges(self, ranges) -> None:
+        """``drop`` of every (first page, count) of ``ranges``, under one lock."""
+        with self._cond:
+            for first, count in ranges:
+                self.present[first : first + count] = bytes(count)
+
     def read_events(self) -> list[int]:
         """Pages that faulted since the last call (the pipe drained)."""
         try:
@@ -106,15 +112,22 @@ class Userfaultfd:
     def punch(self, first_page: int, end_page: int) -> None:
         """fallocate(PUNCH_HOLE) on the memfd: the pages' data and tags are
         gone, and so is their stage-2 mapping."""
+        self.punch_ranges([(first_page, end_page - first_page)])
+
+    def punch_ranges(self, ranges) -> None:
+        """``punch`` of every (first page, count) of ``ranges``: a system
+        call each, under one hold of the locks."""
         mem = self.memory
         with self.vm.mmu_lock, self._cond:
-            mem.punch(first_page, end_page)
-            mem.tags[first_page * PACKED_TAGS_PER_PAGE : end_page * PACKED_TAGS_PER_PAGE] = bytes(
-                (end_page - first_page) * PACKED_TAGS_PER_PAGE
-            )
-            mem.tagged[first_page:end_page] = bytes(end_page - first_page)
-            self.present[first_page:end_page] = bytes(end_page - first_page)
-        self.vm.counters.add("syscalls.fallocate_punch_hole")
+            for first, count in ranges:
+                end = first + count
+                mem.punch(first, end)
+                mem.tags[first * PACKED_TAGS_PER_PAGE : end * PACKED_TAGS_PER_PAGE] = bytes(
+                    count * PACKED_TAGS_PER_PAGE
+                )
+                mem.tagged[first:end] = bytes(count)
+                self.present[first:end] = bytes(count)
+        self.vm.counters.add("syscalls.fallocate_punch_hole", len(ranges))
 
     def _place(self, page: int, npages: int, call: str, data, tags) -> None:
         end = page + npages

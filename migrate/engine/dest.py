@@ -326,12 +326,10 @@ class DestVmm:
             raise ProtocolError("POSTCOPY without a fault channel: the source never joined one") from None
         self.chan.placer = None  # pages land through the userfaultfd from now on
         uffd = Userfaultfd(self.host.vm, self.strategy.postcopy_mode)
-        missing_mode = self.strategy.postcopy_mode == "missing"
-        for first, count in ranges:
-            if missing_mode:
-                uffd.punch(first, first + count)  # UFFDIO_COPY needs the page gone from the memfd
-            else:
-                uffd.drop(first, first + count)
+        if self.strategy.postcopy_mode == "missing":
+            uffd.punch_ranges(ranges)  # UFFDIO_COPY needs the pages gone from the memfd
+        else:
+            uffd.drop_ranges(ranges)
         self.host.vm.uffd = uffd
         # The vCPU threads and this loop share one interpreter lock: let a
         # fault's round trip (event, REQUEST, page, placement) have it back
@@ -341,16 +339,21 @@ class DestVmm:
         pc = self._postcopy = DestPostcopy(self.host, self.strategy, uffd, ranges)
         pc.wrong_before = self.host.counters.get("guest.wrong_tag_accesses")
         sdigest = self._state_digest  # of what will run, read back when STATE arrived
-        self._resume()
-        pc.resumed_at = time.perf_counter()
-        self.result["postcopy_switch_ms"] = _ms(pc.resumed_at - t)
-        digest = self._digest
         loop = asyncio.get_running_loop()
         pc.on_complete = lambda: loop.call_soon_threadsafe(self._all_landed.set)
         self._faults.start(pc, self._channels.fail)
         bound_backlog(self.chan.sock, BACKGROUND_BACKLOG)  # see BACKGROUND_BACKLOG
-        async with self._send_lock:
-            await self.chan.send(fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs()))
+        digest = self._digest
+        confirm = fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs())
+        try:
+            # CONFIRM goes just before the guest resumes: the source's clock of
+            # the switch stops at it, and running vCPUs would hold up its send.
+            async with self._send_lock:
+                await self.chan.send(confirm)
+        finally:
+            self._resume()  # whatever the link does, the guest runs here now (it has left the source)
+            pc.resumed_at = time.perf_counter()
+            self.result["postcopy_switch_ms"] = _ms(pc.resumed_at - t)
         if pc.total == 0:
             pc.last_page_at = pc.resumed_at
             self._all_landed.set()

@@ -357,15 +357,16 @@ class DestFaultChannel:
     def __init__(self, sock, conn, io, timeout_s: float):
         self._sock, self._conn, self._io = sock, conn, io
         self._timeout = timeout_s
-        self.thread: LoopThread | None = None
+        self.thread = LoopThread("faults")  # now, not at the switch: that is downtime
         self.chan: FrameChannel | None = None
         self.closing = False  # the migration is over: the source's close is no failure
+        self._serving = False
 
     def start(self, pc: DestPostcopy, failed) -> None:
         """Serve ``pc``'s faults; ``failed(exc)`` is called on the caller's
         loop if the channel fails."""
         main_loop = asyncio.get_running_loop()
-        self.thread = LoopThread("faults")
+        self._serving = True
         self.thread.submit(self._serve(pc, lambda exc: main_loop.call_soon_threadsafe(failed, exc)))
 
     async def _serve(self, pc: DestPostcopy, failed) -> None:
@@ -421,9 +422,8 @@ class DestFaultChannel:
         if self.closing:
             return
         self.closing = True
-        if self.thread is not None:
-            self.thread.stop()  # cancels the serving task, which closes the connection
-        else:
+        self.thread.stop()  # cancels the serving task, which closes the connection
+        if not self._serving:
             self._sock.close()
 
     @property
