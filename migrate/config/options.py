@@ -481,7 +481,7 @@ OPTIONS = (
         "Postcopy: after the bulk pass and `postcopy_after_passes` dirty passes, or sooner when the "
         "convergence policy says precopy will not converge, pause the source, move the vCPU state and "
         "resume the guest on the destination at once; the pages it still lacks follow, those it faults "
-        "on first. Needs a strategy that can place a page and its tags for a running guest "
+        "on first, on a connection of their own (the fault channel, one more than `--channels`). Needs a strategy that can place a page and its tags for a running guest "
         "(`mte-migrate strategies` says which). After the switch neither side alone holds the whole "
         "guest: a destination lost then loses the guest (the source keeps its paused copy).",
         section="migration",
