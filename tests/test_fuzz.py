@@ -9,6 +9,7 @@ import random
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 import zstandard
 
@@ -40,12 +41,42 @@ def test_every_seed_is_a_whole_migration_the_destination_takes(seeds):
         assert fuzz.run_input(inp, seeds) == "accepted:running", seed.name
         # Connection.feed takes every whole frame it is given before the
         # destination can answer: INSPECT then comes before CONFIRM is sent
+        # (postcopy has no INSPECT: it sends CONFIRM at the switch)
         feed = fuzz.FuzzInput(i, inp.control, inp.data, "feed", (17, 1000, 70000))
         try:
             outcome = fuzz.run_input(feed, seeds)
         except ProtocolError as exc:
             outcome = str(exc)
-        assert outcome == "unexpected INSPECT frame while the destination is in state verifying", seed.name
+        if seed.name.endswith("/postcopy"):
+            assert outcome == "accepted:running", seed.name
+        else:
+            assert outcome == "unexpected INSPECT frame while the destination is in state verifying", seed.name
+
+
+def test_a_postcopy_seed_places_every_missing_page_checked_against_its_table(seeds):
+    i = next(i for i, s in enumerate(seeds) if s.name.endswith("/postcopy"))
+    target = fuzz.DestTarget(seeds[i].checksum)
+    try:
+        assert target.run(fuzz.FuzzInput(i, b"".join(seeds[i].control), None)) == "accepted:running"
+        uffd = target.host.vm.uffd
+        missing = sum(c for _, c in fuzz.POSTCOPY_RANGES)
+        assert uffd.missing_pages == 0 and target.host.counters.get("syscalls.uffd_continue") >= 2
+        assert missing == 10
+    finally:
+        target.close()
+    # one byte of the first postcopy batch changed, the frame's CRC made to
+    # match (the meta seed checks no payload either way): its table catches it
+    i = next(i for i, s in enumerate(seeds) if s.name.startswith("meta/") and s.name.endswith("/postcopy"))
+    control = list(seeds[i].control)
+    tables = [j for j, raw in enumerate(control) if raw[2] == fr.FrameType.POSTCOPY]
+    at = tables[-2] + 1  # the PAGES after the first table
+    ftype, flags, meta, payload = fuzz.split_frame(control[at])
+    assert ftype == fr.FrameType.PAGES and len(payload) > 4096
+    payload = bytearray(payload)
+    payload[len(payload) // 3] ^= 0x40
+    control[at] = fuzz.build_frame(ftype, flags, meta, bytes(payload))
+    with pytest.raises(ProtocolError, match="differs from the paused source's"):
+        fuzz.run_input(fuzz.FuzzInput(i, b"".join(control), None), seeds)
 
 
 def test_the_seeds_land_whole_chunks_and_go_through_every_state(seeds):
@@ -54,9 +85,8 @@ def test_the_seeds_land_whole_chunks_and_go_through_every_state(seeds):
         t.value
         for t in fr.FrameType
         if t.name not in ("WELCOME", "CONFIRM", "INSPECTION", "RESUMED", "ERROR", "ABORT", "RECOVER")
-        # postcopy streams are not among the captured seeds yet (POSTCOPY and
-        # REQUEST reach the destination only as stray frames)
-        and t.name not in ("POSTCOPY", "REQUEST")
+        # REQUEST goes the other way (the destination asks, on the fault channel)
+        and t.name != "REQUEST"
     }
     # a self-checked whole chunk (FLAG_CRC_META_ONLY) reaches the landing path
     assert any(raw[2] == fr.FrameType.PAGES and raw[3] & fr.FLAG_CRC_META_ONLY for s in seeds for raw in s.control)
@@ -234,3 +264,17 @@ def test_an_error_or_abort_instead_of_join_is_refused(seeds, first):
     data = b"".join(fr.encode(first, seed.checksum))  # the minimal reproducer: one frame
     with pytest.raises(ProtocolError, match=f"expected JOIN on a new connection, got {first.type.name}"):
         fuzz.run_input(fuzz.FuzzInput(i, b"".join(seed.control), data), seeds)
+
+
+def test_a_postcopy_table_for_a_page_not_announced_is_refused_before_anything_is_placed(seeds):
+    # found by the campaign: a table naming a page the destination holds let
+    # its page through to UFFDIO_CONTINUE, which failed with EEXIST (a crash)
+    i = next(i for i, s in enumerate(seeds) if s.name.startswith("full/") and s.name.endswith("/postcopy"))
+    control = list(seeds[i].control)
+    at = [j for j, raw in enumerate(control) if raw[2] == fr.FrameType.POSTCOPY][2]  # the first table
+    ftype, flags, meta, payload = fuzz.split_frame(control[at])
+    m = fuzz._unpack_meta(meta)
+    m["r"] = fr.Postcopy([(5, 2)], b"").meta()["r"]
+    control[at] = fuzz.build_frame(ftype, flags, msgpack.packb(m), bytes(16))
+    with pytest.raises(ProtocolError, match="POSTCOPY table for page 5, which was not announced"):
+        fuzz.run_input(fuzz.FuzzInput(i, b"".join(control), None), seeds)

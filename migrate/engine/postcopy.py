@@ -253,9 +253,20 @@ class DestPostcopy:
         self.last_page_at: float | None = None
         self.wrong_before = 0  # the guest's wrong-tag count at the switch
         self.on_complete = None  # called (from either thread) once the last page has landed
+        self._owed = bytearray(host.memory.npages)  # 1: announced at the switch, not landed yet
+        for first, count in ranges:
+            self._owed[first : first + count] = b"\x01" * count
         self._count_lock = threading.Lock()  # two threads place pages: their counts add up here
 
     def add_table(self, frame) -> None:
+        """A batch's table: only pages announced at the switch and not
+        landed yet may have an entry (placing any other would overwrite a
+        page the guest already uses)."""
+        owed = self._owed
+        for first, count in frame.ranges:
+            bad = owed.find(0, first, first + count)
+            if bad >= 0:
+                raise ProtocolError(f"POSTCOPY table for page {bad}, which was not announced or has landed already")
         table = array("I")
         table.frombytes(frame.table)
         i = 0
@@ -303,6 +314,7 @@ class DestPostcopy:
                 packs.append(packed)
             # one placement per run of pages: a system call each, not one a page
             self.strategy.place_postcopy(self.uffd, first, b"".join(contents), b"".join(packs))
+            self._owed[first : first + count] = bytes(count)
             with self._count_lock:
                 self.landed += count
                 self.verified += count

@@ -62,6 +62,7 @@ from migrate.protocol.compression import Compressor
 from migrate.protocol.machine import (
     RECV,
     Connection,
+    DestState,
     data_dest_machine,
     data_source_machine,
     dest_machine,
@@ -103,6 +104,10 @@ def capture_seeds(ram: int = RAM) -> list[Seed]:
         ("none", "tag-ioctl", 64, "none", 1),
         ("full", "prot-mte", 256, "1", 1),
         ("none", "none", 128, "1", 2),
+        # postcopy (channels 0: no data channel, the fault channel unused):
+        # the switch, then the missing pages with their tables
+        ("full", "memfd-continue", 256, "auto", 0),
+        ("meta", "uffd-copy-tags", 64, "none", 0),
     ]
     seeds, hosts = [], {}
     try:
@@ -112,7 +117,10 @@ def capture_seeds(ram: int = RAM) -> list[Seed]:
                 host = SimulatedHost(ram, workload="allocator", rate=0, seed=7, device_prot_mte=prot)
                 host.prepare_guest()
                 hosts[prot] = host
-            seeds.append(_capture(hosts[prot], checksum, strategy_name, batch, compression, channels))
+            if channels:
+                seeds.append(_capture(hosts[prot], checksum, strategy_name, batch, compression, channels))
+            else:
+                seeds.append(_capture_postcopy(hosts[prot], checksum, strategy_name, batch, compression))
     finally:
         for host in hosts.values():
             host.close()
@@ -172,6 +180,48 @@ def _capture(host, checksum, strategy_name, batch, compression, channels) -> See
         strategy.close()
     name = f"{checksum}/{strategy_name}/b{batch}/z{compression}/c{channels}"
     return Seed(name, checksum, strategy_name, out, data)
+
+
+#: the pages a postcopy seed leaves missing at the switch, sent after it
+POSTCOPY_RANGES = [(3, 2), (300, 7), (700, 1)]
+
+
+def _capture_postcopy(host, checksum, strategy_name, batch, compression) -> Seed:
+    """A postcopy migration: the bulk pass, the switch (STATE, POSTCOPY
+    announcing the missing pages), then per batch its table and its pages,
+    and the last PASS_END."""
+    from migrate.engine.pages import split_batches
+    from migrate.engine.postcopy import page_table
+
+    config = MigrationConfig(checksum=checksum, channels=1, batch_pages=batch, compression=compression)
+    strategy = STRATEGIES[strategy_name](host, config)
+    strategy.setup_source()
+    try:
+        builder = BatchBuilder(strategy, Compressor(compression), batch, checked=checksum == "full")
+        ctl = Connection(source_machine(), checksum)
+        out = [_send(ctl, _hello(host, config, strategy, "", b"n" * 16))]
+        ctl.machine.step(RECV, T.WELCOME)
+        out.append(_send(ctl, fr.Auth(b"")))
+        sent = 0
+        for ranges in split_batches([(0, host.memory.npages)], batch):
+            frame, _ = builder.build(0, ranges)
+            out.append(_send(ctl, frame))
+            sent += frame.npages
+        out.append(_send(ctl, fr.PassEnd(0, sent)))
+        ctl.machine.local("pause")
+        state = SourceVmm._collect_state(types.SimpleNamespace(host=host))
+        out.append(_send(ctl, fr.State(state)))
+        out.append(_send(ctl, fr.Postcopy(POSTCOPY_RANGES[:1], b"", last=False)))
+        out.append(_send(ctl, fr.Postcopy(POSTCOPY_RANGES[1:], b"", last=True)))
+        ctl.machine.step(RECV, T.CONFIRM)
+        for ranges in (POSTCOPY_RANGES[:2], POSTCOPY_RANGES[2:]):
+            out.append(_send(ctl, fr.Postcopy(ranges, page_table(host.memory, ranges))))
+            frame, _ = builder.build(1, ranges)
+            out.append(_send(ctl, frame))
+        out.append(_send(ctl, fr.PassEnd(1, sum(c for _, c in POSTCOPY_RANGES))))
+    finally:
+        strategy.close()
+    return Seed(f"{checksum}/{strategy_name}/b{batch}/z{compression}/postcopy", checksum, strategy_name, out)
 
 
 # -- frame surgery ----------------------------------------------------------------------------
@@ -689,6 +739,8 @@ class DestTarget:
         if self.strategy is not None:
             self.strategy.close()
         if self.host is not None:
+            if self.host.vm.uffd is not None:  # a postcopy input
+                self.host.vm.uffd.close()
             self.host.close()
 
     def run(self, inp: FuzzInput) -> str:
@@ -729,9 +781,16 @@ class DestTarget:
             self._data_channel(vmm, data)
         # -- control frames (dest.receive and its handlers)
         state = None
+        postcopy = _Postcopy(vmm)
         while True:
             frame = reader.recv()
-            if frame.type == T.PAGES:
+            if postcopy.takes(frame):
+                if postcopy.done:
+                    conn.send(fr.Resumed())
+                    return
+                if postcopy.switched and postcopy.pc is None:
+                    postcopy.switch(conn, digest, state)
+            elif frame.type == T.PAGES:
                 if frame.pass_no <= pass_seen[0]:
                     raise ProtocolError(f"PAGES of pass {frame.pass_no} after that pass ended")
                 applier.apply(frame)
@@ -800,6 +859,66 @@ class DestTarget:
                     raise ProtocolError(f"unexpected {frame.type.name} frame on data channel {index}")
         except _Incomplete:
             return  # the channel stalls; the control connection decides
+
+
+class _Postcopy:
+    """The destination's postcopy handlers (dest._on_postcopy,
+    _switch_to_postcopy, _on_pages and _end_postcopy), without threads: no
+    guest runs, so nothing faults and no fault channel is served."""
+
+    def __init__(self, vmm):
+        self.vmm = vmm
+        self.announced: list = []
+        self.switched = False
+        self.pc = None
+        self.done = False
+
+    def takes(self, frame) -> bool:
+        """Handle ``frame`` if it is postcopy's; False for the others."""
+        if frame.type == T.POSTCOPY:
+            if frame.table:
+                if self.pc is None:
+                    raise ProtocolError("a POSTCOPY table before the switch")
+                self.pc.add_table(frame)
+            elif self.pc is not None:
+                raise ProtocolError("POSTCOPY announced pages after the switch")
+            else:
+                self.announced += frame.ranges
+                self.switched = frame.last
+            return True
+        if self.pc is not None and frame.type == T.PAGES:
+            self.pc.place(frame)
+            return True
+        if self.pc is not None and frame.type == T.PASS_END:
+            if not self.pc.complete:
+                raise ProtocolError(f"the source ended postcopy with {self.pc.total - self.pc.landed} pages not sent")
+            self.done = True
+            return True
+        return False
+
+    def switch(self, conn, digest, state) -> None:
+        from hosts.uffd import Userfaultfd
+        from migrate.engine.postcopy import DestPostcopy
+
+        vmm = self.vmm
+        if vmm.strategy.postcopy_mode is None:
+            raise ProtocolError(f"strategy {vmm.strategy.name} cannot do postcopy")
+        if state is None:
+            raise ProtocolError("POSTCOPY before STATE")
+        uffd = Userfaultfd(vmm.host.vm, vmm.strategy.postcopy_mode)
+        if vmm.strategy.postcopy_mode == "missing":
+            uffd.punch_ranges(self.announced)
+        else:
+            uffd.drop_ranges(self.announced)
+        vmm.host.vm.uffd = uffd
+        self.pc = DestPostcopy(vmm.host, vmm.strategy, uffd, self.announced)
+        vmm._channels.frozen = True
+        digest.refresh(digest.pending_chunks(), frozen=True)
+        # Fed whole (``via="feed"``), the connection may have decoded the
+        # pages after the switch already, as a socket read one frame at a
+        # time never does: CONFIRM then has no state to go out in.
+        if conn.machine.state == DestState.POSTCOPY:
+            conn.send(fr.Confirm(digest.data_digest(), digest.tag_digest(), "", digest.chunk_crcs()))
 
 
 def run_input(inp: FuzzInput, seeds: list[Seed]) -> str:
