@@ -599,6 +599,19 @@ OPTIONS = (
         metavar="S",
     ),
     Option(
+        "postcopy_hold_s",
+        NUMBER,
+        300.0,
+        "with --postcopy: if the link breaks after the switch, both sides hold the split guest this long for a resume",
+        "With postcopy, after the switch: how many seconds both sides hold the split guest when the link "
+        "breaks (the destination running it with vCPUs waiting for missing pages, the source paused with "
+        "those pages) for the source to reconnect (by itself with `--retry`, or on `mte-migrate resume`). "
+        "When it runs out the destination's guest is lost and the source's paused copy ends with its process.",
+        section="migration",
+        flags=("--postcopy-hold",),
+        metavar="S",
+    ),
+    Option(
         "prealloc",
         BOOL,
         False,

@@ -23,6 +23,7 @@ from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, prepar
 from migrate.engine.handshake import authenticate, hello_mismatch
 from migrate.engine.pages import BatchApplier, BatchStats
 from migrate.engine.postcopy import DestPostcopy
+from migrate.engine.postcopy_recovery import DestPostcopyHold, PostcopyLost
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import DestRecovery
 from migrate.engine.report import empty_result, protection
@@ -48,6 +49,11 @@ from migrate.strategies import STRATEGIES
 
 log = logging.getLogger("migrate.engine.dest")
 T = fr.FrameType
+
+
+def _groups(ranges, size: int):
+    for i in range(0, len(ranges), size):
+        yield ranges[i : i + size]
 
 
 def _ms(seconds: float) -> float:
@@ -109,6 +115,9 @@ class DestVmm:
         self._announced: list = []  # POSTCOPY ranges so far, until the last announcement
         self._postcopy: DestPostcopy | None = None
         self._postcopy_done = False
+        self._postcopy_hold = DestPostcopyHold(config, self._recovery._challenge)
+        self._switch_confirm = None  # CONFIRM at the switch: sent again on a recovery connection
+        self._address = "?"  # where later connections come (for the operator)
         self._switch_interval = sys.getswitchinterval()
         self._send_lock = asyncio.Lock()  # REQUESTs go out while the main loop may send too
 
@@ -116,6 +125,7 @@ class DestVmm:
         """Accept one migration on ``listener``; refuse any other connection."""
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
+        self._address = "{}:{}".format(*listener.getsockname()[:2])
         while True:
             sock, peer = await loop.sock_accept(listener)
             tune(sock)
@@ -145,10 +155,16 @@ class DestVmm:
             # GO resumes the guest here; in postcopy, POSTCOPY does, and the
             # missing pages follow until the source's last PASS_END
             while not self.resumed or (self._postcopy is not None and not self._postcopy_done):
-                frame = await self._recv_control()
-                await handlers[frame.type](frame)
+                try:
+                    frame = await self._recv_control()
+                    await handlers[frame.type](frame)
+                except MigrationError as exc:
+                    if not await self._resume_postcopy(exc):
+                        raise
         except asyncio.CancelledError:
             self._fail(Cancelled("cancelled by the user"))
+            if self._postcopy is not None and not self._postcopy_done:
+                self._postcopy_lost()
         except MigrationError as exc:
             await self._on_failure(exc)
         except Exception as exc:
@@ -231,6 +247,10 @@ class DestVmm:
         a few times per timeout, so detection takes at most ~1.25 timeouts)."""
         recv = asyncio.ensure_future(self.chan.recv(timeout=None))
         failure = self._channels.failure
+        if self._postcopy is not None:
+            # After the switch only this connection carries the migration:
+            # data channels, done with their passes, may die with a cut link.
+            failure = asyncio.get_running_loop().create_future()
         try:
             while True:
                 done, _ = await asyncio.wait(
@@ -240,7 +260,10 @@ class DestVmm:
                     return recv.result()
                 if failure in done:
                     raise failure.exception()
-                if not self._channels.active():
+                if self._postcopy is not None:
+                    if time.monotonic() - self.chan.last_activity >= self.config.timeout_s:
+                        raise PeerTimeout(f"source sent nothing for {self.config.timeout_s:g} s")
+                elif not self._channels.active():
                     raise PeerTimeout(f"source sent nothing for {self.config.timeout_s:g} s")
         finally:
             if not recv.done():
@@ -328,8 +351,6 @@ class DestVmm:
         # The vCPU threads and this loop share one interpreter lock: let a
         # fault's round trip (event, REQUEST, page, placement) have it back
         # within 0.5 ms instead of the default 5 ms per hand-over.
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, 0.0005))
         pc = self._postcopy = DestPostcopy(self.host, self.strategy, uffd, ranges)
         pc.wrong_before = self.host.counters.get("guest.wrong_tag_accesses")
         sdigest = self._state_digest  # of what will run, read back when STATE arrived
@@ -337,12 +358,60 @@ class DestVmm:
         pc.resumed_at = time.perf_counter()
         self.result["postcopy_switch_ms"] = _ms(pc.resumed_at - t)
         digest = self._digest
-        loop = asyncio.get_running_loop()
-        loop.add_reader(uffd.fileno(), self._on_fault)
+        self._watch_faults()
+        self._switch_confirm = fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs())
         async with self._send_lock:
-            await self.chan.send(fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs()))
+            await self.chan.send(self._switch_confirm)
         if pc.total == 0:
             pc.last_page_at = pc.resumed_at
+
+    def _watch_faults(self) -> None:
+        # The vCPU threads and this loop share one interpreter lock: let a
+        # fault's round trip (event, REQUEST, page, placement) have it back
+        # within 0.5 ms instead of the default 5 ms per hand-over.
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, 0.0005))
+        asyncio.get_running_loop().add_reader(self._postcopy.uffd.fileno(), self._on_fault)
+
+    async def _resume_postcopy(self, exc: MigrationError) -> bool:
+        """After the switch a failure pauses postcopy: keep the guest running
+        (vCPUs on missing pages wait), keep every page and table entry, and
+        wait for the source's recovery connection (postcopy_recovery).  On
+        it, list the pages still missing, send the switch's CONFIRM again,
+        ask again for the pages the guest waits for; True then.  False when
+        postcopy is not under way or the source itself ended it."""
+        pc = self._postcopy
+        if pc is None or self._postcopy_done or isinstance(exc, (Cancelled, PostcopyLost)):
+            return False
+        if not isinstance(exc, (PeerError, TransportError)) and not self.chan.closed:
+            try:  # the source learns why (a page refused, ...) before it reconnects
+                async with asyncio.timeout(1.0), self._send_lock:
+                    await self.chan.send(fr.Error(exc.code, one_line(exc)))
+            except Exception:
+                pass
+        self.chan.close()
+        self._stop_faults()
+        self.progress.message(f"postcopy paused: {one_line(exc)}")
+        chan = await self._postcopy_hold.wait(exc, self.hello.session, pc.total - pc.landed, self._address)
+        self.chan, self.machine = chan, chan.conn.machine
+        chan.timeout = self.config.timeout_s
+        missing = pc.missing()
+        async with self._send_lock:
+            groups = list(_groups(missing, fr.Postcopy.MAX_RANGES)) or [[]]
+            for i, group in enumerate(groups):
+                await chan.send(fr.Postcopy(group, b"", last=i == len(groups) - 1))
+            await chan.send(self._switch_confirm)
+        waiting = pc.waiting(missing)
+        for i in range(0, len(waiting), fr.Request.MAX_RANGES):
+            pc.requests += 1
+            await self._send_request(waiting[i : i + fr.Request.MAX_RANGES])
+        self._watch_faults()
+        self._on_fault()  # faults taken while paused
+        rec = self.result.setdefault("postcopy_recovery", {"pauses": 0, "causes": []})
+        rec["pauses"] += 1
+        rec["causes"].append(one_line(exc))
+        self.progress.message(f"postcopy resumed: {pc.total - pc.landed} pages still missing")
+        return True
 
     def _on_fault(self) -> None:
         """A vCPU waits for a page: ask the source for it, ahead of the rest."""
@@ -543,6 +612,10 @@ class DestVmm:
         chan = FrameChannel(sock, conn, min(self.config.timeout_s, 5.0), io=io)
         try:
             frame = await self._first_frame(chan)
+            if frame.type == T.RECOVER and frame.decision == "postcopy":
+                conn.ram_pages = self.host.memory.npages
+                await self._postcopy_hold.take(frame, chan, self.hello)  # the channel is the control one now
+                return
             if frame.type == T.RECOVER:
                 await self._recovery.take(frame, chan, self.hello, lambda: self.resumed)
                 return
@@ -560,7 +633,12 @@ class DestVmm:
 
     async def _first_frame(self, chan):
         hello = self.hello
-        if hello is not None and len(self._channels.lanes) >= hello.channels - 1 and not self._recovery.listening:
+        if (
+            hello is not None
+            and len(self._channels.lanes) >= hello.channels - 1
+            and not self._recovery.listening
+            and not self._postcopy_hold.listening
+        ):
             # Every data channel is here: whoever this is, we are busy.
             raise ProtocolError("this destination is already receiving a migration")
         frame = await chan.recv()
@@ -628,17 +706,23 @@ class DestVmm:
         else:
             self._fail(exc)
 
-    async def _postcopy_failed(self, exc: MigrationError) -> None:
-        """After the switch neither side holds the whole guest: it runs here,
-        its vCPUs blocked on the pages still missing; nothing is discarded."""
-        self._fail(exc)
+    def _postcopy_lost(self) -> None:
+        """This process ends with a guest that still lacks pages: it is lost
+        here, whatever the reason; the source holds its paused copy."""
         self._stop_faults()
         pc = self._postcopy
-        self.result["status"] = "postcopy-paused"
+        self.result["status"] = "postcopy-lost"
         self.result["guest_on"] = (
-            f"split: running here with {pc.total - pc.landed} pages missing (vCPUs that touch them wait); "
-            f"those pages are only on the paused source"
+            f"nowhere here: the guest ran here from the postcopy switch with {pc.total - pc.landed} pages "
+            f"missing (its vCPUs cannot proceed) and ends with this process; the source holds its paused copy "
+            f"as of the switch"
         )
+
+    async def _postcopy_failed(self, exc: MigrationError) -> None:
+        """After the switch, no resume (the hold ran out, or the source ended
+        postcopy): the guest here is lost."""
+        self._fail(exc)
+        self._postcopy_lost()
         if not isinstance(exc, (PeerError, TransportError)) and not self.chan.closed:
             try:
                 async with asyncio.timeout(1.0), self._send_lock:

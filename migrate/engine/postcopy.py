@@ -22,7 +22,7 @@ from migrate.checksum import crc32
 from migrate.engine.bitmaps import runs
 from migrate.engine.digest import CHUNK_PAGES, effective_tags
 from migrate.engine.passes import peer_error
-from migrate.errors import ProtocolError
+from migrate.errors import PeerTimeout, ProtocolError
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Decompressor
 
@@ -108,6 +108,7 @@ class SourcePostcopy:
         self.sent = 0
         self.requested_pages = 0  # pages sent because the destination asked
         self.requests = 0
+        self.resent = 0  # pages sent again after a broken link (postcopy_recovery)
         self._asks: asyncio.Queue = asyncio.Queue()
         self.confirm = asyncio.get_running_loop().create_future()
         self.last_page_at: float | None = None
@@ -142,10 +143,35 @@ class SourcePostcopy:
             if not reader.done():
                 reader.cancel()
 
+    def announced(self) -> bytearray:
+        """1 per page announced at the switch."""
+        out = bytearray(self.memory.npages)
+        for first, count in self.ranges:
+            out[first : first + count] = b"\x01" * count
+        return out
+
+    def resume(self, chan, missing) -> None:
+        """Go on over ``chan`` (a recovery connection) with exactly the pages
+        the destination says it still lacks: those in flight at the break
+        go again, with their table entries."""
+        self.chan = chan
+        self.pending = bytearray(self.memory.npages)
+        for first, count in missing:
+            self.pending[first : first + count] = b"\x01" * count
+        owed = self.pending.count(1)
+        self.resent += max(0, owed - (self.total - self.sent))
+        self.sent = self.total - owed
+        self._asks = asyncio.Queue()  # asked on the old link: the destination asks again
+
     async def _finish(self, reader):
         """After the last page: the destination's CONFIRM (if not yet read)
-        and its RESUMED: every page arrived and checked out."""
-        return await reader
+        and its RESUMED: every page arrived and checked out.  A destination
+        silent that long is a broken link (postcopy pauses), not a hang."""
+        try:
+            async with asyncio.timeout(2 * self.chan.timeout):
+                return await reader
+        except TimeoutError:
+            raise PeerTimeout(f"no RESUMED {2 * self.chan.timeout:g} s after the last postcopy page") from None
 
     def _take_asks(self) -> list:
         """Requested pages not sent yet (a page asked twice, or already sent
@@ -289,6 +315,23 @@ class DestPostcopy:
         pages = [p for p in self.uffd.read_events() if p not in self.requested and not present[p]]
         self.requested.update(pages)
         return [(p, 1) for p in sorted(set(pages))]
+
+    def missing(self) -> list:
+        """Ranges of announced pages not placed yet (in flight at a break
+        included): what the source must send again."""
+        present = self.uffd.present
+        out = []
+        for first, count in self.ranges:
+            for a, b in runs(present[first : first + count], 0):
+                out.append((first + a, b - a))
+        return out
+
+    def waiting(self, missing) -> list:
+        """Of ``missing``, the pages the guest asked for: asked again first."""
+        out = []
+        for first, count in missing:
+            out += [(p, 1) for p in range(first, first + count) if p in self.requested]
+        return out
 
     @property
     def complete(self) -> bool:

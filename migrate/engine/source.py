@@ -26,6 +26,7 @@ from migrate.engine.lanes import SendLane
 from migrate.engine.pages import BatchBuilder
 from migrate.engine.passes import PassSender, PeerWatch
 from migrate.engine.postcopy import SourcePostcopy, mixed_chunks
+from migrate.engine.postcopy_recovery import ResumedHere, SourcePostcopyHold
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import SourceRecovery
 from migrate.engine.report import empty_result, protection
@@ -120,6 +121,7 @@ class SourceVmm:
         # -- postcopy
         self._postcopy_reason: str | None = None  # why precopy gave way to postcopy
         self._switched = False  # POSTCOPY announced: the guest runs there, its missing pages are here
+        self.postcopy_retries = 0  # reconnections after a broken postcopy without the operator (--retry)
 
     @property
     def lanes(self) -> list[SendLane]:
@@ -342,17 +344,7 @@ class SourceVmm:
         await pc.announce()
         self._switched = self.handed_over = True
         self.result["guest_on"] = "destination (postcopy: its missing pages still here)"
-        run = asyncio.ensure_future(pc.run())
-        try:
-            await asyncio.wait({run, pc.confirm}, return_when=asyncio.FIRST_COMPLETED)
-            if not pc.confirm.done():
-                await run  # raises the failure
-            switched = time.perf_counter()
-            self.result["downtime_ms"] = _ms(switched - self._clock.pause)
-            await run
-        finally:
-            if not run.done():
-                run.cancel()
+        switched = await self._run_postcopy(pc)
         # The independent re-read of this frozen memory waits until every
         # page is sent: on two cores it would slow the answers to the guest's
         # faults, and its result is needed only for the verdict.
@@ -365,6 +357,7 @@ class SourceVmm:
             "pages": pc.total,
             "pages_requested": pc.requested_pages,
             "requests": pc.requests,
+            "pages_resent": pc.resent,
             "last_page_ms": _ms(pc.last_page_at - switched) if pc.last_page_at else 0.0,
             "total_after_switch_ms": _ms(done - switched),
         }
@@ -375,6 +368,51 @@ class SourceVmm:
             )
         self.result["status"] = "completed"
         self.result["guest_on"] = "destination"
+
+    async def _run_postcopy(self, pc: SourcePostcopy) -> float:
+        """Send the missing pages until the destination says RESUMED; a broken
+        link pauses the migration until a recovery connection resumes it
+        (postcopy_recovery).  Returns when the switch was confirmed."""
+        switched = None
+        hold = None
+        while True:
+            run = asyncio.ensure_future(pc.run())
+            try:
+                await asyncio.wait({run, pc.confirm}, return_when=asyncio.FIRST_COMPLETED)
+                if pc.confirm.done() and switched is None:
+                    switched = time.perf_counter()
+                    self.result["downtime_ms"] = _ms(switched - self._clock.pause)
+                await run
+                break
+            except MigrationError as exc:
+                self._chan.close()
+                if hold is None:
+                    hold = SourcePostcopyHold(
+                        self.config,
+                        self._tls,
+                        self._session,
+                        self._address,
+                        self.host.memory.npages,
+                        self.postcopy_retries,
+                        self.result,
+                    )
+                try:
+                    chan, missing = await hold.reconnect(exc, pc.announced(), pc.total - pc.sent)
+                except ResumedHere:
+                    # The operator's word that the destination is dead: the
+                    # guest goes on here as it was paused.
+                    self._switched = self.handed_over = False
+                    raise
+                self._chan, self.machine = chan, chan.conn.machine
+                pc.resume(chan, missing)
+                self.progress.message(f"postcopy resumed: {sum(c for _, c in missing)} pages still to send")
+            finally:
+                if not run.done():
+                    run.cancel()
+        if switched is None:  # the switch's CONFIRM came only on a recovery connection
+            switched = time.perf_counter()
+            self.result["downtime_ms"] = _ms(switched - self._clock.pause)
+        return switched
 
     async def _validate_postcopy(self, confirm, ranges) -> Validation:
         """What the destination held at the switch against this side's frozen
