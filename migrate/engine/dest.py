@@ -711,6 +711,7 @@ class DestVmm:
         here, whatever the reason; the source holds its paused copy."""
         self._stop_faults()
         pc = self._postcopy
+        pc.uffd.close()  # vCPUs waiting for pages stop now, not at teardown's join timeout
         self.result["status"] = "postcopy-lost"
         self.result["guest_on"] = (
             f"nowhere here: the guest ran here from the postcopy switch with {pc.total - pc.landed} pages "

@@ -142,6 +142,8 @@ class SourcePostcopy:
         finally:
             if not reader.done():
                 reader.cancel()
+            elif not reader.cancelled():
+                reader.exception()  # the same break as the send's: retrieved, not logged at exit
 
     def announced(self) -> bytearray:
         """1 per page announced at the switch."""

@@ -63,6 +63,10 @@ class ResumedHere(MigrationError):
     code = "resumed-here"
 
 
+def _ignore() -> None:
+    pass
+
+
 def _alert(text: str) -> None:
     # An operator alert, not progress: always on stderr.
     print(text, file=sys.stderr, flush=True)
@@ -145,7 +149,7 @@ class SourcePostcopyHold:
                 record["resolution"] = f"resumed on attempt {self.attempts}"
                 return chan, ranges
         finally:
-            loop.remove_signal_handler(signal.SIGUSR2)
+            loop.add_signal_handler(signal.SIGUSR2, _ignore)  # a late `resume` must not kill the process
             loop.remove_signal_handler(signal.SIGUSR1)
         if gone:
             raise PostcopyPaused(
@@ -155,8 +159,9 @@ class SourcePostcopyHold:
             )
         raise PostcopyPaused(
             f"postcopy paused after: {one_line(cause)}; no resume within {hold:.0f} s (last: {one_line(last)}); "
-            f"the guest ran on the destination, which keeps it only for its own --postcopy-hold; this "
-            f"process held the only complete copy (paused as of the switch) and it ends with it"
+            f"the guest ran on the destination, which keeps it only for its own --postcopy-hold; this source "
+            f"held its paused copy as of the switch, the only complete one, and nobody resumed it here "
+            f"(`kill -USR1 {pid}`), so it ends with this process"
         )
 
     async def _wait(self, now_word: asyncio.Event, here_word: asyncio.Event, seconds: float) -> None:

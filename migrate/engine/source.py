@@ -611,8 +611,8 @@ class SourceVmm:
             # keep this paused copy, discard nothing.
             res["status"] = "postcopy-paused"
             res["guest_on"] = (
-                "split: the guest ran on the destination from the postcopy switch; pages it lacked are only "
-                "in this paused copy, kept"
+                "split: the guest ran on the destination from the postcopy switch; the pages it lacked are "
+                "only in this paused copy, held until this process ended"
             )
         self.progress.message(f"migration {res['status']}: {res['error']}")
 
