@@ -447,8 +447,39 @@ class DestVmm:
             self.result["guest_on"] = "destination"
         else:
             self.result["status"] = "completed"
-        async with self._send_lock:
-            await self.chan.send(fr.Resumed())
+        try:
+            async with self._send_lock:
+                await self.chan.send(fr.Resumed())
+        except MigrationError:
+            pass  # the source will ask again (RECOVER "postcopy"): we linger for it
+        await self._linger_after_postcopy()
+
+    async def _linger_after_postcopy(self) -> None:
+        """Every page is here.  The source hangs up once it has read RESUMED;
+        if that clean close does not come, RESUMED may have been lost with
+        the link: for the hold time, answer the source's RECOVER "postcopy"
+        with an empty list and RESUMED again (never a page: none is owed)."""
+        try:
+            await self.chan.recv(timeout=self.config.timeout_s)
+        except TransportError as exc:
+            if "closed the connection between frames" in str(exc):
+                return
+        except MigrationError:
+            pass
+        self.chan.close()
+        chan = await self._postcopy_hold.accept(self.config.postcopy_hold_s)
+        if chan is None:
+            return
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                await chan.send(fr.Postcopy([], b"", last=True))
+                await chan.send(self._switch_confirm)
+                if (await chan.recv()).type == T.PASS_END:
+                    await chan.send(fr.Resumed())
+        except (MigrationError, TimeoutError):
+            pass
+        finally:
+            chan.close()
 
     def _stop_faults(self) -> None:
         sys.setswitchinterval(self._switch_interval)

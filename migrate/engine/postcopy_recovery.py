@@ -108,8 +108,8 @@ class SourcePostcopyHold:
         auto = self.retries - self.attempts
         _alert(
             f"mte-migrate source: POSTCOPY PAUSED: the link to {host}:{port} broke after the switch "
-            f"({one_line(cause)}). The guest runs on the destination; the {missing} pages it lacks are only in "
-            f"this paused copy, held for {hold:.0f} s (session {self.session}). "
+            f"({one_line(cause)}). The guest runs on the destination; the pages it lacks ({missing} not sent yet, and "
+            f"any in flight) are only in this paused copy, held for {hold:.0f} s (session {self.session}). "
             + (f"Reconnecting by itself ({auto} attempts left). " if auto > 0 else "")
             + f"Resume the migration with `mte-migrate resume --pid {pid}`; if the destination is dead, "
             f"`kill -USR1 {pid}` resumes this copy as of the switch (what the guest did there is lost)."
@@ -254,20 +254,27 @@ class DestPostcopyHold:
         """Hold the running guest for the source; the recovery channel, or
         PostcopyLost when ``postcopy_hold_s`` ran out."""
         hold = self.config.postcopy_hold_s
-        self._waiting = asyncio.get_running_loop().create_future()
         _alert(
             f"mte-migrate dest: POSTCOPY PAUSED after: {one_line(cause)}; the guest runs HERE with {missing} "
             f"pages missing (vCPUs that touch them wait); they are only on the paused source. Waiting {hold:.0f} s "
             f"for it to resume (session {session}, listening on {address}): on the source, "
             f"`mte-migrate resume --pid SOURCE-PID`."
         )
-        try:
-            return await asyncio.wait_for(self._waiting, hold)
-        except TimeoutError:
+        chan = await self.accept(hold)
+        if chan is None:
             raise PostcopyLost(
                 f"postcopy paused after: {one_line(cause)}; the source did not resume within {hold:.0f} s: "
                 f"the guest here still lacks {missing} pages, its vCPUs cannot proceed, and it is lost with this "
                 f"process; the source holds its paused copy as of the switch"
-            ) from None
+            )
+        return chan
+
+    async def accept(self, seconds: float) -> FrameChannel | None:
+        """The next authenticated RECOVER "postcopy" channel, or None after ``seconds``."""
+        self._waiting = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(self._waiting, seconds)
+        except TimeoutError:
+            return None
         finally:
             self._waiting = None

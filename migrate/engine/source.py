@@ -409,6 +409,7 @@ class SourceVmm:
             finally:
                 if not run.done():
                     run.cancel()
+        self._chan.close()  # RESUMED read: the destination stops waiting for a recovery
         if switched is None:  # the switch's CONFIRM came only on a recovery connection
             switched = time.perf_counter()
             self.result["downtime_ms"] = _ms(switched - self._clock.pause)
