@@ -483,7 +483,8 @@ OPTIONS = (
         "resume the guest on the destination at once; the pages it still lacks follow, those it faults "
         "on first. Needs a strategy that can place a page and its tags for a running guest "
         "(`mte-migrate strategies` says which). After the switch neither side alone holds the whole "
-        "guest: a destination lost then loses the guest (the source keeps its paused copy).",
+        "guest: a broken link pauses both until the source reconnects (`--retry`, `mte-migrate resume`; "
+        "see `postcopy_hold_s`); a destination lost then loses the guest (the source keeps its paused copy).",
         section="migration",
         switch=("--postcopy",),
     ),
