@@ -391,8 +391,27 @@ class DestVmm:
                 pass
         self.chan.close()
         self._stop_faults()
-        self.progress.message(f"postcopy paused: {one_line(exc)}")
-        chan = await self._postcopy_hold.wait(exc, self.hello.session, pc.total - pc.landed, self._address)
+        while True:
+            self.progress.message(f"postcopy paused: {one_line(exc)}")
+            rec = self.result.setdefault("postcopy_recovery", {"pauses": 0, "causes": []})
+            rec["pauses"] += 1
+            rec["causes"].append(one_line(exc))
+            chan = await self._postcopy_hold.wait(exc, self.hello.session, pc.total - pc.landed, self._address)
+            try:
+                await self._restart_postcopy(chan)
+                break
+            except MigrationError as again:  # broke again at once: hold again
+                chan.close()
+                exc = again
+        self._watch_faults()
+        self._on_fault()  # faults taken while paused
+        self.progress.message(f"postcopy resumed: {pc.total - pc.landed} pages still missing")
+        return True
+
+    async def _restart_postcopy(self, chan) -> None:
+        """On the recovery connection: the pages still missing, the switch's
+        CONFIRM again, REQUESTs for the pages vCPUs wait for."""
+        pc = self._postcopy
         self.chan, self.machine = chan, chan.conn.machine
         chan.timeout = self.config.timeout_s
         missing = pc.missing()
@@ -405,13 +424,6 @@ class DestVmm:
         for i in range(0, len(waiting), fr.Request.MAX_RANGES):
             pc.requests += 1
             await self._send_request(waiting[i : i + fr.Request.MAX_RANGES])
-        self._watch_faults()
-        self._on_fault()  # faults taken while paused
-        rec = self.result.setdefault("postcopy_recovery", {"pauses": 0, "causes": []})
-        rec["pauses"] += 1
-        rec["causes"].append(one_line(exc))
-        self.progress.message(f"postcopy resumed: {pc.total - pc.landed} pages still missing")
-        return True
 
     def _on_fault(self) -> None:
         """A vCPU waits for a page: ask the source for it, ahead of the rest."""

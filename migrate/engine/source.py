@@ -403,6 +403,7 @@ class SourceVmm:
                     # guest goes on here as it was paused.
                     self._switched = self.handed_over = False
                     raise
+                chan.limiter = self._chan.limiter  # --max-bandwidth holds on the new connection too
                 self._chan, self.machine = chan, chan.conn.machine
                 pc.resume(chan, missing)
                 self.progress.message(f"postcopy resumed: {sum(c for _, c in missing)} pages still to send")

@@ -161,7 +161,9 @@ def run_source(
                     "total_time_ms": result["total_time_ms"],
                 }
             )
-            if result["status"] in ("completed", "cancelled", "postcopy-paused") or n == retry:
+            # after a postcopy switch the engine made the retries itself
+            postcopy = result["status"] == "postcopy-paused" or "postcopy_recovery" in result
+            if result["status"] in ("completed", "cancelled") or postcopy or n == retry:
                 return result
             progress.message(
                 f"attempt {n + 1} failed ({result['error']}); the guest runs on here; "
