@@ -186,3 +186,76 @@ def test_a_source_killed_after_the_switch_leaves_the_destination_saying_its_gues
     problems = postcopy_violations(o, "kill-source")
     assert not problems, "\n".join(problems) + "\n" + _describe(o)
     assert o.dest.guest_on.startswith("nowhere here") and "POSTCOPY PAUSED" in o.dest.stderr
+
+
+# -- the pieces ---------------------------------------------------------------------------
+class _Frames:
+    """A channel that yields the given frames."""
+
+    def __init__(self, frames):
+        self.frames = list(frames)
+
+    async def recv(self, timeout=None):
+        return self.frames.pop(0)
+
+
+def _entries(*pairs) -> bytes:
+    from array import array
+
+    return array("I", [v for pair in pairs for v in pair]).tobytes()
+
+
+def test_the_destination_lists_exactly_the_pages_not_placed_and_asks_first_for_those_the_guest_waits_for():
+    from test_postcopy import host
+
+    from hosts.uffd import MISSING, Userfaultfd
+    from migrate.engine.postcopy import DestPostcopy
+
+    h = host()
+    uffd = Userfaultfd(h.vm, MISSING)
+    uffd.drop(10, 20)
+    uffd.drop(40, 42)
+    pc = DestPostcopy(h, None, uffd, [(10, 10), (40, 2)])
+    uffd.copy(12, b"\0" * 4096)
+    uffd.copy(41, b"\0" * 4096)
+    pc.requested.update({11, 13, 41})
+    assert pc.missing() == [(10, 2), (13, 7), (40, 1)]
+    assert pc.waiting(pc.missing()) == [(11, 1), (13, 1)]
+    h.close()
+
+
+def test_a_table_entry_sent_again_replaces_the_old_one_and_a_page_twice_is_refused():
+    from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
+    from migrate.checksum import crc32
+    from migrate.engine.postcopy import DestPostcopy
+    from migrate.errors import ProtocolError
+    from migrate.protocol import frames as fr
+
+    pc = DestPostcopy(None, None, None, [(3, 1)])
+    data, tags = b"\x07" * PAGE_SIZE, b"\0" * PACKED_TAGS_PER_PAGE
+    pc.add_table(fr.Postcopy([(3, 1)], _entries((1, 2))))  # sent before the break
+    pc.add_table(fr.Postcopy([(3, 1)], _entries((crc32(data), crc32(tags)))))  # again, after it
+    pc._check(3, data, tags)
+    with pytest.raises(ProtocolError, match="came twice"):
+        pc._check(3, data, tags)
+
+
+async def test_the_source_takes_only_pages_it_announced_each_once():
+    from migrate.engine.postcopy_recovery import SourcePostcopyHold
+    from migrate.errors import PeerError, ProtocolError
+    from migrate.protocol import frames as fr
+
+    announced = bytearray(64)
+    announced[8:24] = b"\x01" * 16
+    ok = [fr.Postcopy([(8, 2)], b"", last=False), fr.Postcopy([(20, 4)], b"", last=True)]
+    assert await SourcePostcopyHold.missing_list(_Frames(ok), announced) == [(8, 2), (20, 4)]
+    assert await SourcePostcopyHold.missing_list(_Frames([fr.Postcopy([], b"", last=True)]), announced) == []
+    for bad in (
+        [fr.Postcopy([(7, 2)], b"", last=True)],  # page 7 was never announced
+        [fr.Postcopy([(8, 2)], b"", last=False), fr.Postcopy([(9, 1)], b"", last=True)],  # page 9 twice
+        [fr.Postcopy([(8, 1)], b"\0" * 8, last=True)],  # a table: not a list
+    ):
+        with pytest.raises(ProtocolError):
+            await SourcePostcopyHold.missing_list(_Frames(bad), announced)
+    with pytest.raises(PeerError, match="no postcopy"):
+        await SourcePostcopyHold.missing_list(_Frames([fr.Error("protocol", "no postcopy is paused")]), announced)
