@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="After the postcopy switch a broken link pauses both sides: the destination runs "
         "the guest without the pages it lacks, the source holds them in its paused copy (for "
         "--postcopy-hold seconds). Once the path works again, tell the source process to reconnect "
-        "and finish the same migration (it signals that process, SIGUSR2; its own key and "
+        "and finish the same migration (it signals that process, SIGURG; its own key and "
         "address are used). To resume the paused copy on the source instead (only when the "
         "destination is dead), `kill -USR1 PID` as its alert says.",
     )
@@ -391,10 +391,10 @@ def _resolve(args) -> int:
 
 
 def _resume(args) -> int:
-    import signal
+    from migrate.engine.postcopy_recovery import RESUME_SIGNAL
 
     try:
-        os.kill(args.pid, signal.SIGUSR2)
+        os.kill(args.pid, RESUME_SIGNAL)
     except ProcessLookupError:
         raise ConfigError(f"no process {args.pid}: the source has ended (its result says why)") from None
     except PermissionError:

@@ -79,7 +79,7 @@ async def test_the_operator_resumes_after_a_cut_and_a_wrong_key_changes_nothing(
         chan.close()
         assert reply is None or reply.type.name == "ERROR", reply
         assert dest._postcopy_hold.listening and not stask.done()  # still paused, still waiting
-        os.kill(os.getpid(), signal.SIGUSR2)  # `mte-migrate resume --pid`
+        os.kill(os.getpid(), signal.SIGURG)  # `mte-migrate resume --pid`
         sres = await asyncio.wait_for(stask, WAIT)
         dres = await asyncio.wait_for(dtask, WAIT)
         assert sres["status"] == dres["status"] == "completed", (sres["error"], dres["error"])

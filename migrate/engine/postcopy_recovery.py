@@ -39,6 +39,9 @@ from migrate.protocol.machine import Connection, recovery_source_machine
 
 #: the decision word of a RECOVER that resumes a paused postcopy
 DECISION = "postcopy"
+#: what `mte-migrate resume` sends: ignored by default, so a late one kills
+#: nothing (SIGUSR1 is the in-doubt word, SIGUSR2 the kvm backend's vCPU kick)
+RESUME_SIGNAL = signal.SIGURG
 #: seconds between automatic attempts (--retry): doubled each time, up to the last
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0)
 
@@ -63,10 +66,6 @@ class ResumedHere(MigrationError):
     code = "resumed-here"
 
 
-def _ignore() -> None:
-    pass
-
-
 def _alert(text: str) -> None:
     # An operator alert, not progress: always on stderr.
     print(text, file=sys.stderr, flush=True)
@@ -77,7 +76,7 @@ class SourcePostcopyHold:
     """The source's part: hold the paused guest and reconnect.
 
     ``retries``: attempts made without the operator (``--retry``); after
-    them, and without any, the source waits for SIGUSR2 (``mte-migrate
+    them, and without any, the source waits for SIGURG (``mte-migrate
     resume --pid``: try again now) or SIGUSR1 (the destination is dead:
     resume the paused copy here) until ``config.postcopy_hold_s`` runs out."""
 
@@ -116,7 +115,7 @@ class SourcePostcopyHold:
         )
         now_word, here_word = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGUSR2, now_word.set)
+        loop.add_signal_handler(RESUME_SIGNAL, now_word.set)
         loop.add_signal_handler(signal.SIGUSR1, here_word.set)
         deadline = time.monotonic() + hold
         last: MigrationError = cause
@@ -149,7 +148,7 @@ class SourcePostcopyHold:
                 record["resolution"] = f"resumed on attempt {self.attempts}"
                 return chan, ranges
         finally:
-            loop.add_signal_handler(signal.SIGUSR2, _ignore)  # a late `resume` must not kill the process
+            loop.remove_signal_handler(RESUME_SIGNAL)
             loop.remove_signal_handler(signal.SIGUSR1)
         if gone:
             raise PostcopyPaused(

@@ -135,9 +135,6 @@ def run_source(
 
     async def main():
         loop = asyncio.get_running_loop()
-        # `mte-migrate resume` (SIGUSR2) is heard during a postcopy pause;
-        # at any other time it must not kill the source (the default action).
-        loop.add_signal_handler(signal.SIGUSR2, lambda: None)
         result = None
         for n in range(retry + 1):
             address = parsed[n % len(parsed)]
