@@ -22,7 +22,8 @@ from test_postcopy import CutAfterSwitch, dest_for, hot_set
 from migrate.config.spec import MigrationConfig
 from migrate.engine.dest import DestVmm
 from migrate.engine.recovery import recover
-from migrate.errors import MigrationError
+from migrate.engine.source import SourceVmm
+from migrate.errors import MigrationError, TransportError
 from migrate.net.transport import FrameChannel, connect, secure
 from migrate.protocol.machine import Connection, recovery_source_machine
 
@@ -124,6 +125,44 @@ async def test_the_operator_can_resume_the_paused_copy_at_the_source_when_the_de
     finally:
         for t in (stask, dtask):
             t.cancel()
+        listener.close()
+        src.close()
+        dst.close()
+
+
+class FailsAtTheSwitch(DestVmm):
+    """A destination whose link breaks while it switches, before the guest resumes."""
+
+    async def _switch_to_postcopy(self, ranges):
+        self.chan.sock.shutdown(2)
+        raise TransportError("connection lost during the switch")
+
+
+class Retrying(SourceVmm):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.postcopy_retries = 2
+
+
+async def test_a_switch_that_broke_before_the_guest_resumed_there_resumes_it_at_the_source():
+    """The source counts the guest handed over once it announced the switch;
+    the destination, which never resumed it, says so on the recovery
+    connection, and the paused copy runs on at the source."""
+    config = MigrationConfig(
+        strategy="memfd-continue", postcopy=True, postcopy_after_passes=0, channels=1, timeout_s=3, postcopy_hold_s=30
+    ).check()
+    src, dst = hot_set(), dest_for()
+    listener = open_listener()
+    dtask = asyncio.ensure_future(FailsAtTheSwitch(dst, config).serve(listener))
+    try:
+        sres = await asyncio.wait_for(Retrying(src, config).migrate(listener.getsockname()), WAIT)
+        dres = await asyncio.wait_for(dtask, WAIT)
+        assert sres["status"] == "failed" and sres["guest_on"] == "source", (sres["status"], sres["guest_on"])
+        assert "before the guest resumed on the destination" in sres["error"], sres["error"]
+        assert dres["guest_on"] == "nowhere (partial state discarded)" and not dst.vcpus.running
+        await _until(lambda: src.vcpus.running)
+    finally:
+        dtask.cancel()
         listener.close()
         src.close()
         dst.close()

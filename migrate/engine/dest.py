@@ -23,7 +23,7 @@ from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, prepar
 from migrate.engine.handshake import authenticate, hello_mismatch
 from migrate.engine.pages import BatchApplier, BatchStats
 from migrate.engine.postcopy import DestPostcopy
-from migrate.engine.postcopy_recovery import DestPostcopyHold, PostcopyLost
+from migrate.engine.postcopy_recovery import NOT_RESUMED, DestPostcopyHold, PostcopyLost
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import DestRecovery
 from migrate.engine.report import empty_result, protection
@@ -738,6 +738,8 @@ class DestVmm:
         if self._postcopy is not None and not self._postcopy_done:
             await self._postcopy_failed(exc)
             return
+        if self._announced and self._postcopy is None and not isinstance(exc, (PeerError, Cancelled)):
+            await self._unswitched(exc)
         # After CONFIRM, a broken or garbled stream may have carried GO:
         # only the source's own ERROR or ABORT says it kept the guest.
         if self.machine.state == DestState.AWAIT_GO and not isinstance(exc, (PeerError, Cancelled)):
@@ -748,6 +750,34 @@ class DestVmm:
                 self._fail(final)
         else:
             self._fail(exc)
+
+    async def _unswitched(self, exc: MigrationError) -> None:
+        """The switch was announced but failed before the guest resumed here:
+        the source, which counts the guest as handed over, may ask (RECOVER
+        "postcopy"); tell it that it never ran here, so it resumes its copy."""
+        if not isinstance(exc, TransportError) and not self.chan.closed:
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.chan.send(fr.Error(exc.code, one_line(exc)))
+            except Exception:
+                pass
+        self.chan.close()
+        self.progress.message(
+            f"the postcopy switch failed before the guest resumed here ({one_line(exc)}); waiting up to "
+            f"{self.config.postcopy_hold_s:g} s to tell the source, which keeps the guest"
+        )
+        chan = await self._postcopy_hold.accept(self.config.postcopy_hold_s)
+        if chan is None:
+            return
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                await chan.send(
+                    fr.Error(NOT_RESUMED, f"the guest never resumed here ({one_line(exc)}); its copy is discarded")
+                )
+        except (MigrationError, TimeoutError):
+            pass
+        finally:
+            chan.close()
 
     def _postcopy_lost(self) -> None:
         """This process ends with a guest that still lacks pages: it is lost

@@ -42,6 +42,8 @@ DECISION = "postcopy"
 #: what `mte-migrate resume` sends: ignored by default, so a late one kills
 #: nothing (SIGUSR1 is the in-doubt word, SIGUSR2 the kvm backend's vCPU kick)
 RESUME_SIGNAL = signal.SIGURG
+#: the ERROR code of a destination whose guest never resumed (it discarded its copy)
+NOT_RESUMED = "not-resumed"
 #: seconds between automatic attempts (--retry): doubled each time, up to the last
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0)
 
@@ -58,6 +60,13 @@ class PostcopyLost(MigrationError):
 
     code = "postcopy-lost"
     status = "postcopy-lost"
+
+
+class NotResumed(MigrationError):
+    """The destination says the guest never resumed there (the link broke
+    during the switch): the paused copy here is the only one, and resumes."""
+
+    code = NOT_RESUMED
 
 
 class ResumedHere(MigrationError):
@@ -140,6 +149,16 @@ class SourcePostcopyHold:
                 record["attempts"] = self.attempts
                 try:
                     chan, ranges = await self._attempt(announced)
+                except PeerError as exc:
+                    if exc.remote_code != NOT_RESUMED:
+                        last = exc
+                        _alert(f"mte-migrate source: postcopy resume attempt {self.attempts} failed: {one_line(exc)}")
+                        continue
+                    record["resolution"] = "the destination never resumed the guest: resumed here"
+                    raise NotResumed(
+                        f"the link broke during the postcopy switch ({one_line(cause)}), before the guest resumed "
+                        f"on the destination, which discarded its copy ({one_line(exc)}): the guest runs on here"
+                    ) from None
                 except MigrationError as exc:
                     last = exc
                     gone = bool(getattr(exc, "refused", False))

@@ -26,7 +26,7 @@ from migrate.engine.lanes import SendLane
 from migrate.engine.pages import BatchBuilder
 from migrate.engine.passes import PassSender, PeerWatch
 from migrate.engine.postcopy import SourcePostcopy, mixed_chunks
-from migrate.engine.postcopy_recovery import ResumedHere, SourcePostcopyHold
+from migrate.engine.postcopy_recovery import NotResumed, ResumedHere, SourcePostcopyHold
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import SourceRecovery
 from migrate.engine.report import empty_result, protection
@@ -398,9 +398,10 @@ class SourceVmm:
                     )
                 try:
                     chan, missing = await hold.reconnect(exc, pc.announced(), pc.total - pc.sent)
-                except ResumedHere:
-                    # The operator's word that the destination is dead: the
-                    # guest goes on here as it was paused.
+                except (ResumedHere, NotResumed):
+                    # The operator's word that the destination is dead, or the
+                    # destination's that it never ran the guest: it goes on
+                    # here as it was paused.
                     self._switched = self.handed_over = False
                     raise
                 chan.limiter = self._chan.limiter  # --max-bandwidth holds on the new connection too

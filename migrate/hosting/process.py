@@ -159,7 +159,9 @@ def run_source(
                 }
             )
             # after a postcopy switch the engine made the retries itself
-            postcopy = result["status"] == "postcopy-paused" or "postcopy_recovery" in result
+            postcopy = result["status"] == "postcopy-paused" or (
+                "postcopy_recovery" in result and result["guest_on"] != "source"
+            )
             if result["status"] in ("completed", "cancelled") or postcopy or n == retry:
                 return result
             progress.message(
