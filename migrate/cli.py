@@ -145,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, metavar="S")
 
     p = sub.add_parser(
+        "resume",
+        help="resume a postcopy migration whose link broke after the switch",
+        description="After the postcopy switch a broken link pauses both sides: the destination runs "
+        "the guest without the pages it lacks, the source holds them in its paused copy (for "
+        "--postcopy-hold seconds). Once the path works again, tell the source process to reconnect "
+        "and finish the same migration (it signals that process, SIGURG; its own key and "
+        "address are used). To resume the paused copy on the source instead (only when the "
+        "destination is dead), `kill -USR1 PID` as its alert says.",
+    )
+    p.add_argument("--pid", required=True, type=int, help="the source process named in its POSTCOPY PAUSED alert")
+
+    p = sub.add_parser(
         "speed",
         help="migrate raw images (zero, random, mixed) with defaults; compare with QEMU (--vs-qemu: measured)",
         description="Builds (once) raw images of each kind and size, migrates each REPEAT times "
@@ -378,6 +390,19 @@ def _resolve(args) -> int:
     return 0
 
 
+def _resume(args) -> int:
+    from migrate.engine.postcopy_recovery import RESUME_SIGNAL
+
+    try:
+        os.kill(args.pid, RESUME_SIGNAL)
+    except ProcessLookupError:
+        raise ConfigError(f"no process {args.pid}: the source has ended (its result says why)") from None
+    except PermissionError:
+        raise ConfigError(f"not allowed to signal process {args.pid}: run as the source's user") from None
+    print(f"asked source process {args.pid} to reconnect; it reports the outcome")
+    return 0
+
+
 def _bench_postcopy(args) -> int:
     import os
 
@@ -529,6 +554,8 @@ def _dispatch(args) -> int:
         return _bench(args)
     if args.command == "resolve":
         return _resolve(args)
+    if args.command == "resume":
+        return _resume(args)
     if args.command == "speed":
         from migrate.tools.speed import markdown
         from migrate.tools.speed import run as run_speed

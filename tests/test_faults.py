@@ -76,6 +76,25 @@ FAULTS = ["cut", "flip", "truncate", "stall", "kill-dest", "kill-source"]
 AFTER_GO = ("completion:GO", "completion:RESUMED")  # the source has sent GO: it has given the guest up
 
 CASES = [pytest.param(p, f, id=f"{p}-{f}") for p in PHASES for f in FAULTS]
+
+# After the postcopy switch (the proxy's phase "postcopy": some pages have
+# landed, more are owed).  Both sides hold for POSTCOPY_HOLD_S; the source
+# reconnects by itself (--retry).  "stall-short" stalls for less than the
+# timeout; "stall" never ends (a lasting partition); "cut-resumed" cuts the
+# link as the destination's RESUMED (every page landed) goes out.
+POSTCOPY_HOLD_S = 10
+POSTCOPY_DEST = ["--postcopy-hold", str(POSTCOPY_HOLD_S)]
+POSTCOPY_SOURCE = [
+    *("--postcopy", "--postcopy-after-passes", "1", "--strategy", "memfd-continue"),
+    *("--retry", "3", "--postcopy-hold", str(POSTCOPY_HOLD_S)),
+]
+POSTCOPY_FAULTS = ["cut", "flip", "truncate", "stall-short", "stall", "kill-dest", "kill-source", "cut-resumed"]
+POSTCOPY_RECOVERED = (
+    "cut",
+    "flip",
+    "truncate",
+    "cut-resumed",
+)  # the link broke: a reconnection completes the migration
 # The last confirmation lost: the destination resumed on GO, its RESUMED never
 # arrives.  Issue 5 asks for a message that says which side has the guest (and
 # a command where one is needed).  This passes with the code of 2026-11-28
@@ -212,8 +231,19 @@ def _operator(out: Outcome, procs: dict, files: dict, dest_address: str) -> bool
     return False
 
 
-def run_case(phase: str, fault: str, workdir: Path) -> Outcome:
-    """One cell of the matrix: destination, proxy, source; fault; wait; collect."""
+def run_case(
+    phase: str,
+    fault: str,
+    workdir: Path,
+    dest_args=(),
+    source_args=(),
+    stall_s: float | None = None,
+    operator=None,
+) -> Outcome:
+    """One cell of the matrix: destination, proxy, source; fault; wait; collect.
+    ``operator(out, procs, files, dest_address)`` acts on what the processes
+    say while the source runs (default: settle an in-doubt hold)."""
+    operator = operator or _operator
     workdir.mkdir(parents=True, exist_ok=True)
     out = Outcome(phase, fault)
     t0 = time.monotonic()
@@ -243,7 +273,7 @@ def run_case(phase: str, fault: str, workdir: Path) -> Outcome:
 
     try:
         procs["destination"] = subprocess.Popen(
-            base + ["dest", "--listen", "127.0.0.1:0", *GUEST, "--json", str(workdir / "destination.json")],
+            base + ["dest", "--listen", "127.0.0.1:0", *GUEST, *dest_args, "--json", str(workdir / "destination.json")],
             cwd=REPO,
             env=_env(),
             stdout=subprocess.PIPE,
@@ -267,7 +297,7 @@ def run_case(phase: str, fault: str, workdir: Path) -> Outcome:
                     victim.wait()
                     sides[role].killed_by_test = True
 
-        proxy = ProxyThread((host, int(port)), fault, phase, bulk_bytes=BULK_BYTES, on_phase=on_phase)
+        proxy = ProxyThread((host, int(port)), fault, phase, bulk_bytes=BULK_BYTES, on_phase=on_phase, stall_s=stall_s)
         t_src = time.monotonic()
         procs["source"] = subprocess.Popen(
             base
@@ -277,6 +307,7 @@ def run_case(phase: str, fault: str, workdir: Path) -> Outcome:
                 f"{proxy.address[0]}:{proxy.address[1]}",
                 *GUEST,
                 *SOURCE_ONLY,
+                *source_args,
                 "--json",
                 str(workdir / "source.json"),
             ],
@@ -302,9 +333,7 @@ def run_case(phase: str, fault: str, workdir: Path) -> Outcome:
             out.fired_after_start_s = round(t_fault - t_src, 3)
         deadline = t_fault + BOUND_S
         # A source that holds the guest in doubt asks the operator; act as one.
-        wait(
-            lambda: procs["source"].poll() is not None or _operator(out, procs, files, dest_address), deadline, t_fault
-        )
+        wait(lambda: procs["source"].poll() is not None or operator(out, procs, files, dest_address), deadline, t_fault)
         wait(lambda: procs["source"].poll() is not None, deadline, t_fault)
         if procs["source"].poll() is not None and not out.source.killed_by_test:
             load("source")
@@ -329,6 +358,77 @@ def run_case(phase: str, fault: str, workdir: Path) -> Outcome:
             f.close()
         out.wall_s = round(time.monotonic() - t0, 3)
     return out
+
+
+def run_postcopy_case(fault: str, workdir: Path, dest_args=(), source_args=(), operator=None) -> Outcome:
+    """A postcopy row: the fault after the switch."""
+    stall_s = 1.0 if fault == "stall-short" else None
+    out = run_case(
+        "completion:RESUMED" if fault == "cut-resumed" else "postcopy",
+        {"stall-short": "stall", "cut-resumed": "cut"}.get(fault, fault),
+        workdir,
+        [*POSTCOPY_DEST, *dest_args],
+        [*POSTCOPY_SOURCE, *source_args],
+        stall_s=stall_s,
+        operator=operator,
+    )
+    out.fault = fault
+    return out
+
+
+def postcopy_violations(o: Outcome, fault: str) -> list[str]:
+    """After the switch: where the link can be restored, nothing is lost
+    (completed, validated, no wrong tags); where it cannot, each surviving
+    side's status says what is lost and what is kept."""
+    if o.harness_error:
+        return [o.harness_error]
+    v = [] if o.fired else ["phase postcopy was never reached"]
+    src, dst = o.source, o.dest
+    for side in (src, dst):
+        if side.killed_by_test:
+            continue
+        if side.hung:
+            v.append(f"{side.role} still running {BOUND_S:g} s after the fault (killed by the test)")
+        elif "Traceback" in side.stderr:
+            v.append(f"{side.role} printed a Traceback")
+        elif side.result is None:
+            v.append(f"{side.role} wrote no JSON result (exit status {side.rc})")
+        elif side.status != "completed" and (not side.error or side.error not in side.stderr or side.rc == 0):
+            v.append(f"{side.role} failed without a one-line reason on stderr and a failing exit: {side.error!r}")
+    if v:
+        return v
+    if dst.status == "completed" and src.guest_on == "source":
+        v.append("the guest runs on two hosts")
+    # The one race where the link breaks during the switch itself, before
+    # the destination resumed the guest: it discards its copy and tells the
+    # source, which runs the guest on.  Nothing is lost that way either.
+    unswitched = (
+        src.guest_on == "source"
+        and "before the guest resumed on the destination" in str(src.error)
+        and str(dst.guest_on).startswith("nowhere (partial state discarded)")
+    )
+    if fault in (*POSTCOPY_RECOVERED, "stall-short") and not unswitched:
+        if not (src.status == dst.status == "completed"):
+            v.append(f"not completed: source {src.status!r} ({src.error}), destination {dst.status!r} ({dst.error})")
+        else:
+            pc = dst.result["postcopy"]
+            if not src.result["validation"].get("ok"):
+                v.append(f"validation failed: {src.result['validation']}")
+            if pc["guest_wrong_tag_accesses"] or pc["pages_verified"] != pc["pages"]:
+                v.append(f"pages or tags lost on the way: {pc}")
+            if fault in POSTCOPY_RECOVERED and not src.result.get("postcopy_recovery", {}).get("pauses"):
+                v.append("completed without a recorded pause: the fault did not break the link")
+    if fault in ("stall", "kill-dest"):
+        if src.status != "postcopy-paused" or not str(src.guest_on).startswith("split"):
+            v.append(f"the source should end postcopy-paused, split: {src.status!r}, {src.guest_on!r}")
+        elif fault == "kill-dest" and "the destination is gone" not in src.error:
+            v.append(f"the source does not say the destination is gone: {src.error!r}")
+        elif "paused copy" not in src.error:
+            v.append(f"the source does not say it held the paused copy: {src.error!r}")
+    if fault in ("stall", "kill-source") and not str(dst.guest_on).startswith("nowhere (partial state discarded)"):
+        if dst.status != "postcopy-lost" or "cannot proceed" not in str(dst.error):
+            v.append(f"the destination should end postcopy-lost, saying why: {dst.status!r}, {dst.error!r}")
+    return v
 
 
 def violations(o: Outcome) -> list[str]:
@@ -415,7 +515,12 @@ class Matrix:
         # Stalls take longest: start them first.
         order = sorted(cases, key=lambda c: (c[1] != "stall", not c[0].startswith("completion")))
         self._futures = {
-            c: self._pool.submit(run_case, c[0], c[1], workdir / f"{c[0]}-{c[1]}".replace(":", "_")) for c in order
+            c: self._pool.submit(
+                run_postcopy_case if c[0] == "postcopy" else run_case,
+                *((c[1],) if c[0] == "postcopy" else c),
+                workdir / f"{c[0]}-{c[1]}".replace(":", "_"),
+            )
+            for c in order
         }
 
     def get(self, phase, fault) -> Outcome:
@@ -429,7 +534,7 @@ class Matrix:
             rows = []
             for o in done:
                 d = asdict(o)
-                d["violations"] = violations(o)
+                d["violations"] = postcopy_violations(o, o.fault) if o.phase == "postcopy" else violations(o)
                 for role in ("source", "dest"):
                     d[role]["stderr"] = d[role]["stderr"][-2000:]
                     if d[role]["result"]:
@@ -446,6 +551,8 @@ def matrix(request, tmp_path_factory):
         spec = getattr(item, "callspec", None)
         if spec is not None and item.originalname == "test_fault_matrix":
             cases.append((spec.params["phase"], spec.params["fault"]))
+        if spec is not None and item.originalname == "test_postcopy_fault_matrix":
+            cases.append(("postcopy", spec.params["fault"]))
     m = Matrix(cases, tmp_path_factory.mktemp("faults"))
     yield m
     m.shutdown()
@@ -477,6 +584,14 @@ def _describe(o: Outcome) -> str:
 def test_fault_matrix(matrix, phase, fault):
     o = matrix.get(phase, fault)
     problems = violations(o)
+    assert not problems, "\n".join(problems) + "\n" + _describe(o)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", POSTCOPY_FAULTS)
+def test_postcopy_fault_matrix(matrix, fault):
+    o = matrix.get("postcopy", fault)
+    problems = postcopy_violations(o, fault)
     assert not problems, "\n".join(problems) + "\n" + _describe(o)
 
 

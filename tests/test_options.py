@@ -155,6 +155,7 @@ FLAGS = [
     (["--validate", "tracked"], "validate", "tracked"),
     (["--timeout", "2.5"], "timeout_s", 2.5),
     (["--in-doubt-hold", "5"], "in_doubt_hold_s", 5.0),
+    (["--postcopy-hold", "5"], "postcopy_hold_s", 5.0),
     (["--prealloc"], "prealloc", True),
     (["--vm-uuid", "vm-a"], "vm_uuid", "vm-a"),
     (["--psk-file", "KEY"], "psk_file", "KEY"),

@@ -266,18 +266,51 @@ class CutAfterSwitch(SourceVmm):
             postcopy.SourcePostcopy._send = real
 
 
-async def test_a_cut_link_after_the_switch_pauses_both_sides_and_discards_nothing():
+class RetryingCut(CutAfterSwitch):
+    """The same cut, with one reconnection allowed (--retry 1)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.postcopy_retries = 1
+
+
+async def test_a_cut_link_after_the_switch_is_resumed_and_completes_with_every_page_checked():
     src, dst = hot_set(), dest_for()
-    config = MigrationConfig(strategy="memfd-continue", postcopy=True, postcopy_after_passes=0, channels=1, timeout_s=3)
+    config = MigrationConfig(
+        strategy="memfd-continue", postcopy=True, postcopy_after_passes=0, channels=1, timeout_s=3, postcopy_hold_s=30
+    )
+    sres, dres = await migrate(src, dst, config.check(), RetryingCut)
+    try:
+        assert sres["status"] == dres["status"] == "completed", (sres["error"], dres["error"])
+        assert sres["validation"]["ok"], sres["validation"]
+        assert sres["postcopy_recovery"]["pauses"] == 1 and dres["postcopy_recovery"]["pauses"] == 1
+        assert dres["postcopy"]["pages_verified"] == dres["postcopy"]["pages"] == sres["postcopy"]["pages"]
+        assert dres["postcopy"]["guest_wrong_tag_accesses"] == 0
+        assert not src.vcpus.running and dst.vcpus.running and dst.vm.uffd is None
+    finally:
+        src.close()
+        dst.close()
+
+
+async def test_a_cut_link_after_the_switch_without_a_resume_keeps_the_source_paused_and_says_what_is_lost():
+    src, dst = hot_set(), dest_for()
+    config = MigrationConfig(
+        strategy="memfd-continue", postcopy=True, postcopy_after_passes=0, channels=1, timeout_s=3, postcopy_hold_s=2
+    )
     sres, dres = await migrate(src, dst, config.check(), CutAfterSwitch)
     try:
         assert sres["status"] == "postcopy-paused", sres["error"]
+        assert (
+            "no resume within 2 s" in sres["error"]
+            and "paused copy as of the switch, the only complete one" in sres["error"]
+        )
         assert sres["guest_on"].startswith("split") and not src.vcpus.running  # kept, paused, never resumed
         held = digests(src)
         await asyncio.sleep(0.2)
         assert digests(src) == held  # frozen, nothing discarded
-        assert dres["status"] == "postcopy-paused", dres["error"]
-        assert "pages missing" in dres["guest_on"]
+        assert dres["status"] == "postcopy-lost", dres["error"]
+        assert "did not resume within 2 s" in dres["error"] and "cannot proceed" in dres["error"]
+        assert dres["guest_on"].startswith("nowhere here") and "pages missing" in dres["guest_on"]
     finally:
         src.close()
         dst.close()

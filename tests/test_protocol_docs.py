@@ -192,7 +192,7 @@ def test_documented_bounds_are_enforced():
     checks = {(t.name, f.key): f.checked for t in T for f in describe.meta_fields(fr.FRAME_CLASSES[t])}
     assert checks[("PAGES", "dl")] == f"≤ {fr.MAX_PAYLOAD:,}"
     assert checks[("INSPECT", "c")] == f"≤ {fr.Inspect.MAX_CHUNKS} items"
-    assert checks[("RECOVER", "decision")] == '"go" or "abort"'
+    assert checks[("RECOVER", "decision")] == '"go" or "abort" or "postcopy"'
     assert checks[("HELLO", "channels")] == f"1 to {fr.Hello.MAX_CHANNELS}"
     with pytest.raises(ProtocolError):
         fr.Inspect.from_meta({"c": list(range(fr.Inspect.MAX_CHUNKS + 1))}, b"")

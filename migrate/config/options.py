@@ -483,7 +483,8 @@ OPTIONS = (
         "resume the guest on the destination at once; the pages it still lacks follow, those it faults "
         "on first, on a connection of their own (the fault channel, one more than `--channels`). Needs a strategy that can place a page and its tags for a running guest "
         "(`mte-migrate strategies` says which). After the switch neither side alone holds the whole "
-        "guest: a destination lost then loses the guest (the source keeps its paused copy).",
+        "guest: a broken link pauses both until the source reconnects (`--retry`, `mte-migrate resume`; "
+        "see `postcopy_hold_s`); a destination lost then loses the guest (the source keeps its paused copy).",
         section="migration",
         switch=("--postcopy",),
     ),
@@ -596,6 +597,19 @@ OPTIONS = (
         "to be told (the source: a signal; the destination: `mte-migrate resolve`).",
         section="migration",
         flags=("--in-doubt-hold",),
+        metavar="S",
+    ),
+    Option(
+        "postcopy_hold_s",
+        NUMBER,
+        300.0,
+        "with --postcopy: if the link breaks after the switch, both sides hold the split guest this long for a resume",
+        "With postcopy, after the switch: how many seconds both sides hold the split guest when the link "
+        "breaks (the destination running it with vCPUs waiting for missing pages, the source paused with "
+        "those pages) for the source to reconnect (by itself with `--retry`, or on `mte-migrate resume`). "
+        "When it runs out the destination's guest is lost and the source's paused copy ends with its process.",
+        section="migration",
+        flags=("--postcopy-hold",),
         metavar="S",
     ),
     Option(

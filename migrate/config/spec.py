@@ -73,6 +73,8 @@ class MigrationConfig:
             raise ConfigError("timeout must be positive")
         if self.in_doubt_hold_s <= 0:
             raise ConfigError("in-doubt hold must be positive")
+        if self.postcopy_hold_s <= 0:
+            raise ConfigError("postcopy hold must be positive")
         if self.postcopy_after_passes < 0:
             raise ConfigError("postcopy_after_passes must be 0 or more")
         if self.postcopy and not STRATEGIES[self.strategy].postcopy_mode:

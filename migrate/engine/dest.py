@@ -23,6 +23,7 @@ from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, prepar
 from migrate.engine.handshake import authenticate, hello_mismatch
 from migrate.engine.pages import BatchApplier, BatchStats
 from migrate.engine.postcopy import BACKGROUND_BACKLOG, DestFaultChannel, DestPostcopy
+from migrate.engine.postcopy_recovery import NOT_RESUMED, DestPostcopyHold, PostcopyLost
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import DestRecovery
 from migrate.engine.report import empty_result, protection
@@ -48,6 +49,11 @@ from migrate.strategies import STRATEGIES
 
 log = logging.getLogger("migrate.engine.dest")
 T = fr.FrameType
+
+
+def _groups(ranges, size: int):
+    for i in range(0, len(ranges), size):
+        yield ranges[i : i + size]
 
 
 def _ms(seconds: float) -> float:
@@ -112,6 +118,9 @@ class DestVmm:
         self._faults: DestFaultChannel | None = None  # the fault channel, once joined
         self._faults_joined = asyncio.Event()
         self._all_landed = asyncio.Event()  # every postcopy page is here (set from either thread)
+        self._postcopy_hold = DestPostcopyHold(config, self._recovery._challenge)
+        self._switch_confirm = None  # CONFIRM at the switch: sent again on a recovery connection
+        self._address = "?"  # where later connections come (for the operator)
         self._switch_interval = sys.getswitchinterval()
         self._send_lock = asyncio.Lock()  # REQUESTs go out while the main loop may send too
 
@@ -119,6 +128,7 @@ class DestVmm:
         """Accept one migration on ``listener``; refuse any other connection."""
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
+        self._address = "{}:{}".format(*listener.getsockname()[:2])
         while True:
             sock, peer = await loop.sock_accept(listener)
             tune(sock)
@@ -148,10 +158,16 @@ class DestVmm:
             # GO resumes the guest here; in postcopy, POSTCOPY does, and the
             # missing pages follow until the source's last PASS_END
             while not self.resumed or (self._postcopy is not None and not self._postcopy_done):
-                frame = await self._recv_control()
-                await handlers[frame.type](frame)
+                try:
+                    frame = await self._recv_control()
+                    await handlers[frame.type](frame)
+                except MigrationError as exc:
+                    if not await self._resume_postcopy(exc):
+                        raise
         except asyncio.CancelledError:
             self._fail(Cancelled("cancelled by the user"))
+            if self._postcopy is not None and not self._postcopy_done:
+                self._postcopy_lost()
         except MigrationError as exc:
             await self._on_failure(exc)
         except Exception as exc:
@@ -234,6 +250,13 @@ class DestVmm:
         a few times per timeout, so detection takes at most ~1.25 timeouts)."""
         recv = asyncio.ensure_future(self.chan.recv(timeout=None))
         failure = self._channels.failure
+        if self._postcopy is not None:
+            # After the switch this connection and the fault channel carry the
+            # migration: data channels, done with their passes, may die with a
+            # cut link.
+            faults = self._faults
+            serving = faults is not None and faults.failure is not None and not faults.closing
+            failure = faults.failure if serving else asyncio.get_running_loop().create_future()
         try:
             while True:
                 done, _ = await asyncio.wait(
@@ -243,7 +266,10 @@ class DestVmm:
                     return recv.result()
                 if failure in done:
                     raise failure.exception()
-                if not self._channels.active():
+                if self._postcopy is not None:
+                    if time.monotonic() - self.chan.last_activity >= self.config.timeout_s:
+                        raise PeerTimeout(f"source sent nothing for {self.config.timeout_s:g} s")
+                elif not self._channels.active():
                     raise PeerTimeout(f"source sent nothing for {self.config.timeout_s:g} s")
         finally:
             if not recv.done():
@@ -334,22 +360,21 @@ class DestVmm:
         # The vCPU threads and this loop share one interpreter lock: let a
         # fault's round trip (event, REQUEST, page, placement) have it back
         # within 0.5 ms instead of the default 5 ms per hand-over.
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, 0.0005))
         pc = self._postcopy = DestPostcopy(self.host, self.strategy, uffd, ranges)
         pc.wrong_before = self.host.counters.get("guest.wrong_tag_accesses")
         sdigest = self._state_digest  # of what will run, read back when STATE arrived
         loop = asyncio.get_running_loop()
         pc.on_complete = lambda: loop.call_soon_threadsafe(self._all_landed.set)
-        self._faults.start(pc, self._channels.fail)
+        self._faults.start(pc)
         bound_backlog(self.chan.sock, BACKGROUND_BACKLOG)  # see BACKGROUND_BACKLOG
+        self._fast_switching()
         digest = self._digest
-        confirm = fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs())
+        self._switch_confirm = fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs())
         try:
             # CONFIRM goes just before the guest resumes: the source's clock of
             # the switch stops at it, and running vCPUs would hold up its send.
             async with self._send_lock:
-                await self.chan.send(confirm)
+                await self.chan.send(self._switch_confirm)
         finally:
             self._resume()  # whatever the link does, the guest runs here now (it has left the source)
             pc.resumed_at = time.perf_counter()
@@ -357,6 +382,61 @@ class DestVmm:
         if pc.total == 0:
             pc.last_page_at = pc.resumed_at
             self._all_landed.set()
+
+    def _fast_switching(self) -> None:
+        # The vCPU threads and the VMM's share one interpreter lock: let a
+        # fault's round trip (event, REQUEST, page, placement) have it back
+        # within 0.5 ms instead of the default 5 ms per hand-over.
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, 0.0005))
+
+    async def _resume_postcopy(self, exc: MigrationError) -> bool:
+        """After the switch a failure pauses postcopy: keep the guest running
+        (vCPUs on missing pages wait), keep every page and table entry, and
+        wait for the source's recovery connection (postcopy_recovery).  On
+        it, list the pages still missing and send the switch's CONFIRM
+        again; a new fault channel joins and asks again for the pages the
+        guest waits for.  True then; False when postcopy is not under way
+        or the source itself ended it."""
+        pc = self._postcopy
+        if pc is None or self._postcopy_done or isinstance(exc, (Cancelled, PostcopyLost)):
+            return False
+        if not isinstance(exc, (PeerError, TransportError)) and not self.chan.closed:
+            try:  # the source learns why (a page refused, ...) before it reconnects
+                async with asyncio.timeout(1.0), self._send_lock:
+                    await self.chan.send(fr.Error(exc.code, one_line(exc)))
+            except Exception:
+                pass
+        self.chan.close()
+        self._stop_faults()
+        while True:
+            self.progress.message(f"postcopy paused: {one_line(exc)}")
+            rec = self.result.setdefault("postcopy_recovery", {"pauses": 0, "causes": []})
+            rec["pauses"] += 1
+            rec["causes"].append(one_line(exc))
+            chan = await self._postcopy_hold.wait(exc, self.hello.session, pc.total - pc.landed, self._address)
+            try:
+                await self._restart_postcopy(chan)
+                break
+            except MigrationError as again:  # broke again at once: hold again
+                chan.close()
+                exc = again
+        self._fast_switching()
+        self.progress.message(f"postcopy resumed: {pc.total - pc.landed} pages still missing")
+        return True
+
+    async def _restart_postcopy(self, chan) -> None:
+        """On the recovery connection: the pages still missing and the
+        switch's CONFIRM again; then a new fault channel may join."""
+        pc = self._postcopy
+        self.chan, self.machine = chan, chan.conn.machine
+        chan.timeout = self.config.timeout_s
+        missing = pc.missing()
+        async with self._send_lock:
+            groups = list(_groups(missing, fr.Postcopy.MAX_RANGES)) or [[]]
+            for i, group in enumerate(groups):
+                await chan.send(fr.Postcopy(group, b"", last=i == len(groups) - 1))
+            await chan.send(self._switch_confirm)
 
     async def _end_postcopy(self, frame) -> None:
         """The source's last PASS_END: every page was sent, the last ones
@@ -384,8 +464,39 @@ class DestVmm:
             self.result["guest_on"] = "destination"
         else:
             self.result["status"] = "completed"
-        async with self._send_lock:
-            await self.chan.send(fr.Resumed())
+        try:
+            async with self._send_lock:
+                await self.chan.send(fr.Resumed())
+        except MigrationError:
+            pass  # the source will ask again (RECOVER "postcopy"): we linger for it
+        await self._linger_after_postcopy()
+
+    async def _linger_after_postcopy(self) -> None:
+        """Every page is here.  The source hangs up once it has read RESUMED;
+        if that clean close does not come, RESUMED may have been lost with
+        the link: for the hold time, answer the source's RECOVER "postcopy"
+        with an empty list and RESUMED again (never a page: none is owed)."""
+        try:
+            await self.chan.recv(timeout=self.config.timeout_s)
+        except TransportError as exc:
+            if "closed the connection between frames" in str(exc):
+                return
+        except MigrationError:
+            pass
+        self.chan.close()
+        chan = await self._postcopy_hold.accept(self.config.postcopy_hold_s)
+        if chan is None:
+            return
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                await chan.send(fr.Postcopy([], b"", last=True))
+                await chan.send(self._switch_confirm)
+                if (await chan.recv()).type == T.PASS_END:
+                    await chan.send(fr.Resumed())
+        except (MigrationError, TimeoutError):
+            pass
+        finally:
+            chan.close()
 
     def _stop_faults(self) -> None:
         sys.setswitchinterval(self._switch_interval)
@@ -545,6 +656,10 @@ class DestVmm:
         chan = FrameChannel(sock, conn, min(self.config.timeout_s, 5.0), io=io)
         try:
             frame = await self._first_frame(chan)
+            if frame.type == T.RECOVER and frame.decision == "postcopy":
+                conn.ram_pages = self.host.memory.npages
+                await self._postcopy_hold.take(frame, chan, self.hello)  # the channel is the control one now
+                return
             if frame.type == T.RECOVER:
                 await self._recovery.take(frame, chan, self.hello, lambda: self.resumed)
                 return
@@ -562,6 +677,8 @@ class DestVmm:
             conn.machine.local("faults")
             self._faults = DestFaultChannel(sock, conn, io, self.config.timeout_s)
             self._faults_joined.set()
+            if self._postcopy is not None and not self._postcopy_done:  # postcopy resumed: it serves at once
+                self._faults.start(self._postcopy)
             return
         self._channels.add(frame.channel, sock, conn, io)
 
@@ -570,8 +687,9 @@ class DestVmm:
         if (
             hello is not None
             and len(self._channels.lanes) >= hello.channels - 1
-            and (self._faults is not None or self.strategy.postcopy_mode is None)
+            and (self._fault_slot_taken or self.strategy.postcopy_mode is None)
             and not self._recovery.listening
+            and not self._postcopy_hold.listening
         ):
             # Every data channel (and the fault channel, if any) is here: whoever this is, we are busy.
             raise ProtocolError("this destination is already receiving a migration")
@@ -582,6 +700,12 @@ class DestVmm:
             async with asyncio.timeout(self.config.timeout_s):
                 await self._ready.wait()
         return frame
+
+    @property
+    def _fault_slot_taken(self) -> bool:
+        """A fault channel is here and alive (one that broke with the link
+        is replaced when postcopy resumes)."""
+        return self._faults is not None and not self._faults.closing
 
     def _check_join(self, frame, chan) -> None:
         """A JOIN must name this migration's session, a channel not yet here,
@@ -602,7 +726,7 @@ class DestVmm:
         if frame.channel == hello.channels:  # the one after the last data channel
             if self.strategy.postcopy_mode is None:
                 raise ProtocolError(f"a fault channel, but strategy {self.strategy.name} cannot do postcopy")
-            if self._faults is not None:
+            if self._fault_slot_taken:
                 raise ProtocolError("the fault channel joined twice")
         elif frame.channel in self._channels.lanes:
             raise ProtocolError(f"data channel {frame.channel} joined twice")
@@ -634,6 +758,8 @@ class DestVmm:
         if self._postcopy is not None and not self._postcopy_done:
             await self._postcopy_failed(exc)
             return
+        if self._announced and self._postcopy is None and not isinstance(exc, (PeerError, Cancelled)):
+            await self._unswitched(exc)
         # After CONFIRM, a broken or garbled stream may have carried GO:
         # only the source's own ERROR or ABORT says it kept the guest.
         if self.machine.state == DestState.AWAIT_GO and not isinstance(exc, (PeerError, Cancelled)):
@@ -645,17 +771,52 @@ class DestVmm:
         else:
             self._fail(exc)
 
-    async def _postcopy_failed(self, exc: MigrationError) -> None:
-        """After the switch neither side holds the whole guest: it runs here,
-        its vCPUs blocked on the pages still missing; nothing is discarded."""
-        self._fail(exc)
+    async def _unswitched(self, exc: MigrationError) -> None:
+        """The switch was announced but failed before the guest resumed here:
+        the source, which counts the guest as handed over, may ask (RECOVER
+        "postcopy"); tell it that it never ran here, so it resumes its copy."""
+        if not isinstance(exc, TransportError) and not self.chan.closed:
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.chan.send(fr.Error(exc.code, one_line(exc)))
+            except Exception:
+                pass
+        self.chan.close()
+        self.progress.message(
+            f"the postcopy switch failed before the guest resumed here ({one_line(exc)}); waiting up to "
+            f"{self.config.postcopy_hold_s:g} s to tell the source, which keeps the guest"
+        )
+        chan = await self._postcopy_hold.accept(self.config.postcopy_hold_s)
+        if chan is None:
+            return
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                await chan.send(
+                    fr.Error(NOT_RESUMED, f"the guest never resumed here ({one_line(exc)}); its copy is discarded")
+                )
+        except (MigrationError, TimeoutError):
+            pass
+        finally:
+            chan.close()
+
+    def _postcopy_lost(self) -> None:
+        """This process ends with a guest that still lacks pages: it is lost
+        here, whatever the reason; the source holds its paused copy."""
         self._stop_faults()
         pc = self._postcopy
-        self.result["status"] = "postcopy-paused"
+        pc.uffd.close()  # vCPUs waiting for pages stop now, not at teardown's join timeout
+        self.result["status"] = "postcopy-lost"
         self.result["guest_on"] = (
-            f"split: running here with {pc.total - pc.landed} pages missing (vCPUs that touch them wait); "
-            f"those pages are only on the paused source"
+            f"nowhere here: the guest ran here from the postcopy switch with {pc.total - pc.landed} pages "
+            f"missing (its vCPUs cannot proceed) and ends with this process; the source holds its paused copy "
+            f"as of the switch"
         )
+
+    async def _postcopy_failed(self, exc: MigrationError) -> None:
+        """After the switch, no resume (the hold ran out, or the source ended
+        postcopy): the guest here is lost."""
+        self._fail(exc)
+        self._postcopy_lost()
         if not isinstance(exc, (PeerError, TransportError)) and not self.chan.closed:
             try:
                 async with asyncio.timeout(1.0), self._send_lock:

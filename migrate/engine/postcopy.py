@@ -25,7 +25,7 @@ from migrate.checksum import crc32
 from migrate.engine.bitmaps import runs
 from migrate.engine.digest import CHUNK_PAGES, effective_tags
 from migrate.engine.passes import peer_error
-from migrate.errors import MigrationError, PeerError, ProtocolError, TransportError, one_line
+from migrate.errors import MigrationError, PeerError, PeerTimeout, ProtocolError, TransportError, one_line
 from migrate.net.threads import LoopThread
 from migrate.net.transport import FrameChannel
 from migrate.protocol import frames as fr
@@ -121,6 +121,7 @@ class SourcePostcopy:
         self.sent = 0
         self.requested_pages = 0  # pages sent because the destination asked
         self.requests = 0
+        self.resent = 0  # pages sent again after a broken link (postcopy_recovery)
         self._all_sent = asyncio.Event()
         if not self.total:
             self._all_sent.set()
@@ -129,8 +130,9 @@ class SourcePostcopy:
 
     async def run(self) -> None:
         reader = asyncio.ensure_future(self._read())
-        server = asyncio.ensure_future(self._serve_requests())
-        tasks = (reader, server)
+        tasks = (reader,)
+        if self.faults is not None:  # none after a recovery that found every page there
+            tasks += (asyncio.ensure_future(self._serve_requests()),)
         try:
             cursor = 0
             while True:
@@ -152,11 +154,11 @@ class SourcePostcopy:
             self._check(tasks)
             self.last_page_at = time.perf_counter()
             await self.chan.send(fr.PassEnd(self.pass_no, self.total))
-            return await reader
+            return await self._finish(reader)
         finally:
             for task in tasks:
                 if task.done():
-                    task.cancelled() or task.exception()  # seen: the fault channel closes at the end
+                    task.cancelled() or task.exception()  # seen: the break, or the fault channel closing at the end
                 else:
                     task.cancel()
 
@@ -168,6 +170,40 @@ class SourcePostcopy:
             if task.done():
                 task.result()
                 raise ProtocolError("the destination stopped answering in postcopy")
+
+    def announced(self) -> bytearray:
+        """1 per page announced at the switch."""
+        out = bytearray(self.memory.npages)
+        for first, count in self.ranges:
+            out[first : first + count] = b"\x01" * count
+        return out
+
+    def resume(self, chan, faults, missing) -> None:
+        """Go on over ``chan`` (a recovery connection) and ``faults`` (a new
+        fault channel) with exactly the pages the destination says it still
+        lacks: those in flight at the break go again, with their table
+        entries."""
+        self.chan, self.faults = chan, faults
+        self.pending = bytearray(self.memory.npages)
+        for first, count in missing:
+            self.pending[first : first + count] = b"\x01" * count
+        owed = self.pending.count(1)
+        self.resent += max(0, owed - (self.total - self.sent))
+        self.sent = self.total - owed
+        if owed:
+            self._all_sent.clear()
+        else:
+            self._all_sent.set()
+
+    async def _finish(self, reader):
+        """After the last page: the destination's CONFIRM (if not yet read)
+        and its RESUMED: every page arrived and checked out.  A destination
+        silent that long is a broken link (postcopy pauses), not a hang."""
+        try:
+            async with asyncio.timeout(2 * self.chan.timeout):
+                return await reader
+        except TimeoutError:
+            raise PeerTimeout(f"no RESUMED {2 * self.chan.timeout:g} s after the last postcopy page") from None
 
     def _unsent(self, ranges) -> list:
         """Of the pages asked for, those not sent yet (a page asked twice, or
@@ -342,6 +378,23 @@ class DestPostcopy:
         self.requested.update(pages)
         return [(p, 1) for p in sorted(set(pages))]
 
+    def missing(self) -> list:
+        """Ranges of announced pages not placed yet (in flight at a break
+        included): what the source must send again."""
+        present = self.uffd.present
+        out = []
+        for first, count in self.ranges:
+            for a, b in runs(present[first : first + count], 0):
+                out.append((first + a, b - a))
+        return out
+
+    def waiting(self, missing) -> list:
+        """Of ``missing``, the pages the guest asked for: asked again first."""
+        out = []
+        for first, count in missing:
+            out += [(p, 1) for p in range(first, first + count) if p in self.requested]
+        return out
+
     @property
     def complete(self) -> bool:
         return self.landed == self.total
@@ -373,11 +426,19 @@ class DestFaultChannel:
         self.chan: FrameChannel | None = None
         self.closing = False  # the migration is over: the source's close is no failure
         self._serving = False
+        self.failure: asyncio.Future | None = None  # set by start()
 
-    def start(self, pc: DestPostcopy, failed) -> None:
-        """Serve ``pc``'s faults; ``failed(exc)`` is called on the caller's
-        loop if the channel fails."""
+    def start(self, pc: DestPostcopy) -> None:
+        """Serve ``pc``'s faults; ``failure`` (a future of the caller's loop)
+        gets the channel's error if it fails."""
         main_loop = asyncio.get_running_loop()
+        self.failure = main_loop.create_future()
+        self.failure.add_done_callback(lambda f: f.cancelled() or f.exception())  # read when it matters
+
+        def failed(exc):
+            if not self.failure.done():
+                self.failure.set_exception(exc)
+
         self._serving = True
         self.thread.submit(self._serve(pc, lambda exc: main_loop.call_soon_threadsafe(failed, exc)))
 
@@ -388,7 +449,10 @@ class DestFaultChannel:
         decompressor = Decompressor()
         wake = asyncio.Event()
         loop.add_reader(pc.uffd.fileno(), wake.set)
-        asker = asyncio.ensure_future(self._ask(pc, chan, wake))
+        # A fault channel that replaces a broken one asks again first for
+        # the pages the guest was waiting for when the link broke.
+        again = pc.waiting(pc.missing())
+        asker = asyncio.ensure_future(self._ask(pc, chan, wake, again))
         try:
             while True:
                 if asker.done():
@@ -420,8 +484,12 @@ class DestFaultChannel:
             chan.close()
 
     @staticmethod
-    async def _ask(pc: DestPostcopy, chan: FrameChannel, wake: asyncio.Event) -> None:
-        """One sender: REQUESTs for the pages that faulted since the last."""
+    async def _ask(pc: DestPostcopy, chan: FrameChannel, wake: asyncio.Event, again) -> None:
+        """One sender: REQUESTs for ``again``, then for the pages that
+        faulted since the last."""
+        for i in range(0, len(again), fr.Request.MAX_RANGES):
+            pc.requests += 1
+            await chan.send(fr.Request(again[i : i + fr.Request.MAX_RANGES]))
         while True:
             await wake.wait()
             wake.clear()

@@ -26,6 +26,7 @@ from migrate.engine.lanes import SendLane
 from migrate.engine.pages import BatchBuilder
 from migrate.engine.passes import PassSender, PeerWatch
 from migrate.engine.postcopy import BACKGROUND_BACKLOG, SourcePostcopy, mixed_chunks
+from migrate.engine.postcopy_recovery import NotResumed, ResumedHere, SourcePostcopyHold
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import SourceRecovery
 from migrate.engine.report import empty_result, protection
@@ -121,6 +122,8 @@ class SourceVmm:
         self._postcopy_reason: str | None = None  # why precopy gave way to postcopy
         self._switched = False  # POSTCOPY announced: the guest runs there, its missing pages are here
         self._fault_chan: FrameChannel | None = None  # postcopy: REQUESTs and the pages they ask for
+        self.postcopy_retries = 0  # reconnections after a broken postcopy without the operator (--retry)
+        self._fault_chan_bytes = 0  # sent on fault channels that broke
 
     @property
     def lanes(self) -> list[SendLane]:
@@ -231,6 +234,14 @@ class SourceVmm:
             conn.seal(self._chan.conn.stream_secret, "source")
         return chan
 
+    async def _join_faults(self) -> FrameChannel:
+        """The postcopy fault channel: the one after the last data channel."""
+        faults = await self._join(
+            self.config.channels, self._address, self._session, None, "the fault channel, channel"
+        )
+        faults.conn.machine.local("faults")
+        return faults
+
     def _new_builder(self, compressor) -> BatchBuilder:
         """A channel's batch builder; with checked frames (--checksum full) it
         snapshots each batch and puts its CRCs in the frame."""
@@ -337,10 +348,7 @@ class SourceVmm:
         # The fault channel first, while the guest still runs here: a
         # refusal or a broken link leaves it running, and the switch does not
         # wait for a connection.
-        faults = self._fault_chan = await self._join(
-            self.config.channels, self._address, self._session, None, "the fault channel, channel"
-        )
-        faults.conn.machine.local("faults")
+        faults = self._fault_chan = await self._join_faults()
         self._clock.pause = time.perf_counter()
         self.host.vcpus.pause()
         self._paused_here = True
@@ -359,17 +367,7 @@ class SourceVmm:
         await pc.announce()
         self._switched = self.handed_over = True
         self.result["guest_on"] = "destination (postcopy: its missing pages still here)"
-        run = asyncio.ensure_future(pc.run())
-        try:
-            await asyncio.wait({run, pc.confirm}, return_when=asyncio.FIRST_COMPLETED)
-            if not pc.confirm.done():
-                await run  # raises the failure
-            switched = time.perf_counter()
-            self.result["downtime_ms"] = _ms(switched - self._clock.pause)
-            await run
-        finally:
-            if not run.done():
-                run.cancel()
+        switched = await self._run_postcopy(pc)
         # The independent re-read of this frozen memory waits until every
         # page is sent: on two cores it would slow the answers to the guest's
         # faults, and its result is needed only for the verdict.
@@ -382,7 +380,8 @@ class SourceVmm:
             "pages": pc.total,
             "pages_requested": pc.requested_pages,
             "requests": pc.requests,
-            "fault_channel_bytes": self._fault_chan.bytes_sent,
+            "fault_channel_bytes": self._fault_chan_bytes + (self._fault_chan.bytes_sent if self._fault_chan else 0),
+            "pages_resent": pc.resent,
             "last_page_ms": _ms(pc.last_page_at - switched) if pc.last_page_at else 0.0,
             "total_after_switch_ms": _ms(done - switched),
         }
@@ -393,6 +392,63 @@ class SourceVmm:
             )
         self.result["status"] = "completed"
         self.result["guest_on"] = "destination"
+
+    async def _run_postcopy(self, pc: SourcePostcopy) -> float:
+        """Send the missing pages until the destination says RESUMED; a broken
+        link pauses the migration until a recovery connection resumes it
+        (postcopy_recovery).  Returns when the switch was confirmed."""
+        switched = None
+        hold = None
+        while True:
+            run = asyncio.ensure_future(pc.run())
+            try:
+                await asyncio.wait({run, pc.confirm}, return_when=asyncio.FIRST_COMPLETED)
+                if pc.confirm.done() and switched is None:
+                    switched = time.perf_counter()
+                    self.result["downtime_ms"] = _ms(switched - self._clock.pause)
+                await run
+                break
+            except MigrationError as exc:
+                self._chan.close()
+                if hold is None:
+                    hold = SourcePostcopyHold(
+                        self.config,
+                        self._tls,
+                        self._session,
+                        self._address,
+                        self.host.memory.npages,
+                        self.postcopy_retries,
+                        self.result,
+                    )
+                try:
+                    chan, missing = await hold.reconnect(exc, pc.announced(), pc.total - pc.sent)
+                except (ResumedHere, NotResumed):
+                    # The operator's word that the destination is dead, or the
+                    # destination's that it never ran the guest: it goes on
+                    # here as it was paused.
+                    self._switched = self.handed_over = False
+                    raise
+                chan.limiter = self._chan.limiter  # --max-bandwidth holds on the new connection too
+                self._chan, self.machine = chan, chan.conn.machine
+                if self._fault_chan is not None:
+                    self._fault_chan_bytes += self._fault_chan.bytes_sent
+                    self._fault_chan.close()
+                    self._fault_chan = None
+                if missing:  # a new fault channel, bound to the recovery connection as the first to the control one
+                    try:
+                        self._fault_chan = await self._join_faults()
+                    except MigrationError:
+                        chan.close()  # this round's pc.run() fails at once, and the source holds again
+                pc.resume(chan, self._fault_chan, missing)
+                self.progress.message(f"postcopy resumed: {sum(c for _, c in missing)} pages still to send")
+            finally:
+                if not run.done():
+                    run.cancel()
+        self._chan.close()  # RESUMED read: the destination stops waiting for a recovery
+        if switched is None:  # the switch's CONFIRM came only on a recovery connection
+            switched = time.perf_counter()
+            self.result["downtime_ms"] = _ms(switched - self._clock.pause)
+        return switched
 
     async def _validate_postcopy(self, confirm, ranges) -> Validation:
         """What the destination held at the switch against this side's frozen
@@ -591,8 +647,8 @@ class SourceVmm:
             # keep this paused copy, discard nothing.
             res["status"] = "postcopy-paused"
             res["guest_on"] = (
-                "split: the guest ran on the destination from the postcopy switch; pages it lacked are only "
-                "in this paused copy, kept"
+                "split: the guest ran on the destination from the postcopy switch; the pages it lacked are "
+                "only in this paused copy, held until this process ended"
             )
         self.progress.message(f"migration {res['status']}: {res['error']}")
 

@@ -139,6 +139,9 @@ def run_source(
         for n in range(retry + 1):
             address = parsed[n % len(parsed)]
             engine = SourceVmm(host, config, scenario, progress)
+            # After a postcopy switch a new migration cannot start: the same
+            # one resumes (the retries left are its reconnections).
+            engine.postcopy_retries = retry - n
             task = asyncio.ensure_future(engine.migrate(address))
             _install_cancel(loop, task)
             try:
@@ -155,7 +158,11 @@ def run_source(
                     "total_time_ms": result["total_time_ms"],
                 }
             )
-            if result["status"] in ("completed", "cancelled") or n == retry:
+            # after a postcopy switch the engine made the retries itself
+            postcopy = result["status"] == "postcopy-paused" or (
+                "postcopy_recovery" in result and result["guest_on"] != "source"
+            )
+            if result["status"] in ("completed", "cancelled") or postcopy or n == retry:
                 return result
             progress.message(
                 f"attempt {n + 1} failed ({result['error']}); the guest runs on here; "

@@ -117,7 +117,7 @@ def senders(connections=CONNECTIONS) -> dict:
                 found[what][0].add(who)
                 if name not in found[what][1]:
                     found[what][1].append(name)
-    out = {t: (" / ".join(sorted(w)), ", ".join(c)) for t, (w, c) in found.items()}
+    out = {t: ("either side" if len(w) > 1 else w.pop(), ", ".join(c)) for t, (w, c) in found.items()}
     for t in any_state_frames():
         out[t] = ("either side", "any")
     return out

@@ -244,7 +244,10 @@ class Recover:
     (WELCOME with a fresh nonce) and acts only on the AUTH that follows: with
     a shared key its proof is the HMAC over "recover", the session, the
     decision and that nonce, so a captured RECOVER and AUTH are worth nothing
-    on another connection.  For "go" the destination then answers RESUMED."""
+    on another connection.  For "go" the destination then answers RESUMED.
+    After the postcopy switch the decision is "postcopy": the link broke
+    and the source resumes the same migration on this connection.
+    """
 
     session: str
     decision: str
@@ -256,8 +259,8 @@ class Recover:
     @classmethod
     def from_meta(cls, m, payload):
         decision = _field(m, "decision", str, "RECOVER")
-        if decision not in ("go", "abort"):
-            raise ProtocolError(f"RECOVER decision must be 'go' or 'abort', got {decision[:20]!r}")
+        if decision not in ("go", "abort", "postcopy"):
+            raise ProtocolError(f"RECOVER decision must be 'go', 'abort' or 'postcopy', got {decision[:20]!r}")
         return cls(_field(m, "session", str, "RECOVER")[:64], decision)
 
 
@@ -537,13 +540,17 @@ POSTCOPY_ENTRY = 8
 
 @dataclass
 class Postcopy:
-    """Source -> destination, after STATE: switch to postcopy.  Without a
+    """Either way: from the source after STATE, switch to postcopy.  Without a
     table, ``ranges`` announce pages the destination does not hold as they
     now are; at the one with ``last`` set it drops them all and resumes the
     guest (they come later, asked for or in the background).  With a
     table, which follows, it holds per page of ``ranges`` in order the
     CRC-32 of its data and of its packed tags on the paused source, by
-    which each page is checked as it lands."""
+    which each page is checked as it lands.
+
+    From the destination, on a connection that resumes postcopy after a
+    broken link (RECOVER "postcopy"), without a table: the pages it still
+    lacks, ``last`` on the final one; the source sends exactly those."""
 
     ranges: list
     table: bytes

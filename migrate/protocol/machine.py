@@ -31,7 +31,11 @@ Recovery connections (the control connection broke after CONFIRM): the
 source, or ``mte-migrate resolve``, sends RECOVER "go" or "abort"; the
 destination challenges it with a fresh nonce (WELCOME), the source proves
 the decision over that nonce (AUTH); for "go" the destination then resumes
-the guest (if it does not run already) and answers RESUMED.  On the destination every connection after the control one starts
+the guest (if it does not run already) and answers RESUMED.  After the
+postcopy switch the decision is "postcopy" (the link broke): the
+destination then lists the pages it still lacks (POSTCOPY without a table),
+sends its switch CONFIRM again, and postcopy goes on on that connection,
+with a new fault channel for the requests.  On the destination every connection after the control one starts
 in DATA_DEST_TABLE, which takes JOIN, RECOVER, or another source's HELLO
 (answered "busy").
 
@@ -163,22 +167,39 @@ DATA_DEST_TABLE = {
     (D.NEGOTIATING, SEND, T.WELCOME): D.RECEIVING,
     (D.RECEIVING, RECV, T.PAGES): D.RECEIVING,
     (D.RECEIVING, RECV, T.PASS_END): D.RECEIVING,
+    # the fault channel, from the postcopy switch on (see DATA_SOURCE_TABLE)
     (D.RECEIVING, LOCAL, "faults"): D.POSTCOPY,
     (D.POSTCOPY, SEND, T.REQUEST): D.POSTCOPY,
     (D.POSTCOPY, RECV, T.POSTCOPY): D.POSTCOPY,
     (D.POSTCOPY, RECV, T.PAGES): D.POSTCOPY,
+    # postcopy resumed (RECOVER "postcopy"): the pages still missing here, the
+    # switch's CONFIRM again, then the background stream goes on on this
+    # connection (and a new fault channel joins)
+    (D.RESUMING, SEND, T.POSTCOPY): D.POSTCOPY,
+    (D.POSTCOPY, SEND, T.POSTCOPY): D.POSTCOPY,
+    (D.POSTCOPY, SEND, T.CONFIRM): D.POSTCOPY,
+    (D.POSTCOPY, RECV, T.PASS_END): D.RESUMING,
 }
 
 
 # A recovery connection: after GO the source did not hear RESUMED; it says
-# RECOVER "go" (or, after CONFIRM but before GO, "abort"), proves it in AUTH
-# over the nonce of the destination's challenge (WELCOME), and for "go" waits
-# for RESUMED.
+# RECOVER "go" (or, after CONFIRM but before GO, "abort"; after a postcopy
+# switch, "postcopy"), proves it in AUTH over the nonce of the destination's
+# challenge (WELCOME), and for "go" waits for RESUMED.
 RECOVERY_SOURCE_TABLE = {
     (S.IDLE, SEND, T.RECOVER): S.HANDSHAKE,
     (S.HANDSHAKE, RECV, T.WELCOME): S.AUTHENTICATING,
     (S.AUTHENTICATING, SEND, T.AUTH): S.SWITCHING,
     (S.SWITCHING, RECV, T.RESUMED): S.DONE,
+    # RECOVER "postcopy": the destination lists the pages it still lacks
+    # (POSTCOPY without a table), then postcopy goes on as on the control connection
+    (S.SWITCHING, RECV, T.POSTCOPY): S.POSTCOPY,
+    (S.POSTCOPY, RECV, T.POSTCOPY): S.POSTCOPY,
+    (S.POSTCOPY, RECV, T.CONFIRM): S.POSTCOPY,
+    (S.POSTCOPY, SEND, T.POSTCOPY): S.POSTCOPY,
+    (S.POSTCOPY, SEND, T.PAGES): S.POSTCOPY,
+    (S.POSTCOPY, SEND, T.PASS_END): S.SWITCHING,
+    (S.SWITCHING, RECV, T.CONFIRM): S.SWITCHING,
 }
 
 

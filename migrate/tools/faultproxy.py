@@ -24,7 +24,9 @@ Faults (applied to the *trigger frame*, see the phases below):
               connection (FIN, both sides).  Other connections go on.
 ``stall``     stop forwarding in both directions on every connection, before
               the trigger frame; the sockets stay open (and unread, so the
-              senders' buffers fill) until the proxy is closed.
+              senders' buffers fill) until the proxy is closed, or with
+              ``--stall-s S`` for S seconds: then everything moves on as if
+              nothing happened (connections opened meanwhile wait too).
 ``kill-dest`` / ``kill-source``: the proxy freezes every connection before
               the trigger frame and reports the phase: in-process through the
               ``on_phase`` callback (which kills the process and returns), on
@@ -32,7 +34,9 @@ Faults (applied to the *trigger frame*, see the phases below):
               seconds for the caller to kill it.  Then it closes every
               connection as the dead side's kernel would: the trigger frame
               and anything else not yet forwarded is lost, the surviving side
-              sees its connections end (FIN).
+              sees its connections end (FIN).  After ``kill-dest`` the proxy
+              stops listening: a new connection is refused, as at the dead
+              destination's port.
 ``tamper``    an attacker on the path (phases ``bulk`` and ``dirty`` only): the
               trigger PAGES frame (the first with data) is held whole,
               decoded, one byte of its first data page inverted, and
@@ -46,10 +50,10 @@ Faults (applied to the *trigger frame*, see the phases below):
 ``none``      inject nothing; report every phase marker as it passes.
 
 Connections accepted after the fault (a source's recovery or retry) are
-forwarded as usual after ``cut``, ``truncate``, ``flip`` and ``kill-*`` (the
-proxy resets connections, it does not keep the path down; to a killed
-destination they are refused); during a ``stall`` they are accepted and held
-open, never forwarded.  The proxy reads plaintext frames: it cannot follow a
+forwarded as usual after ``cut``, ``truncate``, ``flip`` and ``kill-source``
+(the proxy resets connections, it does not keep the path down; after
+``kill-dest`` they are refused); during a ``stall`` they are accepted and held
+open, never forwarded (with ``--stall-s``, until the stall ends).  The proxy reads plaintext frames: it cannot follow a
 TLS stream (it forwards it, but no phase is ever recognised).
 
 Phases (``--at``), mapped to the stream:
@@ -76,6 +80,9 @@ Phases (``--at``), mapped to the stream:
 ``completion:CONFIRM``  the destination's CONFIRM;
 ``completion:GO``       the source's GO (it has given the guest up);
 ``completion:RESUMED``  the destination's RESUMED: the very last confirmation.
+``postcopy``      after the postcopy switch (``--postcopy``): the second
+                  POSTCOPY frame with a table (its pages' CRCs), so some
+                  pages have landed and more are owed.
 
 Bounds: the proxy keeps at most one frame header + meta per direction
 (``HEADER_SIZE + MAX_META``, checked on the header before any byte of the
@@ -104,7 +111,7 @@ from migrate.protocol.frames import FLAG_MAC, HEADER, HEADER_SIZE, MAC_SIZE, MAG
 from migrate.units import parse_size
 
 FAULTS = ("none", "cut", "flip", "truncate", "stall", "kill-dest", "kill-source", "tamper")
-PHASES = ("handshake", "bulk", "dirty", "stop-and-copy", "state", "completion")
+PHASES = ("handshake", "bulk", "dirty", "stop-and-copy", "state", "completion", "postcopy")
 POINTS = {"handshake": ("HELLO", "WELCOME"), "completion": ("COMPLETE", "CONFIRM", "GO", "RESUMED")}
 UP, DOWN = "source->destination", "destination->source"
 READ_CHUNK = 64 * 1024
@@ -273,6 +280,7 @@ class FaultProxy:
         bulk_bytes: int = DEFAULT_BULK_BYTES,
         on_phase=None,
         hold_s: float = 3.0,
+        stall_s: float | None = None,
         log=None,
     ):
         if fault not in FAULTS:
@@ -288,6 +296,8 @@ class FaultProxy:
         self.bulk_bytes = bulk_bytes
         self.on_phase = on_phase
         self.hold_s = hold_s
+        self.stall_s = stall_s
+        self._tables = 0  # POSTCOPY frames with a table seen (phase postcopy)
         self._log = log
         self.links: list[Link] = []
         self.events: list[tuple[float, str]] = []
@@ -340,7 +350,7 @@ class FaultProxy:
         if self._closing:
             self._abort(link)
             return
-        if self._frozen and self.fault == "stall":  # the connection is accepted here and goes no further
+        if self._frozen and self.fault == "stall" and self.stall_s is None:  # accepted here, goes no further
             self._note(f"connection {link.index} accepted while stalled: held open, not forwarded")
             return
         if not await self._gate(link):  # kill-*: wait until the dead side's connections are closed
@@ -431,6 +441,9 @@ class FaultProxy:
                 return "completion:COMPLETE"
             if t == FrameType.GO:
                 return "completion:GO"
+            if t == FrameType.POSTCOPY and info.payload_len:
+                self._tables += 1
+                return "postcopy" if self._tables == 2 else None
         else:
             if t == FrameType.WELCOME and link.control:
                 return "handshake:WELCOME"
@@ -524,6 +537,13 @@ class FaultProxy:
             for lk in self.links:
                 self._abort(lk)
             return None
+        if fault == "stall" and self.stall_s is not None:
+            self._note(f"fault stall: nothing forwarded from {info.name} on for {self.stall_s:g} s")
+            await asyncio.sleep(self.stall_s)
+            self._note("fault stall: over, forwarding again")
+            self._frozen = False
+            self._thaw.set()
+            return head
         if fault == "stall":
             self._note(f"fault stall: nothing forwarded from {info.name} on; sockets stay open")
             return None
@@ -537,6 +557,8 @@ class FaultProxy:
             )
             for lk in self.links:
                 self._close_after_death(lk, dead)
+            if dead == "destination" and self._server is not None:
+                self._server.close()  # its port refuses connections now
             self._frozen = False
             self._thaw.set()
             return None
@@ -774,7 +796,7 @@ def main(argv=None) -> int:
         prog="python3 -m migrate.tools.faultproxy",
         description="Fault-injecting TCP proxy for mte-migrate streams (loopback testing).",
         epilog="Phases: handshake[:HELLO|WELCOME], bulk, dirty, stop-and-copy, state, "
-        "completion[:COMPLETE|CONFIRM|GO|RESUMED]. See the module docstring.",
+        "completion[:COMPLETE|CONFIRM|GO|RESUMED], postcopy. See the module docstring.",
     )
     p.add_argument(
         "--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="where the source connects (port 0: any)"
@@ -795,6 +817,7 @@ def main(argv=None) -> int:
         metavar="S",
         help="kill-*: seconds to wait for the caller to kill the process (default 3)",
     )
+    p.add_argument("--stall-s", type=float, metavar="S", help="stall: forward again after S seconds (default: never)")
     p.add_argument("--verbose", "-v", action="store_true", help="every event on stderr")
     args = p.parse_args(argv)
     try:
@@ -816,7 +839,16 @@ def main(argv=None) -> int:
             print(f"faultproxy: {line}", file=sys.stderr, flush=True)
 
     async def run():
-        proxy = FaultProxy(target, args.fault, args.at, listen=listen, bulk_bytes=bulk, hold_s=args.hold, log=log)
+        proxy = FaultProxy(
+            target,
+            args.fault,
+            args.at,
+            listen=listen,
+            bulk_bytes=bulk,
+            hold_s=args.hold,
+            stall_s=args.stall_s,
+            log=log,
+        )
         try:
             host, port = await proxy.start()
         except OSError as exc:
