@@ -105,6 +105,7 @@ if hasattr(fr, "Recover"):  # the in-doubt window, on a new connection
 SAMPLES.append(fr.Postcopy([(3, 2), (9, 1)], bytes(range(24))))  # the switch to postcopy
 SAMPLES.append(fr.Postcopy([(0, 1)], b"\x01" * 8, last=False))
 SAMPLES.append(fr.Request([(5, 1), (50, 4)]))
+SAMPLES.append(fr.Applied(3))
 SAMPLE_IDS = [f"{f.type.name}-{i}" for i, f in enumerate(SAMPLES)]
 
 
@@ -132,6 +133,7 @@ if hasattr(T, "JOIN"):
 if hasattr(T, "RECOVER"):
     RECEIVER[T.RECOVER] = (data_dest_machine, DestState.WAIT_HELLO)
 RECEIVER[T.POSTCOPY] = (dest_machine, DestState.STATE_LOADED)
+RECEIVER[T.APPLIED] = (source_machine, SourceState.PRECOPY)
 RECEIVER[T.REQUEST] = (lambda: data_source_machine(2), SourceState.POSTCOPY)  # on the fault channel
 
 

@@ -85,8 +85,8 @@ def test_the_seeds_land_whole_chunks_and_go_through_every_state(seeds):
         t.value
         for t in fr.FrameType
         if t.name not in ("WELCOME", "CONFIRM", "INSPECTION", "RESUMED", "ERROR", "ABORT", "RECOVER")
-        # REQUEST goes the other way (the destination asks, on the fault channel)
-        and t.name != "REQUEST"
+        # REQUEST and APPLIED go the other way (from the destination)
+        and t.name not in ("REQUEST", "APPLIED")
     }
     # a self-checked whole chunk (FLAG_CRC_META_ONLY) reaches the landing path
     assert any(raw[2] == fr.FrameType.PAGES and raw[3] & fr.FLAG_CRC_META_ONLY for s in seeds for raw in s.control)

@@ -54,6 +54,7 @@ if hasattr(T, "RECOVER"):  # the in-doubt window, on a new connection
     EXAMPLE[T.RECOVER] = fr.Recover("session-1", "go")
 EXAMPLE[T.POSTCOPY] = fr.Postcopy([(1, 1)], b"\x02" * 8)
 EXAMPLE[T.REQUEST] = fr.Request([(1, 1)])
+EXAMPLE[T.APPLIED] = fr.Applied(0)
 
 
 def _reachable(table, initial, failed, aborted):

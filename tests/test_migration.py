@@ -540,14 +540,19 @@ async def _fake_destination(reader, writer, die_on):
     disappears (closes the connection) when it sees a frame of type ``die_on``."""
     buf = fr.FrameBuffer()
     seen = []
+    control = False
     while True:
         data = await reader.read(1 << 20)
         if not data:
             break
         for frame in buf.feed(data):
             seen.append(frame.type)
+            control = control or frame.type.name == "HELLO"
             if frame.type.name in ("HELLO", "JOIN"):  # JOIN: an extra data connection, if any
                 writer.write(encoded(fr.Welcome(PROTOCOL_VERSION)))
+                await writer.drain()
+            if frame.type.name == "PASS_END" and control:  # the pass has landed, says the control connection
+                writer.write(encoded(fr.Applied(frame.pass_no)))
                 await writer.drain()
             if frame.type == die_on:
                 writer.transport.abort()

@@ -49,6 +49,7 @@ EXAMPLES = {
     T.RECOVER: fr.Recover("s", "go"),
     T.POSTCOPY: fr.Postcopy([(0, 1)], b"\x00" * 8),
     T.REQUEST: fr.Request([(0, 1)]),
+    T.APPLIED: fr.Applied(0),
 }
 
 

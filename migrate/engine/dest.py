@@ -294,6 +294,25 @@ class DestVmm:
         self.result["dirty_sync_count"] = frame.pass_no
         self._channels.pass_seen[0] = frame.pass_no
         self._start_refresh()
+        task = asyncio.ensure_future(self._acknowledge(frame.pass_no))
+        task.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure shows on the connection
+
+    async def _acknowledge(self, pass_no: int) -> None:
+        """APPLIED once every channel has delivered pass ``pass_no`` and the
+        digest has caught up with it: the source waits for this before it
+        decides to stop, so the pause does not find this side still busy.
+        Not for the final pass (STATE follows it: nothing waits)."""
+        await self._channels.await_final_pass(pass_no, self.hello.channels)
+        for _ in range(3):  # what landed while a refresh ran makes more stale
+            job = self._refresh_job
+            if job is not None and not job.done():
+                await asyncio.wait({job})
+            if not self._digest.pending(unread=False):
+                break
+            self._start_refresh()
+        async with self._send_lock:
+            if self.machine.state == DestState.RECEIVING and not self.chan.closed:
+                await self.chan.send(fr.Applied(pass_no))
 
     async def _on_state(self, frame) -> None:
         self._guest_state = frame.state

@@ -1,7 +1,7 @@
 """The source's passes: each sends a set of pages over every channel, each
-page on its chunk's channel (see lanes.py), and the destination stays
-silent meanwhile -- unless it fails, which one pending receive on the
-control connection hears at once (``PeerWatch``)."""
+page on its chunk's channel (see lanes.py), and the destination says only
+that a pass has landed (APPLIED) -- or that it fails, which one reader on
+the control connection hears at once (``PeerWatch``)."""
 
 import asyncio
 import functools
@@ -11,7 +11,7 @@ from hosts.constants import PAGE_SIZE
 from migrate.engine.bitmaps import runs
 from migrate.engine.lanes import SendLane, partition
 from migrate.engine.pages import BatchStats
-from migrate.errors import PeerError, ProtocolError, TransportError
+from migrate.errors import MigrationError, PeerError, PeerTimeout, ProtocolError, TransportError
 from migrate.net.threads import LoopThread
 from migrate.protocol import frames as fr
 
@@ -21,50 +21,90 @@ def peer_error(frame) -> PeerError:
 
 
 class PeerWatch:
-    """A pending receive on the control connection, from the bulk pass to
-    CONFIRM: the destination speaks only to fail (or, at the end, to confirm)."""
+    """Reads the control connection from the bulk pass to CONFIRM.  The
+    destination's APPLIED acknowledgements are counted here; otherwise it
+    speaks only to fail (or, at the end, to confirm): that frame, or the
+    read's error, is kept for ``check`` and ``answer``."""
 
     def __init__(self):
-        self._task: asyncio.Future | None = None
+        self._task: asyncio.Future | None = None  # the reader
+        self._next: asyncio.Future | None = None  # the first frame that is not APPLIED
+        self._acked: asyncio.Event | None = None  # set at each APPLIED
+        self.applied = -1  # the last pass the destination acknowledged
 
     def listen(self, chan) -> None:
-        self._task = asyncio.ensure_future(chan.recv(timeout=None))
+        self._next = asyncio.get_running_loop().create_future()
+        self._next.add_done_callback(lambda f: f.cancelled() or f.exception())  # read when it matters
+        self._acked = asyncio.Event()
+        self._task = asyncio.ensure_future(self._read(chan, self._next))
+
+    async def _read(self, chan, nxt: asyncio.Future) -> None:
+        try:
+            while True:
+                frame = await chan.recv(timeout=None)
+                if frame.type != fr.FrameType.APPLIED:
+                    nxt.set_result(frame)
+                    return
+                self.applied = max(self.applied, frame.pass_no)
+                self._acked.set()
+        except MigrationError as exc:
+            if not nxt.done():
+                nxt.set_exception(exc)
 
     def check(self) -> None:
         """Raise what the destination said, if it said anything."""
-        task = self._task
-        if task is not None and task.done():
-            self._task = None
-            frame = task.result()  # raises the peer's transport/protocol error
+        nxt = self._next
+        if nxt is not None and nxt.done():
+            self._next = None
+            frame = nxt.result()  # raises the peer's transport/protocol error
             if frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
                 raise peer_error(frame)
             raise ProtocolError(f"unexpected {frame.type.name} frame from the destination")
+
+    async def applied_by(self, pass_no: int, timeout: float) -> float:
+        """Wait until the destination acknowledged ``pass_no`` (APPLIED);
+        returns the seconds waited.  Raises what it said instead, or
+        PeerTimeout."""
+        t0 = time.perf_counter()
+        deadline = t0 + timeout
+        while self.applied < pass_no:
+            self.check()
+            left = deadline - time.perf_counter()
+            if self._next is None or left <= 0:
+                raise PeerTimeout(f"the destination did not acknowledge pass {pass_no} within {timeout:g} s")
+            self._acked.clear()
+            acked = asyncio.ensure_future(self._acked.wait())
+            try:
+                await asyncio.wait({acked, self._next}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                acked.cancel()
+        return time.perf_counter() - t0
 
     async def words(self, grace: float) -> None:
         """After a data channel broke: the destination's ERROR, if it is on
         its way (it fails, then closes the channel; the reset can overtake
         the control connection's frame), beats the broken pipe."""
-        task = self._task
-        if task is not None and not task.done():
-            await asyncio.wait({task}, timeout=grace)
+        nxt = self._next
+        if nxt is not None and not nxt.done():
+            await asyncio.wait({nxt}, timeout=grace)
         self.check()
 
     def check_from_thread(self) -> None:
         """From a channel thread: stop sending once the destination has spoken
         (the main loop reads what it said)."""
-        task = self._task
-        if task is not None and task.done():
+        nxt = self._next
+        if nxt is not None and nxt.done():
             raise TransportError("destination stopped the migration")
 
     async def answer(self, chan, timeout: float):
         """The destination's next frame (its CONFIRM), within ``timeout`` seconds."""
-        task, self._task = self._task, None
-        if task is None:
+        nxt, self._next = self._next, None
+        if nxt is None:
             return await chan.recv()
         try:
-            frame = await asyncio.wait_for(asyncio.shield(task), timeout)
+            frame = await asyncio.wait_for(asyncio.shield(nxt), timeout)
         except TimeoutError:
-            task.cancel()
+            self.stop()
             raise TransportError("the destination did not confirm in time") from None
         if frame.type in (fr.FrameType.ERROR, fr.FrameType.ABORT):
             raise peer_error(frame)
@@ -74,6 +114,7 @@ class PeerWatch:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        self._next = None
 
 
 class PassSender:

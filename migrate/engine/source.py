@@ -146,8 +146,10 @@ class SourceVmm:
             await self._connect(address)
             self._start_precopy()
             await self._bulk_pass()
+            await self._caught_up()
             while not self._precopy_done():
                 await self._dirty_pass()
+                await self._caught_up()
             if self._postcopy_reason:
                 await self._postcopy()
             else:
@@ -277,6 +279,14 @@ class SourceVmm:
         await self._sender.send(0, self.host.memory.populated_ranges())
         if self._digest is not None and self._digest_keeper is None:
             self._digest_keeper = DigestKeeper(self._digest)
+
+    async def _caught_up(self) -> None:
+        """Wait for the destination's APPLIED of the pass just sent: the
+        socket buffers may still hold much of it, and a guest paused while
+        the destination works through them would wait for that too."""
+        record = self.passes[-1]
+        waited = await self._peer.applied_by(record["pass"], self.config.timeout_s)
+        record["applied_wait_s"] = round(waited, 6)
 
     def _precopy_done(self) -> bool:
         """Harvest what the guest dirtied and ask the policy whether the rest

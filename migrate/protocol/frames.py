@@ -36,7 +36,7 @@ from migrate.checksum import crc32
 from migrate.errors import ProtocolError
 
 #: bumped whenever a frame changes shape; both sides must agree (HELLO)
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 MAGIC = b"MT"
 HEADER = struct.Struct("<2sBBIII")
 HEADER_SIZE = HEADER.size
@@ -95,6 +95,7 @@ class FrameType(enum.IntEnum):
     RECOVER = 16
     POSTCOPY = 17
     REQUEST = 18
+    APPLIED = 19
 
 
 # -- field checking ----------------------------------------------------------
@@ -420,6 +421,24 @@ class PassEnd:
 
 
 @dataclass
+class Applied:
+    """Destination -> source, during precopy: every page of pass ``pass_no``
+    has landed (on every channel) and been digested.  The source waits for
+    it before it decides whether to stop, so the guest never pauses while
+    the destination is still catching up (that work would be downtime)."""
+
+    pass_no: int
+    type = FrameType.APPLIED
+
+    def meta(self):
+        return {"p": self.pass_no}
+
+    @classmethod
+    def from_meta(cls, m, payload):
+        return cls(_uint(m, "p", "APPLIED", 2**32))
+
+
+@dataclass
 class State:
     """Source -> destination, after the final pass: the vCPU and device state,
     msgpack in the payload (bounded like pages)."""
@@ -667,6 +686,7 @@ FRAME_CLASSES = {
         Welcome,
         Pages,
         PassEnd,
+        Applied,
         State,
         Complete,
         Confirm,

@@ -74,7 +74,9 @@ Phases (``--at``), mapped to the stream:
                   next frame header arrives there; if that is STATE, the held
                   PASS_END is the trigger frame (the source has paused its
                   vCPUs, sent its final pages and is about to send STATE),
-                  otherwise it is forwarded unchanged.
+                  otherwise it is forwarded unchanged -- as it is when nothing
+                  follows within ``PASS_END_HOLD_S`` (after any other pass
+                  the source waits for the destination's APPLIED).
 ``state``         the STATE frame.
 ``completion`` / ``completion:COMPLETE``   the COMPLETE frame;
 ``completion:CONFIRM``  the destination's CONFIRM;
@@ -111,6 +113,8 @@ from migrate.protocol.frames import FLAG_MAC, HEADER, HEADER_SIZE, MAC_SIZE, MAG
 from migrate.units import parse_size
 
 FAULTS = ("none", "cut", "flip", "truncate", "stall", "kill-dest", "kill-source", "tamper")
+#: how long a PASS_END is held for the frame after it (see ``stop-and-copy``)
+PASS_END_HOLD_S = 1.0
 PHASES = ("handshake", "bulk", "dirty", "stop-and-copy", "state", "completion", "postcopy")
 POINTS = {"handshake": ("HELLO", "WELCOME"), "completion": ("COMPLETE", "CONFIRM", "GO", "RESUMED")}
 UP, DOWN = "source->destination", "destination->source"
@@ -380,7 +384,19 @@ class FaultProxy:
         reader, writer, scanner = link.readers[d], link.writers[d], link.scanners[d]
         try:
             while True:
-                data = await reader.read(READ_CHUNK)
+                if d == UP and link.held is not None:
+                    try:
+                        data = await asyncio.wait_for(reader.read(READ_CHUNK), PASS_END_HOLD_S)
+                    except TimeoutError:
+                        # Nothing follows the held PASS_END: the source waits
+                        # for the destination's APPLIED, so it did not end the
+                        # final pass.
+                        writer.write(link.held[1])
+                        link.held = None
+                        await writer.drain()
+                        continue
+                else:
+                    data = await reader.read(READ_CHUNK)
                 if not await self._gate(link):
                     return
                 if not data:
