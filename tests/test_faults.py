@@ -25,6 +25,13 @@ SIGKILL.  Each case then checks what the issue promises:
   against the destination, as an operator would, while the destination still
   waits, and then requires the destination to run the guest.
 
+After the postcopy switch (``test_postcopy_fault_matrix``) the promise is
+different, since neither side alone holds the guest: where the link can
+come back (cut, flip, truncate, a short stall, a lost RESUMED) the source
+reconnects with --retry and the migration completes, validated; where it
+cannot (a lasting stall, a killed side) each survivor's status says what is
+lost and what is kept (see ``postcopy_violations``).
+
 The cases run concurrently (FAULT_WORKERS, default 4; most of the long ones
 only wait) from one module fixture, so the matrix takes about two and a half
 minutes on two cores; each parametrized test waits for its own case and
