@@ -117,6 +117,7 @@ class DestVmm:
         self._postcopy_done = False
         self._postcopy_hold = DestPostcopyHold(config, self._recovery._challenge)
         self._switch_confirm = None  # CONFIRM at the switch: sent again on a recovery connection
+        self._retired: list[FrameChannel] = []  # control connections replaced by postcopy recovery
         self._address = "?"  # where later connections come (for the operator)
         self._switch_interval = sys.getswitchinterval()
         self._send_lock = asyncio.Lock()  # REQUESTs go out while the main loop may send too
@@ -412,6 +413,7 @@ class DestVmm:
         """On the recovery connection: the pages still missing, the switch's
         CONFIRM again, REQUESTs for the pages vCPUs wait for."""
         pc = self._postcopy
+        self._retired.append(self.chan)
         self.chan, self.machine = chan, chan.conn.machine
         chan.timeout = self.config.timeout_s
         missing = pc.missing()
@@ -844,7 +846,8 @@ class DestVmm:
             res["postcopy"] = self._postcopy.report(res["counters"])
             # the guest's progress here (the simulator counts it)
             res["postcopy"]["guest_pages_touched"] = getattr(self.host.vcpus, "pages_touched", None)
-        received = chan.bytes_received + self._channels.bytes_received()
+        old = self._retired
+        received = chan.bytes_received + self._channels.bytes_received() + sum(c.bytes_received for c in old)
         res["ram"].update(
             transferred_bytes=received,
             zero_pages=s.zero_pages,
@@ -854,10 +857,12 @@ class DestVmm:
         )
         res["tags"].update(tagged_pages=s.tagged_pages, raw_bytes=s.tag_raw, wire_bytes=s.tag_wire)
         res["wire"].update(
-            bytes_sent=chan.bytes_sent,
+            bytes_sent=chan.bytes_sent + sum(c.bytes_sent for c in old),
             bytes_received=received,
             protection=protection(self._tls, self._key),
-            authenticated_frames=chan.conn.authenticated_frames + self._channels.authenticated_frames(),
+            authenticated_frames=chan.conn.authenticated_frames
+            + self._channels.authenticated_frames()
+            + sum(c.conn.authenticated_frames for c in old),
             channels=1 + len(self._channels.lanes),
             data_bytes=s.data_wire,
             tag_bytes=s.tag_wire,

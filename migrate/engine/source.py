@@ -122,6 +122,7 @@ class SourceVmm:
         self._postcopy_reason: str | None = None  # why precopy gave way to postcopy
         self._switched = False  # POSTCOPY announced: the guest runs there, its missing pages are here
         self.postcopy_retries = 0  # reconnections after a broken postcopy without the operator (--retry)
+        self._recovered_chans: list[FrameChannel] = []  # postcopy's recovery connections, for the byte counts
 
     @property
     def lanes(self) -> list[SendLane]:
@@ -405,6 +406,7 @@ class SourceVmm:
                     self._switched = self.handed_over = False
                     raise
                 chan.limiter = self._chan.limiter  # --max-bandwidth holds on the new connection too
+                self._recovered_chans.append(chan)
                 self._chan, self.machine = chan, chan.conn.machine
                 pc.resume(chan, missing)
                 self.progress.message(f"postcopy resumed: {sum(c for _, c in missing)} pages still to send")
@@ -676,7 +678,9 @@ class SourceVmm:
             machine.fail(one_line(err))
 
     def _fill_stats(self, counters_before) -> None:
-        res, host, chan, lanes = self.result, self.host, self._chan, self.lanes
+        res, host, lanes = self.result, self.host, self.lanes
+        chan = lanes[0].chan if lanes else self._chan  # the control connection (postcopy's recovery ones below)
+        extra = self._recovered_chans
         res["total_time_ms"] = _ms(time.perf_counter() - self._clock.start)
         res["counters"] = type(host.counters).delta(host.counters.snapshot(), counters_before)
         res["guest_pages_touched"] = (
@@ -685,6 +689,7 @@ class SourceVmm:
         s = self._sender.totals()
         total_s = res["total_time_ms"] / 1000.0
         sent = sum(lane.chan.bytes_sent for lane in lanes) if lanes else (chan.bytes_sent if chan else 0)
+        sent += sum(c.bytes_sent for c in extra)
         res["passes"] = self.passes
         res["ram"].update(
             transferred_bytes=sent,
@@ -702,11 +707,14 @@ class SourceVmm:
         comps = [lane.builder.compressor for lane in lanes]
         res["wire"].update(
             bytes_sent=sent,
-            bytes_received=chan.bytes_received if chan else 0,
+            bytes_received=(chan.bytes_received if chan else 0) + sum(c.bytes_received for c in extra),
             protection=protection(self._tls, self.config.psk_file),
-            authenticated_frames=sum(lane.chan.conn.authenticated_frames for lane in lanes)
-            if lanes
-            else (chan.conn.authenticated_frames if chan else 0),
+            authenticated_frames=(
+                sum(lane.chan.conn.authenticated_frames for lane in lanes)
+                if lanes
+                else (chan.conn.authenticated_frames if chan else 0)
+            )
+            + sum(c.conn.authenticated_frames for c in extra),
             data_bytes=s.data_wire,
             tag_bytes=s.tag_wire,
             channels=len(lanes) or None,
