@@ -17,7 +17,7 @@ import time
 import pytest
 from support import WAIT, digests, open_listener
 from test_faults import REPO, _describe, _env, postcopy_violations, run_postcopy_case
-from test_postcopy import CutAfterSwitch, dest_for, hot_set
+from test_postcopy import CutAfterSwitch, RetryingCut, dest_for, hot_set
 
 from migrate.config.spec import MigrationConfig
 from migrate.engine.dest import DestVmm
@@ -26,6 +26,7 @@ from migrate.engine.source import SourceVmm
 from migrate.errors import MigrationError, TransportError
 from migrate.net.transport import FrameChannel, connect, secure
 from migrate.protocol.machine import Connection, recovery_source_machine
+from migrate.tools.pki import have_openssl, make_pki
 
 RESUME = re.compile(r"`(mte-migrate resume --pid (\d+))`")
 HERE = re.compile(r"`kill -USR1 (\d+)`")
@@ -161,6 +162,41 @@ async def test_a_switch_that_broke_before_the_guest_resumed_there_resumes_it_at_
         assert "before the guest resumed on the destination" in sres["error"], sres["error"]
         assert dres["guest_on"] == "nowhere (partial state discarded)" and not dst.vcpus.running
         await _until(lambda: src.vcpus.running)
+    finally:
+        dtask.cancel()
+        listener.close()
+        src.close()
+        dst.close()
+
+
+@pytest.mark.skipif(not have_openssl(), reason="needs the openssl command to make certificates")
+async def test_a_cut_over_mutual_tls_is_resumed_over_tls(tmp_path):
+    """The recovery connection is made like every other: TLS first."""
+    pki = make_pki(tmp_path, "pc")
+
+    def config(who):
+        cert, key = pki[who]
+        return MigrationConfig(
+            strategy="memfd-continue",
+            postcopy=True,
+            postcopy_after_passes=0,
+            channels=1,
+            timeout_s=3,
+            postcopy_hold_s=30,
+            tls_cert=cert,
+            tls_key=key,
+            tls_ca=pki["ca"],
+        ).check()
+
+    src, dst = hot_set(), dest_for()
+    listener = open_listener()
+    dtask = asyncio.ensure_future(DestVmm(dst, config("dest")).serve(listener))
+    try:
+        sres = await asyncio.wait_for(RetryingCut(src, config("source")).migrate(listener.getsockname()), WAIT)
+        dres = await asyncio.wait_for(dtask, WAIT)
+        assert sres["status"] == dres["status"] == "completed", (sres["error"], dres["error"])
+        assert sres["validation"]["ok"] and sres["postcopy_recovery"]["pauses"] == 1
+        assert sres["wire"]["protection"] == "tls"
     finally:
         dtask.cancel()
         listener.close()

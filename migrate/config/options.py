@@ -261,7 +261,8 @@ OPTIONS = (
         "retry",
         INT,
         0,
-        "after a failure, try again up to N times (the guest keeps running meanwhile)",
+        "after a failure, try again up to N times (the guest keeps running meanwhile); after a postcopy "
+        "switch, reconnect the same migration up to N times instead",
         flags=("--retry",),
         commands=frozenset({"run", "source"}),
     ),

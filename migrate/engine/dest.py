@@ -116,10 +116,12 @@ class DestVmm:
         self._postcopy: DestPostcopy | None = None
         self._postcopy_done = False
         self._faults: DestFaultChannel | None = None  # the fault channel, once joined
+        self._fault_history: list[DestFaultChannel] = []  # every fault channel, for the byte counts
         self._faults_joined = asyncio.Event()
         self._all_landed = asyncio.Event()  # every postcopy page is here (set from either thread)
         self._postcopy_hold = DestPostcopyHold(config, self._recovery._challenge)
         self._switch_confirm = None  # CONFIRM at the switch: sent again on a recovery connection
+        self._retired: list[FrameChannel] = []  # control connections replaced by postcopy recovery
         self._address = "?"  # where later connections come (for the operator)
         self._switch_interval = sys.getswitchinterval()
         self._send_lock = asyncio.Lock()  # REQUESTs go out while the main loop may send too
@@ -448,6 +450,7 @@ class DestVmm:
         """On the recovery connection: the pages still missing and the
         switch's CONFIRM again; then a new fault channel may join."""
         pc = self._postcopy
+        self._retired.append(self.chan)
         self.chan, self.machine = chan, chan.conn.machine
         chan.timeout = self.config.timeout_s
         missing = pc.missing()
@@ -695,6 +698,7 @@ class DestVmm:
         if frame.channel == self.hello.channels:
             conn.machine.local("faults")
             self._faults = DestFaultChannel(sock, conn, io, self.config.timeout_s)
+            self._fault_history.append(self._faults)
             self._faults_joined.set()
             if self._postcopy is not None and not self._postcopy_done:  # postcopy resumed: it serves at once
                 self._faults.start(self._postcopy)
@@ -885,8 +889,14 @@ class DestVmm:
             res["postcopy"] = self._postcopy.report(res["counters"])
             # the guest's progress here (the simulator counts it)
             res["postcopy"]["guest_pages_touched"] = getattr(self.host.vcpus, "pages_touched", None)
-        faults = self._faults
-        received = chan.bytes_received + self._channels.bytes_received() + (faults.bytes_received if faults else 0)
+        old = self._retired
+        faults = self._fault_history
+        received = (
+            chan.bytes_received
+            + self._channels.bytes_received()
+            + sum(c.bytes_received for c in old)
+            + sum(f.bytes_received for f in faults)
+        )
         res["ram"].update(
             transferred_bytes=received,
             zero_pages=s.zero_pages,
@@ -896,12 +906,13 @@ class DestVmm:
         )
         res["tags"].update(tagged_pages=s.tagged_pages, raw_bytes=s.tag_raw, wire_bytes=s.tag_wire)
         res["wire"].update(
-            bytes_sent=chan.bytes_sent,
+            bytes_sent=chan.bytes_sent + sum(c.bytes_sent for c in old),
             bytes_received=received,
             protection=protection(self._tls, self._key),
             authenticated_frames=chan.conn.authenticated_frames
             + self._channels.authenticated_frames()
-            + (faults.authenticated_frames if faults else 0),
+            + sum(c.conn.authenticated_frames for c in old)
+            + sum(f.authenticated_frames for f in faults),
             channels=1 + len(self._channels.lanes),
             data_bytes=s.data_wire,
             tag_bytes=s.tag_wire,

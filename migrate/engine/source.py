@@ -123,7 +123,8 @@ class SourceVmm:
         self._switched = False  # POSTCOPY announced: the guest runs there, its missing pages are here
         self._fault_chan: FrameChannel | None = None  # postcopy: REQUESTs and the pages they ask for
         self.postcopy_retries = 0  # reconnections after a broken postcopy without the operator (--retry)
-        self._fault_chan_bytes = 0  # sent on fault channels that broke
+        self._fault_chans: list[FrameChannel] = []  # every fault channel, for the byte counts
+        self._recovered_chans: list[FrameChannel] = []  # postcopy's recovery connections, for the byte counts
 
     @property
     def lanes(self) -> list[SendLane]:
@@ -242,6 +243,7 @@ class SourceVmm:
             self.config.channels, self._address, self._session, None, "the fault channel, channel"
         )
         faults.conn.machine.local("faults")
+        self._fault_chans.append(faults)
         return faults
 
     def _new_builder(self, compressor) -> BatchBuilder:
@@ -390,7 +392,7 @@ class SourceVmm:
             "pages": pc.total,
             "pages_requested": pc.requested_pages,
             "requests": pc.requests,
-            "fault_channel_bytes": self._fault_chan_bytes + (self._fault_chan.bytes_sent if self._fault_chan else 0),
+            "fault_channel_bytes": sum(c.bytes_sent for c in self._fault_chans),
             "pages_resent": pc.resent,
             "last_page_ms": _ms(pc.last_page_at - switched) if pc.last_page_at else 0.0,
             "total_after_switch_ms": _ms(done - switched),
@@ -439,9 +441,9 @@ class SourceVmm:
                     self._switched = self.handed_over = False
                     raise
                 chan.limiter = self._chan.limiter  # --max-bandwidth holds on the new connection too
+                self._recovered_chans.append(chan)
                 self._chan, self.machine = chan, chan.conn.machine
                 if self._fault_chan is not None:
-                    self._fault_chan_bytes += self._fault_chan.bytes_sent
                     self._fault_chan.close()
                     self._fault_chan = None
                 if missing:  # a new fault channel, bound to the recovery connection as the first to the control one
@@ -721,7 +723,9 @@ class SourceVmm:
             machine.fail(one_line(err))
 
     def _fill_stats(self, counters_before) -> None:
-        res, host, chan, lanes = self.result, self.host, self._chan, self.lanes
+        res, host, lanes = self.result, self.host, self.lanes
+        chan = lanes[0].chan if lanes else self._chan  # the control connection (postcopy's recovery ones below)
+        extra = self._recovered_chans + self._fault_chans
         res["total_time_ms"] = _ms(time.perf_counter() - self._clock.start)
         res["counters"] = type(host.counters).delta(host.counters.snapshot(), counters_before)
         res["guest_pages_touched"] = (
@@ -730,8 +734,7 @@ class SourceVmm:
         s = self._sender.totals()
         total_s = res["total_time_ms"] / 1000.0
         sent = sum(lane.chan.bytes_sent for lane in lanes) if lanes else (chan.bytes_sent if chan else 0)
-        faults = self._fault_chan
-        sent += faults.bytes_sent if faults else 0
+        sent += sum(c.bytes_sent for c in extra)
         res["passes"] = self.passes
         res["ram"].update(
             transferred_bytes=sent,
@@ -749,14 +752,14 @@ class SourceVmm:
         comps = [lane.builder.compressor for lane in lanes]
         res["wire"].update(
             bytes_sent=sent,
-            bytes_received=(chan.bytes_received if chan else 0) + (faults.bytes_received if faults else 0),
+            bytes_received=(chan.bytes_received if chan else 0) + sum(c.bytes_received for c in extra),
             protection=protection(self._tls, self.config.psk_file),
             authenticated_frames=(
                 sum(lane.chan.conn.authenticated_frames for lane in lanes)
                 if lanes
                 else (chan.conn.authenticated_frames if chan else 0)
             )
-            + (faults.conn.authenticated_frames if faults else 0),
+            + sum(c.conn.authenticated_frames for c in extra),
             data_bytes=s.data_wire,
             tag_bytes=s.tag_wire,
             channels=len(lanes) or None,
