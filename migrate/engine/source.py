@@ -377,6 +377,7 @@ class SourceVmm:
         )
         bound_backlog(self._chan.sock, BACKGROUND_BACKLOG)  # see BACKGROUND_BACKLOG
         await pc.announce()
+        handed = time.perf_counter()  # the guest is the destination's from here
         self._switched = self.handed_over = True
         self.result["guest_on"] = "destination (postcopy: its missing pages still here)"
         switched = await self._run_postcopy(pc)
@@ -394,7 +395,8 @@ class SourceVmm:
             "requests": pc.requests,
             "fault_channel_bytes": sum(c.bytes_sent for c in self._fault_chans),
             "pages_resent": pc.resent,
-            "last_page_ms": _ms(pc.last_page_at - switched) if pc.last_page_at else 0.0,
+            # from the hand-over, not the CONFIRM: a short postcopy may send its last page before that arrives
+            "last_page_ms": _ms(pc.last_page_at - handed) if pc.last_page_at else 0.0,
             "total_after_switch_ms": _ms(done - switched),
         }
         self.result["validation"] = validation.to_dict()
