@@ -30,6 +30,7 @@ from migrate.net.threads import LoopThread
 from migrate.net.transport import FrameChannel
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Decompressor
+from migrate.protocol.frames import POSTCOPY_ENTRY
 
 #: pages per background PAGES frame
 BACKGROUND_PAGES = 32
@@ -233,12 +234,21 @@ class SourcePostcopy:
 
     async def _send(self, chan, builder, ranges, paced: bool = True) -> None:
         """The pages' table entries, then the pages: a page asked for waits
-        for its own entries only, not for a table of every missing page."""
+        for its own entries only, not for a table of every missing page.
+        A paced batch waits for the link (--max-bandwidth, booked at its raw
+        size) before its pages count as sent: a page the guest asks for
+        meanwhile still goes on the fault channel, not behind the limiter."""
+        npages = sum(c for _, c in ranges)
+        if paced and chan.limiter is not None:
+            await chan.limiter.wait(npages * (PAGE_SIZE + PACKED_TAGS_PER_PAGE + POSTCOPY_ENTRY))
+            ranges = self._unsent(ranges)  # the fault channel may have taken some meanwhile
+            if not ranges:
+                return
         for first, count in ranges:
             self.pending[first : first + count] = bytes(count)
-        await chan.send(fr.Postcopy(ranges, page_table(self.memory, ranges)), paced)
+        await chan.send(fr.Postcopy(ranges, page_table(self.memory, ranges)), paced=False)
         frame, _ = builder.build(self.pass_no, ranges)
-        await chan.send(frame, paced)
+        await chan.send(frame, paced=False)
         self.sent += sum(c for _, c in ranges)
         if self.sent == self.total:
             self._all_sent.set()
