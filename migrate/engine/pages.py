@@ -9,7 +9,7 @@ from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from hosts.tags import all_zero
 from migrate.checksum import crc32
 from migrate.engine.bitmaps import runs
-from migrate.engine.digest import CHUNK_PAGES, chunk_crc, piece_crcs
+from migrate.engine.digest import CHUNK_PAGES
 from migrate.errors import ProtocolError
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Compressor, Decompressor
@@ -200,8 +200,8 @@ class BatchBuilder:
 
     def _build_whole_chunk(self, pass_no, ranges, chunk, view) -> tuple[fr.Pages, BatchStats]:
         """A whole digest chunk read straight from kernel memory: snapshot all
-        of it, find the zero pages in the snapshot, and CRC its pieces in one
-        pass -- the frame's data CRC and the chunk's digest at once.  (CRC'ing
+        of it, find the zero pages in the snapshot, and CRC it in one call --
+        the frame's data CRC and the chunk's digest at once.  (CRC'ing
         the runs of data and zero pages one by one made a call per run: 128 a
         chunk of the mixed image, twice the time of the bytes themselves.)"""
         n = ranges[0][1]
@@ -209,7 +209,7 @@ class BatchBuilder:
         snap[:] = view
         flags = bytearray(n)
         _flag_zero_pages(snap, bytes(snap[::PAGE_SIZE]), flags, 0)
-        pieces = piece_crcs(snap)  # zero pages are zeros in the snapshot, as they land
+        crc = crc32(snap)  # zero pages are zeros in the snapshot, as they land
         if flags.find(fr.PAGE_ZERO) < 0:
             data = snap
         else:
@@ -222,9 +222,9 @@ class BatchBuilder:
             data = gather[:pos]
         # A page written after the snapshot is in a later dirty harvest,
         # which marks the chunk stale again.
-        dcrc = self.digest.set_data(chunk, pieces, tags_changed=True)
+        self.digest.set_chunk_crc(chunk, crc, tags_changed=True)
         packed = self.strategy.read_tags(ranges)
-        return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), len(data), dcrc)
+        return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), len(data), crc)
 
     def build_tags_only(self, pass_no: int, ranges) -> tuple[fr.Pages, BatchStats]:
         """A batch of pages whose data is unchanged: only their tags travel."""
@@ -387,17 +387,16 @@ class BatchApplier:
                 self._untag_run(page_of, a, b)
 
     def _check_landed(self, frame, first: int, end: int) -> None:
-        """The frame's data CRC against the pages as they landed; their piece
-        CRCs become the chunk's validation digest."""
-        pieces = piece_crcs(self.digest.memory.data[first * PAGE_SIZE : end * PAGE_SIZE])
-        crc = chunk_crc(pieces, (end - first) * PAGE_SIZE)
+        """The frame's data CRC against the pages as they landed, in one call;
+        that CRC becomes the chunk's validation digest."""
+        crc = crc32(self.digest.memory.data[first * PAGE_SIZE : end * PAGE_SIZE])
         if crc != frame.dcrc:
             raise ProtocolError(
                 f"PAGES frame data failed its checksum on the landed pages {first}..{end - 1} "
                 f"(crc {crc:#010x}, expected {frame.dcrc:#010x}): corrupt on the wire, "
                 f"or stored in the wrong place"
             )
-        self.digest.set_data(first // CHUNK_PAGES, pieces, tags_changed=True)
+        self.digest.set_chunk_crc(first // CHUNK_PAGES, crc, tags_changed=True)
 
     def _payload(self, blob, compressed: bool, expected: int, what: str):
         if compressed:
