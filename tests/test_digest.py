@@ -743,7 +743,8 @@ def test_a_chunk_recorded_in_one_call_is_read_whole_once_written_then_by_pieces(
     mem, c = a.memory, 2
     lo, hi = c * CHUNK_PAGES * PAGE, (c + 1) * CHUNK_PAGES * PAGE
     d = MemoryDigest(mem, compute=False)
-    d.set_chunk_crc(c, zlib.crc32(mem.data[lo:hi]), tags_changed=False)
+    d.set_chunk_crc(c, zlib.crc32(mem.data[lo:hi]), tags="now")
+    assert d.tag_crcs[c] == MemoryDigest(mem).tag_crcs[c] and not d.tags_stale[c]
     assert d.pieces_unknown[c] and not d.pending(unread=False)
     reads = []
     real = zlib.crc32

@@ -266,22 +266,28 @@ class MemoryDigest:
                 self.tags_stale[chunk] = 1
         return crc
 
-    def set_chunk_crc(self, chunk: int, crc: int, tags_changed: bool) -> None:
+    def set_chunk_crc(self, chunk: int, crc: int, tags: str) -> None:
         """Record a chunk's CRC taken by the caller in one call over this
         memory (the destination right after landing a whole chunk), without
         its piece CRCs: one call a chunk instead of 64 and the joins, for
         chunks that are mostly never written again.  A chunk written later
         is read whole at its next refresh, which keeps its pieces from then
-        on; its tags are read again later if they changed."""
+        on.  ``tags``: "now" reads the chunk's tag CRC here (the caller has
+        just stored them: no background refresh a chunk for its tags alone),
+        "later" leaves them to a refresh."""
         p = chunk * PIECES_PER_CHUNK
+        tag_crc = self._tag_crc(chunk) if tags == "now" else None
         with self._lock:
             self._gen[chunk] += 1
             self.data_crcs[chunk] = crc
             self.piece_stale[p : p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
             self.stale[chunk] = self.unread[chunk] = 0
             self.pieces_unknown[chunk] = 1
-            if tags_changed:
+            if tag_crc is None:
                 self.tags_stale[chunk] = 1
+            else:
+                self.tag_crcs[chunk] = tag_crc
+                self.tags_stale[chunk] = 0
 
     def refresh(
         self, chunks=None, frozen: bool = False, resident: bytes | None = None, stop: threading.Event | None = None

@@ -222,7 +222,7 @@ class BatchBuilder:
             data = gather[:pos]
         # A page written after the snapshot is in a later dirty harvest,
         # which marks the chunk stale again.
-        self.digest.set_chunk_crc(chunk, crc, tags_changed=True)
+        self.digest.set_chunk_crc(chunk, crc, tags="later")
         packed = self.strategy.read_tags(ranges)
         return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), len(data), crc)
 
@@ -396,7 +396,7 @@ class BatchApplier:
                 f"(crc {crc:#010x}, expected {frame.dcrc:#010x}): corrupt on the wire, "
                 f"or stored in the wrong place"
             )
-        self.digest.set_chunk_crc(first // CHUNK_PAGES, crc, tags_changed=True)
+        self.digest.set_chunk_crc(first // CHUNK_PAGES, crc, tags="now")  # its tags have landed too
 
     def _payload(self, blob, compressed: bool, expected: int, what: str):
         if compressed:
