@@ -577,6 +577,28 @@ def test_checked_frame_of_a_whole_chunk_is_verified_on_the_landed_memory(blank_p
     assert same_guest(src, dst) == (True, True)
 
 
+def test_a_landing_whole_chunk_is_never_seen_half_recorded(blank_pair):
+    # Its pages and tags land without a stale mark each (a background refresh
+    # on another thread would read the chunk meanwhile); the chunk is recorded
+    # whole right after, and a later write marks it as usual.
+    src, dst = blank_pair
+    write(src, CHUNK, bytes(range(256)) * (CHUNK * PAGE // 256))
+    write(src, CHUNK + 5, bytes(PAGE))
+    set_tags(src, CHUNK + 9, 3)
+    link = checked_link(src, dst)
+    digest = link.applier.digest
+    marks = []
+    link.applier.on_write = lambda a, b: marks.append((a, b)) or digest.mark_stale(a, b)
+    frame, _ = link.builder.build(0, [(CHUNK, CHUNK)])
+    (got,) = link.conn.feed(wire_of(frame))
+    link.applier.apply(got)
+    assert marks == [] and not digest.pending(unread=False)
+    fresh = MemoryDigest(dst.memory, chunks=[1])
+    assert (digest.data_crcs[1], digest.tag_crcs[1]) == (fresh.data_crcs[1], fresh.tag_crcs[1])
+    link.send([(CHUNK + 7, CHUNK + 8)], pass_no=1)  # one page of it again: marked
+    assert marks and digest.stale[1]
+
+
 @pytest.mark.parametrize("whole_chunk", [True, False])
 def test_a_flipped_data_byte_is_caught_at_its_frame(blank_pair, whole_chunk):
     src, dst = blank_pair

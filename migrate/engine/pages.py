@@ -2,6 +2,7 @@
 applying them on the destination.  Work is per run of pages (bytes.find on
 flag bytes), per page only for the zero-page test, never per granule."""
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ _IS_ZERO_BYTE = bytes([1]) + bytes(255)  # 1 = the byte is 0
 _LANDED_BIT = bytes(0 if b & fr.PAGE_KEEP else 1 for b in range(256))  # 1 = data or zero page
 _ZERO_BLOCK_PAGES = 256
 _ZERO_BLOCK = memoryview(bytes(_ZERO_BLOCK_PAGES * PAGE_SIZE))
+
+
+def _no_write(first: int, end: int) -> None:
+    pass
 
 
 def _zeros(npages: int):
@@ -310,9 +315,13 @@ class BatchApplier:
                 landed_chunk = frame.ranges[0][0] // CHUNK_PAGES  # checked on the landed pages below
             elif content_crc(flags, data) != frame.dcrc:
                 raise ProtocolError("PAGES frame data failed its checksum: the stream is corrupt")
-        self._store(page_of, flags.translate(_LANDED_BIT), data_bits, memoryview(data))
-        self._land_tags(page_of, tag_bits, tags)
-        if landed_chunk is not None:
+        if landed_chunk is None:
+            self._store(page_of, flags.translate(_LANDED_BIT), data_bits, memoryview(data))
+            self._land_tags(page_of, tag_bits, tags)
+        else:
+            with self._digest_told_after():
+                self._store(page_of, flags.translate(_LANDED_BIT), data_bits, memoryview(data))
+                self._land_tags(page_of, tag_bits, tags)
             self._check_landed(frame, frame.ranges[0][0], frame.ranges[0][0] + frame.ranges[0][1])
         zero = zero_bits.count(1)
         return BatchStats(
@@ -355,8 +364,8 @@ class BatchApplier:
         first, count = frame.ranges[0]
         end = first + count
         self.written[first:end] = b"\x01" * count
-        self.on_write(first, end)
-        self._land_tags([(0, count, first)], tag_bits, self._tags_of(frame, ntags))
+        with self._digest_told_after():
+            self._land_tags([(0, count, first)], tag_bits, self._tags_of(frame, ntags))
         self._check_landed(frame, first, end)
         return BatchStats(
             pages=count,
@@ -369,6 +378,18 @@ class BatchApplier:
             tag_wire=len(frame.tags),
             spliced_bytes=ndata * PAGE_SIZE,
         )
+
+    @contextlib.contextmanager
+    def _digest_told_after(self):
+        """While a whole chunk lands: no stale marks for it, one by one --
+        _check_landed records the whole chunk (data and tags) right after.
+        A mark in between would make the background refresh, on another
+        thread, read a chunk that is just being recorded."""
+        on_write, self.on_write = self.on_write, _no_write
+        try:
+            yield
+        finally:
+            self.on_write = on_write
 
     def _tags_of(self, frame, ntags: int):
         tags = self._payload(frame.tags, frame.tags_compressed, ntags * PACKED_TAGS_PER_PAGE, "page tags")
