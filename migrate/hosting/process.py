@@ -87,14 +87,15 @@ class _CpuMeter:
         }
 
     def apart(self, work) -> None:
-        """Run ``work`` with its CPU time left out of process_s (counted in
-        free_ram_s instead)."""
-        before = self._process()
+        """Run ``work`` with its CPU time left out of process_s and
+        migration_thread_s (counted in free_ram_s instead)."""
+        before, thread_before = self._process(), time.thread_time()
         try:
             work()
         finally:
             spent = self._process() - before
             self._proc += spent
+            self._thread += time.thread_time() - thread_before  # called on the meter's thread
             self.free_ram_s += spent
 
 
