@@ -3,6 +3,7 @@
 migration on it."""
 
 import asyncio
+import gc
 import json
 import resource
 import signal
@@ -58,6 +59,13 @@ def build_host(guest: GuestSpec, strategy: str, role: str) -> Host:
                 raise ConfigError(f"cannot load image {guest.image}: {one_line(exc)}") from None
         host.prepare_guest()
     return host
+
+
+# _settle_heap: what is alive once the host is built (modules, the guest,
+# its data pool) lives to the end of the process.  gc.freeze() takes it out
+# of the collector's sight, so that the collections the migration's own
+# allocations set off stop walking it (20-40 ms of a 1 GiB migration's CPU
+# on each side, in perf).
 
 
 def _peak_rss() -> int:
@@ -140,6 +148,7 @@ def run_source(
         raise ConfigError("--retry must be 0 or more")
     t0 = time.perf_counter()
     host = build_host(guest, config.strategy, "source")
+    gc.freeze()  # see _settle_heap
     prepare_ms = (time.perf_counter() - t0) * 1000
     progress = Progress(False if quiet else None)
     populated = host.memory.populated_pages() * 4096  # the RAM the guest actually touched
@@ -248,6 +257,7 @@ def run_dest(
         # The first VM exists (and its RAM, with --prealloc) before this
         # says it listens: whoever starts the source waits for that line.
         first = new_vm()
+        gc.freeze()  # see _settle_heap
         print(f"listening on {bound[0]}:{bound[1]}", flush=True)
         for n in range(attempts):
             host, prealloc_ms = first if n == 0 else new_vm()
