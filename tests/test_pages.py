@@ -577,6 +577,34 @@ def test_checked_frame_of_a_whole_chunk_is_verified_on_the_landed_memory(blank_p
     assert same_guest(src, dst) == (True, True)
 
 
+def test_a_checked_whole_chunk_goes_out_gathered_from_its_snapshot(blank_pair, monkeypatch):
+    # Without a source digest too: one CRC call over the snapshot, the data
+    # pages sent from it as they lie (a Gather, one part a run), and the
+    # destination lands the chunk exactly.
+    import zlib
+
+    from migrate.engine import pages
+
+    src, dst = blank_pair
+    for p in range(CHUNK):
+        if p % 4:
+            write(src, p, bytes([p % 251 + 1]) * PAGE)
+    link = checked_link(src, dst)
+    calls = []
+    monkeypatch.setattr(pages, "crc32", lambda b, *x: calls.append(len(b)) or zlib.crc32(b, *x))
+    frame, stats = link.builder.build(0, [(0, CHUNK)])
+    monkeypatch.undo()
+    assert calls == [CHUNK * PAGE, 0]  # the chunk, then the (empty) tags payload
+    assert isinstance(frame.data, fr.Gather) and len(frame.data.parts) == CHUNK // 4
+    assert len(frame.data) == stats.data_bytes == (CHUNK - CHUNK // 4) * PAGE
+    chunk_bytes = bytes(src.memory.data[: CHUNK * PAGE])
+    assert frame.dcrc == zlib.crc32(chunk_bytes)
+    assert bytes(frame.data) == b"".join(chunk_bytes[p * PAGE : (p + 1) * PAGE] for p in range(CHUNK) if p % 4)
+    (got,) = link.conn.feed(wire_of(frame))
+    link.applier.apply(got)
+    assert bytes(dst.memory.data[: CHUNK * PAGE]) == chunk_bytes
+
+
 def test_a_landing_whole_chunk_is_never_seen_half_recorded(blank_pair):
     # Its pages and tags land without a stale mark each (a background refresh
     # on another thread would read the chunk meanwhile); the chunk is recorded

@@ -162,16 +162,17 @@ class BatchBuilder:
         self.digest = digest
         self.npages = strategy.host.memory.npages
         self._scratch = bytearray(batch_pages * PAGE_SIZE)
-        self._gather = None  # the data pages of a whole-chunk snapshot, allocated when needed
 
     def build(self, pass_no: int, ranges) -> tuple[fr.Pages, BatchStats]:
-        if self.digest is not None and self.checked:
+        if self.checked:
             chunk = whole_chunk(ranges, self.npages)
             if chunk is not None:
                 first, count = ranges[0]
                 view = self.strategy.read_data(first, count)
-                if self.digest.memory.is_view_of(view, first * PAGE_SIZE):
-                    return self._build_whole_chunk(pass_no, ranges, chunk, view)
+                record = self.digest is not None and self.digest.memory.is_view_of(view, first * PAGE_SIZE)
+                # (a chunk of zeros alone is flagged below, without a copy)
+                if record or not (bytes(view[::PAGE_SIZE]).count(0) == count and all_zero(view)):
+                    return self._build_whole_chunk(pass_no, ranges, chunk if record else None, view)
         n = sum(c for _, c in ranges)
         flags = bytearray(n)
         parts = []  # views of the runs of non-zero pages, in batch order
@@ -204,11 +205,14 @@ class BatchBuilder:
         return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), filled)
 
     def _build_whole_chunk(self, pass_no, ranges, chunk, view) -> tuple[fr.Pages, BatchStats]:
-        """A whole digest chunk read straight from kernel memory: snapshot all
-        of it, find the zero pages in the snapshot, and CRC it in one call --
-        the frame's data CRC and the chunk's digest at once.  (CRC'ing
-        the runs of data and zero pages one by one made a call per run: 128 a
-        chunk of the mixed image, twice the time of the bytes themselves.)"""
+        """A whole chunk, checked: snapshot all of it, find the zero pages in
+        the snapshot, and CRC it in one call -- the frame's data CRC and, when
+        ``chunk`` is given (``view`` is kernel memory itself), the chunk's
+        digest at once.  The data pages go out from the snapshot as they lie
+        (a Gather: one gathering send).  Copying the runs of data pages
+        together and CRC'ing them and the zero pages run by run made 64
+        copies and 128 CRC calls a chunk of the mixed image: 224 ms a GiB
+        against 154 for the snapshot, one CRC and the views."""
         n = ranges[0][1]
         snap = memoryview(self._scratch)[: n * PAGE_SIZE]
         snap[:] = view
@@ -218,16 +222,11 @@ class BatchBuilder:
         if flags.find(fr.PAGE_ZERO) < 0:
             data = snap
         else:
-            if self._gather is None:
-                self._gather = bytearray(len(self._scratch))
-            gather, pos = memoryview(self._gather), 0
-            for a, b in runs(bytes(flags), 0):
-                gather[pos : pos + (b - a) * PAGE_SIZE] = snap[a * PAGE_SIZE : b * PAGE_SIZE]
-                pos += (b - a) * PAGE_SIZE
-            data = gather[:pos]
-        # A page written after the snapshot is in a later dirty harvest,
-        # which marks the chunk stale again.
-        self.digest.set_chunk_crc(chunk, crc, tags="later")
+            data = fr.Gather(snap[a * PAGE_SIZE : b * PAGE_SIZE] for a, b in runs(bytes(flags), 0))
+        if chunk is not None:
+            # A page written after the snapshot is in a later dirty harvest,
+            # which marks the chunk stale again.
+            self.digest.set_chunk_crc(chunk, crc, tags="later")
         packed = self.strategy.read_tags(ranges)
         return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), len(data), crc)
 

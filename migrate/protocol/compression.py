@@ -19,6 +19,8 @@ import time
 
 import zstandard
 
+from migrate.protocol.frames import flat
+
 AUTO_LEVEL = 1
 #: allocator-like tags, 1 MiB chunks of a guest: level -3 packs 32 KiB of
 #: tags in 20 us to 14 % (level 1: 28 us, 12 %) and they unpack in 12 us
@@ -83,7 +85,7 @@ class Compressor:
     def _sample(self, data):
         """SAMPLE_SPANS spans of SAMPLE_SPAN bytes spread evenly over ``data``
         (all of it when that is not larger)."""
-        view = memoryview(data).cast("B")
+        view = memoryview(flat(data)).cast("B")
         n, span = self.SAMPLE_SPANS, self.SAMPLE_SPAN
         if len(view) <= n * span:
             return view
@@ -108,7 +110,8 @@ class Compressor:
         if not len(data) or not self._should_compress(data):
             self.batches_raw += 1
             return data, False
-        out = self._data.compress(data) if self.mode != "auto" else self._measure(data)
+        whole = flat(data)
+        out = self._data.compress(whole) if self.mode != "auto" else self._measure(whole)
         if len(out) >= len(data):
             self.batches_raw += 1
             return data, False
