@@ -625,6 +625,7 @@ def test_a_landing_whole_chunk_is_never_seen_half_recorded(blank_pair):
     assert (digest.data_crcs[1], digest.tag_crcs[1]) == (fresh.data_crcs[1], fresh.tag_crcs[1])
     link.send([(CHUNK + 7, CHUNK + 8)], pass_no=1)  # one page of it again: marked
     assert marks and digest.stale[1]
+    assert digest.stale_piece_bytes() == 16384  # its pieces were kept as it landed: one piece to read again
 
 
 @pytest.mark.parametrize("whole_chunk", [True, False])
@@ -758,8 +759,9 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_p
     """Every fourth page zero (the mixed image): the frame flags them and
     leaves them out of its data, its data CRC covers the chunk as it must
     land, computed in one call over the snapshot, which is also the source
-    digest's CRC of the chunk (its pieces are read only if the chunk is
-    written again) -- and the destination lands it exactly."""
+    digest's CRC of the chunk, kept with the CRCs of its 16 KiB pieces
+    (taken from the snapshot in cache) -- and the destination lands it
+    exactly."""
     import zlib
 
     from migrate.engine import digest as digest_mod
@@ -780,14 +782,17 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_p
     monkeypatch.setattr(pages, "crc32", counting)
     monkeypatch.setattr(digest_mod, "crc32", counting)
     frame, stats = link.builder.build(0, [(0, CHUNK)])
-    # one call covers the chunk once, and one the (empty) tags payload
-    assert sorted(calls) == [0, CHUNK * PAGE]
+    # one call covers the chunk, 64 its pieces, and one the (empty) tags payload
+    assert sorted(calls) == [0] + [16384] * 64 + [CHUNK * PAGE]
     monkeypatch.undo()
     assert [p for p in range(CHUNK) if frame.flags[p] & fr.PAGE_ZERO] == list(range(0, CHUNK, 4))
     assert len(frame.data) == stats.data_bytes == (CHUNK - CHUNK // 4) * PAGE
     chunk_bytes = bytes(src.memory.data[: CHUNK * PAGE])
     assert frame.dcrc == zlib.crc32(chunk_bytes) == digest.data_crcs[0]
-    assert not digest.stale[0] and not digest.unread[0] and digest.pieces_unknown[0]
+    assert not digest.stale[0] and not digest.unread[0] and not digest.pieces_unknown[0]
+    assert list(digest.piece_crcs[:64]) == [
+        zlib.crc32(chunk_bytes[o : o + 16384]) for o in range(0, CHUNK * PAGE, 16384)
+    ]
     (got,) = link.conn.feed(wire_of(frame))
     link.applier.apply(got)
     assert bytes(dst.memory.data[: CHUNK * PAGE]) == chunk_bytes

@@ -90,10 +90,22 @@ def prepare_piece_tables() -> None:
     memory, in the background, so that the first use is not inside the
     downtime; a migration that never re-reads a piece never builds them."""
     global _TABLES_READY
-    if not _TABLES_READY:
+    if not _TABLES_READY:  # (two threads may both build them: each gets whole tables)
         chunk_crc(zero_pieces(CHUNK_PAGES))
         crc32_swap(0, 0, 0, PIECE_BYTES, _LAST_PIECE)
         _TABLES_READY = True
+
+
+_TABLES_STARTED = threading.Event()
+
+
+def prepare_piece_tables_soon() -> None:
+    """prepare_piece_tables in a thread of its own, once a process: called
+    when a guest is seen to write again (a dirty pass arrives), so that the
+    tables are ready before the final digest swaps piece CRCs."""
+    if not _TABLES_STARTED.is_set():
+        _TABLES_STARTED.set()
+        threading.Thread(target=prepare_piece_tables, name="piece-tables", daemon=True).start()
 
 
 def chunk_crc(pieces, nbytes: int = CHUNK_PAGES * PAGE_SIZE) -> int:
@@ -266,15 +278,16 @@ class MemoryDigest:
                 self.tags_stale[chunk] = 1
         return crc
 
-    def set_chunk_crc(self, chunk: int, crc: int, tags: str) -> None:
+    def set_chunk_crc(self, chunk: int, crc: int, tags: str, pieces: array | None = None) -> None:
         """Record a chunk's CRC taken by the caller in one call over this
-        memory (the destination right after landing a whole chunk), without
-        its piece CRCs: one call a chunk instead of 64 and the joins, for
-        chunks that are mostly never written again.  A chunk written later
-        is read whole at its next refresh, which keeps its pieces from then
-        on.  ``tags``: "now" reads the chunk's tag CRC here (the caller has
-        just stored them: no background refresh a chunk for its tags alone),
-        "later" leaves them to a refresh."""
+        memory (the destination right after landing a whole chunk) -- no
+        join of piece CRCs, so no join tables -- and its ``pieces`` when the
+        caller took them too.  Without them, a chunk written later is read
+        whole at its next refresh (1 MiB where a piece is 16 KiB: in a
+        guest that dirties most chunks, the final digest then reads most of
+        RAM inside the downtime).  ``tags``: "now" reads the chunk's tag CRC
+        here (the caller has just stored them: no background refresh a
+        chunk for its tags alone), "later" leaves them to a refresh."""
         p = chunk * PIECES_PER_CHUNK
         tag_crc = self._tag_crc(chunk) if tags == "now" else None
         with self._lock:
@@ -282,7 +295,9 @@ class MemoryDigest:
             self.data_crcs[chunk] = crc
             self.piece_stale[p : p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
             self.stale[chunk] = self.unread[chunk] = 0
-            self.pieces_unknown[chunk] = 1
+            if pieces is not None and self.keeps_pieces:
+                self.piece_crcs[p : p + len(pieces)] = pieces
+            self.pieces_unknown[chunk] = pieces is None
             if tag_crc is None:
                 self.tags_stale[chunk] = 1
             else:

@@ -10,7 +10,7 @@ from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from hosts.tags import all_zero
 from migrate.checksum import crc32
 from migrate.engine.bitmaps import runs
-from migrate.engine.digest import CHUNK_PAGES
+from migrate.engine.digest import CHUNK_PAGES, piece_crcs, prepare_piece_tables_soon
 from migrate.errors import ProtocolError
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Compressor, Decompressor
@@ -226,7 +226,8 @@ class BatchBuilder:
         if chunk is not None:
             # A page written after the snapshot is in a later dirty harvest,
             # which marks the chunk stale again.
-            self.digest.set_chunk_crc(chunk, crc, tags="later")
+            pieces = piece_crcs(snap) if self.digest.keeps_pieces else None
+            self.digest.set_chunk_crc(chunk, crc, tags="later", pieces=pieces)
         packed = self.strategy.read_tags(ranges)
         return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), len(data), crc)
 
@@ -299,6 +300,8 @@ class BatchApplier:
         zero_bits = flags.translate(_ZERO_BIT)
         tag_bits = flags.translate(_TAGS_BIT)
         ndata, ntags = data_bits.count(1), tag_bits.count(1)
+        if frame.pass_no and self.digest is not None:
+            prepare_piece_tables_soon()  # the guest writes again: pieces will be swapped
         if frame.landed:  # the transport spliced the data into place (see placement())
             return self._apply_landed(frame, ndata, tag_bits, ntags)
         data = self._payload(frame.data, frame.data_compressed, ndata * PAGE_SIZE, "page data")
@@ -409,14 +412,18 @@ class BatchApplier:
     def _check_landed(self, frame, first: int, end: int) -> None:
         """The frame's data CRC against the pages as they landed, in one call;
         that CRC becomes the chunk's validation digest."""
-        crc = crc32(self.digest.memory.data[first * PAGE_SIZE : end * PAGE_SIZE])
+        landed = self.digest.memory.data[first * PAGE_SIZE : end * PAGE_SIZE]
+        crc = crc32(landed)
         if crc != frame.dcrc:
             raise ProtocolError(
                 f"PAGES frame data failed its checksum on the landed pages {first}..{end - 1} "
                 f"(crc {crc:#010x}, expected {frame.dcrc:#010x}): corrupt on the wire, "
                 f"or stored in the wrong place"
             )
-        self.digest.set_chunk_crc(first // CHUNK_PAGES, crc, tags="now")  # its tags have landed too
+        # Its piece CRCs too (a second read, of bytes now in cache): a guest
+        # that writes the chunk again costs a 16 KiB piece, not 1 MiB.
+        pieces = piece_crcs(landed) if self.digest.keeps_pieces else None
+        self.digest.set_chunk_crc(first // CHUNK_PAGES, crc, tags="now", pieces=pieces)  # its tags have landed too
 
     def _payload(self, blob, compressed: bool, expected: int, what: str):
         if compressed:
