@@ -28,7 +28,7 @@ import threading
 from array import array
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
-from migrate.checksum import crc32, crc32_concat, crc32_swap
+from migrate.checksum import crc32, crc32_concat, crc32_swap, swap_needs_tables
 from migrate.engine.bitmaps import runs
 
 CHUNK_PAGES = 256
@@ -92,7 +92,8 @@ def prepare_piece_tables() -> None:
     global _TABLES_READY
     if not _TABLES_READY:  # (two threads may both build them: each gets whole tables)
         chunk_crc(zero_pieces(CHUNK_PAGES))
-        crc32_swap(0, 0, 0, PIECE_BYTES, _LAST_PIECE)
+        if swap_needs_tables():
+            crc32_swap(0, 0, 0, PIECE_BYTES, _LAST_PIECE)
         _TABLES_READY = True
 
 
@@ -102,8 +103,10 @@ _TABLES_STARTED = threading.Event()
 def prepare_piece_tables_soon() -> None:
     """prepare_piece_tables in a thread of its own, once a process: called
     when a guest is seen to write again (a dirty pass arrives), so that the
-    tables are ready before the final digest swaps piece CRCs."""
-    if not _TABLES_STARTED.is_set():
+    swap tables are ready before the final digest swaps piece CRCs.  With
+    zlib-ng a swap is one library call and nothing is built: 68 ms of pure
+    Python that, started by the first dirty pass, ran into the downtime."""
+    if swap_needs_tables() and not _TABLES_STARTED.is_set():
         _TABLES_STARTED.set()
         threading.Thread(target=prepare_piece_tables, name="piece-tables", daemon=True).start()
 
