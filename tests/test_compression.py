@@ -89,12 +89,21 @@ def test_tags_compress_in_every_mode_but_none():
 
 
 # -- auto -------------------------------------------------------------------------------
-def test_auto_measures_first():
+def test_auto_measures_first_on_a_sample():
     c = Compressor("auto")
     out, compressed = c.compress_data(TEXT)
-    assert compressed is True
-    assert c.compress_rate.value is not None and c.ratio.value is not None
+    assert compressed is False and out is TEXT  # no link measured yet: raw
+    assert c.probes == 1 and c.compress_rate.value is not None and c.ratio.value is not None
     assert c.ratio.value < 0.25
+
+
+def test_auto_samples_spans_spread_over_the_batch():
+    c = Compressor("auto")
+    batch = b"".join(bytes([i]) * 4096 for i in range(256))  # 1 MiB, each 4 KiB its own byte
+    sample = c._sample(batch)
+    assert len(sample) == Compressor.SAMPLE_SPANS * Compressor.SAMPLE_SPAN
+    assert sample[:4096] == bytes(4096) and sample[-4096:] == bytes([255]) * 4096  # first and last span
+    assert c._sample(TEXT[:1000]) == TEXT[:1000]  # small: all of it
 
 
 def test_auto_with_a_slow_link_compresses_compressible_data():
@@ -113,8 +122,8 @@ def test_auto_with_a_slow_link_still_sends_noise_raw():
 
 def test_auto_without_any_link_measurement_sends_raw_after_measuring():
     c = Compressor("auto")
-    assert c.compress_data(TEXT)[1] is True  # measuring batch
-    assert [c.compress_data(TEXT)[1] for _ in range(5)] == [False] * 5
+    assert [c.compress_data(TEXT)[1] for _ in range(6)] == [False] * 6
+    assert c.probes == 1
 
 
 def test_auto_with_a_very_fast_link_sends_raw_and_probes():
@@ -122,16 +131,11 @@ def test_auto_with_a_very_fast_link_sends_raw_and_probes():
     c.observe_link(1 << 30, 1e-6)  # ~1 PB/s: compression can only slow it down
     assert c._effective_link() > 1e14
     first = c.compress_data(TEXT)
-    assert first[1] is True  # the measuring batch
+    assert first == (TEXT, False) and c.probes == 1  # measured on a sample, sent raw
     decisions = [c.compress_data(TEXT) for _ in range(2 * Compressor.PROBE_EVERY)]
-    flags = [d[1] for d in decisions]
-    # raw, except one probe batch in PROBE_EVERY that keeps the estimates fresh
-    assert flags[: Compressor.PROBE_EVERY - 1] == [False] * (Compressor.PROBE_EVERY - 1)
-    assert flags[Compressor.PROBE_EVERY - 1] is True
-    assert flags.count(True) == 2
-    for out, compressed in decisions:
-        if not compressed:
-            assert out is TEXT
+    # all raw, a sample of one batch in PROBE_EVERY compressed to keep the estimates fresh
+    assert all(out is TEXT and not compressed for out, compressed in decisions)
+    assert c.probes == 3
 
 
 def test_auto_link_cap_bounds_the_measured_link():

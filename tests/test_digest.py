@@ -568,9 +568,8 @@ def test_frozen_refresh_of_prefaulted_ram_reads_only_what_was_written(blank):
         d.refresh(frozen=True)
     finally:
         dg.crc32 = real
-    assert (
-        reads.count(16384) == 64 and max(reads) < CHUNK_PAGES * PAGE
-    )  # only chunk 2's pieces were read (and its tags)
+    # only chunk 2 was read, in one call (frozen: no piece is read again), and its tags
+    assert reads.count(CHUNK_PAGES * PAGE) == 1 and sorted(reads)[:-1] == [n for n in reads if n <= TAGB * CHUNK_PAGES]
     fresh = MemoryDigest(mem)
     assert (d.data_crcs, d.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
 
@@ -599,7 +598,12 @@ def test_frozen_parallel_refresh_settles_runs_of_empty_chunks_in_bulk():
         assert sorted(read) == [3, 20, 30, 40]  # data, tags without data, the short chunk
         assert not d.pending()
         full = MemoryDigest(mem)
-        assert d.chunk_crcs() == full.chunk_crcs() and list(d.piece_crcs) == list(full.piece_crcs)
+        assert d.chunk_crcs() == full.chunk_crcs()
+        # chunks read frozen keep no pieces (nothing writes them again); settled ones keep zeros
+        assert {3, 20, 30} <= {c for c in range(d.nchunks) if d.pieces_unknown[c]} <= set(read)
+        for c in range(d.nchunks):
+            if not d.pieces_unknown[c]:
+                assert d.piece_crcs[c * 64 : (c + 1) * 64] == full.piece_crcs[c * 64 : (c + 1) * 64]
         assert mem.populated_ranges() == [
             (3 * CHUNK_PAGES + 7, 3 * CHUNK_PAGES + 10),
             (20 * CHUNK_PAGES, 20 * CHUNK_PAGES + 1),
@@ -728,3 +732,28 @@ def test_a_failing_digest_keeper_leaves_every_chunk_to_be_read_again(twins, capl
     assert "validation digest keeper stopped: operation forbidden" in caplog.text
     d.refresh()
     assert d.chunk_crcs() == MemoryDigest(a.memory).chunk_crcs()
+
+
+def test_a_chunk_recorded_in_one_call_is_read_whole_once_written_then_by_pieces(twins, monkeypatch):
+    # The destination records a landed whole chunk's CRC in one call, no
+    # pieces; a page written there later makes the next refresh read the
+    # whole chunk (its pieces kept from then on), and the one after that
+    # only the stale piece -- the chunk CRC always the plain CRC of its bytes.
+    a, _ = twins
+    mem, c = a.memory, 2
+    lo, hi = c * CHUNK_PAGES * PAGE, (c + 1) * CHUNK_PAGES * PAGE
+    d = MemoryDigest(mem, compute=False)
+    d.set_chunk_crc(c, zlib.crc32(mem.data[lo:hi]), tags="now")
+    assert d.tag_crcs[c] == MemoryDigest(mem).tag_crcs[c] and not d.tags_stale[c]
+    assert d.pieces_unknown[c] and not d.pending(unread=False)
+    reads = []
+    real = zlib.crc32
+    monkeypatch.setattr("migrate.engine.digest.crc32", lambda b, *x: reads.append(len(b)) or real(b, *x))
+    for page, expect in ((c * CHUNK_PAGES + 9, [16384] * 64), (c * CHUNK_PAGES + 200, [16384])):
+        mem.data[page * PAGE] ^= 0xFF
+        d.mark_stale(page, page + 1)
+        assert d.stale_piece_bytes() == (CHUNK_PAGES * PAGE if d.pieces_unknown[c] else 16384)
+        reads.clear()
+        d.refresh([c])
+        assert [n for n in reads if n == 16384] == expect
+        assert d.data_crcs[c] == real(mem.data[lo:hi]) and not d.pieces_unknown[c]

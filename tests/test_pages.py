@@ -571,10 +571,61 @@ def test_checked_frame_of_a_whole_chunk_is_verified_on_the_landed_memory(blank_p
     digest = link.applier.digest
     fresh = MemoryDigest(dst.memory, chunks=[1])
     assert digest.data_crcs[1] == fresh.data_crcs[1] == frame.dcrc
-    assert not digest.stale[1] and digest.tags_stale[1]  # data known; tags read later
-    digest.refresh()
+    # data and tags both read as the chunk landed (page 9's tags among them)
+    assert not digest.stale[1] and not digest.tags_stale[1] and not digest.pending(unread=False)
     assert digest.tag_crcs[1] == fresh.tag_crcs[1]
     assert same_guest(src, dst) == (True, True)
+
+
+def test_a_checked_whole_chunk_goes_out_gathered_from_its_snapshot(blank_pair, monkeypatch):
+    # Without a source digest too: one CRC call over the snapshot, the data
+    # pages sent from it as they lie (a Gather, one part a run), and the
+    # destination lands the chunk exactly.
+    import zlib
+
+    from migrate.engine import pages
+
+    src, dst = blank_pair
+    for p in range(CHUNK):
+        if p % 4:
+            write(src, p, bytes([p % 251 + 1]) * PAGE)
+    link = checked_link(src, dst)
+    calls = []
+    monkeypatch.setattr(pages, "crc32", lambda b, *x: calls.append(len(b)) or zlib.crc32(b, *x))
+    frame, stats = link.builder.build(0, [(0, CHUNK)])
+    monkeypatch.undo()
+    assert calls == [CHUNK * PAGE, 0]  # the chunk, then the (empty) tags payload
+    assert isinstance(frame.data, fr.Gather) and len(frame.data.parts) == CHUNK // 4
+    assert len(frame.data) == stats.data_bytes == (CHUNK - CHUNK // 4) * PAGE
+    chunk_bytes = bytes(src.memory.data[: CHUNK * PAGE])
+    assert frame.dcrc == zlib.crc32(chunk_bytes)
+    assert bytes(frame.data) == b"".join(chunk_bytes[p * PAGE : (p + 1) * PAGE] for p in range(CHUNK) if p % 4)
+    (got,) = link.conn.feed(wire_of(frame))
+    link.applier.apply(got)
+    assert bytes(dst.memory.data[: CHUNK * PAGE]) == chunk_bytes
+
+
+def test_a_landing_whole_chunk_is_never_seen_half_recorded(blank_pair):
+    # Its pages and tags land without a stale mark each (a background refresh
+    # on another thread would read the chunk meanwhile); the chunk is recorded
+    # whole right after, and a later write marks it as usual.
+    src, dst = blank_pair
+    write(src, CHUNK, bytes(range(256)) * (CHUNK * PAGE // 256))
+    write(src, CHUNK + 5, bytes(PAGE))
+    set_tags(src, CHUNK + 9, 3)
+    link = checked_link(src, dst)
+    digest = link.applier.digest
+    marks = []
+    link.applier.on_write = lambda a, b: marks.append((a, b)) or digest.mark_stale(a, b)
+    frame, _ = link.builder.build(0, [(CHUNK, CHUNK)])
+    (got,) = link.conn.feed(wire_of(frame))
+    link.applier.apply(got)
+    assert marks == [] and not digest.pending(unread=False)
+    fresh = MemoryDigest(dst.memory, chunks=[1])
+    assert (digest.data_crcs[1], digest.tag_crcs[1]) == (fresh.data_crcs[1], fresh.tag_crcs[1])
+    link.send([(CHUNK + 7, CHUNK + 8)], pass_no=1)  # one page of it again: marked
+    assert marks and digest.stale[1]
+    assert digest.stale_piece_bytes() == 16384  # its pieces were kept as it landed: one piece to read again
 
 
 @pytest.mark.parametrize("whole_chunk", [True, False])
@@ -707,9 +758,10 @@ def test_tag_fetches_bridge_gaps_of_up_to_four_pages(pair, pages, calls):
 def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_pair, monkeypatch):
     """Every fourth page zero (the mixed image): the frame flags them and
     leaves them out of its data, its data CRC covers the chunk as it must
-    land, computed in one pass of 16 KiB piece CRCs over the snapshot, which
-    are also the source digest's pieces of the chunk (joined without reading
-    the bytes again) -- and the destination lands it exactly."""
+    land, computed in one call over the snapshot, which is also the source
+    digest's CRC of the chunk, kept with the CRCs of its 16 KiB pieces
+    (taken from the snapshot in cache) -- and the destination lands it
+    exactly."""
     import zlib
 
     from migrate.engine import digest as digest_mod
@@ -730,14 +782,17 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_p
     monkeypatch.setattr(pages, "crc32", counting)
     monkeypatch.setattr(digest_mod, "crc32", counting)
     frame, stats = link.builder.build(0, [(0, CHUNK)])
-    # 64 pieces of 16 KiB cover the chunk once, and the (empty) tags payload
-    assert sorted(calls) == [0] + [16384] * 64
+    # one call covers the chunk, 64 its pieces, and one the (empty) tags payload
+    assert sorted(calls) == [0] + [16384] * 64 + [CHUNK * PAGE]
     monkeypatch.undo()
     assert [p for p in range(CHUNK) if frame.flags[p] & fr.PAGE_ZERO] == list(range(0, CHUNK, 4))
     assert len(frame.data) == stats.data_bytes == (CHUNK - CHUNK // 4) * PAGE
     chunk_bytes = bytes(src.memory.data[: CHUNK * PAGE])
     assert frame.dcrc == zlib.crc32(chunk_bytes) == digest.data_crcs[0]
-    assert not digest.stale[0] and not digest.unread[0]
+    assert not digest.stale[0] and not digest.unread[0] and not digest.pieces_unknown[0]
+    assert list(digest.piece_crcs[:64]) == [
+        zlib.crc32(chunk_bytes[o : o + 16384]) for o in range(0, CHUNK * PAGE, 16384)
+    ]
     (got,) = link.conn.feed(wire_of(frame))
     link.applier.apply(got)
     assert bytes(dst.memory.data[: CHUNK * PAGE]) == chunk_bytes

@@ -19,7 +19,7 @@ import time
 from hosts.uffd import Userfaultfd
 from hosts.vcpu import VcpuState
 from migrate.engine.dest_channels import DataChannels
-from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, prepare_piece_tables, state_digest
+from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, state_digest
 from migrate.engine.handshake import authenticate, hello_mismatch
 from migrate.engine.pages import BatchApplier, BatchStats
 from migrate.engine.postcopy import BACKGROUND_BACKLOG, DestFaultChannel, DestPostcopy
@@ -228,7 +228,6 @@ class DestVmm:
         # re-read in the background after each pass, so completion only
         # reads what the last pass wrote.
         self._digest = MemoryDigest(host.memory, compute=False)
-        asyncio.get_running_loop().run_in_executor(None, prepare_piece_tables)  # while the first pages arrive
         self._applier = BatchApplier(
             self.strategy, host.memory.npages, on_write=self._digest.mark_stale, digest=self._digest
         )

@@ -28,7 +28,7 @@ import threading
 from array import array
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
-from migrate.checksum import crc32, crc32_concat, crc32_swap
+from migrate.checksum import crc32, crc32_concat, crc32_swap, swap_needs_tables
 from migrate.engine.bitmaps import runs
 
 CHUNK_PAGES = 256
@@ -81,11 +81,34 @@ def piece_crcs(content) -> array:
     return array("I", [crc32(view[o : o + PIECE_BYTES]) for o in range(0, len(view), PIECE_BYTES)])
 
 
+_TABLES_READY = False
+
+
 def prepare_piece_tables() -> None:
     """Build the look-up tables that join and update piece CRCs (~70 ms,
-    once a process), so that the first use is not inside the downtime."""
-    chunk_crc(zero_pieces(CHUNK_PAGES))
-    crc32_swap(0, 0, 0, PIECE_BYTES, _LAST_PIECE)
+    once a process).  Called by the first refresh of a running guest's
+    memory, in the background, so that the first use is not inside the
+    downtime; a migration that never re-reads a piece never builds them."""
+    global _TABLES_READY
+    if not _TABLES_READY:  # (two threads may both build them: each gets whole tables)
+        chunk_crc(zero_pieces(CHUNK_PAGES))
+        if swap_needs_tables():
+            crc32_swap(0, 0, 0, PIECE_BYTES, _LAST_PIECE)
+        _TABLES_READY = True
+
+
+_TABLES_STARTED = threading.Event()
+
+
+def prepare_piece_tables_soon() -> None:
+    """prepare_piece_tables in a thread of its own, once a process: called
+    when a guest is seen to write again (a dirty pass arrives), so that the
+    swap tables are ready before the final digest swaps piece CRCs.  With
+    zlib-ng a swap is one library call and nothing is built: 68 ms of pure
+    Python that, started by the first dirty pass, ran into the downtime."""
+    if swap_needs_tables() and not _TABLES_STARTED.is_set():
+        _TABLES_STARTED.set()
+        threading.Thread(target=prepare_piece_tables, name="piece-tables", daemon=True).start()
 
 
 def chunk_crc(pieces, nbytes: int = CHUNK_PAGES * PAGE_SIZE) -> int:
@@ -117,6 +140,9 @@ class MemoryDigest:
         self.unread = bytearray(b"\x01") * self.nchunks  # never read yet
         self.stale = bytearray(self.nchunks)  # written since read: some piece, and the tags
         self.piece_stale = bytearray(self.nchunks * PIECES_PER_CHUNK)  # which pieces
+        #: chunks whose CRC was taken in one call and whose piece CRCs are
+        #: not kept: a write there makes the next refresh read it whole
+        self.pieces_unknown = bytearray(self.nchunks)
         self.tags_stale = bytearray(self.nchunks)  # tags only
         # A result computed while set_data() stored a newer one is dropped:
         # set_data bumps the chunk's generation.
@@ -177,6 +203,7 @@ class MemoryDigest:
                 if self.keeps_pieces:
                     self.piece_crcs[pa:pb] = zero_pieces(CHUNK_PAGES) * k
                 self.piece_stale[pa:pb] = bytes(pb - pa)
+                self.pieces_unknown[ca:cb] = bytes(k)
                 for flags in (self.stale, self.tags_stale, self.unread):
                     flags[ca:cb] = bytes(k)
         return [c for c in chunks if not settle[c]]
@@ -208,8 +235,13 @@ class MemoryDigest:
         again = [c for c in range(self.nchunks) if self.stale[c] and not self.unread[c]]
         if not self.keeps_pieces:
             return len(again) * CHUNK_PAGES * PAGE_SIZE
-        return (
-            sum(self.piece_stale.count(1, c * PIECES_PER_CHUNK, (c + 1) * PIECES_PER_CHUNK) for c in again)
+        whole = [c for c in again if self.pieces_unknown[c]]
+        return len(whole) * CHUNK_PAGES * PAGE_SIZE + (
+            sum(
+                self.piece_stale.count(1, c * PIECES_PER_CHUNK, (c + 1) * PIECES_PER_CHUNK)
+                for c in again
+                if not self.pieces_unknown[c]
+            )
             * PIECE_BYTES
         )
 
@@ -244,10 +276,36 @@ class MemoryDigest:
                 self.piece_crcs[p : p + len(pieces)] = pieces
             self.data_crcs[chunk] = crc
             self.piece_stale[p : p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
-            self.stale[chunk] = self.unread[chunk] = 0
+            self.stale[chunk] = self.unread[chunk] = self.pieces_unknown[chunk] = 0
             if tags_changed:
                 self.tags_stale[chunk] = 1
         return crc
+
+    def set_chunk_crc(self, chunk: int, crc: int, tags: str, pieces: array | None = None) -> None:
+        """Record a chunk's CRC taken by the caller in one call over this
+        memory (the destination right after landing a whole chunk) -- no
+        join of piece CRCs, so no join tables -- and its ``pieces`` when the
+        caller took them too.  Without them, a chunk written later is read
+        whole at its next refresh (1 MiB where a piece is 16 KiB: in a
+        guest that dirties most chunks, the final digest then reads most of
+        RAM inside the downtime).  ``tags``: "now" reads the chunk's tag CRC
+        here (the caller has just stored them: no background refresh a
+        chunk for its tags alone), "later" leaves them to a refresh."""
+        p = chunk * PIECES_PER_CHUNK
+        tag_crc = self._tag_crc(chunk) if tags == "now" else None
+        with self._lock:
+            self._gen[chunk] += 1
+            self.data_crcs[chunk] = crc
+            self.piece_stale[p : p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
+            self.stale[chunk] = self.unread[chunk] = 0
+            if pieces is not None and self.keeps_pieces:
+                self.piece_crcs[p : p + len(pieces)] = pieces
+            self.pieces_unknown[chunk] = pieces is None
+            if tag_crc is None:
+                self.tags_stale[chunk] = 1
+            else:
+                self.tag_crcs[chunk] = tag_crc
+                self.tags_stale[chunk] = 0
 
     def refresh(
         self, chunks=None, frozen: bool = False, resident: bytes | None = None, stop: threading.Event | None = None
@@ -275,7 +333,8 @@ class MemoryDigest:
                 if self.unread[c] or not (self.stale[c] or self.tags_stale[c]):
                     which = None  # every piece
                 elif self.stale[c]:
-                    which = bytes(self.piece_stale[p : p + PIECES_PER_CHUNK]) if self.keeps_pieces else None
+                    known = self.keeps_pieces and not self.pieces_unknown[c]
+                    which = bytes(self.piece_stale[p : p + PIECES_PER_CHUNK]) if known else None
                 else:
                     which = b""  # the tags only
                 if self.stale[c]:
@@ -283,6 +342,8 @@ class MemoryDigest:
                 self.stale[c] = self.tags_stale[c] = self.unread[c] = 0
             first, end = self._chunk_bounds(c)
             pieces, data_crc = None, None  # new piece CRCs (array, or dict of some), the chunk's CRC
+            if which != b"" and self.keeps_pieces and not frozen:
+                prepare_piece_tables()  # a running guest's memory: pieces are joined and swapped from now on
             if which is None:
                 if frozen and end <= hole_end:
                     data_crc = zero_chunk_crc(end - first)
@@ -310,6 +371,9 @@ class MemoryDigest:
                         data_crc = chunk_crc(self.piece_crcs[p : p + n], (end - first) * PAGE_SIZE)
                     elif pieces is not None:
                         self.piece_crcs[p : p + len(pieces)] = pieces
+                        self.pieces_unknown[c] = 0
+                    elif data_crc is not None and self.keeps_pieces:
+                        self.pieces_unknown[c] = 1  # read frozen, in one call
                     if data_crc is not None:
                         self.data_crcs[c] = data_crc
                     self.tag_crcs[c] = tag_crc
@@ -354,8 +418,10 @@ class MemoryDigest:
                 mem.read_into(first * PAGE_SIZE, content)  # holes read as zeros, stay holes
         with self._lock:
             self.bytes_read += nbytes
-        if not self.keeps_pieces:
-            return None, crc32(content), next_data  # one call a chunk
+        if not self.keeps_pieces or frozen:
+            # One call a chunk: nothing writes frozen memory, so no piece is
+            # ever read again (the chunk is marked as without its pieces).
+            return None, crc32(content), next_data
         pieces = piece_crcs(content)
         return pieces, chunk_crc(pieces, nbytes), next_data
 

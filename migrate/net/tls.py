@@ -42,12 +42,42 @@ def from_options(cert, key, ca) -> TlsConfig | None:
     return TlsConfig(cert, key, ca)
 
 
+_IOV_MAX = 1024  # Linux's UIO_MAXIOV
+
+
 class PlainIO:
     def __init__(self, loop, sock):
         self.loop, self.sock = loop, sock
 
     async def sendall(self, data) -> None:
         await self.loop.sock_sendall(self.sock, data)
+
+    async def send_parts(self, buffers) -> None:
+        """All of ``buffers``, in order, with one gathering sendmsg() while
+        the socket has room: a frame's header, meta, data runs and tags in one
+        system call, not one each (a batch of the mixed image has 64 runs)."""
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        sock, i = self.sock, 0
+        while i < len(views):
+            try:
+                n = sock.sendmsg(views[i : i + _IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                await self._writable()
+                continue
+            while n and n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            if n:
+                views[i] = views[i][n:]
+
+    async def _writable(self) -> None:
+        fut = self.loop.create_future()
+        fd = self.sock.fileno()
+        self.loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            self.loop.remove_writer(fd)
 
     async def recv_into(self, view) -> int:
         return await self.loop.sock_recv_into(self.sock, view)
@@ -98,6 +128,18 @@ class TlsIO:
             n = self._obj.write(view)
             view = view[n:]
             await self._flush()
+
+    async def send_parts(self, buffers) -> None:
+        """All of ``buffers``, in order: encrypted into the outgoing buffer
+        and sent a MiB or so at a time, not one send per part."""
+        for b in buffers:
+            view = memoryview(b)
+            while view:
+                n = self._obj.write(view)
+                view = view[n:]
+                if self._out.pending >= 1 << 20:
+                    await self._flush()
+        await self._flush()
 
     async def recv_into(self, view) -> int:
         while True:

@@ -4,7 +4,7 @@ Reads land in one reused buffer (no allocation per read: asyncio's
 StreamReader, reading 1 MiB at a time, swung between 0.9 and 4 GB/s here as
 malloc mapped and unmapped memory on every read); a frame's meta and payload are views into it, valid until the
 next receive.  Sends go straight from the frame's buffers (guest RAM views or
-the batch scratch) with loop.sock_sendall.  Every receive is bounded in time
+the batch scratch), gathered into one sendmsg() a frame.  Every receive is bounded in time
 (the peer timeout) and in size (the frame limits, checked on the header
 before the payload is read)."""
 
@@ -60,8 +60,7 @@ class FrameChannel:
         t = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
-                for b in buffers:
-                    await self.io.sendall(b)
+                await self.io.send_parts(buffers)
         except TimeoutError:
             raise PeerTimeout(f"peer accepted no data for {self.timeout:g} s") from None
         except (ConnectionError, OSError) as exc:

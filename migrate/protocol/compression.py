@@ -3,8 +3,13 @@
 'auto' compresses data when the link is the bottleneck and sends it raw when
 compressing would be: per batch it compares the measured cost of sending raw
 (bytes / link rate) with compressing (bytes / compression rate + compressed
-bytes / link rate), from moving averages of what it has seen.  While it sends
-raw it still compresses one batch in PROBE_EVERY to keep its estimates fresh.
+bytes / link rate), from moving averages of what it has seen.  It measures
+on a sample of the batch -- 16 spans of 4 KiB spread over it -- first and
+then one batch in PROBE_EVERY, so that sending raw over a fast link costs
+64 KiB of compression in 16 MiB, not a whole batch in 16 (zstd -1 on 1 MiB:
+0.3 ms of noise, 0.8 ms of the mixed image); a batch it decides to compress
+refreshes the estimates as well (while compressing, no sample is taken:
+every batch is measured whole).
 Tags are always compressed unless compression is 'none': they are small and
 compress well, and zstd costs ~1.5 us a call, so they are compressed a batch
 at a time, never per page.
@@ -13,6 +18,8 @@ at a time, never per page.
 import time
 
 import zstandard
+
+from migrate.protocol.frames import flat
 
 AUTO_LEVEL = 1
 #: allocator-like tags, 1 MiB chunks of a guest: level -3 packs 32 KiB of
@@ -32,6 +39,7 @@ class _Ewma:
 
 class Compressor:
     PROBE_EVERY = 16
+    SAMPLE_SPANS, SAMPLE_SPAN = 16, 4096
 
     def __init__(self, mode: str = "auto", link_cap: float | None = None):
         self.mode = mode
@@ -43,6 +51,8 @@ class Compressor:
         self.ratio = _Ewma()  # output / input
         self.link_rate = _Ewma()  # wire bytes per second
         self._since_probe = 0
+        self._compressing = False  # the last decision
+        self.probes = 0  # samples compressed to measure
         self.batches_compressed = 0
         self.batches_raw = 0
 
@@ -56,33 +66,52 @@ class Compressor:
             rate = self.link_cap if rate is None else min(rate, self.link_cap)
         return rate
 
-    def _should_compress(self) -> bool:
+    def _should_compress(self, data) -> bool:
         if self.mode == "none":
             return False
         if self.mode != "auto":
             return True
-        link, crate, ratio = self._effective_link(), self.compress_rate.value, self.ratio.value
-        if crate is None or ratio is None:
-            return True  # measure first
-        if link is None:
-            return False
         self._since_probe += 1
-        if self._since_probe >= self.PROBE_EVERY:
+        # Compressing, every batch is measured whole; sending raw, a sample
+        # every PROBE_EVERY batches keeps the estimates fresh.
+        if self.compress_rate.value is None or (not self._compressing and self._since_probe >= self.PROBE_EVERY):
             self._since_probe = 0
-            return True
-        return 1 / crate + ratio / link < 1 / link
+            self.probes += 1
+            self._measure(self._sample(data))
+        link, crate, ratio = self._effective_link(), self.compress_rate.value, self.ratio.value
+        self._compressing = link is not None and crate is not None and 1 / crate + ratio / link < 1 / link
+        return self._compressing
 
-    def compress_data(self, data) -> tuple[object, bool]:
-        """Returns (wire bytes, compressed?).  Incompressible batches go raw."""
-        if not len(data) or not self._should_compress():
-            self.batches_raw += 1
-            return data, False
-        t = time.perf_counter()
+    def _sample(self, data):
+        """SAMPLE_SPANS spans of SAMPLE_SPAN bytes spread evenly over ``data``
+        (all of it when that is not larger)."""
+        view = memoryview(flat(data)).cast("B")
+        n, span = self.SAMPLE_SPANS, self.SAMPLE_SPAN
+        if len(view) <= n * span:
+            return view
+        step = (len(view) - span) // (n - 1)
+        return b"".join(view[i * step : i * step + span] for i in range(n))
+
+    def _measure(self, data) -> bytes:
+        """Compress ``data``, folding its rate and ratio into the estimates.
+        The rate is per second of this thread's CPU: a sample of 64 KiB takes
+        some 60 us, and one preemption by another process would make it read
+        as a fraction of what the compressor does."""
+        t = time.thread_time()
         out = self._data.compress(data)
-        dt = time.perf_counter() - t
+        dt = time.thread_time() - t
         if dt > 0:
             self.compress_rate.add(len(data) / dt)
         self.ratio.add(len(out) / len(data))
+        return out
+
+    def compress_data(self, data) -> tuple[object, bool]:
+        """Returns (wire bytes, compressed?).  Incompressible batches go raw."""
+        if not len(data) or not self._should_compress(data):
+            self.batches_raw += 1
+            return data, False
+        whole = flat(data)
+        out = self._data.compress(whole) if self.mode != "auto" else self._measure(whole)
         if len(out) >= len(data):
             self.batches_raw += 1
             return data, False

@@ -307,6 +307,29 @@ def _pack_ranges(ranges) -> bytes:
     return array("Q", [v for r in ranges for v in r]).tobytes()
 
 
+class Gather:
+    """Buffers that travel one after another as one field: a batch's data
+    pages where they lie in the sender's snapshot, sent with one gathering
+    system call instead of first being copied together."""
+
+    __slots__ = ("parts", "nbytes")
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.nbytes = sum(len(p) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def flat(data):
+    """``data`` as one buffer (a Gather joined)."""
+    return bytes(data) if isinstance(data, Gather) else data
+
+
 @dataclass
 class Pages:
     """Source -> destination: a batch of pages, their data and their tags.
@@ -357,6 +380,8 @@ class Pages:
         return m
 
     def payload(self):
+        if isinstance(self.data, Gather):
+            return [*self.data.parts, self.tags]
         return [self.data, self.tags]
 
     @classmethod
