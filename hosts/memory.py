@@ -218,6 +218,12 @@ class GuestMemory:
             return
         self.data[offset : offset + length] = bytes(length)  # no hole punching here: at least the zeros
 
+    def unmap(self, first_page: int, end_page: int) -> None:
+        """madvise(MADV_DONTNEED) on this shared mapping: the page-table
+        entries go, the data stays in the memfd (what zapping the guest's
+        mapping of pages costs a VMM that makes them fault again)."""
+        self._data_map.madvise(mmap.MADV_DONTNEED, first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE)
+
     def fault_in(self, first_page: int, end_page: int) -> int:
         """Allocate the never-populated pages of a range as a fault on them
         would (a zeroed page, data for SEEK_DATA from then on), leaving

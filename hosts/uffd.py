@@ -71,10 +71,15 @@ class Userfaultfd:
             self.present[first_page:end_page] = bytes(end_page - first_page)
 
     def drop_ranges(self, ranges) -> None:
-        """``drop`` of every (first page, count) of ``ranges``, under one lock."""
+        """``drop`` of every (first page, count) of ``ranges``, under one
+        lock, with the system call per range a VMM makes to unmap them
+        (MADV_DONTNEED: the memfd keeps their data for UFFDIO_CONTINUE)."""
+        mem = self.memory
         with self._cond:
             for first, count in ranges:
+                mem.unmap(first, first + count)
                 self.present[first : first + count] = bytes(count)
+        self.vm.counters.add("syscalls.madvise_dontneed", len(ranges))
 
     def read_events(self) -> list[int]:
         """Pages that faulted since the last call (the pipe drained)."""
