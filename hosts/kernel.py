@@ -51,6 +51,19 @@ class Memslot:
         return self.guest_phys_addr <= ipa < self.guest_phys_addr + self.size
 
 
+def memslot_layout(ram_size: int, memslot_sizes: list[int] | None) -> list[Memslot]:
+    """The memslots of a guest: consecutive from RAM_BASE_IPA over RAM, one
+    of all RAM unless ``memslot_sizes`` splits it."""
+    sizes = memslot_sizes or [ram_size]
+    if sum(sizes) != ram_size or any(s <= 0 or s % PAGE_SIZE for s in sizes):
+        raise ValueError("memslot sizes must be page multiples that add up to the RAM size")
+    slots, offset = [], 0
+    for slot, size in enumerate(sizes):
+        slots.append(Memslot(slot, RAM_BASE_IPA + offset, size, offset))
+        offset += size
+    return slots
+
+
 class DirtyLog:
     """What KVM_GET_DIRTY_LOG returned for one memslot.  The simulation keeps
     one byte per page instead of one bit (bulk slicing is cheaper in Python);
@@ -106,13 +119,7 @@ class Vm:
         # NoTagAccess), so a tag-only store (STG) lands here and not in the
         # data log; a data store still lands in the data log.
         self._tag_dirty: dict[int, bytearray] = {}
-        sizes = memslot_sizes or [ram_size]
-        if sum(sizes) != ram_size or any(s <= 0 or s % PAGE_SIZE for s in sizes):
-            raise ValueError("memslot sizes must be page multiples that add up to the RAM size")
-        offset = 0
-        for slot, size in enumerate(sizes):
-            self.memslots.append(Memslot(slot, RAM_BASE_IPA + offset, size, offset))
-            offset += size
+        self.memslots.extend(memslot_layout(ram_size, memslot_sizes))
         # (first IPA, end IPA, RAM offset) of the only memslot, for the ioctl's fast path
         only = self.memslots[0]
         self._one_slot = (

@@ -17,9 +17,9 @@ import os
 import threading
 
 from .. import tags as tagops
-from ..constants import GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE, RAM_BASE_IPA
+from ..constants import GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from ..errors import KernelError
-from ..kernel import DirtyLog, Memslot
+from ..kernel import DirtyLog, Memslot, memslot_layout
 from ..mapping import VmmMapping
 from ..memory import GuestMemory
 from . import uapi
@@ -115,14 +115,9 @@ class KvmVm:
         anchor = ctypes.c_char.from_buffer(self.memory.data)
         self.host_address = ctypes.addressof(anchor)
         del anchor
-        sizes = memslot_sizes or [ram_size]
-        if sum(sizes) != ram_size or any(s <= 0 or s % PAGE_SIZE for s in sizes):
-            raise ValueError("memslot sizes must be page multiples that add up to the RAM size")
-        offset = 0
-        for slot, size in enumerate(sizes):
-            self.memslots.append(Memslot(slot, RAM_BASE_IPA + offset, size, offset))
-            self._set_region(self.memslots[-1], 0)
-            offset += size
+        for memslot in memslot_layout(ram_size, memslot_sizes):
+            self.memslots.append(memslot)
+            self._set_region(memslot, 0)
         # With manual dirty-log protection, KVM_GET_DIRTY_LOG only reads the
         # log and KVM_CLEAR_DIRTY_LOG write-protects what was read again.
         self.manual_protect = False

@@ -773,13 +773,21 @@ class Header:
 
     @property
     def trailer_len(self) -> int:
-        """Bytes after the payload: the MAC of a FLAG_MAC frame."""
-        return MAC_SIZE if self.flags & FLAG_MAC else 0
+        return trailer_size(self.flags)
 
     @property
     def total(self) -> int:
-        """The whole frame on the wire: header, meta, payload and trailer."""
-        return HEADER_SIZE + self.meta_len + self.payload_len + self.trailer_len
+        return frame_size(self.flags, self.meta_len, self.payload_len)
+
+
+def trailer_size(flags: int) -> int:
+    """Bytes after the payload: the MAC of a FLAG_MAC frame."""
+    return MAC_SIZE if flags & FLAG_MAC else 0
+
+
+def frame_size(flags: int, meta_len: int, payload_len: int) -> int:
+    """The whole frame on the wire: header, meta, payload and trailer."""
+    return HEADER_SIZE + meta_len + payload_len + trailer_size(flags)
 
 
 def parse_header(raw, require_crc=False) -> Header:

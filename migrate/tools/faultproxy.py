@@ -109,7 +109,16 @@ import zstandard
 
 from migrate.engine.pages import content_crc
 from migrate.protocol import frames as fr
-from migrate.protocol.frames import FLAG_MAC, HEADER, HEADER_SIZE, MAC_SIZE, MAGIC, MAX_META, MAX_PAYLOAD, FrameType
+from migrate.protocol.frames import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_META,
+    MAX_PAYLOAD,
+    FrameType,
+    frame_size,
+    trailer_size,
+)
 from migrate.units import parse_size
 
 FAULTS = ("none", "cut", "flip", "truncate", "stall", "kill-dest", "kill-source", "tamper")
@@ -156,11 +165,11 @@ class FrameInfo:
 
     @property
     def trailer_len(self) -> int:
-        return MAC_SIZE if self.flags & FLAG_MAC else 0
+        return trailer_size(self.flags)
 
     @property
     def total(self) -> int:
-        return HEADER_SIZE + self.meta_len + self.payload_len + self.trailer_len
+        return frame_size(self.flags, self.meta_len, self.payload_len)
 
 
 class FrameScanner:

@@ -49,11 +49,16 @@ BOOT_TIMEOUT = 600  # seconds: TCG on two shared cores, with margin
 MARK = "FIDELITY "
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("MTE_MIGRATE_FIDELITY_CACHE")
+def cache_root(env_var: str, name: str) -> Path:
+    """``$env_var`` if set, else ``$XDG_CACHE_HOME/mte-migrate/name`` (or ~/.cache)."""
+    base = os.environ.get(env_var)
     if base:
         return Path(base)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mte-migrate" / "fidelity"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mte-migrate" / name
+
+
+def cache_dir() -> Path:
+    return cache_root("MTE_MIGRATE_FIDELITY_CACHE", "fidelity")
 
 
 def _say(msg: str) -> None:

@@ -81,10 +81,7 @@ poweroff -f
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("MTE_MIGRATE_LAB_CACHE")
-    if base:
-        return Path(base)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mte-migrate" / "lab"
+    return record.cache_root("MTE_MIGRATE_LAB_CACHE", "lab")
 
 
 def _say(msg: str) -> None:
