@@ -41,6 +41,7 @@ from migrate.errors import (
 )
 from migrate.net import tls
 from migrate.net.transport import FrameChannel, bound_backlog, secure, tune
+from migrate.net.watch import ReceiveWatch
 from migrate.protocol import auth
 from migrate.protocol import frames as fr
 from migrate.protocol.frames import PROTOCOL_VERSION
@@ -116,6 +117,7 @@ class DestVmm:
         self._postcopy: DestPostcopy | None = None
         self._postcopy_done = False
         self._faults: DestFaultChannel | None = None  # the fault channel, once joined
+        self._watch: ReceiveWatch | None = None  # interrupts a control receive on failure or silence
         self._fault_history: list[DestFaultChannel] = []  # every fault channel, for the byte counts
         self._faults_joined = asyncio.Event()
         self._all_landed = asyncio.Event()  # every postcopy page is here (set from either thread)
@@ -248,8 +250,10 @@ class DestVmm:
     async def _recv_control(self):
         """The next control frame; fails as soon as a data channel fails, and
         times out once no channel at all has received for --timeout (checked
-        a few times per timeout, so detection takes at most ~1.25 timeouts)."""
-        recv = asyncio.ensure_future(self.chan.recv(timeout=None))
+        a few times per timeout, so detection takes at most ~1.25 timeouts).
+        The watch is armed around a plain receive, not raced against it: a
+        task and an asyncio.wait per frame were a third of the event loop's
+        time in postcopy, time the fault channel's thread waited for."""
         failure = self._channels.failure
         if self._postcopy is not None:
             # After the switch this connection and the fault channel carry the
@@ -257,28 +261,21 @@ class DestVmm:
             # cut link.
             faults = self._faults
             serving = faults is not None and faults.failure is not None and not faults.closing
-            failure = faults.failure if serving else asyncio.get_running_loop().create_future()
-        try:
-            while True:
-                done, _ = await asyncio.wait(
-                    {recv, failure}, timeout=self.config.timeout_s / 4, return_when=asyncio.FIRST_COMPLETED
-                )
-                if recv in done:
-                    return recv.result()
-                if failure in done:
-                    raise failure.exception()
-                if self._postcopy is not None:
-                    if time.monotonic() - self.chan.last_activity >= self.config.timeout_s:
-                        raise PeerTimeout(f"source sent nothing for {self.config.timeout_s:g} s")
-                elif not self._channels.active():
-                    raise PeerTimeout(f"source sent nothing for {self.config.timeout_s:g} s")
-        finally:
-            if not recv.done():
-                recv.cancel()
-                try:
-                    await recv
-                except (asyncio.CancelledError, MigrationError):
-                    pass
+            failure = faults.failure if serving else None
+        if failure is not None and failure.done():
+            raise failure.exception()
+        if self._watch is None:
+            self._watch = ReceiveWatch(self._silent, self.config.timeout_s / 4)
+        return await self._watch.receive(self.chan.recv(timeout=None), failure)
+
+    def _silent(self) -> MigrationError | None:
+        """For the watch: the source's silence, once it lasts --timeout."""
+        if self._postcopy is not None:
+            if time.monotonic() - self.chan.last_activity >= self.config.timeout_s:
+                return PeerTimeout(f"source sent nothing for {self.config.timeout_s:g} s")
+        elif not self._channels.active():
+            return PeerTimeout(f"source sent nothing for {self.config.timeout_s:g} s")
+        return None
 
     async def _on_pages(self, frame) -> None:
         if self._postcopy is not None:
@@ -847,6 +844,8 @@ class DestVmm:
                 pass
 
     async def _clean_up(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         if self._refresher is not None:
             self._refresher.cancel()
         if self._early_digest is not None:
