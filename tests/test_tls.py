@@ -145,3 +145,42 @@ def test_plain_send_parts_gathers_and_survives_partial_sends():
         return bytes(got)
 
     assert asyncio.run(go()) == want
+
+
+def test_blocking_frames_over_tls_return_every_record_read_in_one_go(pki):
+    # The fault channel's thread polls the socket: records already read
+    # from it, but not decrypted yet, must all come out of the one read the
+    # poll woke it for -- the socket has nothing left to wake it again.
+    import os
+    import select
+
+    from migrate.net.blocking import BlockingFrames
+    from migrate.net.tls import TlsConfig, TlsIO
+    from migrate.protocol import frames as fr
+    from tests.test_blocking import pages, receiving_pair
+
+    good = pki[0]
+    cfg = TlsConfig(good["source"][0], good["source"][1], good["ca"])
+    dcfg = TlsConfig(good["dest"][0], good["dest"][1], good["ca"])
+    src, dst = receiving_pair()
+    sent = [(i, os.urandom(fr.PAGE_SIZE)) for i in range(40)]  # ~160 KiB: one RECORD_READ
+
+    async def go():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        loop = asyncio.get_running_loop()
+        client = TlsIO(loop, a, cfg.context(False), server_side=False)
+        server = TlsIO(loop, b, dcfg.context(True), server_side=True)
+        await asyncio.gather(client.handshake(), server.handshake())
+        for first, data in sent:
+            await client.send_parts(src.send(pages(first, data)))
+        return a, b, server
+
+    a, b, server = asyncio.run(go())
+    frames = BlockingFrames(b, dst, server, timeout=5)
+    assert select.select([b], [], [], 2)[0]
+    got = [(f.ranges[0][0], bytes(f.data)) for f in frames.frames()]
+    assert got == sent
+    a.close()
+    frames.close()

@@ -15,6 +15,8 @@ paused from the switch on: it is the only complete copy until the last page
 has landed, and every page must equal it."""
 
 import asyncio
+import os
+import select
 import statistics
 import threading
 import time
@@ -26,8 +28,7 @@ from migrate.engine.bitmaps import runs
 from migrate.engine.digest import CHUNK_PAGES, effective_tags
 from migrate.engine.passes import peer_error
 from migrate.errors import MigrationError, PeerError, PeerTimeout, ProtocolError, TransportError, one_line
-from migrate.net.threads import LoopThread
-from migrate.net.transport import FrameChannel
+from migrate.net.blocking import BlockingFrames
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Decompressor
 from migrate.protocol.frames import POSTCOPY_ENTRY
@@ -425,17 +426,18 @@ class DestPostcopy:
 
 class DestFaultChannel:
     """The destination's end of the fault channel, on a thread of its own:
-    it reads the userfaultfd's events, asks the source for those pages and
-    places them as they come back, while the event loop works through the
-    background stream.  Until the switch it only holds the connection."""
+    it polls the userfaultfd and the connection, asks the source for the
+    pages that faulted and places them as they come back, while the event
+    loop works through the background stream.  No event loop of its own
+    (net/blocking.py says why).  Until the switch it only holds the
+    connection."""
 
     def __init__(self, sock, conn, io, timeout_s: float):
-        self._sock, self._conn, self._io = sock, conn, io
-        self._timeout = timeout_s
-        self.thread = LoopThread("faults")  # now, not at the switch: that is downtime
-        self.chan: FrameChannel | None = None
+        self.frames = BlockingFrames(sock, conn, io, timeout_s)
+        self._conn = conn
         self.closing = False  # the migration is over: the source's close is no failure
-        self._serving = False
+        self._thread: threading.Thread | None = None
+        self._stop_r, self._stop_w = os.pipe()  # wakes the thread's poll to end it
         self.failure: asyncio.Future | None = None  # set by start()
 
     def start(self, pc: DestPostcopy) -> None:
@@ -449,35 +451,31 @@ class DestFaultChannel:
             if not self.failure.done():
                 self.failure.set_exception(exc)
 
-        self._serving = True
-        self.thread.submit(self._serve(pc, lambda exc: main_loop.call_soon_threadsafe(failed, exc)))
+        def report(exc):  # from the fault thread
+            main_loop.call_soon_threadsafe(failed, exc)
 
-    async def _serve(self, pc: DestPostcopy, failed) -> None:
-        loop = asyncio.get_running_loop()
-        self._io.loop = loop  # the connection moves to this thread's loop
-        chan = self.chan = FrameChannel(self._sock, self._conn, self._timeout, io=self._io)
+        self._thread = threading.Thread(target=self._serve, args=(pc, report), name="faults", daemon=True)
+        self._thread.start()
+
+    def _serve(self, pc: DestPostcopy, failed) -> None:
+        frames, uffd = self.frames, pc.uffd.fileno()
+        poller = select.poll()
+        for fd in (self._stop_r, uffd, frames.fileno()):
+            poller.register(fd, select.POLLIN)
         decompressor = Decompressor()
-        wake = asyncio.Event()
-        loop.add_reader(pc.uffd.fileno(), wake.set)
-        # A fault channel that replaces a broken one asks again first for
-        # the pages the guest was waiting for when the link broke.
-        again = pc.waiting(pc.missing())
-        asker = asyncio.ensure_future(self._ask(pc, chan, wake, again))
         try:
+            # A fault channel that replaces a broken one asks again first for
+            # the pages the guest was waiting for when the link broke.
+            self._ask(pc, pc.waiting(pc.missing()))
             while True:
-                if asker.done():
-                    asker.result()
-                frame = await chan.recv(timeout=None)  # liveness is watched by the control loop
-                if frame.type == fr.FrameType.POSTCOPY:
-                    if not frame.table and frame.ranges:
-                        raise ProtocolError("a POSTCOPY announcement on the fault channel")
-                    pc.add_table(frame)
-                elif frame.type == fr.FrameType.PAGES:
-                    pc.place(frame, decompressor)
-                elif frame.type == fr.FrameType.ERROR:
-                    raise PeerError(f"source: {frame.message}", frame.code)
-                else:
-                    raise ProtocolError(f"unexpected {frame.type.name} frame on the fault channel")
+                ready = {fd for fd, _ in poller.poll()}
+                if self._stop_r in ready:
+                    return
+                if uffd in ready:  # the asking first: the answers can wait a poll
+                    self._ask(pc, pc.faulted())
+                if frames.fileno() in ready:
+                    for frame in frames.frames():
+                        self._on_frame(pc, frame, decompressor)
         except TransportError as exc:
             if not self.closing and not pc.complete:
                 failed(exc)
@@ -486,39 +484,41 @@ class DestFaultChannel:
         except Exception as exc:  # a bug: fail the migration, never hang a vCPU
             failed(MigrationError(f"internal error on the fault channel: {type(exc).__name__}: {one_line(exc)}"))
         finally:
-            asker.cancel()
-            try:
-                loop.remove_reader(pc.uffd.fileno())
-            except (ValueError, OSError):
-                pass
-            chan.close()
+            frames.close()
 
     @staticmethod
-    async def _ask(pc: DestPostcopy, chan: FrameChannel, wake: asyncio.Event, again) -> None:
-        """One sender: REQUESTs for ``again``, then for the pages that
-        faulted since the last."""
-        for i in range(0, len(again), fr.Request.MAX_RANGES):
+    def _on_frame(pc: DestPostcopy, frame, decompressor) -> None:
+        if frame.type == fr.FrameType.POSTCOPY:
+            if not frame.table and frame.ranges:
+                raise ProtocolError("a POSTCOPY announcement on the fault channel")
+            pc.add_table(frame)
+        elif frame.type == fr.FrameType.PAGES:
+            pc.place(frame, decompressor)
+        elif frame.type == fr.FrameType.ERROR:
+            raise PeerError(f"source: {frame.message}", frame.code)
+        else:
+            raise ProtocolError(f"unexpected {frame.type.name} frame on the fault channel")
+
+    def _ask(self, pc: DestPostcopy, ranges) -> None:
+        for i in range(0, len(ranges), fr.Request.MAX_RANGES):
             pc.requests += 1
-            await chan.send(fr.Request(again[i : i + fr.Request.MAX_RANGES]))
-        while True:
-            await wake.wait()
-            wake.clear()
-            ranges = pc.faulted()
-            for i in range(0, len(ranges), fr.Request.MAX_RANGES):
-                pc.requests += 1
-                await chan.send(fr.Request(ranges[i : i + fr.Request.MAX_RANGES]))
+            self.frames.send(fr.Request(ranges[i : i + fr.Request.MAX_RANGES]))
 
     def close(self) -> None:
         if self.closing:
             return
         self.closing = True
-        self.thread.stop()  # cancels the serving task, which closes the connection
-        if not self._serving:
-            self._sock.close()
+        if self._thread is None:
+            self.frames.close()
+        else:
+            os.write(self._stop_w, b"\x01")
+            self._thread.join(timeout=5)
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
 
     @property
     def bytes_received(self) -> int:
-        return self.chan.bytes_received if self.chan is not None else 0
+        return self.frames.bytes_received
 
     @property
     def authenticated_frames(self) -> int:

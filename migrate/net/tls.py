@@ -6,6 +6,7 @@ moved with the same loop calls.  Both sides present a certificate signed by
 the CA and verify the other's (mutual TLS); host names are not checked, the
 CA is the trust anchor."""
 
+import select
 import ssl
 from dataclasses import dataclass
 
@@ -45,6 +46,28 @@ def from_options(cert, key, ca) -> TlsConfig | None:
 _IOV_MAX = 1024  # Linux's UIO_MAXIOV
 
 
+def send_blocking(sock, buffers, timeout: float) -> None:
+    """All of ``buffers`` on a non-blocking socket from a thread without an
+    event loop: gathered sendmsg() calls, polling for room in between;
+    TimeoutError if the peer takes nothing for ``timeout`` seconds."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    i = 0
+    while i < len(views):
+        try:
+            n = sock.sendmsg(views[i : i + _IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLOUT)
+            if not poller.poll(timeout * 1000):
+                raise TimeoutError from None
+            continue
+        while n and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
+
+
 class PlainIO:
     def __init__(self, loop, sock):
         self.loop, self.sock = loop, sock
@@ -81,6 +104,21 @@ class PlainIO:
 
     async def recv_into(self, view) -> int:
         return await self.loop.sock_recv_into(self.sock, view)
+
+    # -- for a thread that polls the socket itself (the fault channel's) --
+    def send_parts_blocking(self, buffers, timeout: float) -> None:
+        send_blocking(self.sock, buffers, timeout)
+
+    def recv_nowait(self, view) -> int | None:
+        """What has arrived, into ``view``: None if nothing yet, 0 at the end."""
+        try:
+            return self.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def buffered(self) -> bool:
+        """Bytes read but not returned yet (the socket's poll will not say)."""
+        return False
 
 
 class TlsIO:
@@ -151,7 +189,43 @@ class TlsIO:
             except ssl.SSLZeroReturnError:
                 return 0
             except ssl.SSLError as exc:
-                reason = exc.reason or str(exc)
-                if "ALERT" in reason:
-                    raise AuthError(f"the peer refused our TLS certificate ({reason})") from None
-                raise TransportError(f"TLS error: {reason}") from None
+                raise _read_error(exc) from None
+
+    # -- for a thread that polls the socket itself (the fault channel's) --
+    def send_parts_blocking(self, buffers, timeout: float) -> None:
+        for b in buffers:
+            view = memoryview(b)
+            while view:
+                view = view[self._obj.write(view) :]
+        send_blocking(self.sock, [self._out.read()], timeout)
+
+    def recv_nowait(self, view) -> int | None:
+        """Decrypted bytes into ``view``: None if no whole record is here yet, 0 at the end."""
+        while True:
+            try:
+                return self._obj.read(len(view), view)
+            except ssl.SSLWantReadError:
+                try:
+                    data = self.sock.recv(RECORD_READ)
+                except (BlockingIOError, InterruptedError):
+                    return None
+                if not data:
+                    self._in.write_eof()
+                else:
+                    self._in.write(data)
+            except ssl.SSLZeroReturnError:
+                return 0
+            except ssl.SSLError as exc:
+                raise _read_error(exc) from None
+
+    def buffered(self) -> bool:
+        """Records read from the socket but not decrypted and returned yet:
+        the socket's poll will not say."""
+        return bool(self._obj.pending() or self._in.pending)
+
+
+def _read_error(exc: ssl.SSLError) -> Exception:
+    reason = exc.reason or str(exc)
+    if "ALERT" in reason:
+        return AuthError(f"the peer refused our TLS certificate ({reason})")
+    return TransportError(f"TLS error: {reason}")
