@@ -374,9 +374,6 @@ class DestVmm:
         else:
             uffd.drop_ranges(ranges)
         self.host.vm.uffd = uffd
-        # The vCPU threads and this loop share one interpreter lock: let a
-        # fault's round trip (event, REQUEST, page, placement) have it back
-        # within 0.5 ms instead of the default 5 ms per hand-over.
         pc = self._postcopy = DestPostcopy(self.host, self.strategy, uffd, ranges)
         pc.wrong_before = self.host.counters.get("guest.wrong_tag_accesses")
         sdigest = self._state_digest  # of what will run, read back when STATE arrived

@@ -16,6 +16,7 @@ has landed, and every page must equal it."""
 
 import asyncio
 import os
+import queue
 import select
 import statistics
 import threading
@@ -436,9 +437,13 @@ class DestFaultChannel:
         self.frames = BlockingFrames(sock, conn, io, timeout_s)
         self._conn = conn
         self.closing = False  # the migration is over: the source's close is no failure
-        self._thread: threading.Thread | None = None
         self._stop_r, self._stop_w = os.pipe()  # wakes the thread's poll to end it
         self.failure: asyncio.Future | None = None  # set by start()
+        # The thread starts now, not at the switch: starting one waits for
+        # it to get the interpreter lock, up to 5 ms of downtime.
+        self._handed: queue.SimpleQueue = queue.SimpleQueue()  # (pc, report), or None to end
+        self._thread = threading.Thread(target=self._run, name="faults", daemon=True)
+        self._thread.start()
 
     def start(self, pc: DestPostcopy) -> None:
         """Serve ``pc``'s faults; ``failure`` (a future of the caller's loop)
@@ -454,8 +459,14 @@ class DestFaultChannel:
         def report(exc):  # from the fault thread
             main_loop.call_soon_threadsafe(failed, exc)
 
-        self._thread = threading.Thread(target=self._serve, args=(pc, report), name="faults", daemon=True)
-        self._thread.start()
+        self._handed.put((pc, report))
+
+    def _run(self) -> None:
+        handed = self._handed.get()
+        if handed is None:
+            self.frames.close()
+        else:
+            self._serve(*handed)
 
     def _serve(self, pc: DestPostcopy, failed) -> None:
         frames, uffd = self.frames, pc.uffd.fileno()
@@ -466,7 +477,8 @@ class DestFaultChannel:
         try:
             # A fault channel that replaces a broken one asks again first for
             # the pages the guest was waiting for when the link broke.
-            self._ask(pc, pc.waiting(pc.missing()))
+            if pc.requested:
+                self._ask(pc, pc.waiting(pc.missing()))
             while True:
                 ready = {fd for fd, _ in poller.poll()}
                 if self._stop_r in ready:
@@ -508,11 +520,9 @@ class DestFaultChannel:
         if self.closing:
             return
         self.closing = True
-        if self._thread is None:
-            self.frames.close()
-        else:
-            os.write(self._stop_w, b"\x01")
-            self._thread.join(timeout=5)
+        self._handed.put(None)  # ends a thread never handed a postcopy
+        os.write(self._stop_w, b"\x01")  # and one serving
+        self._thread.join(timeout=5)
         for fd in (self._stop_r, self._stop_w):
             os.close(fd)
 
