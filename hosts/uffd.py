@@ -39,6 +39,33 @@ class GuestStopped(Exception):
     """A vCPU blocked on a missing page when its VM was torn down."""
 
 
+def punch_pages(vm, ranges, then=None) -> None:
+    """fallocate(PUNCH_HOLE) of every (first page, count) of ``ranges`` in
+    guest RAM's memfd, a system call each: their data and tags are gone.
+    A VMM may do it before registering a userfaultfd (the guest is not
+    running there yet); a registered one then sees the pages missing."""
+    mem = vm.memory
+    with vm.mmu_lock:
+        for first, count in ranges:
+            end = first + count
+            mem.punch(first, end)
+            mem.tags[first * PACKED_TAGS_PER_PAGE : end * PACKED_TAGS_PER_PAGE] = bytes(count * PACKED_TAGS_PER_PAGE)
+            mem.tagged[first:end] = bytes(count)
+        if then is not None:  # under the same hold (a registered userfaultfd's bitmap)
+            then()
+    vm.counters.add("syscalls.fallocate_punch_hole", len(ranges))
+
+
+def unmap_ranges(vm, ranges) -> None:
+    """madvise(MADV_DONTNEED) of every range of the guest's mapping, a
+    system call each: the page-table entries go, the memfd keeps the data."""
+    mem = vm.memory
+    with vm.mmu_lock:
+        for first, count in ranges:
+            mem.unmap(first, first + count)
+    vm.counters.add("syscalls.madvise_dontneed", len(ranges))
+
+
 class Userfaultfd:
     def __init__(self, vm, mode: str = MISSING):
         if mode not in (MISSING, MINOR):
@@ -74,12 +101,15 @@ class Userfaultfd:
         """``drop`` of every (first page, count) of ``ranges``, under one
         lock, with the system call per range a VMM makes to unmap them
         (MADV_DONTNEED: the memfd keeps their data for UFFDIO_CONTINUE)."""
-        mem = self.memory
+        unmap_ranges(self.vm, ranges)
+        self.mark_missing(ranges)
+
+    def mark_missing(self, ranges) -> None:
+        """Pages already discarded (``punch_pages`` or ``unmap_ranges``,
+        possibly before this registration) fault from now on."""
         with self._cond:
             for first, count in ranges:
-                mem.unmap(first, first + count)
                 self.present[first : first + count] = bytes(count)
-        self.vm.counters.add("syscalls.madvise_dontneed", len(ranges))
 
     def read_events(self) -> list[int]:
         """Pages that faulted since the last call (the pipe drained)."""
@@ -122,17 +152,7 @@ class Userfaultfd:
     def punch_ranges(self, ranges) -> None:
         """``punch`` of every (first page, count) of ``ranges``: a system
         call each, under one hold of the locks."""
-        mem = self.memory
-        with self.vm.mmu_lock, self._cond:
-            for first, count in ranges:
-                end = first + count
-                mem.punch(first, end)
-                mem.tags[first * PACKED_TAGS_PER_PAGE : end * PACKED_TAGS_PER_PAGE] = bytes(
-                    count * PACKED_TAGS_PER_PAGE
-                )
-                mem.tagged[first:end] = bytes(count)
-                self.present[first:end] = bytes(count)
-        self.vm.counters.add("syscalls.fallocate_punch_hole", len(ranges))
+        punch_pages(self.vm, ranges, then=lambda: self.mark_missing(ranges))
 
     def _place(self, page: int, npages: int, call: str, data, tags) -> None:
         end = page + npages

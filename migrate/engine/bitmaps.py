@@ -14,3 +14,11 @@ def runs(bits: bytes, value: int = 1):
         b = n if b < 0 else b
         yield a, b
         pos = b
+
+
+def pages_bitmap(ranges, npages: int) -> bytearray:
+    """1 for each page of (first page, count) ``ranges``, a slice per range."""
+    bits = bytearray(npages)
+    for first, count in ranges:
+        bits[first : first + count] = b"\x01" * count
+    return bits

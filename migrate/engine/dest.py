@@ -16,8 +16,9 @@ import sys
 import threading
 import time
 
-from hosts.uffd import Userfaultfd
+from hosts.uffd import Userfaultfd, punch_pages, unmap_ranges
 from hosts.vcpu import VcpuState
+from migrate.engine.bitmaps import pages_bitmap, runs
 from migrate.engine.dest_channels import DataChannels
 from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, state_digest
 from migrate.engine.handshake import authenticate, hello_mismatch
@@ -114,6 +115,8 @@ class DestVmm:
         self._recovery = DestRecovery(config, self._key, self.result, self._resume)
         # -- postcopy
         self._announced: list = []  # POSTCOPY ranges so far, until the last announcement
+        self._ahead: list = []  # ranges to discard ahead of the switch, until the last of them
+        self._discarded: bytearray | None = None  # 1 per page discarded ahead
         self._postcopy: DestPostcopy | None = None
         self._postcopy_done = False
         self._faults: DestFaultChannel | None = None  # the fault channel, once joined
@@ -347,9 +350,58 @@ class DestVmm:
             return
         if self._postcopy is not None:
             raise ProtocolError("POSTCOPY announced pages after the switch")
+        if self.machine.state == DestState.RECEIVING:
+            await self._discard_ahead(frame)
+            return
         self._announced += frame.ranges
         if frame.last:
             await self._switch_to_postcopy(self._announced)
+
+    async def _discard_ahead(self, frame) -> None:
+        """Before the pause, pages the guest dirtied since the last pass:
+        the switch will fetch them, so discard them now, while the source's
+        guest still runs, and say so (APPLIED of the postcopy pass).  Only
+        once every channel has delivered the last pass: nothing may land on
+        a page after it was discarded."""
+        if self.strategy.postcopy_mode is None:
+            raise ProtocolError(f"strategy {self.strategy.name} cannot do postcopy")
+        self._ahead += frame.ranges
+        if not frame.last:
+            return
+        last_pass = self._channels.pass_seen[0]
+        await self._channels.await_final_pass(last_pass, self.hello.channels)
+        self._discard_ahead_now()
+        async with self._send_lock:
+            await self.chan.send(fr.Applied(last_pass + 1))
+
+    def _discard_ahead_now(self) -> None:
+        self._discard(self._ahead)
+        self._discarded = pages_bitmap(self._ahead, self.host.memory.npages)
+        self._ahead = []
+
+    def _discard(self, ranges) -> None:
+        """A system call per range: MISSING mode punches the pages out of the
+        memfd (UFFDIO_COPY needs them gone); MINOR mode unmaps them (the
+        memfd keeps them for UFFDIO_CONTINUE)."""
+        discard = punch_pages if self.strategy.postcopy_mode == "missing" else unmap_ranges
+        discard(self.host.vm, ranges)
+
+    def _discard_at_switch(self, uffd, ranges) -> int:
+        """Discard what the switch announced and was not discarded ahead;
+        every page announced faults from now on.  A page discarded ahead
+        and not announced would run as a hole: refused.  Returns the pages
+        discarded now."""
+        npages = self.host.memory.npages
+        announced = int.from_bytes(pages_bitmap(ranges, npages), "little")
+        ahead = int.from_bytes(self._discarded or bytes(npages), "little")
+        if ahead & ~announced:
+            stray = ahead & ~announced
+            page = ((stray & -stray).bit_length() - 1) // 8  # a byte per page, little-endian
+            raise ProtocolError(f"page {page} was discarded ahead but the switch did not announce it")
+        late = (announced & ~ahead).to_bytes(npages, "little")
+        self._discard([(a, b - a) for a, b in runs(late, 1)])
+        uffd.mark_missing(ranges)
+        return late.count(1)
 
     async def _switch_to_postcopy(self, ranges) -> None:
         """Every channel has delivered the last pass and the digest of what
@@ -369,12 +421,10 @@ class DestVmm:
             raise ProtocolError("POSTCOPY without a fault channel: the source never joined one") from None
         self.chan.placer = None  # pages land through the userfaultfd from now on
         uffd = Userfaultfd(self.host.vm, self.strategy.postcopy_mode)
-        if self.strategy.postcopy_mode == "missing":
-            uffd.punch_ranges(ranges)  # UFFDIO_COPY needs the pages gone from the memfd
-        else:
-            uffd.drop_ranges(ranges)
+        discarded_now = self._discard_at_switch(uffd, ranges)
         self.host.vm.uffd = uffd
         pc = self._postcopy = DestPostcopy(self.host, self.strategy, uffd, ranges)
+        pc.discarded_at_switch = discarded_now
         pc.wrong_before = self.host.counters.get("guest.wrong_tag_accesses")
         sdigest = self._state_digest  # of what will run, read back when STATE arrived
         loop = asyncio.get_running_loop()

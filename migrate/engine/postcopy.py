@@ -87,6 +87,13 @@ def _split_ranges(ranges, max_pages: int, max_ranges: int):
         yield group
 
 
+def announcements(ranges, npages: int) -> list:
+    """POSTCOPY frames without a table naming ``ranges``, as many as it
+    takes, ``last`` set on the final one."""
+    groups = list(_split_ranges(ranges, npages, fr.Postcopy.MAX_RANGES)) or [[]]
+    return [fr.Postcopy(group, b"", last=i == len(groups) - 1) for i, group in enumerate(groups)]
+
+
 def mixed_chunks(ranges) -> set[int]:
     """Chunks that hold a page fetched in postcopy: their digests cannot be
     compared at the switch (those pages are checked one by one instead)."""
@@ -259,9 +266,8 @@ class SourcePostcopy:
     async def announce(self) -> None:
         """The switch: every missing page, in as many frames as it takes;
         the destination resumes the guest at the last."""
-        groups = list(_split_ranges(self.ranges, self.memory.npages, fr.Postcopy.MAX_RANGES)) or [[]]
-        for i, group in enumerate(groups):
-            await self.chan.send(fr.Postcopy(group, b"", last=i == len(groups) - 1))
+        for frame in announcements(self.ranges, self.memory.npages):
+            await self.chan.send(frame)
 
     async def _read(self):
         """The destination's frames on the control connection: its CONFIRM,
@@ -300,6 +306,7 @@ class DestPostcopy:
         self.resumed_at: float | None = None
         self.last_page_at: float | None = None
         self.wrong_before = 0  # the guest's wrong-tag count at the switch
+        self.discarded_at_switch = 0  # pages discarded during the switch (not ahead of it)
         self.on_complete = None  # called (from either thread) once the last page has landed
         self._owed = bytearray(host.memory.npages)  # 1: announced at the switch, not landed yet
         for first, count in ranges:
@@ -416,6 +423,7 @@ class DestPostcopy:
         return {
             "pages": self.total,
             "pages_verified": self.verified,
+            "pages_discarded_at_switch": self.discarded_at_switch,
             "requests": self.requests,
             "faults": uffd.faults,
             "fault_latency_ms": _percentiles(uffd.latencies),

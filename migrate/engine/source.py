@@ -25,7 +25,7 @@ from migrate.engine.handshake import introduce
 from migrate.engine.lanes import SendLane
 from migrate.engine.pages import BatchBuilder
 from migrate.engine.passes import PassSender, PeerWatch
-from migrate.engine.postcopy import BACKGROUND_BACKLOG, SourcePostcopy, mixed_chunks
+from migrate.engine.postcopy import BACKGROUND_BACKLOG, SourcePostcopy, announcements, mixed_chunks
 from migrate.engine.postcopy_recovery import NotResumed, ResumedHere, SourcePostcopyHold
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import SourceRecovery
@@ -120,6 +120,7 @@ class SourceVmm:
         self._state: dict | None = None  # vCPU, workload and device state, sent with STATE
         # -- postcopy
         self._postcopy_reason: str | None = None  # why precopy gave way to postcopy
+        self._discarded_ahead: dict | None = None  # what the destination discarded before the pause
         self._switched = False  # POSTCOPY announced: the guest runs there, its missing pages are here
         self._fault_chan: FrameChannel | None = None  # postcopy: REQUESTs and the pages they ask for
         self.postcopy_retries = 0  # reconnections after a broken postcopy without the operator (--retry)
@@ -361,6 +362,7 @@ class SourceVmm:
         # refusal or a broken link leaves it running, and the switch does not
         # wait for a connection.
         faults = self._fault_chan = await self._join_faults()
+        await self._discard_ahead()
         self._clock.pause = time.perf_counter()
         self.host.vcpus.pause()
         self._paused_here = True
@@ -390,6 +392,8 @@ class SourceVmm:
         self.result["postcopy"] = {
             "reason": self._postcopy_reason,
             "switch_downtime_ms": self.result["downtime_ms"],
+            "pages_discarded_ahead": self._discarded_ahead["pages"],
+            "discard_ahead_ms": self._discarded_ahead["ms"],
             "pages": pc.total,
             "pages_requested": pc.requested_pages,
             "requests": pc.requests,
@@ -406,6 +410,23 @@ class SourceVmm:
             )
         self.result["status"] = "completed"
         self.result["guest_on"] = "destination"
+
+    async def _discard_ahead(self) -> None:
+        """While the guest still runs here: announce the pages it dirtied
+        since the last pass (POSTCOPY without a table, in precopy), and wait
+        for the destination's APPLIED of the postcopy pass, sent once it has
+        discarded them.  Discarding is a system call per range (3,400 ranges,
+        ~20 ms, for a hot-set guest): done now, the switch discards only
+        what the guest dirtied in between.  The pages stay in the dirty set,
+        so the switch announces them again with the rest."""
+        t = time.perf_counter()
+        dirty = union(self._dirty, self._dirty_log.harvest())
+        self._dirty = union(dirty, union(self._tags_only, self._dirty_log.harvest_tags_only(dirty)))
+        ranges = [(a, b - a) for a, b in runs(self._dirty, 1)]
+        for frame in announcements(ranges, self.host.memory.npages):
+            await self._chan.send(frame)
+        await self._peer.applied_by(self._dirty_passes + 1, self.config.timeout_s)
+        self._discarded_ahead = {"pages": sum(c for _, c in ranges), "ms": _ms(time.perf_counter() - t)}
 
     async def _run_postcopy(self, pc: SourcePostcopy) -> float:
         """Send the missing pages until the destination says RESUMED; a broken

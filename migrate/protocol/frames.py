@@ -36,7 +36,7 @@ from migrate.checksum import crc32
 from migrate.errors import ProtocolError
 
 #: bumped whenever a frame changes shape; both sides must agree (HELLO)
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 MAGIC = b"MT"
 HEADER = struct.Struct("<2sBBIII")
 HEADER_SIZE = HEADER.size
@@ -584,10 +584,15 @@ POSTCOPY_ENTRY = 8
 
 @dataclass
 class Postcopy:
-    """Either way: from the source after STATE, switch to postcopy.  Without a
-    table, ``ranges`` announce pages the destination does not hold as they
-    now are; at the one with ``last`` set it drops them all and resumes the
-    guest (they come later, asked for or in the background).  With a
+    """Either way: from the source, the pages postcopy will fetch, or their table.
+    After STATE, without a table, ``ranges`` announce pages the
+    destination does not hold as they now are; at the one with ``last`` set
+    it drops them all and resumes the guest (they come later, asked for or
+    in the background).  Before the pause (in precopy), without a table,
+    they are discarded ahead: pages the guest dirtied since the last pass,
+    which the destination discards at once and acknowledges, at the one
+    with ``last``, with APPLIED of the postcopy pass (the one after the
+    last pass); the switch announces them again with the rest.  With a
     table, which follows, it holds per page of ``ranges`` in order the
     CRC-32 of its data and of its packed tags on the paused source, by
     which each page is checked as it lands.

@@ -187,9 +187,9 @@ POSTCOPY_RANGES = [(3, 2), (300, 7), (700, 1)]
 
 
 def _capture_postcopy(host, checksum, strategy_name, batch, compression) -> Seed:
-    """A postcopy migration: the bulk pass, the switch (STATE, POSTCOPY
-    announcing the missing pages), then per batch its table and its pages,
-    and the last PASS_END."""
+    """A postcopy migration: the bulk pass, pages discarded ahead (POSTCOPY
+    before the pause), the switch (STATE, POSTCOPY announcing the missing
+    pages), then per batch its table and its pages, and the last PASS_END."""
     from migrate.engine.pages import split_batches
     from migrate.engine.postcopy import page_table
 
@@ -208,6 +208,7 @@ def _capture_postcopy(host, checksum, strategy_name, batch, compression) -> Seed
             out.append(_send(ctl, frame))
             sent += frame.npages
         out.append(_send(ctl, fr.PassEnd(0, sent)))
+        out.append(_send(ctl, fr.Postcopy(POSTCOPY_RANGES[1:2], b"", last=True)))  # discarded ahead
         ctl.machine.local("pause")
         state = SourceVmm._collect_state(types.SimpleNamespace(host=host))
         out.append(_send(ctl, fr.State(state)))
@@ -784,7 +785,7 @@ class DestTarget:
         postcopy = _Postcopy(vmm)
         while True:
             frame = reader.recv()
-            if postcopy.takes(frame):
+            if postcopy.takes(frame, state is not None):
                 if postcopy.done:
                     conn.send(fr.Resumed())
                     return
@@ -873,8 +874,10 @@ class _Postcopy:
         self.pc = None
         self.done = False
 
-    def takes(self, frame) -> bool:
-        """Handle ``frame`` if it is postcopy's; False for the others."""
+    def takes(self, frame, paused: bool) -> bool:
+        """Handle ``frame`` if it is postcopy's; False for the others.
+        ``paused``: STATE came (the connection's own state may be ahead:
+        fed whole, it decodes every frame at once)."""
         if frame.type == T.POSTCOPY:
             if frame.table:
                 if self.pc is None:
@@ -882,6 +885,12 @@ class _Postcopy:
                 self.pc.add_table(frame)
             elif self.pc is not None:
                 raise ProtocolError("POSTCOPY announced pages after the switch")
+            elif not paused:  # discard ahead (no APPLIED: nobody reads it here)
+                if self.vmm.strategy.postcopy_mode is None:
+                    raise ProtocolError(f"strategy {self.vmm.strategy.name} cannot do postcopy")
+                self.vmm._ahead += frame.ranges
+                if frame.last:
+                    self.vmm._discard_ahead_now()
             else:
                 self.announced += frame.ranges
                 self.switched = frame.last
@@ -906,10 +915,7 @@ class _Postcopy:
         if state is None:
             raise ProtocolError("POSTCOPY before STATE")
         uffd = Userfaultfd(vmm.host.vm, vmm.strategy.postcopy_mode)
-        if vmm.strategy.postcopy_mode == "missing":
-            uffd.punch_ranges(self.announced)
-        else:
-            uffd.drop_ranges(self.announced)
+        vmm._discard_at_switch(uffd, self.announced)
         vmm.host.vm.uffd = uffd
         self.pc = DestPostcopy(vmm.host, vmm.strategy, uffd, self.announced)
         vmm._channels.frozen = True
