@@ -63,3 +63,17 @@ async def test_a_cancel_from_elsewhere_stays_a_cancel():
     with pytest.raises(asyncio.CancelledError):
         await task
     watch.close()
+
+
+async def test_a_frame_already_there_wins_over_a_failure_in_the_same_round():
+    # The receive's wake-up is queued when its last bytes arrive; a failure
+    # reported in the same round of the loop must not throw that frame away.
+    loop = asyncio.get_running_loop()
+    failure, frame = loop.create_future(), loop.create_future()
+    watch = ReceiveWatch(lambda: None, 10.0)
+    task = asyncio.ensure_future(_receive(watch, failure, frame))
+    await asyncio.sleep(0)
+    failure.set_exception(TransportError("data channel 1: peer closed"))  # its callback queued first
+    frame.set_result("ABORT")  # then the receive's wake-up, in the same round
+    assert await task == "ABORT"
+    watch.close()

@@ -59,9 +59,16 @@ class ReceiveWatch:
             self._timer = None
 
     def _interrupt(self, reason: BaseException) -> None:
-        if self._task is not None and self.reason is None:
+        # Next round of the loop, not now: a frame whose last bytes arrived
+        # this round has its receive's wake-up queued already, and it must
+        # win (an ABORT says more than the broken channel that followed it).
+        # By then that receive has returned and disarmed the watch.
+        asyncio.get_running_loop().call_soon(self._cancel, self._task, reason)
+
+    def _cancel(self, task, reason: BaseException) -> None:
+        if task is not None and task is self._task and self.reason is None:
             self.reason = reason
-            self._task.cancel()
+            task.cancel()
 
     def _failed(self, failure: asyncio.Future) -> None:
         if failure is self._failure and not failure.cancelled():
