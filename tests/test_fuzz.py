@@ -286,7 +286,7 @@ def test_a_page_discarded_ahead_must_be_announced_at_the_switch(seeds):
     # A page discarded before the pause and then left out of the switch's
     # announcement would run on the destination as a hole: refused before
     # the guest resumes.
-    i = next(i for i, s in enumerate(seeds) if s.name.startswith("full/") and s.name.endswith("/postcopy"))
+    i = next(i for i, s in enumerate(seeds) if "uffd-copy-tags" in s.name and s.name.endswith("/postcopy"))
     control = list(seeds[i].control)
     at = [j for j, raw in enumerate(control) if raw[2] == fr.FrameType.POSTCOPY][0]  # discarded ahead
     ftype, flags, meta, payload = fuzz.split_frame(control[at])
@@ -295,3 +295,28 @@ def test_a_page_discarded_ahead_must_be_announced_at_the_switch(seeds):
     control[at] = fuzz.build_frame(ftype, flags, msgpack.packb(m), payload)
     with pytest.raises(ProtocolError, match="page 900 was discarded ahead but the switch did not announce it"):
         fuzz.run_input(fuzz.FuzzInput(i, b"".join(control), None), seeds)
+
+
+def _with_frame(seed, after_type, nth, raw):
+    """The seed's control stream with ``raw`` inserted after its ``nth``
+    frame of ``after_type``."""
+    control = list(seed.control)
+    at = [j for j, f in enumerate(control) if f[2] == after_type][nth]
+    return b"".join(control[: at + 1] + [raw] + control[at + 1 :])
+
+
+def test_pages_may_be_discarded_ahead_once_and_then_only_state_may_follow(seeds):
+    # A second discard ahead would hide the first from the switch's hole
+    # check; PAGES, PASS_END or COMPLETE after one would land on discarded
+    # pages or end in a stop-and-copy over holes.  Each is refused.
+    i = next(i for i, s in enumerate(seeds) if "uffd-copy-tags" in s.name and s.name.endswith("/postcopy"))
+    seed = seeds[i]
+    control = list(seed.control)
+    ahead = [f for f in control if f[2] == fr.FrameType.POSTCOPY][0]
+    again = _with_frame(seed, fr.FrameType.POSTCOPY, 0, ahead)
+    with pytest.raises(ProtocolError, match="discarded ahead twice"):
+        fuzz.run_input(fuzz.FuzzInput(i, again, None), seeds)
+    pass_end = [f for f in control if f[2] == fr.FrameType.PASS_END][0]
+    late = _with_frame(seed, fr.FrameType.POSTCOPY, 0, pass_end)
+    with pytest.raises(ProtocolError, match="PASS_END after pages were discarded ahead"):
+        fuzz.run_input(fuzz.FuzzInput(i, late, None), seeds)

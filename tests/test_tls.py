@@ -184,3 +184,45 @@ def test_blocking_frames_over_tls_return_every_record_read_in_one_go(pki):
     assert got == sent
     a.close()
     frames.close()
+
+
+def test_blocking_frames_over_tls_name_a_peer_gone_without_close_notify(pki):
+    # A TLS peer that just closes its socket (no close_notify) is "peer
+    # closed the connection", as on plain TCP, not an OpenSSL error string.
+    import os
+    import select
+
+    from migrate.errors import TransportError
+    from migrate.net.blocking import BlockingFrames
+    from migrate.net.tls import TlsConfig, TlsIO
+    from migrate.protocol import frames as fr
+    from tests.test_blocking import pages, receiving_pair
+
+    good = pki[0]
+    cfg = TlsConfig(good["source"][0], good["source"][1], good["ca"])
+    dcfg = TlsConfig(good["dest"][0], good["dest"][1], good["ca"])
+    src, dst = receiving_pair()
+
+    async def go():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        loop = asyncio.get_running_loop()
+        client = TlsIO(loop, a, cfg.context(False), server_side=False)
+        server = TlsIO(loop, b, dcfg.context(True), server_side=True)
+        await asyncio.gather(client.handshake(), server.handshake())
+        whole = b"".join(bytes(x) for x in src.send(pages(0, os.urandom(fr.PAGE_SIZE))))
+        await client.send_parts([whole, whole[:100]])  # a whole frame, then a piece of the next
+        return a, b, server
+
+    a, b, server = asyncio.run(go())
+    a.shutdown(socket.SHUT_WR)  # the end of the stream, no close_notify
+    frames = BlockingFrames(b, dst, server, timeout=5)
+    got = []
+    with pytest.raises(TransportError, match=r"peer closed the connection inside a frame \(100 bytes of it\)"):
+        for _ in range(3):
+            select.select([b], [], [], 1)
+            got += [f.ranges for f in frames.frames()]
+    assert got == [[(0, 1)]]
+    a.close()
+    frames.close()

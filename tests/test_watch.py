@@ -77,3 +77,36 @@ async def test_a_frame_already_there_wins_over_a_failure_in_the_same_round():
     frame.set_result("ABORT")  # then the receive's wake-up, in the same round
     assert await task == "ABORT"
     watch.close()
+
+
+async def test_an_interrupt_queued_for_one_receive_does_not_hit_the_next():
+    # The check finds silence in the very round a frame arrives: the frame
+    # wins, and the next receive (same task, no await in between) must not
+    # be cancelled by the interrupt queued for the first.
+    loop = asyncio.get_running_loop()
+    first, second = loop.create_future(), loop.create_future()
+
+    def check():
+        first.done() or first.set_result("PASS_END")  # the frame's wake-up is queued first
+        return PeerTimeout("silent")
+
+    watch = ReceiveWatch(check, 0.01)
+    assert await _receive(watch, None, first) == "PASS_END"
+    loop.call_later(0.05, second.set_result, "PAGES")
+    watch._period = 10.0  # no new silence now: only the stale interrupt could strike
+    assert await _receive(watch, None, second) == "PAGES"
+    watch.close()
+
+
+async def test_a_user_cancel_with_the_watch_interrupt_stays_a_cancel():
+    loop = asyncio.get_running_loop()
+    failure, forever = loop.create_future(), loop.create_future()
+    watch = ReceiveWatch(lambda: None, 10.0)
+    task = asyncio.ensure_future(_receive(watch, failure, forever))
+    await asyncio.sleep(0)
+    failure.set_exception(TransportError("cut"))
+    await asyncio.sleep(0)  # the watch's interrupt is queued
+    task.cancel()  # and the user's
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    watch.close()

@@ -286,12 +286,14 @@ class DestVmm:
             return
         if frame.pass_no <= self._channels.pass_seen[0]:
             raise ProtocolError(f"PAGES of pass {frame.pass_no} after that pass ended")
+        self._refuse_after_discard("PAGES")
         self.stats.add(self._applier.apply(frame))
 
     async def _on_pass_end(self, frame) -> None:
         if self._postcopy is not None:
             await self._end_postcopy(frame)
             return
+        self._refuse_after_discard("PASS_END")
         self.result["dirty_sync_count"] = frame.pass_no
         self._channels.pass_seen[0] = frame.pass_no
         self._start_refresh()
@@ -324,6 +326,7 @@ class DestVmm:
         self._start_final_digest(self._channels.pass_seen[0])
 
     async def _on_complete(self, frame) -> None:
+        self._refuse_after_discard("COMPLETE")  # a stop-and-copy would leave the discarded pages as holes
         await self._channels.await_final_pass(frame.final_pass, self.hello.channels)
         await self._confirm(self._guest_state, frame.final_pass)
 
@@ -363,10 +366,7 @@ class DestVmm:
         guest still runs, and say so (APPLIED of the postcopy pass).  Only
         once every channel has delivered the last pass: nothing may land on
         a page after it was discarded."""
-        if self.strategy.postcopy_mode is None:
-            raise ProtocolError(f"strategy {self.strategy.name} cannot do postcopy")
-        self._ahead += frame.ranges
-        if not frame.last:
+        if not self._take_discard_ahead(frame):
             return
         last_pass = self._channels.pass_seen[0]
         await self._channels.await_final_pass(last_pass, self.hello.channels)
@@ -374,7 +374,24 @@ class DestVmm:
         async with self._send_lock:
             await self.chan.send(fr.Applied(last_pass + 1))
 
+    def _refuse_after_discard(self, what: str) -> None:
+        if self._discarded is not None:
+            raise ProtocolError(f"{what} after pages were discarded ahead of a postcopy switch: only STATE may follow")
+
+    def _take_discard_ahead(self, frame) -> bool:
+        """Collect a discard-ahead frame's ranges; True at the last."""
+        if self.strategy.postcopy_mode != "missing":
+            # MINOR mode unmaps at the switch, after the digest: the digest
+            # reads through the guest's mapping, which on a real host would
+            # map an unmapped page again (and it would never fault).
+            raise ProtocolError(f"strategy {self.strategy.name} does not discard ahead of a postcopy switch")
+        if self._discarded is not None:
+            raise ProtocolError("pages discarded ahead twice")
+        self._ahead += frame.ranges
+        return frame.last
+
     def _discard_ahead_now(self) -> None:
+        self._channels.frozen = True  # no page may land on a discarded one: PAGES refused from now on
         self._discard(self._ahead)
         self._discarded = pages_bitmap(self._ahead, self.host.memory.npages)
         self._ahead = []
@@ -386,11 +403,9 @@ class DestVmm:
         discard = punch_pages if self.strategy.postcopy_mode == "missing" else unmap_ranges
         discard(self.host.vm, ranges)
 
-    def _discard_at_switch(self, uffd, ranges) -> int:
-        """Discard what the switch announced and was not discarded ahead;
-        every page announced faults from now on.  A page discarded ahead
-        and not announced would run as a hole: refused.  Returns the pages
-        discarded now."""
+    def _left_to_discard(self, ranges) -> list:
+        """What the switch announced and was not discarded ahead.  A page
+        discarded ahead and not announced would run as a hole: refused."""
         npages = self.host.memory.npages
         announced = int.from_bytes(pages_bitmap(ranges, npages), "little")
         ahead = int.from_bytes(self._discarded or bytes(npages), "little")
@@ -399,9 +414,7 @@ class DestVmm:
             page = ((stray & -stray).bit_length() - 1) // 8  # a byte per page, little-endian
             raise ProtocolError(f"page {page} was discarded ahead but the switch did not announce it")
         late = (announced & ~ahead).to_bytes(npages, "little")
-        self._discard([(a, b - a) for a, b in runs(late, 1)])
-        uffd.mark_missing(ranges)
-        return late.count(1)
+        return [(a, b - a) for a, b in runs(late, 1)]
 
     async def _switch_to_postcopy(self, ranges) -> None:
         """Every channel has delivered the last pass and the digest of what
@@ -420,11 +433,13 @@ class DestVmm:
         except TimeoutError:
             raise ProtocolError("POSTCOPY without a fault channel: the source never joined one") from None
         self.chan.placer = None  # pages land through the userfaultfd from now on
+        late = self._left_to_discard(ranges)
+        self._discard(late)
         uffd = Userfaultfd(self.host.vm, self.strategy.postcopy_mode)
-        discarded_now = self._discard_at_switch(uffd, ranges)
+        uffd.mark_missing(ranges)  # every page announced faults from now on
         self.host.vm.uffd = uffd
         pc = self._postcopy = DestPostcopy(self.host, self.strategy, uffd, ranges)
-        pc.discarded_at_switch = discarded_now
+        pc.discarded_at_switch = sum(c for _, c in late)
         pc.wrong_before = self.host.counters.get("guest.wrong_tag_accesses")
         sdigest = self._state_digest  # of what will run, read back when STATE arrived
         loop = asyncio.get_running_loop()

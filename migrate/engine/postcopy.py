@@ -442,10 +442,10 @@ class DestFaultChannel:
     connection."""
 
     def __init__(self, sock, conn, io, timeout_s: float):
-        self.frames = BlockingFrames(sock, conn, io, timeout_s)
+        self._stop_r, self._stop_w = os.pipe()  # wakes the thread's polls to end it
+        self.frames = BlockingFrames(sock, conn, io, timeout_s, stop_fd=self._stop_r)
         self._conn = conn
         self.closing = False  # the migration is over: the source's close is no failure
-        self._stop_r, self._stop_w = os.pipe()  # wakes the thread's poll to end it
         self.failure: asyncio.Future | None = None  # set by start()
         # The thread starts now, not at the switch: starting one waits for
         # it to get the interpreter lock, up to 5 ms of downtime.
@@ -529,10 +529,11 @@ class DestFaultChannel:
             return
         self.closing = True
         self._handed.put(None)  # ends a thread never handed a postcopy
-        os.write(self._stop_w, b"\x01")  # and one serving
+        os.write(self._stop_w, b"\x01")  # and one serving, or sending
         self._thread.join(timeout=5)
-        for fd in (self._stop_r, self._stop_w):
-            os.close(fd)
+        if not self._thread.is_alive():  # (else it still polls them: leave them to the process's end)
+            for fd in (self._stop_r, self._stop_w):
+                os.close(fd)
 
     @property
     def bytes_received(self) -> int:

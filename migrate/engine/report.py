@@ -121,12 +121,14 @@ def postcopy_lines(pc: dict | None) -> list[str]:
         f"  postcopy ({pc.get('reason')}): switch downtime {ms(pc.get('switch_downtime_ms'))}, "
         f"{pc.get('pages', 0)} pages after the switch, last one {ms(pc.get('last_page_ms'))} after it"
     ]
-    if pc.get("pages_discarded_ahead") is not None:
-        at_switch = pc.get("pages_discarded_at_switch")
+    at_switch = pc.get("pages_discarded_at_switch")
+    if pc.get("pages_discarded_ahead"):
         lines.append(
             f"    discarded ahead, the guest still running on the source: {pc['pages_discarded_ahead']} pages in "
             f"{ms(pc.get('discard_ahead_ms'))}" + ("" if at_switch is None else f"; at the switch: {at_switch}")
         )
+    elif at_switch is not None:
+        lines.append(f"    discarded at the switch: {at_switch} pages")
     if "faults" in pc:
         lines.append(
             f"    guest faults on missing pages: {pc['faults']}, {pc.get('requests', 0)} requests; latency "

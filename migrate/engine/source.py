@@ -392,8 +392,8 @@ class SourceVmm:
         self.result["postcopy"] = {
             "reason": self._postcopy_reason,
             "switch_downtime_ms": self.result["downtime_ms"],
-            "pages_discarded_ahead": self._discarded_ahead["pages"],
-            "discard_ahead_ms": self._discarded_ahead["ms"],
+            "pages_discarded_ahead": (self._discarded_ahead or {}).get("pages", 0),
+            "discard_ahead_ms": (self._discarded_ahead or {}).get("ms"),
             "pages": pc.total,
             "pages_requested": pc.requested_pages,
             "requests": pc.requests,
@@ -412,13 +412,15 @@ class SourceVmm:
         self.result["guest_on"] = "destination"
 
     async def _discard_ahead(self) -> None:
-        """While the guest still runs here: announce the pages it dirtied
+        """MISSING mode, while the guest still runs here: announce the pages it dirtied
         since the last pass (POSTCOPY without a table, in precopy), and wait
         for the destination's APPLIED of the postcopy pass, sent once it has
         discarded them.  Discarding is a system call per range (3,400 ranges,
         ~20 ms, for a hot-set guest): done now, the switch discards only
         what the guest dirtied in between.  The pages stay in the dirty set,
         so the switch announces them again with the rest."""
+        if self.strategy.postcopy_mode != "missing":
+            return  # MINOR mode unmaps at the switch, after the destination's digest (see dest._discard_ahead)
         t = time.perf_counter()
         dirty = union(self._dirty, self._dirty_log.harvest())
         self._dirty = union(dirty, union(self._tags_only, self._dirty_log.harvest_tags_only(dirty)))

@@ -15,11 +15,13 @@ from migrate.protocol import frames as fr
 
 
 class BlockingFrames:
-    def __init__(self, sock, conn, io, timeout: float):
-        """``io``: the connection's PlainIO or TlsIO (its TLS state goes on)."""
+    def __init__(self, sock, conn, io, timeout: float, stop_fd: int | None = None):
+        """``io``: the connection's PlainIO or TlsIO (its TLS state goes on).
+        ``stop_fd``: once readable, a send waiting for room gives up."""
         sock.setblocking(False)
         self.sock, self.conn, self.io = sock, conn, io
         self.timeout = timeout
+        self.stop_fd = stop_fd
         self._buf = bytearray(BUFFER_SIZE)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
@@ -33,7 +35,7 @@ class BlockingFrames:
     def send(self, frame) -> None:
         buffers = self.conn.send(frame)
         try:
-            self.io.send_parts_blocking(buffers, self.timeout)
+            self.io.send_parts_blocking(buffers, self.timeout, self.stop_fd)
         except TimeoutError:
             raise PeerTimeout(f"peer accepted no data for {self.timeout:g} s") from None
         except (ConnectionError, OSError) as exc:

@@ -46,10 +46,11 @@ def from_options(cert, key, ca) -> TlsConfig | None:
 _IOV_MAX = 1024  # Linux's UIO_MAXIOV
 
 
-def send_blocking(sock, buffers, timeout: float) -> None:
+def send_blocking(sock, buffers, timeout: float, stop_fd: int | None = None) -> None:
     """All of ``buffers`` on a non-blocking socket from a thread without an
     event loop: gathered sendmsg() calls, polling for room in between;
-    TimeoutError if the peer takes nothing for ``timeout`` seconds."""
+    TimeoutError if the peer takes nothing for ``timeout`` seconds, and
+    InterruptedError once ``stop_fd`` is readable (the thread is told to end)."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     i = 0
     while i < len(views):
@@ -58,8 +59,13 @@ def send_blocking(sock, buffers, timeout: float) -> None:
         except (BlockingIOError, InterruptedError):
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLOUT)
-            if not poller.poll(timeout * 1000):
+            if stop_fd is not None:
+                poller.register(stop_fd, select.POLLIN)
+            ready = poller.poll(timeout * 1000)
+            if not ready:
                 raise TimeoutError from None
+            if stop_fd is not None and any(fd == stop_fd for fd, _ in ready):
+                raise InterruptedError("told to stop while sending") from None
             continue
         while n and n >= len(views[i]):
             n -= len(views[i])
@@ -106,8 +112,8 @@ class PlainIO:
         return await self.loop.sock_recv_into(self.sock, view)
 
     # -- for a thread that polls the socket itself (the fault channel's) --
-    def send_parts_blocking(self, buffers, timeout: float) -> None:
-        send_blocking(self.sock, buffers, timeout)
+    def send_parts_blocking(self, buffers, timeout: float, stop_fd: int | None = None) -> None:
+        send_blocking(self.sock, buffers, timeout, stop_fd)
 
     def recv_nowait(self, view) -> int | None:
         """What has arrived, into ``view``: None if nothing yet, 0 at the end."""
@@ -192,12 +198,12 @@ class TlsIO:
                 raise _read_error(exc) from None
 
     # -- for a thread that polls the socket itself (the fault channel's) --
-    def send_parts_blocking(self, buffers, timeout: float) -> None:
+    def send_parts_blocking(self, buffers, timeout: float, stop_fd: int | None = None) -> None:
         for b in buffers:
             view = memoryview(b)
             while view:
                 view = view[self._obj.write(view) :]
-        send_blocking(self.sock, [self._out.read()], timeout)
+        send_blocking(self.sock, [self._out.read()], timeout, stop_fd)
 
     def recv_nowait(self, view) -> int | None:
         """Decrypted bytes into ``view``: None if no whole record is here yet, 0 at the end."""
@@ -210,9 +216,8 @@ class TlsIO:
                 except (BlockingIOError, InterruptedError):
                     return None
                 if not data:
-                    self._in.write_eof()
-                else:
-                    self._in.write(data)
+                    return 0  # the peer closed (with or without close_notify): the caller names where
+                self._in.write(data)
             except ssl.SSLZeroReturnError:
                 return 0
             except ssl.SSLError as exc:

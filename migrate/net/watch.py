@@ -21,6 +21,7 @@ class ReceiveWatch:
         self._failure: asyncio.Future | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.reason: BaseException | None = None  # why the watch cancelled the task
+        self._armed = 0  # which receive is armed (they all run in the same task)
 
     async def receive(self, awaitable, failure: asyncio.Future | None):
         """``await awaitable``, raising instead ``failure``'s error if it
@@ -32,9 +33,8 @@ class ReceiveWatch:
             return await awaitable
         except asyncio.CancelledError:
             reason = self.reason
-            if reason is None:
-                raise
-            task.uncancel()
+            if reason is None or task.uncancel() > 0:
+                raise  # the user's cancel (alone, or with ours): it stays a cancel
             raise reason from None
         finally:
             self.disarm()
@@ -42,6 +42,7 @@ class ReceiveWatch:
     def arm(self, task: asyncio.Task, failure: asyncio.Future | None) -> None:
         """Watch ``task``, now awaiting a receive, and ``failure`` (or None)."""
         self._task, self._failure, self.reason = task, failure, None
+        self._armed += 1  # an interrupt queued for an earlier receive must not hit this one
         if failure is not None:
             failure.add_done_callback(self._failed)
         if self._timer is None:
@@ -63,12 +64,12 @@ class ReceiveWatch:
         # this round has its receive's wake-up queued already, and it must
         # win (an ABORT says more than the broken channel that followed it).
         # By then that receive has returned and disarmed the watch.
-        asyncio.get_running_loop().call_soon(self._cancel, self._task, reason)
+        asyncio.get_running_loop().call_soon(self._cancel, self._armed, reason)
 
-    def _cancel(self, task, reason: BaseException) -> None:
-        if task is not None and task is self._task and self.reason is None:
+    def _cancel(self, armed: int, reason: BaseException) -> None:
+        if self._task is not None and armed == self._armed and self.reason is None:
             self.reason = reason
-            task.cancel()
+            self._task.cancel()
 
     def _failed(self, failure: asyncio.Future) -> None:
         if failure is self._failure and not failure.cancelled():

@@ -588,11 +588,12 @@ class Postcopy:
     After STATE, without a table, ``ranges`` announce pages the
     destination does not hold as they now are; at the one with ``last`` set
     it drops them all and resumes the guest (they come later, asked for or
-    in the background).  Before the pause (in precopy), without a table,
-    they are discarded ahead: pages the guest dirtied since the last pass,
-    which the destination discards at once and acknowledges, at the one
-    with ``last``, with APPLIED of the postcopy pass (the one after the
-    last pass); the switch announces them again with the rest.  With a
+    in the background).  Before the pause (in precopy, MISSING mode only),
+    without a table, they are discarded ahead: pages the guest dirtied
+    since the last pass, which the destination punches at once and
+    acknowledges, at the one with ``last``, with APPLIED of the postcopy
+    pass (the one after the last pass); only STATE may follow, and the
+    switch announces them again with the rest.  With a
     table, which follows, it holds per page of ``ranges`` in order the
     CRC-32 of its data and of its packed tags on the paused source, by
     which each page is checked as it lands.

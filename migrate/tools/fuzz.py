@@ -188,7 +188,7 @@ POSTCOPY_RANGES = [(3, 2), (300, 7), (700, 1)]
 
 def _capture_postcopy(host, checksum, strategy_name, batch, compression) -> Seed:
     """A postcopy migration: the bulk pass, pages discarded ahead (POSTCOPY
-    before the pause), the switch (STATE, POSTCOPY announcing the missing
+    before the pause, MISSING mode), the switch (STATE, POSTCOPY announcing the missing
     pages), then per batch its table and its pages, and the last PASS_END."""
     from migrate.engine.pages import split_batches
     from migrate.engine.postcopy import page_table
@@ -208,7 +208,8 @@ def _capture_postcopy(host, checksum, strategy_name, batch, compression) -> Seed
             out.append(_send(ctl, frame))
             sent += frame.npages
         out.append(_send(ctl, fr.PassEnd(0, sent)))
-        out.append(_send(ctl, fr.Postcopy(POSTCOPY_RANGES[1:2], b"", last=True)))  # discarded ahead
+        if strategy.postcopy_mode == "missing":  # discarded ahead
+            out.append(_send(ctl, fr.Postcopy(POSTCOPY_RANGES[1:2], b"", last=True)))
         ctl.machine.local("pause")
         state = SourceVmm._collect_state(types.SimpleNamespace(host=host))
         out.append(_send(ctl, fr.State(state)))
@@ -794,13 +795,16 @@ class DestTarget:
             elif frame.type == T.PAGES:
                 if frame.pass_no <= pass_seen[0]:
                     raise ProtocolError(f"PAGES of pass {frame.pass_no} after that pass ended")
+                vmm._refuse_after_discard("PAGES")
                 applier.apply(frame)
             elif frame.type == T.PASS_END:
+                vmm._refuse_after_discard("PASS_END")
                 pass_seen[0] = frame.pass_no
             elif frame.type == T.STATE:
                 state = frame.state
                 vmm._load_state(state)
             elif frame.type == T.COMPLETE:
+                vmm._refuse_after_discard("COMPLETE")
                 missing = [c for c in range(1, hello.channels) if pass_seen.get(c, -1) < frame.final_pass]
                 if missing:
                     raise PeerTimeout(f"data channel {missing[0]} did not deliver the final pass")
@@ -886,10 +890,7 @@ class _Postcopy:
             elif self.pc is not None:
                 raise ProtocolError("POSTCOPY announced pages after the switch")
             elif not paused:  # discard ahead (no APPLIED: nobody reads it here)
-                if self.vmm.strategy.postcopy_mode is None:
-                    raise ProtocolError(f"strategy {self.vmm.strategy.name} cannot do postcopy")
-                self.vmm._ahead += frame.ranges
-                if frame.last:
+                if self.vmm._take_discard_ahead(frame):
                     self.vmm._discard_ahead_now()
             else:
                 self.announced += frame.ranges
@@ -914,8 +915,10 @@ class _Postcopy:
             raise ProtocolError(f"strategy {vmm.strategy.name} cannot do postcopy")
         if state is None:
             raise ProtocolError("POSTCOPY before STATE")
+        late = vmm._left_to_discard(self.announced)
+        vmm._discard(late)
         uffd = Userfaultfd(vmm.host.vm, vmm.strategy.postcopy_mode)
-        vmm._discard_at_switch(uffd, self.announced)
+        uffd.mark_missing(self.announced)
         vmm.host.vm.uffd = uffd
         self.pc = DestPostcopy(vmm.host, vmm.strategy, uffd, self.announced)
         vmm._channels.frozen = True
