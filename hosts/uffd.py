@@ -131,9 +131,18 @@ class Userfaultfd:
             raise KernelError("EINVAL", "UFFDIO_COPY takes whole pages")
         if tags is not None and len(tags) != npages * PACKED_TAGS_PER_PAGE:
             raise KernelError("EINVAL", "UFFDIO_COPY tags must cover the pages")
+        self._need_holes(page, npages, "UFFDIO_COPY")
         self._place(page, npages, "uffd_copy", data, tags)
 
+    def _need_holes(self, page: int, npages: int, call: str) -> None:
+        """UFFDIO_COPY and UFFDIO_ZEROPAGE allocate the page: on shmem the
+        kernel answers EEXIST when the memfd holds one there already (not
+        punched, or brought back by a read through a mapping)."""
+        if self.memory._missing(page, page + npages) != [(page, page + npages)]:
+            raise KernelError("EEXIST", f"{call}: the memfd holds that page (punch it first)")
+
     def zeropage(self, page: int, npages: int = 1) -> None:
+        self._need_holes(page, npages, "UFFDIO_ZEROPAGE")
         self._place(page, npages, "uffd_zeropage", bytes(npages * PAGE_SIZE), None)
 
     def continue_(self, page: int, npages: int = 1) -> None:

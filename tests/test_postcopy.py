@@ -47,6 +47,26 @@ def test_a_guest_access_to_a_missing_page_waits_for_it_and_raises_one_event():
     h.close()
 
 
+def test_uffdio_copy_needs_the_page_gone_from_the_memfd():
+    # As on shmem: UFFDIO_COPY allocates the page, so one the memfd still
+    # holds (written, only unmapped, or read back in through a mapping after
+    # the punch) is EEXIST -- what the discard ahead must never leave.
+    h = host()
+    h.memory.write(7 * PAGE_SIZE, DATA)
+    uffd = h.vm.uffd = Userfaultfd(h.vm, MISSING)
+    uffd.drop(7, 8)  # not present to the guest, but still in the memfd
+    with pytest.raises(KernelError, match="EEXIST"):
+        uffd.copy(7, DATA)
+    uffd.punch(7, 8)
+    _ = bytes(h.memory.data[7 * PAGE_SIZE : 8 * PAGE_SIZE])  # a read through the mapping brings a page back
+    with pytest.raises(KernelError, match="EEXIST"):
+        uffd.copy(7, DATA)
+    uffd.punch(7, 8)
+    uffd.copy(7, DATA)  # punched and left alone: placed
+    assert bytes(h.memory.data[7 * PAGE_SIZE : 7 * PAGE_SIZE + len(DATA)]) == DATA
+    h.close()
+
+
 def test_uffdio_copy_makes_a_page_live_without_its_tags_which_is_the_race():
     """What tag-ioctl does in postcopy: between UFFDIO_COPY and the tag
     ioctl the guest sees the page with tags cleared by its first access."""
