@@ -221,6 +221,28 @@ async def test_postcopy_with_atomic_placement_completes_validated_and_clean(name
         dst.close()
 
 
+async def test_postcopy_with_data_channels_discards_ahead_and_runs_clean():
+    # With data channels the last pass lands on several connections besides
+    # the control one that carries the discard ahead; every page punched
+    # must be fetched again and placed (a page landing after its punch
+    # would make UFFDIO_COPY fail with EEXIST), and the guest runs clean.
+    # (The source waits for APPLIED of the last pass before it discards
+    # ahead, so the destination's own wait for every channel is a second
+    # guard that this test cannot tell apart.)
+    src, dst = hot_set(), dest_for()
+    config = MigrationConfig(strategy="uffd-copy-tags", postcopy=True, postcopy_after_passes=0, channels=3).check()
+    sres, dres = await migrate(src, dst, config)
+    try:
+        assert sres["status"] == dres["status"] == "completed", (sres["error"], dres["error"])
+        assert sres["validation"]["ok"]
+        pc, dpc = sres["postcopy"], dres["postcopy"]
+        assert pc["pages_discarded_ahead"] > 0 and dpc["pages_verified"] == dpc["pages"] == pc["pages"]
+        assert dpc["guest_wrong_tag_accesses"] == 0
+    finally:
+        src.close()
+        dst.close()
+
+
 async def test_pages_the_guest_waits_for_overtake_a_slow_background_stream_on_the_fault_channel():
     src, dst = hot_set(), dest_for()
     # the background crawls (1 MB/s): the hot set's pages are asked for long before it gets there
