@@ -341,11 +341,15 @@ def test_the_markdown_row():
         "command": "mte-migrate speed --vs-qemu",
         "prealloc": True,
         "qemu": {"binary": "/usr/bin/qemu-system-aarch64", "version": "QEMU emulator version 10.0.2"},
+        "host_thp": {"anonymous": "madvise", "shmem": "never"},
         "image_offset_in_qemu": 2 * MiB,
         "summary": [vs_qemu_entry("random", 64 * MiB, pairs)],
     }
     text = vs_qemu_markdown(doc)
     assert "prealloc against prealloc" in text and "QEMU emulator version 10.0.2" in text
+    assert "anonymous memory `madvise`" in text and "QEMU's RAM is backed by transparent huge pages and ours" in text
+    doc["host_thp"] = {"anonymous": "madvise", "shmem": "within_size"}  # both backed: no warning
+    assert "shmem `within_size`" in vs_qemu_markdown(doc) and "ours is not" not in vs_qemu_markdown(doc)
     assert "| image | QEMU ms | mte-migrate ms | ratio | QEMU CPU s src+dst | ours CPU s src+dst |" in text
     assert (
         "| random 64 MiB | 102 (101–103) | 204 (202–206) | 2.00 (2.00–2.00) | 0.10 + 0.20 = 0.30 (0.30–0.30) | "
@@ -392,3 +396,13 @@ def test_a_real_qemu_migrates_a_64_mib_guest_and_cleans_up(tmp_path, monkeypatch
     assert r["total_ms"] > 0 and r["downtime_ms"] >= 0 and r["cpu_src"] >= 0 and r["cpu_dst"] > 0
     assert made and not any(os.path.exists(d) for d in made)  # sockets and logs removed
     assert len(procs) >= 2 and all(p.poll() is not None for p in procs)  # both QEMUs gone
+
+
+def test_the_host_huge_page_modes_are_read_from_sysfs(tmp_path):
+    from migrate.tools.speed import thp_settings
+
+    (tmp_path / "enabled").write_text("always [madvise] never\n")
+    (tmp_path / "shmem_enabled").write_text("always within_size advise [never] deny force\n")
+    assert thp_settings(str(tmp_path)) == {"anonymous": "madvise", "shmem": "never"}
+    (tmp_path / "shmem_enabled").unlink()
+    assert thp_settings(str(tmp_path)) == {"anonymous": "madvise", "shmem": None}

@@ -255,12 +255,46 @@ def run_vs_qemu(
         "command": command,
         "prealloc": prealloc,
         "qemu": {"binary": path, "version": version_line},
+        "host_thp": thp_settings(),
         "image_offset_in_qemu": IMAGE_OFFSET,
         "summary": [vs_qemu_entry(k, size, ps) for (k, size), ps in pairs.items()],
         "runs": {f"{k}-{size}": ps for (k, size), ps in pairs.items()},
     }
     _write(doc, out_dir)
     return doc
+
+
+def thp_settings(root: str = "/sys/kernel/mm/transparent_hugepage") -> dict:
+    """The host's transparent huge page modes (the bracketed choice of each
+    file), None where unreadable: ``anonymous`` covers QEMU's guest RAM
+    (anonymous memory it madvises for huge pages), ``shmem`` our memfd."""
+    out = {}
+    for key, name in (("anonymous", "enabled"), ("shmem", "shmem_enabled")):
+        try:
+            with open(os.path.join(root, name)) as f:
+                text = f.read()
+        except OSError:
+            out[key] = None
+            continue
+        chosen = [w[1:-1] for w in text.split() if w.startswith("[") and w.endswith("]")]
+        out[key] = chosen[0] if chosen else None
+    return out
+
+
+def _thp_line(thp: dict | None) -> str | None:
+    if not thp:
+        return None
+    anon, shmem = thp.get("anonymous"), thp.get("shmem")
+    line = (
+        f"Huge pages on this host: anonymous memory `{anon}` (QEMU's guest RAM, which it madvises for huge "
+        f"pages), shmem `{shmem}` (mte-migrate's guest RAM, a memfd)"
+    )
+    if anon in ("always", "madvise") and shmem in ("never", "deny", "advise", None):
+        line += (
+            ": QEMU's RAM is backed by transparent huge pages and ours is not, so our destination allocates "
+            "its RAM a 4 KiB page at a time (see docs/BENCHMARKING.md)"
+        )
+    return line + "."
 
 
 def _cpu(r: dict) -> float | None:
@@ -338,6 +372,7 @@ def vs_qemu_markdown(doc: dict) -> str:
         f"QEMU: {doc['qemu']['version']} (`{doc['qemu']['binary']}`), `-M virt,mte=on -cpu max -accel tcg -S`, "
         "max-bandwidth 100 GiB/s; its own total-time and downtime.",
         "",
+        *((line, "") if (line := _thp_line(doc.get("host_thp"))) else ()),
         "Both migrate the same image file: mte-migrate's guest RAM is the image, QEMU's is the image plus "
         f"{doc['image_offset_in_qemu'] >> 20} MiB below it (the image loaded at RAM + 2 MiB, over the device tree's "
         "MiB); QEMU also migrates its two 64 MiB flash devices and the MTE tag storage (`QEMU RAM MiB`), "
