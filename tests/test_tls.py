@@ -147,23 +147,15 @@ def test_plain_send_parts_gathers_and_survives_partial_sends():
     assert asyncio.run(go()) == want
 
 
-def test_blocking_frames_over_tls_return_every_record_read_in_one_go(pki):
-    # The fault channel's thread polls the socket: records already read
-    # from it, but not decrypted yet, must all come out of the one read the
-    # poll woke it for -- the socket has nothing left to wake it again.
-    import os
-    import select
-
-    from migrate.net.blocking import BlockingFrames
+def _tls_socket_pair(pki, *parts):
+    """A connected socket pair with mutual TLS up (source end, destination
+    end), the source having sent ``parts`` (bytes) through it; returns the
+    source socket, the destination socket and its TlsIO."""
     from migrate.net.tls import TlsConfig, TlsIO
-    from migrate.protocol import frames as fr
-    from tests.test_blocking import pages, receiving_pair
 
     good = pki[0]
     cfg = TlsConfig(good["source"][0], good["source"][1], good["ca"])
     dcfg = TlsConfig(good["dest"][0], good["dest"][1], good["ca"])
-    src, dst = receiving_pair()
-    sent = [(i, os.urandom(fr.PAGE_SIZE)) for i in range(40)]  # ~160 KiB: one RECORD_READ
 
     async def go():
         a, b = socket.socketpair()
@@ -173,11 +165,27 @@ def test_blocking_frames_over_tls_return_every_record_read_in_one_go(pki):
         client = TlsIO(loop, a, cfg.context(False), server_side=False)
         server = TlsIO(loop, b, dcfg.context(True), server_side=True)
         await asyncio.gather(client.handshake(), server.handshake())
-        for first, data in sent:
-            await client.send_parts(src.send(pages(first, data)))
+        for part in parts:
+            await client.send_parts([part])
         return a, b, server
 
-    a, b, server = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_blocking_frames_over_tls_return_every_record_read_in_one_go(pki):
+    # The fault channel's thread polls the socket: records already read
+    # from it, but not decrypted yet, must all come out of the one read the
+    # poll woke it for -- the socket has nothing left to wake it again.
+    import os
+    import select
+
+    from migrate.net.blocking import BlockingFrames
+    from migrate.protocol import frames as fr
+    from tests.test_blocking import pages, receiving_pair, wire
+
+    src, dst = receiving_pair()
+    sent = [(i, os.urandom(fr.PAGE_SIZE)) for i in range(40)]  # ~160 KiB: one RECORD_READ
+    a, b, server = _tls_socket_pair(pki, *(wire(src.send(pages(first, data))) for first, data in sent))
     frames = BlockingFrames(b, dst, server, timeout=5)
     assert select.select([b], [], [], 2)[0]
     got = [(f.ranges[0][0], bytes(f.data)) for f in frames.frames()]
@@ -194,32 +202,18 @@ def test_blocking_frames_over_tls_name_a_peer_gone_without_close_notify(pki):
 
     from migrate.errors import TransportError
     from migrate.net.blocking import BlockingFrames
-    from migrate.net.tls import TlsConfig, TlsIO
     from migrate.protocol import frames as fr
-    from tests.test_blocking import pages, receiving_pair
+    from tests.test_blocking import pages, receiving_pair, wire
 
-    good = pki[0]
-    cfg = TlsConfig(good["source"][0], good["source"][1], good["ca"])
-    dcfg = TlsConfig(good["dest"][0], good["dest"][1], good["ca"])
     src, dst = receiving_pair()
-
-    async def go():
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.setblocking(False)
-        loop = asyncio.get_running_loop()
-        client = TlsIO(loop, a, cfg.context(False), server_side=False)
-        server = TlsIO(loop, b, dcfg.context(True), server_side=True)
-        await asyncio.gather(client.handshake(), server.handshake())
-        whole = b"".join(bytes(x) for x in src.send(pages(0, os.urandom(fr.PAGE_SIZE))))
-        await client.send_parts([whole, whole[:100]])  # a whole frame, then a piece of the next
-        return a, b, server
-
-    a, b, server = asyncio.run(go())
+    whole = wire(src.send(pages(0, os.urandom(fr.PAGE_SIZE))))
+    a, b, server = _tls_socket_pair(pki, whole, whole[:100])  # a whole frame, then a piece of the next
     a.shutdown(socket.SHUT_WR)  # the end of the stream, no close_notify
     frames = BlockingFrames(b, dst, server, timeout=5)
     got = []
-    with pytest.raises(TransportError, match=r"peer closed the connection inside a frame \(100 bytes of it\)"):
+    with pytest.raises(
+        TransportError, match=rf"peer closed the connection inside a frame \(100 of {len(whole)} bytes\)"
+    ):
         for _ in range(3):
             select.select([b], [], [], 1)
             got += [f.ranges for f in frames.frames()]

@@ -23,7 +23,7 @@ from migrate.engine.dest_channels import DataChannels
 from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, state_digest
 from migrate.engine.handshake import authenticate, hello_mismatch
 from migrate.engine.pages import BatchApplier, BatchStats
-from migrate.engine.postcopy import BACKGROUND_BACKLOG, DestFaultChannel, DestPostcopy
+from migrate.engine.postcopy import BACKGROUND_BACKLOG, DestFaultChannel, DestPostcopy, announcements
 from migrate.engine.postcopy_recovery import NOT_RESUMED, DestPostcopyHold, PostcopyLost
 from migrate.engine.progress import Progress
 from migrate.engine.recovery import DestRecovery
@@ -51,11 +51,6 @@ from migrate.strategies import STRATEGIES
 
 log = logging.getLogger("migrate.engine.dest")
 T = fr.FrameType
-
-
-def _groups(ranges, size: int):
-    for i in range(0, len(ranges), size):
-        yield ranges[i : i + size]
 
 
 def _ms(seconds: float) -> float:
@@ -513,9 +508,8 @@ class DestVmm:
         chan.timeout = self.config.timeout_s
         missing = pc.missing()
         async with self._send_lock:
-            groups = list(_groups(missing, fr.Postcopy.MAX_RANGES)) or [[]]
-            for i, group in enumerate(groups):
-                await chan.send(fr.Postcopy(group, b"", last=i == len(groups) - 1))
+            for frame in announcements(missing, self.host.memory.npages):
+                await chan.send(frame)
             await chan.send(self._switch_confirm)
 
     async def _end_postcopy(self, frame) -> None:

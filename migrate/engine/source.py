@@ -368,8 +368,7 @@ class SourceVmm:
         self._paused_here = True
         self.machine.local("pause")
         self._peer.stop()  # the postcopy reader takes the control connection's replies
-        missing = union(self._dirty, self._dirty_log.harvest())
-        missing = union(missing, union(self._tags_only, self._dirty_log.harvest_tags_only(missing)))
+        missing = self._postcopy_pages()
         ranges = [(a, b - a) for a, b in runs(missing, 1)]  # (first page, count)
         self._state = self._collect_state()
         await self._chan.send(fr.State(self._state))
@@ -411,6 +410,12 @@ class SourceVmm:
         self.result["status"] = "completed"
         self.result["guest_on"] = "destination"
 
+    def _postcopy_pages(self) -> bytes:
+        """1 per page postcopy must send: known dirty, dirtied since (the
+        log harvested), or with tags alone changed."""
+        dirty = union(self._dirty, self._dirty_log.harvest())
+        return union(dirty, union(self._tags_only, self._dirty_log.harvest_tags_only(dirty)))
+
     async def _discard_ahead(self) -> None:
         """MISSING mode, while the guest still runs here: announce the pages it dirtied
         since the last pass (POSTCOPY without a table, in precopy), and wait
@@ -422,8 +427,7 @@ class SourceVmm:
         if self.strategy.postcopy_mode != "missing":
             return  # MINOR mode unmaps at the switch, after the destination's digest (see dest._discard_ahead)
         t = time.perf_counter()
-        dirty = union(self._dirty, self._dirty_log.harvest())
-        self._dirty = union(dirty, union(self._tags_only, self._dirty_log.harvest_tags_only(dirty)))
+        self._dirty = self._postcopy_pages()
         ranges = [(a, b - a) for a, b in runs(self._dirty, 1)]
         for frame in announcements(ranges, self.host.memory.npages):
             await self._chan.send(frame)

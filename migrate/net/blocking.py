@@ -10,7 +10,7 @@ call per iteration).  Here a fault costs one ``poll`` for the event, one
 ``sendmsg`` for the REQUEST, one ``poll`` and one read for the answer."""
 
 from migrate.errors import PeerTimeout, TransportError
-from migrate.net.transport import BUFFER_SIZE
+from migrate.net.transport import BUFFER_SIZE, peer_closed
 from migrate.protocol import frames as fr
 
 
@@ -70,8 +70,7 @@ class BlockingFrames:
             return False
         if n == 0:
             got = self._end - self._start
-            where = "between frames" if got == 0 else f"inside a frame ({got} bytes of it)"
-            raise TransportError(f"peer closed the connection {where}")
+            raise peer_closed(got, got + self._need())
         self._end += n
         self.bytes_received += n
         return True

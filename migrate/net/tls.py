@@ -67,11 +67,18 @@ def send_blocking(sock, buffers, timeout: float, stop_fd: int | None = None) -> 
             if stop_fd is not None and any(fd == stop_fd for fd, _ in ready):
                 raise InterruptedError("told to stop while sending") from None
             continue
-        while n and n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        if n:
-            views[i] = views[i][n:]
+        i = advance(views, i, n)
+
+
+def advance(views: list, i: int, n: int) -> int:
+    """After a gathered send of ``n`` bytes from ``views[i:]``: the index of
+    the first view not wholly sent, that view trimmed to what is left."""
+    while n and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    if n:
+        views[i] = views[i][n:]
+    return i
 
 
 class PlainIO:
@@ -93,11 +100,7 @@ class PlainIO:
             except (BlockingIOError, InterruptedError):
                 await self._writable()
                 continue
-            while n and n >= len(views[i]):
-                n -= len(views[i])
-                i += 1
-            if n:
-                views[i] = views[i][n:]
+            i = advance(views, i, n)
 
     async def _writable(self) -> None:
         fut = self.loop.create_future()

@@ -86,9 +86,7 @@ class FrameChannel:
             except (ConnectionError, OSError) as exc:
                 raise TransportError(f"connection lost: {exc.strerror or exc}") from None
             if n == 0:
-                got = self._end - self._start
-                where = "between frames" if got == 0 else f"inside a frame ({got} of {need} bytes)"
-                raise TransportError(f"peer closed the connection {where}")
+                raise peer_closed(self._end - self._start, need)
             self._end += n
             self.bytes_received += n
             self.last_activity = time.monotonic()
@@ -234,6 +232,12 @@ class FrameChannel:
             for end in self._pipe:
                 os.close(end)
             self._pipe = None
+
+
+def peer_closed(got: int, need: int) -> TransportError:
+    """The peer closed its end with ``got`` bytes of a ``need``-byte frame here."""
+    where = "between frames" if got == 0 else f"inside a frame ({got} of {need} bytes)"
+    return TransportError(f"peer closed the connection {where}")
 
 
 def parse_address(text: str, what: str = "address") -> tuple[str, int]:
