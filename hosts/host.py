@@ -25,10 +25,11 @@ class SimulatedHost(Host):
         seed: int = 1,
         device_prot_mte: bool = False,
         memslot_sizes: list[int] | None = None,
+        huge_pages: bool = False,
     ):
         self.kind = "sim"
         self.kernel = Kernel()
-        self.vm = self.kernel.create_vm(ram_size, memslot_sizes)
+        self.vm = self.kernel.create_vm(ram_size, memslot_sizes, huge_pages)
         if mte:
             self.vm.enable_mte()  # before any vCPU exists, as KVM requires
         self.vmm_dirty = VmmDirtyTracker(self.vm.memory.npages)

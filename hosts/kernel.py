@@ -96,16 +96,16 @@ class Kernel:
     def __init__(self):
         self.counters = Counters()
 
-    def create_vm(self, ram_size: int, memslot_sizes: list[int] | None = None) -> "Vm":
+    def create_vm(self, ram_size: int, memslot_sizes: list[int] | None = None, huge_pages: bool = False) -> "Vm":
         self.counters.add("syscalls.kvm_create_vm")
-        return Vm(self, ram_size, memslot_sizes)
+        return Vm(self, ram_size, memslot_sizes, huge_pages)
 
 
 class Vm:
-    def __init__(self, kernel: Kernel, ram_size: int, memslot_sizes: list[int] | None = None):
+    def __init__(self, kernel: Kernel, ram_size: int, memslot_sizes: list[int] | None = None, huge_pages: bool = False):
         self.kernel = kernel
         self.counters = kernel.counters
-        self.memory = GuestMemory(ram_size)
+        self.memory = GuestMemory(ram_size, huge_pages=huge_pages)
         self.mte_enabled = False
         self.vcpu_count = 0
         # The MMU lock orders guest stores + dirty marking against dirty-log

@@ -13,6 +13,7 @@ import os
 import threading
 
 from .constants import GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
+from .hugemem import huge_page_file, small_pages
 from .tags import all_zero
 
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
@@ -60,12 +61,20 @@ def _address_of(mapping: mmap.mmap) -> int:
 
 
 class GuestMemory:
-    def __init__(self, size: int, name: str = "guest-ram"):
+    def __init__(self, size: int, name: str = "guest-ram", huge_pages: bool = False):
+        """``huge_pages``: back RAM with a tmpfs file that takes its pages
+        2 MiB at a time (hugemem.py) if this host can, a memfd otherwise.
+        Writing one 4 KiB page then populates its whole 2 MiB, so the page
+        ranges below come in 2 MiB steps: no use to userfaultfd, which
+        needs a hole for each missing 4 KiB page."""
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"guest RAM size must be a positive multiple of {PAGE_SIZE}, got {size}")
         self.size = size
         self.npages = size // PAGE_SIZE
-        self._data_fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd, self._mount_fd, why = huge_page_file(size) if huge_pages else (None, None, "not asked for")
+        #: "huge" (2 MiB pages) or "4k"; ``backing_note`` says how, or why not huge
+        self.backing, self.backing_note = ("huge", why) if fd is not None else ("4k", why)
+        self._data_fd = fd if fd is not None else os.memfd_create(name, os.MFD_CLOEXEC)
         self._tags_fd = os.memfd_create(name + "-tags", os.MFD_CLOEXEC)
         os.ftruncate(self._data_fd, size)
         os.ftruncate(self._tags_fd, self.npages * PACKED_TAGS_PER_PAGE)
@@ -85,6 +94,21 @@ class GuestMemory:
         self.tags = memoryview(self._tags_map)
         #: PG_mte_tagged, one byte per page (0 or 1)
         self.tagged = bytearray(self.npages)
+
+    def use_small_pages(self) -> str | None:
+        """Switch RAM on huge pages to 4 KiB pages, for postcopy: possible
+        while nothing was stored yet.  None when done (or nothing to do),
+        else why not."""
+        if self.backing != "huge":
+            return None
+        if self.next_data(0) < self.npages or self._prefaulted.find(1) >= 0:
+            return "pages are already stored on huge pages"
+        try:
+            small_pages(self._mount_fd)
+        except OSError as exc:
+            return f"the mount could not be switched: {exc.strerror or exc}"
+        self.backing, self.backing_note = "4k", "huge pages turned off for postcopy"
+        return None
 
     # -- which pages exist -------------------------------------------------
     def populated_ranges(self, first_page: int = 0, end_page: int | None = None) -> list[tuple[int, int]]:
@@ -354,3 +378,6 @@ class GuestMemory:
                 pass
         os.close(self._data_fd)
         os.close(self._tags_fd)
+        if self._mount_fd is not None:
+            os.close(self._mount_fd)
+            self._mount_fd = None

@@ -138,6 +138,7 @@ FLAGS = [
     (["--fill", "0.3"], "fill", 0.3),
     (["--image", "disk.img"], "image", "disk.img"),
     (["--image-repeat"], "image_repeat", True),
+    (["--huge-pages", "off"], "huge_pages", "off"),
     (["--strategy", "prot-mte"], "strategy", "prot-mte"),
     (["--compression", "3"], "compression", "3"),
     (["--max-bandwidth", "125M"], "max_bandwidth", 125_000_000),

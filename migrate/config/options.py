@@ -425,6 +425,22 @@ OPTIONS = (
     ),
     Option("image_offset", SIZE, 0, "where in guest RAM the image starts", section="guest"),
     Option("image_repeat", BOOL, False, "repeat the image to fill RAM", section="guest", switch=("--image-repeat",)),
+    Option(
+        "huge_pages",
+        choice("auto", "on", "off", true="on", false="off"),
+        "auto",
+        "destination's guest RAM on 2 MiB pages: auto (when it can and postcopy is off), on, off",
+        "The destination's guest RAM in a tmpfs file of its own that takes huge (2 MiB) pages, as QEMU's "
+        "RAM gets them with transparent huge pages: far fewer page allocations as pages land, and a far "
+        "cheaper free. `auto` (the default) uses them on the simulated host when the host can give them "
+        "(a private tmpfs mount: root, or an unprivileged user namespace) and `postcopy` is off; `on` stops "
+        "with one line when it cannot; `off` keeps a memfd of 4 KiB pages. Postcopy needs 4 KiB pages: "
+        "userfaultfd finds a missing page by its hole in the file, and a destination on huge pages refuses "
+        "a source that asks for postcopy (start it with `--postcopy` or `--huge-pages off`). A guest that "
+        "touched scattered 4 KiB pages costs up to 2 MiB each at the destination.",
+        section="guest",
+        flags=("--huge-pages",),
+    ),
     # -- migration --------------------------------------------------------------------------
     Option(
         "strategy",

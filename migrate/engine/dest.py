@@ -200,6 +200,14 @@ class DestVmm:
         """HELLO must match this host, AUTH must prove the key; then pages may land."""
         hello = await self.chan.recv()
         mismatch = hello_mismatch(hello, self.host, self.required_strategy, self.expect_uuid)
+        if not mismatch and hello.postcopy:
+            # userfaultfd finds a missing page by its 4 KiB hole
+            why_not = self.host.memory.use_small_pages()
+            if why_not:
+                mismatch = (
+                    f"the source may switch to postcopy, which needs 4 KiB pages, and this destination's "
+                    f"guest RAM is on huge pages ({why_not}); start it with --postcopy or --huge-pages off"
+                )
         if mismatch:
             await self.chan.send(fr.Error("mismatch", mismatch))
             raise HandshakeMismatch(mismatch)

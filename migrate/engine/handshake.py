@@ -59,6 +59,7 @@ def _hello(host, config, strategy, session: str, nonce: bytes) -> fr.Hello:
         channels=config.channels,
         session=session,
         nonce=nonce,
+        postcopy=config.postcopy,
     )
 
 

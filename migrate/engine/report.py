@@ -39,6 +39,7 @@ def empty_result(scenario: str, strategy: str) -> dict:
             "normal_bytes": 0,
             "mbps": 0.0,
             "dirty_pages_rate": 0.0,
+            "backing": None,
         },
         "tags": {"tagged_pages": 0, "raw_bytes": 0, "wire_bytes": 0},
         "wire": {"bytes_sent": 0, "bytes_received": 0, "data_bytes": 0, "tag_bytes": 0, "compression": None},

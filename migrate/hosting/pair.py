@@ -93,6 +93,7 @@ def run_pair(
                 )
             }
             result["destination"]["spliced_bytes"] = (dresult.get("ram") or {}).get("spliced_bytes")
+            result["destination"]["ram_backing"] = (dresult.get("ram") or {}).get("backing")
             result["counters"] = {**result.get("counters", {}), **dresult.get("counters", {})}
             if dresult.get("postcopy"):  # what only the destination sees: faults, latencies, the guest's checks
                 result["postcopy"] = {**(result.get("postcopy") or {}), **dresult["postcopy"]}

@@ -26,10 +26,26 @@ from migrate.strategies import STRATEGIES
 GUEST_REPORT_WAIT_S = 60.0
 
 
-def build_host(guest: GuestSpec, strategy: str, role: str) -> Host:
+def _huge_pages(guest: GuestSpec, role: str, postcopy: bool) -> bool:
+    """Whether this side's guest RAM goes on huge pages (the huge_pages
+    option): only a destination's, whose pages all arrive fresh."""
+    if role != "destination" or guest.huge_pages == "off":
+        return False
+    if guest.huge_pages == "auto":
+        return guest.host == "sim" and not postcopy
+    if guest.host != "sim":
+        raise ConfigError("--huge-pages on: only the simulated host can (the kvm backend maps memfds)")
+    if postcopy:
+        raise ConfigError("--huge-pages on cannot go with --postcopy: userfaultfd needs 4 KiB pages")
+    return True
+
+
+def build_host(guest: GuestSpec, strategy: str, role: str, postcopy: bool = False) -> Host:
     """The source boots and fills its guest; the destination only creates an
-    empty VM of the same shape (MTE enabled before its vCPUs, as KVM requires)."""
+    empty VM of the same shape (MTE enabled before its vCPUs, as KVM requires).
+    ``postcopy``: this migration may switch to postcopy (its config says so)."""
     prot_mte = STRATEGIES[strategy].vmm_prot_mte if strategy in STRATEGIES else False
+    huge = _huge_pages(guest, role, postcopy)
     try:
         host = make_host(
             guest.host,
@@ -41,11 +57,15 @@ def build_host(guest: GuestSpec, strategy: str, role: str) -> Host:
             rate=guest.rate,
             seed=guest.seed,
             device_prot_mte=prot_mte,
+            **({"huge_pages": True} if huge else {}),
         )
     except HostUnavailable as exc:
         raise ConfigError(f"--host {guest.host}: {exc}") from None
     except (ValueError, OSError) as exc:
         raise ConfigError(f"cannot create the {role} guest: {one_line(exc)}") from None
+    if huge and guest.huge_pages == "on" and host.memory.backing != "huge":
+        host.close()
+        raise ConfigError(f"--huge-pages on: {host.memory.backing_note}")
     if role == "source":
         if guest.image:
             try:
@@ -147,7 +167,7 @@ def run_source(
     if retry < 0:
         raise ConfigError("--retry must be 0 or more")
     t0 = time.perf_counter()
-    host = build_host(guest, config.strategy, "source")
+    host = build_host(guest, config.strategy, "source", config.postcopy)
     gc.freeze()  # see _settle_heap
     prepare_ms = (time.perf_counter() - t0) * 1000
     progress = Progress(False if quiet else None)
@@ -210,6 +230,7 @@ def run_source(
     result["attempts"] = attempts
     result["guest_prepare_ms"] = round(prepare_ms, 3)
     result["guest_populated_bytes"] = populated
+    result["ram"]["backing"] = host.memory.backing
     result["peak_rss_bytes"] = _peak_rss()
     _prefix_counters(result, "source")
     if json_path:
@@ -254,7 +275,7 @@ def run_dest(
 
     def new_vm():
         """A fresh, empty VM; with --prealloc its RAM allocated now."""
-        vm_host = build_host(guest, strategy or config.strategy, "destination")
+        vm_host = build_host(guest, strategy or config.strategy, "destination", config.postcopy)
         t = time.perf_counter()
         if config.prealloc:
             vm_host.memory.prefault(0, vm_host.memory.npages)
@@ -298,6 +319,7 @@ def run_dest(
                 # the guest's RAM (0.1-0.2 s a GiB of page freeing) is kept
                 # out of process_s, as QEMU's CPU is read while it still runs.
                 cpu.apart(host.close)
+            result["ram"]["backing"] = host.memory.backing
             history.append({"attempt": n + 1, "status": result["status"], "error": result["error"]})
             if result["status"] in ("completed", "cancelled"):
                 break

@@ -36,7 +36,7 @@ from migrate.checksum import crc32
 from migrate.errors import ProtocolError
 
 #: bumped whenever a frame changes shape; both sides must agree (HELLO)
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 MAGIC = b"MT"
 HEADER = struct.Struct("<2sBBIII")
 HEADER_SIZE = HEADER.size
@@ -152,6 +152,7 @@ class Hello:
     channels: int = 1
     session: str = ""
     nonce: bytes = b""
+    postcopy: bool = False  # the source may switch to postcopy: the destination needs 4 KiB pages
     type = FrameType.HELLO
     MAX_CHANNELS = 16
 
@@ -170,6 +171,7 @@ class Hello:
             "channels": self.channels,
             "session": self.session,
             "nonce": self.nonce,
+            "postcopy": self.postcopy,
         }
 
     @classmethod
@@ -189,6 +191,7 @@ class Hello:
             _channels(m, f),
             _field(m, "session", str, f)[:64],
             _nonce(m, f),
+            _field(m, "postcopy", bool, f),
         )
 
 

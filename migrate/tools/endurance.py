@@ -41,7 +41,7 @@ def worker(spec_path: str, role: str, hops: int, peer_port_file: str) -> int:
     peer_port = int(sys.stdin.readline())
     host = None
     if role == "a":
-        host = build_host(guest, config.strategy, "source")
+        host = build_host(guest, config.strategy, "source", config.postcopy)
         host.vcpus.start()
     try:
         for hop in range(hops):
@@ -53,7 +53,7 @@ def worker(spec_path: str, role: str, hops: int, peer_port_file: str) -> int:
                     host.close()  # the guest lives on the other host now
                     host = None
             else:
-                host = build_host(guest, config.strategy, "destination")
+                host = build_host(guest, config.strategy, "destination", config.postcopy)
                 result = asyncio.run(DestVmm(host, config, scenario).serve(listener))
             print(
                 json.dumps(
