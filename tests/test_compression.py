@@ -202,3 +202,18 @@ def test_decompressor_output_is_bounded_by_expected():
     assert zstandard.frame_content_size(bytes(big)) == 4096
     with pytest.raises(ProtocolError, match="does not decompress"):
         Decompressor().decompress(bytes(big), 4096, "page data")
+
+
+def test_raw_over_a_fast_link_only_when_measured_fast_and_not_compressing():
+    c = Compressor("auto")
+    assert not c.raw_over_fast_link()  # nothing measured
+    c.observe_link(1 << 20, (1 << 20) / 3e9)
+    assert c.raw_over_fast_link()
+    c._compressing = True  # auto's last decision: compress
+    assert not c.raw_over_fast_link()
+    capped = Compressor("none", link_cap=125e6)  # --max-bandwidth below the link
+    capped.observe_link(1 << 20, (1 << 20) / 3e9)
+    assert not capped.raw_over_fast_link()
+    level = Compressor("3")
+    level.observe_link(1 << 20, (1 << 20) / 3e9)
+    assert not level.raw_over_fast_link()  # a forced level compresses zero pages to nothing anyway

@@ -796,3 +796,41 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_p
     (got,) = link.conn.feed(wire_of(frame))
     link.applier.apply(got)
     assert bytes(dst.memory.data[: CHUNK * PAGE]) == chunk_bytes
+
+
+@pytest.mark.parametrize(
+    "zero_every, link_rate, whole",
+    [
+        (4, 3e9, True),  # the mixed image over loopback: the chunk goes whole
+        (4, 1e9, False),  # a link slower than the destination lands pages: zero pages stay flags
+        (4, None, False),  # no link measured yet
+        (2, 3e9, True),  # half zero pages: still whole
+        (1, 3e9, False),  # every page zero: no data at all
+    ],
+)
+def test_few_zero_pages_go_as_data_over_a_fast_link_so_the_chunk_lands_whole(blank_pair, zero_every, link_rate, whole):
+    src, dst = blank_pair
+    zeros = [p for p in range(CHUNK) if p % zero_every == 0]
+    for p in range(CHUNK):
+        if p % zero_every:
+            write(src, p, bytes([p % 251 + 1]) * PAGE)
+    write(src, 0, bytes(PAGE))  # page 0 holds data in no case; populated, so the chunk is read
+    link = checked_link(src, dst)
+    link.compressor.mode = "auto"
+    link.compressor._measure(bytes(64 << 10))  # an estimate, as auto takes before deciding
+    if link_rate is not None:
+        link.compressor.observe_link(1 << 20, (1 << 20) / link_rate)
+    frame, stats = link.builder.build(0, [(0, CHUNK)])
+    if whole:
+        assert frame.flags == bytes(CHUNK) and len(frame.data) == CHUNK * PAGE  # every page as data
+        assert stats.zero_pages == 0 and stats.zero_pages_as_data == len(zeros) and stats.normal_pages == CHUNK
+        assert link.applier.placement(
+            {"ranges": frame.ranges, "data_compressed": False, "dcrc": frame.dcrc, "flags": frame.flags},
+            len(frame.data),
+        ) == (dst.memory.data_fd, 0)  # spliced whole on a real link
+    else:
+        assert stats.zero_pages == len(zeros) and stats.zero_pages_as_data == 0
+        assert frame.flags.count(fr.PAGE_ZERO) == len(zeros)
+    (got,) = link.conn.feed(wire_of(frame))
+    link.applier.apply(got)
+    assert same_guest(src, dst) == (True, True)
