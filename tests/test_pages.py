@@ -808,7 +808,7 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_p
         (1, 3e9, False),  # every page zero: no data at all
     ],
 )
-def test_few_zero_pages_go_as_data_over_a_fast_link_so_the_chunk_lands_whole(blank_pair, zero_every, link_rate, whole):
+def test_over_a_fast_link_a_chunk_with_few_zero_pages_goes_whole_unscanned(blank_pair, zero_every, link_rate, whole):
     src, dst = blank_pair
     zeros = [p for p in range(CHUNK) if p % zero_every == 0]
     for p in range(CHUNK):
@@ -823,13 +823,13 @@ def test_few_zero_pages_go_as_data_over_a_fast_link_so_the_chunk_lands_whole(bla
     frame, stats = link.builder.build(0, [(0, CHUNK)])
     if whole:
         assert frame.flags == bytes(CHUNK) and len(frame.data) == CHUNK * PAGE  # every page as data
-        assert stats.zero_pages == 0 and stats.zero_pages_as_data == len(zeros) and stats.normal_pages == CHUNK
+        assert stats.zero_pages == 0 and stats.unscanned_pages == CHUNK and stats.normal_pages == CHUNK
         assert link.applier.placement(
             {"ranges": frame.ranges, "data_compressed": False, "dcrc": frame.dcrc, "flags": frame.flags},
             len(frame.data),
         ) == (dst.memory.data_fd, 0)  # spliced whole on a real link
     else:
-        assert stats.zero_pages == len(zeros) and stats.zero_pages_as_data == 0
+        assert stats.zero_pages == len(zeros) and stats.unscanned_pages == 0
         assert frame.flags.count(fr.PAGE_ZERO) == len(zeros)
     (got,) = link.conn.feed(wire_of(frame))
     link.applier.apply(got)

@@ -35,7 +35,7 @@ def empty_result(scenario: str, strategy: str) -> dict:
             "transferred_bytes": 0,
             "remaining_bytes": 0,
             "zero_pages": 0,
-            "zero_pages_as_data": 0,
+            "unscanned_pages": 0,
             "normal_pages": 0,
             "normal_bytes": 0,
             "mbps": 0.0,

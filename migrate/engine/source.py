@@ -768,7 +768,7 @@ class SourceVmm:
         res["ram"].update(
             transferred_bytes=sent,
             zero_pages=s.zero_pages,
-            zero_pages_as_data=s.zero_pages_as_data,
+            unscanned_pages=s.unscanned_pages,
             normal_pages=s.normal_pages,
             normal_bytes=s.data_bytes,
             remaining_bytes=0 if res["status"] == "completed" else None,
