@@ -345,11 +345,14 @@ def test_the_markdown_row():
         "image_offset_in_qemu": 2 * MiB,
         "summary": [vs_qemu_entry("random", 64 * MiB, pairs)],
     }
+    doc["runs"] = {"random-67108864": [{**p, "ours": {**p["ours"], "dest_ram_backing": "4k"}} for p in pairs]}
     text = vs_qemu_markdown(doc)
     assert "prealloc against prealloc" in text and "QEMU emulator version 10.0.2" in text
-    assert "anonymous memory `madvise`" in text and "QEMU's RAM is backed by transparent huge pages and ours" in text
-    doc["host_thp"] = {"anonymous": "madvise", "shmem": "within_size"}  # both backed: no warning
-    assert "shmem `within_size`" in vs_qemu_markdown(doc) and "ours is not" not in vs_qemu_markdown(doc)
+    assert "anonymous memory `madvise`" in text and "destination RAM: 4k" in text
+    assert "QEMU's RAM is backed by transparent huge pages and, in some runs, ours was not" in text
+    doc["runs"] = {"random-67108864": [{**p, "ours": {**p["ours"], "dest_ram_backing": "huge"}} for p in pairs]}
+    both = vs_qemu_markdown(doc)  # both backed: no warning
+    assert "destination RAM: huge" in both and "ours was not" not in both
     assert "| image | QEMU ms | mte-migrate ms | ratio | QEMU CPU s src+dst | ours CPU s src+dst |" in text
     assert (
         "| random 64 MiB | 102 (101–103) | 204 (202–206) | 2.00 (2.00–2.00) | 0.10 + 0.20 = 0.30 (0.30–0.30) | "

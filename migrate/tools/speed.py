@@ -62,6 +62,7 @@ def _one(kind: str, size: int, config: MigrationConfig) -> dict:
         "cpu_src": (r.get("cpu") or {}).get("process_s"),
         "cpu_dst": (dest.get("cpu") or {}).get("process_s"),
         "protection": r["wire"].get("protection"),
+        "dest_ram_backing": dest.get("ram_backing"),
     }
 
 
@@ -281,20 +282,28 @@ def thp_settings(root: str = "/sys/kernel/mm/transparent_hugepage") -> dict:
     return out
 
 
-def _thp_line(thp: dict | None) -> str | None:
+def _thp_line(thp: dict | None, backings=()) -> str | None:
+    """The host's huge-page modes, and whether both destinations had huge
+    pages (``backings``: our destination's ``ram_backing`` in each run)."""
     if not thp:
         return None
     anon, shmem = thp.get("anonymous"), thp.get("shmem")
+    ours = sorted({b for b in backings if b})
     line = (
         f"Huge pages on this host: anonymous memory `{anon}` (QEMU's guest RAM, which it madvises for huge "
-        f"pages), shmem `{shmem}` (mte-migrate's guest RAM, a memfd)"
+        f"pages), shmem `{shmem}` (memfds); mte-migrate's destination RAM: {', '.join(ours) or 'not reported'} "
+        f"(`huge`: a tmpfs of its own with huge pages, see `--huge-pages`)"
     )
-    if anon in ("always", "madvise") and shmem in ("never", "deny", "advise", None):
+    if anon in ("always", "madvise") and "4k" in ours:
         line += (
-            ": QEMU's RAM is backed by transparent huge pages and ours is not, so our destination allocates "
-            "its RAM a 4 KiB page at a time (see docs/BENCHMARKING.md)"
+            ": QEMU's RAM is backed by transparent huge pages and, in some runs, ours was not, so our "
+            "destination allocated its RAM a 4 KiB page at a time (see docs/BENCHMARKING.md)"
         )
     return line + "."
+
+
+def _dest_backings(doc: dict) -> list:
+    return [pair["ours"].get("dest_ram_backing") for pairs in doc.get("runs", {}).values() for pair in pairs]
 
 
 def _cpu(r: dict) -> float | None:
@@ -372,7 +381,7 @@ def vs_qemu_markdown(doc: dict) -> str:
         f"QEMU: {doc['qemu']['version']} (`{doc['qemu']['binary']}`), `-M virt,mte=on -cpu max -accel tcg -S`, "
         "max-bandwidth 100 GiB/s; its own total-time and downtime.",
         "",
-        *((line, "") if (line := _thp_line(doc.get("host_thp"))) else ()),
+        *((line, "") if (line := _thp_line(doc.get("host_thp"), _dest_backings(doc))) else ()),
         "Both migrate the same image file: mte-migrate's guest RAM is the image, QEMU's is the image plus "
         f"{doc['image_offset_in_qemu'] >> 20} MiB below it (the image loaded at RAM + 2 MiB, over the device tree's "
         "MiB); QEMU also migrates its two 64 MiB flash devices and the MTE tag storage (`QEMU RAM MiB`), "
