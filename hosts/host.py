@@ -25,7 +25,7 @@ class SimulatedHost(Host):
         seed: int = 1,
         device_prot_mte: bool = False,
         memslot_sizes: list[int] | None = None,
-        huge_pages: bool = False,
+        huge_pages: bool | str = False,
     ):
         self.kind = "sim"
         self.kernel = Kernel()

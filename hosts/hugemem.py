@@ -9,9 +9,10 @@ madvises it.  The mount is never attached to a path: the new mount API
 is a file no one else can name, like a memfd.  The mount fd is kept: through
 it the mount can be told to take 4 KiB pages from then on (small_pages).
 
-Mounting needs CAP_SYS_ADMIN.  Without it, a short-lived child process
-enters a user and mount namespace of its own, mounts there and passes the
-file back over a socket (SCM_RIGHTS).  When neither works (an old kernel, no
+Mounting needs CAP_SYS_ADMIN.  Without it, a short-lived child process can
+enter a user and mount namespace of its own, mount there and pass the file
+back over a socket (SCM_RIGHTS); that mount cannot be switched to small
+pages afterwards (fspick needs the capability in our own namespace).  When neither works (an old kernel, no
 user namespaces, THP not built in), the caller gets None and uses a memfd.
 """
 
@@ -62,44 +63,58 @@ def _mount_and_open(size: int) -> tuple[int, int]:
         raise
 
 
-def _open_in_namespace(size: int) -> tuple[int, int]:
+def _open_in_namespace(size: int, wait_s: float = 10.0) -> tuple[int, int]:
     """As _mount_and_open, from a child in a user and mount namespace of its
     own (no privilege needed where user namespaces are allowed)."""
-    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    with parent_end, child_end:
-        pid = os.fork()
-        if pid == 0:  # the child: system calls only, then _exit
-            code = 1
-            try:
-                uid, gid = os.getuid(), os.getgid()
-                _check(_unshare(_CLONE_NEWUSER | _CLONE_NEWNS), "unshare")
-                # map ourselves, or the new file's owner has no id here (EOVERFLOW)
-                for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-                    with open(f"/proc/self/{name}", "w") as f:
-                        f.write(text)
-                socket.send_fds(child_end, [b"ok"], list(_mount_and_open(size)))
-                code = 0
-            except BaseException as exc:  # noqa: BLE001 -- report and leave, whatever it was
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with parent_end:
+        with child_end:
+            pid = os.fork()
+            if pid == 0:  # the child: system calls only, then _exit
+                code = 1
                 try:
-                    child_end.send(str(exc).encode()[:200])
-                except OSError:
-                    pass
-            finally:
-                os._exit(code)
+                    uid, gid = os.getuid(), os.getgid()
+                    _check(_unshare(_CLONE_NEWUSER | _CLONE_NEWNS), "unshare")
+                    # map ourselves, or the new file's owner has no id here (EOVERFLOW)
+                    for name, text in (
+                        ("setgroups", "deny"),
+                        ("uid_map", f"{uid} {uid} 1"),
+                        ("gid_map", f"{gid} {gid} 1"),
+                    ):
+                        with open(f"/proc/self/{name}", "w") as f:
+                            f.write(text)
+                    socket.send_fds(child_end, [b"ok"], list(_mount_and_open(size)))
+                    code = 0
+                except BaseException as exc:  # noqa: BLE001 -- report and leave, whatever it was
+                    try:
+                        child_end.send(str(exc).encode()[:200])
+                    except OSError:
+                        pass
+                finally:
+                    os._exit(code)
+        # child_end is closed here: a child that dies without a word ends the wait
         try:
-            msg, fds, _, _ = socket.recv_fds(parent_end, 256, 2)
+            parent_end.settimeout(wait_s)
+            msg, fds, _, _ = socket.recv_fds(parent_end, 256, 2, socket.MSG_CMSG_CLOEXEC)
+        except TimeoutError:
+            os.kill(pid, 9)
+            raise OSError("the namespace helper did not answer") from None
         finally:
             os.waitpid(pid, 0)
+        for fd in fds:
+            os.set_inheritable(fd, False)  # not every Python passes MSG_CMSG_CLOEXEC on
         if len(fds) != 2:
             for fd in fds:
                 os.close(fd)
-            raise OSError(msg.decode(errors="replace") or "the namespace helper failed")
+            raise OSError(msg.decode(errors="replace") or "the namespace helper ended without a word")
         return fds[0], fds[1]
 
 
-def huge_page_file(size: int) -> tuple[int | None, int | None, str]:
+def huge_page_file(size: int, namespace: bool = True) -> tuple[int | None, int | None, str]:
     """(file fd, mount fd, how) of a file for ``size`` bytes of RAM on huge
-    pages, or (None, None, why not).  ``how`` names the route taken."""
+    pages, or (None, None, why not).  ``how`` names the route taken.
+    ``namespace``: without privilege, take the user-namespace route (whose
+    mount this process cannot switch to small pages later)."""
     if _libc is None or not os.path.exists("/sys/kernel/mm/transparent_hugepage"):
         return None, None, "this kernel has no transparent huge pages"
     if shmem_thp_mode() == "deny":
@@ -109,6 +124,8 @@ def huge_page_file(size: int) -> tuple[int | None, int | None, str]:
     except OSError as first:
         if first.errno not in (1, 13):  # EPERM, EACCES: try without privilege; else the kernel lacks it
             return None, None, f"no private tmpfs: {first.strerror or first}"
+        if not namespace:
+            return None, None, "mounting a private tmpfs needs CAP_SYS_ADMIN (see --huge-pages on)"
     try:
         return (*_open_in_namespace(size), "private tmpfs in a user namespace")
     except OSError as exc:
@@ -117,8 +134,8 @@ def huge_page_file(size: int) -> tuple[int | None, int | None, str]:
 
 def small_pages(mount: int) -> None:
     """From now on the mount's files take 4 KiB pages (pages already there
-    stay as they are).  The process that made the user namespace's owner
-    may reconfigure it, so this works on either route.  Raises OSError."""
+    stay as they are).  Needs CAP_SYS_ADMIN in this process's own mount
+    namespace: the privileged route only.  Raises OSError."""
     picked = _check(_syscall(_SYS_FSPICK, mount, b"", _FSPICK_CLOEXEC | _FSPICK_EMPTY_PATH), "fspick")
     try:
         _check(_syscall(_SYS_FSCONFIG, picked, _FSCONFIG_SET_STRING, b"huge", b"never", 0), "fsconfig(huge)")

@@ -96,13 +96,15 @@ class Kernel:
     def __init__(self):
         self.counters = Counters()
 
-    def create_vm(self, ram_size: int, memslot_sizes: list[int] | None = None, huge_pages: bool = False) -> "Vm":
+    def create_vm(self, ram_size: int, memslot_sizes: list[int] | None = None, huge_pages: bool | str = False) -> "Vm":
         self.counters.add("syscalls.kvm_create_vm")
         return Vm(self, ram_size, memslot_sizes, huge_pages)
 
 
 class Vm:
-    def __init__(self, kernel: Kernel, ram_size: int, memslot_sizes: list[int] | None = None, huge_pages: bool = False):
+    def __init__(
+        self, kernel: Kernel, ram_size: int, memslot_sizes: list[int] | None = None, huge_pages: bool | str = False
+    ):
         self.kernel = kernel
         self.counters = kernel.counters
         self.memory = GuestMemory(ram_size, huge_pages=huge_pages)

@@ -1,6 +1,7 @@
 """Guest RAM and its MTE tag storage, as the host kernel holds them.
 
-Both live in memfd (tmpfs) files mapped shared, so RAM the guest never touched
+Both live in tmpfs files mapped shared -- memfds, or for RAM on huge pages a
+file in a tmpfs of our own (hugemem.py) -- so RAM the guest never touched
 costs no host memory, and which pages were ever populated can be asked of the
 file with SEEK_DATA / SEEK_HOLE -- the simulated equivalent of what mincore or
 /proc/PID/pagemap tell a real VMM.  Tag storage is RAM/32 bytes, packed two
@@ -61,17 +62,22 @@ def _address_of(mapping: mmap.mmap) -> int:
 
 
 class GuestMemory:
-    def __init__(self, size: int, name: str = "guest-ram", huge_pages: bool = False):
+    def __init__(self, size: int, name: str = "guest-ram", huge_pages: bool | str = False):
         """``huge_pages``: back RAM with a tmpfs file that takes its pages
-        2 MiB at a time (hugemem.py) if this host can, a memfd otherwise.
-        Writing one 4 KiB page then populates its whole 2 MiB, so the page
-        ranges below come in 2 MiB steps: no use to userfaultfd, which
-        needs a hole for each missing 4 KiB page."""
+        2 MiB at a time (hugemem.py) if this host can, a memfd otherwise:
+        "auto" (or True) only where it can be switched to 4 KiB pages later
+        (use_small_pages), "on" by any route, for good.  Writing one 4 KiB
+        page then populates its whole 2 MiB, so the page ranges below come
+        in 2 MiB steps: no use to userfaultfd, which needs a hole for each
+        missing 4 KiB page."""
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"guest RAM size must be a positive multiple of {PAGE_SIZE}, got {size}")
         self.size = size
         self.npages = size // PAGE_SIZE
-        fd, self._mount_fd, why = huge_page_file(size) if huge_pages else (None, None, "not asked for")
+        self._huge_for_good = huge_pages == "on"
+        fd, self._mount_fd, why = (
+            huge_page_file(size, namespace=self._huge_for_good) if huge_pages else (None, None, "not asked for")
+        )
         #: "huge" (2 MiB pages) or "4k"; ``backing_note`` says how, or why not huge
         self.backing, self.backing_note = ("huge", why) if fd is not None else ("4k", why)
         self._data_fd = fd if fd is not None else os.memfd_create(name, os.MFD_CLOEXEC)
@@ -101,7 +107,11 @@ class GuestMemory:
         else why not."""
         if self.backing != "huge":
             return None
-        if self.next_data(0) < self.npages or self._prefaulted.find(1) >= 0:
+        if self._huge_for_good:
+            return "huge pages were asked for (--huge-pages on)"
+        if self._prefaulted.find(1) >= 0:
+            return "it was preallocated on huge pages (--prealloc)"
+        if self.next_data(0) < self.npages:
             return "pages are already stored on huge pages"
         try:
             small_pages(self._mount_fd)

@@ -805,16 +805,19 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_p
         (4, 1e9, False),  # a link slower than the destination lands pages: zero pages stay flags
         (4, None, False),  # no link measured yet
         (2, 3e9, True),  # half zero pages: still whole
-        (1, 3e9, False),  # every page zero: no data at all
+        (-4, 3e9, False),  # three zero pages in four: more than half, so they are sought and flagged
     ],
 )
 def test_over_a_fast_link_a_chunk_with_few_zero_pages_goes_whole_unscanned(blank_pair, zero_every, link_rate, whole):
     src, dst = blank_pair
-    zeros = [p for p in range(CHUNK) if p % zero_every == 0]
+    if zero_every < 0:  # one page in -zero_every holds data
+        zeros = [p for p in range(CHUNK) if p % -zero_every]
+    else:
+        zeros = [p for p in range(CHUNK) if p % zero_every == 0]
     for p in range(CHUNK):
-        if p % zero_every:
+        if p not in zeros:
             write(src, p, bytes([p % 251 + 1]) * PAGE)
-    write(src, 0, bytes(PAGE))  # page 0 holds data in no case; populated, so the chunk is read
+    write(src, 0, bytes(PAGE)) if 0 in zeros else None  # populated all the same, so the chunk is read
     link = checked_link(src, dst)
     link.compressor.mode = "auto"
     link.compressor._measure(bytes(64 << 10))  # an estimate, as auto takes before deciding

@@ -429,15 +429,16 @@ OPTIONS = (
         "huge_pages",
         choice("auto", "on", "off", true="on", false="off"),
         "auto",
-        "destination's guest RAM on 2 MiB pages: auto (when it can and postcopy is off), on, off",
+        "destination's guest RAM on 2 MiB pages: auto (as root, without postcopy), on, off",
         "The destination's guest RAM in a tmpfs file of its own that takes huge (2 MiB) pages, as QEMU's "
         "RAM gets them with transparent huge pages: far fewer page allocations as pages land, and a far "
-        "cheaper free. `auto` (the default) uses them on the simulated host when the host can give them "
-        "(a private tmpfs mount: root, or an unprivileged user namespace) and `postcopy` is off; `on` stops "
-        "with one line when it cannot; `off` keeps a memfd of 4 KiB pages. Postcopy needs 4 KiB pages: "
-        "userfaultfd finds a missing page by its hole in the file, and a destination on huge pages refuses "
-        "a source that asks for postcopy (start it with `--postcopy` or `--huge-pages off`). A guest that "
-        "touched scattered 4 KiB pages costs up to 2 MiB each at the destination.",
+        "cheaper free. Postcopy needs 4 KiB pages (userfaultfd finds a missing page by its hole in the "
+        "file). `auto` (the default) uses them on the simulated host when this process may mount a private "
+        "tmpfs (CAP_SYS_ADMIN, e.g. root) and `postcopy` is off; a destination still empty when a source "
+        "says it may switch to postcopy turns to 4 KiB pages then, and one preallocated (`--prealloc`) "
+        "refuses that source. `on` also works without privilege, through a user namespace, stops with one "
+        "line when it cannot, and refuses a postcopy source; `off` keeps a memfd of 4 KiB pages. A guest "
+        "that touched scattered 4 KiB pages costs up to 2 MiB each at the destination.",
         section="guest",
         flags=("--huge-pages",),
     ),

@@ -200,14 +200,6 @@ class DestVmm:
         """HELLO must match this host, AUTH must prove the key; then pages may land."""
         hello = await self.chan.recv()
         mismatch = hello_mismatch(hello, self.host, self.required_strategy, self.expect_uuid)
-        if not mismatch and hello.postcopy:
-            # userfaultfd finds a missing page by its 4 KiB hole
-            why_not = self.host.memory.use_small_pages()
-            if why_not:
-                mismatch = (
-                    f"the source may switch to postcopy, which needs 4 KiB pages, and this destination's "
-                    f"guest RAM is on huge pages ({why_not}); start it with --postcopy or --huge-pages off"
-                )
         if mismatch:
             await self.chan.send(fr.Error("mismatch", mismatch))
             raise HandshakeMismatch(mismatch)
@@ -215,6 +207,16 @@ class DestVmm:
         self._handshaking = True
         self._nonce = auth.new_nonce()
         await authenticate(self.chan, hello, self._key, self._nonce)
+        if hello.postcopy:
+            # Authenticated: userfaultfd finds a missing page by its 4 KiB hole.
+            why_not = self.host.memory.use_small_pages()
+            if why_not:
+                mismatch = (
+                    f"the source may switch to postcopy, which needs 4 KiB pages, and this destination's "
+                    f"guest RAM is on huge pages ({why_not}); start it with --postcopy or --huge-pages off"
+                )
+                await self.chan.send(fr.Error("mismatch", mismatch))
+                raise HandshakeMismatch(mismatch)
         self.hello = hello
         # Authenticated: whole chunks of raw data are spliced into place
         # from here on (never a frame the checks below would refuse).
@@ -349,6 +351,8 @@ class DestVmm:
 
     # -- postcopy -----------------------------------------------------------------------
     async def _on_postcopy(self, frame) -> None:
+        if not self.hello.postcopy:
+            raise ProtocolError("POSTCOPY, but the source's HELLO did not say it may switch to postcopy")
         if frame.table:
             if self._postcopy is None:
                 raise ProtocolError("a POSTCOPY table before the switch")
@@ -809,6 +813,8 @@ class DestVmm:
         if frame.channel == hello.channels:  # the one after the last data channel
             if self.strategy.postcopy_mode is None:
                 raise ProtocolError(f"a fault channel, but strategy {self.strategy.name} cannot do postcopy")
+            if not hello.postcopy:
+                raise ProtocolError("a fault channel, but the source's HELLO did not say it may switch to postcopy")
             if self._fault_slot_taken:
                 raise ProtocolError("the fault channel joined twice")
         elif frame.channel in self._channels.lanes:

@@ -40,6 +40,15 @@ def block_bytes(kind: str, seed: int, block: int) -> bytes:
     raise ValueError(f"unknown image kind {kind!r}; known: {', '.join(KINDS)}")
 
 
+def data_bytes(kind: str, size: int, seed: int = 1) -> int:
+    """The bytes of a built-in image's non-zero pages: every 1 MiB block of
+    a kind has the same pages zero (block 0 is counted, the rest alike)."""
+    block = block_bytes(kind, seed, 0)
+    zero = bytes(PAGE)
+    data_pages = sum(block[o : o + PAGE] != zero for o in range(0, BLOCK, PAGE))
+    return size // BLOCK * data_pages * PAGE + (size % BLOCK if data_pages == BLOCK // PAGE else 0)
+
+
 def make_image(path: str, kind: str, size: int, seed: int = 1) -> str:
     if size <= 0 or size % BLOCK:
         raise ValueError("image size must be a positive multiple of 1 MiB")

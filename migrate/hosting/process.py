@@ -26,18 +26,19 @@ from migrate.strategies import STRATEGIES
 GUEST_REPORT_WAIT_S = 60.0
 
 
-def _huge_pages(guest: GuestSpec, role: str, postcopy: bool) -> bool:
-    """Whether this side's guest RAM goes on huge pages (the huge_pages
-    option): only a destination's, whose pages all arrive fresh."""
+def _huge_pages(guest: GuestSpec, role: str, postcopy: bool) -> str | None:
+    """How this side's guest RAM goes on huge pages (the huge_pages option),
+    "auto" or "on", or None: only a destination's, whose pages all arrive
+    fresh."""
     if role != "destination" or guest.huge_pages == "off":
-        return False
+        return None
     if guest.huge_pages == "auto":
-        return guest.host == "sim" and not postcopy
+        return "auto" if guest.host == "sim" and not postcopy else None
     if guest.host != "sim":
         raise ConfigError("--huge-pages on: only the simulated host can (the kvm backend maps memfds)")
     if postcopy:
         raise ConfigError("--huge-pages on cannot go with --postcopy: userfaultfd needs 4 KiB pages")
-    return True
+    return "on"
 
 
 def build_host(guest: GuestSpec, strategy: str, role: str, postcopy: bool = False) -> Host:
@@ -57,13 +58,13 @@ def build_host(guest: GuestSpec, strategy: str, role: str, postcopy: bool = Fals
             rate=guest.rate,
             seed=guest.seed,
             device_prot_mte=prot_mte,
-            **({"huge_pages": True} if huge else {}),
+            **({"huge_pages": huge} if huge else {}),
         )
     except HostUnavailable as exc:
         raise ConfigError(f"--host {guest.host}: {exc}") from None
     except (ValueError, OSError) as exc:
         raise ConfigError(f"cannot create the {role} guest: {one_line(exc)}") from None
-    if huge and guest.huge_pages == "on" and host.memory.backing != "huge":
+    if huge == "on" and host.memory.backing != "huge":
         host.close()
         raise ConfigError(f"--huge-pages on: {host.memory.backing_note}")
     if role == "source":

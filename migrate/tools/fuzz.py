@@ -193,7 +193,7 @@ def _capture_postcopy(host, checksum, strategy_name, batch, compression) -> Seed
     from migrate.engine.pages import split_batches
     from migrate.engine.postcopy import page_table
 
-    config = MigrationConfig(checksum=checksum, channels=1, batch_pages=batch, compression=compression)
+    config = MigrationConfig(checksum=checksum, channels=1, batch_pages=batch, compression=compression, postcopy=True)
     strategy = STRATEGIES[strategy_name](host, config)
     strategy.setup_source()
     try:
@@ -757,7 +757,8 @@ class DestTarget:
     def _receive(self, conn, reader, data) -> None:
         # -- the handshake (dest._handshake, handshake.authenticate)
         hello = reader.recv()
-        self.host = SimulatedHost(self.ram, workload="idle", workload_params={"fill": 0}, rate=0)
+        # as a destination builds it by default: RAM on huge pages where it can
+        self.host = SimulatedHost(self.ram, workload="idle", workload_params={"fill": 0}, rate=0, huge_pages="auto")
         vmm = self.vmm = DestVmm(self.host, self.config)
         mismatch = hello_mismatch(hello, self.host, None, None)
         if mismatch:
@@ -776,6 +777,9 @@ class DestTarget:
             raise PeerError(f"source: {frame.message}", frame.code)
         if frame.type == T.ABORT:
             raise Cancelled(f"source aborted: {frame.reason}")
+        if hello.postcopy and (why_not := self.host.memory.use_small_pages()):
+            conn.send(fr.Error("mismatch", why_not))
+            raise HandshakeMismatch(why_not)
         vmm.hello = hello
         pass_seen = vmm._channels.pass_seen
         reader.placer = lambda fields, dl: None if fields["pass_no"] <= pass_seen[0] else applier.placement(fields, dl)
@@ -883,6 +887,8 @@ class _Postcopy:
         ``paused``: STATE came (the connection's own state may be ahead:
         fed whole, it decodes every frame at once)."""
         if frame.type == T.POSTCOPY:
+            if not self.vmm.hello.postcopy:
+                raise ProtocolError("POSTCOPY, but the source's HELLO did not say it may switch to postcopy")
             if frame.table:
                 if self.pc is None:
                     raise ProtocolError("a POSTCOPY table before the switch")

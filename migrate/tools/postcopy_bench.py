@@ -5,7 +5,9 @@ repeat): precopy with auto-converge, precopy without it (the pass limit
 forces the stop), and postcopy with each strategy that can place tags for a
 running guest.  Medians of total time, downtime (for postcopy: the switch),
 fault latency, the guest's progress (pages its vCPUs touched on either
-side while the migration ran) and the wrong-tag accesses the guest saw."""
+side while the migration ran) and the wrong-tag accesses the guest saw.
+The destination's RAM is on huge pages for precopy (where the host can)
+and on 4 KiB pages for postcopy, which needs them: the table says which."""
 
 import statistics
 import sys
@@ -36,6 +38,8 @@ def _row(r: dict) -> dict:
         "guest_pages": (r.get("guest_pages_touched") or 0) + (pc.get("guest_pages_touched") or 0),
         "wrong_tags": pc.get("guest_wrong_tag_accesses", 0),
         "throttle_max": (r.get("throttle") or {}).get("max"),
+        # postcopy needs 4 KiB pages; precopy gets huge ones where the host can
+        "dest_ram": (r.get("destination") or {}).get("ram_backing"),
     }
 
 
@@ -59,7 +63,8 @@ def run(scenario: str, ram: int | None, repeat: int, quiet: bool) -> dict:
                 "case": name,
                 "runs": len(rs),
                 "statuses": sorted({r["status"] for r in rs}),
-                **{k: _med([r[k] for r in rs]) for k in rs[0] if k != "status"},
+                "dest_ram": sorted({r["dest_ram"] or "?" for r in rs}),
+                **{k: _med([r[k] for r in rs]) for k in rs[0] if k not in ("status", "dest_ram")},
             }
         )
     return {"scenario": sc.name, "ram": guest.ram, "repeat": repeat, "summary": summary, "runs": rows}
@@ -73,14 +78,14 @@ def markdown(doc: dict, command: str) -> str:
         f"Command: `{command}`; scenario {doc['scenario']}, medians of {doc['repeat']} interleaved runs.",
         "",
         "| case | status | total ms | downtime / switch ms | fault p50 ms | fault p99 ms | last page ms | guest pages touched "
-        "| max throttle | wrong-tag accesses |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max throttle | wrong-tag accesses | destination RAM |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for e in doc["summary"]:
         proposal = " [PROPOSAL]" if any(e["case"].endswith(n) and STRATEGIES[n].proposal for n in STRATEGIES) else ""
         lines.append(
             f"| {e['case']}{proposal} | {', '.join(e['statuses'])} | {f(e['total_ms'])} | {f(e['downtime_ms'], 1)} | "
             f"{f(e['fault_p50_ms'], 1)} | {f(e['fault_p99_ms'], 1)} | {f(e['last_page_ms'])} | {f(e['guest_pages'])} | "
-            f"{f(e['throttle_max'], 2)} | {f(e['wrong_tags'])} |"
+            f"{f(e['throttle_max'], 2)} | {f(e['wrong_tags'])} | {', '.join(e.get('dest_ram') or ['?'])} |"
         )
     return "\n".join(lines) + "\n"

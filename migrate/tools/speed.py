@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from migrate.config.spec import GuestSpec, MigrationConfig
 from migrate.hosting.images import block_bytes, builtin_image
+from migrate.hosting.images import data_bytes as image_data_bytes
 from migrate.hosting.pair import run_pair
 from migrate.tools.ceilings import crc_throughput, landing_throughput, loopback_throughput, zstd_throughput
 from migrate.tools.qemu_peer import IMAGE_OFFSET, find_qemu, migrate_once
@@ -55,7 +56,9 @@ def _one(kind: str, size: int, config: MigrationConfig) -> dict:
         "downtime_ms": r["downtime_ms"],
         "gb_per_s": size / (r["total_time_ms"] / 1000) / 1e9 if r["total_time_ms"] else None,
         "wire_bytes": r["ram"]["transferred_bytes"],
-        "data_bytes": r["ram"].get("normal_bytes"),
+        # the image's non-zero pages: what a migration must move at the least
+        # (normal_bytes also counts zero pages sent inside whole chunks)
+        "data_bytes": image_data_bytes(kind, size),
         "touched_bytes": r.get("guest_populated_bytes"),
         "source_peak_rss": r.get("peak_rss_bytes"),
         "dest_peak_rss": dest.get("peak_rss_bytes"),
