@@ -103,6 +103,17 @@ def crc32_concat(crcs, nbytes: int, last_nbytes: int | None = None) -> int:
     return acc
 
 
+def crc32_join(crcs, nbytes: int, last_nbytes: int | None = None) -> int:
+    """As crc32_concat, for a few long parts (the chunks of a frame): with
+    zlib-ng one crc32_combine call a part, and no tables to build."""
+    if _combine is None or len(crcs) > 16:
+        return crc32_concat(crcs, nbytes, last_nbytes)
+    acc, last = crcs[0], len(crcs) - 1
+    for i in range(1, len(crcs)):
+        acc = _combine(acc, crcs[i], nbytes if i < last or last_nbytes is None else last_nbytes)
+    return acc
+
+
 _POWERS: dict[int, list[tuple[list[int], ...]]] = {}  # piece length -> [k] = byte tables of x^(8 nbytes k)
 
 

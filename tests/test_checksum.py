@@ -103,3 +103,17 @@ def test_swap_by_library_and_by_tables_agree():
         want = zlib.crc32(b"".join(changed))
         assert checksum._swap_by_tables(before, old, new, size, 63 - piece) == want
         assert checksum.crc32_swap(before, old, new, size, 63 - piece) == want
+
+
+@pytest.mark.parametrize("library", [True, False], ids=["zlib-ng combine", "tables"])
+@pytest.mark.parametrize("sizes", [[1 << 20] * 4, [1 << 20, 1 << 20, 12288], [1 << 20]], ids=["4", "short-last", "1"])
+def test_joined_chunk_crcs_equal_the_crc_of_the_frame(monkeypatch, library, sizes):
+    # A frame of whole chunks: its data CRC from the chunks' CRCs as they landed.
+    if not library:
+        monkeypatch.setattr(checksum, "_combine", None)
+    elif checksum._combine is None:
+        pytest.skip("zlib-ng is not installed")
+    parts = [os.urandom(n) for n in sizes]
+    crcs = [zlib.crc32(p) for p in parts]
+    assert checksum.crc32_join(crcs, sizes[0], sizes[-1]) == zlib.crc32(b"".join(parts))
+    assert checksum.crc32_join(crcs[:-1] + [crcs[-1] ^ 4], sizes[0], sizes[-1]) != zlib.crc32(b"".join(parts))

@@ -3,6 +3,9 @@ codec in between, BatchApplier on a destination host; memory and effective
 tags compared with the validation digests (which read the simulated
 kernel's storage directly, not through the strategy)."""
 
+import os
+import zlib
+
 import pytest
 import zstandard
 
@@ -544,8 +547,8 @@ def test_write_parts_lands_more_buffers_than_iov_max(blank_pair):
 CHUNK = 256
 
 
-def checked_link(src, dst, digest=True):
-    link = Link(src, dst, "none")
+def checked_link(src, dst, digest=True, batch_pages=256):
+    link = Link(src, dst, "none", batch_pages=batch_pages)
     if digest:
         link.applier.digest = MemoryDigest(dst.memory, compute=False)
     return link
@@ -837,3 +840,69 @@ def test_over_a_fast_link_a_chunk_with_few_zero_pages_goes_whole_unscanned(blank
     (got,) = link.conn.feed(wire_of(frame))
     link.applier.apply(got)
     assert same_guest(src, dst) == (True, True)
+
+
+STRIPE = 4 * CHUNK
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["spliced", "copied"])
+def test_a_frame_of_four_whole_chunks_is_checked_and_recorded_chunk_by_chunk(blank_pair, landed):
+    src, dst = blank_pair
+    for p in range(STRIPE):
+        write(src, p, bytes([p % 251 + 1]) * PAGE)
+    set_tags(src, CHUNK + 3, 5)
+    link = checked_link(src, dst, batch_pages=STRIPE)
+    frame, stats = link.builder.build(0, [(0, STRIPE)])
+    assert frame.ranges == [(0, STRIPE)] and frame.self_checked and stats.normal_pages == STRIPE
+    assert frame.dcrc == zlib.crc32(bytes(src.memory.data[: STRIPE * PAGE]))  # the frame's CRC covers all four
+    (got,) = link.conn.feed(wire_of(frame))
+    if landed:  # as the transport does: the data spliced into place, then the frame applied
+        fields = {"ranges": got.ranges, "data_compressed": False, "dcrc": got.dcrc, "flags": got.flags}
+        fd, offset = link.applier.placement(fields, len(got.data))
+        os.pwrite(fd, bytes(got.data), offset)
+        got.landed, got.data = True, None
+    link.applier.apply(got)
+    digest, fresh = link.applier.digest, MemoryDigest(dst.memory, chunks=[0, 1, 2, 3])
+    for c in range(4):  # each chunk's own digest CRC and pieces, recorded as it landed
+        assert digest.data_crcs[c] == fresh.data_crcs[c] and not digest.stale[c]
+        assert digest.tag_crcs[c] == fresh.tag_crcs[c]
+    assert same_guest(src, dst) == (True, True)
+
+
+def test_a_flipped_byte_in_the_third_chunk_of_a_frame_is_caught(blank_pair):
+    src, dst = blank_pair
+    write(src, 0, b"\x42" * (STRIPE * PAGE))
+    link = checked_link(src, dst, batch_pages=STRIPE)
+    frame, _ = link.builder.build(0, [(0, STRIPE)])
+    good = wire_of(frame)
+    at = len(good) - len(frame.tags) - len(frame.data) + 2 * CHUNK * PAGE + 77  # inside chunk 2
+    (got,) = link.conn.feed(wire_of(frame, flip_at=at))
+    with pytest.raises(ProtocolError, match=f"on the landed pages 0..{STRIPE - 1}"):
+        link.applier.apply(got)
+
+
+def test_a_frame_may_end_with_rams_short_last_chunk():
+    src = SimulatedHost(RAM + 12 * PAGE, workload="allocator", workload_params={"fill": 1.0}, rate=0, seed=3)
+    dst = SimulatedHost(RAM + 12 * PAGE, workload="idle", workload_params={"fill": 0}, rate=0)
+    try:
+        src.prepare_guest()
+        link = checked_link(src, dst, batch_pages=STRIPE)
+        first = NPAGES - 3 * CHUNK
+        frame, _ = link.builder.build(0, [(first, 3 * CHUNK + 12)])  # three chunks and the short last one
+        (got,) = link.conn.feed(wire_of(frame))
+        link.applier.apply(got)
+        fresh = MemoryDigest(dst.memory)
+        assert [link.applier.digest.data_crcs[c] for c in range(5, 9)] == [fresh.data_crcs[c] for c in range(5, 9)]
+        assert bytes(dst.memory.data[first * PAGE :]) == bytes(src.memory.data[first * PAGE :])
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_channels_carry_4_mib_stripes():
+    from migrate.engine.lanes import STRIPE_PAGES, partition
+
+    assert STRIPE_PAGES == STRIPE == fr.MAX_BATCH_PAGES
+    lanes = partition([(0, 3 * STRIPE + 5)], 2)
+    assert lanes == [[(0, STRIPE), (2 * STRIPE, 3 * STRIPE)], [(STRIPE, 2 * STRIPE), (3 * STRIPE, 3 * STRIPE + 5)]]
+    assert list(split_batches(lanes[0], STRIPE)) == [[(0, STRIPE)], [(2 * STRIPE, STRIPE)]]  # one frame a stripe

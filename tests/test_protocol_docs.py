@@ -166,10 +166,10 @@ def test_the_prose_figures_are_the_engines(doc):
     from migrate.engine import digest, lanes
 
     text = " ".join(doc.split())
-    chunk = digest.CHUNK_PAGES
-    assert f"`(page // {chunk}) % N`, {chunk} pages being one 1 MiB chunk" in text
-    assert chunk * PAGE == 1 << 20
-    assert [lanes.channel_of(p, 3) for p in (0, chunk - 1, chunk, 2 * chunk, 3 * chunk)] == [0, 0, 1, 2, 0]
+    chunk, stripe = digest.CHUNK_PAGES, lanes.STRIPE_PAGES
+    assert f"`(page // {stripe}) % N`, {stripe} pages being one 4 MiB stripe of four 1 MiB" in text
+    assert chunk * PAGE == 1 << 20 and stripe == 4 * chunk == fr.MAX_BATCH_PAGES
+    assert [lanes.channel_of(p, 3) for p in (0, stripe - 1, stripe, 2 * stripe, 3 * stripe)] == [0, 0, 1, 2, 0]
     assert f"A chunk's data CRC is the CRC32 of its bytes ({chunk * PAGE >> 20} MiB;" in text
     piece_kib = digest.PIECE_PAGES * PAGE // 1024
     assert f"the CRC of every {piece_kib} KiB piece ({digest.PIECE_PAGES} pages)" in text

@@ -1,8 +1,13 @@
 """Several data connections (``--channels N``, like QEMU's multifd).
 
 Ordering rule: a page always travels on the same channel -- the one of its
-1 MiB chunk, ``(page // 256) % N`` -- and each channel is one ordered TCP
-stream, so a newer copy of a page can never be overtaken by an older one.
+4 MiB stripe of four 1 MiB chunks, ``(page // 1024) % N`` -- and each
+channel is one ordered TCP stream, so a newer copy of a page can never be
+overtaken by an older one.  A stripe is the largest frame (1,024 pages): a
+channel's share of a populated stretch of RAM goes out in whole-stripe
+frames, a quarter as many as chunk-sized ones, and the Python work around
+each frame is paid a quarter as often (1 GiB random: both sides' CPU down
+0.13 s, mixed 0.30 s).
 No cross-channel synchronisation is needed inside a pass; the source still
 waits for every channel at the end of a pass (it harvests the dirty log
 then), and the destination digests only after every channel has delivered
@@ -13,24 +18,26 @@ extra channel has its own thread running its own asyncio loop, so the parts
 that release the GIL -- socket I/O, CRC32, zstd, pwrite -- run in parallel.
 """
 
-from migrate.engine.digest import CHUNK_PAGES
 from migrate.engine.pages import BatchStats, split_batches
 from migrate.protocol import frames as fr
 
+#: pages of one stripe, the unit of RAM a channel carries: the largest frame
+STRIPE_PAGES = fr.MAX_BATCH_PAGES
+
 
 def channel_of(page: int, channels: int) -> int:
-    return (page // CHUNK_PAGES) % channels
+    return (page // STRIPE_PAGES) % channels
 
 
 def partition(ranges, channels: int) -> list[list[tuple[int, int]]]:
-    """Split page ranges [(start, end)] by channel, cutting at chunk edges."""
+    """Split page ranges [(start, end)] by channel, cutting at stripe edges."""
     out = [[] for _ in range(channels)]
     if channels == 1:
         out[0] = list(ranges)
         return out
     for start, end in ranges:
         while start < end:
-            stop = min(end, (start // CHUNK_PAGES + 1) * CHUNK_PAGES)
+            stop = min(end, (start // STRIPE_PAGES + 1) * STRIPE_PAGES)
             lane = out[channel_of(start, channels)]
             if lane and lane[-1][1] == start:
                 lane[-1] = (lane[-1][0], stop)
