@@ -863,9 +863,12 @@ def test_a_frame_of_four_whole_chunks_is_checked_and_recorded_chunk_by_chunk(bla
         got.landed, got.data = True, None
     link.applier.apply(got)
     digest, fresh = link.applier.digest, MemoryDigest(dst.memory, chunks=[0, 1, 2, 3])
+    pieces = MemoryDigest(dst.memory, chunks=[0, 1, 2, 3], pieces=True)
     for c in range(4):  # each chunk's own digest CRC and pieces, recorded as it landed
         assert digest.data_crcs[c] == fresh.data_crcs[c] and not digest.stale[c]
         assert digest.tag_crcs[c] == fresh.tag_crcs[c]
+        per = digest.piece_crcs[c * 64 : (c + 1) * 64]
+        assert per == pieces.piece_crcs[c * 64 : (c + 1) * 64] and len(set(per)) > 1
     assert same_guest(src, dst) == (True, True)
 
 
@@ -906,3 +909,80 @@ def test_channels_carry_4_mib_stripes():
     lanes = partition([(0, 3 * STRIPE + 5)], 2)
     assert lanes == [[(0, STRIPE), (2 * STRIPE, 3 * STRIPE)], [(STRIPE, 2 * STRIPE), (3 * STRIPE, 3 * STRIPE + 5)]]
     assert list(split_batches(lanes[0], STRIPE)) == [[(0, STRIPE)], [(2 * STRIPE, STRIPE)]]  # one frame a stripe
+
+
+def test_the_source_digests_each_chunk_of_a_frame_from_its_snapshot(blank_pair):
+    src, dst = blank_pair
+    for p in range(STRIPE):
+        write(src, p, bytes([p % 241 + 1]) * PAGE)
+    link = checked_link(src, dst, digest=False, batch_pages=STRIPE)
+    digest = link.builder.digest = MemoryDigest(src.memory, compute=False)
+    link.builder.build(0, [(0, STRIPE)])
+    fresh = MemoryDigest(src.memory, chunks=[0, 1, 2, 3], pieces=True)
+    for c in range(4):
+        assert not digest.stale[c] and not digest.unread[c]
+        assert digest.data_crcs[c] == fresh.data_crcs[c]
+        assert digest.piece_crcs[c * 64 : (c + 1) * 64] == fresh.piece_crcs[c * 64 : (c + 1) * 64]
+    assert len(set(digest.data_crcs[:4])) == 4
+
+
+def test_a_zero_chunk_in_a_frame_is_still_sought_over_a_fast_link(blank_pair):
+    # The few-zero-pages rule holds chunk by chunk: a 4 MiB frame with one
+    # all-zero chunk flags that chunk's pages zero, not sends them as data.
+    src, dst = blank_pair
+    for p in list(range(CHUNK)) + list(range(2 * CHUNK, STRIPE)):
+        write(src, p, bytes([p % 251 + 1]) * PAGE)
+    write(src, CHUNK, bytes(PAGE))  # populated, all zero
+    link = checked_link(src, dst, batch_pages=STRIPE)
+    link.compressor.mode = "auto"
+    link.compressor._measure(bytes(64 << 10))
+    link.compressor.observe_link(1 << 20, (1 << 20) / 3e9)
+    frame, stats = link.builder.build(0, [(0, STRIPE)])
+    assert stats.zero_pages == CHUNK and stats.unscanned_pages == 0
+    (got,) = link.conn.feed(wire_of(frame))
+    link.applier.apply(got)
+    assert same_guest(src, dst) == (True, True)
+
+
+@pytest.mark.parametrize(
+    "ranges, expected",
+    [
+        # a channel's share that starts inside a chunk: the head alone, then whole chunks
+        ([(256, 1024), (2048, 3072)], [[(256, 768)], [(2048, 1024)]]),
+        ([(100, 2000)], [[(100, 156)], [(256, 1024)], [(1280, 512)], [(1792, 208)]]),
+        # scattered pages still fill batches across gaps
+        ([(5, 6), (300, 301), (9000, 9001)], [[(5, 1), (300, 1), (9000, 1)]]),
+        # a scattered page, then whole chunks: they go apart
+        ([(5, 6), (512, 1024)], [[(5, 1)], [(512, 512)]]),
+    ],
+)
+def test_batches_keep_whole_chunks_whole(ranges, expected):
+    batches = list(split_batches(ranges, STRIPE))
+    assert batches == expected
+    from migrate.engine.pages import whole_chunk
+
+    assert [whole_chunk(b, 1 << 20) is not None for b in batches] == [
+        len(b) == 1 and b[0][0] % CHUNK == 0 and b[0][1] % CHUNK == 0 for b in expected
+    ]
+
+
+def test_channel_shares_from_an_unaligned_start_still_go_in_whole_stripes():
+    from migrate.engine.lanes import partition
+
+    shares = partition([(256, 8448)], 2)
+    batches = [b for share in shares for b in split_batches(share, STRIPE)]
+    stripes = [b for b in batches if b in ([(s, STRIPE)] for s in range(STRIPE, 8448, STRIPE))]
+    assert len(stripes) == 7  # every whole stripe after the first, ragged one: one frame each
+
+
+def test_a_dirty_pass_of_scattered_tagged_pages_in_big_batches_lands_exactly(blank_pair):
+    src, dst = blank_pair
+    pages = list(range(0, NPAGES, 2))  # 1,024 scattered pages, every other one tagged
+    for i, p in enumerate(pages):
+        write(src, p, bytes([i % 200 + 1]) * PAGE)
+        if i % 2:
+            set_tags(src, p, 7)
+    link = Link(src, dst, "none", batch_pages=STRIPE)
+    link.send([(p, p + 1) for p in pages])
+    assert len(link.frames) == 1 and len(link.frames[0].ranges) == len(pages)
+    assert same_guest(src, dst) == (True, True)

@@ -2,6 +2,7 @@
 applying them on the destination.  Work is per run of pages (bytes.find on
 flag bytes), per page only for the zero-page test, never per granule."""
 
+import bisect
 import contextlib
 import re
 from dataclasses import dataclass
@@ -75,6 +76,10 @@ def whole_chunk(ranges, npages: int) -> int | None:
 CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE
 
 
+def _segment_start(segment) -> int:
+    return segment[0]
+
+
 def _chunks_of(view, first_chunk: int):
     """(chunk, its bytes) of a view of whole chunks from ``first_chunk`` on."""
     for i, o in enumerate(range(0, len(view), CHUNK_BYTES)):
@@ -101,11 +106,28 @@ def _flag_zero_pages(view, heads: bytes, flags: bytearray, at: int) -> None:
 
 
 def split_batches(ranges, batch_pages: int):
-    """Cut page ranges [(start, end)] into batches of (first, count) lists."""
+    """Cut page ranges [(start, end)] into batches of (first, count) lists,
+    at most ``batch_pages`` pages each.  Whole chunks stay whole (with
+    batches of a chunk or more): a chunk-aligned stretch of a chunk or more
+    goes as a batch of whole chunks of its own, and a stretch that runs
+    past the end of the chunk it starts in is cut there first, so that
+    what follows is aligned.  Such a batch lands in one piece and is
+    checked as it lands; scattered pages still fill batches across gaps."""
     batch, size = [], 0
+    aligned = batch_pages >= CHUNK_PAGES
     for start, end in ranges:
         while start < end:
+            if aligned and start % CHUNK_PAGES == 0 and end - start >= CHUNK_PAGES:
+                if batch:
+                    yield batch
+                n = min(end - start, batch_pages) // CHUNK_PAGES * CHUNK_PAGES
+                yield [(start, n)]
+                batch, size = [], 0
+                start += n
+                continue
             n = min(end - start, batch_pages - size)
+            if aligned and end - start > CHUNK_PAGES - start % CHUNK_PAGES:
+                n = min(n, CHUNK_PAGES - start % CHUNK_PAGES)
             batch.append((start, n))
             size += n
             start += n
@@ -230,7 +252,9 @@ class BatchBuilder:
         snap[:] = view
         flags = bytearray(n)
         heads = bytes(snap[::PAGE_SIZE])
-        unscanned = n if heads.count(0) <= n // 2 and self.compressor.raw_over_fast_link() else 0
+        # every chunk at most half zero pages (by their first bytes)
+        few_zero = all(heads.count(0, o, o + CHUNK_PAGES) <= CHUNK_PAGES // 2 for o in range(0, n, CHUNK_PAGES))
+        unscanned = n if few_zero and self.compressor.raw_over_fast_link() else 0
         if not unscanned:
             _flag_zero_pages(snap, heads, flags, 0)
         # else over a fast link the chunk goes whole, any zero pages in it
@@ -465,8 +489,13 @@ class BatchApplier:
     @staticmethod
     def _page_runs(segments, a, b):
         """Split batch positions [a, b) into runs of consecutive guest pages:
-        yields (first guest page, count), one per range it overlaps."""
-        for sa, sb, first in segments:
+        yields (first guest page, count), one per range it overlaps.  Found
+        by bisection: a batch of scattered pages has a range a page, and a
+        scan from the first for every run made a dirty pass quadratic."""
+        for i in range(max(0, bisect.bisect_right(segments, a, key=_segment_start) - 1), len(segments)):
+            sa, sb, first = segments[i]
+            if sa >= b:
+                return
             lo, hi = max(a, sa), min(b, sb)
             if lo < hi:
                 yield first + lo - sa, hi - lo

@@ -98,6 +98,7 @@ def capture_seeds(ram: int = RAM) -> list[Seed]:
     strategy, batch size and compression."""
     plans = [
         # (checksum, strategy, batch pages, compression, channels)
+        ("full", "tag-ioctl", 1024, "auto", 1),  # the default: frames of whole chunks, joined
         ("full", "tag-ioctl", 256, "auto", 1),
         ("full", "tag-ioctl", 100, "none", 2),
         ("meta", "tag-ioctl", 256, "1", 2),
