@@ -47,8 +47,8 @@ _SAME_KIND_RUN = re.compile(rb"(.)\1*", re.S)
 def content_crc(flags, data) -> int:
     """CRC32 of a batch's pages as they must read on the destination: data
     pages from ``data`` and zero pages as zeros, in batch order; KEEP pages
-    (tags only) left out.  What Pages.dcrc holds; for a batch that lands one
-    whole chunk (lands_whole_chunk) it is also that chunk's digest CRC."""
+    (tags only) left out.  What Pages.dcrc holds; for a batch that lands
+    whole chunks (lands_whole_chunk) it is their digest CRCs joined."""
     crc, pos = 0, 0
     data = memoryview(data)
     for m in _SAME_KIND_RUN.finditer(bytes(flags).translate(_PAGE_KIND)):
@@ -189,9 +189,9 @@ class BatchBuilder:
         self.compressor = compressor
         self.batch_pages = batch_pages
         self.checked = checked
-        #: the source's validation digest: when a checked batch is one whole
-        #: chunk and the strategy handed back kernel memory itself (checked
-        #: by address), the snapshot's CRC is that chunk's digest too
+        #: the source's validation digest: when a checked batch is whole
+        #: chunks and the strategy handed back kernel memory itself (checked
+        #: by address), the snapshot's CRCs are those chunks' digests too
         self.digest = digest
         self.npages = strategy.host.memory.npages
         self._scratch = bytearray(batch_pages * PAGE_SIZE)
@@ -337,9 +337,9 @@ class BatchApplier:
         self.has_tags = bytearray(npages) if has_tags is None else has_tags
         #: called with (first_page, end_page) after each store, e.g. to mark digests stale
         self.on_write = on_write or (lambda first, end: None)
-        #: the destination's validation digest: a checked frame that lands a
-        #: whole chunk is verified on the landed memory, whose CRC the digest
-        #: then keeps (one read of those bytes instead of two)
+        #: the destination's validation digest: a checked frame that lands
+        #: whole chunks is verified on the landed memory, whose CRCs the
+        #: digest then keeps (one read of those bytes instead of two)
         self.digest = digest
         self.npages = npages
 
@@ -388,8 +388,8 @@ class BatchApplier:
 
     def placement(self, fields: dict, data_len: int):
         """Where the transport may splice a frame's data straight into guest
-        RAM: (file descriptor, byte offset), or None.  Only a whole digest
-        chunk of data pages, raw and self-checked -- the frame is then
+        RAM: (file descriptor, byte offset), or None.  Only whole digest
+        chunks of data pages, raw and self-checked -- the frame is then
         verified on the landed pages anyway -- and only when the strategy
         stores data as a plain write to RAM (prot-mte goes through its
         PROT_MTE mapping)."""
@@ -432,8 +432,8 @@ class BatchApplier:
 
     @contextlib.contextmanager
     def _digest_told_after(self):
-        """While a whole chunk lands: no stale marks for it, one by one --
-        _check_landed records the whole chunk (data and tags) right after.
+        """While whole chunks land: no stale marks for them, one by one --
+        _check_landed records the whole chunks (data and tags) right after.
         A mark in between would make the background refresh, on another
         thread, read a chunk that is just being recorded."""
         on_write, self.on_write = self.on_write, _no_write
