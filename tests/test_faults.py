@@ -49,6 +49,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -719,3 +720,23 @@ def test_proxy_refuses_unknown_phase_and_fault():
         timeout=30,
     )
     assert cp.returncode == 2 and "unknown phase" in cp.stderr and "Traceback" not in cp.stderr
+
+
+def test_the_postcopy_phase_waits_for_the_destinations_first_request():
+    # POSTCOPY tables alone do not show that the destination switched: a
+    # reset loses the frames it has not read yet, STATE among them.
+    from migrate.protocol.frames import FrameType
+    from migrate.tools.faultproxy import DOWN, UP, FaultProxy, FrameInfo
+
+    proxy = FaultProxy(("127.0.0.1", 9), "cut", "postcopy")
+    link = types.SimpleNamespace(control=True, index=0)
+
+    def frame(ftype, payload_len=0):
+        return FrameInfo(0, ftype, 0, 0, payload_len)
+
+    table = frame(FrameType.POSTCOPY, 64)
+    assert [proxy._marker(link, UP, table) for _ in range(3)] == [None, None, None]
+    assert proxy._marker(link, DOWN, frame(FrameType.REQUEST)) is None
+    assert proxy._marker(link, UP, table) == "postcopy"
+    proxy.seen["postcopy"] = 0.0
+    assert proxy._marker(link, UP, table) is None  # once

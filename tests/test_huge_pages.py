@@ -212,10 +212,11 @@ def test_auto_never_takes_the_namespace_route_whose_mount_cannot_switch_back(mon
         mem.close()
 
 
+# The module's own text, run as nobody (who may not be able to read this checkout).
 UNPRIVILEGED = f"""
-import importlib.util, os, sys
-spec = importlib.util.spec_from_file_location("hugemem", {str(hugemem.__file__)!r})
-m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+import os, sys, types
+m = types.ModuleType("hugemem")
+exec(compile({open(hugemem.__file__).read()!r}, "hugemem.py", "exec"), m.__dict__)
 fd, mount, how = m.huge_page_file(8 << 20, namespace=sys.argv[1] == "on")
 if fd is None:
     print("none", how); sys.exit(0)

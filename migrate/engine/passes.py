@@ -1,5 +1,5 @@
 """The source's passes: each sends a set of pages over every channel, each
-page on its chunk's channel (see lanes.py), and the destination says only
+page on its stripe's channel (see lanes.py), and the destination says only
 that a pass has landed (APPLIED) -- or that it fails, which one reader on
 the control connection hears at once (``PeerWatch``)."""
 
@@ -132,7 +132,7 @@ class PassSender:
 
     async def send(self, pass_no: int, ranges, final: bool = False, tags_only: bytes = b"") -> None:
         """Send the pages in ``ranges`` (data and tags) and the pages marked in
-        ``tags_only`` (their tags alone), each on its chunk's channel; every
+        ``tags_only`` (their tags alone), each on its stripe's channel; every
         channel ends its share with PASS_END."""
         tag_ranges = list(runs(tags_only, 1)) if tags_only else []
         total = sum(b - a for a, b in ranges) + sum(b - a for a, b in tag_ranges)

@@ -82,9 +82,13 @@ Phases (``--at``), mapped to the stream:
 ``completion:CONFIRM``  the destination's CONFIRM;
 ``completion:GO``       the source's GO (it has given the guest up);
 ``completion:RESUMED``  the destination's RESUMED: the very last confirmation.
-``postcopy``      after the postcopy switch (``--postcopy``): the second
-                  POSTCOPY frame with a table (its pages' CRCs), so some
-                  pages have landed and more are owed.
+``postcopy``      after the postcopy switch (``--postcopy``): the first
+                  POSTCOPY frame with a table (its pages' CRCs) from the
+                  second on that follows a REQUEST from the destination,
+                  so the destination has switched (its guest asked for a
+                  page), some pages have landed and more are owed.  A
+                  table alone does not show that: frames the destination
+                  had not read yet when the link broke are lost with it.
 
 Bounds: the proxy keeps at most one frame header + meta per direction
 (``HEADER_SIZE + MAX_META``, checked on the header before any byte of the
@@ -311,6 +315,7 @@ class FaultProxy:
         self.hold_s = hold_s
         self.stall_s = stall_s
         self._tables = 0  # POSTCOPY frames with a table seen (phase postcopy)
+        self._requested = False  # a REQUEST from the destination seen (it has switched)
         self._log = log
         self.links: list[Link] = []
         self.events: list[tuple[float, str]] = []
@@ -468,7 +473,9 @@ class FaultProxy:
                 return "completion:GO"
             if t == FrameType.POSTCOPY and info.payload_len:
                 self._tables += 1
-                return "postcopy" if self._tables == 2 else None
+                if self._tables >= 2 and self._requested and "postcopy" not in self.seen:
+                    return "postcopy"
+                return None
         else:
             if t == FrameType.WELCOME and link.control:
                 return "handshake:WELCOME"
@@ -476,6 +483,8 @@ class FaultProxy:
                 return "completion:CONFIRM"
             if t == FrameType.RESUMED:
                 return "completion:RESUMED"
+            if t == FrameType.REQUEST:
+                self._requested = True
         return None
 
     def _see(self, marker: str, link: Link, d: str, info: FrameInfo) -> None:
