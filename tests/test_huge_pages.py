@@ -285,20 +285,12 @@ def _huge_dest(mode="auto", prealloc=False):
 
 
 async def _migrate(src, dst, src_config, dst_config):
-    import asyncio
-
-    from support import WAIT, open_listener
-
-    from migrate.engine.dest import DestVmm
-    from migrate.engine.source import SourceVmm
+    from support import open_listener, run_engines
 
     listener = open_listener()
-    task = asyncio.ensure_future(DestVmm(dst, dst_config).serve(listener))
     try:
-        sres = await asyncio.wait_for(SourceVmm(src, src_config).migrate(listener.getsockname()), WAIT)
-        dres = await asyncio.wait_for(task, WAIT)
+        sres, dres, _, _ = await run_engines(src, dst, src_config, listener, dst_config)
     finally:
-        task.cancel()
         listener.close()
     return sres, dres
 
