@@ -12,8 +12,9 @@ it the mount can be told to take 4 KiB pages from then on (small_pages).
 Mounting needs CAP_SYS_ADMIN.  Without it, a short-lived child process can
 enter a user and mount namespace of its own, mount there and pass the file
 back over a socket (SCM_RIGHTS); that mount cannot be switched to small
-pages afterwards (fspick needs the capability in our own namespace).  When neither works (an old kernel, no
-user namespaces, THP not built in), the caller gets None and uses a memfd.
+pages afterwards (fspick needs the capability in our own namespace).  When
+neither works (an old kernel, no user namespaces, THP not built in), the
+caller gets None and uses a memfd.
 """
 
 import ctypes
