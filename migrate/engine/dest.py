@@ -41,7 +41,7 @@ from migrate.errors import (
     one_line,
 )
 from migrate.net import tls
-from migrate.net.transport import FrameChannel, bound_backlog, secure, tune
+from migrate.net.transport import FrameChannel, accept, bound_backlog, secure, tune
 from migrate.net.watch import ReceiveWatch
 from migrate.protocol import auth
 from migrate.protocol import frames as fr
@@ -128,11 +128,10 @@ class DestVmm:
 
     async def serve(self, listener: socket.socket) -> dict:
         """Accept one migration on ``listener``; refuse any other connection."""
-        loop = asyncio.get_running_loop()
         listener.setblocking(False)
         self._address = "{}:{}".format(*listener.getsockname()[:2])
         while True:
-            sock, peer = await loop.sock_accept(listener)
+            sock, peer = await accept(listener)
             tune(sock)
             try:
                 io = await secure(sock, self._tls, True, self.config.timeout_s)
@@ -718,10 +717,9 @@ class DestVmm:
     async def _accept_more(self, listener) -> None:
         """Later connections: data channels of this migration (JOIN with its
         session), or anyone else, who is told the destination is busy."""
-        loop = asyncio.get_running_loop()
         pending: set = set()
         while True:
-            sock, _ = await loop.sock_accept(listener)
+            sock, _ = await accept(listener)
             if len(pending) >= self.MAX_PENDING:
                 sock.close()  # memory stays bounded: at most MAX_PENDING receive buffers for strangers
                 continue

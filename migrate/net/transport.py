@@ -277,6 +277,36 @@ async def connect(host: str, port: int, timeout: float) -> socket.socket:
     raise error
 
 
+async def accept(listener: socket.socket) -> tuple[socket.socket, object]:
+    """The next connection on the non-blocking ``listener``.
+
+    Not ``loop.sock_accept``: on Python 3.11 its reader can fire in the same
+    loop turn as a cancellation, accept a connection, and fail setting the
+    result of the cancelled future (a logged traceback and a lost socket).
+    Here the connection is taken only by a caller still waiting for it."""
+    loop = asyncio.get_running_loop()
+    fd = listener.fileno()
+    while True:
+        try:
+            sock, peer = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            pass
+        else:
+            sock.setblocking(False)
+            return sock, peer
+        readable = loop.create_future()
+        loop.add_reader(fd, _wake, readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fd)
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
