@@ -30,10 +30,16 @@ async def migrate(hosts, listener, workload, strategy, params=None, config=SLOW,
     return src, dst, sres, dres
 
 
-def assert_caught(src, sres, dres, *words):
+#: a write the dirty tracking missed that tore a frame sent from guest RAM
+#: (see tests/test_torn.py) is caught before the completion digest
+TORN_UNEXPLAINED = "no page of it is in the next dirty harvest: corrupt on the wire, or written by something"
+
+
+def assert_caught(src, sres, dres, *words, tracking=False):
     assert sres["status"] == "failed", "the mutant got through validation"
-    assert not sres["validation"]["ok"] and "validation failed" in sres["error"]
-    assert all(w in sres["error"] for w in words), sres["error"]
+    if not (tracking and TORN_UNEXPLAINED in sres["error"]):
+        assert not sres["validation"]["ok"] and "validation failed" in sres["error"]
+        assert all(w in sres["error"] for w in words), sres["error"]
     assert sres["guest_on"] == "source" and src.vcpus.running  # nothing lost
     assert dres["status"] != "completed" and dres["guest_on"].startswith("nowhere")
 
@@ -136,11 +142,15 @@ CASES = {
 }
 
 
+#: the mutants of the dirty tracking itself
+TRACKING = {"vmm bitmap merge dropped", "tag-dirty harvest dropped"}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 async def test_a_mutant_fails_the_default_validation(case, hosts, listener, monkeypatch):
     (workload, strategy, params), mutant, word = CASES[case]
     src, _, sres, dres = await migrate(hosts, listener, workload, strategy, params, mutate=mutant(monkeypatch))
-    assert_caught(src, sres, dres, word)
+    assert_caught(src, sres, dres, word, tracking=case in TRACKING)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -636,6 +636,7 @@ def test_a_flipped_data_byte_is_caught_at_its_frame(blank_pair, whole_chunk):
     src, dst = blank_pair
     write(src, 0, b"\x42" * (CHUNK * PAGE))
     link = checked_link(src, dst)
+    link.builder.guest_runs = False  # a paused guest: nothing can tear a frame
     ranges = [(0, CHUNK)] if whole_chunk else [(0, 10)]
     frame, _ = link.builder.build(0, ranges)
     good = wire_of(frame)
@@ -646,6 +647,76 @@ def test_a_flipped_data_byte_is_caught_at_its_frame(blank_pair, whole_chunk):
         link.applier.apply(got)
     if not whole_chunk:  # checked before anything landed
         assert dst.memory.populated_ranges() == []
+
+
+def test_a_whole_chunk_goes_from_guest_ram_while_the_guest_runs(blank_pair):
+    # No snapshot: a page the guest writes after the CRC and before the send
+    # tears the frame; the destination lands it and records it as torn.
+    src, dst = blank_pair
+    write(src, 0, b"\x42" * (CHUNK * PAGE))
+    link = checked_link(src, dst)
+    frame, _ = link.builder.build(0, [(0, CHUNK)])
+    assert frame.live and src.memory.is_view_of(frame.data, 0)
+    write(src, 7, b"\x43" * PAGE)  # the guest, between the CRC and the send
+    (got,) = link.conn.feed(wire_of(frame))
+    assert got.live
+    link.applier.apply(got)
+    assert link.applier.torn == [(0, CHUNK)]
+    assert bytes(dst.memory.data[7 * PAGE : 8 * PAGE]) == b"\x43" * PAGE  # landed as sent
+    fresh = MemoryDigest(dst.memory, chunks=[0])
+    assert link.applier.digest.data_crcs[0] == fresh.data_crcs[0]  # the digest holds what landed
+
+
+def test_a_frame_sent_whole_is_torn_only_if_live(blank_pair):
+    # Unscanned through the plain (not landed) path too: a live frame that
+    # fails its CRC is recorded, a frame of a paused guest is refused.
+    src, dst = blank_pair
+    write(src, 0, b"\x42" * (CHUNK * PAGE))
+    for live in (True, False):
+        link = checked_link(src, dst, digest=False)
+        link.builder.guest_runs = live
+        frame, _ = link.builder.build(0, [(0, CHUNK)])
+        assert frame.live is live
+        bad = wire_of(frame, flip_at=len(wire_of(frame)) - len(frame.tags) - 100)
+        (got,) = link.conn.feed(bad)
+        if live:
+            link.applier.apply(got)
+            assert link.applier.torn == [(0, CHUNK)]
+        else:
+            with pytest.raises(ProtocolError, match="data failed its checksum"):
+                link.applier.apply(got)
+
+
+def test_with_a_mac_the_running_guests_chunks_are_snapshot(blank_pair):
+    src, dst = blank_pair
+    write(src, 0, b"\x42" * (CHUNK * PAGE))
+    link = checked_link(src, dst)
+    link.builder.snapshot_running = True
+    frame, _ = link.builder.build(0, [(0, CHUNK)])
+    assert not frame.live and not src.memory.is_view_of(frame.data, 0)
+    write(src, 7, b"\x43" * PAGE)  # after the snapshot: not in this frame
+    (got,) = link.conn.feed(wire_of(frame))
+    link.applier.apply(got)
+    assert link.applier.torn == []
+    assert bytes(dst.memory.data[7 * PAGE : 8 * PAGE]) == b"\x42" * PAGE
+
+
+def test_live_needs_a_data_crc():
+    frame = fr.Pages(0, [(0, 1)], bytes(1), bytes(PAGE), b"", dcrc=zlib.crc32(bytes(PAGE)), tcrc=0, live=True)
+    meta = frame.meta()
+    assert meta["lv"] is True
+    del meta["dk"], meta["tk"]
+    with pytest.raises(ProtocolError, match="marked live but carries no data CRC"):
+        fr.Pages.fields_of(meta, PAGE)
+
+
+def test_applied_carries_the_torn_ranges_bounded():
+    frame = fr.Applied(3, [(0, 1024), (4096, 1024)])
+    assert fr.Applied.from_meta(frame.meta(), b"") == frame
+    assert "r" not in fr.Applied(3).meta()
+    many = fr.Applied(3, [(i * 2, 1) for i in range(fr.Applied.MAX_TORN + 1)]).meta()
+    with pytest.raises(ProtocolError, match="at most 2048"):
+        fr.Applied.from_meta(many, b"")
 
 
 def test_a_flipped_tag_byte_is_caught_at_its_frame(pair):
@@ -661,6 +732,7 @@ def test_pages_stored_in_the_wrong_place_fail_the_landed_check(blank_pair):
     src, dst = blank_pair
     write(src, 0, bytes(range(256)) * (CHUNK * PAGE // 256))
     link = checked_link(src, dst)
+    link.builder.guest_runs = False  # paused: a bad CRC cannot be a torn read
     real = link.dst_strategy.write_data
     link.dst_strategy.write_data = lambda off, data, populated=False: real(
         off + PAGE, data[: len(data) - PAGE]
@@ -876,6 +948,7 @@ def test_a_flipped_byte_in_the_third_chunk_of_a_frame_is_caught(blank_pair):
     src, dst = blank_pair
     write(src, 0, b"\x42" * (STRIPE * PAGE))
     link = checked_link(src, dst, batch_pages=STRIPE)
+    link.builder.guest_runs = False  # paused: a bad CRC cannot be a torn read
     frame, _ = link.builder.build(0, [(0, STRIPE)])
     good = wire_of(frame)
     at = len(good) - len(frame.tags) - len(frame.data) + 2 * CHUNK * PAGE + 77  # inside chunk 2

@@ -32,7 +32,7 @@ EXAMPLES = {
     T.HELLO: fr.Hello(2, 1 << 20, PAGE, 16, True, 2, "tag-ioctl", "packed4", "zstd", "vm", 2, "s", b"\1" * 32),
     T.WELCOME: fr.Welcome(2, b"\2" * 32, b"\3" * 32),
     T.PAGES: fr.Pages(
-        1, [(0, 2)], bytes([0, fr.PAGE_ZERO | fr.PAGE_TAGS]), b"\x11" * PAGE, TAGS, dcrc=1, tcrc=TAGS_CRC
+        1, [(0, 2)], bytes([0, fr.PAGE_ZERO | fr.PAGE_TAGS]), b"\x11" * PAGE, TAGS, dcrc=1, tcrc=TAGS_CRC, live=True
     ),
     T.PASS_END: fr.PassEnd(1, 2),
     T.STATE: fr.State({"vcpus": []}),
@@ -49,7 +49,7 @@ EXAMPLES = {
     T.RECOVER: fr.Recover("s", "go"),
     T.POSTCOPY: fr.Postcopy([(0, 1)], b"\x00" * 8),
     T.REQUEST: fr.Request([(0, 1)]),
-    T.APPLIED: fr.Applied(0),
+    T.APPLIED: fr.Applied(0, [(0, 1024)]),
 }
 
 
@@ -182,8 +182,15 @@ def test_documented_meta_keys_are_exactly_what_the_decoder_requires():
         assert [f.key for f in describe.meta_fields(cls)] == list(meta), t.name
         payload = b"".join(bytes(p) for p in getattr(frame, "payload", list)())
         assert type(cls.from_meta(meta, payload)) is cls
+        optional = {f.key for f in describe.meta_fields(cls) if f.optional}
         for key in meta:
             without = {k: v for k, v in meta.items() if k != key}
+            if key in optional:  # may be left out, or only with its pair (dk, tk)
+                try:
+                    cls.from_meta(without, payload)
+                except ProtocolError as exc:
+                    assert f"missing field '{key}'" in str(exc)
+                continue
             with pytest.raises(ProtocolError, match=f"missing field '{key}'"):
                 cls.from_meta(without, payload)
 

@@ -573,8 +573,10 @@ OPTIONS = (
         "CRC32 per frame: full covers payloads too, catching corruption at the frame; meta covers headers "
         "and metadata, page data and tags being proven end to end by the completion digest; none. Both sides "
         "must agree",
-        "CRC32 per frame: 'full' covers payloads too, so corruption is caught at the frame where it happens; "
-        "'meta' covers headers and metadata only, page payloads being proven end to end by the completion "
+        "CRC32 per frame: 'full' covers payloads too, so corruption is caught at the frame where it happens "
+        "(a frame sent straight from the memory of the running guest, which a write can tear between its CRC "
+        "and the send, at the end of its pass, when no page of it proves written in the next dirty harvest: "
+        "see `ram.torn_pages`); 'meta' covers headers and metadata only, page payloads being proven end to end by the completion "
         "digest; 'none'. Both sides must agree. A scenario may write true (full) or false (none).",
         section="migration",
         flags=("--checksum",),

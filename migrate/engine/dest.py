@@ -251,6 +251,7 @@ class DestVmm:
             self._applier.has_tags,
             on_write=self._digest.mark_stale,
             digest=self._digest,
+            torn=self._applier.torn,
         )
 
     # -- control frames -------------------------------------------------------------
@@ -317,9 +318,48 @@ class DestVmm:
             if not self._digest.pending(unread=False):
                 break
             self._start_refresh()
+        torn = self._take_torn(fr.Applied.MAX_TORN)
         async with self._send_lock:
             if self.machine.state == DestState.RECEIVING and not self.chan.closed:
-                await self.chan.send(fr.Applied(pass_no))
+                await self.chan.send(fr.Applied(pass_no, torn))
+
+    def _take_torn(self, limit: int | None = None) -> list:
+        """The torn frames recorded so far (see Pages.live), merged into
+        ranges, and the list emptied (pop: the channels' threads append).
+        Beyond ``limit`` ranges the narrowest gaps between them are closed
+        (a range then only needs one written page among more)."""
+        shared, taken = self._applier.torn, []
+        while shared:
+            taken.append(shared.pop())
+        merged: list = []
+        for first, count in sorted(taken):
+            if merged and first <= merged[-1][0] + merged[-1][1]:
+                a, n = merged[-1]
+                merged[-1] = (a, max(n, first + count - a))
+            else:
+                merged.append((first, count))
+        if limit is not None and len(merged) > limit:
+            gaps = sorted(range(1, len(merged)), key=lambda i: merged[i][0] - sum(merged[i - 1]))
+            closed = set(gaps[: len(merged) - limit])
+            wide: list = []
+            for i, (first, count) in enumerate(merged):
+                if i in closed:
+                    wide[-1] = (wide[-1][0], first + count - wide[-1][0])
+                else:
+                    wide.append((first, count))
+            merged = wide
+        return merged
+
+    def _no_torn_left(self) -> None:
+        """Torn frames are excused only in a pass the source then holds to a
+        dirty harvest (APPLIED): one in the final pass, of a paused guest, is corrupt."""
+        torn = self._take_torn()
+        if torn:
+            first, count = torn[0]
+            raise ProtocolError(
+                f"PAGES frame of pages {first}..{first + count - 1} failed its data checksum in the final pass "
+                "(marked live, but the guest was paused): the stream is corrupt"
+            )
 
     async def _on_state(self, frame) -> None:
         self._guest_state = frame.state
@@ -433,6 +473,7 @@ class DestVmm:
         if early is None:
             raise ProtocolError("POSTCOPY before STATE")
         await early[1]  # every channel done with the last pass, the digest refreshed
+        self._no_torn_left()
         try:  # opened before the source paused: here by now, but its admission may lag
             async with asyncio.timeout(self.config.timeout_s):
                 await self._faults_joined.wait()
@@ -695,6 +736,7 @@ class DestVmm:
             await self._final_digest()
         if self._channels.failure.done():  # a data channel failed after delivering the final pass
             raise self._channels.failure.exception()
+        self._no_torn_left()
         digest = self._digest
         sdigest = self._state_digest if state is not None else ""
         await self.chan.send(fr.Confirm(digest.data_digest(), digest.tag_digest(), sdigest, digest.chunk_crcs()))

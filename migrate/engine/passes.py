@@ -31,6 +31,8 @@ class PeerWatch:
         self._next: asyncio.Future | None = None  # the first frame that is not APPLIED
         self._acked: asyncio.Event | None = None  # set at each APPLIED
         self.applied = -1  # the last pass the destination acknowledged
+        #: (first page, count) of the frames the destination found torn (APPLIED), not yet checked
+        self.torn: list = []
 
     def listen(self, chan) -> None:
         self._next = asyncio.get_running_loop().create_future()
@@ -46,6 +48,7 @@ class PeerWatch:
                     nxt.set_result(frame)
                     return
                 self.applied = max(self.applied, frame.pass_no)
+                self.torn += frame.torn
                 self._acked.set()
         except MigrationError as exc:
             if not nxt.done():

@@ -36,6 +36,7 @@ def empty_result(scenario: str, strategy: str) -> dict:
             "remaining_bytes": 0,
             "zero_pages": 0,
             "unscanned_pages": 0,
+            "torn_pages": 0,
             "normal_pages": 0,
             "normal_bytes": 0,
             "mbps": 0.0,

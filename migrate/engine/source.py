@@ -116,6 +116,7 @@ class SourceVmm:
         self._remaining = 0  # bytes the last harvest left to send
         # -- switch over and completion
         self._paused_here = False
+        self._torn_pages = 0  # pages of frames the destination found torn (the next harvest explained them)
         self._digest_job: asyncio.Future | None = None  # the final digest, while the final pass goes out
         self._state: dict | None = None  # vCPU, workload and device state, sent with STATE
         # -- postcopy
@@ -250,7 +251,24 @@ class SourceVmm:
     def _new_builder(self, compressor) -> BatchBuilder:
         """A channel's batch builder; with checked frames (--checksum full) it
         snapshots each batch and puts its CRCs in the frame."""
-        return BatchBuilder(self.strategy, compressor, self.config.batch_pages, checked=self.config.checksum == "full")
+        builder = BatchBuilder(
+            self.strategy,
+            compressor,
+            self.config.batch_pages,
+            checked=self.config.checksum == "full",
+            # with a MAC on every frame a torn one would read as tampered
+            snapshot_running=bool(self.config.psk_file),
+        )
+        builder.guest_runs = not self._paused_here
+        return builder
+
+    def _paused(self) -> None:
+        """The guest is paused here: what the builders send from its memory
+        can no longer tear."""
+        self.host.vcpus.pause()
+        self._paused_here = True
+        for lane in self.lanes:
+            lane.builder.guest_runs = False
 
     def _start_precopy(self) -> None:
         """Dirty logging, the validation digest and the convergence policy:
@@ -295,6 +313,7 @@ class SourceVmm:
         """Harvest what the guest dirtied and ask the policy whether the rest
         fits in the downtime (or precopy has to stop anyway)."""
         self._dirty = self._dirty_log.harvest()
+        self._check_torn()
         self._tags_only = union(self._tags_only, self._dirty_log.harvest_tags_only(self._dirty))
         remaining = self._dirty.count(1) * PAGE_SIZE + self._tags_only.count(1) * PACKED_TAGS_PER_PAGE
         bandwidth = dirty_pass_bandwidth(self.passes)
@@ -319,6 +338,23 @@ class SourceVmm:
             self.progress.message(f"stop-and-copy: {decision.reason}")
         return decision.stop
 
+    def _check_torn(self) -> None:
+        """Every frame the destination found torn (its data failed the CRC:
+        see Pages.live) must hold a page of the harvest just taken, which
+        goes again; one that does not was corrupted, not torn.  (Validation
+        at the end checks every page apart from this; a write the dirty
+        tracking missed fails here too, when it tore a frame.)"""
+        torn, self._peer.torn = self._peer.torn, []
+        npages = self.host.memory.npages
+        for first, count in torn:
+            if first + count > npages or self._dirty.find(1, first, first + count) < 0:
+                raise ProtocolError(
+                    f"destination: PAGES frame of pages {first}..{first + count - 1} failed its data checksum, "
+                    "and no page of it is in the next dirty harvest: corrupt on the wire, "
+                    "or written by something the dirty tracking missed"
+                )
+        self._torn_pages += sum(count for _, count in torn)
+
     async def _dirty_pass(self) -> None:
         """Send what the last harvest found (throttling the vCPUs first, with
         auto-converge, from the second dirty pass on)."""
@@ -335,8 +371,7 @@ class SourceVmm:
     async def _switch_over(self) -> None:
         """Pause the guest; send what it dirtied since the last pass, then its state."""
         self._clock.pause = time.perf_counter()
-        self.host.vcpus.pause()
-        self._paused_here = True
+        self._paused()
         self.machine.local("pause")
         # The pages harvested for the last decision were never sent:
         # they go out with whatever the guest dirtied since.
@@ -364,8 +399,7 @@ class SourceVmm:
         faults = self._fault_chan = await self._join_faults()
         await self._discard_ahead()
         self._clock.pause = time.perf_counter()
-        self.host.vcpus.pause()
-        self._paused_here = True
+        self._paused()
         self.machine.local("pause")
         self._peer.stop()  # the postcopy reader takes the control connection's replies
         missing = self._postcopy_pages()
@@ -771,6 +805,7 @@ class SourceVmm:
             transferred_bytes=sent,
             zero_pages=s.zero_pages,
             unscanned_pages=s.unscanned_pages,
+            torn_pages=self._torn_pages,
             normal_pages=s.normal_pages,
             normal_bytes=s.data_bytes,
             remaining_bytes=0 if res["status"] == "completed" else None,

@@ -149,13 +149,16 @@ def purpose(cls) -> str:
 def _sample(cls, optional: bool):
     """An instance of a frame class with a value of the annotated type in
     every field without a default, and (``optional``) in every field that
-    defaults to None."""
+    defaults to None, False (a flag sent only when set) or an empty list
+    (sent only when it holds something: a sample holds a page range)."""
     hints = typing.get_type_hints(cls)
     values = {int: 1, str: "x", bytes: b"x", bool: True, list: [], dict: {}, object: b"x"}
     kwargs = {}
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required or (optional and f.default is None):
+        if optional and f.default_factory is list:
+            kwargs[f.name] = [(1, 1)]
+        elif required or (optional and (f.default is None or f.default is False)):
             kind = hints[f.name]
             args = [a for a in typing.get_args(kind) if a is not type(None)]
             kwargs[f.name] = values[args[0] if args else kind]

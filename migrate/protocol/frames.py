@@ -36,7 +36,7 @@ from migrate.checksum import crc32
 from migrate.errors import ProtocolError
 
 #: bumped whenever a frame changes shape; both sides must agree (HELLO)
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 MAGIC = b"MT"
 HEADER = struct.Struct("<2sBBIII")
 HEADER_SIZE = HEADER.size
@@ -356,6 +356,12 @@ class Pages:
     #: where it is cheapest, e.g. on the landed memory it digests anyway.
     dcrc: int | None = None
     tcrc: int | None = None
+    #: the data went out straight from the memory of a guest that runs (no
+    #: snapshot): a page it wrote between the CRC and the send makes the
+    #: data fail ``dcrc`` without any corruption.  The destination lands
+    #: such a frame anyway and reports it torn (APPLIED); the source holds
+    #: that to its next dirty harvest, which must hold one of its pages.
+    live: bool = False
     #: received straight into guest RAM (``data`` is then None): see
     #: decode_pages_head and FrameChannel.placer
     landed: bool = False
@@ -380,6 +386,8 @@ class Pages:
         }
         if self.self_checked:
             m["dk"], m["tk"] = self.dcrc, self.tcrc
+            if self.live:
+                m["lv"] = self.live
         return m
 
     def payload(self):
@@ -416,6 +424,9 @@ class Pages:
         dcrc = tcrc = None
         if "dk" in m or "tk" in m:
             dcrc, tcrc = _uint(m, "dk", f, 2**32), _uint(m, "tk", f, 2**32)
+        live = _field(m, "lv", bool, f) if "lv" in m else False
+        if live and dcrc is None:
+            raise ProtocolError("PAGES frame is marked live but carries no data CRC")
         return dict(
             pass_no=_uint(m, "p", f, 2**32),
             ranges=ranges,
@@ -424,6 +435,7 @@ class Pages:
             tags_compressed=_field(m, "tc", bool, f),
             dcrc=dcrc,
             tcrc=tcrc,
+            live=live,
         ), dl
 
     def check_tags(self) -> None:
@@ -456,14 +468,24 @@ class Applied:
     the destination is still catching up (that work would be downtime)."""
 
     pass_no: int
+    #: (first page, count) of each live PAGES frame of the pass whose data
+    #: failed its CRC (torn by a guest write, see Pages.live), merged
+    torn: list = field(default_factory=list)
     type = FrameType.APPLIED
+    #: at most this many ranges (bounds the meta): beyond it the destination
+    #: closes the narrowest gaps between them
+    MAX_TORN = 2048
 
     def meta(self):
-        return {"p": self.pass_no}
+        m = {"p": self.pass_no}
+        if self.torn:
+            m["r"] = _pack_ranges(self.torn)
+        return m
 
     @classmethod
     def from_meta(cls, m, payload):
-        return cls(_uint(m, "p", "APPLIED", 2**32))
+        torn = _page_ranges(m, "APPLIED", cls.MAX_TORN) if "r" in m else []
+        return cls(_uint(m, "p", "APPLIED", 2**32), torn)
 
 
 @dataclass
