@@ -687,6 +687,24 @@ def test_a_frame_sent_whole_is_torn_only_if_live(blank_pair):
                 link.applier.apply(got)
 
 
+def test_torn_frames_are_bounded_by_the_chunks_of_ram(blank_pair):
+    # A pass sends each chunk once: a peer that sends more torn frames than
+    # that before APPLIED cannot grow the list without end.
+    src, dst = blank_pair
+    write(src, 0, b"\x42" * (CHUNK * PAGE))
+    link = checked_link(src, dst, digest=False)
+    frame, _ = link.builder.build(0, [(0, CHUNK)])
+    bad = wire_of(frame, flip_at=len(wire_of(frame)) - len(frame.tags) - 100)
+    limit = -(-dst.memory.npages // CHUNK)
+    for _ in range(limit + 1):
+        (got,) = link.conn.feed(bad)
+        link.applier.apply(got)
+    assert len(link.applier.torn) == limit + 1
+    (got,) = link.conn.feed(bad)
+    with pytest.raises(ProtocolError, match=f"more torn PAGES frames in one pass than RAM has chunks \\({limit}\\)"):
+        link.applier.apply(got)
+
+
 def test_with_a_mac_the_running_guests_chunks_are_snapshot(blank_pair):
     src, dst = blank_pair
     write(src, 0, b"\x42" * (CHUNK * PAGE))

@@ -11,7 +11,7 @@ from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from hosts.tags import all_zero
 from migrate.checksum import crc32, crc32_join
 from migrate.engine.bitmaps import runs
-from migrate.engine.digest import CHUNK_PAGES, piece_crcs, prepare_piece_tables_soon
+from migrate.engine.digest import CHUNK_PAGES, chunk_count, piece_crcs, prepare_piece_tables_soon
 from migrate.errors import ProtocolError
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Compressor, Decompressor
@@ -516,6 +516,13 @@ class BatchApplier:
         next dirty harvest -- or else corrupt (False)."""
         if not frame.live:
             return False
+        # A pass sends a chunk once: more torn frames than chunks before the
+        # pass's APPLIED takes them is a peer out to fill this list.
+        if len(self.torn) > chunk_count(self.npages):
+            raise ProtocolError(
+                f"more torn PAGES frames in one pass than RAM has chunks ({chunk_count(self.npages)}): "
+                "the stream is corrupt"
+            )
         self.torn.extend(frame.ranges)  # list.extend: atomic, channels share the list
         return True
 
