@@ -256,8 +256,12 @@ class SourceVmm:
             compressor,
             self.config.batch_pages,
             checked=self.config.checksum == "full",
-            # with a MAC on every frame a torn one would read as tampered
-            snapshot_running=bool(self.config.psk_file),
+            # No live frames (see Pages.live) with a MAC on every frame, where
+            # a torn one would read as tampered, nor where the guest may
+            # switch to postcopy: its validation skips the chunks that hold a
+            # postcopy page, so a page of a torn frame that was excused but
+            # corrupt could go unseen there.
+            snapshot_running=bool(self.config.psk_file) or self.config.postcopy,
         )
         builder.guest_runs = not self._paused_here
         return builder

@@ -117,9 +117,17 @@ class Compressor:
         link = self._effective_link()
         return link is not None and link >= FAST_LINK
 
-    def compress_data(self, data) -> tuple[object, bool]:
-        """Returns (wire bytes, compressed?).  Incompressible batches go raw."""
-        if not len(data) or not self._should_compress(data):
+    def sends_raw(self) -> bool:
+        """Data goes raw for now: compression none, or auto over a fast link
+        (see raw_over_fast_link)."""
+        return self.mode == "none" or self.raw_over_fast_link()
+
+    def compress_data(self, data, may_compress: bool = True) -> tuple[object, bool]:
+        """Returns (wire bytes, compressed?).  Incompressible batches go raw;
+        so does ``data`` that must not be compressed (memory a running guest
+        writes: zstd reads its input more than once, and a page written in
+        between could decode wrong in other pages too)."""
+        if not len(data) or not may_compress or not self._should_compress(data):
             self.batches_raw += 1
             return data, False
         whole = flat(data)
