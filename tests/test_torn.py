@@ -119,3 +119,10 @@ def test_a_frame_that_may_be_compressed_is_never_live(hosts):
     fast.observe_link(8 << 20, 0.001)  # 8 GB/s: raw
     frame, _ = pages.BatchBuilder(strategy, fast, 1024).build(0, [(0, 1024)])
     assert frame.live and not frame.data_compressed
+
+
+def test_merge_ranges_joins_overlaps_and_neighbours():
+    from migrate.engine.bitmaps import merge_ranges
+
+    assert merge_ranges([(10, 5), (0, 4), (4, 2), (12, 10), (30, 0), (40, 1)]) == [(0, 6), (10, 12), (40, 1)]
+    assert merge_ranges([]) == []

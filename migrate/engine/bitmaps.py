@@ -22,3 +22,15 @@ def pages_bitmap(ranges, npages: int) -> bytearray:
     for first, count in ranges:
         bits[first : first + count] = b"\x01" * count
     return bits
+
+
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """(first page, count) ranges, sorted, with overlapping and adjacent
+    ones joined; empty ones dropped."""
+    merged: list[list[int]] = []
+    for first, count in sorted(ranges):
+        if merged and first <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], first + count)
+        elif count > 0:
+            merged.append([first, first + count])
+    return [(a, b - a) for a, b in merged]

@@ -18,7 +18,7 @@ import time
 
 from hosts.uffd import Userfaultfd, punch_pages, unmap_ranges
 from hosts.vcpu import VcpuState
-from migrate.engine.bitmaps import pages_bitmap, runs
+from migrate.engine.bitmaps import merge_ranges, pages_bitmap, runs
 from migrate.engine.dest_channels import DataChannels
 from migrate.engine.digest import MemoryDigest, chunk_count, page_detail, state_digest
 from migrate.engine.handshake import authenticate, hello_mismatch
@@ -331,13 +331,7 @@ class DestVmm:
         shared, taken = self._applier.torn, []
         while shared:
             taken.append(shared.pop())
-        merged: list = []
-        for first, count in sorted(taken):
-            if merged and first <= merged[-1][0] + merged[-1][1]:
-                a, n = merged[-1]
-                merged[-1] = (a, max(n, first + count - a))
-            else:
-                merged.append((first, count))
+        merged = merge_ranges(taken)
         if limit is not None and len(merged) > limit:
             gaps = sorted(range(1, len(merged)), key=lambda i: merged[i][0] - sum(merged[i - 1]))
             closed = set(gaps[: len(merged) - limit])

@@ -80,6 +80,12 @@ def _segment_start(segment) -> int:
     return segment[0]
 
 
+def _joined(crcs: list, nbytes: int) -> int:
+    """The CRC of ``nbytes`` of whole chunks (the last may be short) from
+    the chunks' CRCs."""
+    return crcs[0] if len(crcs) == 1 else crc32_join(crcs, CHUNK_BYTES, nbytes - (len(crcs) - 1) * CHUNK_BYTES)
+
+
 def _chunks_of(view, first_chunk: int):
     """(chunk, its bytes) of a view of whole chunks from ``first_chunk`` on."""
     for i, o in enumerate(range(0, len(view), CHUNK_BYTES)):
@@ -292,19 +298,23 @@ class BatchBuilder:
         # copied run by run (the mixed image, a zero page in four: the
         # destination's CPU 0.75-0.87 s a GiB against 1.00-1.12), and the
         # source saves the scan for them.
-        crc = crc32(snap)  # zero pages are zeros here, as they land
+        # Zero pages are zeros here, as they land.
+        if chunk is None:
+            crc = crc32(snap)
+        else:
+            # The chunks' CRCs are their digests, joined they are the
+            # frame's.  A page written after the CRC is in a later dirty
+            # harvest, which marks the chunk stale again.
+            crcs = []
+            for c, part in _chunks_of(snap, chunk):
+                crcs.append(crc32(part))
+                pieces = piece_crcs(part) if self.digest.keeps_pieces else None
+                self.digest.set_chunk_crc(c, crcs[-1], tags="later", pieces=pieces)
+            crc = _joined(crcs, len(snap))
         if flags.find(fr.PAGE_ZERO) < 0:
             data = snap
         else:
             data = fr.Gather(snap[a * PAGE_SIZE : b * PAGE_SIZE] for a, b in runs(bytes(flags), 0))
-        if chunk is not None:
-            # A page written after the CRC is in a later dirty harvest,
-            # which marks the chunk stale again.
-            for c, part in _chunks_of(snap, chunk):
-                pieces = piece_crcs(part) if self.digest.keeps_pieces else None
-                self.digest.set_chunk_crc(
-                    c, crc if len(part) == len(snap) else crc32(part), tags="later", pieces=pieces
-                )
         packed = self.strategy.read_tags(ranges)
         frame, stats = self._finish(
             pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), len(data), crc, may_compress=not live
@@ -509,7 +519,7 @@ class BatchApplier:
             crcs.append(crc32(part))
             pieces = piece_crcs(part) if self.digest.keeps_pieces else None
             self.digest.set_chunk_crc(c, crcs[-1], tags="now", pieces=pieces)
-        crc = crcs[0] if len(crcs) == 1 else crc32_join(crcs, CHUNK_BYTES, len(landed) - (len(crcs) - 1) * CHUNK_BYTES)
+        crc = _joined(crcs, len(landed))
         if crc != frame.dcrc and not self._torn(frame):
             raise ProtocolError(
                 f"PAGES frame data failed its checksum on the landed pages {first}..{end - 1} "

@@ -25,7 +25,7 @@ from array import array
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from migrate.checksum import crc32
-from migrate.engine.bitmaps import runs
+from migrate.engine.bitmaps import merge_ranges, runs
 from migrate.engine.digest import CHUNK_PAGES, effective_tags
 from migrate.engine.passes import peer_error
 from migrate.errors import MigrationError, PeerError, PeerTimeout, ProtocolError, TransportError, one_line
@@ -218,14 +218,9 @@ class SourcePostcopy:
     def _unsent(self, ranges) -> list:
         """Of the pages asked for, those not sent yet (a page asked twice, or
         already sent in the background, goes no second time), ascending."""
-        merged = []  # the asked ranges, overlaps and neighbours joined
-        for first, count in sorted(ranges):
-            end = min(first + count, self.memory.npages)
-            if merged and first <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], end)
-            elif first < end:
-                merged.append([first, end])
-        return [(first + a, b - a) for first, end in merged for a, b in runs(self.pending[first:end], 1)]
+        npages = self.memory.npages
+        merged = merge_ranges((first, min(first + count, npages) - first) for first, count in ranges)
+        return [(first + a, b - a) for first, count in merged for a, b in runs(self.pending[first : first + count], 1)]
 
     async def _serve_requests(self) -> None:
         """The fault channel: each REQUEST answered at once, on that channel."""

@@ -250,7 +250,8 @@ class SourceVmm:
 
     def _new_builder(self, compressor) -> BatchBuilder:
         """A channel's batch builder; with checked frames (--checksum full) it
-        snapshots each batch and puts its CRCs in the frame."""
+        puts each batch's CRCs in the frame (see BatchBuilder: when it copies
+        a batch first, and when it sends it live)."""
         builder = BatchBuilder(
             self.strategy,
             compressor,
@@ -346,7 +347,8 @@ class SourceVmm:
         """Every frame the destination found torn (its data failed the CRC:
         see Pages.live) must hold a page of the harvest just taken, which
         goes again; one that does not was corrupted, not torn.  (Validation
-        at the end checks every page apart from this; a write the dirty
+        at the end compares every chunk apart from this -- a migration that
+        may go postcopy sends no live frame -- and a write the dirty
         tracking missed fails here too, when it tore a frame.)"""
         torn, self._peer.torn = self._peer.torn, []
         npages = self.host.memory.npages
