@@ -95,6 +95,9 @@ POSTCOPY_HOLD_S = 10
 POSTCOPY_DEST = ["--postcopy-hold", str(POSTCOPY_HOLD_S)]
 POSTCOPY_SOURCE = [
     *("--postcopy", "--postcopy-after-passes", "1", "--strategy", "memfd-continue"),
+    # a limit no dirty pass meets: precopy never converges first, however
+    # fast this machine lands pages, so every row reaches the switch
+    *("--downtime-limit", "1"),
     *("--retry", "3", "--postcopy-hold", str(POSTCOPY_HOLD_S)),
 ]
 POSTCOPY_FAULTS = [

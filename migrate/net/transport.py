@@ -21,6 +21,9 @@ from migrate.protocol import frames as fr
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
+#: tmpfs's huge page: the splice into guest RAM writes whole ones at once
+_HUGE_PAGE = 2 << 20
+
 DEFAULT_TIMEOUT = object()
 BUFFER_SIZE = fr.HEADER_SIZE + fr.MAX_META + fr.MAX_PAYLOAD + fr.MAC_SIZE + (1 << 20)
 
@@ -153,7 +156,13 @@ class FrameChannel:
     async def _splice(self, fd: int, offset: int, length: int) -> None:
         """Move ``length`` bytes from the socket to ``fd`` at ``offset``
         through a pipe: the kernel hands the socket's pages to the pipe and
-        copies them once, into the file."""
+        copies them once, into the file.
+
+        While the socket has bytes, the pipe gathers up to the end of a huge
+        page before they are written: tmpfs clears the rest of a fresh huge
+        page that a write covers only in part, and the two channels' writes
+        queue on the file's lock -- written 2 MiB at once, the random image
+        landed with 6-9 % less destination CPU (docs/results)."""
         if self._pipe is None:
             r, w = os.pipe()
             try:
@@ -165,20 +174,28 @@ class FrameChannel:
         sfd = self.sock.fileno()
         done = 0
         while done < length:
-            try:
-                n = os.splice(sfd, w, length - done, flags=os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE)
-            except BlockingIOError:
-                await self._readable()
-                continue
-            except OSError as exc:
-                raise TransportError(f"connection lost: {exc.strerror or exc}") from None
-            if n == 0:
-                raise TransportError(f"peer closed the connection inside a frame ({done} of {length} data bytes)")
+            want = min(length - done, _HUGE_PAGE - (offset + done) % _HUGE_PAGE)
+            held = 0  # bytes in the pipe
+            while held < want:
+                try:
+                    n = os.splice(sfd, w, want - held, flags=os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE)
+                except BlockingIOError:
+                    if held:
+                        break  # nothing more yet, or the pipe is full: write what it holds
+                    await self._readable()
+                    continue
+                except OSError as exc:
+                    raise TransportError(f"connection lost: {exc.strerror or exc}") from None
+                if n == 0:
+                    raise TransportError(
+                        f"peer closed the connection inside a frame ({done + held} of {length} data bytes)"
+                    )
+                held += n
             moved = 0
-            while moved < n:
-                moved += os.splice(r, fd, n - moved, offset_dst=offset + done + moved)
-            done += n
-            self.bytes_received += n
+            while moved < held:
+                moved += os.splice(r, fd, held - moved, offset_dst=offset + done + moved)
+            done += held
+            self.bytes_received += held
             self.last_activity = time.monotonic()
 
     def _drain(self, limit: int = 64 << 20) -> None:

@@ -1,0 +1,90 @@
+"""Splicing a frame's data from the socket into guest RAM's file: every byte
+lands where it belongs however the peer's sends are cut, no write to the
+file crosses the end of a 2 MiB huge page (a write covering part of a fresh
+huge page makes tmpfs clear the rest of it first), and a peer that closes
+inside the data is named with the bytes that came."""
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from migrate.errors import TransportError
+from migrate.net import transport
+from migrate.net.transport import FrameChannel
+
+HUGE = 2 << 20
+
+
+def _file_writes(monkeypatch, fd: int) -> list[tuple[int, int]]:
+    """Record (offset, length) of every splice into ``fd``."""
+    writes = []
+    real = os.splice
+
+    def splice(src, dst, count, offset_src=None, offset_dst=None, flags=0):
+        n = real(src, dst, count, offset_src, offset_dst, flags)
+        if dst == fd:
+            writes.append((offset_dst, n))
+        return n
+
+    monkeypatch.setattr(transport.os, "splice", splice)
+    return writes
+
+
+async def _feed(sock: socket.socket, data: bytes, cuts: list[int], pause: float, close: bool) -> None:
+    loop = asyncio.get_running_loop()
+    pos = 0
+    for cut in cuts + [len(data)]:
+        await loop.sock_sendall(sock, data[pos:cut])
+        pos = cut
+        await asyncio.sleep(pause)
+    if close:
+        sock.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "offset, length, cuts, pause",
+    [
+        (0, 2 * HUGE, [], 0),  # aligned, all at once
+        (3 * 4096, HUGE + 12345, [1000, 700_000, HUGE - 5], 0.01),  # unaligned, trickled
+        (HUGE - 4096, 3 * HUGE, [4096, 4097, HUGE, 2 * HUGE + 1], 0.005),  # straddling three ends
+    ],
+)
+async def test_spliced_bytes_land_in_place_and_no_write_crosses_a_huge_page(monkeypatch, offset, length, cuts, pause):
+    data = os.urandom(length)
+    fd = os.memfd_create("splice-test")
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        os.ftruncate(fd, offset + length + HUGE)
+        writes = _file_writes(monkeypatch, fd)
+        chan = FrameChannel(b, conn=None, timeout=5)
+        await asyncio.gather(_feed(a, data, cuts, pause, close=False), chan._splice(fd, offset, length))
+        assert os.pread(fd, length, offset) == data
+        assert os.pread(fd, offset, 0) == bytes(offset)  # nothing before it
+        assert chan.bytes_received == length
+        assert sum(n for _, n in writes) == length
+        for at, n in writes:
+            assert at // HUGE == (at + n - 1) // HUGE, f"write at {at} of {n} bytes crosses a huge page's end"
+        chan.close()
+    finally:
+        a.close()
+        os.close(fd)
+
+
+@pytest.mark.asyncio
+async def test_a_peer_closing_inside_the_data_is_named_with_the_bytes_that_came():
+    fd = os.memfd_create("splice-test")
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        os.ftruncate(fd, 2 * HUGE)
+        chan = FrameChannel(b, conn=None, timeout=5)
+        with pytest.raises(TransportError, match=r"inside a frame \(5000 of 65536 data bytes\)"):
+            await asyncio.gather(_feed(a, os.urandom(5000), [], 0, close=True), chan._splice(fd, 0, 65536))
+        chan.close()
+    finally:
+        a.close()
+        os.close(fd)
