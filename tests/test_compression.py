@@ -217,3 +217,35 @@ def test_raw_over_a_fast_link_only_when_measured_fast_and_not_compressing():
     level = Compressor("3")
     level.observe_link(1 << 20, (1 << 20) / 3e9)
     assert not level.raw_over_fast_link()  # a forced level compresses zero pages to nothing anyway
+
+
+def test_a_link_measured_slow_because_the_receiver_is_counts_as_fast():
+    """Over loopback the destination holds the sender back, and per-send rates
+    swing about 2 GB/s: a closed receive window for a quarter of the send
+    time or more says the receiver, not the network, set the rate.  Not
+    with a cap (--max-bandwidth makes the link slow on purpose), not when
+    the window stayed open (a slow network), not when the kernel says
+    nothing."""
+    def measured(receiver_s, cap=None):
+        c = Compressor("none", link_cap=cap)
+        for _ in range(5):
+            c.observe_link(4 << 20, (4 << 20) / 1.2e9, receiver_s)  # 3.5 ms a send
+        return c.raw_over_fast_link()
+
+    assert measured(0.002)  # 57 % of the send held back by the receiver
+    assert measured(0.0009)  # 26 %
+    assert not measured(0.0005)  # 14 %: the network's pace
+    assert not measured(0.0)
+    assert not measured(None)  # no tcpi_rwnd_limited here
+    assert not measured(0.002, cap=1.5e9)
+
+
+def test_the_receiver_share_is_a_moving_average_of_sends():
+    c = Compressor("none")
+    c.observe_link(4 << 20, 0.004, 0.004)
+    assert c.raw_over_fast_link()
+    for _ in range(10):  # the destination caught up; the network is the limit now
+        c.observe_link(4 << 20, 0.004, 0.0)
+    assert not c.raw_over_fast_link()
+    c.observe_link(1000, 0.004, 0.004)  # too small a send to say anything
+    assert not c.raw_over_fast_link()

@@ -88,3 +88,32 @@ async def test_a_peer_closing_inside_the_data_is_named_with_the_bytes_that_came(
     finally:
         a.close()
         os.close(fd)
+
+
+@pytest.mark.asyncio
+async def test_the_time_a_receiver_held_the_sender_back_is_read_from_tcp():
+    """A receiver that reads nothing closes its window: the sender's channel
+    reports the time since (Linux's tcpi_rwnd_limited).  A socket that is not
+    TCP reports None, and the send policy falls back to the rate alone."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    a, b = socket.socketpair()
+    try:
+        chan = FrameChannel(client, conn=None, timeout=5)
+        before = chan.receiver_limited_s()
+        if before is None:
+            pytest.skip("this kernel does not report tcpi_rwnd_limited (Linux 4.10+)")
+        try:
+            while True:
+                client.send(bytes(1 << 20))
+        except BlockingIOError:
+            pass
+        await asyncio.sleep(0.2)
+        assert chan.receiver_limited_s() - before >= 0.1
+        assert FrameChannel(a, conn=None, timeout=5).receiver_limited_s() is None
+    finally:
+        for s in (client, server, listener, a, b):
+            s.close()

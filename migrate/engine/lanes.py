@@ -68,9 +68,11 @@ class SendLane:
         for batch, build in jobs:
             check_peer()
             frame, s = build(pass_no, batch)
-            before = chan.send_seconds
+            before, held = chan.send_seconds, chan.receiver_limited_s()
             sent = await chan.send(frame)
-            builder.compressor.observe_link(sent, chan.send_seconds - before)
+            after = chan.receiver_limited_s()
+            receiver = after - held if held is not None and after is not None else None
+            builder.compressor.observe_link(sent, chan.send_seconds - before, receiver)
             stats.add(s)
             self.totals.add(s)
             self.pages_done += s.pages

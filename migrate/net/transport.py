@@ -21,6 +21,10 @@ from migrate.protocol import frames as fr
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+#: struct tcp_info: the offset of tcpi_rwnd_limited (microseconds), and a
+#: length that reaches past it
+_TCPI_RWND_LIMITED, _TCPI_LEN = 176, 232
 #: tmpfs's huge page: the splice into guest RAM writes whole ones at once
 _HUGE_PAGE = 2 << 20
 
@@ -71,6 +75,19 @@ class FrameChannel:
         self.send_seconds += time.perf_counter() - t
         self.bytes_sent += n
         return n
+
+    def receiver_limited_s(self) -> float | None:
+        """Seconds this connection's sender has spent held back by the
+        peer's TCP receive window (Linux's tcpi_rwnd_limited, since 4.10;
+        counted in jiffies): the receiver, not the network, was slow.  None
+        where the kernel does not say."""
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCPI_LEN)
+        except (OSError, AttributeError):
+            return None
+        if len(info) < _TCPI_RWND_LIMITED + 8:
+            return None
+        return int.from_bytes(info[_TCPI_RWND_LIMITED : _TCPI_RWND_LIMITED + 8], "little") / 1e6
 
     # -- receiving -----------------------------------------------------------
     async def _fill(self, need: int) -> None:
