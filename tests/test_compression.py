@@ -241,11 +241,18 @@ def test_a_link_measured_slow_because_the_receiver_is_counts_as_fast():
 
 
 def test_the_receiver_share_is_a_moving_average_of_sends():
+    """Averaged over sends, weighted by their time: the kernel counts in
+    jiffies, so one send reads 0 and the next a whole 4 ms."""
     c = Compressor("none")
     c.observe_link(4 << 20, 0.004, 0.004)
+    assert c.raw_over_fast_link() and c.receiver_share() == 1.0
+    for _ in range(3):  # jiffies: a send or two without, then one with
+        c.observe_link(4 << 20, 0.002, 0.0)
+        c.observe_link(4 << 20, 0.002, 0.0)
+        c.observe_link(4 << 20, 0.002, 0.004)
     assert c.raw_over_fast_link()
-    for _ in range(10):  # the destination caught up; the network is the limit now
+    for _ in range(20):  # the destination caught up; the network is the limit now
         c.observe_link(4 << 20, 0.004, 0.0)
-    assert not c.raw_over_fast_link()
+    assert not c.raw_over_fast_link() and c.receiver_share() < 0.25
     c.observe_link(1000, 0.004, 0.004)  # too small a send to say anything
     assert not c.raw_over_fast_link()

@@ -58,7 +58,8 @@ class Compressor:
         self.compress_rate = _Ewma()  # input bytes per second of compression
         self.ratio = _Ewma()  # output / input
         self.link_rate = _Ewma()  # wire bytes per second
-        self.receiver_share = _Ewma()  # of the send time, what the receiver's window held back
+        self._receiver_s = _Ewma(0.1)  # per send: seconds the receiver's window held it back
+        self._send_s = _Ewma(0.1)  # per send: seconds
         self._since_probe = 0
         self._compressing = False  # the last decision
         self.probes = 0  # samples compressed to measure
@@ -71,7 +72,10 @@ class Compressor:
         if seconds > 0 and nbytes >= 64 * 1024:
             self.link_rate.add(nbytes / seconds)
             if receiver_limited_s is not None:
-                self.receiver_share.add(min(1.0, receiver_limited_s / seconds))
+                # Kept as two averages, not one of ratios: the kernel counts
+                # in jiffies (4 ms at HZ=250), longer than many sends.
+                self._receiver_s.add(min(receiver_limited_s, seconds))
+                self._send_s.add(seconds)
 
     def _effective_link(self) -> float | None:
         rate = self.link_rate.value
@@ -136,7 +140,14 @@ class Compressor:
         # Measured slower: the network, or a destination that cannot keep
         # up?  The second shows as a closed receive window, and gets the
         # zero pages as data all the same (it lands them in one piece).
-        return self.link_cap is None and (self.receiver_share.value or 0.0) >= RECEIVER_BOUND
+        return self.link_cap is None and self.receiver_share() >= RECEIVER_BOUND
+
+    def receiver_share(self) -> float:
+        """Of the recent send time, the share the receiver's TCP window held
+        the sender back (0 when not known)."""
+        if not self._send_s.value or self._receiver_s.value is None:
+            return 0.0
+        return self._receiver_s.value / self._send_s.value
 
     def sends_raw(self) -> bool:
         """Data goes raw for now: compression none, or auto over a fast link
