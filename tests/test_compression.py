@@ -226,6 +226,7 @@ def test_a_link_measured_slow_because_the_receiver_is_counts_as_fast():
     with a cap (--max-bandwidth makes the link slow on purpose), not when
     the window stayed open (a slow network), not when the kernel says
     nothing."""
+
     def measured(receiver_s, cap=None):
         c = Compressor("none", link_cap=cap)
         for _ in range(5):

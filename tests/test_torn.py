@@ -110,15 +110,24 @@ def test_a_frame_that_may_be_compressed_is_never_live(hosts):
 
     src = hosts.source(rate=0, start=False)
     strategy = get_strategy("tag-ioctl")(src, Config())
-    for mode, live in (("none", True), ("3", False), ("auto", False)):  # auto: the link not measured yet
-        builder = pages.BatchBuilder(strategy, Compressor(mode), 1024)
-        frame, _ = builder.build(0, [(0, 1024)])
-        assert frame.live is live, mode
-        assert src.memory.is_view_of(frame.data, 0) is live, mode
+    text = (b"compressible guest memory, " * 160)[:4096] * 1024
+    src.memory.write(0, text)
+    slow = Compressor("auto")
+    slow.observe_link(8 << 20, 0.08)  # 100 MB/s: auto compresses this text
     fast = Compressor("auto")
     fast.observe_link(8 << 20, 0.001)  # 8 GB/s: raw
-    frame, _ = pages.BatchBuilder(strategy, fast, 1024).build(0, [(0, 1024)])
-    assert frame.live and not frame.data_compressed
+    # auto before any measure of the link: raw, decided before the frame is built
+    for compressor, live in (
+        (Compressor("none"), True),
+        (Compressor("3"), False),
+        (slow, False),
+        (fast, True),
+        (Compressor("auto"), True),
+    ):
+        frame, _ = pages.BatchBuilder(strategy, compressor, 1024).build(0, [(0, 1024)])
+        assert frame.live is live, compressor.mode
+        assert frame.data_compressed is not live, compressor.mode
+        assert src.memory.is_view_of(frame.data, 0) is live, compressor.mode
 
 
 def test_merge_ranges_joins_overlaps_and_neighbours():

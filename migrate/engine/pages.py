@@ -279,8 +279,13 @@ class BatchBuilder:
         n = ranges[0][1]
         # Straight from the running guest's memory only when it goes raw:
         # zstd reads its input more than once, and a page the guest writes
-        # meanwhile could make pages it never wrote decode wrong.
-        live = self.guest_runs and not (self.snapshot_running or not self.compressor.sends_raw())
+        # meanwhile could make pages it never wrote decode wrong.  Asked
+        # first (auto decides on a copied sample), so that a batch is copied
+        # only to be compressed -- not while the link is still unmeasured.
+        compress = None
+        if self.guest_runs and not self.snapshot_running:
+            compress = False if self.compressor.sends_raw() else self.compressor.decide(view)
+        live = compress is False
         if self.guest_runs and not live:
             snap = memoryview(self._scratch)[: n * PAGE_SIZE]
             snap[:] = view  # a copy: what the CRC covers is what goes out
@@ -317,7 +322,7 @@ class BatchBuilder:
             data = fr.Gather(snap[a * PAGE_SIZE : b * PAGE_SIZE] for a, b in runs(bytes(flags), 0))
         packed = self.strategy.read_tags(ranges)
         frame, stats = self._finish(
-            pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), len(data), crc, may_compress=not live
+            pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), len(data), crc, decided=compress
         )
         frame.live = live
         stats.unscanned_pages = unscanned
@@ -330,10 +335,10 @@ class BatchBuilder:
         packed = self.strategy.read_tags(ranges)
         return self._finish(pass_no, ranges, flags, b"", packed_tags_blob(flags, packed, n), 0)
 
-    def _finish(self, pass_no, ranges, flags, data, tags, filled, dcrc=None, may_compress=True):
+    def _finish(self, pass_no, ranges, flags, data, tags, filled, dcrc=None, decided=None):
         tag_blob, ntagged = tags
         n = len(flags)
-        data_wire, data_c = self.compressor.compress_data(data, may_compress)
+        data_wire, data_c = self.compressor.compress_data(data, decided=decided)
         tags_wire, tags_c = self.compressor.compress_tags(tag_blob)
         zero = flags.count(fr.PAGE_ZERO) + flags.count(fr.PAGE_ZERO | fr.PAGE_TAGS)
         normal = n - zero - flags.count(fr.PAGE_KEEP) - flags.count(fr.PAGE_KEEP | fr.PAGE_TAGS)

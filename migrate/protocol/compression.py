@@ -154,12 +154,22 @@ class Compressor:
         (see raw_over_fast_link)."""
         return self.mode == "none" or self.raw_over_fast_link()
 
-    def compress_data(self, data, may_compress: bool = True) -> tuple[object, bool]:
+    def decide(self, data) -> bool:
+        """Would ``data`` be compressed?  Asked before a batch is built, so
+        that memory the guest writes is copied only for a batch that will be
+        compressed; pass the answer to compress_data (auto's estimates and
+        probes move once a batch, as when compress_data decides)."""
+        return bool(len(data)) and self._should_compress(data)
+
+    def compress_data(self, data, may_compress: bool = True, decided: bool | None = None) -> tuple[object, bool]:
         """Returns (wire bytes, compressed?).  Incompressible batches go raw;
         so does ``data`` that must not be compressed (memory a running guest
         writes: zstd reads its input more than once, and a page written in
-        between could decode wrong in other pages too)."""
-        if not len(data) or not may_compress or not self._should_compress(data):
+        between could decode wrong in other pages too).  ``decided``: what
+        decide() answered for this batch."""
+        if decided is None:
+            decided = bool(len(data)) and may_compress and self._should_compress(data)
+        if not len(data) or not may_compress or not decided:
             self.batches_raw += 1
             return data, False
         whole = flat(data)
