@@ -55,26 +55,42 @@ class FrameChannel:
         #: end of each frame so that payloads stay in the socket.
         self.placer = None
         self._pipe = None
+        # One frame at a time: a task that sends while another waits for
+        # room in the socket would put its bytes inside the other's frame.
+        self._send_lock = asyncio.Lock()
+        #: the type of a frame whose send stopped part-way (cancelled, timed
+        #: out): the stream can carry nothing after it that a peer could parse
+        self.cut_frame: str | None = None
 
     # -- sending --------------------------------------------------------------
     async def send(self, frame, paced: bool = True) -> int:
         """``paced=False``: past --max-bandwidth's limiter (a page a stopped
         vCPU waits for in postcopy; the background stream keeps to the cap)."""
-        buffers = self.conn.send(frame)
-        n = sum(len(b) for b in buffers)
-        if self.limiter is not None and paced:
-            await self.limiter.wait(n)
-        t = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self.io.send_parts(buffers)
-        except TimeoutError:
-            raise PeerTimeout(f"peer accepted no data for {self.timeout:g} s") from None
-        except (ConnectionError, OSError) as exc:
-            raise TransportError(f"connection lost while sending {frame.type.name}: {exc.strerror or exc}") from None
-        self.send_seconds += time.perf_counter() - t
-        self.bytes_sent += n
-        return n
+        async with self._send_lock:
+            if self.cut_frame is not None:
+                raise TransportError(
+                    f"cannot send {frame.type.name}: a {self.cut_frame} frame was cut off part-way on this connection"
+                )
+            buffers = self.conn.send(frame)
+            n = sum(len(b) for b in buffers)
+            if self.limiter is not None and paced:
+                await self.limiter.wait(n)
+            t = time.perf_counter()
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self.io.send_parts(buffers)
+            except BaseException as exc:
+                self.cut_frame = frame.type.name  # (conservative: perhaps no byte of it went)
+                if isinstance(exc, TimeoutError):
+                    raise PeerTimeout(f"peer accepted no data for {self.timeout:g} s") from None
+                if isinstance(exc, (ConnectionError, OSError)):
+                    raise TransportError(
+                        f"connection lost while sending {frame.type.name}: {exc.strerror or exc}"
+                    ) from None
+                raise
+            self.send_seconds += time.perf_counter() - t
+            self.bytes_sent += n
+            return n
 
     def receiver_limited_s(self) -> float | None:
         """Seconds this connection's sender has spent held back by the

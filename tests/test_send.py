@@ -1,0 +1,104 @@
+"""Sending frames on one connection: frames never interleave, even when two
+tasks send while the socket is full, and after a send cut off part-way (a
+cancel, a timeout) nothing more goes out on that connection -- an ABORT sent
+after half a PAGES frame would be read as the rest of its payload."""
+
+import asyncio
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from migrate.errors import TransportError
+from migrate.net.transport import FrameChannel
+
+
+class _Conn:
+    """Stands in for the protocol core: a frame's bytes are its payload."""
+
+    def send(self, frame):
+        return [frame.payload]
+
+
+def _frame(name: str, payload: bytes):
+    return SimpleNamespace(type=SimpleNamespace(name=name), payload=payload)
+
+
+def _pair():
+    a, b = socket.socketpair()
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    return a, b
+
+
+async def _read_all(sock: socket.socket, n: int, pause: float = 0.0) -> bytes:
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    got = bytearray()
+    while len(got) < n:
+        chunk = await loop.sock_recv(sock, 1 << 16)
+        if not chunk:
+            break
+        got += chunk
+        if pause:
+            await asyncio.sleep(pause)
+    return bytes(got)
+
+
+@pytest.mark.asyncio
+async def test_two_tasks_sending_at_once_never_interleave_their_frames():
+    a, b = _pair()
+    try:
+        chan = FrameChannel(a, _Conn(), timeout=5)
+        big, small = b"A" * (4 << 20), b"B" * 100_000
+        reader = asyncio.ensure_future(_read_all(b, len(big) + len(small), pause=0.001))
+        first = asyncio.ensure_future(chan.send(_frame("PAGES", big)))
+        await asyncio.sleep(0.01)  # the big frame waits for room part-way
+        await chan.send(_frame("ERROR", small))
+        await first
+        got = await reader
+        assert got == big + small
+        chan.close()
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.asyncio
+async def test_after_a_send_cut_off_part_way_nothing_more_goes_out():
+    a, b = _pair()
+    try:
+        chan = FrameChannel(a, _Conn(), timeout=5)
+        sending = asyncio.ensure_future(chan.send(_frame("PAGES", b"A" * (4 << 20))))
+        await asyncio.sleep(0.05)  # nobody reads: it waits part-way
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        assert chan.cut_frame == "PAGES"
+        with pytest.raises(TransportError, match="cannot send ABORT: a PAGES frame was cut off part-way"):
+            await chan.send(_frame("ABORT", b"B" * 10))
+        a.shutdown(socket.SHUT_WR)
+        got = await _read_all(b, 8 << 20)
+        assert 0 < len(got) < 4 << 20 and set(got) == {ord("A")}  # part of the frame, and nothing after it
+        chan.close()
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.asyncio
+async def test_a_send_that_times_out_cuts_the_connection_too():
+    from migrate.errors import PeerTimeout
+
+    a, b = _pair()
+    try:
+        chan = FrameChannel(a, _Conn(), timeout=0.1)
+        with pytest.raises(PeerTimeout):
+            await chan.send(_frame("PAGES", b"A" * (4 << 20)))
+        with pytest.raises(TransportError, match="cut off part-way"):
+            await chan.send(_frame("ERROR", b"B"))
+        chan.close()
+    finally:
+        a.close()
+        b.close()
