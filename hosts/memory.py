@@ -222,6 +222,12 @@ class GuestMemory:
         return sum(e - s for s, e in self.populated_ranges())
 
     @property
+    def write_lock(self):
+        """Held by every writer of the backing file (see __init__): a
+        receiver that splices into it takes it too."""
+        return self._write_lock
+
+    @property
     def data_fd(self) -> int:
         """The backing file: a receiver may splice(2) page data into it."""
         return self._data_fd

@@ -925,7 +925,7 @@ def test_over_a_fast_link_a_chunk_with_few_zero_pages_goes_whole_unscanned(blank
         assert link.applier.placement(
             {"ranges": frame.ranges, "data_compressed": False, "dcrc": frame.dcrc, "flags": frame.flags},
             len(frame.data),
-        ) == (dst.memory.data_fd, 0)  # spliced whole on a real link
+        ) == (dst.memory.data_fd, 0, dst.memory.write_lock)  # spliced whole on a real link
     else:
         assert stats.zero_pages == len(zeros) and stats.unscanned_pages == 0
         assert frame.flags.count(fr.PAGE_ZERO) == len(zeros)
@@ -950,7 +950,7 @@ def test_a_frame_of_four_whole_chunks_is_checked_and_recorded_chunk_by_chunk(bla
     (got,) = link.conn.feed(wire_of(frame))
     if landed:  # as the transport does: the data spliced into place, then the frame applied
         fields = {"ranges": got.ranges, "data_compressed": False, "dcrc": got.dcrc, "flags": got.flags}
-        fd, offset = link.applier.placement(fields, len(got.data))
+        fd, offset, _ = link.applier.placement(fields, len(got.data))
         os.pwrite(fd, bytes(got.data), offset)
         got.landed, got.data = True, None
     link.applier.apply(got)

@@ -441,7 +441,7 @@ class BatchApplier:
 
     def placement(self, fields: dict, data_len: int):
         """Where the transport may splice a frame's data straight into guest
-        RAM: (file descriptor, byte offset), or None.  Only whole digest
+        RAM: (file descriptor, byte offset, the lock its writers hold), or None.  Only whole digest
         chunks of data pages, raw and self-checked -- the frame is then
         verified on the landed pages anyway -- and only when the strategy
         stores data as a plain write to RAM (prot-mte goes through its
@@ -462,7 +462,8 @@ class BatchApplier:
             or fields["flags"].translate(_DATA_BIT).find(0) >= 0
         ):
             return None
-        return self.digest.memory.data_fd, first * PAGE_SIZE
+        memory = self.digest.memory
+        return memory.data_fd, first * PAGE_SIZE, memory.write_lock
 
     def _apply_landed(self, frame, ndata: int, tag_bits: bytes, ntags: int) -> BatchStats:
         first, count = frame.ranges[0]

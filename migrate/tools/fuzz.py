@@ -676,9 +676,10 @@ class _Reader:
             if target is not None:
                 frame = self.conn.accept_landing(fields)
                 self._need(head + header.payload_len)
-                fd, offset = target
+                fd, offset, lock = target
                 start = self.pos + head
-                os.pwrite(fd, self.buf[start : start + dl], offset)
+                with lock:
+                    os.pwrite(fd, self.buf[start : start + dl], offset)
                 frame.tags = bytes(self.buf[start + dl : start + header.payload_len])
                 self.pos += head + header.payload_len
                 frame.check_tags()
