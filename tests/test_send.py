@@ -24,12 +24,16 @@ def _frame(name: str, payload: bytes):
     return SimpleNamespace(type=SimpleNamespace(name=name), payload=payload)
 
 
-def _pair():
+@pytest.fixture
+def pair():
+    """A connected socket pair with small buffers: a 4 MiB frame waits for room."""
     a, b = socket.socketpair()
     for s in (a, b):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-    return a, b
+    yield a, b
+    a.close()
+    b.close()
 
 
 async def _read_all(sock: socket.socket, n: int, pause: float = 0.0) -> bytes:
@@ -47,58 +51,41 @@ async def _read_all(sock: socket.socket, n: int, pause: float = 0.0) -> bytes:
 
 
 @pytest.mark.asyncio
-async def test_two_tasks_sending_at_once_never_interleave_their_frames():
-    a, b = _pair()
-    try:
-        chan = FrameChannel(a, _Conn(), timeout=5)
-        big, small = b"A" * (4 << 20), b"B" * 100_000
-        reader = asyncio.ensure_future(_read_all(b, len(big) + len(small), pause=0.001))
-        first = asyncio.ensure_future(chan.send(_frame("PAGES", big)))
-        await asyncio.sleep(0.01)  # the big frame waits for room part-way
-        await chan.send(_frame("ERROR", small))
-        await first
-        got = await reader
-        assert got == big + small
-        chan.close()
-    finally:
-        a.close()
-        b.close()
+async def test_two_tasks_sending_at_once_never_interleave_their_frames(pair):
+    a, b = pair
+    chan = FrameChannel(a, _Conn(), timeout=5)
+    big, small = b"A" * (4 << 20), b"B" * 100_000
+    reader = asyncio.ensure_future(_read_all(b, len(big) + len(small), pause=0.001))
+    first = asyncio.ensure_future(chan.send(_frame("PAGES", big)))
+    await asyncio.sleep(0.01)  # the big frame waits for room part-way
+    await chan.send(_frame("ERROR", small))
+    await first
+    assert await reader == big + small
 
 
 @pytest.mark.asyncio
-async def test_after_a_send_cut_off_part_way_nothing_more_goes_out():
-    a, b = _pair()
-    try:
-        chan = FrameChannel(a, _Conn(), timeout=5)
-        sending = asyncio.ensure_future(chan.send(_frame("PAGES", b"A" * (4 << 20))))
-        await asyncio.sleep(0.05)  # nobody reads: it waits part-way
-        sending.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await sending
-        assert chan.cut_frame == "PAGES"
-        with pytest.raises(TransportError, match="cannot send ABORT: a PAGES frame was cut off part-way"):
-            await chan.send(_frame("ABORT", b"B" * 10))
-        a.shutdown(socket.SHUT_WR)
-        got = await _read_all(b, 8 << 20)
-        assert 0 < len(got) < 4 << 20 and set(got) == {ord("A")}  # part of the frame, and nothing after it
-        chan.close()
-    finally:
-        a.close()
-        b.close()
+async def test_after_a_send_cut_off_part_way_nothing_more_goes_out(pair):
+    a, b = pair
+    chan = FrameChannel(a, _Conn(), timeout=5)
+    sending = asyncio.ensure_future(chan.send(_frame("PAGES", b"A" * (4 << 20))))
+    await asyncio.sleep(0.05)  # nobody reads: it waits part-way
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    assert chan.cut_frame == "PAGES"
+    with pytest.raises(TransportError, match="cannot send ABORT: a PAGES frame was cut off part-way"):
+        await chan.send(_frame("ABORT", b"B" * 10))
+    a.shutdown(socket.SHUT_WR)
+    got = await _read_all(b, 8 << 20)
+    assert 0 < len(got) < 4 << 20 and set(got) == {ord("A")}  # part of the frame, and nothing after it
 
 
 @pytest.mark.asyncio
-async def test_a_send_that_times_out_cuts_the_connection_too():
+async def test_a_send_that_times_out_cuts_the_connection_too(pair):
     from migrate.errors import PeerTimeout
 
-    a, b = _pair()
-    try:
-        chan = FrameChannel(a, _Conn(), timeout=0.1)
-        with pytest.raises(PeerTimeout):
-            await chan.send(_frame("PAGES", b"A" * (4 << 20)))
-        with pytest.raises(TransportError, match="cut off part-way"):
-            await chan.send(_frame("ERROR", b"B"))
-        chan.close()
-    finally:
-        a.close()
-        b.close()
+    chan = FrameChannel(pair[0], _Conn(), timeout=0.1)
+    with pytest.raises(PeerTimeout):
+        await chan.send(_frame("PAGES", b"A" * (4 << 20)))
+    with pytest.raises(TransportError, match="cut off part-way"):
+        await chan.send(_frame("ERROR", b"B"))
