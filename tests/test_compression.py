@@ -206,7 +206,10 @@ def test_decompressor_output_is_bounded_by_expected():
 
 def test_raw_over_a_fast_link_only_when_measured_fast_and_not_compressing():
     c = Compressor("auto")
-    assert not c.raw_over_fast_link()  # nothing measured
+    assert c.raw_over_fast_link()  # nothing measured: taken as fast until it is
+    c.observe_link(1 << 20, (1 << 20) / 1e9)
+    assert not c.raw_over_fast_link()
+    c = Compressor("auto")
     c.observe_link(1 << 20, (1 << 20) / 3e9)
     assert c.raw_over_fast_link()
     c._compressing = True  # auto's last decision: compress

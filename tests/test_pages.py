@@ -593,6 +593,7 @@ def test_a_checked_whole_chunk_goes_out_gathered_from_its_snapshot(blank_pair, m
         if p % 4:
             write(src, p, bytes([p % 251 + 1]) * PAGE)
     link = checked_link(src, dst)
+    link.compressor.observe_link(1 << 20, (1 << 20) / 1e9)  # slower than landing: zero pages go as flags
     calls = []
     monkeypatch.setattr(pages, "crc32", lambda b, *x: calls.append(len(b)) or zlib.crc32(b, *x))
     frame, stats = link.builder.build(0, [(0, CHUNK)])
@@ -867,6 +868,7 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_p
         if p % 4:
             write(src, p, bytes([p % 251 + 1]) * PAGE)
     link = checked_link(src, dst, digest=False)
+    link.compressor.observe_link(1 << 20, (1 << 20) / 1e9)  # slower than landing: zero pages go as flags
     digest = link.builder.digest = MemoryDigest(src.memory, compute=False)
     calls = []
 
@@ -898,7 +900,7 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_p
     [
         (4, 3e9, True),  # the mixed image over loopback: the chunk goes whole
         (4, 1e9, False),  # a link slower than the destination lands pages: zero pages stay flags
-        (4, None, False),  # no link measured yet
+        (4, None, True),  # no link measured yet: taken as fast until it is
         (2, 3e9, True),  # half zero pages: still whole
         (-4, 3e9, False),  # three zero pages in four: more than half, so they are sought and flagged
     ],
