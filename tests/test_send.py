@@ -16,6 +16,9 @@ from migrate.net.transport import FrameChannel
 class _Conn:
     """Stands in for the protocol core: a frame's bytes are its payload."""
 
+    def __init__(self, sealed: bool = False):
+        self.sealed = sealed  # MAC'd: each frame carries a sequence number
+
     def send(self, frame):
         return [frame.payload]
 
@@ -89,3 +92,30 @@ async def test_a_send_that_times_out_cuts_the_connection_too(pair):
         await chan.send(_frame("PAGES", b"A" * (4 << 20)))
     with pytest.raises(TransportError, match="cut off part-way"):
         await chan.send(_frame("ERROR", b"B"))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sealed", [False, True])
+async def test_a_send_cancelled_while_paced_cuts_only_a_sealed_connection(pair, sealed):
+    """Cancelled in --max-bandwidth's limiter, no byte of the frame went out:
+    a plain stream can still carry the ABORT that says why.  But the
+    connection already counted the frame sent, and on a MAC'd stream the
+    next frame would carry the wrong sequence number."""
+
+    class Slow:
+        async def wait(self, n):
+            await asyncio.sleep(10)
+
+    chan = FrameChannel(pair[0], _Conn(sealed), timeout=5, limiter=Slow())
+    sending = asyncio.ensure_future(chan.send(_frame("PAGES", b"A" * 100)))
+    await asyncio.sleep(0.01)
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    if sealed:
+        with pytest.raises(TransportError, match="a PAGES frame was cut off part-way"):
+            await chan.send(_frame("ABORT", b"B"), paced=False)
+    else:
+        await chan.send(_frame("ABORT", b"B"), paced=False)
+        pair[0].shutdown(socket.SHUT_WR)
+        assert await _read_all(pair[1], 100) == b"B"

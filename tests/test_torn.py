@@ -135,3 +135,33 @@ def test_merge_ranges_joins_overlaps_and_neighbours():
 
     assert merge_ranges([(10, 5), (0, 4), (4, 2), (12, 10), (30, 0), (40, 1)]) == [(0, 6), (10, 12), (40, 1)]
     assert merge_ranges([]) == []
+
+
+def test_an_unchecked_run_from_a_running_guest_is_compressed_only_from_a_copy(hosts):
+    # --checksum meta|none sends a batch of one run of data pages straight
+    # from guest RAM when it goes raw.  Over a link the receiver holds back
+    # (it counts as fast for sending whole chunks) auto may still decide to
+    # compress: that must happen on a copy, never on the running guest's
+    # memory, which zstd would read more than once.
+    from migrate.config.spec import MigrationConfig as Config
+    from migrate.protocol.compression import Compressor
+    from migrate.strategies import get as get_strategy
+
+    src = hosts.source(rate=0, start=False)
+    strategy = get_strategy("tag-ioctl")(src, Config())
+    src.memory.write(0, (b"compressible guest memory, " * 160)[:4096] * 64)
+    compressor = Compressor("auto")
+    for _ in range(5):  # 0.5 GB/s, the receiver's window closed 60 % of the time
+        compressor.observe_link(4 << 20, (4 << 20) / 0.5e9, 0.6 * (4 << 20) / 0.5e9)
+    assert compressor.sends_raw()
+    fed = []
+    real = compressor._data
+
+    class Spy:
+        def compress(self, data):
+            fed.append(isinstance(data, memoryview) and src.memory.is_view_of(data, 0))
+            return real.compress(data)
+
+    compressor._data = Spy()
+    frame, _ = pages.BatchBuilder(strategy, compressor, 64, checked=False).build(0, [(0, 64)])
+    assert frame.data_compressed and fed and not any(fed)

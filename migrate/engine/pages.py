@@ -253,7 +253,13 @@ class BatchBuilder:
                 parts.append(view[a * PAGE_SIZE : b * PAGE_SIZE])
             i += count
         filled = sum(len(v) for v in parts)
-        if len(parts) == 1 and not self.checked and (not self.guest_runs or self.compressor.sends_raw()):
+        one_run = len(parts) == 1 and not self.checked
+        decided = None  # compress_data decides: on a copy, or on a paused guest's memory
+        if one_run and self.guest_runs:
+            # A running guest's memory goes out uncopied only raw: zstd reads
+            # its input more than once (see _build_whole_chunk).
+            decided = self.compressor.decide(parts[0])
+        if one_run and not decided:
             data = parts[0]
         else:
             scratch, pos = memoryview(self._scratch), 0
@@ -262,7 +268,7 @@ class BatchBuilder:
                 pos += len(v)
             data = scratch[:filled]
         packed = self.strategy.read_tags(ranges)
-        return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), filled)
+        return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), filled, decided=decided)
 
     def _build_whole_chunk(self, pass_no, ranges, chunk, view) -> tuple[fr.Pages, BatchStats]:
         """Whole chunks, checked: find the zero pages, and CRC the chunks in

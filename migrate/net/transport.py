@@ -72,10 +72,17 @@ class FrameChannel:
                 raise TransportError(
                     f"cannot send {frame.type.name}: a {self.cut_frame} frame was cut off part-way on this connection"
                 )
-            buffers = self.conn.send(frame)
+            buffers = self.conn.send(frame)  # the connection counts it sent (a MAC's sequence, too)
             n = sum(len(b) for b in buffers)
             if self.limiter is not None and paced:
-                await self.limiter.wait(n)
+                try:
+                    await self.limiter.wait(n)
+                except BaseException:
+                    # Nothing of it went out, but on a sealed stream the next
+                    # frame would carry the wrong MAC sequence number.
+                    if self.conn.sealed:
+                        self.cut_frame = frame.type.name
+                    raise
             t = time.perf_counter()
             try:
                 async with asyncio.timeout(self.timeout):
