@@ -230,9 +230,10 @@ class BatchBuilder:
                 first, count = ranges[0]
                 view = self.strategy.read_data(first, count)
                 record = self.digest is not None and self.digest.memory.is_view_of(view, first * PAGE_SIZE)
+                heads = bytes(view[::PAGE_SIZE])  # the first byte of every page, in one strided copy
                 # (a chunk of zeros alone is flagged below, without a copy)
-                if record or not (bytes(view[::PAGE_SIZE]).count(0) == count and all_zero(view)):
-                    return self._build_whole_chunk(pass_no, ranges, chunk if record else None, view)
+                if record or not (heads.count(0) == count and all_zero(view)):
+                    return self._build_whole_chunk(pass_no, ranges, chunk if record else None, view, heads)
         n = sum(c for _, c in ranges)
         flags = bytearray(n)
         parts = []  # views of the runs of non-zero pages, in batch order
@@ -270,7 +271,7 @@ class BatchBuilder:
         packed = self.strategy.read_tags(ranges)
         return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), filled, decided=decided)
 
-    def _build_whole_chunk(self, pass_no, ranges, chunk, view) -> tuple[fr.Pages, BatchStats]:
+    def _build_whole_chunk(self, pass_no, ranges, chunk, view, heads: bytes) -> tuple[fr.Pages, BatchStats]:
         """Whole chunks, checked: find the zero pages, and CRC the chunks in
         one call -- the frame's data CRC and, when ``chunk`` (the first) is
         given (``view`` is kernel memory itself), the chunks' digests (one
@@ -298,8 +299,9 @@ class BatchBuilder:
         else:
             snap = view
         flags = bytearray(n)
-        heads = bytes(snap[::PAGE_SIZE])
-        # every chunk at most half zero pages (by their first bytes)
+        # ``heads``, read from guest RAM before any copy, only pick the pages
+        # to compare: a page is flagged zero only if it is all zeros in what
+        # goes out.  Every chunk at most half zero pages (by their first bytes):
         few_zero = all(heads.count(0, o, o + CHUNK_PAGES) <= CHUNK_PAGES // 2 for o in range(0, n, CHUNK_PAGES))
         unscanned = n if few_zero and self.compressor.raw_over_fast_link() else 0
         if not unscanned:
