@@ -91,8 +91,7 @@ class GuestMemory:
         self._write_lock = threading.Lock()
         self._tags_map = mmap.mmap(self._tags_fd, self.npages * PACKED_TAGS_PER_PAGE)
         self._data_address = _address_of(self._data_map) if _mincore is not None else None
-        #: pages allocated ahead of use (prefault): mincore and SEEK_DATA both
-        #: see them as holes until written, yet reading them allocates nothing
+        #: pages allocated ahead of use (prefault), zero and in memory
         self._prefaulted = bytearray(self.npages)
         #: guest RAM bytes; the kernel's direct view (the linear map)
         self.data = memoryview(self._data_map)
@@ -162,9 +161,8 @@ class GuestMemory:
         return self._prefaulted.find(0, first_page, end_page) < 0 or self.all_resident(first_page, end_page)
 
     def all_resident(self, first_page: int, end_page: int) -> bool:
-        """Whether mincore() reports every page in the range in memory (so it
-        holds data: pages allocated by prefault but not yet written do not
-        count).  False when unsure."""
+        """Whether mincore() reports every page in the range in memory (so
+        it holds data).  False when unsure."""
         if self._data_address is None or not 0 <= first_page < end_page <= self.npages:
             return False
         vec = ctypes.create_string_buffer(end_page - first_page)
@@ -245,9 +243,21 @@ class GuestMemory:
                 return  # a kernel before 5.14: the faults come later instead
 
     def prefault(self, first_page: int, end_page: int) -> None:
-        """Allocate host memory for a page range ahead of use (as a VMM's
-        -mem-prealloc does), so first-touch faults happen now, not later."""
-        os.posix_fallocate(self._data_fd, first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE)
+        """Allocate and touch host memory for a range of RAM not used yet,
+        as a VMM's -mem-prealloc does: every page is populated now, zeroed
+        and mapped, so landing a page later costs a copy and nothing else
+        (what the range held is not kept).  fallocate() alone is not enough: tmpfs leaves fallocated pages
+        untouched until written, and a hypervisor that took back free guest
+        memory (free page reporting) then faults each one in during the
+        copy (measured here: 1 GiB of writes 0.25-0.35 s instead of 0.15)."""
+        offset, length = first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE
+        try:
+            self._data_map.madvise(MADV_POPULATE_WRITE, offset, length)
+        except OSError:  # a kernel before 5.14: touch every page with a store of zeros
+            zeros = bytes(min(length, 2 << 20))
+            with self._write_lock:
+                for at in range(offset, offset + length, len(zeros)):
+                    os.pwrite(self._data_fd, zeros[: offset + length - at], at)
         self._prefaulted[first_page:end_page] = b"\x01" * (end_page - first_page)
 
     def punch(self, first_page: int, end_page: int) -> None:

@@ -591,7 +591,10 @@ def test_frozen_refresh_skips_holes_with_one_seek_and_agrees(blank, frozen):
         assert len(seeks) == d.nchunks
 
 
-def test_frozen_refresh_of_prefaulted_ram_reads_only_what_was_written(blank):
+def test_frozen_refresh_of_prefaulted_ram_reads_it_all_once(blank):
+    # Preallocated RAM is populated (as -mem-prealloc leaves it): its zeros
+    # are read like any data, each chunk in one call, and agree with a fresh
+    # digest.
     mem = blank.memory
     mem.prefault(0, mem.npages)
     blank.vm.guest_write(blank.vm.page_to_ipa(2 * CHUNK_PAGES), b"\x33" * (CHUNK_PAGES * PAGE))
@@ -605,8 +608,8 @@ def test_frozen_refresh_of_prefaulted_ram_reads_only_what_was_written(blank):
         d.refresh(frozen=True)
     finally:
         dg.crc32 = real
-    # only chunk 2 was read, in one call (frozen: no piece is read again), and its tags
-    assert reads.count(CHUNK_PAGES * PAGE) == 1 and sorted(reads)[:-1] == [n for n in reads if n <= TAGB * CHUNK_PAGES]
+    data_reads = [n for n in reads if n > TAGB * CHUNK_PAGES]
+    assert len(data_reads) == d.nchunks and sum(data_reads) == mem.npages * PAGE  # frozen: no piece read again
     fresh = MemoryDigest(mem)
     assert (d.data_crcs, d.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
 

@@ -90,15 +90,25 @@ def test_write_accepts_memoryview_and_starts_in_a_hole_after_data(mem):
     assert mem.populated_ranges() == [(0, 1 + -(-199_000 // PAGE_SIZE))]
 
 
-def test_prefault_allocates_but_pages_count_as_unwritten(mem):
-    """prefault() uses fallocate(): the host memory is allocated, but tmpfs
-    reports fallocated-but-never-written pages as holes to SEEK_DATA, so
-    they are not "populated" (they read as zero) until something stores."""
+def test_prefault_populates_the_pages_zeroed_as_mem_prealloc_does(mem):
+    """prefault() touches every page of the range (MADV_POPULATE_WRITE), as
+    QEMU's -mem-prealloc does: the memory is there, in memory and zero, so a
+    later store costs a copy only; pages outside the range stay holes."""
     mem.prefault(100, 110)
     assert os.fstat(mem._data_fd).st_blocks * 512 >= 10 * PAGE_SIZE
-    assert mem.populated_ranges() == []
-    mem.data[105 * PAGE_SIZE] = 0
-    assert mem.populated_ranges() == [(105, 106)]
+    assert mem.populated_ranges() == [(100, 110)]
+    assert mem.all_resident(100, 110) and not mem.all_resident(99, 110)
+    assert bytes(mem.data[100 * PAGE_SIZE : 110 * PAGE_SIZE]) == bytes(10 * PAGE_SIZE)
+
+
+def test_prefault_without_populate_stores_zeros(mem, monkeypatch):
+    """On a kernel without MADV_POPULATE_WRITE (before 5.14) prefault()
+    stores zeros instead, which populates the pages just the same."""
+    import hosts.memory as hm
+
+    monkeypatch.setattr(hm, "MADV_POPULATE_WRITE", -1)  # madvise() fails with EINVAL
+    mem.prefault(100, 110)
+    assert mem.populated_ranges() == [(100, 110)]
     assert bytes(mem.data[100 * PAGE_SIZE : 110 * PAGE_SIZE]) == bytes(10 * PAGE_SIZE)
 
 
@@ -240,13 +250,13 @@ def test_64gib_guest_with_few_touched_pages_stays_small():
     assert r["dirty"] == [[0, 1]]
 
 
-def test_prefaulted_pages_read_in_place_though_mincore_and_seek_data_call_them_holes():
+def test_prefaulted_pages_read_in_place():
     from hosts.memory import GuestMemory
 
     m = GuestMemory(8 << 20)
     try:
         m.prefault(0, 512)
-        assert m.populated_ranges() == [] and not m.has_data(0, 512)  # unwritten: holes to SEEK_DATA
+        assert m.populated_ranges() == [(0, 512)] and m.has_data(0, 512)
         assert m.fully_populated(0, 512) and not m.fully_populated(0, 513)
         assert bytes(m.data[:4096]) == bytes(4096)
     finally:
