@@ -283,7 +283,7 @@ def test_the_source_and_destination_computations_agree_and_a_flipped_byte_is_nam
 
     async def source_digest():
         d = MemoryDigest(a.memory, compute=False, pieces=False)
-        await d.refresh_parallel(asyncio.get_running_loop(), frozen=True)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: d.refresh_parallel(frozen=True))
         return d
 
     src = asyncio.run(source_digest())
@@ -632,7 +632,7 @@ def test_frozen_parallel_refresh_settles_runs_of_empty_chunks_in_bulk():
         d._read_chunk = lambda c, *args: read.append(c) or real(c, *args)
 
         async def go():
-            await d.refresh_parallel(asyncio.get_running_loop(), frozen=True)
+            await asyncio.get_running_loop().run_in_executor(None, lambda: d.refresh_parallel(frozen=True))
 
         asyncio.run(go())
         assert sorted(read) == [3, 20, 30, 40]  # data, tags without data, the short chunk

@@ -619,6 +619,29 @@ async def test_incremental_source_digest_equals_a_fresh_one(hosts, listener, wor
     assert (engine._digest.data_crcs, engine._digest.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
 
 
+async def test_the_source_reads_its_frozen_memory_while_its_event_loop_is_busy(hosts, listener):
+    """The independent re-read starts at the pause in threads that need
+    nothing from the event loop, which is busy with the final pass: here the
+    loop is held outright until the reading is done (through the loop, each
+    of its steps waited for a turn, and it began 20 ms into the downtime)."""
+    src = hosts.source(ram=16 * MiB, rate=3000)
+    dst = hosts.dest(ram=16 * MiB)
+    held = {}
+
+    class BusyLoopSource(SourceVmm):
+        def _start_final_digest(self):
+            super()._start_final_digest()
+            t = time.monotonic()
+            while not self._digest_reading.done() and time.monotonic() - t < 10:
+                time.sleep(0.001)  # the event loop gets no turn meanwhile
+            held["read_meanwhile"] = self._digest_reading.done()
+
+    sres, dres, _, _ = await run_engines(src, dst, MigrationConfig(), listener, source_cls=BusyLoopSource)
+    assert_completed(sres, dres)
+    assert held["read_meanwhile"]
+    assert sres["digest"]["taken"] == "re-read after the pause" and sres["digest"]["mib_read_at_pause"] > 0
+
+
 async def test_destination_digests_while_the_source_still_digests(hosts, listener, monkeypatch):
     """Its final digest starts once every channel delivered the final pass
     (the source's STATE follows it), not after the source's COMPLETE: the
@@ -628,8 +651,8 @@ async def test_destination_digests_while_the_source_still_digests(hosts, listene
     marks = {}
 
     class SlowDigestSource(SourceVmm):
-        async def _final_digest(self):
-            digest = await super()._final_digest()
+        async def _final_digest(self, reading):
+            digest = await super()._final_digest(reading)
             await asyncio.sleep(0.5)
             marks["source_complete"] = time.monotonic()  # COMPLETE goes out right after
             return digest
@@ -651,8 +674,8 @@ async def test_pages_on_a_data_channel_after_the_final_pass_are_refused(hosts, l
     dst = hosts.dest(ram=16 * MiB)
 
     class LatePagesSource(SourceVmm):
-        async def _final_digest(self):
-            digest = await super()._final_digest()
+        async def _final_digest(self, reading):
+            digest = await super()._final_digest(reading)
             # After the final pass and STATE: one more batch on data channel 1
             # (chunk 1 is channel 1's), then time for the destination to see it.
             lane = self.lanes[1]

@@ -712,7 +712,8 @@ class DestVmm:
             self._digest.mark_stale(a, b)
         stale, stale_bytes = len(self._digest.pending_chunks()), self._digest.stale_piece_bytes()
         # Every channel delivered the final pass: nothing writes this RAM any more.
-        await self._digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)
+        digest = self._digest
+        await asyncio.get_running_loop().run_in_executor(None, lambda: digest.refresh_parallel(frozen=True))
         self.result["final_digest"] = {
             "stale_chunks": stale,
             "stale_mib": round(stale_bytes / 2**20, 1),

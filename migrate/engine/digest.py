@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import threading
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from migrate.checksum import crc32, crc32_concat, crc32_swap, swap_needs_tables
@@ -154,23 +155,30 @@ class MemoryDigest:
         if compute:
             self.refresh(range(self.nchunks) if chunks is None else chunks)
 
-    async def refresh_parallel(self, loop, workers: int = 2, frozen: bool = False) -> None:
-        """Recompute the stale chunks in ``workers`` threads (see refresh).
-        Frozen, which pages hold memory is asked once, of mincore() for all
-        of RAM, and serves every chunk."""
-        import asyncio
-
+    def refresh_parallel(self, workers: int = 2, frozen: bool = False) -> None:
+        """Recompute the stale chunks in ``workers`` threads, the calling
+        one among them (see refresh); blocks, so call it in a thread of its
+        own.  Nothing here waits for an event loop: a source that starts it
+        at the pause reads from then on, while its loop builds the final
+        pass (through the loop, each step waited for that: the reading began
+        20 ms into the downtime).  Frozen, which pages hold memory is asked
+        once, of mincore() for all of RAM, and serves every chunk."""
         stale = self.pending_chunks()
-        resident = await loop.run_in_executor(None, self.memory.resident_pages) if frozen and stale else None
+        resident = self.memory.resident_pages() if frozen and stale else None
         if frozen and self.unread.find(1) >= 0:  # only chunks never read can be holes worth settling
             never_read = [c for c in stale if self.unread[c]]
-            left = await loop.run_in_executor(None, self._settle_holes, never_read, resident)
-            settled = set(never_read).difference(left)
+            settled = set(never_read).difference(self._settle_holes(never_read, resident))
             stale = [c for c in stale if c not in settled]
-        if stale:
-            await asyncio.gather(
-                *(loop.run_in_executor(None, self.refresh, stale[i::workers], frozen, resident) for i in range(workers))
-            )
+        if not stale:
+            return
+        if workers < 2:
+            self.refresh(stale, frozen, resident)
+            return
+        with ThreadPoolExecutor(workers - 1, thread_name_prefix="digest") as pool:
+            others = [pool.submit(self.refresh, stale[i::workers], frozen, resident) for i in range(1, workers)]
+            self.refresh(stale[::workers], frozen, resident)
+            for job in others:
+                job.result()
 
     def _settle_holes(self, chunks: list[int], resident: bytes | None = None) -> list[int]:
         """Frozen memory: a chunk none of whose pages was ever populated reads

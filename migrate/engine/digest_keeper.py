@@ -35,7 +35,11 @@ class DigestKeeper:
             log.warning("validation digest keeper stopped: %s", one_line(exc))
             self._digest.invalidate()
 
+    def stop_now(self) -> None:
+        """Stop it and wait, blocking, until its slice is done."""
+        self._stop.set()
+        self._thread.join()
+
     async def stop(self) -> None:
         """Stop it and wait until its slice is done."""
-        self._stop.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        await asyncio.get_running_loop().run_in_executor(None, self.stop_now)

@@ -13,6 +13,8 @@ import asyncio
 import logging
 import secrets
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_threads
 from dataclasses import dataclass
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
@@ -118,6 +120,7 @@ class SourceVmm:
         self._paused_here = False
         self._torn_pages = 0  # pages of frames the destination found torn (the next harvest explained them)
         self._digest_job: asyncio.Future | None = None  # the final digest, while the final pass goes out
+        self._digest_reading: Future | None = None  # its thread's work, which no cancel stops
         self._state: dict | None = None  # vCPU, workload and device state, sent with STATE
         # -- postcopy
         self._postcopy_reason: str | None = None  # why precopy gave way to postcopy
@@ -385,7 +388,7 @@ class SourceVmm:
         self._tags_only = union(self._tags_only, self._dirty_log.harvest_tags_only(final))
         # Memory is frozen: digest it in threads (CRC releases the GIL)
         # while the last pages go out.
-        self._digest_job = asyncio.ensure_future(self._final_digest())
+        self._start_final_digest()
         final_pass = self._dirty_passes + 1
         await self._sender.send(final_pass, list(runs(final, 1)), final=True, tags_only=self._tags_only)
         self._clock.memory_sent = time.perf_counter()
@@ -425,7 +428,7 @@ class SourceVmm:
         # The independent re-read of this frozen memory waits until every
         # page is sent: on two cores it would slow the answers to the guest's
         # faults, and its result is needed only for the verdict.
-        self._digest_job = asyncio.ensure_future(self._final_digest())
+        self._start_final_digest()
         validation = await self._validate_postcopy(pc.confirm.result(), ranges)
         done = time.perf_counter()
         self.result["postcopy"] = {
@@ -583,35 +586,46 @@ class SourceVmm:
             "mte": host.vm.mte_enabled,
         }
 
-    async def _final_digest(self) -> MemoryDigest:
-        """The source's digest of its frozen memory.  By default a new one,
-        read from the kernel's memory and tag storage alone, so that no bug
-        of the dirty log, the VMM's bitmap or a strategy can hide in it
-        (chunks never populated are settled without reading); with
-        ``validate = "tracked"`` the one kept up to date from the harvests."""
-        t = time.perf_counter()
+    def _start_final_digest(self) -> None:
+        """Begin the source's digest of its frozen memory at once, in a
+        thread: by default a new one, read from the kernel's memory and tag
+        storage alone, so that no bug of the dirty log, the VMM's bitmap or
+        a strategy can hide in it (chunks never populated are settled
+        without reading); with ``validate = "tracked"`` the one kept up to
+        date from the harvests.  ``_digest_job`` gives it."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="final-digest")
+        self._digest_reading = pool.submit(self._read_frozen_memory, time.perf_counter())
+        pool.shutdown(wait=False)  # its thread ends with this job
+        self._digest_job = asyncio.ensure_future(self._final_digest(asyncio.wrap_future(self._digest_reading)))
+
+    def _read_frozen_memory(self, asked_at: float) -> tuple[MemoryDigest, dict]:
+        """In a thread, from the moment the memory froze: nothing here waits
+        for the event loop, which is busy sending the last pages."""
         if self._digest_keeper is not None:
-            await self._digest_keeper.stop()  # not two threads on one chunk
+            self._digest_keeper.stop_now()  # not two threads on one chunk
         independent = self._digest is None
         # Taken once over frozen memory: one CRC call a chunk, no pieces kept.
         digest = MemoryDigest(self.host.memory, compute=False, pieces=False) if independent else self._digest
         # A real host's tags are in the hardware: read them into the view the
         # digest reads, now that the guest is paused (the simulator's view is
         # its tag storage: nothing changes).
-        for a, b in await asyncio.get_running_loop().run_in_executor(None, self.host.refresh_tag_view):
+        for a, b in self.host.refresh_tag_view():
             digest.mark_stale(a, b)
         stale, read_before = len(digest.pending_chunks()), digest.bytes_read
-        await digest.refresh_parallel(asyncio.get_running_loop(), frozen=True)  # the guest is paused
-        self._digest = digest
-        self.result["digest"] = {
+        digest.refresh_parallel(frozen=True)  # the guest is paused
+        return digest, {
             "taken": "re-read after the pause" if independent else "kept from the dirty-log harvests",
             "trusts_dirty_tracking": not independent,
             "chunks_read_at_pause": stale,
             # counted by the digest as it reads (asking the file how much RAM
             # is populated scanned all of it with SEEK_HOLE, in the downtime)
             "mib_read_at_pause": round((digest.bytes_read - read_before) / 2**20, 1),
-            "final_ms": _ms(time.perf_counter() - t),
+            "final_ms": _ms(time.perf_counter() - asked_at),
         }
+
+    async def _final_digest(self, reading) -> MemoryDigest:
+        digest, self.result["digest"] = await reading
+        self._digest = digest
         return digest
 
     # -- completion -----------------------------------------------------------------
@@ -760,6 +774,10 @@ class SourceVmm:
             "destination"
         ):
             self.result["guest_on"] = "unknown: GO was sent but the destination did not confirm resuming"
+        if self._digest_reading is not None and not self._digest_reading.done():
+            # A failure during the final pass: the re-read may still be
+            # running; it only reads, but must end before the memory can go.
+            await asyncio.get_running_loop().run_in_executor(None, wait_for_threads, [self._digest_reading])
 
     async def _report_failure(self, err: MigrationError) -> None:
         machine = self.machine
