@@ -797,3 +797,30 @@ def test_a_chunk_recorded_in_one_call_is_read_whole_once_written_then_by_pieces(
         d.refresh([c])
         assert [n for n in reads if n == 16384] == expect
         assert d.data_crcs[c] == real(mem.data[lo:hi]) and not d.pieces_unknown[c]
+
+
+def test_parallel_refresh_takes_a_second_thread_only_for_whole_chunks(twins):
+    """Stale pieces are short CRC calls that two threads would take turns on
+    the GIL for: read in one thread.  Chunks read whole (a digest taken over
+    frozen memory) are shared between two."""
+    import threading
+
+    a, _ = twins
+    mem = a.memory
+    nchunks = -(-mem.npages // CHUNK_PAGES)
+
+    def threads_used(d):
+        names, real = set(), d.refresh
+        d.refresh = lambda *args, **kw: names.add(threading.current_thread().name) or real(*args, **kw)
+        d.refresh_parallel(frozen=True)
+        return len(names)
+
+    kept = MemoryDigest(mem)  # pieces kept, every chunk read
+    fresh = MemoryDigest(mem)
+    for c in range(nchunks):
+        kept.mark_stale(c * CHUNK_PAGES + 3, c * CHUNK_PAGES + 4)  # one piece of every chunk
+    assert threads_used(kept) == 1
+    assert (kept.data_crcs, kept.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
+    whole = MemoryDigest(mem, compute=False, pieces=False)  # as the source's re-read after the pause
+    assert threads_used(whole) == 2
+    assert (whole.data_crcs, whole.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
