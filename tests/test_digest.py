@@ -746,6 +746,34 @@ def test_stopping_the_digest_keeper_waits_for_its_thread(twins):
     assert not keeper._thread.is_alive()
 
 
+def test_stopping_the_digest_keeper_leaves_the_rest_of_its_slice(twins):
+    # The final digest waits for the keeper at the pause: it stops between
+    # chunks, not after its whole slice; the chunks left stay stale.
+    import asyncio
+    import time
+
+    from migrate.engine.digest_keeper import DigestKeeper
+
+    a, _ = twins
+    d = MemoryDigest(a.memory, compute=False)
+    real = d._read_chunk
+    d._read_chunk = lambda *args: time.sleep(0.02) or real(*args)  # each chunk takes 20 ms
+
+    async def go():
+        keeper = DigestKeeper(d)
+        await asyncio.sleep(0.03)  # into its first slice
+        t = time.monotonic()
+        await keeper.stop()
+        return time.monotonic() - t
+
+    waited = asyncio.run(go())
+    assert d.nchunks >= 8 and waited < 0.1
+    assert d.pending()  # the rest of the slice, for the final digest
+    del d._read_chunk
+    d.refresh()
+    assert d.chunk_crcs() == MemoryDigest(a.memory).chunk_crcs()
+
+
 def test_a_failing_digest_keeper_leaves_every_chunk_to_be_read_again(twins, caplog):
     import asyncio
 
@@ -755,7 +783,7 @@ def test_a_failing_digest_keeper_leaves_every_chunk_to_be_read_again(twins, capl
     d = MemoryDigest(a.memory)
     d.mark_stale(0, 1)
 
-    def broken(chunks=None, frozen=False):
+    def broken(chunks=None, frozen=False, **kw):
         raise ValueError("operation forbidden on released memoryview object")
 
     d.refresh = broken
