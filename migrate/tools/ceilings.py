@@ -3,12 +3,15 @@ loopback TCP between two processes, zstd on a sample of guest data, CRC32 in
 the digest's pieces, storing into guest RAM (fresh or preallocated), and the
 tag conversions of the tag-ioctl path."""
 
+import mmap
 import multiprocessing
 import os
 import socket
 import time
 
 import zstandard
+
+from hosts.memory import MADV_POPULATE_WRITE
 
 CHUNK = 1 << 20
 
@@ -118,7 +121,7 @@ def crc_throughput(sample_bytes: int = 64 << 20, repeat: int = 3) -> float:
 def landing_throughput(preallocated: bool, size: int = 256 << 20, repeat: int = 3, huge_pages: bool = True) -> float:
     """Bytes per second of storing 1 MiB blocks into a file of guest RAM,
     best of ``repeat``: into fresh memory, which the kernel must allocate
-    and zero first, or into memory allocated beforehand.  The file is the
+    and zero first, or into memory allocated and touched beforehand.  The file is the
     one a destination's RAM goes in by default: on huge pages where this
     host can give them (hugemem.py), else a memfd."""
     from hosts.hugemem import huge_page_file
@@ -131,8 +134,12 @@ def landing_throughput(preallocated: bool, size: int = 256 << 20, repeat: int = 
             fd = os.memfd_create("landing-ceiling", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            if preallocated:
-                os.posix_fallocate(fd, 0, size)
+            if preallocated:  # as --prealloc does: allocated and touched
+                with mmap.mmap(fd, size) as ram:
+                    try:
+                        ram.madvise(MADV_POPULATE_WRITE, 0, size)
+                    except OSError:  # before Linux 5.14
+                        ram[:] = bytes(size)
             t0 = time.perf_counter()
             for o in range(0, size, CHUNK):
                 os.pwrite(fd, block, o)
