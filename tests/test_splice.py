@@ -122,3 +122,24 @@ async def test_the_time_a_receiver_held_the_sender_back_is_read_from_tcp():
     finally:
         for s in (client, server, listener, a, b):
             s.close()
+
+
+def test_a_receive_buffer_takes_memory_only_as_frames_fill_it():
+    """A connection's 5 MiB receive buffer is an anonymous mapping: creating
+    one costs no resident memory (bytearray(n) wrote all n bytes), and what
+    a frame fills, reads back."""
+    from migrate.net.transport import BUFFER_SIZE, receive_buffer
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = rss()
+    buffers = [receive_buffer() for _ in range(4)]
+    grown = rss() - before
+    assert all(len(b) == BUFFER_SIZE for b in buffers)
+    assert grown < BUFFER_SIZE // 4, f"{grown} bytes resident for four untouched buffers"
+    view = memoryview(buffers[0])
+    view[100:105] = b"frame"
+    assert bytes(view[100:105]) == b"frame" and bytes(view[:100]) == bytes(100)
+    view.release()

@@ -10,7 +10,7 @@ call per iteration).  Here a fault costs one ``poll`` for the event, one
 ``sendmsg`` for the REQUEST, one ``poll`` and one read for the answer."""
 
 from migrate.errors import PeerTimeout, TransportError
-from migrate.net.transport import BUFFER_SIZE, peer_closed
+from migrate.net.transport import peer_closed, receive_buffer
 from migrate.protocol import frames as fr
 
 
@@ -22,7 +22,7 @@ class BlockingFrames:
         self.sock, self.conn, self.io = sock, conn, io
         self.timeout = timeout
         self.stop_fd = stop_fd
-        self._buf = bytearray(BUFFER_SIZE)
+        self._buf = receive_buffer()
         self._view = memoryview(self._buf)
         self._start = self._end = 0
         self._header: fr.Header | None = None  # parsed once: the connection counts each header
