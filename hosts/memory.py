@@ -246,10 +246,11 @@ class GuestMemory:
         """Allocate and touch host memory for a range of RAM not used yet,
         as a VMM's -mem-prealloc does: every page is populated now, zeroed
         and mapped, so landing a page later costs a copy and nothing else
-        (what the range held is not kept).  fallocate() alone is not enough: tmpfs leaves fallocated pages
-        untouched until written, and a hypervisor that took back free guest
-        memory (free page reporting) then faults each one in during the
-        copy (measured here: 1 GiB of writes 0.25-0.35 s instead of 0.15)."""
+        (what the range held is not kept).  fallocate() alone is not
+        enough: tmpfs leaves fallocated pages untouched until written, and a
+        hypervisor that took back free guest memory (free page reporting)
+        then faults each one in during the copy (measured here: 1 GiB of
+        writes 0.25-0.35 s instead of 0.15)."""
         offset, length = first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE
         try:
             self._data_map.madvise(MADV_POPULATE_WRITE, offset, length)

@@ -174,7 +174,7 @@ class MemoryDigest:
         if workers < 2 or not self._mostly_whole(stale):
             # Stale pieces are 16 KiB CRC calls, and two threads making them
             # take turns on the GIL at every call: 850 chunks' pieces took 41
-            # ms and 49 ms of CPU in two threads, 23 ms in one.
+            # ms and 49 ms of CPU in two threads, 14-23 ms in one.
             self.refresh(stale, frozen, resident)
             return
         with ThreadPoolExecutor(workers - 1, thread_name_prefix="digest") as pool:

@@ -121,9 +121,9 @@ def crc_throughput(sample_bytes: int = 64 << 20, repeat: int = 3) -> float:
 def landing_throughput(preallocated: bool, size: int = 256 << 20, repeat: int = 3, huge_pages: bool = True) -> float:
     """Bytes per second of storing 1 MiB blocks into a file of guest RAM,
     best of ``repeat``: into fresh memory, which the kernel must allocate
-    and zero first, or into memory allocated and touched beforehand.  The file is the
-    one a destination's RAM goes in by default: on huge pages where this
-    host can give them (hugemem.py), else a memfd."""
+    and zero first, or into memory allocated and touched beforehand.  The
+    file is the one a destination's RAM goes in by default: on huge pages
+    where this host can give them (hugemem.py), else a memfd."""
     from hosts.hugemem import huge_page_file
 
     block = os.urandom(CHUNK)
