@@ -40,6 +40,19 @@ except (OSError, AttributeError):
     _mincore = None
 
 
+def populate(mapping: mmap.mmap, fd: int, offset: int, length: int) -> None:
+    """Populate a range of a shared file mapping, as -mem-prealloc does:
+    every page allocated, zeroed where new, and touched now
+    (MADV_POPULATE_WRITE; before Linux 5.14, a store of zeros, so for RAM
+    not used yet)."""
+    try:
+        mapping.madvise(MADV_POPULATE_WRITE, offset, length)
+    except OSError:
+        zeros = bytes(min(length, 2 << 20))
+        for at in range(offset, offset + length, len(zeros)):
+            os.pwrite(fd, zeros[: offset + length - at], at)
+
+
 def _runs_of(flags: bytes, value: int):
     """Runs [a, b) of bytes equal to ``value``, one find per run."""
     other, pos, n = 1 - value, 0, len(flags)
@@ -251,14 +264,8 @@ class GuestMemory:
         hypervisor that took back free guest memory (free page reporting)
         then faults each one in during the copy (measured here: 1 GiB of
         writes 0.25-0.35 s instead of 0.15)."""
-        offset, length = first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE
-        try:
-            self._data_map.madvise(MADV_POPULATE_WRITE, offset, length)
-        except OSError:  # a kernel before 5.14: touch every page with a store of zeros
-            zeros = bytes(min(length, 2 << 20))
-            with self._write_lock:
-                for at in range(offset, offset + length, len(zeros)):
-                    os.pwrite(self._data_fd, zeros[: offset + length - at], at)
+        with self._write_lock:
+            populate(self._data_map, self._data_fd, first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE)
         self._prefaulted[first_page:end_page] = b"\x01" * (end_page - first_page)
 
     def punch(self, first_page: int, end_page: int) -> None:

@@ -38,10 +38,10 @@ class DigestKeeper:
             self._digest.invalidate()
 
     def stop_now(self) -> None:
-        """Stop it and wait, blocking, until its slice is done."""
+        """Stop it and wait, blocking, until the chunk it reads is done."""
         self._stop.set()
         self._thread.join()
 
     async def stop(self) -> None:
-        """Stop it and wait until its slice is done."""
+        """Stop it and wait until the chunk it reads is done."""
         await asyncio.get_running_loop().run_in_executor(None, self.stop_now)

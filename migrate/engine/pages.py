@@ -449,11 +449,11 @@ class BatchApplier:
 
     def placement(self, fields: dict, data_len: int):
         """Where the transport may splice a frame's data straight into guest
-        RAM: (file descriptor, byte offset, the lock its writers hold), or None.  Only whole digest
-        chunks of data pages, raw and self-checked -- the frame is then
-        verified on the landed pages anyway -- and only when the strategy
-        stores data as a plain write to RAM (prot-mte goes through its
-        PROT_MTE mapping)."""
+        RAM: (file descriptor, byte offset, the lock its writers hold), or
+        None.  Only whole digest chunks of data pages, raw and self-checked
+        -- the frame is then verified on the landed pages anyway -- and only
+        when the strategy stores data as a plain write to RAM (prot-mte goes
+        through its PROT_MTE mapping)."""
         ranges = fields["ranges"]
         if (
             self.digest is None

@@ -125,8 +125,8 @@ class Compressor:
     def raw_over_fast_link(self) -> bool:
         """Data goes raw (compression none, or auto's last decision) over a
         link not measured yet, or measured, and capped, at FAST_LINK or
-        faster -- or measured
-        slower only because the receiver is (RECEIVER_BOUND): a per-send
+        faster -- or measured slower only because the receiver is
+        (RECEIVER_BOUND): a per-send
         rate over loopback, where the destination holds the sender back,
         swung between 0.2 and 4.7 GB/s, so that 10-45 % of the mixed
         image's chunks were split around their zero pages, each of those
@@ -167,15 +167,15 @@ class Compressor:
         probes move once a batch, as when compress_data decides)."""
         return bool(len(data)) and self._should_compress(data)
 
-    def compress_data(self, data, may_compress: bool = True, decided: bool | None = None) -> tuple[object, bool]:
-        """Returns (wire bytes, compressed?).  Incompressible batches go raw;
-        so does ``data`` that must not be compressed (memory a running guest
-        writes: zstd reads its input more than once, and a page written in
-        between could decode wrong in other pages too).  ``decided``: what
-        decide() answered for this batch."""
+    def compress_data(self, data, decided: bool | None = None) -> tuple[object, bool]:
+        """Returns (wire bytes, compressed?).  Incompressible batches go raw.
+        ``decided``: what decide() answered for this batch (a caller holding
+        memory a running guest writes asks first, and copies the batch only
+        if it will be compressed: zstd reads its input more than once, and a
+        page written in between could decode wrong in other pages too)."""
         if decided is None:
-            decided = bool(len(data)) and may_compress and self._should_compress(data)
-        if not len(data) or not may_compress or not decided:
+            decided = bool(len(data)) and self._should_compress(data)
+        if not len(data) or not decided:
             self.batches_raw += 1
             return data, False
         whole = flat(data)

@@ -11,7 +11,7 @@ import time
 
 import zstandard
 
-from hosts.memory import MADV_POPULATE_WRITE
+from hosts.memory import populate
 
 CHUNK = 1 << 20
 
@@ -136,10 +136,7 @@ def landing_throughput(preallocated: bool, size: int = 256 << 20, repeat: int = 
             os.ftruncate(fd, size)
             if preallocated:  # as --prealloc does: allocated and touched
                 with mmap.mmap(fd, size) as ram:
-                    try:
-                        ram.madvise(MADV_POPULATE_WRITE, 0, size)
-                    except OSError:  # before Linux 5.14
-                        ram[:] = bytes(size)
+                    populate(ram, fd, 0, size)
             t0 = time.perf_counter()
             for o in range(0, size, CHUNK):
                 os.pwrite(fd, block, o)
