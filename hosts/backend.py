@@ -82,6 +82,20 @@ class Host(ABC):
         stopped.  The simulator's view is the storage itself: nothing to do."""
         return []
 
+    def watch_writes(self):
+        """A WriteWatch (writewatch.py) over guest RAM from now on, for a
+        validation digest that reads again only what the guest wrote; close
+        it with ``unwatch_writes``.  Raises WatchUnavailable, saying why,
+        where the host cannot.  By default it cannot: the watch sees stores
+        through this process's page tables, and a backend must say that
+        every store to its guest RAM goes through them."""
+        from .writewatch import WatchUnavailable
+
+        raise WatchUnavailable(f"the {self.kind} host's guest stores have not been shown to reach the write watch")
+
+    def unwatch_writes(self, watch) -> None:
+        watch.close()
+
     def guest_report(self, wait_s: float = 0.0) -> dict | None:
         """What the guest itself says about its memory (a self-checking guest
         program's verdict after the last resume), waiting up to ``wait_s`` for

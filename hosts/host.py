@@ -59,6 +59,15 @@ class SimulatedHost(Host):
         self.workload.prepare()
         self.memory.map_populated()
 
+    def watch_writes(self):
+        """Every store of the simulated guest, its kernel and the VMM's
+        devices goes through GuestMemory, which stores through the mapping
+        while a watch is open."""
+        return self.memory.watch_writes()
+
+    def unwatch_writes(self, watch) -> None:
+        self.memory.unwatch_writes(watch)
+
     def close(self) -> None:
         self.vcpus.shutdown()
         self.vm.close()

@@ -16,6 +16,7 @@ import threading
 from .constants import GRANULES_PER_PAGE, PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from .hugemem import huge_page_file, small_pages
 from .tags import all_zero
+from .writewatch import WriteWatch
 
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -112,6 +113,9 @@ class GuestMemory:
         self.tags = memoryview(self._tags_map)
         #: PG_mte_tagged, one byte per page (0 or 1)
         self.tagged = bytearray(self.npages)
+        #: write watches open on RAM: while there is one, every store goes
+        #: through the mapping, where the watch sees it (see writewatch.py)
+        self._watches = 0
 
     def use_small_pages(self) -> str | None:
         """Switch RAM on huge pages to 4 KiB pages, for postcopy: possible
@@ -270,7 +274,10 @@ class GuestMemory:
 
     def punch(self, first_page: int, end_page: int) -> None:
         """fallocate(PUNCH_HOLE): the pages hold no memory any more (they
-        read as zeros; SEEK_DATA and mincore see holes)."""
+        read as zeros; SEEK_DATA and mincore see holes).  Refused while a
+        write watch is open: it would not see the pages change."""
+        if self._watches:
+            raise RuntimeError("cannot punch holes in guest RAM while its writes are watched")
         offset, length = first_page * PAGE_SIZE, (end_page - first_page) * PAGE_SIZE
         if _fallocate is not None and _fallocate(self._data_fd, _PUNCH_HOLE_KEEP_SIZE, offset, length) == 0:
             return
@@ -332,11 +339,12 @@ class GuestMemory:
             view = memoryview(data).cast("B")
             fd = self._data_fd
             with self._write_lock:
-                while view:
-                    k = os.pwrite(fd, view, offset)
-                    view, offset = view[k:], offset + k
-        else:
-            self.data[offset : offset + n] = data
+                if not self._watches:  # asked under the lock: see watch_writes
+                    while view:
+                        k = os.pwrite(fd, view, offset)
+                        view, offset = view[k:], offset + k
+                    return
+        self.data[offset : offset + n] = data
 
     def write_parts(self, offset: int, parts) -> None:
         """Store consecutive buffers at RAM byte ``offset``: one pwritev() per
@@ -344,8 +352,10 @@ class GuestMemory:
         runs and shared zero pages) lands in one system call, not one per part."""
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         total = sum(len(v) for v in views)
-        if total < _PWRITE_MIN:
-            self.write(offset, b"".join(views))
+        if total < _PWRITE_MIN or self._watches:
+            for v in views:
+                self.write(offset, v)
+                offset += len(v)
             return
         fd, limit = self._data_fd, os.sysconf("SC_IOV_MAX")
         while views:
@@ -361,6 +371,27 @@ class GuestMemory:
             while done >= len(views[0]):
                 done -= len(views.pop(0))
             views[0] = views[0][done:]
+
+    # -- watching ------------------------------------------------------------
+    def watch_writes(self) -> "WriteWatch":
+        """A WriteWatch over RAM, open from now until ``unwatch_writes``:
+        which pages are written from here on, as the host's page tables
+        record it.  Raises WatchUnavailable (with why) where the kernel
+        cannot.  Stores go through the mapping from before the watch begins:
+        a pwrite() already under way finishes first (it holds the lock)."""
+        with self._write_lock:
+            self._watches += 1
+        try:
+            return WriteWatch(self._data_map, self.size)
+        except BaseException:
+            with self._write_lock:
+                self._watches -= 1
+            raise
+
+    def unwatch_writes(self, watch: "WriteWatch") -> None:
+        watch.close()
+        with self._write_lock:
+            self._watches -= 1
 
     # -- loading -------------------------------------------------------------
     def load_image(self, path: str, offset: int = 0, repeat: bool = False) -> int:

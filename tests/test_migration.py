@@ -619,6 +619,72 @@ async def test_incremental_source_digest_equals_a_fresh_one(hosts, listener, wor
     assert (engine._digest.data_crcs, engine._digest.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
 
 
+@pytest.mark.parametrize(
+    "workload, strategy", [("allocator", "tag-ioctl"), ("retag-churn", "tag-dirty-log"), ("device-dma", "prot-mte")]
+)
+async def test_the_watched_source_digest_equals_a_fresh_one(hosts, listener, workload, strategy):
+    """The default digest: a keeper reads RAM while the guest runs and
+    learns what it writes from the host's write watch; after the pause only
+    the pages written since, and the tags, are read again.  On the frozen
+    guest that must equal a digest computed from scratch, with the guest
+    (and with device-dma, the VMM's device) writing all along."""
+    src = hosts.source(workload=workload, strategy=strategy, params=WORKLOADS[workload], rate=5000)
+    dst = hosts.dest()
+    await asyncio.sleep(0.05)
+    config = MigrationConfig(strategy=strategy, max_bandwidth=12_000_000, max_passes=4)
+    sres, dres, engine, _ = await run_engines(src, dst, config, listener)
+    assert_completed(sres, dres)
+    assert len(sres["passes"]) >= 2 and sres["passes"][-1]["pages"] > 0  # changes after the bulk pass
+    taken = sres["digest"]
+    assert taken["write_watch"] == "on" and not taken["trusts_dirty_tracking"]
+    populated_mib = src.memory.populated_pages() * PAGE_SIZE / (1 << 20)
+    assert taken["mib_read_at_pause"] < populated_mib / 2  # not a re-read of RAM
+    fresh = MemoryDigest(src.memory)
+    assert not engine._digest.pending()
+    assert (engine._digest.data_crcs, engine._digest.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
+
+
+async def test_a_host_without_a_write_watch_reads_all_again_after_the_pause(hosts, listener, monkeypatch):
+    from hosts.writewatch import WatchUnavailable
+
+    src = hosts.source(ram=16 * MiB, rate=3000)
+    dst = hosts.dest(ram=16 * MiB)
+
+    def cannot():
+        raise WatchUnavailable("no watch on this test host")
+
+    monkeypatch.setattr(src, "watch_writes", cannot)
+    sres, dres, _, _ = await run_engines(src, dst, MigrationConfig(), listener)
+    assert_completed(sres, dres)
+    assert sres["digest"]["taken"] == "re-read after the pause"
+    assert sres["digest"]["write_watch"] == "no watch on this test host"
+    assert sres["digest"]["mib_read_at_pause"] > 0
+
+
+async def test_a_write_watch_that_fails_midway_costs_a_re_read_not_a_verdict(hosts, listener, monkeypatch):
+    """The keeper's scan fails once the migration runs: the keeper gives up
+    its digest, the scan at the pause fails too, and the source reads all
+    its RAM again; the guest still migrates, validated."""
+    from hosts.writewatch import WriteWatch
+
+    real, calls = WriteWatch.written, []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) > 1:  # the first is the probe when the watch opens
+            raise OSError(5, "Input/output error")
+        return real(self)
+
+    monkeypatch.setattr(WriteWatch, "written", failing)
+    src = hosts.source(ram=16 * MiB, rate=3000)
+    dst = hosts.dest(ram=16 * MiB)
+    sres, dres, _, _ = await run_engines(src, dst, MigrationConfig(), listener)
+    assert_completed(sres, dres)
+    assert sres["digest"]["taken"] == "re-read after the pause"
+    assert "the write watch failed at the pause" in sres["digest"]["write_watch"]
+    assert sres["digest"]["mib_read_at_pause"] > 0
+
+
 async def test_the_source_reads_its_frozen_memory_while_its_event_loop_is_busy(hosts, listener):
     """The independent re-read starts at the pause in threads that need
     nothing from the event loop, which is busy with the final pass: here the
@@ -636,7 +702,8 @@ async def test_the_source_reads_its_frozen_memory_while_its_event_loop_is_busy(h
                 time.sleep(0.001)  # the event loop gets no turn meanwhile
             held["read_meanwhile"] = self._digest_reading.done()
 
-    sres, dres, _, _ = await run_engines(src, dst, MigrationConfig(), listener, source_cls=BusyLoopSource)
+    config = MigrationConfig(validate="reread")
+    sres, dres, _, _ = await run_engines(src, dst, config, listener, source_cls=BusyLoopSource)
     assert_completed(sres, dres)
     assert held["read_meanwhile"]
     assert sres["digest"]["taken"] == "re-read after the pause" and sres["digest"]["mib_read_at_pause"] > 0

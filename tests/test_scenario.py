@@ -122,7 +122,7 @@ def test_bad_toml_is_rejected(text):
         ),
         (
             '[migration]\nvalidate = "some"\n',
-            r"\[migration\] validate must be 'digest', 'tracked' or 'full', got 'some'",
+            r"\[migration\] validate must be 'digest', 'reread', 'tracked' or 'full', got 'some'",
         ),
         ('[migration]\npsk_file = ""\n', r"\[migration\] psk_file is empty \(an unset variable\?\)"),
         ('[guest]\nvcpus = "2"\n', r"scenario w.toml: \[guest\] vcpus must be an integer, got str '2'"),

@@ -585,16 +585,21 @@ OPTIONS = (
     ),
     Option(
         "validate",
-        choice("digest", "tracked", "full"),
+        choice("digest", "reread", "tracked", "full"),
         "digest",
-        "how completion is validated: digest (re-read after the pause), tracked, full",
+        "how completion is validated: digest (independent of dirty tracking), reread, tracked, full",
         "At completion both sides compare per-chunk digests of data and tags and detail the chunks that "
-        "differ. 'digest' takes the source's digest after the pause by reading all of its populated RAM and "
-        "tags again, so it trusts neither the dirty log, nor the VMM's bitmap, nor anything a strategy "
-        "reports: a tracking bug fails validation. 'tracked' keeps the source's digest up to date from the "
-        "dirty-log harvests instead (cheaper in the downtime) and so trusts the tracking it should check; "
-        "the report says so, and bench never uses it. 'full' compares every page and every tag (what "
-        "`mte-migrate validate` does).",
+        "differ. 'digest' takes the source's digest of its memory as it was at the pause without trusting "
+        "the dirty log, the VMM's bitmap or anything a strategy reports, so a tracking bug fails validation: "
+        "a thread reads RAM while the guest runs, learns what the guest writes from the host kernel's own "
+        "page tables (a userfaultfd write watch, Linux 6.7: WP_ASYNC and PAGEMAP_SCAN), and after the pause "
+        "reads again only the pages written since and all tags. Where the host cannot watch writes (an older "
+        "kernel, the kvm host) it reads all populated RAM and tags again after the pause, as 'reread' always "
+        "does; the report's `digest.write_watch` says which and why. The watch sees stores through the "
+        "VMM's own mapping: a VMM whose guest RAM is also written through another process's mapping of it "
+        "(a vhost-user backend) needs 'reread'. 'tracked' keeps the source's digest up to date from the "
+        "dirty-log harvests instead and so trusts the tracking it should check; the report says so, and "
+        "bench never uses it. 'full' compares every page and every tag (what `mte-migrate validate` does).",
         section="migration",
         flags=("--validate",),
     ),

@@ -67,8 +67,8 @@ class MigrationConfig:
             raise ConfigError("downtime limit must be positive")
         if self.max_bandwidth is not None and self.max_bandwidth <= 0:
             raise ConfigError("max bandwidth must be positive")
-        if self.validate not in ("digest", "tracked", "full"):
-            raise ConfigError(f"validate must be 'digest', 'tracked' or 'full', got {self.validate!r}")
+        if self.validate not in ("digest", "reread", "tracked", "full"):
+            raise ConfigError(f"validate must be 'digest', 'reread', 'tracked' or 'full', got {self.validate!r}")
         if self.timeout_s <= 0:
             raise ConfigError("timeout must be positive")
         if self.in_doubt_hold_s <= 0:

@@ -284,6 +284,12 @@ class MemoryDigest:
             self.piece_stale[pa:pb] = b"\x01" * (pb - pa)
             self.stale[a:b] = b"\x01" * (b - a)
 
+    def mark_all_tags_stale(self) -> None:
+        """Read every chunk's tags again at the next refresh (RAM/32 bytes:
+        a write watch sees data stores, not tag stores or PG_mte_tagged)."""
+        with self._lock:
+            self.tags_stale[:] = b"\x01" * self.nchunks
+
     def set_data(self, chunk: int, pieces: array, tags_changed: bool) -> int:
         """Record a chunk's piece CRCs computed by the caller from this
         memory (the source from its snapshot of a whole chunk, the

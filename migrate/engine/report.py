@@ -163,6 +163,8 @@ def downtime_split(result: dict) -> list[str]:
     if src.get("final_ms") is not None:
         if src.get("trusts_dirty_tracking"):
             how = f"{_stale(src['mib_read_at_pause'], src['chunks_read_at_pause'])} brought up to date"
+        elif src.get("write_watch") == "on":
+            how = f"{_stale(src['mib_read_at_pause'], src['chunks_read_at_pause'])} the write watch saw written"
         else:
             how = f"{src['mib_read_at_pause']:g} MiB of populated RAM and its tags read again"
         text = f"validation digests after the pause: source {src['final_ms']:.0f} ms ({how}, alongside the final pages)"

@@ -18,6 +18,7 @@ from concurrent.futures import wait as wait_for_threads
 from dataclasses import dataclass
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
+from hosts.writewatch import WatchUnavailable
 from migrate.engine.bitmaps import runs
 from migrate.engine.convergence import AutoConverge, DowntimeOrPassLimit
 from migrate.engine.digest import PIECE_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
@@ -110,6 +111,11 @@ class SourceVmm:
         self._sender = PassSender(self._peer, self._dirty_log, self.progress, self.result)
         self._digest: MemoryDigest | None = None
         self._digest_keeper: DigestKeeper | None = None
+        #: validate = "digest": the host's write watch and the digest it keeps
+        #: up to date (None where the host cannot watch: see _watch_note)
+        self._watch = None
+        self._watched: MemoryDigest | None = None
+        self._watch_note: str | None = None
         self._policy: DowntimeOrPassLimit | None = None
         self._converge: AutoConverge | None = None
         self._dirty_passes = 0
@@ -295,12 +301,35 @@ class SourceVmm:
             # (BatchBuilder), and the background keeper starts after it.
             if not self.lanes[0].builder.checked:
                 self._digest_keeper = DigestKeeper(self._digest)
+        elif cfg.validate == "digest":
+            self._start_write_watch()
+        else:
+            self._watch_note = f"not used with validate = {cfg.validate}"
         self._dirty_log.start(self.strategy, self._digest)
         self.strategy.setup_source()
         self._peer.listen(self._chan)
         self._policy = DowntimeOrPassLimit(cfg.downtime_limit_ms, cfg.max_passes)
         if cfg.auto_converge:
             self._converge = AutoConverge(cfg.throttle_initial, cfg.throttle_increment, cfg.throttle_max)
+
+    def _start_write_watch(self) -> None:
+        """The default validation digest: kept up to date from the host's
+        write watch -- its page tables, not KVM's dirty log, the VMM's
+        bitmap or a strategy -- by a keeper that reads RAM while the guest
+        runs, so that after the pause only what was written since is read
+        again.  Where the host cannot watch, all of RAM is re-read then."""
+        try:
+            self._watch = self.host.watch_writes()
+        except WatchUnavailable as exc:
+            self._watch_note = str(exc)
+            return
+        self._watched = MemoryDigest(self.host.memory, compute=False)
+        self._digest_keeper = DigestKeeper(self._watched, self._watch)
+
+    def _close_write_watch(self) -> None:
+        if self._watch is not None:
+            self.host.unwatch_writes(self._watch)
+            self._watch = None
 
     # -- precopy --------------------------------------------------------------------
     async def _bulk_pass(self) -> None:
@@ -604,8 +633,14 @@ class SourceVmm:
         if self._digest_keeper is not None:
             self._digest_keeper.stop_now()  # not two threads on one chunk
         independent = self._digest is None
-        # Taken once over frozen memory: one CRC call a chunk, no pieces kept.
-        digest = MemoryDigest(self.host.memory, compute=False, pieces=False) if independent else self._digest
+        try:
+            digest, taken = self._watched_digest_at_pause()
+        finally:
+            self._close_write_watch()  # the guest is paused: nothing more to see
+        if digest is None:
+            # Taken once over frozen memory: one CRC call a chunk, no pieces kept.
+            digest = MemoryDigest(self.host.memory, compute=False, pieces=False) if independent else self._digest
+            taken = "re-read after the pause" if independent else "kept from the dirty-log harvests"
         # A real host's tags are in the hardware: read them into the view the
         # digest reads, now that the guest is paused (the simulator's view is
         # its tag storage: nothing changes).
@@ -614,14 +649,33 @@ class SourceVmm:
         stale, read_before = len(digest.pending_chunks()), digest.bytes_read
         digest.refresh_parallel(frozen=True)  # the guest is paused
         return digest, {
-            "taken": "re-read after the pause" if independent else "kept from the dirty-log harvests",
+            "taken": taken,
             "trusts_dirty_tracking": not independent,
+            "write_watch": "on" if taken.endswith("write watch") else self._watch_note,
             "chunks_read_at_pause": stale,
             # counted by the digest as it reads (asking the file how much RAM
             # is populated scanned all of it with SEEK_HOLE, in the downtime)
             "mib_read_at_pause": round((digest.bytes_read - read_before) / 2**20, 1),
             "final_ms": _ms(time.perf_counter() - asked_at),
         }
+
+    def _watched_digest_at_pause(self) -> tuple[MemoryDigest | None, str]:
+        """The digest the keeper kept from the write watch, with the pages
+        written since its last look marked stale and every chunk's tags to
+        be read again (the watch sees data stores only); (None, "") without
+        a watch, or when it failed (then RAM is re-read whole)."""
+        if self._watch is None:
+            return None, ""
+        try:
+            written = self._watch.written()
+        except OSError as exc:
+            self._watch_note = f"the write watch failed at the pause: {one_line(exc)}"
+            return None, ""
+        digest = self._watched
+        for a, b in written:
+            digest.mark_stale(a, b)
+        digest.mark_all_tags_stale()
+        return digest, "kept up to date by the host's write watch"
 
     async def _final_digest(self, reading) -> MemoryDigest:
         digest, self.result["digest"] = await reading
@@ -687,7 +741,10 @@ class SourceVmm:
 
     def _what_is_compared(self, state) -> str:
         memory = {
-            "digest": "per-chunk CRCs of the source's RAM and tags, read again after the pause (trusting no "
+            "digest": "per-chunk CRCs of the source's RAM and tags as they were at the pause (trusting no "
+            "dirty tracking: kept from the host's write watch, or read again after the pause), against the "
+            "destination's record of what it wrote",
+            "reread": "per-chunk CRCs of the source's RAM and tags, all read again after the pause (trusting no "
             "dirty tracking), against the destination's record of what it wrote",
             "tracked": "per-chunk CRCs of the source's RAM and tags kept from the dirty-log harvests (TRUSTS "
             "the dirty tracking), against the destination's record of what it wrote",
@@ -754,6 +811,8 @@ class SourceVmm:
             await self._report_failure(self._error)
         if self._digest_keeper is not None:
             await self._digest_keeper.stop()  # before the guest's memory can go away
+        if self._digest_reading is None:
+            self._close_write_watch()  # no pause: the final digest would have closed it
         self._peer.stop()
         if self._chan is not None:
             self._chan.close()

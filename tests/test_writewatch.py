@@ -1,0 +1,115 @@
+"""The host's write watch (userfaultfd WP_ASYNC + PAGEMAP_SCAN): every store
+to guest RAM is seen once, whatever path GuestMemory takes to make it, and
+nothing it cannot see is let through while it is open."""
+
+import os
+import platform
+import threading
+
+import pytest
+
+from hosts import hugemem
+from hosts.constants import PAGE_SIZE
+from hosts.host import SimulatedHost
+from hosts.memory import GuestMemory
+from hosts.writewatch import WatchUnavailable
+
+MiB = 1 << 20
+_KERNEL = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
+#: the kernel interfaces arrived in Linux 6.7; on such a kernel a watch that
+#: cannot open is a failure, not a skip
+needs_watch = pytest.mark.skipif(_KERNEL < (6, 7), reason=f"Linux {platform.release()} predates PAGEMAP_SCAN")
+
+
+def test_a_kernel_with_the_interfaces_opens_a_watch():
+    if _KERNEL < (6, 7) or platform.machine() not in ("x86_64", "aarch64"):
+        with pytest.raises(WatchUnavailable):
+            GuestMemory(MiB).watch_writes()
+        return
+    mem = GuestMemory(MiB)
+    watch = mem.watch_writes()
+    assert watch.written() == []
+    mem.unwatch_writes(watch)
+
+
+@needs_watch
+@pytest.mark.parametrize("huge", [False, "on"])
+def test_every_kind_of_store_is_seen_once(huge):
+    if huge and hugemem.huge_page_file(hugemem.HUGE_PAGE)[0] is None:
+        pytest.skip("no huge-page tmpfs here")
+    mem = GuestMemory(64 * MiB, huge_pages=huge)
+    mem.write(0, b"\1" * (8 * MiB))  # populated before the watch: not a write it saw
+    watch = mem.watch_writes()
+    try:
+        assert watch.written() == []
+        mem.write(3 * PAGE_SIZE, b"\2" * PAGE_SIZE)  # pwrite() size, into populated RAM
+        mem.write(5000 * PAGE_SIZE, b"\3" * 10 * PAGE_SIZE)  # never populated
+        mem.write_parts(100 * PAGE_SIZE, [b"\4" * 2 * PAGE_SIZE, b"\5" * PAGE_SIZE])
+        mem.data[7 * PAGE_SIZE + 17] = 9  # one byte through the mapping
+        assert watch.written() == [(3, 4), (7, 8), (100, 103), (5000, 5010)]
+        assert watch.written() == []  # protected again by the scan
+        mem.write(4 * PAGE_SIZE, b"\6" * PAGE_SIZE)
+        assert watch.written() == [(4, 5)]
+    finally:
+        mem.unwatch_writes(watch)
+    assert bytes(mem.data[5000 * PAGE_SIZE : 5001 * PAGE_SIZE]) == b"\3" * PAGE_SIZE
+    mem.close()
+
+
+@needs_watch
+def test_no_hole_is_punched_while_watched_and_stores_use_pwrite_again_after():
+    mem = GuestMemory(4 * MiB)
+    watch = mem.watch_writes()
+    with pytest.raises(RuntimeError, match="watched"):
+        mem.punch(0, 1)
+    mem.unwatch_writes(watch)
+    mem.write(0, b"\1" * (2 * PAGE_SIZE))
+    mem.punch(0, 1)
+    assert mem.populated_ranges() == [(1, 2)]
+
+
+@needs_watch
+def test_a_store_racing_the_scan_is_in_this_answer_or_the_next():
+    """A writer thread stores a counter into distinct pages while the scan
+    runs over and over: every page it wrote is reported."""
+    mem = GuestMemory(16 * MiB)
+    watch = mem.watch_writes()
+    seen, done = set(), threading.Event()
+
+    def writer():
+        for page in range(0, mem.npages, 3):
+            mem.write(page * PAGE_SIZE, os.urandom(64))
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    while not done.is_set():
+        for a, b in watch.written():
+            seen.update(range(a, b))
+    t.join()
+    for a, b in watch.written():
+        seen.update(range(a, b))
+    mem.unwatch_writes(watch)
+    assert set(range(0, mem.npages, 3)) <= seen
+    assert seen <= set(range(0, mem.npages, 3))
+
+
+def test_a_host_that_cannot_say_its_stores_reach_the_watch_refuses_it():
+    host = SimulatedHost(MiB)
+    try:
+        with pytest.raises(WatchUnavailable, match="not been shown"):
+            super(SimulatedHost, host).watch_writes()  # the backend's default
+    finally:
+        host.close()
+
+
+def test_without_the_system_call_the_watch_says_why(monkeypatch):
+    import hosts.writewatch as ww
+
+    monkeypatch.setattr(ww, "_NR_USERFAULTFD", None)
+    mem = GuestMemory(4 * MiB)
+    with pytest.raises(WatchUnavailable, match="userfaultfd"):
+        mem.watch_writes()
+    mem.write(0, b"\1" * (2 * PAGE_SIZE))
+    mem.punch(0, 1)  # not left as if watched
+    assert mem.populated_ranges() == [(1, 2)]
