@@ -10,6 +10,8 @@ found by ``dirty.DirtyLog``, the in-doubt window after GO is
 ``recovery.SourceRecovery``'s."""
 
 import asyncio
+import bisect
+import itertools
 import logging
 import secrets
 import time
@@ -21,7 +23,7 @@ from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from hosts.writewatch import WatchUnavailable
 from migrate.engine.bitmaps import runs
 from migrate.engine.convergence import AutoConverge, DowntimeOrPassLimit
-from migrate.engine.digest import PIECE_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
+from migrate.engine.digest import CHUNK_PAGES, PIECE_PAGES, MemoryDigest, chunk_count, page_detail, state_digest
 from migrate.engine.digest_keeper import DigestKeeper
 from migrate.engine.dirty import DirtyLog, union
 from migrate.engine.handshake import introduce
@@ -116,6 +118,7 @@ class SourceVmm:
         self._watch = None
         self._watched: MemoryDigest | None = None
         self._watch_note: str | None = None
+        self._bulk = None  # while the bulk pass runs: what _bulk_front needs
         self._policy: DowntimeOrPassLimit | None = None
         self._converge: AutoConverge | None = None
         self._dirty_passes = 0
@@ -323,8 +326,21 @@ class SourceVmm:
         except WatchUnavailable as exc:
             self._watch_note = str(exc)
             return
-        self._watched = MemoryDigest(self.host.memory, compute=False)
-        self._digest_keeper = DigestKeeper(self._watched, self._watch)
+        self._watched = MemoryDigest(self.host.memory, compute=False, lazy_pieces=True)
+        self._digest_keeper = DigestKeeper(self._watched, self._watch, front=self._bulk_front)
+
+    def _bulk_front(self) -> int | None:
+        """The first chunk the bulk pass has not sent yet (about: each lane
+        goes through its stripes in order), or None outside it."""
+        bulk = self._bulk
+        if bulk is None:
+            return None if self.passes else 0
+        ends, starts, before = bulk
+        done = sum(lane.pages_done - s0 for lane, s0 in zip(self.lanes, before))
+        i = bisect.bisect_right(ends, done)
+        if i >= len(starts):
+            return None
+        return (starts[i] + done - (ends[i - 1] if i else 0)) // CHUNK_PAGES
 
     def _close_write_watch(self) -> None:
         if self._watch is not None:
@@ -334,7 +350,17 @@ class SourceVmm:
     # -- precopy --------------------------------------------------------------------
     async def _bulk_pass(self) -> None:
         """Pass 0: every populated page."""
-        await self._sender.send(0, self.host.memory.populated_ranges())
+        ranges = self.host.memory.populated_ranges()
+        # for _bulk_front: where each range ends in the count of pages sent
+        self._bulk = (
+            list(itertools.accumulate(b - a for a, b in ranges)),
+            [a for a, _ in ranges],
+            [lane.pages_done for lane in self.lanes],
+        )
+        try:
+            await self._sender.send(0, ranges)
+        finally:
+            self._bulk = None
         if self._digest is not None and self._digest_keeper is None:
             self._digest_keeper = DigestKeeper(self._digest)
 
@@ -648,7 +674,16 @@ class SourceVmm:
             digest.mark_stale(a, b)
         stale, read_before = len(digest.pending_chunks()), digest.bytes_read
         digest.refresh_parallel(frozen=True)  # the guest is paused
+        keeper = self._digest_keeper
         return digest, {
+            "keeper": None
+            if keeper is None
+            else {
+                "cpu_s": round(keeper.cpu_s, 4),
+                "mib_read": round(read_before / 2**20, 1),
+                "scans": keeper.scans,
+                "pages_written": keeper.pages_written,
+            },
             "taken": taken,
             "trusts_dirty_tracking": not independent,
             "write_watch": "on" if taken.endswith("write watch") else self._watch_note,
