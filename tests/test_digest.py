@@ -18,8 +18,8 @@ from migrate.engine.digest import (
     chunk_count,
     chunk_crc,
     effective_tags,
-    prepare_piece_tables,
     page_detail,
+    prepare_piece_tables,
     state_digest,
 )
 from migrate.engine.validate import MAX_REPORTED, Validation, _compact, compare_detail, differing_chunks
