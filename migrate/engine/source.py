@@ -464,6 +464,10 @@ class SourceVmm:
         await self._discard_ahead()
         self._clock.pause = time.perf_counter()
         self._paused()
+        if self._digest_keeper is not None:
+            # the guest is paused here: what the keeper has left is read
+            # with the rest at the end, not beside the answers to faults
+            self._digest_keeper.stop_now()
         self.machine.local("pause")
         self._peer.stop()  # the postcopy reader takes the control connection's replies
         missing = self._postcopy_pages()
