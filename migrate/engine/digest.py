@@ -132,22 +132,10 @@ class MemoryDigest:
     CRC'd in one call and a stale chunk is read whole: for a digest taken
     once, over frozen memory."""
 
-    def __init__(
-        self,
-        memory,
-        chunks: list[int] | None = None,
-        compute: bool = True,
-        pieces: bool = True,
-        lazy_pieces: bool = False,
-    ):
+    def __init__(self, memory, chunks: list[int] | None = None, compute: bool = True, pieces: bool = True):
         self.memory = memory
         self.nchunks = chunk_count(memory.npages)
         self.keeps_pieces = pieces
-        #: read a chunk nobody wrote since it was marked in one CRC call, and
-        #: take its pieces only once it is written (then it is read whole
-        #: again): 64 calls a chunk cost 0.19 s a GiB against 0.11 for one,
-        #: and a guest that writes nowhere (an image) needs none
-        self.lazy_pieces = lazy_pieces
         self.data_crcs = array("I", [0]) * self.nchunks
         self.tag_crcs = array("I", [0]) * self.nchunks
         self.piece_crcs = array("I", [0]) * (self.nchunks * PIECES_PER_CHUNK if pieces else 0)
@@ -369,7 +357,6 @@ class MemoryDigest:
             p = c * PIECES_PER_CHUNK
             with self._lock:
                 gen = self._gen[c]
-                whole = frozen or (self.lazy_pieces and not self.stale[c])  # one CRC call, no pieces
                 if self.unread[c] or not (self.stale[c] or self.tags_stale[c]):
                     which = None  # every piece
                 elif self.stale[c]:
@@ -389,7 +376,7 @@ class MemoryDigest:
                     data_crc = zero_chunk_crc(end - first)
                     pieces = zero_pieces(end - first) if self.keeps_pieces else None
                 else:
-                    pieces, data_crc, next_data = self._read_chunk(c, frozen, resident, whole)
+                    pieces, data_crc, next_data = self._read_chunk(c, frozen, resident)
                     if frozen and next_data is not None:
                         hole_end = next_data
             elif which:
@@ -435,14 +422,13 @@ class MemoryDigest:
         return mem.all_resident(first, end) or (not frozen and mem.fully_populated(first, end))
 
     def _read_chunk(
-        self, chunk: int, frozen: bool = False, resident: bytes | None = None, whole: bool | None = None
+        self, chunk: int, frozen: bool = False, resident: bytes | None = None
     ) -> tuple[array | None, int, int | None]:
         """(piece CRCs of the chunk's bytes, or None when this digest keeps
-        none or ``whole`` (default: ``frozen``) asks for one CRC call; the
-        chunk's CRC; the first page holding data at or after the chunk when
-        that was asked of the file, else None).  Frozen, a chunk only
-        allocated ahead (prefault) is asked of SEEK_DATA before it is read."""
-        whole = frozen if whole is None else whole
+        none; the chunk's CRC; the first page holding data at or after the
+        chunk when that was asked of the file, else None).  Frozen, a chunk
+        only allocated ahead (prefault) is asked of SEEK_DATA before it is
+        read."""
         first, end = self._chunk_bounds(chunk)
         mem, nbytes = self.memory, (end - first) * PAGE_SIZE
         next_data = None
@@ -459,7 +445,7 @@ class MemoryDigest:
                 mem.read_into(first * PAGE_SIZE, content)  # holes read as zeros, stay holes
         with self._lock:
             self.bytes_read += nbytes
-        if not self.keeps_pieces or whole:
+        if not self.keeps_pieces or frozen:
             # One call a chunk: nothing writes frozen memory, so no piece is
             # ever read again (the chunk is marked as without its pieces).
             return None, crc32(content), next_data

@@ -12,6 +12,12 @@ from migrate.errors import one_line
 log = logging.getLogger("migrate.engine.digest_keeper")
 
 
+#: how often the keeper asks the write watch while the guest writes: a guest
+#: at 5,000 pages/s leaves ~250 pieces to read at the pause
+_SCAN_EVERY = 0.05
+_SCAN_AT_MOST_EVERY = 0.4
+
+
 class DigestKeeper:
     """Keeps the source's validation digest up to date in its own thread
     while the guest runs, a slice of chunks at a time.  (As an asyncio task
@@ -22,7 +28,11 @@ class DigestKeeper:
     Its digest learns what the guest wrote either from the dirty-log
     harvests (``validate = "tracked"``: someone else marks it stale) or,
     with ``watch``, from the host's write watch, which it asks itself before
-    each slice."""
+    each slice.  With the watch it reads a chunk only once the guest wrote
+    it: one nobody writes costs the same read at the pause, one CRC call on
+    cores the bulk pass no longer holds, where read beside the bulk pass it
+    cost two to three times the CPU (an image migration's source: 0.69-0.79
+    s a GiB against 0.55-0.64 with everything read at the pause)."""
 
     def __init__(self, digest: MemoryDigest, watch=None, front=None):
         """``front``: a callable giving the first chunk the bulk pass has not
@@ -39,14 +49,19 @@ class DigestKeeper:
 
     def _run(self) -> None:
         began = time.thread_time()
+        idle_wait = _SCAN_EVERY
         try:
             while not self._stop.is_set():
                 if self._watch is not None:
                     self.scans += 1
-                    for a, b in self._watch.written():
+                    written = self._watch.written()
+                    for a, b in written:
                         self.pages_written += b - a
                         self._digest.mark_stale(a, b)
-                chunks = self._digest.pending_chunks(limit=64)
+                    # a guest that writes nothing is asked less often (a walk
+                    # of 1 GiB is 0.6-1 ms; the pause asks once more anyway)
+                    idle_wait = _SCAN_EVERY if written else min(2 * idle_wait, _SCAN_AT_MOST_EVERY)
+                chunks = self._digest.pending_chunks(limit=64, unread=self._watch is None)
                 front = self._front() if self._front is not None else None
                 if front is not None:
                     chunks = [c for c in chunks if c < front or not self._digest.unread[c]]
@@ -55,9 +70,7 @@ class DigestKeeper:
                     # waits for this (a whole slice was 5-7 ms of downtime)
                     self._digest.refresh(chunks, stop=self._stop)
                 else:
-                    # a guest at 5,000 pages/s leaves ~250 pieces for the
-                    # pause; each wait is one 1 ms walk of 1 GiB of page tables
-                    self._stop.wait(0.005 if front is not None else 0.05 if self._watch is not None else 0.02)
+                    self._stop.wait(idle_wait if self._watch is not None else 0.005 if front is not None else 0.02)
         except Exception as exc:  # the final digest then reads everything again
             log.warning("validation digest keeper stopped: %s", one_line(exc))
             self._digest.invalidate()

@@ -326,7 +326,7 @@ class SourceVmm:
         except WatchUnavailable as exc:
             self._watch_note = str(exc)
             return
-        self._watched = MemoryDigest(self.host.memory, compute=False, lazy_pieces=True)
+        self._watched = MemoryDigest(self.host.memory, compute=False)
         self._digest_keeper = DigestKeeper(self._watched, self._watch, front=self._bulk_front)
 
     def _bulk_front(self) -> int | None:
@@ -663,10 +663,9 @@ class SourceVmm:
         if self._digest_keeper is not None:
             self._digest_keeper.stop_now()  # not two threads on one chunk
         independent = self._digest is None
-        try:
-            digest, taken = self._watched_digest_at_pause()
-        finally:
-            self._close_write_watch()  # the guest is paused: nothing more to see
+        # (the watch stays open until _finish: closing it unprotects RAM's
+        # page tables, 13 ms a GiB, and it is no use to the guest meanwhile)
+        digest, taken = self._watched_digest_at_pause()
         if digest is None:
             # Taken once over frozen memory: one CRC call a chunk, no pieces kept.
             digest = MemoryDigest(self.host.memory, compute=False, pieces=False) if independent else self._digest
@@ -850,8 +849,6 @@ class SourceVmm:
             await self._report_failure(self._error)
         if self._digest_keeper is not None:
             await self._digest_keeper.stop()  # before the guest's memory can go away
-        if self._digest_reading is None:
-            self._close_write_watch()  # no pause: the final digest would have closed it
         self._peer.stop()
         if self._chan is not None:
             self._chan.close()
@@ -876,6 +873,7 @@ class SourceVmm:
             # A failure during the final pass: the re-read may still be
             # running; it only reads, but must end before the memory can go.
             await asyncio.get_running_loop().run_in_executor(None, wait_for_threads, [self._digest_reading])
+        self._close_write_watch()
 
     async def _report_failure(self, err: MigrationError) -> None:
         machine = self.machine
