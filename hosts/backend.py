@@ -96,6 +96,14 @@ class Host(ABC):
     def unwatch_writes(self, watch) -> None:
         watch.close()
 
+    def watch_tag_writes(self):
+        """A WriteWatch over the tag view, in pages of RAM; raises
+        WatchUnavailable where this host's tags are not stored through it
+        (in hardware, they are read after the pause instead)."""
+        from .writewatch import WatchUnavailable
+
+        raise WatchUnavailable(f"the {self.kind} host's tag stores do not reach a write watch")
+
     def guest_report(self, wait_s: float = 0.0) -> dict | None:
         """What the guest itself says about its memory (a self-checking guest
         program's verdict after the last resume), waiting up to ``wait_s`` for

@@ -68,6 +68,10 @@ class SimulatedHost(Host):
     def unwatch_writes(self, watch) -> None:
         self.memory.unwatch_writes(watch)
 
+    def watch_tag_writes(self):
+        """The simulated kernel stores tags through the tag storage's mapping."""
+        return self.memory.watch_tag_writes()
+
     def close(self) -> None:
         self.vcpus.shutdown()
         self.vm.close()

@@ -393,6 +393,13 @@ class GuestMemory:
         with self._write_lock:
             self._watches -= 1
 
+    def watch_tag_writes(self) -> "WriteWatch":
+        """A WriteWatch over the tag storage, in pages of RAM: every tag
+        store (and every change of PG_mte_tagged, which comes with one)
+        goes through its mapping.  Close it with ``close()``."""
+        size = -(-self.npages * PACKED_TAGS_PER_PAGE // PAGE_SIZE) * PAGE_SIZE
+        return WriteWatch(self._tags_map, size, scale=PAGE_SIZE // PACKED_TAGS_PER_PAGE, limit=self.npages)
+
     # -- loading -------------------------------------------------------------
     def load_image(self, path: str, offset: int = 0, repeat: bool = False) -> int:
         """Copy a raw image file into RAM at byte ``offset`` (page aligned);

@@ -65,10 +65,14 @@ def _address_of(mapping) -> int:
 
 
 class WriteWatch:
-    """Write-protects ``mapping`` (a shared mmap of ``size`` bytes) now, and
-    tells which of its pages were written since (``written``)."""
+    """Write-protects ``mapping`` (a shared mmap of ``size`` bytes, a whole
+    number of pages) now, and tells which of its pages were written since
+    (``written``), each standing for ``scale`` pages of the caller's (the
+    tag storage: a page of it holds the tags of 32 pages of RAM), up to
+    ``limit``."""
 
-    def __init__(self, mapping, size: int):
+    def __init__(self, mapping, size: int, scale: int = 1, limit: int | None = None):
+        self._scale, self._limit = scale, (size // PAGE_SIZE) * scale if limit is None else limit
         if _NR_USERFAULTFD is None:
             raise WatchUnavailable(f"no userfaultfd system call number known for {platform.machine()}")
         libc = ctypes.CDLL(None, use_errno=True)
@@ -129,8 +133,10 @@ class WriteWatch:
             )
             n = fcntl.ioctl(self._pagemap, _PAGEMAP_SCAN, arg)
             starts, ends = vec[0 : 3 * n : 3].tolist(), vec[1 : 3 * n : 3].tolist()
-            base = self._start
-            out.extend(((a - base) // PAGE_SIZE, (b - base) // PAGE_SIZE) for a, b in zip(starts, ends))
+            base, k, top = self._start, self._scale, self._limit
+            out.extend(
+                ((a - base) // PAGE_SIZE * k, min((b - base) // PAGE_SIZE * k, top)) for a, b in zip(starts, ends)
+            )
             walked = struct.unpack_from("Q", arg, 32)[0]
             if walked <= at:  # the kernel made no progress: do not spin
                 raise OSError(0, "PAGEMAP_SCAN made no progress")

@@ -906,3 +906,20 @@ def test_with_a_write_watch_the_keeper_reads_only_what_the_guest_wrote(twins):
     d.mark_all_tags_stale()
     d.refresh_parallel(frozen=True)
     assert d.chunk_crcs() == MemoryDigest(a.memory).chunk_crcs()
+
+
+def test_a_flag_changed_without_a_tag_store_is_found_by_its_snapshot(twins):
+    """A watch over the tag storage sees tag stores, not PG_mte_tagged: the
+    digest keeps the flags its tag CRCs were read with and, asked at the
+    pause, reads again the chunks whose flags changed since."""
+    a, _ = twins
+    d = MemoryDigest(a.memory, compute=False)
+    d.remember_tagged()
+    d.refresh()
+    page = 2 * CHUNK_PAGES + 7
+    a.memory.tags[page * 128 : (page + 1) * 128] = b"\x33" * 128
+    a.memory.tagged[page] = 1 - a.memory.tagged[page]  # the effective tags change, no store marks it
+    d.mark_tags_stale_where_flags_changed()
+    assert d.pending_chunks() == [2]
+    d.refresh()
+    assert d.chunk_crcs() == MemoryDigest(a.memory).chunk_crcs()

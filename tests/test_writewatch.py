@@ -113,3 +113,22 @@ def test_without_the_system_call_the_watch_says_why(monkeypatch):
     mem.write(0, b"\1" * (2 * PAGE_SIZE))
     mem.punch(0, 1)  # not left as if watched
     assert mem.populated_ranges() == [(1, 2)]
+
+
+@needs_watch
+def test_the_tag_storage_watch_names_the_pages_of_ram_whose_tags_were_stored():
+    """A page of tag storage holds the tags of 32 pages of RAM: a tag store
+    names those 32 (a granule's STG, or the whole page's packed tags)."""
+    from hosts import tags as tagops
+    from hosts.constants import PACKED_TAGS_PER_PAGE
+
+    mem = GuestMemory(64 * MiB)
+    watch = mem.watch_tag_writes()
+    try:
+        assert watch.written() == []
+        tagops.fill_granules(mem.tags, 100 * 256 + 3, 1, 5)  # one granule of page 100
+        mem.tags[5000 * PACKED_TAGS_PER_PAGE : 5001 * PACKED_TAGS_PER_PAGE] = b"\x11" * PACKED_TAGS_PER_PAGE
+        assert watch.written() == [(96, 128), (4992, 5024)]
+        assert watch.written() == []
+    finally:
+        watch.close()

@@ -146,6 +146,9 @@ class MemoryDigest:
         #: not kept: a write there makes the next refresh read it whole
         self.pieces_unknown = bytearray(self.nchunks)
         self.tags_stale = bytearray(self.nchunks)  # tags only
+        #: with remember_tagged(): PG_mte_tagged as it was when each chunk's
+        #: tags were last read, to find the flags that changed since
+        self._tagged_seen: bytearray | None = None
         # A result computed while set_data() stored a newer one is dropped:
         # set_data bumps the chunk's generation.
         self._gen = array("I", [0]) * self.nchunks
@@ -284,6 +287,33 @@ class MemoryDigest:
             self.piece_stale[pa:pb] = b"\x01" * (pb - pa)
             self.stale[a:b] = b"\x01" * (b - a)
 
+    def mark_tags_stale(self, first_page: int, end_page: int) -> None:
+        """The tags of these pages changed: read them again, in chunks read
+        before (a chunk never read is read whole, its tags with it)."""
+        a, b = first_page // CHUNK_PAGES, -(-end_page // CHUNK_PAGES)
+        with self._lock:
+            for c in range(a, min(b, self.nchunks)):
+                if not self.unread[c]:
+                    self.tags_stale[c] = 1
+
+    def remember_tagged(self) -> None:
+        """Keep PG_mte_tagged as each chunk's tags are read, for
+        mark_tags_stale_where_flags_changed (a watch over the tag storage
+        sees tag stores, not the flag, which lives elsewhere)."""
+        self._tagged_seen = bytearray(self.memory.npages)
+
+    def mark_tags_stale_where_flags_changed(self) -> None:
+        """Chunks read before whose PG_mte_tagged flags differ from those
+        their tags were read with: read their tags again."""
+        seen, now = self._tagged_seen, self.memory.tagged
+        if seen == now:
+            return
+        with self._lock:
+            for c in range(self.nchunks):
+                a, b = c * CHUNK_PAGES, (c + 1) * CHUNK_PAGES
+                if not self.unread[c] and seen[a:b] != now[a:b]:
+                    self.tags_stale[c] = 1
+
     def mark_all_tags_stale(self) -> None:
         """Read every chunk's tags again at the next refresh (RAM/32 bytes:
         a write watch sees data stores, not tag stores or PG_mte_tagged)."""
@@ -381,6 +411,8 @@ class MemoryDigest:
                         hole_end = next_data
             elif which:
                 pieces = self._stale_pieces(c, which)
+            if self._tagged_seen is not None:  # before the CRC: a change after it shows
+                self._tagged_seen[first:end] = self.memory.tagged[first:end]
             tag_crc = self._tag_crc(c)
             with self._lock:
                 if self._gen[c] == gen:

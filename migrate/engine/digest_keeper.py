@@ -34,13 +34,14 @@ class DigestKeeper:
     cost two to three times the CPU (an image migration's source: 0.69-0.79
     s a GiB against 0.55-0.64 with everything read at the pause)."""
 
-    def __init__(self, digest: MemoryDigest, watch=None, front=None):
+    def __init__(self, digest: MemoryDigest, watch=None, front=None, tag_watch=None):
         """``front``: a callable giving the first chunk the bulk pass has not
         sent yet, or None once it is over; chunks never read are read only
         below it, so that the keeper reads what the sender has just read
         (from the cache) and no core's memory bandwidth is shared twice
         over for the same bytes."""
         self._digest, self._watch, self._front, self._stop = digest, watch, front, threading.Event()
+        self._tag_watch = tag_watch  # a watch over the tag storage, if the host has one
         #: what keeping it cost, for the report: this thread's CPU seconds,
         #: the watch's scans and the pages they found written
         self.cpu_s, self.scans, self.pages_written = 0.0, 0, 0
@@ -58,6 +59,9 @@ class DigestKeeper:
                     for a, b in written:
                         self.pages_written += b - a
                         self._digest.mark_stale(a, b)
+                    if self._tag_watch is not None:
+                        for a, b in self._tag_watch.written():
+                            self._digest.mark_tags_stale(a, b)
                     # a guest that writes nothing is asked less often (a walk
                     # of 1 GiB is 0.6-1 ms; the pause asks once more anyway)
                     idle_wait = _SCAN_EVERY if written else min(2 * idle_wait, _SCAN_AT_MOST_EVERY)

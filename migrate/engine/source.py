@@ -116,6 +116,7 @@ class SourceVmm:
         #: validate = "digest": the host's write watch and the digest it keeps
         #: up to date (None where the host cannot watch: see _watch_note)
         self._watch = None
+        self._tag_watch = None  # the same over the tag storage, where the host has one
         self._watched: MemoryDigest | None = None
         self._watch_note: str | None = None
         self._bulk = None  # while the bulk pass runs: what _bulk_front needs
@@ -327,7 +328,14 @@ class SourceVmm:
             self._watch_note = str(exc)
             return
         self._watched = MemoryDigest(self.host.memory, compute=False)
-        self._digest_keeper = DigestKeeper(self._watched, self._watch, front=self._bulk_front)
+        try:
+            self._tag_watch = self.host.watch_tag_writes()
+            self._watched.remember_tagged()
+        except WatchUnavailable:
+            pass  # every chunk's tags are read at the pause instead
+        self._digest_keeper = DigestKeeper(
+            self._watched, self._watch, front=self._bulk_front, tag_watch=self._tag_watch
+        )
 
     def _bulk_front(self) -> int | None:
         """The first chunk the bulk pass has not sent yet (about: each lane
@@ -346,6 +354,9 @@ class SourceVmm:
         if self._watch is not None:
             self.host.unwatch_writes(self._watch)
             self._watch = None
+        if self._tag_watch is not None:
+            self._tag_watch.close()
+            self._tag_watch = None
 
     # -- precopy --------------------------------------------------------------------
     async def _bulk_pass(self) -> None:
@@ -699,20 +710,27 @@ class SourceVmm:
 
     def _watched_digest_at_pause(self) -> tuple[MemoryDigest | None, str]:
         """The digest the keeper kept from the write watch, with the pages
-        written since its last look marked stale and every chunk's tags to
-        be read again (the watch sees data stores only); (None, "") without
-        a watch, or when it failed (then RAM is re-read whole)."""
+        written since its last look marked stale, and the tags stored since
+        and those whose PG_mte_tagged changed (without a watch over the tag
+        storage, every chunk's tags); (None, "") without a watch, or when it
+        failed (then RAM is re-read whole)."""
         if self._watch is None:
             return None, ""
         try:
             written = self._watch.written()
+            tags_written = self._tag_watch.written() if self._tag_watch is not None else None
         except OSError as exc:
             self._watch_note = f"the write watch failed at the pause: {one_line(exc)}"
             return None, ""
         digest = self._watched
         for a, b in written:
             digest.mark_stale(a, b)
-        digest.mark_all_tags_stale()
+        if tags_written is None:
+            digest.mark_all_tags_stale()
+        else:
+            for a, b in tags_written:
+                digest.mark_tags_stale(a, b)
+            digest.mark_tags_stale_where_flags_changed()
         return digest, "kept up to date by the host's write watch"
 
     async def _final_digest(self, reading) -> MemoryDigest:
