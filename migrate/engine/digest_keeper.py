@@ -37,9 +37,9 @@ class DigestKeeper:
     def __init__(self, digest: MemoryDigest, watch=None, front=None, tag_watch=None):
         """``front``: a callable giving the first chunk the bulk pass has not
         sent yet, or None once it is over; chunks never read are read only
-        below it, so that the keeper reads what the sender has just read
-        (from the cache) and no core's memory bandwidth is shared twice
-        over for the same bytes."""
+        below it, where the sender has just read them (three runs: the
+        keeper's CPU 0.27-0.41 s against 0.38-0.48 s without, within this
+        machine's spread)."""
         self._digest, self._watch, self._front, self._stop = digest, watch, front, threading.Event()
         self._tag_watch = tag_watch  # a watch over the tag storage, if the host has one
         #: what keeping it cost, for the report: this thread's CPU seconds,
@@ -74,7 +74,7 @@ class DigestKeeper:
                     # waits for this (a whole slice was 5-7 ms of downtime)
                     self._digest.refresh(chunks, stop=self._stop)
                 else:
-                    self._stop.wait(idle_wait if self._watch is not None else 0.005 if front is not None else 0.02)
+                    self._stop.wait(idle_wait if self._watch is not None else 0.02)
         except Exception as exc:  # the final digest then reads everything again
             log.warning("validation digest keeper stopped: %s", one_line(exc))
             self._digest.invalidate()

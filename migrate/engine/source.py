@@ -658,11 +658,13 @@ class SourceVmm:
 
     def _start_final_digest(self) -> None:
         """Begin the source's digest of its frozen memory at once, in a
-        thread: by default a new one, read from the kernel's memory and tag
-        storage alone, so that no bug of the dirty log, the VMM's bitmap or
-        a strategy can hide in it (chunks never populated are settled
-        without reading); with ``validate = "tracked"`` the one kept up to
-        date from the harvests.  ``_digest_job`` gives it."""
+        thread, from the kernel's memory and tag storage alone, so that no
+        bug of the dirty log, the VMM's bitmap or a strategy can hide in it:
+        by default the one the keeper kept from the host's write watch,
+        brought up to date; without a watch (or with ``validate = "reread"``)
+        a new one, all RAM read (chunks never populated are settled without
+        reading); with ``validate = "tracked"`` the one kept up to date from
+        the harvests.  ``_digest_job`` gives it."""
         pool = ThreadPoolExecutor(1, thread_name_prefix="final-digest")
         self._digest_reading = pool.submit(self._read_frozen_memory, time.perf_counter())
         pool.shutdown(wait=False)  # its thread ends with this job
@@ -677,7 +679,8 @@ class SourceVmm:
         # (the watch stays open until _finish: closing it unprotects RAM's
         # page tables, 13 ms a GiB, and it is no use to the guest meanwhile)
         digest, taken = self._watched_digest_at_pause()
-        if digest is None:
+        watched = digest is not None
+        if not watched:
             # Taken once over frozen memory: one CRC call a chunk, no pieces kept.
             digest = MemoryDigest(self.host.memory, compute=False, pieces=False) if independent else self._digest
             taken = "re-read after the pause" if independent else "kept from the dirty-log harvests"
@@ -700,7 +703,7 @@ class SourceVmm:
             },
             "taken": taken,
             "trusts_dirty_tracking": not independent,
-            "write_watch": "on" if taken.endswith("write watch") else self._watch_note,
+            "write_watch": "on" if watched else self._watch_note,
             "chunks_read_at_pause": stale,
             # counted by the digest as it reads (asking the file how much RAM
             # is populated scanned all of it with SEEK_HOLE, in the downtime)
