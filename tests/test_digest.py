@@ -827,6 +827,41 @@ def test_a_chunk_recorded_in_one_call_is_read_whole_once_written_then_by_pieces(
         assert d.data_crcs[c] == real(mem.data[lo:hi]) and not d.pieces_unknown[c]
 
 
+@pytest.mark.parametrize("refreshed_between", [False, True])
+def test_a_chunk_written_while_a_sender_read_it_stays_stale(twins, refreshed_between):
+    # The source's bulk pass CRCs a chunk of guest RAM and hands the CRC to
+    # the digest (set_chunk_crc with the mark count it took before reading).
+    # A write marked in between -- by a write-watch scan in another thread,
+    # perhaps followed by a refresh that took the stale flag -- may be newer
+    # than that CRC: the chunk stays stale and the next refresh reads it
+    # whole.  With no mark in between, the CRC stands and nothing is read.
+    a, _ = twins
+    mem, c = a.memory, 3
+    lo, hi = c * CHUNK_PAGES * PAGE, (c + 1) * CHUNK_PAGES * PAGE
+    d = MemoryDigest(mem, compute=False)
+    clean, token = 5, d.marks_of(0, 8)
+    d.set_chunk_crc(
+        clean,
+        zlib.crc32(mem.data[clean * CHUNK_PAGES * PAGE : (clean + 1) * CHUNK_PAGES * PAGE]),
+        tags="later",
+        marks=token[clean],
+    )
+    assert not d.stale[clean] and not d.unread[clean]
+
+    crc_read = zlib.crc32(mem.data[lo:hi])  # the sender's read
+    page = c * CHUNK_PAGES + 17
+    mem.data[page * PAGE] ^= 0xFF  # the guest writes; a scan marks it
+    d.mark_stale(page, page + 1)
+    if refreshed_between:
+        d.refresh([c])  # takes the stale flag (and reads the new bytes)
+        assert not d.stale[c]
+    d.set_chunk_crc(c, crc_read, tags="later", marks=token[c])
+    assert d.stale[c] and d.pieces_unknown[c]
+    d.refresh()
+    assert d.data_crcs[c] == zlib.crc32(mem.data[lo:hi]) != crc_read
+    assert d.data_crcs[clean] == MemoryDigest(mem).data_crcs[clean]
+
+
 def test_parallel_refresh_takes_a_second_thread_only_for_whole_chunks(twins):
     """Stale pieces are short CRC calls that two threads would take turns on
     the GIL for: read in one thread.  Chunks read whole (a digest taken over

@@ -638,8 +638,8 @@ async def test_the_watched_source_digest_equals_a_fresh_one(hosts, listener, wor
     the pages written since, every chunk's tags and the chunks nobody wrote
     are read.  On the frozen guest that must equal a digest computed from
     scratch, with the guest (and with device-dma, the VMM's device) writing
-    all along; retag-churn changes tags only, so its data is all read at
-    the pause."""
+    all along; retag-churn changes tags only, so its data is the bulk
+    pass's CRCs."""
     src, sres = await _migrate_a_writing_guest(hosts, listener, workload, strategy, "digest")
     taken = sres["digest"]
     assert taken["write_watch"] == "on" and not taken["trusts_dirty_tracking"]
@@ -649,6 +649,25 @@ async def test_the_watched_source_digest_equals_a_fresh_one(hosts, listener, wor
         assert taken["mib_read_at_pause"] < populated_mib / 2  # not a re-read of RAM
     else:
         assert taken["keeper"]["mib_read"] == 0 and taken["keeper"]["pages_written"] == 0
+
+
+@pytest.mark.parametrize("checksum", ["full", "meta"])
+async def test_the_bulk_pass_crcs_serve_as_the_digest_of_what_nobody_writes_after(hosts, listener, checksum):
+    """A guest that writes nothing: with checked frames the bulk pass's CRC
+    of each whole chunk it read from guest RAM is that chunk's digest, and
+    the write watch reports nothing since, so neither the keeper nor the
+    pause reads RAM again.  Unchecked frames take no CRC: the pause reads."""
+    src = hosts.source(ram=16 * MiB, workload="idle", params={"fill": 1.0}, rate=0)
+    dst = hosts.dest(ram=16 * MiB)
+    sres, dres, engine, _ = await run_engines(src, dst, MigrationConfig(checksum=checksum), listener)
+    assert_completed(sres, dres)
+    taken = sres["digest"]
+    assert taken["write_watch"] == "on" and taken["keeper"]["mib_read"] == 0
+    if checksum == "full":
+        assert taken["mib_read_at_pause"] == 0
+    else:
+        assert taken["mib_read_at_pause"] == 16
+    assert engine._digest.data_crcs == MemoryDigest(src.memory).data_crcs
 
 
 async def test_a_host_without_a_write_watch_reads_all_again_after_the_pause(hosts, listener, monkeypatch):

@@ -82,6 +82,27 @@ def lose_a_dirty_bit(mp):
     return mutate
 
 
+def read_a_chunk_too_early(mp):
+    """The sender reads one batch of the bulk pass one chunk too early:
+    guest RAM, but not the pages it names.  Each frame's CRC covers what it
+    carries, so only the validation can see it.  The idle guest writes none
+    of those chunks (only near the start of each vCPU's half of its data),
+    so no write watch makes the source read them again: the digest must not
+    take the sender's CRCs of them as its own (it does only for views it
+    checked by address)."""
+    from migrate.engine.digest import CHUNK_PAGES
+    from migrate.strategies.base import TagStrategy
+
+    real = TagStrategy.read_data
+
+    def shifted(self, first, count):
+        if first == 4 * CHUNK_PAGES:
+            first -= CHUNK_PAGES
+        return real(self, first, count)
+
+    return lambda src, dst: mp.setattr(TagStrategy, "read_data", shifted)
+
+
 def drop_tag_dirty_harvest(mp):
     """tag-dirty-log's harvest loses every tag-only update."""
     from migrate.strategies.tag_dirty_log import TagDirtyLog
@@ -162,6 +183,7 @@ CASES = {
     "vmm bitmap merge dropped": (("device-dma", "tag-dirty-log", {"fill": 0.5}), drop_vmm_bitmap, "data"),
     "tag-dirty harvest dropped": (("retag-churn", "tag-dirty-log", None), drop_tag_dirty_harvest, "tag"),
     "dirty bit lost before the pause": (ALLOC, lose_a_dirty_bit, "data"),
+    "pages read a chunk too early": (("idle", "tag-ioctl", {"fill": 0.5}), read_a_chunk_too_early, "data"),
     "tags swapped": (ALLOC, mangle_tags("swapped"), "tag"),
     "tags dropped": (ALLOC, mangle_tags("dropped"), "tag"),
     "tags flipped": (ALLOC, mangle_tags("flipped"), "tag"),

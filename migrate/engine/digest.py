@@ -152,6 +152,10 @@ class MemoryDigest:
         # A result computed while set_data() stored a newer one is dropped:
         # set_data bumps the chunk's generation.
         self._gen = array("I", [0]) * self.nchunks
+        #: how many times each chunk was marked stale: a caller that read a
+        #: chunk itself (set_chunk_crc) may clear its stale flags only if no
+        #: mark came after it began to read
+        self._marks = array("I", [0]) * self.nchunks
         self._lock = threading.Lock()
         #: bytes of RAM read so far (holes settled or skipped are not read)
         self.bytes_read = 0
@@ -273,19 +277,30 @@ class MemoryDigest:
         """Forget every CRC: all chunks are read again."""
         with self._lock:
             self.unread[:] = b"\x01" * self.nchunks
+            self._marks = array("I", (m + 1 for m in self._marks))
 
     def mark_stale(self, first_page: int, end_page: int) -> None:
         # Under the lock: refresh() takes a chunk's stale pieces and clears
         # them in one step, and a mark landing in between would be lost.
         if end_page - first_page == 1:  # a dirty pass's scattered pages: no slices to build
+            c = first_page // CHUNK_PAGES
             with self._lock:
-                self.piece_stale[first_page // PIECE_PAGES] = self.stale[first_page // CHUNK_PAGES] = 1
+                self.piece_stale[first_page // PIECE_PAGES] = self.stale[c] = 1
+                self._marks[c] += 1
             return
         a, b = first_page // CHUNK_PAGES, -(-end_page // CHUNK_PAGES)
         pa, pb = first_page // PIECE_PAGES, -(-end_page // PIECE_PAGES)
         with self._lock:
             self.piece_stale[pa:pb] = b"\x01" * (pb - pa)
             self.stale[a:b] = b"\x01" * (b - a)
+            for c in range(a, min(b, self.nchunks)):
+                self._marks[c] += 1
+
+    def marks_of(self, first_chunk: int, count: int) -> array:
+        """The stale-mark counts of ``count`` chunks, taken by a caller
+        before it reads them, for set_chunk_crc(marks=...)."""
+        with self._lock:
+            return self._marks[first_chunk : first_chunk + count]
 
     def mark_tags_stale(self, first_page: int, end_page: int) -> None:
         """The tags of these pages changed: read them again, in chunks read
@@ -338,7 +353,9 @@ class MemoryDigest:
                 self.tags_stale[chunk] = 1
         return crc
 
-    def set_chunk_crc(self, chunk: int, crc: int, tags: str, pieces: array | None = None) -> None:
+    def set_chunk_crc(
+        self, chunk: int, crc: int, tags: str, pieces: array | None = None, marks: int | None = None
+    ) -> None:
         """Record a chunk's CRC taken by the caller in one call over this
         memory (the destination right after landing a whole chunk) -- no
         join of piece CRCs, so no join tables -- and its ``pieces`` when the
@@ -347,17 +364,25 @@ class MemoryDigest:
         guest that dirties most chunks, the final digest then reads most of
         RAM inside the downtime).  ``tags``: "now" reads the chunk's tag CRC
         here (the caller has just stored them: no background refresh a
-        chunk for its tags alone), "later" leaves them to a refresh."""
+        chunk for its tags alone), "later" leaves them to a refresh.
+        ``marks``: the chunk's count from marks_of(), taken before the
+        caller began to read it while the memory could be written (the
+        source's bulk pass); if a mark came since, the write it stands for
+        may be newer than ``crc``, so the chunk stays stale and is read
+        again whole (its stale flags may already have been taken by a
+        refresh whose result this replaces)."""
         p = chunk * PIECES_PER_CHUNK
         tag_crc = self._tag_crc(chunk) if tags == "now" else None
         with self._lock:
+            written_since = marks is not None and self._marks[chunk] != marks
             self._gen[chunk] += 1
             self.data_crcs[chunk] = crc
             self.piece_stale[p : p + PIECES_PER_CHUNK] = _NO_STALE_PIECES
-            self.stale[chunk] = self.unread[chunk] = 0
+            self.unread[chunk] = 0
+            self.stale[chunk] = written_since
             if pieces is not None and self.keeps_pieces:
                 self.piece_crcs[p : p + len(pieces)] = pieces
-            self.pieces_unknown[chunk] = pieces is None
+            self.pieces_unknown[chunk] = pieces is None or written_since
             if tag_crc is None:
                 self.tags_stale[chunk] = 1
             else:

@@ -29,10 +29,11 @@ class DigestKeeper:
     harvests (``validate = "tracked"``: someone else marks it stale) or,
     with ``watch``, from the host's write watch, which it asks itself before
     each slice.  With the watch it reads a chunk only once the guest wrote
-    it: one nobody writes costs the same read at the pause, one CRC call on
-    cores the bulk pass no longer holds, where read beside the bulk pass it
-    cost two to three times the CPU (an image migration's source: 0.69-0.79
-    s a GiB against 0.55-0.64 with everything read at the pause)."""
+    it: the bulk pass's checked frames hand over the CRCs of the chunks they
+    read, and one neither read is read at the pause, one CRC call on cores
+    the bulk pass no longer holds (read beside the bulk pass it cost two to
+    three times the CPU: an image migration's source took 0.69-0.79 s a GiB
+    against 0.55-0.64 with everything read at the pause)."""
 
     def __init__(self, digest: MemoryDigest, watch=None, front=None, tag_watch=None):
         """``front``: a callable giving the first chunk the bulk pass has not

@@ -220,6 +220,10 @@ class BatchBuilder:
         #: chunks and the strategy handed back kernel memory itself (checked
         #: by address), the snapshot's CRCs are those chunks' digests too
         self.digest = digest
+        #: whether those chunks' 16 KiB piece CRCs are taken too (64 more
+        #: calls a chunk, in cache): for a digest whose writer marks pieces
+        #: stale one by one; without them a chunk written later is read whole
+        self.digest_pieces = True
         self.npages = strategy.host.memory.npages
         self._scratch = bytearray(batch_pages * PAGE_SIZE)
 
@@ -233,7 +237,10 @@ class BatchBuilder:
                 heads = bytes(view[::PAGE_SIZE])  # the first byte of every page, in one strided copy
                 # (a chunk of zeros alone is flagged below, without a copy)
                 if record or not (heads.count(0) == count and all_zero(view)):
-                    return self._build_whole_chunk(pass_no, ranges, chunk if record else None, view, heads)
+                    # counted before the bytes are read: a write marked since
+                    # keeps the chunk stale (set_chunk_crc)
+                    marks = self.digest.marks_of(chunk, -(-count // CHUNK_PAGES)) if record else None
+                    return self._build_whole_chunk(pass_no, ranges, chunk if record else None, view, heads, marks)
         n = sum(c for _, c in ranges)
         flags = bytearray(n)
         parts = []  # views of the runs of non-zero pages, in batch order
@@ -271,7 +278,7 @@ class BatchBuilder:
         packed = self.strategy.read_tags(ranges)
         return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), filled, decided=decided)
 
-    def _build_whole_chunk(self, pass_no, ranges, chunk, view, heads: bytes) -> tuple[fr.Pages, BatchStats]:
+    def _build_whole_chunk(self, pass_no, ranges, chunk, view, heads: bytes, marks=None) -> tuple[fr.Pages, BatchStats]:
         """Whole chunks, checked: find the zero pages, and CRC the chunks in
         one call -- the frame's data CRC and, when ``chunk`` (the first) is
         given (``view`` is kernel memory itself), the chunks' digests (one
@@ -317,12 +324,12 @@ class BatchBuilder:
         else:
             # The chunks' CRCs are their digests, joined they are the
             # frame's.  A page written after the CRC is in a later dirty
-            # harvest, which marks the chunk stale again.
+            # harvest or write-watch scan, which marks the chunk stale again.
             crcs = []
-            for c, part in _chunks_of(snap, chunk):
+            for i, (c, part) in enumerate(_chunks_of(snap, chunk)):
                 crcs.append(crc32(part))
-                pieces = piece_crcs(part) if self.digest.keeps_pieces else None
-                self.digest.set_chunk_crc(c, crcs[-1], tags="later", pieces=pieces)
+                pieces = piece_crcs(part) if self.digest.keeps_pieces and self.digest_pieces else None
+                self.digest.set_chunk_crc(c, crcs[-1], tags="later", pieces=pieces, marks=marks[i])
             crc = _joined(crcs, len(snap))
         if flags.find(fr.PAGE_ZERO) < 0:
             data = snap

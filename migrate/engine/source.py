@@ -287,6 +287,9 @@ class SourceVmm:
         self._paused_here = True
         for lane in self.lanes:
             lane.builder.guest_runs = False
+            if lane.builder.digest is self._watched:
+                # the watched digest is read at the pause from here on
+                lane.builder.digest = None
 
     def _start_precopy(self) -> None:
         """Dirty logging, the validation digest and the convergence policy:
@@ -333,6 +336,13 @@ class SourceVmm:
             self._watched.remember_tagged()
         except WatchUnavailable:
             pass  # every chunk's tags are read at the pause instead
+        # The bulk pass's checked frames CRC each whole chunk they read from
+        # guest RAM: those CRCs are the chunks' digests as they were then
+        # (what the guest writes after, the watch reports), so a chunk
+        # nobody writes is read once, by the sender, not again at the pause.
+        for lane in self.lanes:
+            if lane.builder.checked:
+                lane.builder.digest, lane.builder.digest_pieces = self._watched, False
         self._digest_keeper = DigestKeeper(
             self._watched, self._watch, front=self._bulk_front, tag_watch=self._tag_watch
         )
