@@ -92,6 +92,36 @@ def _chunks_of(view, first_chunk: int):
         yield first_chunk + i, view[o : o + CHUNK_BYTES]
 
 
+class LandingCrcs:
+    """The CRC (and piece CRCs) of each chunk of a frame spliced into guest
+    RAM, taken as soon as the chunk's last byte has landed, while its bytes
+    are still in the cache: taken after the whole 4 MiB frame, the first
+    chunks were read back from memory (1 GiB landed 1 MiB at a time: 0.064
+    s of CRC against 0.095-0.16 a 4 MiB write at a time, and 0.11 cold)."""
+
+    def __init__(self, data, first_page: int, npages: int, pieces: bool):
+        self.first, self.end = first_page, first_page + npages
+        self._view = data[first_page * PAGE_SIZE : self.end * PAGE_SIZE]
+        self._pieces = pieces
+        self.crcs: list[int] = []
+        self.pieces: list = []
+        self._done = 0  # bytes CRC'd
+
+    def landed(self, nbytes: int) -> None:
+        """``nbytes`` of the frame's data are in place: CRC the whole chunks
+        among them not CRC'd yet (the last, maybe short, once all landed)."""
+        size = len(self._view)
+        while self._done < nbytes and (nbytes - self._done >= CHUNK_BYTES or nbytes >= size):
+            part = self._view[self._done : self._done + CHUNK_BYTES]
+            self.crcs.append(crc32(part))
+            self.pieces.append(piece_crcs(part) if self._pieces else None)
+            self._done += len(part)
+
+    def covers(self, first: int, end: int) -> bool:
+        """Whether these are the CRCs of all of pages [first, end)."""
+        return (self.first, self.end) == (first, end) and self._done == len(self._view)
+
+
 def lands_whole_chunk(ranges, flags, npages: int) -> bool:
     """Whether every page of whole digest chunks lands with this batch
     (data or zero pages, none tags-only).  Such a batch's data CRC joins
@@ -410,6 +440,9 @@ class BatchApplier:
         #: digest then keeps (one read of those bytes instead of two)
         self.digest = digest
         self.npages = npages
+        #: the CRCs of the frame the transport is splicing into place, taken
+        #: as its chunks land (see placement)
+        self._landing: LandingCrcs | None = None
 
     def apply(self, frame: fr.Pages) -> BatchStats:
         flags = frame.flags
@@ -456,8 +489,8 @@ class BatchApplier:
 
     def placement(self, fields: dict, data_len: int):
         """Where the transport may splice a frame's data straight into guest
-        RAM: (file descriptor, byte offset, the lock its writers hold), or
-        None.  Only whole digest chunks of data pages, raw and self-checked
+        RAM: (file descriptor, byte offset, the lock its writers hold, a
+        callable it calls with the count of bytes landed so far), or None.  Only whole digest chunks of data pages, raw and self-checked
         -- the frame is then verified on the landed pages anyway -- and only
         when the strategy stores data as a plain write to RAM (prot-mte goes
         through its PROT_MTE mapping)."""
@@ -478,15 +511,17 @@ class BatchApplier:
         ):
             return None
         memory = self.digest.memory
-        return memory.data_fd, first * PAGE_SIZE, memory.write_lock
+        self._landing = LandingCrcs(memory.data, first, count, self.digest.keeps_pieces)
+        return memory.data_fd, first * PAGE_SIZE, memory.write_lock, self._landing.landed
 
     def _apply_landed(self, frame, ndata: int, tag_bits: bytes, ntags: int) -> BatchStats:
         first, count = frame.ranges[0]
         end = first + count
         self.written[first:end] = b"\x01" * count
+        landing, self._landing = self._landing, None
         with self._digest_told_after():
             self._land_tags([(0, count, first)], tag_bits, self._tags_of(frame, ntags))
-        self._check_landed(frame, first, end)
+        self._check_landed(frame, first, end, landing if landing is not None and landing.covers(first, end) else None)
         return BatchStats(
             pages=count,
             zero_pages=0,
@@ -527,20 +562,21 @@ class BatchApplier:
             for a, b in runs(tag_bits, 0):
                 self._untag_run(page_of, a, b)
 
-    def _check_landed(self, frame, first: int, end: int) -> None:
+    def _check_landed(self, frame, first: int, end: int, landing: "LandingCrcs | None" = None) -> None:
         """The frame's data CRC against the pages as they landed, one call a
         chunk, joined; each chunk's CRC becomes its validation digest, with
         its piece CRCs (a second read, of bytes now in cache: a guest that
         writes the chunk again costs a 16 KiB piece, not 1 MiB).  Its tags
         have landed too.  Recorded before the check: a frame that fails it
-        fails the migration."""
+        fails the migration.  ``landing``: those CRCs, taken by the
+        transport as each chunk landed."""
         landed = self.digest.memory.data[first * PAGE_SIZE : end * PAGE_SIZE]
-        crcs = []
-        for c, part in _chunks_of(landed, first // CHUNK_PAGES):
-            crcs.append(crc32(part))
-            pieces = piece_crcs(part) if self.digest.keeps_pieces else None
-            self.digest.set_chunk_crc(c, crcs[-1], tags="now", pieces=pieces)
-        crc = _joined(crcs, len(landed))
+        if landing is None:
+            landing = LandingCrcs(self.digest.memory.data, first, end - first, self.digest.keeps_pieces)
+            landing.landed(len(landed))
+        for i, c in enumerate(range(first // CHUNK_PAGES, chunk_count(end))):
+            self.digest.set_chunk_crc(c, landing.crcs[i], tags="now", pieces=landing.pieces[i])
+        crc = _joined(landing.crcs, len(landed))
         if crc != frame.dcrc and not self._torn(frame):
             raise ProtocolError(
                 f"PAGES frame data failed its checksum on the landed pages {first}..{end - 1} "

@@ -59,7 +59,7 @@ class FrameChannel:
         self.send_seconds = 0.0
         self.last_activity = time.monotonic()
         self.closed = False
-        #: placer(fields, data_len) -> (fd, offset) or None: where the data of
+        #: placer(fields, data_len) -> (fd, offset, lock, landed) or None: where the data of
         #: a self-checked PAGES frame may be spliced straight from the socket
         #: (one copy into guest RAM instead of two).  Set, reads stop at the
         #: end of each frame so that payloads stay in the socket.
@@ -190,13 +190,14 @@ class FrameChannel:
             return None
         frame = self.conn.accept_landing(fields)
         self._start += head
-        fd, offset, lock = target
+        fd, offset, lock, landed = target
         have = min(self._end - self._start, dl)  # none when reads stop at frame ends
         if have:
             with lock:
                 os.pwrite(fd, self._view[self._start : self._start + have], offset)
             self._start += have
-        await self._splice(fd, offset + have, dl - have, lock)
+            landed(have)
+        await self._splice(fd, offset + have, dl - have, lock, lambda n: landed(have + n))
         tags_len = header.payload_len - dl
         await self._fill(tags_len)
         frame.tags = bytes(self._view[self._start : self._start + tags_len])
@@ -204,7 +205,7 @@ class FrameChannel:
         frame.check_tags()
         return frame
 
-    async def _splice(self, fd: int, offset: int, length: int, lock=None) -> None:
+    async def _splice(self, fd: int, offset: int, length: int, lock=None, landed=None) -> None:
         """Move ``length`` bytes from the socket to ``fd`` at ``offset``
         through a pipe: the kernel hands the socket's pages to the pipe and
         copies them once, into the file.
@@ -215,7 +216,9 @@ class FrameChannel:
         queue on the file's lock -- written 2 MiB at once, the random image
         landed with 6-9 % less destination CPU (docs/results).  The writes
         hold ``lock``, the file's writers' lock: in the kernel a second
-        writer would spin on the file's own lock while the first copies."""
+        writer would spin on the file's own lock while the first copies.
+        ``landed`` is called with the count of bytes written so far after
+        each write, outside the lock."""
         if self._pipe is None:
             r, w = os.pipe()
             try:
@@ -252,6 +255,8 @@ class FrameChannel:
             done += held
             self.bytes_received += held
             self.last_activity = time.monotonic()
+            if landed is not None:
+                landed(done)
 
     def _drain(self, limit: int = 64 << 20) -> None:
         """Read what the peer already sent and nobody will: closing a socket
