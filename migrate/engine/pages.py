@@ -263,14 +263,17 @@ class BatchBuilder:
             if chunk is not None:
                 first, count = ranges[0]
                 view = self.strategy.read_data(first, count)
-                record = self.digest is not None and self.digest.memory.is_view_of(view, first * PAGE_SIZE)
+                digest = self.digest  # once: the source may take it away at the pause
+                record = digest is not None and digest.memory.is_view_of(view, first * PAGE_SIZE)
                 heads = bytes(view[::PAGE_SIZE])  # the first byte of every page, in one strided copy
                 # (a chunk of zeros alone is flagged below, without a copy)
                 if record or not (heads.count(0) == count and all_zero(view)):
                     # counted before the bytes are read: a write marked since
                     # keeps the chunk stale (set_chunk_crc)
-                    marks = self.digest.marks_of(chunk, -(-count // CHUNK_PAGES)) if record else None
-                    return self._build_whole_chunk(pass_no, ranges, chunk if record else None, view, heads, marks)
+                    marks = digest.marks_of(chunk, -(-count // CHUNK_PAGES)) if record else None
+                    return self._build_whole_chunk(
+                        pass_no, ranges, view, heads, (digest, chunk, marks) if record else None
+                    )
         n = sum(c for _, c in ranges)
         flags = bytearray(n)
         parts = []  # views of the runs of non-zero pages, in batch order
@@ -308,11 +311,12 @@ class BatchBuilder:
         packed = self.strategy.read_tags(ranges)
         return self._finish(pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), filled, decided=decided)
 
-    def _build_whole_chunk(self, pass_no, ranges, chunk, view, heads: bytes, marks=None) -> tuple[fr.Pages, BatchStats]:
+    def _build_whole_chunk(self, pass_no, ranges, view, heads: bytes, record=None) -> tuple[fr.Pages, BatchStats]:
         """Whole chunks, checked: find the zero pages, and CRC the chunks in
-        one call -- the frame's data CRC and, when ``chunk`` (the first) is
-        given (``view`` is kernel memory itself), the chunks' digests (one
-        CRC call each, of bytes in cache, when there are several).  The data
+        one call -- the frame's data CRC and, with ``record`` (a digest, the
+        first chunk, the chunks' mark counts taken before reading: ``view``
+        is kernel memory itself), the chunks' digests (one CRC call each, of
+        bytes in cache, when there are several).  The data
         pages go out where they lie (a Gather: one gathering send): in guest
         RAM, or in a snapshot of it (see the class).  Copying the runs of data pages
         together and CRC'ing them and the zero pages run by run made 64
@@ -349,17 +353,18 @@ class BatchBuilder:
         # destination's CPU 0.75-0.87 s a GiB against 1.00-1.12), and the
         # source saves the scan for them.
         # Zero pages are zeros here, as they land.
-        if chunk is None:
+        if record is None:
             crc = crc32(snap)
         else:
             # The chunks' CRCs are their digests, joined they are the
             # frame's.  A page written after the CRC is in a later dirty
             # harvest or write-watch scan, which marks the chunk stale again.
+            digest, chunk, marks = record
             crcs = []
             for i, (c, part) in enumerate(_chunks_of(snap, chunk)):
                 crcs.append(crc32(part))
-                pieces = piece_crcs(part) if self.digest.keeps_pieces and self.digest_pieces else None
-                self.digest.set_chunk_crc(c, crcs[-1], tags="later", pieces=pieces, marks=marks[i])
+                pieces = piece_crcs(part) if digest.keeps_pieces and self.digest_pieces else None
+                digest.set_chunk_crc(c, crcs[-1], tags="later", pieces=pieces, marks=marks[i])
             crc = _joined(crcs, len(snap))
         if flags.find(fr.PAGE_ZERO) < 0:
             data = snap
@@ -490,9 +495,10 @@ class BatchApplier:
     def placement(self, fields: dict, data_len: int):
         """Where the transport may splice a frame's data straight into guest
         RAM: (file descriptor, byte offset, the lock its writers hold, a
-        callable it calls with the count of bytes landed so far), or None.  Only whole digest chunks of data pages, raw and self-checked
-        -- the frame is then verified on the landed pages anyway -- and only
-        when the strategy stores data as a plain write to RAM (prot-mte goes
+        callable it calls with the count of bytes landed so far), or None.
+        Only whole digest chunks of data pages, raw and self-checked -- the
+        frame is then verified on the landed pages anyway -- and only when
+        the strategy stores data as a plain write to RAM (prot-mte goes
         through its PROT_MTE mapping)."""
         ranges = fields["ranges"]
         if (
