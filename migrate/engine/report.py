@@ -23,6 +23,7 @@ def empty_result(scenario: str, strategy: str) -> dict:
         "strategy": strategy,
         "total_time_ms": 0.0,
         "setup_time_ms": 0.0,
+        "teardown_ms": None,
         "confirm_time_ms": None,
         "downtime_ms": None,
         "downtime_breakdown_ms": None,

@@ -86,6 +86,7 @@ class _Clock:
     pause: float = 0.0  # the guest stopped here
     memory_sent: float = 0.0  # the final pass went out
     state_sent: float = 0.0
+    done: float = 0.0  # the guest runs on the destination: the migration's end, before the teardown
 
 
 class SourceVmm:
@@ -530,6 +531,7 @@ class SourceVmm:
             raise ValidationFailed(
                 f"{validation.summary()} -- found after the postcopy switch: the guest runs on the destination"
             )
+        self._clock.done = done
         self.result["status"] = "completed"
         self.result["guest_on"] = "destination"
 
@@ -843,6 +845,7 @@ class SourceVmm:
                 ) from None
             self.result["recovered"] = True
         clock, resumed_at = self._clock, time.perf_counter()
+        clock.done = resumed_at
         self.result["downtime_ms"] = _ms(resumed_at - clock.pause)
         self.result["downtime_breakdown_ms"] = {
             "final_memory": _ms(clock.memory_sent - clock.pause),
@@ -942,7 +945,13 @@ class SourceVmm:
         res, host, lanes = self.result, self.host, self.lanes
         chan = lanes[0].chan if lanes else self._chan  # the control connection (postcopy's recovery ones below)
         extra = self._recovered_chans + self._fault_chans
-        res["total_time_ms"] = _ms(time.perf_counter() - self._clock.start)
+        # A completed migration ends when the guest runs on the destination;
+        # closing threads, connections and the write watch after that is
+        # the teardown (QEMU's total-time, too, ends before its clean-up).
+        now = time.perf_counter()
+        end = self._clock.done or now
+        res["total_time_ms"] = _ms(end - self._clock.start)
+        res["teardown_ms"] = _ms(now - end) if self._clock.done else None
         res["counters"] = type(host.counters).delta(host.counters.snapshot(), counters_before)
         res["guest_pages_touched"] = (
             host.vcpus.pages_touched - self._touched_before if self._touched_before is not None else None
