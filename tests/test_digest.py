@@ -802,6 +802,39 @@ def test_a_failing_digest_keeper_leaves_every_chunk_to_be_read_again(twins, capl
     assert d.chunk_crcs() == MemoryDigest(a.memory).chunk_crcs()
 
 
+def test_the_keeper_calls_the_guest_quiet_only_until_its_watch_finds_a_write(blank):
+    import time
+
+    from hosts.writewatch import WatchUnavailable
+    from migrate.engine.digest_keeper import DigestKeeper
+
+    mem = blank.memory
+    try:
+        watch = mem.watch_writes()
+    except WatchUnavailable as exc:
+        pytest.skip(f"this host cannot watch writes: {exc}")
+    keeper = DigestKeeper(MemoryDigest(mem, compute=False), watch)
+    try:
+
+        def until(predicate):
+            deadline = time.monotonic() + 10
+            while not predicate():
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+
+        until(lambda: keeper.scans >= 2)
+        assert keeper.quiet()
+        mem.write(5 * PAGE, b"\x01" * PAGE)
+        until(lambda: not keeper.quiet())
+        assert keeper.pages_written >= 1
+        mem.write(6 * PAGE, b"\x01")  # it stays not quiet
+        time.sleep(0.1)
+        assert not keeper.quiet()
+    finally:
+        keeper.stop_now()
+        mem.unwatch_writes(watch)
+
+
 def test_a_chunk_recorded_in_one_call_is_read_whole_once_written_then_by_pieces(twins, monkeypatch):
     # The destination records a landed whole chunk's CRC in one call, no
     # pieces; a page written there later makes the next refresh read the

@@ -861,6 +861,70 @@ async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip):
         a.close()
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+async def test_a_quiet_chunk_lands_without_its_pieces_and_is_read_whole_once_written(hosts, quiet):
+    """A frame the source marks quiet (its guest seen writing nothing) lands
+    with its chunk's CRC alone: a page written there later costs the
+    destination a read of the whole chunk, where one not quiet costs its
+    16 KiB piece -- and either way the digest is that of the bytes."""
+    import os
+
+    from migrate.engine.pages import BatchApplier, BatchBuilder
+    from migrate.net.transport import FrameChannel
+    from migrate.protocol.compression import Compressor
+    from migrate.protocol.machine import Connection, dest_machine
+    from migrate.strategies import get as get_strategy
+
+    src, dst = hosts.source(ram=16 * MiB, workload="idle", rate=0, start=False), hosts.dest(ram=16 * MiB)
+    src.memory.write(CHUNK_PAGES * PAGE_SIZE, os.urandom(CHUNK_PAGES * PAGE_SIZE))  # chunk 1
+    builder = BatchBuilder(get_strategy("tag-ioctl")(src, MigrationConfig()), Compressor("none"), CHUNK_PAGES)
+    builder.guest_runs = False
+    builder.guest_quiet = lambda: quiet
+    frame, _ = builder.build(0, [(CHUNK_PAGES, CHUNK_PAGES)])
+    assert frame.quiet is quiet
+    conn = Connection(dest_machine())
+    conn.machine.state = DestState.RECEIVING
+    conn.ram_pages = dst.memory.npages
+    strategy = get_strategy("tag-ioctl")(dst, MigrationConfig())
+    strategy.setup_dest()
+    digest = MemoryDigest(dst.memory, compute=False)
+    applier = BatchApplier(strategy, dst.memory.npages, digest=digest)
+    a, b = socket.socketpair()
+    chan = FrameChannel(b, conn, 5)
+    chan.placer = applier.placement
+    a.setblocking(False)
+    wire = b"".join(bytes(p) for p in fr.encode(frame, "full"))
+    try:
+        _, got = await asyncio.gather(asyncio.get_running_loop().sock_sendall(a, wire), chan.recv())
+        assert got.landed and got.quiet is quiet
+        applier.apply(got)
+    finally:
+        chan.close()
+        a.close()
+    assert digest.pieces_unknown[1] == quiet and not digest.unread[1] and not digest.stale[1]
+    page = CHUNK_PAGES + 3
+    dst.memory.write(page * PAGE_SIZE, b"\x5a" * PAGE_SIZE)
+    digest.mark_stale(page, page + 1)
+    before = digest.bytes_read
+    digest.refresh([1])
+    assert digest.bytes_read - before == (CHUNK_PAGES * PAGE_SIZE if quiet else 16 * 1024)
+    assert digest.data_crcs[1] == MemoryDigest(dst.memory).data_crcs[1]
+
+
+async def test_a_guest_that_writes_nothing_lands_quiet_chunks(hosts, listener):
+    """An idle guest: the source's write watch finds nothing written, so its
+    whole-chunk frames go quiet and the destination keeps no piece CRCs for
+    the chunks they land; the guest still validates."""
+    src = hosts.source(ram=16 * MiB, workload="idle", params={"fill": 1.0}, rate=0)
+    dst = hosts.dest(ram=16 * MiB)
+    sres, dres, _, dest = await run_engines(src, dst, MigrationConfig(), listener)
+    assert_completed(sres, dres)
+    assert sres["digest"]["write_watch"] == "on" and sres["digest"]["keeper"]["pages_written"] == 0
+    landed = [c for c in range(dest._digest.nchunks) if not dest._digest.unread[c]]
+    assert len(landed) >= 12  # the first frames may go before the watch's first look
+    assert sum(dest._digest.pieces_unknown[c] for c in landed) >= len(landed) - 4
+
+
 @pytest.mark.parametrize("checksum", ["full", "meta", "none"])
 async def test_every_checksum_mode_migrates_and_only_full_splices(hosts, listener, checksum):
     """Splicing needs a frame that checks its own data (mode "full"); with

@@ -731,6 +731,17 @@ def test_live_needs_a_data_crc():
         fr.Pages.fields_of(meta, PAGE)
 
 
+def test_quiet_is_a_hint_sent_only_when_true():
+    frame = fr.Pages(0, [(0, 1)], bytes(1), bytes(PAGE), b"", quiet=True)
+    meta = frame.meta()
+    assert meta["qt"] is True
+    assert fr.Pages.fields_of(meta, PAGE)[0]["quiet"] is True
+    assert "qt" not in fr.Pages(0, [(0, 1)], bytes(1), bytes(PAGE), b"").meta()
+    assert fr.Pages.fields_of({k: v for k, v in meta.items() if k != "qt"}, PAGE)[0]["quiet"] is False
+    with pytest.raises(ProtocolError, match="qt"):
+        fr.Pages.fields_of({**meta, "qt": 1}, PAGE)
+
+
 def test_applied_carries_the_torn_ranges_bounded():
     frame = fr.Applied(3, [(0, 1024), (4096, 1024)])
     assert fr.Applied.from_meta(frame.meta(), b"") == frame
@@ -925,7 +936,13 @@ def test_over_a_fast_link_a_chunk_with_few_zero_pages_goes_whole_unscanned(blank
         assert frame.flags == bytes(CHUNK) and len(frame.data) == CHUNK * PAGE  # every page as data
         assert stats.zero_pages == 0 and stats.unscanned_pages == CHUNK and stats.normal_pages == CHUNK
         assert link.applier.placement(
-            {"ranges": frame.ranges, "data_compressed": False, "dcrc": frame.dcrc, "flags": frame.flags},
+            {
+                "ranges": frame.ranges,
+                "data_compressed": False,
+                "dcrc": frame.dcrc,
+                "flags": frame.flags,
+                "quiet": False,
+            },
             len(frame.data),
         )[:3] == (dst.memory.data_fd, 0, dst.memory.write_lock)  # spliced whole on a real link
     else:
@@ -951,7 +968,7 @@ def test_a_frame_of_four_whole_chunks_is_checked_and_recorded_chunk_by_chunk(bla
     assert frame.dcrc == zlib.crc32(bytes(src.memory.data[: STRIPE * PAGE]))  # the frame's CRC covers all four
     (got,) = link.conn.feed(wire_of(frame))
     if landed != "copied":  # as the transport does: the data spliced into place, then the frame applied
-        fields = {"ranges": got.ranges, "data_compressed": False, "dcrc": got.dcrc, "flags": got.flags}
+        fields = {"ranges": got.ranges, "data_compressed": False, "dcrc": got.dcrc, "flags": got.flags, "quiet": False}
         fd, offset, _, told = link.applier.placement(fields, len(got.data))
         data = bytes(got.data)
         for at in (3 * PAGE, CHUNK * PAGE + 5, 2 * CHUNK * PAGE, len(data)):  # in writes of odd sizes

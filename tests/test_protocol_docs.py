@@ -32,7 +32,15 @@ EXAMPLES = {
     T.HELLO: fr.Hello(2, 1 << 20, PAGE, 16, True, 2, "tag-ioctl", "packed4", "zstd", "vm", 2, "s", b"\1" * 32),
     T.WELCOME: fr.Welcome(2, b"\2" * 32, b"\3" * 32),
     T.PAGES: fr.Pages(
-        1, [(0, 2)], bytes([0, fr.PAGE_ZERO | fr.PAGE_TAGS]), b"\x11" * PAGE, TAGS, dcrc=1, tcrc=TAGS_CRC, live=True
+        1,
+        [(0, 2)],
+        bytes([0, fr.PAGE_ZERO | fr.PAGE_TAGS]),
+        b"\x11" * PAGE,
+        TAGS,
+        dcrc=1,
+        tcrc=TAGS_CRC,
+        live=True,
+        quiet=True,
     ),
     T.PASS_END: fr.PassEnd(1, 2),
     T.STATE: fr.State({"vcpus": []}),

@@ -48,6 +48,7 @@ class DigestKeeper:
         #: what keeping it cost, for the report: this thread's CPU seconds,
         #: the watch's scans and the pages they found written
         self.cpu_s, self.scans, self.pages_written = 0.0, 0, 0
+        self._quiet = False
         self._thread = threading.Thread(target=self._run, name="digest-keeper", daemon=True)
         self._thread.start()
 
@@ -62,6 +63,7 @@ class DigestKeeper:
                     for a, b in written:
                         self.pages_written += b - a
                         self._digest.mark_stale(a, b)
+                    self._quiet = self.pages_written == 0
                     if self._tag_watch is not None:
                         for a, b in self._tag_watch.written():
                             self._digest.mark_tags_stale(a, b)
@@ -83,6 +85,11 @@ class DigestKeeper:
             self._digest.invalidate()
         finally:
             self.cpu_s = time.thread_time() - began
+
+    def quiet(self) -> bool:
+        """Whether the write watch has been asked, and has found no page of
+        RAM written since it began (the guest may still write later)."""
+        return self._quiet
 
     def stop_now(self) -> None:
         """Stop it and wait, blocking, until the chunk it reads is done."""

@@ -36,6 +36,10 @@ def _no_write(first: int, end: int) -> None:
     pass
 
 
+def _not_known() -> bool:
+    return False
+
+
 def _zeros(npages: int):
     """``npages`` zero pages to write (a view of one shared block when it fits)."""
     return _ZERO_BLOCK[: npages * PAGE_SIZE] if npages <= _ZERO_BLOCK_PAGES else bytes(npages * PAGE_SIZE)
@@ -255,6 +259,9 @@ class BatchBuilder:
         #: calls a chunk, in cache): for a digest whose writer marks pieces
         #: stale one by one; without them a chunk written later is read whole
         self.digest_pieces = True
+        #: whether the source has watched its guest write nothing so far
+        #: (see Pages.quiet); set by the source where it watches writes
+        self.guest_quiet = _not_known
         self.npages = strategy.host.memory.npages
         # Anonymous memory, its pages taken on first use: bytearray() writes
         # all 4 MiB (2-3 ms a channel at set-up), and a batch sent straight
@@ -412,6 +419,7 @@ class BatchBuilder:
             dcrc = content_crc(flags, data) if dcrc is None else dcrc
             tcrc = crc32(tags_wire)
         frame = fr.Pages(pass_no, list(ranges), bytes(flags), data_wire, tags_wire, data_c, tags_c, dcrc, tcrc)
+        frame.quiet = self.guest_quiet()
         return frame, stats
 
 
@@ -521,7 +529,7 @@ class BatchApplier:
         ):
             return None
         memory = self.digest.memory
-        self._landing = LandingCrcs(memory.data, first, count, self.digest.keeps_pieces)
+        self._landing = LandingCrcs(memory.data, first, count, self.digest.keeps_pieces and not fields["quiet"])
         return memory.data_fd, first * PAGE_SIZE, memory.write_lock, self._landing.landed
 
     def _apply_landed(self, frame, ndata: int, tag_bits: bytes, ntags: int) -> BatchStats:
@@ -582,7 +590,9 @@ class BatchApplier:
         transport as each chunk landed."""
         landed = self.digest.memory.data[first * PAGE_SIZE : end * PAGE_SIZE]
         if landing is None:
-            landing = LandingCrcs(self.digest.memory.data, first, end - first, self.digest.keeps_pieces)
+            landing = LandingCrcs(
+                self.digest.memory.data, first, end - first, self.digest.keeps_pieces and not frame.quiet
+            )
             landing.landed(len(landed))
         for i, c in enumerate(range(first // CHUNK_PAGES, chunk_count(end))):
             self.digest.set_chunk_crc(c, landing.crcs[i], tags="now", pieces=landing.pieces[i])

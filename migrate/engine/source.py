@@ -347,6 +347,9 @@ class SourceVmm:
         self._digest_keeper = DigestKeeper(
             self._watched, self._watch, front=self._bulk_front, tag_watch=self._tag_watch
         )
+        if not self.config.postcopy:  # (after a switch the guest writes on the destination)
+            for lane in self.lanes:
+                lane.builder.guest_quiet = self._digest_keeper.quiet
 
     def _bulk_front(self) -> int | None:
         """The first chunk the bulk pass has not sent yet (about: each lane
