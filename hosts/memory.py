@@ -168,6 +168,10 @@ class GuestMemory:
         """Whether any page in the range was ever populated (one SEEK_DATA)."""
         return self.next_data(first_page) < end_page
 
+    def prefaulted(self, first_page: int, end_page: int) -> bool:
+        """Whether prefault() populated every page of the range."""
+        return self._prefaulted.find(0, first_page, end_page) < 0
+
     def fully_populated(self, first_page: int, end_page: int) -> bool:
         """Whether every page in the range holds host memory, so that reading
         it through the mapping allocates nothing.  Asks mincore(), which

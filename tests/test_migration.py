@@ -807,10 +807,12 @@ async def test_whole_chunks_are_spliced_into_guest_ram(hosts, listener, strategy
         assert dres["ram"]["spliced_bytes"] == 0
 
 
+@pytest.mark.parametrize("prealloc", [False, True])
 @pytest.mark.parametrize("flip", [False, True])
-async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip):
+async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip, prealloc):
     """Through a real socket: the frame's meta is read, its data spliced into
-    the destination's RAM, and the landed pages are held to the frame's data
+    the destination's RAM (received into the mapping where RAM was
+    allocated ahead), and the landed pages are held to the frame's data
     CRC -- a byte flipped on the wire fails there, naming the pages."""
     import os
 
@@ -843,13 +845,21 @@ async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip):
     strategy = get_strategy("tag-ioctl")(dst, MigrationConfig())
     strategy.setup_dest()
     applier = BatchApplier(strategy, dst.memory.npages, digest=MemoryDigest(dst.memory, compute=False))
+    if prealloc:
+        dst.memory.prefault(0, dst.memory.npages)
     a, b = socket.socketpair()
     chan = FrameChannel(b, conn, 5)
-    chan.placer = applier.placement
+    targets = []
+    chan.placer = lambda fields, dl: targets.append(applier.placement(fields, dl)) or targets[-1]
     a.setblocking(False)
     try:
         _, got = await asyncio.gather(asyncio.get_running_loop().sock_sendall(a, bytes(wire)), chan.recv())
         assert got.landed and got.data is None and chan.bytes_received == len(wire)
+        (fd, offset, _, _, view) = targets[0]
+        if prealloc:  # into the mapping, at the chunk's place
+            assert fd is None and dst.memory.is_view_of(view, CHUNK_PAGES * PAGE_SIZE)
+        else:  # into the file
+            assert (fd, offset, view) == (dst.memory.data_fd, CHUNK_PAGES * PAGE_SIZE, None)
         if flip:
             with pytest.raises(ProtocolError, match="failed its checksum on the landed pages 256..511"):
                 applier.apply(got)

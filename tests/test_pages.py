@@ -969,7 +969,7 @@ def test_a_frame_of_four_whole_chunks_is_checked_and_recorded_chunk_by_chunk(bla
     (got,) = link.conn.feed(wire_of(frame))
     if landed != "copied":  # as the transport does: the data spliced into place, then the frame applied
         fields = {"ranges": got.ranges, "data_compressed": False, "dcrc": got.dcrc, "flags": got.flags, "quiet": False}
-        fd, offset, _, told = link.applier.placement(fields, len(got.data))
+        fd, offset, _, told, _ = link.applier.placement(fields, len(got.data))
         data = bytes(got.data)
         for at in (3 * PAGE, CHUNK * PAGE + 5, 2 * CHUNK * PAGE, len(data)):  # in writes of odd sizes
             os.pwrite(fd, data[:at], offset)

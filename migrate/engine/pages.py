@@ -505,13 +505,15 @@ class BatchApplier:
         )
 
     def placement(self, fields: dict, data_len: int):
-        """Where the transport may splice a frame's data straight into guest
+        """Where the transport may put a frame's data straight into guest
         RAM: (file descriptor, byte offset, the lock its writers hold, a
-        callable it calls with the count of bytes landed so far), or None.
-        Only whole digest chunks of data pages, raw and self-checked -- the
-        frame is then verified on the landed pages anyway -- and only when
-        the strategy stores data as a plain write to RAM (prot-mte goes
-        through its PROT_MTE mapping)."""
+        callable it calls with the count of bytes landed so far, None) to
+        splice it into the file, or (None, None, lock, callable, the view
+        of RAM it goes to) to receive it into place; or None.  Only whole
+        digest chunks of data pages, raw and self-checked -- the frame is
+        then verified on the landed pages anyway -- and only when the
+        strategy stores data as a plain write to RAM (prot-mte goes through
+        its PROT_MTE mapping)."""
         ranges = fields["ranges"]
         if (
             self.digest is None
@@ -530,7 +532,14 @@ class BatchApplier:
             return None
         memory = self.digest.memory
         self._landing = LandingCrcs(memory.data, first, count, self.digest.keeps_pieces and not fields["quiet"])
-        return memory.data_fd, first * PAGE_SIZE, memory.write_lock, self._landing.landed
+        if memory.prefaulted(first, first + count):
+            # RAM allocated ahead (--prealloc): a read into the mapping is
+            # one copy with nothing to allocate, and cheaper than the
+            # splice's write into the file (1 GiB, 3 pairs: the
+            # destination's CPU 0.86x, the total 0.84x)
+            view = memory.data[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
+            return None, None, memory.write_lock, self._landing.landed, view
+        return memory.data_fd, first * PAGE_SIZE, memory.write_lock, self._landing.landed, None
 
     def _apply_landed(self, frame, ndata: int, tag_bits: bytes, ntags: int) -> BatchStats:
         first, count = frame.ranges[0]

@@ -190,14 +190,17 @@ class FrameChannel:
             return None
         frame = self.conn.accept_landing(fields)
         self._start += head
-        fd, offset, lock, landed = target
+        fd, offset, lock, landed, view = target
         have = min(self._end - self._start, dl)  # none when reads stop at frame ends
-        if have:
-            with lock:
-                os.pwrite(fd, self._view[self._start : self._start + have], offset)
-            self._start += have
-            landed(have)
-        await self._splice(fd, offset + have, dl - have, lock, lambda n: landed(have + n))
+        if view is not None:
+            await self._receive_into(view, have, lock, landed)
+        else:
+            if have:
+                with lock:
+                    os.pwrite(fd, self._view[self._start : self._start + have], offset)
+                self._start += have
+                landed(have)
+            await self._splice(fd, offset + have, dl - have, lock, lambda n: landed(have + n))
         tags_len = header.payload_len - dl
         await self._fill(tags_len)
         frame.tags = bytes(self._view[self._start : self._start + tags_len])
@@ -257,6 +260,33 @@ class FrameChannel:
             self.last_activity = time.monotonic()
             if landed is not None:
                 landed(done)
+
+    async def _receive_into(self, view, have: int, lock, landed) -> None:
+        """Receive a frame's data straight into ``view`` (guest RAM allocated
+        ahead), its first ``have`` bytes from the buffer: one copy, from the
+        socket into place.  The reads hold ``lock``, the RAM writers' lock;
+        ``landed`` is called with the count of bytes in place after each."""
+        done, total = 0, len(view)
+        if have:
+            view[:have] = self._view[self._start : self._start + have]
+            self._start += have
+            done = have
+            landed(done)
+        while done < total:
+            try:
+                with lock:
+                    n = self.sock.recv_into(view[done:])
+            except BlockingIOError:
+                await self._readable()
+                continue
+            except OSError as exc:
+                raise TransportError(f"connection lost: {exc.strerror or exc}") from None
+            if n == 0:
+                raise TransportError(f"peer closed the connection inside a frame ({done} of {total} data bytes)")
+            done += n
+            self.bytes_received += n
+            self.last_activity = time.monotonic()
+            landed(done)
 
     def _drain(self, limit: int = 64 << 20) -> None:
         """Read what the peer already sent and nobody will: closing a socket

@@ -676,10 +676,13 @@ class _Reader:
             if target is not None:
                 frame = self.conn.accept_landing(fields)
                 self._need(head + header.payload_len)
-                fd, offset, lock, landed = target
+                fd, offset, lock, landed, view = target
                 start = self.pos + head
                 with lock:
-                    os.pwrite(fd, self.buf[start : start + dl], offset)
+                    if view is None:
+                        os.pwrite(fd, self.buf[start : start + dl], offset)
+                    else:
+                        view[:] = self.buf[start : start + dl]
                 landed(dl)
                 frame.tags = bytes(self.buf[start + dl : start + header.payload_len])
                 self.pos += head + header.payload_len
