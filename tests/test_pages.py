@@ -8,12 +8,15 @@ import zlib
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hosts import SimulatedHost
 from migrate import strategies
 from migrate.config.spec import MigrationConfig
+from migrate.engine.bitmaps import run_views, unit_views
 from migrate.engine.digest import MemoryDigest, effective_tags
-from migrate.engine.pages import BatchApplier, BatchBuilder, BatchStats, runs, split_batches
+from migrate.engine.pages import BatchApplier, BatchBuilder, BatchStats, _flag_zero_pages, runs, split_batches
 from migrate.errors import ProtocolError
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Compressor
@@ -1102,3 +1105,33 @@ def test_a_dirty_pass_of_scattered_tagged_pages_in_big_batches_lands_exactly(bla
     link.send([(p, p + 1) for p in pages])
     assert len(link.frames) == 1 and len(link.frames[0].ranges) == len(pages)
     assert same_guest(src, dst) == (True, True)
+
+
+# -- run and page views built by C iterators ------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 1), max_size=40), st.integers(0, 1))
+def test_run_views_are_the_views_of_the_runs(bits, value):
+    bits = bytes(bits)
+    view = memoryview(bytes(range(256)) * 2)[: 3 * len(bits)]
+    got = run_views(view, bits, value, 3)
+    assert [bytes(v) for v in got] == [bytes(view[a * 3 : b * 3]) for a, b in runs(bits, value)]
+    assert all(v.obj is view.obj for v in got)  # views, not copies
+    at = [i for i, b in enumerate(bits) if b]
+    assert [bytes(v) for v in unit_views(view, at, 3)] == [bytes(view[i * 3 : i * 3 + 3]) for i in at]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["zero", "data", "zero-headed data", "data-headed"]), min_size=1, max_size=24))
+def test_zero_pages_are_flagged_exactly(kinds):
+    # A page that starts with a zero byte but holds data is compared and
+    # left as data; a zero page is flagged wherever it lies.
+    content = {
+        "zero": bytes(PAGE),
+        "data": b"\x07" * PAGE,
+        "zero-headed data": bytes(PAGE - 1) + b"\x01",
+        "data-headed": b"\x01" + bytes(PAGE - 1),
+    }
+    view = memoryview(b"".join(content[k] for k in kinds))
+    flags = bytearray(len(kinds) + 2)
+    _flag_zero_pages(view, bytes(view[::PAGE]), flags, 2)
+    assert flags == bytes(2) + bytes(fr.PAGE_ZERO if k == "zero" else 0 for k in kinds)

@@ -4,6 +4,7 @@ flag bytes), per page only for the zero-page test, never per granule."""
 
 import bisect
 import contextlib
+import itertools
 import mmap
 import re
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from hosts.tags import all_zero
 from migrate.checksum import crc32, crc32_join
-from migrate.engine.bitmaps import runs
+from migrate.engine.bitmaps import run_views, runs, unit_views
 from migrate.engine.digest import CHUNK_PAGES, chunk_count, piece_crcs, prepare_piece_tables_soon
 from migrate.errors import ProtocolError
 from migrate.protocol import frames as fr
@@ -139,11 +140,16 @@ def lands_whole_chunk(ranges, flags, npages: int) -> bool:
 def _flag_zero_pages(view, heads: bytes, flags: bytearray, at: int) -> None:
     """Mark PAGE_ZERO at ``flags[at + p]`` for each all-zero page p of
     ``view``; ``heads`` holds the first byte of every page, so only the pages
-    starting with 0 are compared in full (random or text data: hardly any)."""
-    for a, b in runs(heads.translate(_IS_ZERO_BYTE), 1):
-        for p in range(a, b):
-            if _ZERO_PAGE.startswith(view[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]):
-                flags[at + p] = fr.PAGE_ZERO
+    starting with 0 are compared in full (random or text data: hardly any).
+    They are found and compared by C iterators; only the flagging of a
+    zero page is a step of Python (the mixed image has a zero page in four:
+    0.12 s a GiB compared one by one, 0.044 so)."""
+    candidates = heads.translate(_IS_ZERO_BYTE)
+    if candidates.find(1) < 0:
+        return
+    pages = list(itertools.compress(range(len(candidates)), candidates))
+    for p in itertools.compress(pages, map(_ZERO_PAGE.startswith, unit_views(view, pages, PAGE_SIZE))):
+        flags[at + p] = fr.PAGE_ZERO
 
 
 def split_batches(ranges, batch_pages: int):
@@ -380,7 +386,7 @@ class BatchBuilder:
         if flags.find(fr.PAGE_ZERO) < 0:
             data = snap
         else:
-            data = fr.Gather(snap[a * PAGE_SIZE : b * PAGE_SIZE] for a, b in runs(bytes(flags), 0))
+            data = fr.Gather(run_views(snap, bytes(flags), 0, PAGE_SIZE))  # (no tag flags yet: 0 or PAGE_ZERO)
         packed = self.strategy.read_tags(ranges)
         frame, stats = self._finish(
             pass_no, ranges, flags, data, packed_tags_blob(flags, packed, n), len(data), crc, decided=compress

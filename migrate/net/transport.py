@@ -82,7 +82,7 @@ class FrameChannel:
                     f"cannot send {frame.type.name}: a {self.cut_frame} frame was cut off part-way on this connection"
                 )
             buffers = self.conn.send(frame)  # the connection counts it sent (a MAC's sequence, too)
-            n = sum(len(b) for b in buffers)
+            n = sum(map(len, buffers))
             if self.limiter is not None and paced:
                 try:
                     await self.limiter.wait(n)
