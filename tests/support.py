@@ -1,15 +1,23 @@
 """Helpers shared by the engine tests (see conftest.py for the fixtures)."""
 
 import asyncio
+import platform
 import socket
 import time
 import types
+
+import pytest
 
 from hosts import SimulatedHost
 from migrate.engine.digest import MemoryDigest
 from migrate.strategies import STRATEGIES
 
 WAIT = 60.0  # generous: the machine is shared and noisy
+
+KERNEL = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
+#: the write watch's kernel interfaces arrived in Linux 6.7; on such a
+#: kernel a watch that cannot open is a failure, not a skip
+needs_watch = pytest.mark.skipif(KERNEL < (6, 7), reason=f"Linux {platform.release()} predates PAGEMAP_SCAN")
 
 
 def make_hosts(made: list, default_ram: int, default_rate: float):

@@ -8,6 +8,7 @@ from array import array
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import needs_watch
 
 from hosts import SimulatedHost
 from hosts import tags as tagops
@@ -802,17 +803,14 @@ def test_a_failing_digest_keeper_leaves_every_chunk_to_be_read_again(twins, capl
     assert d.chunk_crcs() == MemoryDigest(a.memory).chunk_crcs()
 
 
+@needs_watch
 def test_the_keeper_calls_the_guest_quiet_only_until_its_watch_finds_a_write(blank):
     import time
 
-    from hosts.writewatch import WatchUnavailable
     from migrate.engine.digest_keeper import DigestKeeper
 
     mem = blank.memory
-    try:
-        watch = mem.watch_writes()
-    except WatchUnavailable as exc:
-        pytest.skip(f"this host cannot watch writes: {exc}")
+    watch = mem.watch_writes()
     keeper = DigestKeeper(MemoryDigest(mem, compute=False), watch)
     try:
 

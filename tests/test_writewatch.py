@@ -7,6 +7,7 @@ import platform
 import threading
 
 import pytest
+from support import KERNEL, needs_watch
 
 from hosts import hugemem
 from hosts.constants import PAGE_SIZE
@@ -15,14 +16,10 @@ from hosts.memory import GuestMemory
 from hosts.writewatch import WatchUnavailable
 
 MiB = 1 << 20
-_KERNEL = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
-#: the kernel interfaces arrived in Linux 6.7; on such a kernel a watch that
-#: cannot open is a failure, not a skip
-needs_watch = pytest.mark.skipif(_KERNEL < (6, 7), reason=f"Linux {platform.release()} predates PAGEMAP_SCAN")
 
 
 def test_a_kernel_with_the_interfaces_opens_a_watch():
-    if _KERNEL < (6, 7) or platform.machine() not in ("x86_64", "aarch64"):
+    if KERNEL < (6, 7) or platform.machine() not in ("x86_64", "aarch64"):
         with pytest.raises(WatchUnavailable):
             GuestMemory(MiB).watch_writes()
         return

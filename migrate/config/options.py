@@ -649,7 +649,8 @@ OPTIONS = (
         "-mem-prealloc (faster landing; host memory for the whole guest)",
         "Destination: allocate all guest RAM when the VM is created, before the source connects, and touch "
         "every page (QEMU's -mem-prealloc; `MADV_POPULATE_WRITE`), so landing a page costs a copy, not an "
-        "allocation or a fault (whole chunks are received straight into the mapping); costs host memory for RAM the guest never touched, and the time to zero it "
+        "allocation or a fault (whole chunks are received straight into the mapping); costs host memory "
+        "for RAM the guest never touched, and the time to zero it "
         "before the migration starts (under a hypervisor that reclaims free memory, the fault that backs "
         "each page with host memory too).",
         section="migration",

@@ -8,6 +8,7 @@ import itertools
 import mmap
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from hosts.constants import PACKED_TAGS_PER_PAGE, PAGE_SIZE
 from hosts.tags import all_zero
@@ -98,9 +99,23 @@ def _chunks_of(view, first_chunk: int):
         yield first_chunk + i, view[o : o + CHUNK_BYTES]
 
 
+class Placement(NamedTuple):
+    """Where a frame's data goes straight into guest RAM (see
+    BatchApplier.placement): spliced into the file ``fd`` at ``offset``, or,
+    with ``view``, read into that view of RAM allocated ahead.  The writes
+    hold ``lock``, the RAM writers' lock; ``landed`` is told the count of
+    bytes in place after each."""
+
+    fd: int | None
+    offset: int | None
+    lock: object
+    landed: object
+    view: memoryview | None = None
+
+
 class LandingCrcs:
-    """The CRC (and piece CRCs) of each chunk of a frame spliced into guest
-    RAM, taken as soon as the chunk's last byte has landed, while its bytes
+    """The CRC (and piece CRCs) of each chunk of a frame put straight into
+    guest RAM (spliced, or read into place), taken as soon as the chunk's last byte has landed, while its bytes
     are still in the cache: taken after the whole 4 MiB frame, the first
     chunks were read back from memory (1 GiB landed 1 MiB at a time: 0.064
     s of CRC against 0.095-0.16 a 4 MiB write at a time, and 0.11 cold)."""
@@ -512,10 +527,8 @@ class BatchApplier:
 
     def placement(self, fields: dict, data_len: int):
         """Where the transport may put a frame's data straight into guest
-        RAM: (file descriptor, byte offset, the lock its writers hold, a
-        callable it calls with the count of bytes landed so far, None) to
-        splice it into the file, or (None, None, lock, callable, the view
-        of RAM it goes to) to receive it into place; or None.  Only whole
+        RAM (a Placement: spliced into the file, or, into RAM allocated
+        ahead, read into place), or None.  Only whole
         digest chunks of data pages, raw and self-checked -- the frame is
         then verified on the landed pages anyway -- and only when the
         strategy stores data as a plain write to RAM (prot-mte goes through
@@ -544,8 +557,8 @@ class BatchApplier:
             # splice's write into the file (1 GiB, 3 pairs: the
             # destination's CPU 0.86x, the total 0.84x)
             view = memory.data[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
-            return None, None, memory.write_lock, self._landing.landed, view
-        return memory.data_fd, first * PAGE_SIZE, memory.write_lock, self._landing.landed, None
+            return Placement(None, None, memory.write_lock, self._landing.landed, view)
+        return Placement(memory.data_fd, first * PAGE_SIZE, memory.write_lock, self._landing.landed)
 
     def _apply_landed(self, frame, ndata: int, tag_bits: bytes, ntags: int) -> BatchStats:
         first, count = frame.ranges[0]
@@ -603,15 +616,15 @@ class BatchApplier:
         have landed too.  Recorded before the check: a frame that fails it
         fails the migration.  ``landing``: those CRCs, taken by the
         transport as each chunk landed."""
-        landed = self.digest.memory.data[first * PAGE_SIZE : end * PAGE_SIZE]
+        nbytes = (end - first) * PAGE_SIZE
         if landing is None:
             landing = LandingCrcs(
                 self.digest.memory.data, first, end - first, self.digest.keeps_pieces and not frame.quiet
             )
-            landing.landed(len(landed))
+            landing.landed(nbytes)
         for i, c in enumerate(range(first // CHUNK_PAGES, chunk_count(end))):
             self.digest.set_chunk_crc(c, landing.crcs[i], tags="now", pieces=landing.pieces[i])
-        crc = _joined(landing.crcs, len(landed))
+        crc = _joined(landing.crcs, nbytes)
         if crc != frame.dcrc and not self._torn(frame):
             raise ProtocolError(
                 f"PAGES frame data failed its checksum on the landed pages {first}..{end - 1} "

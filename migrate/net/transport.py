@@ -59,9 +59,9 @@ class FrameChannel:
         self.send_seconds = 0.0
         self.last_activity = time.monotonic()
         self.closed = False
-        #: placer(fields, data_len) -> (fd, offset, lock, landed) or None: where the data of
-        #: a self-checked PAGES frame may be spliced straight from the socket
-        #: (one copy into guest RAM instead of two).  Set, reads stop at the
+        #: placer(fields, data_len) -> pages.Placement or None: where the data
+        #: of a self-checked PAGES frame goes straight from the socket, spliced
+        #: or read into place (one copy into guest RAM instead of two).  Set, reads stop at the
         #: end of each frame so that payloads stay in the socket.
         self.placer = None
         self._pipe = None
