@@ -157,6 +157,26 @@ def test_observe_link_ignores_tiny_or_instant_sends():
     assert (1 << 20) < c.link_rate.value < (2 << 20)  # moving average
 
 
+def test_a_send_that_never_waited_for_room_can_raise_the_link_but_not_lower_it():
+    """A send that never found the socket full went as fast as the sender
+    gave it bytes (a wait for the interpreter lock or a core counts in its
+    time): its rate bounds the link from below only."""
+    c = Compressor("none")
+    slow, fast = (4 << 20) / 0.7e9, (4 << 20) / 5e9  # seconds for 4 MiB
+    c.observe_link(4 << 20, slow, waited_for_room=False)
+    assert c.link_rate.value is None and c.raw_over_fast_link()  # not measured yet: taken as fast
+    c.observe_link(4 << 20, (4 << 20) / 3e9)  # waited: the link's pace
+    assert c.link_rate.value == pytest.approx(3e9)
+    for _ in range(20):  # noise alone
+        c.observe_link(4 << 20, slow, waited_for_room=False)
+    assert c.link_rate.value == pytest.approx(3e9) and c.raw_over_fast_link()
+    c.observe_link(4 << 20, fast, waited_for_room=False)  # faster than thought: raises it
+    assert c.link_rate.value > 3e9
+    for _ in range(20):  # a slow network: every send waits, and the estimate follows
+        c.observe_link(4 << 20, slow, 0.0)
+    assert c.link_rate.value == pytest.approx(0.7e9, rel=0.05) and not c.raw_over_fast_link()
+
+
 # -- decompression is bounded ----------------------------------------------------------
 def test_decompressor_round_trip():
     blob = zstandard.compress(TEXT)

@@ -119,3 +119,20 @@ async def test_a_send_cancelled_while_paced_cuts_only_a_sealed_connection(pair, 
         await chan.send(_frame("ABORT", b"B"), paced=False)
         pair[0].shutdown(socket.SHUT_WR)
         assert await _read_all(pair[1], 100) == b"B"
+
+
+@pytest.mark.asyncio
+async def test_a_send_says_whether_it_waited_for_room_in_the_socket(pair):
+    """What the link estimate takes from it (Compressor.observe_link)."""
+    a, b = pair
+    chan = FrameChannel(a, _Conn(), timeout=5)
+    assert chan.waited_for_room is False
+    await chan.send(_frame("PAGES", b"x" * 1000))
+    assert chan.waited_for_room is False  # the socket had room for all of it
+    reader = asyncio.ensure_future(_read_all(b, 1000 + (4 << 20)))
+    await chan.send(_frame("PAGES", b"y" * (4 << 20)))
+    assert chan.waited_for_room is True  # 4 MiB through 64 KiB buffers
+    assert await reader == b"x" * 1000 + b"y" * (4 << 20)
+    await chan.send(_frame("PAGES", b"z" * 1000))
+    assert chan.waited_for_room is False  # each send says for itself
+    assert await _read_all(b, 1000) == b"z" * 1000

@@ -72,7 +72,7 @@ class SendLane:
             sent = await chan.send(frame)
             after = chan.receiver_limited_s()
             receiver = after - held if held is not None and after is not None else None
-            builder.compressor.observe_link(sent, chan.send_seconds - before, receiver)
+            builder.compressor.observe_link(sent, chan.send_seconds - before, receiver, chan.waited_for_room)
             stats.add(s)
             self.totals.add(s)
             self.pages_done += s.pages

@@ -81,12 +81,40 @@ def advance(views: list, i: int, n: int) -> int:
     return i
 
 
-class PlainIO:
+class _Sends:
+    """Sending on a non-blocking socket from an event loop, counting the
+    times the socket was full (``room_waits``): a send that never waited
+    for room went out as fast as this side gave it bytes, and says only
+    that the link is at least that fast (see Compressor.observe_link)."""
+
+    room_waits = 0
+
+    async def _send_view(self, view) -> None:
+        while view:
+            try:
+                n = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                await self._writable()
+                continue
+            view = view[n:]
+
+    async def _writable(self) -> None:
+        self.room_waits += 1
+        fut = self.loop.create_future()
+        fd = self.sock.fileno()
+        self.loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            self.loop.remove_writer(fd)
+
+
+class PlainIO(_Sends):
     def __init__(self, loop, sock):
         self.loop, self.sock = loop, sock
 
     async def sendall(self, data) -> None:
-        await self.loop.sock_sendall(self.sock, data)
+        await self._send_view(memoryview(data).cast("B"))
 
     async def send_parts(self, buffers) -> None:
         """All of ``buffers``, in order, with one gathering sendmsg() while
@@ -101,15 +129,6 @@ class PlainIO:
                 await self._writable()
                 continue
             i = advance(views, i, n)
-
-    async def _writable(self) -> None:
-        fut = self.loop.create_future()
-        fd = self.sock.fileno()
-        self.loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
-        try:
-            await fut
-        finally:
-            self.loop.remove_writer(fd)
 
     async def recv_into(self, view) -> int:
         return await self.loop.sock_recv_into(self.sock, view)
@@ -130,7 +149,7 @@ class PlainIO:
         return False
 
 
-class TlsIO:
+class TlsIO(_Sends):
     def __init__(self, loop, sock, ctx: ssl.SSLContext, server_side: bool):
         self.loop, self.sock = loop, sock
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -139,7 +158,7 @@ class TlsIO:
     async def _flush(self) -> None:
         pending = self._out.read()
         if pending:
-            await self.loop.sock_sendall(self.sock, pending)
+            await self._send_view(memoryview(pending))
 
     async def _fill(self) -> bool:
         data = await self.loop.sock_recv(self.sock, RECORD_READ)

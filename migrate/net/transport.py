@@ -57,6 +57,8 @@ class FrameChannel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.send_seconds = 0.0
+        #: whether the last send found the socket full at some point
+        self.waited_for_room = False
         self.last_activity = time.monotonic()
         self.closed = False
         #: placer(fields, data_len) -> pages.Placement or None: where the data
@@ -92,7 +94,7 @@ class FrameChannel:
                     if self.conn.sealed:
                         self.cut_frame = frame.type.name
                     raise
-            t = time.perf_counter()
+            t, waits = time.perf_counter(), self.io.room_waits
             try:
                 async with asyncio.timeout(self.timeout):
                     await self.io.send_parts(buffers)
@@ -106,6 +108,7 @@ class FrameChannel:
                     ) from None
                 raise
             self.send_seconds += time.perf_counter() - t
+            self.waited_for_room = self.io.room_waits != waits
             self.bytes_sent += n
             return n
 
