@@ -143,6 +143,8 @@ FLAGS = [
     (["--compression", "3"], "compression", "3"),
     (["--max-bandwidth", "125M"], "max_bandwidth", 125_000_000),
     (["--max-bandwidth", "none"], "max_bandwidth", None),
+    (["--tcp-congestion", "system"], "tcp_congestion", "system"),
+    (["--tcp-congestion", "cubic"], "tcp_congestion", "cubic"),
     (["--downtime-limit", "150"], "downtime_limit_ms", 150.0),
     (["--max-passes", "4"], "max_passes", 4),
     (["--postcopy"], "postcopy", True),
@@ -199,6 +201,8 @@ def test_bad_values_name_the_flag():
         (["--vcpus", "two"], "--vcpus 'two' is not an integer"),
         (["--timeout", "soon"], "--timeout 'soon' is not a number"),
         (["--max-bandwidth", "fast"], "--max-bandwidth 'fast' is not a size"),
+        (["--tcp-congestion", "a b"], "--tcp-congestion 'a b' is not 'auto', 'system' or the name of a congestion"),
+        (["--tcp-congestion", "x" * 16], "is not 'auto', 'system' or the name"),
     ):
         with pytest.raises(ConfigError, match=re.escape(words)):
             resolved(*argv)

@@ -16,6 +16,7 @@ flags and its scenario (TOML) key.  Everything else is derived from it:
 """
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,6 +176,25 @@ COMPRESSION = Kind(
     metavar="auto|none|LEVEL",
 )
 KEY_FILE = Kind("file", str, (str,), "a file path", _key_file, quoted=True, metavar="FILE")
+
+
+def _congestion(value, what: str) -> str:
+    text = str(value)
+    # The kernel's names: TCP_CA_NAME_MAX is 16 bytes with the NUL.
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,15}", text):
+        raise ValueError(f"{what} {value!r} is not 'auto', 'system' or the name of a congestion control algorithm")
+    return text
+
+
+CONGESTION = Kind(
+    "auto | system | algorithm",
+    str,
+    (str,),
+    "'auto', 'system' or the name of a congestion control algorithm",
+    _congestion,
+    quoted=True,
+    metavar="auto|system|NAME",
+)
 
 
 # -- options ------------------------------------------------------------------------------
@@ -470,6 +490,20 @@ OPTIONS = (
         "Cap on the sending rate in bytes per second, as QEMU's max-bandwidth; 'none': uncapped.",
         section="migration",
         flags=("--max-bandwidth",),
+    ),
+    Option(
+        "tcp_congestion",
+        CONGESTION,
+        "auto",
+        "TCP congestion control of the source's connections: auto, system, or an algorithm such as cubic",
+        "TCP congestion control of the connections the source opens (it sends the pages). 'system': the "
+        "host's default. 'auto': the same, except on a connection within one host (to a loopback address or "
+        "the host's own), which gets cubic, else reno, in place of a model-based algorithm such as BBR: with "
+        "no network to model, BBR keeps its window at a few dozen segments and the sender waits on the "
+        "acknowledgements of a receiver that shares its cores. Any other word: that algorithm on every "
+        "connection; the source fails before migrating if the kernel does not offer it.",
+        section="migration",
+        flags=("--tcp-congestion",),
     ),
     Option(
         "downtime_limit_ms",

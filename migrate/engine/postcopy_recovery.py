@@ -196,7 +196,7 @@ class SourcePostcopyHold:
         proof (recovery.recover), then the destination's list."""
         cfg = self.config
         key = auth.load_key(cfg.psk_file)
-        sock = await connect(*self.address, cfg.timeout_s)
+        sock = await connect(*self.address, cfg.timeout_s, cfg.tcp_congestion)
         chan = None
         try:
             io = await secure(sock, self.tls, False, cfg.timeout_s)

@@ -84,7 +84,7 @@ class SourceRecovery:
         while time.monotonic() < deadline:
             chan = None
             try:
-                sock = await connect(*address, cfg.timeout_s)
+                sock = await connect(*address, cfg.timeout_s, cfg.tcp_congestion)
                 io = await secure(sock, self.tls, False, cfg.timeout_s)
                 conn = Connection(recovery_source_machine(), cfg.checksum, keyed=key is not None)
                 chan = FrameChannel(sock, conn, cfg.timeout_s, io=io)

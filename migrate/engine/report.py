@@ -45,7 +45,14 @@ def empty_result(scenario: str, strategy: str) -> dict:
             "backing": None,
         },
         "tags": {"tagged_pages": 0, "raw_bytes": 0, "wire_bytes": 0},
-        "wire": {"bytes_sent": 0, "bytes_received": 0, "data_bytes": 0, "tag_bytes": 0, "compression": None},
+        "wire": {
+            "bytes_sent": 0,
+            "bytes_received": 0,
+            "data_bytes": 0,
+            "tag_bytes": 0,
+            "compression": None,
+            "congestion_control": None,
+        },
         "counters": {},
         "validation": {
             "ok": False,

@@ -50,7 +50,7 @@ from migrate.errors import (
 from migrate.net import tls
 from migrate.net.ratelimit import RateLimiter
 from migrate.net.threads import LoopThread
-from migrate.net.transport import FrameChannel, bound_backlog, connect, secure
+from migrate.net.transport import FrameChannel, bound_backlog, congestion_of, connect, secure
 from migrate.protocol import auth
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Compressor
@@ -206,7 +206,8 @@ class SourceVmm:
         data channels, each on a thread of its own."""
         host, cfg = self.host, self.config
         key = auth.load_key(cfg.psk_file)  # a missing or short key fails here, before any connection
-        sock = await connect(*address, cfg.timeout_s)
+        sock = await connect(*address, cfg.timeout_s, cfg.tcp_congestion)
+        self.result["wire"]["congestion_control"] = congestion_of(sock)
         conn = Connection(source_machine(), cfg.checksum, keyed=key is not None)
         conn.ram_pages = host.memory.npages  # bounds the destination's page REQUESTs (postcopy)
         self.machine = conn.machine
@@ -236,7 +237,7 @@ class SourceVmm:
     async def _join(self, index: int, address, session: str, limiter, what: str) -> FrameChannel:
         """Connect, JOIN, wait for WELCOME: an extra connection of this migration."""
         cfg = self.config
-        sock = await connect(*address, cfg.timeout_s)
+        sock = await connect(*address, cfg.timeout_s, cfg.tcp_congestion)
         io = await secure(sock, self._tls, False, cfg.timeout_s)
         key = auth.load_key(cfg.psk_file)
         conn = Connection(data_source_machine(index), cfg.checksum, keyed=key is not None)
