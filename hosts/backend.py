@@ -82,7 +82,7 @@ class Host(ABC):
         stopped.  The simulator's view is the storage itself: nothing to do."""
         return []
 
-    def watch_writes(self):
+    def watch_writes(self, step: int | None = None):
         """A WriteWatch (writewatch.py) over guest RAM from now on, for a
         validation digest that reads again only what the guest wrote; close
         it with ``unwatch_writes``.  Raises WatchUnavailable, saying why,

@@ -59,11 +59,11 @@ class SimulatedHost(Host):
         self.workload.prepare()
         self.memory.map_populated()
 
-    def watch_writes(self):
+    def watch_writes(self, step: int | None = None):
         """Every store of the simulated guest, its kernel and the VMM's
         devices goes through GuestMemory, which stores through the mapping
         while a watch is open."""
-        return self.memory.watch_writes()
+        return self.memory.watch_writes(step)
 
     def unwatch_writes(self, watch) -> None:
         self.memory.unwatch_writes(watch)

@@ -377,16 +377,18 @@ class GuestMemory:
             views[0] = views[0][done:]
 
     # -- watching ------------------------------------------------------------
-    def watch_writes(self) -> "WriteWatch":
+    def watch_writes(self, step: int | None = None) -> "WriteWatch":
         """A WriteWatch over RAM, open from now until ``unwatch_writes``:
         which pages are written from here on, as the host's page tables
-        record it.  Raises WatchUnavailable (with why) where the kernel
-        cannot.  Stores go through the mapping from before the watch begins:
-        a pwrite() already under way finishes first (it holds the lock)."""
+        record it (``step``: protected that many bytes at a time, in the
+        background; see WriteWatch).  Raises WatchUnavailable (with why)
+        where the kernel cannot.  Stores go through the mapping from before
+        the watch begins: a pwrite() already under way finishes first (it
+        holds the lock)."""
         with self._write_lock:
             self._watches += 1
         try:
-            return WriteWatch(self._data_map, self.size)
+            return WriteWatch(self._data_map, self.size, step=step)
         except BaseException:
             with self._write_lock:
                 self._watches -= 1

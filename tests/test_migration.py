@@ -652,6 +652,36 @@ async def test_the_watched_source_digest_equals_a_fresh_one(hosts, listener, wor
         assert taken["keeper"]["mib_read"] == 0 and taken["keeper"]["pages_written"] == 0
 
 
+async def test_the_bulk_pass_waits_for_the_watch_to_protect_a_chunk_before_its_crc_stands(hosts, listener, monkeypatch):
+    """The write watch protects RAM a step at a time, in the background,
+    ahead of the bulk pass: a chunk's CRC stands as its digest only once
+    its pages are watched, and the keeper reads nothing beyond them.  Here
+    each 1 MiB step takes 20 ms, so the bulk pass of 32 MiB waits at nearly
+    every chunk while the guest writes; the frozen digest still equals a
+    fresh one."""
+    from hosts.writewatch import WriteWatch
+    from migrate.engine import source as source_mod
+
+    real = WriteWatch.protect_next
+
+    def slow(self):
+        time.sleep(0.02)
+        return real(self)
+
+    monkeypatch.setattr(WriteWatch, "protect_next", slow)
+    monkeypatch.setattr(source_mod, "WATCH_STEP", MiB)
+    src = hosts.source(workload="allocator", params=WORKLOADS["allocator"], rate=5000)
+    dst = hosts.dest()
+    sres, dres, engine, _ = await run_engines(src, dst, MigrationConfig(), listener)
+    assert_completed(sres, dres)
+    assert sres["digest"]["write_watch"] == "on"
+    assert sres["passes"][0]["seconds"] >= 0.3  # 31 steps after the first: it waited for them
+    fresh = MemoryDigest(src.memory)
+    assert not engine._digest.pending()
+    assert (engine._digest.data_crcs, engine._digest.tag_crcs) == (fresh.data_crcs, fresh.tag_crcs)
+    assert_identical_guests(src, dst)
+
+
 @pytest.mark.parametrize("checksum", ["full", "meta"])
 async def test_the_bulk_pass_crcs_serve_as_the_digest_of_what_nobody_writes_after(hosts, listener, checksum):
     """A guest that writes nothing: with checked frames the bulk pass's CRC
@@ -677,7 +707,7 @@ async def test_a_host_without_a_write_watch_reads_all_again_after_the_pause(host
     src = hosts.source(ram=16 * MiB, rate=3000)
     dst = hosts.dest(ram=16 * MiB)
 
-    def cannot():
+    def cannot(step=None):
         raise WatchUnavailable("no watch on this test host")
 
     monkeypatch.setattr(src, "watch_writes", cannot)

@@ -13,7 +13,7 @@ from hosts import hugemem
 from hosts.constants import PAGE_SIZE
 from hosts.host import SimulatedHost
 from hosts.memory import GuestMemory
-from hosts.writewatch import WatchUnavailable
+from hosts.writewatch import WatchUnavailable, WriteWatch
 
 MiB = 1 << 20
 
@@ -143,3 +143,50 @@ def test_the_tag_storage_watch_names_the_pages_of_ram_whose_tags_were_stored():
         assert watch.written() == []
     finally:
         watch.close()
+
+
+@needs_watch
+def test_a_watch_protecting_step_by_step_reports_only_what_it_protected():
+    """Pages not protected yet are not watched: written() leaves them out
+    (a scan would report them all, never having been protected); once a
+    step protects them, their stores are seen."""
+    mem = GuestMemory(8 * MiB)
+    mem.write(0, b"\1" * (8 * MiB))
+    watch = WriteWatch(mem._data_map, mem.size, step=2 * MiB, background=False)
+    try:
+        assert watch.protected == 2 * MiB  # the first step, before it returns
+        mem.data[0] = 2  # protected
+        mem.data[1024 * PAGE_SIZE] = 2  # page 1024, at 4 MiB: not yet
+        assert watch.written() == [(0, 1)]
+        assert not watch.wait_protected(4 * MiB, timeout=0)
+        assert watch.protect_next() and watch.protected == 4 * MiB
+        assert watch.wait_protected(4 * MiB, timeout=0)
+        mem.data[600 * PAGE_SIZE] = 2
+        assert watch.written() == [(600, 601)]
+        assert watch.protect_next() and watch.protect_next() and not watch.protect_next()
+        assert watch.protected == 8 * MiB and watch.written() == []  # page 1024's store came before
+        mem.data[1024 * PAGE_SIZE + 5] = 3
+        mem.data[2047 * PAGE_SIZE] = 3
+        assert watch.written() == [(1024, 1025), (2047, 2048)]
+    finally:
+        watch.close()
+    mem.close()
+
+
+@needs_watch
+def test_a_watch_protects_the_rest_in_the_background_and_stops_when_closed():
+    mem = GuestMemory(64 * MiB)
+    mem.write(0, b"\1" * (64 * MiB))
+    watch = mem.watch_writes(step=MiB)
+    try:
+        assert watch.wait_protected(64 * MiB, timeout=30) and watch.protected == 64 * MiB
+        mem.write(63 * MiB, b"\2" * PAGE_SIZE)  # through the mapping, as every store while watched
+        assert watch.written() == [(16128, 16129)]
+    finally:
+        mem.unwatch_writes(watch)
+    slow = mem.watch_writes(step=PAGE_SIZE)  # 16,384 steps: closed well before the last
+    mem.unwatch_writes(slow)
+    assert not slow._thread.is_alive()  # close() stopped it and waited
+    mem.write(0, b"\3" * PAGE_SIZE)  # unprotected again: stores go on as before
+    assert bytes(mem.data[:PAGE_SIZE]) == b"\3" * PAGE_SIZE
+    mem.close()

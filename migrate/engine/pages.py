@@ -38,6 +38,10 @@ def _no_write(first: int, end: int) -> None:
     pass
 
 
+def _always(first: int, end: int) -> bool:
+    return True
+
+
 def _not_known() -> bool:
     return False
 
@@ -283,6 +287,11 @@ class BatchBuilder:
         #: whether the source has watched its guest write nothing so far
         #: (see Pages.quiet); set by the source where it watches writes
         self.guest_quiet = _not_known
+        #: (first, end) -> whether the digest's writes to those pages are
+        #: seen from now on (waiting for it if need be): a chunk's CRC stands
+        #: as its digest only then.  The source's write watch protects RAM
+        #: from its start while the bulk pass goes.
+        self.watched = _always
         self.npages = strategy.host.memory.npages
         # Anonymous memory, its pages taken on first use: bytearray() writes
         # all 4 MiB (2-3 ms a channel at set-up), and a batch sent straight
@@ -296,7 +305,11 @@ class BatchBuilder:
                 first, count = ranges[0]
                 view = self.strategy.read_data(first, count)
                 digest = self.digest  # once: the source may take it away at the pause
-                record = digest is not None and digest.memory.is_view_of(view, first * PAGE_SIZE)
+                record = (
+                    digest is not None
+                    and digest.memory.is_view_of(view, first * PAGE_SIZE)
+                    and self.watched(first, first + count)
+                )
                 heads = bytes(view[::PAGE_SIZE])  # the first byte of every page, in one strided copy
                 # (a chunk of zeros alone is flagged below, without a copy)
                 if record or not (heads.count(0) == count and all_zero(view)):
