@@ -7,7 +7,7 @@ import pytest
 import zstandard
 
 from migrate.errors import ProtocolError
-from migrate.protocol.compression import Compressor, Decompressor
+from migrate.protocol.compression import LINK_SAMPLES, Compressor, Decompressor
 
 PAGE = 4096
 TEXT = (b"The quick brown fox jumps over the lazy dog; virtio ring buffer. " * 64)[:PAGE] * 64  # 256 KiB
@@ -128,7 +128,8 @@ def test_auto_without_any_link_measurement_sends_raw_after_measuring():
 
 def test_auto_with_a_very_fast_link_sends_raw_and_probes():
     c = Compressor("auto")
-    c.observe_link(1 << 30, 1e-6)  # ~1 PB/s: compression can only slow it down
+    for _ in range(LINK_SAMPLES):  # sends that waited: a measured link
+        c.observe_link(1 << 30, 1e-6)  # ~1 PB/s: compression can only slow it down
     assert c._effective_link() > 1e14
     first = c.compress_data(TEXT)
     assert first == (TEXT, False) and c.probes == 1  # measured on a sample, sent raw
@@ -140,7 +141,8 @@ def test_auto_with_a_very_fast_link_sends_raw_and_probes():
 
 def test_auto_link_cap_bounds_the_measured_link():
     c = Compressor("auto", link_cap=1e6)
-    c.observe_link(1 << 30, 1e-6)
+    for _ in range(LINK_SAMPLES):  # sends that waited: a measured link
+        c.observe_link(1 << 30, 1e-6)
     assert c._effective_link() == 1e6
     c.compress_data(TEXT)
     assert [c.compress_data(TEXT)[1] for _ in range(10)] == [True] * 10
@@ -228,17 +230,23 @@ def test_raw_over_a_fast_link_only_when_measured_fast_and_not_compressing():
     c = Compressor("auto")
     assert c.raw_over_fast_link()  # nothing measured: taken as fast until it is
     c.observe_link(1 << 20, (1 << 20) / 1e9)
+    assert c.raw_over_fast_link()  # one send is not a measurement yet: the first ones set the average alone
+    for _ in range(LINK_SAMPLES - 1):
+        c.observe_link(1 << 20, (1 << 20) / 1e9)
     assert not c.raw_over_fast_link()
     c = Compressor("auto")
-    c.observe_link(1 << 20, (1 << 20) / 3e9)
+    for _ in range(LINK_SAMPLES):  # sends that waited: a measured link
+        c.observe_link(1 << 20, (1 << 20) / 3e9)
     assert c.raw_over_fast_link()
     c._compressing = True  # auto's last decision: compress
     assert not c.raw_over_fast_link()
     capped = Compressor("none", link_cap=125e6)  # --max-bandwidth below the link
-    capped.observe_link(1 << 20, (1 << 20) / 3e9)
+    for _ in range(LINK_SAMPLES):  # sends that waited: a measured link
+        capped.observe_link(1 << 20, (1 << 20) / 3e9)
     assert not capped.raw_over_fast_link()
     level = Compressor("3")
-    level.observe_link(1 << 20, (1 << 20) / 3e9)
+    for _ in range(LINK_SAMPLES):  # sends that waited: a measured link
+        level.observe_link(1 << 20, (1 << 20) / 3e9)
     assert not level.raw_over_fast_link()  # a forced level compresses zero pages to nothing anyway
 
 
@@ -268,7 +276,8 @@ def test_the_receiver_share_is_a_moving_average_of_sends():
     """Averaged over sends, weighted by their time: the kernel counts in
     jiffies, so one send reads 0 and the next a whole 4 ms."""
     c = Compressor("none")
-    c.observe_link(4 << 20, 0.004, 0.004)
+    for _ in range(LINK_SAMPLES):
+        c.observe_link(4 << 20, 0.004, 0.004)
     assert c.raw_over_fast_link() and c.receiver_share() == 1.0
     for _ in range(3):  # jiffies: a send or two without, then one with
         c.observe_link(4 << 20, 0.002, 0.0)

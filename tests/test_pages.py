@@ -19,7 +19,7 @@ from migrate.engine.digest import MemoryDigest, effective_tags
 from migrate.engine.pages import BatchApplier, BatchBuilder, BatchStats, _flag_zero_pages, runs, split_batches
 from migrate.errors import ProtocolError
 from migrate.protocol import frames as fr
-from migrate.protocol.compression import Compressor
+from migrate.protocol.compression import LINK_SAMPLES, Compressor
 from migrate.protocol.machine import Connection, DestState, dest_machine
 
 PAGE = fr.PAGE_SIZE
@@ -596,7 +596,8 @@ def test_a_checked_whole_chunk_goes_out_gathered_from_its_snapshot(blank_pair, m
         if p % 4:
             write(src, p, bytes([p % 251 + 1]) * PAGE)
     link = checked_link(src, dst)
-    link.compressor.observe_link(1 << 20, (1 << 20) / 1e9)  # slower than landing: zero pages go as flags
+    for _ in range(LINK_SAMPLES):  # sends that waited: a measured link
+        link.compressor.observe_link(1 << 20, (1 << 20) / 1e9)  # slower than landing: zero pages go as flags
     calls = []
     monkeypatch.setattr(pages, "crc32", lambda b, *x: calls.append(len(b)) or zlib.crc32(b, *x))
     frame, stats = link.builder.build(0, [(0, CHUNK)])
@@ -882,7 +883,8 @@ def test_whole_chunk_with_zero_pages_is_snapshotted_and_crcd_in_one_pass(blank_p
         if p % 4:
             write(src, p, bytes([p % 251 + 1]) * PAGE)
     link = checked_link(src, dst, digest=False)
-    link.compressor.observe_link(1 << 20, (1 << 20) / 1e9)  # slower than landing: zero pages go as flags
+    for _ in range(LINK_SAMPLES):  # sends that waited: a measured link
+        link.compressor.observe_link(1 << 20, (1 << 20) / 1e9)  # slower than landing: zero pages go as flags
     digest = link.builder.digest = MemoryDigest(src.memory, compute=False)
     calls = []
 
@@ -933,7 +935,8 @@ def test_over_a_fast_link_a_chunk_with_few_zero_pages_goes_whole_unscanned(blank
     link.compressor.mode = "auto"
     link.compressor._measure(bytes(64 << 10))  # an estimate, as auto takes before deciding
     if link_rate is not None:
-        link.compressor.observe_link(1 << 20, (1 << 20) / link_rate)
+        for _ in range(LINK_SAMPLES):  # sends that waited: a measured link
+            link.compressor.observe_link(1 << 20, (1 << 20) / link_rate)
     frame, stats = link.builder.build(0, [(0, CHUNK)])
     if whole:
         assert frame.flags == bytes(CHUNK) and len(frame.data) == CHUNK * PAGE  # every page as data
@@ -1055,7 +1058,8 @@ def test_a_zero_chunk_in_a_frame_is_still_sought_over_a_fast_link(blank_pair):
     link = checked_link(src, dst, batch_pages=STRIPE)
     link.compressor.mode = "auto"
     link.compressor._measure(bytes(64 << 10))
-    link.compressor.observe_link(1 << 20, (1 << 20) / 3e9)
+    for _ in range(LINK_SAMPLES):  # sends that waited: a measured link
+        link.compressor.observe_link(1 << 20, (1 << 20) / 3e9)
     frame, stats = link.builder.build(0, [(0, STRIPE)])
     assert stats.zero_pages == CHUNK and stats.unscanned_pages == 0
     (got,) = link.conn.feed(wire_of(frame))

@@ -26,6 +26,8 @@ AUTO_LEVEL = 1
 #: landing of pages (1.0-1.4 GB/s of guest RAM on loopback here), so bytes
 #: it carries in addition cost no time
 FAST_LINK = 2e9
+#: sends that waited for room before the link counts as measured
+LINK_SAMPLES = 4
 #: the destination, not the network, is the bottleneck when its TCP receive
 #: window held the sender back this share of its send time (a 2-core
 #: loopback migration: about 0.6; through a link capped at 1 GB/s: 0)
@@ -58,6 +60,7 @@ class Compressor:
         self.compress_rate = _Ewma()  # input bytes per second of compression
         self.ratio = _Ewma()  # output / input
         self.link_rate = _Ewma()  # wire bytes per second
+        self.link_samples = 0  # sends that waited for room (see observe_link)
         self._receiver_s = _Ewma(0.1)  # per send: seconds the receiver's window held it back
         self._send_s = _Ewma(0.1)  # per send: seconds
         self._since_probe = 0
@@ -82,6 +85,8 @@ class Compressor:
         image's chunks around their zero pages."""
         if seconds > 0 and nbytes >= 64 * 1024:
             rate = nbytes / seconds
+            if waited_for_room:
+                self.link_samples += 1
             if waited_for_room or (self.link_rate.value is not None and rate > self.link_rate.value):
                 self.link_rate.add(rate)
             if receiver_limited_s is not None:
@@ -91,7 +96,11 @@ class Compressor:
                 self._send_s.add(seconds)
 
     def _effective_link(self) -> float | None:
-        rate = self.link_rate.value
+        # Measured once LINK_SAMPLES sends have waited for room: the first
+        # of them set the average alone, and over loopback the first ones,
+        # while the destination starts, read as low as 0.5 GB/s (a mixed
+        # image then went split for its first 17 frames of 256).
+        rate = self.link_rate.value if self.link_samples >= LINK_SAMPLES else None
         if self.link_cap is not None:
             rate = self.link_cap if rate is None else min(rate, self.link_cap)
         return rate
