@@ -105,17 +105,17 @@ def test_a_frame_that_may_be_compressed_is_never_live(hosts):
     # could make pages it never wrote decode wrong, which no harvest would
     # send again.  So data that may be compressed is copied first.
     from migrate.config.spec import MigrationConfig as Config
-    from migrate.protocol.compression import Compressor
+    from migrate.protocol.compression import LINK_SAMPLES, Compressor
     from migrate.strategies import get as get_strategy
 
     src = hosts.source(rate=0, start=False)
     strategy = get_strategy("tag-ioctl")(src, Config())
     text = (b"compressible guest memory, " * 160)[:4096] * 1024
     src.memory.write(0, text)
-    slow = Compressor("auto")
-    slow.observe_link(8 << 20, 0.08)  # 100 MB/s: auto compresses this text
-    fast = Compressor("auto")
-    fast.observe_link(8 << 20, 0.001)  # 8 GB/s: raw
+    slow, fast = Compressor("auto"), Compressor("auto")
+    for _ in range(LINK_SAMPLES):  # sends that waited: a measured link
+        slow.observe_link(8 << 20, 0.08)  # 100 MB/s: auto compresses this text
+        fast.observe_link(8 << 20, 0.001)  # 8 GB/s: raw
     # auto before any measure of the link: raw, decided before the frame is built
     for compressor, live in (
         (Compressor("none"), True),
