@@ -119,8 +119,8 @@ class Placement(NamedTuple):
 
 class LandingCrcs:
     """The CRC (and piece CRCs) of each chunk of a frame put straight into
-    guest RAM (spliced, or read into place), taken as soon as the chunk's last byte has landed, while its bytes
-    are still in the cache: taken after the whole 4 MiB frame, the first
+    guest RAM (spliced, or read into place), taken as soon as the chunk's
+    last byte has landed, while its bytes are still in the cache: taken after the whole 4 MiB frame, the first
     chunks were read back from memory (1 GiB landed 1 MiB at a time: 0.064
     s of CRC against 0.095-0.16 a 4 MiB write at a time, and 0.11 cold)."""
 
@@ -541,11 +541,10 @@ class BatchApplier:
     def placement(self, fields: dict, data_len: int):
         """Where the transport may put a frame's data straight into guest
         RAM (a Placement: spliced into the file, or, into RAM allocated
-        ahead, read into place), or None.  Only whole
-        digest chunks of data pages, raw and self-checked -- the frame is
-        then verified on the landed pages anyway -- and only when the
-        strategy stores data as a plain write to RAM (prot-mte goes through
-        its PROT_MTE mapping)."""
+        ahead, read into place), or None.  Only whole digest chunks of data
+        pages, raw and self-checked -- the frame is then verified on the
+        landed pages anyway -- and only when the strategy stores data as a
+        plain write to RAM (prot-mte goes through its PROT_MTE mapping)."""
         ranges = fields["ranges"]
         if (
             self.digest is None

@@ -81,6 +81,22 @@ def advance(views: list, i: int, n: int) -> int:
     return i
 
 
+async def fd_ready(loop, fd: int, write: bool = False) -> None:
+    """Wait until ``fd`` is readable (``write``: writable) on ``loop``."""
+    fut = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    add(fd, _wake, fut)
+    try:
+        await fut
+    finally:
+        remove(fd)
+
+
+def _wake(future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class _Sends:
     """Sending on a non-blocking socket from an event loop, counting the
     times the socket was full (``room_waits``): a send that never waited
@@ -100,13 +116,7 @@ class _Sends:
 
     async def _writable(self) -> None:
         self.room_waits += 1
-        fut = self.loop.create_future()
-        fd = self.sock.fileno()
-        self.loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
-        try:
-            await fut
-        finally:
-            self.loop.remove_writer(fd)
+        await fd_ready(self.loop, self.sock.fileno(), write=True)
 
 
 class PlainIO(_Sends):

@@ -19,7 +19,7 @@ import socket
 import time
 
 from migrate.errors import PeerTimeout, TransportError
-from migrate.net.tls import PlainIO, TlsIO
+from migrate.net.tls import PlainIO, TlsIO, fd_ready
 from migrate.protocol import frames as fr
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -64,8 +64,9 @@ class FrameChannel:
         self.closed = False
         #: placer(fields, data_len) -> pages.Placement or None: where the data
         #: of a self-checked PAGES frame goes straight from the socket, spliced
-        #: or read into place (one copy into guest RAM instead of two).  Set, reads stop at the
-        #: end of each frame so that payloads stay in the socket.
+        #: or read into place (one copy into guest RAM instead of two).  Set,
+        #: reads stop at the end of each frame so that payloads stay in the
+        #: socket.
         self.placer = None
         self._pipe = None
         # One frame at a time: a task that sends while another waits for
@@ -309,13 +310,7 @@ class FrameChannel:
             pass
 
     async def _readable(self) -> None:
-        fut = self.loop.create_future()
-        sfd = self.sock.fileno()
-        self.loop.add_reader(sfd, lambda: fut.done() or fut.set_result(None))
-        try:
-            await fut
-        finally:
-            self.loop.remove_reader(sfd)
+        await fd_ready(self.loop, self.sock.fileno())
 
     def close(self) -> None:
         """Close the socket -- after any callbacks the loop has already queued
@@ -417,17 +412,7 @@ async def accept(listener: socket.socket) -> tuple[socket.socket, object]:
         else:
             sock.setblocking(False)
             return sock, peer
-        readable = loop.create_future()
-        loop.add_reader(fd, _wake, readable)
-        try:
-            await readable
-        finally:
-            loop.remove_reader(fd)
-
-
-def _wake(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
+        await fd_ready(loop, fd)
 
 
 def tune(sock: socket.socket) -> None:
@@ -473,7 +458,7 @@ def choose_congestion(sock: socket.socket, mode: str) -> str | None:
     model, and BBR, measuring a round trip of microseconds, kept its window
     at 24 segments of 64 KiB where cubic's grew to 72 -- the sender waits on
     the acknowledgements of a receiver that shares its cores (QEMU's streams
-    over loopback gained as much with cubic as the system's default).  Any
+    over loopback were faster too with cubic as the system's default).  Any
     other word: that algorithm, or TransportError naming the ones the
     kernel offers."""
     if mode == "system":
