@@ -138,9 +138,32 @@ class GuestMemory:
 
     # -- which pages exist -------------------------------------------------
     def populated_ranges(self, first_page: int = 0, end_page: int | None = None) -> list[tuple[int, int]]:
-        """Page ranges [start, end) that hold host memory, found with
-        SEEK_DATA/SEEK_HOLE on the backing file: never reads (and so never
-        populates) a page."""
+        """Page ranges [start, end) that hold host memory: never reads (and
+        so never populates) a page.  The pages mincore() reports resident
+        hold data; where it reports none, SEEK_DATA/SEEK_HOLE on the backing
+        file decide (a page swapped out is data there, not resident).  One
+        mincore() for 1 GiB took 0.4-0.6 ms where SEEK_HOLE, which scans a
+        fully populated file to its end, took 10-13 ms -- at the start of
+        the bulk pass, before the first page went out."""
+        end_page = self.npages if end_page is None else end_page
+        resident = self.resident_pages(first_page, end_page) if first_page < end_page else None
+        if resident is None:
+            return self.seek_ranges(first_page, end_page)
+        ranges: list[tuple[int, int]] = []
+        for a, b in _runs_of(resident, 0):
+            ranges += self.seek_ranges(first_page + a, first_page + b)
+        ranges += ((first_page + a, first_page + b) for a, b in _runs_of(resident, 1))
+        ranges.sort()
+        merged: list[tuple[int, int]] = []
+        for a, b in ranges:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        return merged
+
+    def seek_ranges(self, first_page: int = 0, end_page: int | None = None) -> list[tuple[int, int]]:
+        """As populated_ranges, from SEEK_DATA/SEEK_HOLE alone."""
         end_page = self.npages if end_page is None else end_page
         ranges: list[tuple[int, int]] = []
         offset, limit = first_page * PAGE_SIZE, end_page * PAGE_SIZE

@@ -9,6 +9,8 @@ import sys
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hosts import PACKED_TAGS_PER_PAGE, PAGE_SIZE, GuestMemory
 
@@ -59,6 +61,37 @@ def test_populated_ranges_after_writes(mem):
     assert mem.populated_ranges(11, 1023) == []
     # asking never populates anything
     assert mem.populated_ranges() == [(3, 5), (10, 11), (1023, 1024)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1023), st.integers(1, 40), st.booleans()), max_size=12))
+def test_populated_ranges_agree_with_seek_alone(writes):
+    """mincore() first, SEEK_DATA in its holes: the same answer as
+    SEEK_DATA/SEEK_HOLE alone, after writes and punched holes."""
+    m = GuestMemory(4 * MiB)
+    try:
+        for first, count, punch in writes:
+            end = min(first + count, 1024)
+            if punch:
+                m.punch(first, end)
+            else:
+                m.data[first * PAGE_SIZE : end * PAGE_SIZE] = b"\1" * ((end - first) * PAGE_SIZE)
+        for first, end in ((0, 1024), (3, 700), (500, 501)):
+            assert m.populated_ranges(first, end) == m.seek_ranges(first, end)
+    finally:
+        m.close()
+
+
+def test_populated_ranges_ask_seek_where_mincore_sees_nothing(mem, monkeypatch):
+    """A page swapped out holds data but is not resident: where mincore()
+    reports nothing, SEEK_DATA decides, so such a page is still sent."""
+    mem.data[2 * PAGE_SIZE] = 1
+    mem.data[7 * PAGE_SIZE : 9 * PAGE_SIZE] = b"x" * (2 * PAGE_SIZE)
+    real = mem.resident_pages
+    monkeypatch.setattr(mem, "resident_pages", lambda a, b: bytes(len(real(a, b))))  # none resident
+    assert mem.populated_ranges() == [(2, 3), (7, 9)]
+    monkeypatch.setattr(mem, "resident_pages", lambda a, b: None)  # mincore unusable
+    assert mem.populated_ranges() == [(2, 3), (7, 9)]
 
 
 def test_zero_bytes_written_still_populate(mem):
