@@ -51,6 +51,9 @@ from migrate.strategies import STRATEGIES
 
 log = logging.getLogger("migrate.engine.dest")
 T = fr.FrameType
+#: after a failure, how long the control connection waits for the source to
+#: close it too (having read the ERROR) before it is closed anyway
+FAILURE_CLOSE_S = 1.0
 
 
 def _ms(seconds: float) -> float:
@@ -957,6 +960,7 @@ class DestVmm:
             self._early_digest[1].cancel()
         if not self.resumed:
             await self._report_failure()
+            await self.chan.close_gracefully(FAILURE_CLOSE_S)
         self.chan.close()
         self._channels.close(self.stats)
         if self._faults is not None:

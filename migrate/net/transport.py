@@ -312,6 +312,24 @@ class FrameChannel:
     async def _readable(self) -> None:
         await fd_ready(self.loop, self.sock.fileno())
 
+    async def close_gracefully(self, grace: float) -> None:
+        """Close after saying why we fail: a FIN behind what was sent, then
+        read and drop what the peer still sends until it closes too, or for
+        ``grace`` seconds.  Closed with data unread, the socket resets the
+        connection at once, and a proxy that passes the reset on (or drops
+        the link) can destroy the ERROR before the peer reads it: with the
+        kernel sizing its receive buffer, megabytes are in flight then."""
+        if self.closed:
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(grace):
+                while await self.io.recv_into(self._view):
+                    pass
+        except (TimeoutError, OSError):
+            pass
+        self.close()
+
     def close(self) -> None:
         """Close the socket -- after any callbacks the loop has already queued
         for it (a send or receive just cancelled by a timeout still has to
