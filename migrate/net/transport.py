@@ -434,12 +434,12 @@ async def accept(listener: socket.socket) -> tuple[socket.socket, object]:
 
 
 def tune(sock: socket.socket) -> None:
+    """No delay for small frames.  The buffer sizes are left to the kernel:
+    a size set by hand turns its tuning off, and a receive buffer fixed at
+    4 MiB (its window half that) held a 1 GiB migration over loopback back
+    on ACKs: with the kernel's tuning (up to tcp_rmem's maximum, 32 MiB
+    here) the median of 12 interleaved runs fell from 413 to 357 ms."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        except OSError:
-            pass
 
 
 _TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
