@@ -136,3 +136,40 @@ async def test_a_send_says_whether_it_waited_for_room_in_the_socket(pair):
     await chan.send(_frame("PAGES", b"z" * 1000))
     assert chan.waited_for_room is False  # each send says for itself
     assert await _read_all(b, 1000) == b"z" * 1000
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("graceful", [True, False])
+async def test_a_graceful_close_lets_the_peer_read_the_last_words_and_an_end(graceful):
+    """After its last frame, a side that fails closes gracefully: a FIN
+    behind the frame, and what the peer still sends is read and dropped
+    until the peer closes.  Closed at once with data unread, the socket
+    resets the connection instead (the control: ``graceful`` False)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    mine, _ = listener.accept()
+    listener.close()
+    loop = asyncio.get_running_loop()
+    peer.setblocking(False)
+    chan = FrameChannel(mine, _Conn(), timeout=5)
+    await loop.sock_sendall(peer, b"x" * (1 << 20))  # unread here
+    await chan.send(_frame("ERROR", b"why"))
+
+    async def peer_reads_then_closes():
+        got = await loop.sock_recv(peer, 100)
+        try:
+            end = await asyncio.wait_for(loop.sock_recv(peer, 100), 5)
+        except ConnectionResetError:
+            end = "reset"
+        peer.close()
+        return got, end
+
+    reading = asyncio.ensure_future(peer_reads_then_closes())
+    if graceful:
+        await chan.close_gracefully(5)
+    else:
+        await asyncio.sleep(0.05)  # the frame is in the peer's queue
+        chan.close()
+    got, end = await reading
+    assert got == b"why"
+    assert end == (b"" if graceful else "reset")
