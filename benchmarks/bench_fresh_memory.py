@@ -29,15 +29,10 @@ import time
 from migrate.units import parse_size
 
 _PROBE = (
-    "import json, sys, time\n"
-    "from migrate.tools.ceilings import landing_throughput\n"
-    "size = int(sys.argv[1])\n"
-    "out = {}\n"
-    "for name in ('cold', 'again'):\n"
-    "    t = time.perf_counter()\n"
-    "    landing_throughput(False, size, repeat=1)\n"
-    "    out[name + '_s'] = round(time.perf_counter() - t, 4)\n"
-    "print(json.dumps(out))\n"
+    "import json, sys\n"
+    "from migrate.tools.ceilings import landing_times\n"
+    "cold, again = landing_times(False, int(sys.argv[1]), repeat=2)\n"
+    "print(json.dumps({'cold_s': round(cold, 4), 'again_s': round(again, 4)}))\n"
 )
 REPORTED = "/sys/module/page_reporting/parameters/reported_kib"
 
