@@ -30,7 +30,7 @@ TAGS_CRC = zlib.crc32(TAGS)
 #: one valid frame of every type, written here rather than by describe.py
 EXAMPLES = {
     T.HELLO: fr.Hello(2, 1 << 20, PAGE, 16, True, 2, "tag-ioctl", "packed4", "zstd", "vm", 2, "s", b"\1" * 32),
-    T.WELCOME: fr.Welcome(2, b"\2" * 32, b"\3" * 32),
+    T.WELCOME: fr.Welcome(2, b"\2" * 32, b"\3" * 32, ram_ready=True),
     T.PAGES: fr.Pages(
         1,
         [(0, 2)],

@@ -133,6 +133,20 @@ def choice(*values: str, true: str | None = None, false: str | None = None) -> K
 
 
 INT = Kind("integer", int, (int,), "an integer", _integer, metavar="N")
+
+
+def _channels(value, what: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{what} must be 'auto' or a number of channels, got {value!r}") from None
+
+
+CHANNELS = Kind(
+    "auto | 1..16", int | str, (int, str), "'auto' or a number of channels", _channels, quoted=True, metavar="auto|N"
+)
 NUMBER = Kind("number", float, (int, float), "a number", _number, show=_show_number)
 TEXT = Kind("text", str, (str,), "a string", _as_is, quoted=True)
 BOOL = Kind("true/false", bool, (bool,), "true or false", _as_is, show=lambda v: str(v).lower())
@@ -592,14 +606,15 @@ OPTIONS = (
     ),
     Option(
         "channels",
-        INT,
-        2,
-        "data connections, like multifd (1..16)",
+        CHANNELS,
+        "auto",
+        "data connections, like multifd: auto, or 1..16",
         "Data connections, like QEMU's multifd, 1..16; each page always travels on the same one, so a stale "
-        "copy can never overtake a newer one. With both hosts on one machine of 2 cores, 1 was 10-20 % faster "
-        "when the destination's RAM was preallocated (`--prealloc`), and 2 faster when it was not: the "
-        "destination then stores into pages it has not used before, and two channels take that cost on two "
-        "cores.",
+        "copy can never overtake a newer one. 'auto': 2, and the pages go on one of them when both hosts are "
+        "on one machine and the destination's RAM is allocated already (`--prealloc`; its WELCOME says so). "
+        "On one machine of 2 cores, one channel was 10-20 % faster with the destination's RAM preallocated, "
+        "and two were faster without: the destination then stores into pages it has not used before, and two "
+        "channels take that cost on two cores. A number: that many, all carrying pages.",
         section="migration",
         flags=("--channels",),
     ),

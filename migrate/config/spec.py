@@ -31,9 +31,18 @@ def from_table(section: str):
     return build
 
 
+#: connections that channels = 'auto' opens
+AUTO_CHANNELS = 2
+
+
 @from_table("migration")
 class MigrationConfig:
     """How to migrate: the [migration] options of the table (options.py)."""
+
+    @property
+    def channel_count(self) -> int:
+        """The data connections to open: ``channels``, 2 for 'auto'."""
+        return AUTO_CHANNELS if self.channels == "auto" else self.channels
 
     def check(self) -> "MigrationConfig":
         from migrate.strategies import STRATEGIES
@@ -57,8 +66,10 @@ class MigrationConfig:
             self.checksum = checksum_mode(self.checksum)  # scenario files may say true/false
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if not 1 <= self.channels <= 16:
-            raise ConfigError(f"channels must be 1..16, got {self.channels}")
+        if self.channels != "auto" and not (
+            isinstance(self.channels, int) and not isinstance(self.channels, bool) and 1 <= self.channels <= 16
+        ):
+            raise ConfigError(f"channels must be 'auto' or 1..16, got {self.channels!r}")
         if self.tag_batch_pages < 1:
             raise ConfigError("tag_batch_pages must be at least 1")
         if self.max_passes < 0:

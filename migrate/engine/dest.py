@@ -198,6 +198,12 @@ class DestVmm:
         }
 
     # -- handshake ------------------------------------------------------------------
+    def _ram_ready(self) -> bool:
+        """Every page of RAM allocated already (--prealloc): landing a page
+        costs a copy, no fault, and the source may send on one channel."""
+        mem = self.host.memory
+        return mem.prefaulted(0, mem.npages)
+
     async def _handshake(self) -> None:
         """HELLO must match this host, AUTH must prove the key; then pages may land."""
         hello = await self.chan.recv()
@@ -208,7 +214,7 @@ class DestVmm:
         self._prepare(hello)
         self._handshaking = True
         self._nonce = auth.new_nonce()
-        await authenticate(self.chan, hello, self._key, self._nonce)
+        await authenticate(self.chan, hello, self._key, self._nonce, self._ram_ready())
         if hello.postcopy:
             # Authenticated: userfaultfd finds a missing page by its 4 KiB hole.
             why_not = self.host.memory.use_small_pages()

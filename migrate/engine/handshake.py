@@ -15,9 +15,10 @@ T = fr.FrameType
 
 
 # -- source ---------------------------------------------------------------------------
-async def introduce(chan, host, config, strategy, session: str, tls_config) -> bytes:
+async def introduce(chan, host, config, strategy, session: str, tls_config) -> fr.Welcome:
     """Send HELLO, check the destination's WELCOME and answer with AUTH.
-    Returns the destination's nonce (the data channels' JOIN proofs name it)."""
+    Returns the WELCOME: the destination's nonce (the data channels' JOIN
+    proofs name it) and whether its RAM is allocated already."""
     key = auth.load_key(config.psk_file)
     nonce = auth.new_nonce()
     await chan.send(_hello(host, config, strategy, session, nonce))
@@ -41,7 +42,7 @@ async def introduce(chan, host, config, strategy, session: str, tls_config) -> b
                 "authentication failed: the destination requires a shared key; start the source with the same --psk-file"
             )
         await chan.send(fr.Auth(b""))
-    return reply.nonce
+    return reply
 
 
 def _hello(host, config, strategy, session: str, nonce: bytes) -> fr.Hello:
@@ -56,7 +57,7 @@ def _hello(host, config, strategy, session: str, nonce: bytes) -> fr.Hello:
         tag_format=strategy.tag_format,
         compression="zstd",
         vm_uuid=config.vm_uuid,
-        channels=config.channels,
+        channels=config.channel_count,
         session=session,
         nonce=nonce,
         postcopy=config.postcopy,
@@ -100,11 +101,12 @@ def hello_mismatch(hello, host, required_strategy: str | None, expect_uuid: str 
     return None
 
 
-async def authenticate(chan, hello, key: bytes | None, nonce: bytes) -> None:
-    """WELCOME with our proof (over ``nonce``, this side's), then the
-    source's AUTH must prove the key before anything else is accepted."""
+async def authenticate(chan, hello, key: bytes | None, nonce: bytes, ram_ready: bool = False) -> None:
+    """WELCOME with our proof (over ``nonce``, this side's) and whether our
+    RAM is allocated already, then the source's AUTH must prove the key
+    before anything else is accepted."""
     mine = auth.proof(key, "destination", hello.nonce, nonce, hello.session) if key else b""
-    await chan.send(fr.Welcome(PROTOCOL_VERSION, nonce, mine))
+    await chan.send(fr.Welcome(PROTOCOL_VERSION, nonce, mine, ram_ready))
     if key is not None:
         chan.conn.seal(key, "destination")
     frame = await chan.recv()

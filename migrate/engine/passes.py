@@ -132,6 +132,10 @@ class PassSender:
         self.lanes: list[SendLane] = []
         self.threads: list[LoopThread] = []
         self.passes: list[dict] = []
+        #: the channels pages travel on, the first ones (pages_channels); the
+        #: others end each pass with PASS_END only.  Fixed for a migration,
+        #: so that every page keeps its channel.
+        self.carrying: int | None = None
 
     async def send(self, pass_no: int, ranges, final: bool = False, tags_only: bytes = b"") -> None:
         """Send the pages in ``ranges`` (data and tags) and the pages marked in
@@ -140,7 +144,10 @@ class PassSender:
         tag_ranges = list(runs(tags_only, 1)) if tags_only else []
         total = sum(b - a for a, b in ranges) + sum(b - a for a, b in tag_ranges)
         n = len(self.lanes)
-        shares, tag_shares = partition(ranges, n), partition(tag_ranges, n)
+        carrying = min(self.carrying or n, n)
+        shares, tag_shares = partition(ranges, carrying), partition(tag_ranges, carrying)
+        shares += [[] for _ in range(n - carrying)]
+        tag_shares += [[] for _ in range(n - carrying)]
         started = time.perf_counter()
         report = functools.partial(self._report, pass_no, total, started, [lane.pages_done for lane in self.lanes])
         jobs = self._start_shares(pass_no, shares, tag_shares)

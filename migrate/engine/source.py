@@ -27,7 +27,7 @@ from migrate.engine.digest import CHUNK_PAGES, PIECE_PAGES, MemoryDigest, chunk_
 from migrate.engine.digest_keeper import DigestKeeper
 from migrate.engine.dirty import DirtyLog, union
 from migrate.engine.handshake import introduce
-from migrate.engine.lanes import SendLane
+from migrate.engine.lanes import SendLane, pages_channels
 from migrate.engine.pages import BatchBuilder
 from migrate.engine.passes import PassSender, PeerWatch
 from migrate.engine.postcopy import BACKGROUND_BACKLOG, SourcePostcopy, announcements, mixed_chunks
@@ -50,7 +50,7 @@ from migrate.errors import (
 from migrate.net import tls
 from migrate.net.ratelimit import RateLimiter
 from migrate.net.threads import LoopThread
-from migrate.net.transport import FrameChannel, bound_backlog, congestion_of, connect, secure
+from migrate.net.transport import FrameChannel, bound_backlog, congestion_of, connect, secure, within_host
 from migrate.protocol import auth
 from migrate.protocol import frames as fr
 from migrate.protocol.compression import Compressor
@@ -223,10 +223,12 @@ class SourceVmm:
         self.strategy = get_strategy(cfg.strategy)(host, cfg)
         session = self._session = secrets.token_hex(8)
         self._recovery = SourceRecovery(cfg, self._tls, session, self.result, self.progress)
-        self._dest_nonce = await introduce(chan, host, cfg, self.strategy, session, self._tls)
+        welcome = await introduce(chan, host, cfg, self.strategy, session, self._tls)
+        self._dest_nonce = welcome.nonce
         compressor = Compressor(cfg.compression, cfg.max_bandwidth)
         self.lanes.append(SendLane(0, chan, self._new_builder(compressor), cfg.batch_pages))
-        for i in range(1, cfg.channels):
+        self._sender.carrying = pages_channels(cfg.channels, cfg.channel_count, within_host(sock), welcome.ram_ready)
+        for i in range(1, cfg.channel_count):
             thread = LoopThread(f"channel{i}")
             self._sender.threads.append(thread)
             self.lanes.append(await thread.submit(self._open_lane(i, address, session, limiter)))
@@ -262,7 +264,7 @@ class SourceVmm:
     async def _join_faults(self) -> FrameChannel:
         """The postcopy fault channel: the one after the last data channel."""
         faults = await self._join(
-            self.config.channels, self._address, self._session, None, "the fault channel, channel"
+            self.config.channel_count, self._address, self._session, None, "the fault channel, channel"
         )
         faults.conn.machine.local("faults")
         self._fault_chans.append(faults)
@@ -1010,6 +1012,7 @@ class SourceVmm:
             data_bytes=s.data_wire,
             tag_bytes=s.tag_wire,
             channels=len(lanes) or None,
+            page_channels=min(self._sender.carrying or len(lanes), len(lanes)) or None,
             compression=None
             if not comps
             else {

@@ -54,7 +54,7 @@ ADMIT_CAP_S = 5.0
 RECOVER_TIMEOUTS = 2
 
 #: The configuration defaults the document quotes (MigrationConfig fields).
-CONFIG_FIELDS = ("timeout_s", "in_doubt_hold_s", "checksum", "channels", "batch_pages")
+CONFIG_FIELDS = ("timeout_s", "in_doubt_hold_s", "checksum", "channel_count", "batch_pages")
 
 BEGIN = "<!-- generated: {} -->"
 END = "<!-- end generated -->"
@@ -471,7 +471,7 @@ def render_bounds(defaults: dict) -> str:
         (
             "Hello.MAX_CHANNELS",
             fr.Hello.MAX_CHANNELS,
-            f"connections carrying pages (`channels` in HELLO; default {defaults['channels']})",
+            f"data connections (`channels` in HELLO; {defaults['channel_count']} by default)",
         ),
         ("Inspect.MAX_CHUNKS", fr.Inspect.MAX_CHUNKS, "chunk numbers per INSPECT"),
         ("auth.NONCE_BYTES", auth.NONCE_BYTES, "bytes of each fresh nonce (HELLO, WELCOME)"),

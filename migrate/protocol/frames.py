@@ -280,14 +280,22 @@ class Welcome:
     version: int
     nonce: bytes = b""
     proof: bytes = b""
+    #: answering HELLO: every page of the destination's RAM is allocated
+    #: already (preallocated), so landing a page costs a copy and no fault.
+    #: A hint for how many channels carry pages; absent means False.
+    ram_ready: bool = False
     type = FrameType.WELCOME
 
     def meta(self):
-        return {"version": self.version, "nonce": self.nonce, "proof": self.proof}
+        m = {"version": self.version, "nonce": self.nonce, "proof": self.proof}
+        if self.ram_ready:  # absent from peers that predate it
+            m["ram_ready"] = True
+        return m
 
     @classmethod
     def from_meta(cls, m, payload):
-        return cls(_uint(m, "version", "WELCOME", 2**16), _nonce(m, "WELCOME"), _nonce(m, "WELCOME", "proof"))
+        ready = _field(m, "ram_ready", bool, "WELCOME") if "ram_ready" in m else False
+        return cls(_uint(m, "version", "WELCOME", 2**16), _nonce(m, "WELCOME"), _nonce(m, "WELCOME", "proof"), ready)
 
 
 def _page_ranges(m, frame: str, limit: int) -> list:
