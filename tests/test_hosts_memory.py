@@ -94,6 +94,22 @@ def test_populated_ranges_ask_seek_where_mincore_sees_nothing(mem, monkeypatch):
     assert mem.populated_ranges() == [(2, 3), (7, 9)]
 
 
+def test_populated_ranges_of_a_sparse_guest_ask_mincore_little():
+    """SEEK_DATA skips the holes; mincore() is asked a small window from
+    each populated page, growing only while all of it is resident."""
+    m = GuestMemory(1 << 30)
+    try:
+        for page in (5, 100_000, 262_143):
+            m.data[page * PAGE_SIZE] = 1
+        asked = []
+        real = m.resident_pages
+        m.resident_pages = lambda a, b: asked.append(b - a) or real(a, b)
+        assert m.populated_ranges() == [(5, 6), (100_000, 100_001), (262_143, 262_144)]
+        assert len(asked) == 3 and sum(asked) <= 3 * 512, asked
+    finally:
+        m.close()
+
+
 def test_zero_bytes_written_still_populate(mem):
     mem.data[7 * PAGE_SIZE : 8 * PAGE_SIZE] = bytes(PAGE_SIZE)
     assert mem.populated_ranges() == [(7, 8)]
