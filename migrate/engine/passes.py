@@ -137,14 +137,18 @@ class PassSender:
         #: so that every page keeps its channel.
         self.carrying: int | None = None
 
+    @property
+    def page_lanes(self) -> int:
+        """How many lanes carry pages: the first ``carrying``, else all."""
+        return min(self.carrying or len(self.lanes), len(self.lanes))
+
     async def send(self, pass_no: int, ranges, final: bool = False, tags_only: bytes = b"") -> None:
         """Send the pages in ``ranges`` (data and tags) and the pages marked in
         ``tags_only`` (their tags alone), each on its stripe's channel; every
         channel ends its share with PASS_END."""
         tag_ranges = list(runs(tags_only, 1)) if tags_only else []
         total = sum(b - a for a, b in ranges) + sum(b - a for a, b in tag_ranges)
-        n = len(self.lanes)
-        carrying = min(self.carrying or n, n)
+        n, carrying = len(self.lanes), self.page_lanes
         shares, tag_shares = partition(ranges, carrying), partition(tag_ranges, carrying)
         shares += [[] for _ in range(n - carrying)]
         tag_shares += [[] for _ in range(n - carrying)]

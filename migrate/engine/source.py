@@ -1012,7 +1012,7 @@ class SourceVmm:
             data_bytes=s.data_wire,
             tag_bytes=s.tag_wire,
             channels=len(lanes) or None,
-            page_channels=min(self._sender.carrying or len(lanes), len(lanes)) or None,
+            page_channels=self._sender.page_lanes or None,
             compression=None
             if not comps
             else {
