@@ -40,8 +40,8 @@ def make_hosts(made: list, default_ram: int, default_rate: float):
             host.vcpus.start()
         return host
 
-    def dest(ram=default_ram):
-        host = SimulatedHost(ram, workload="idle", workload_params={"fill": 0}, rate=0)
+    def dest(ram=default_ram, huge_pages=False):
+        host = SimulatedHost(ram, workload="idle", workload_params={"fill": 0}, rate=0, huge_pages=huge_pages)
         made.append(host)
         return host
 

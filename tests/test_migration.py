@@ -9,6 +9,7 @@ reads the simulated kernels' storage, never a strategy)."""
 import asyncio
 import socket
 import struct
+import threading
 import time
 import types
 import zlib
@@ -19,6 +20,7 @@ import zstandard
 from support import address, digests, run_engines, steps_advance
 
 from hosts.constants import GRANULE, PAGE_SIZE
+from hosts.hugemem import HUGE_PAGE, huge_page_file
 from migrate.config.spec import MigrationConfig
 from migrate.engine.dest import DestVmm
 from migrate.engine.digest import CHUNK_PAGES, MemoryDigest
@@ -837,13 +839,29 @@ async def test_whole_chunks_are_spliced_into_guest_ram(hosts, listener, strategy
         assert dres["ram"]["spliced_bytes"] == 0
 
 
-@pytest.mark.parametrize("prealloc", [False, True])
+class _CountingLock:
+    """A writers' lock that counts how often it was taken."""
+
+    def __init__(self):
+        self.inner, self.taken = threading.Lock(), 0
+
+    def __enter__(self):
+        self.inner.acquire()
+        self.taken += 1
+
+    def __exit__(self, *exc):
+        self.inner.release()
+
+
+@pytest.mark.parametrize("ram", ["fresh, 4 KiB pages", "allocated ahead", "fresh, huge pages"])
 @pytest.mark.parametrize("flip", [False, True])
-async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip, prealloc):
+async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip, ram):
     """Through a real socket: the frame's meta is read, its data spliced into
-    the destination's RAM (received into the mapping where RAM was
-    allocated ahead), and the landed pages are held to the frame's data
-    CRC -- a byte flipped on the wire fails there, naming the pages."""
+    the destination's RAM under the writers' lock -- or, where RAM was
+    allocated ahead or is on huge pages, received into the mapping with no
+    lock, so that channels fill fresh RAM at once -- and the landed pages
+    are held to the frame's data CRC: a byte flipped on the wire fails
+    there, naming the pages."""
     import os
 
     from migrate.engine.pages import BatchApplier, BatchBuilder
@@ -853,7 +871,13 @@ async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip, preal
     from migrate.protocol.machine import Connection, dest_machine
     from migrate.strategies import get as get_strategy
 
-    src, dst = hosts.source(ram=16 * MiB, workload="idle", rate=0, start=False), hosts.dest(ram=16 * MiB)
+    huge = ram == "fresh, huge pages"
+    if huge and huge_page_file(HUGE_PAGE)[0] is None:
+        pytest.skip("no huge-page tmpfs on this host")
+    src = hosts.source(ram=16 * MiB, workload="idle", rate=0, start=False)
+    dst = hosts.dest(ram=16 * MiB, huge_pages=huge)
+    assert dst.memory.backing == ("huge" if huge else "4k")
+    lock = dst.memory._write_lock = _CountingLock()
     chunk = os.urandom(CHUNK_PAGES * PAGE_SIZE)
     src.memory.write(CHUNK_PAGES * PAGE_SIZE, chunk)  # chunk 1
     builder = BatchBuilder(
@@ -875,8 +899,9 @@ async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip, preal
     strategy = get_strategy("tag-ioctl")(dst, MigrationConfig())
     strategy.setup_dest()
     applier = BatchApplier(strategy, dst.memory.npages, digest=MemoryDigest(dst.memory, compute=False))
-    if prealloc:
+    if ram == "allocated ahead":
         dst.memory.prefault(0, dst.memory.npages)
+    lock.taken = 0
     a, b = socket.socketpair()
     chan = FrameChannel(b, conn, 5)
     targets = []
@@ -886,10 +911,12 @@ async def test_a_spliced_chunk_is_checked_on_the_landed_pages(hosts, flip, preal
         _, got = await asyncio.gather(asyncio.get_running_loop().sock_sendall(a, bytes(wire)), chan.recv())
         assert got.landed and got.data is None and chan.bytes_received == len(wire)
         (fd, offset, _, _, view) = targets[0]
-        if prealloc:  # into the mapping, at the chunk's place
-            assert fd is None and dst.memory.is_view_of(view, CHUNK_PAGES * PAGE_SIZE)
-        else:  # into the file
+        if ram == "fresh, 4 KiB pages":  # into the file, under the lock
             assert (fd, offset, view) == (dst.memory.data_fd, CHUNK_PAGES * PAGE_SIZE, None)
+            assert lock.taken > 0
+        else:  # into the mapping, at the chunk's place, no lock taken
+            assert fd is None and dst.memory.is_view_of(view, CHUNK_PAGES * PAGE_SIZE)
+            assert lock.taken == 0
         if flip:
             with pytest.raises(ProtocolError, match="failed its checksum on the landed pages 256..511"):
                 applier.apply(got)

@@ -80,12 +80,10 @@ async def test_spliced_bytes_land_in_place_and_no_write_crosses_a_huge_page(monk
 @pytest.mark.asyncio
 @pytest.mark.parametrize("have, cuts, pause", [(0, [], 0), (777, [1000, 65536, 300_001], 0.005)])
 async def test_data_received_into_place_lands_whole_and_is_told_as_it_comes(have, cuts, pause):
-    """Into RAM allocated ahead the data is read straight into its view: the
+    """Through the mapping the data is read straight into its view: the
     bytes the buffer already held first, then the socket's, however the
     peer's sends are cut; the count told after each read only grows, and
     ends at the whole length."""
-    import threading
-
     data = os.urandom(HUGE + 4321)
     ram = bytearray(len(data) + 8192)
     a, b = socket.socketpair()
@@ -98,7 +96,7 @@ async def test_data_received_into_place_lands_whole_and_is_told_as_it_comes(have
         view = memoryview(ram)[4096 : 4096 + len(data)]
         await asyncio.gather(
             _feed(a, data[have:], cuts, pause, close=False),
-            chan._receive_into(view, have, threading.Lock(), told.append),
+            chan._receive_into(view, have, told.append),
         )
         assert bytes(ram[4096 : 4096 + len(data)]) == data and not any(ram[:4096]) and not any(ram[-4096:])
         assert told == sorted(told) and told[-1] == len(data) and (have == 0 or told[0] == have)
@@ -110,17 +108,13 @@ async def test_data_received_into_place_lands_whole_and_is_told_as_it_comes(have
 
 @pytest.mark.asyncio
 async def test_a_peer_closing_inside_data_received_into_place_is_named():
-    import threading
-
     a, b = socket.socketpair()
     a.setblocking(False)
     try:
         chan = FrameChannel(b, conn=None, timeout=5)
         view = memoryview(bytearray(65536))
         with pytest.raises(TransportError, match=r"inside a frame \(5000 of 65536 data bytes\)"):
-            await asyncio.gather(
-                _feed(a, os.urandom(5000), [], 0, close=True), chan._receive_into(view, 0, threading.Lock(), int)
-            )
+            await asyncio.gather(_feed(a, os.urandom(5000), [], 0, close=True), chan._receive_into(view, 0, int))
         chan.close()
     finally:
         a.close()
