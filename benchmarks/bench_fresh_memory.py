@@ -15,6 +15,10 @@ With ``--also-prealloc`` each round then runs the same migration with
 starts): the difference is what fresh memory cost inside the window.
 Prints one JSON line per round and a summary of medians, so that a run's
 total can be read against the floor its destination's RAM set that minute.
+The store probe runs before the source's guest takes its RAM, so it may get
+memory freed a moment ago that the destination will not: the prealloc run's
+``prealloc_ms`` (the destination's RAM, allocated after the source's) is
+the closer measure of what the destination met.
 """
 
 import argparse

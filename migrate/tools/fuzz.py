@@ -678,11 +678,11 @@ class _Reader:
                 self._need(head + header.payload_len)
                 fd, offset, lock, landed, view = target
                 start = self.pos + head
-                with lock:
-                    if view is None:
+                if view is None:  # into the file, under the writers' lock
+                    with lock:
                         os.pwrite(fd, self.buf[start : start + dl], offset)
-                    else:
-                        view[:] = self.buf[start : start + dl]
+                else:  # through the mapping: no lock (as the transport)
+                    view[:] = self.buf[start : start + dl]
                 landed(dl)
                 frame.tags = bytes(self.buf[start + dl : start + header.payload_len])
                 self.pos += head + header.payload_len
