@@ -466,7 +466,8 @@ OPTIONS = (
         "destination's guest RAM on 2 MiB pages: auto (as root, without postcopy), on, off",
         "The destination's guest RAM in a tmpfs file of its own that takes huge (2 MiB) pages, as QEMU's "
         "RAM gets them with transparent huge pages: far fewer page allocations as pages land, and a far "
-        "cheaper free. Postcopy needs 4 KiB pages (userfaultfd finds a missing page by its hole in the "
+        "cheaper free; whole chunks are then received straight into the mapping, and two channels fault "
+        "their pages in at once. Postcopy needs 4 KiB pages (userfaultfd finds a missing page by its hole in the "
         "file). `auto` (the default) uses them on the simulated host when this process may mount a private "
         "tmpfs (CAP_SYS_ADMIN, e.g. root) and `postcopy` is off; a destination still empty when a source "
         "says it may switch to postcopy turns to 4 KiB pages then, and one preallocated (`--prealloc`) "
