@@ -62,9 +62,14 @@ def migrate_once(scenario: str, prealloc: bool = False) -> dict:
         cmd = [sys.executable, "-m", "migrate", "run", "--json", path, "-q"]
         cmd += [] if scenario == "default" else ["--scenario", scenario]
         cmd += ["--prealloc"] if prealloc else []
-        subprocess.run(cmd, check=False)
-        with open(path) as f:
-            r = json.load(f)
+        done = subprocess.run(cmd, check=False)
+        try:
+            with open(path) as f:
+                r = json.load(f)
+        except (OSError, ValueError):
+            raise SystemExit(
+                f"bench_fresh_memory: `{' '.join(cmd[1:])}` exited with {done.returncode} and wrote no result"
+            ) from None
     dest = r.get("destination") or {}
     return {
         "status": r["status"],

@@ -29,3 +29,13 @@ def test_reported_memory_is_read_where_the_kernel_reports(bench, tmp_path, monke
     assert bench.reported_mib() == 2.0
     monkeypatch.setattr(bench, "REPORTED", str(tmp_path / "absent"))
     assert bench.reported_mib() is None
+
+
+def test_a_run_that_writes_no_result_stops_with_one_line(bench, monkeypatch):
+    """A migration that could not write its result (here: an unknown
+    scenario) ends the benchmark with what ran and how it exited, not a
+    traceback."""
+    with pytest.raises(
+        SystemExit, match=r"migrate run .*--scenario no-such-scenario.* exited with 2 and wrote no result"
+    ):
+        bench.migrate_once("no-such-scenario")
