@@ -220,7 +220,7 @@ class GuestMemory:
         the mapping take no lock, so two receivers fill fresh RAM at once,
         where their writes into the file queue on its inode lock: with fresh
         memory that a hypervisor took back, the time to fault each page in
-        is what they then share (1 GiB image, default settings: 0.49x)."""
+        is what they then share (1 GiB image, default settings: 0.49-0.77x)."""
         return self.backing == "huge" or self.prefaulted(first_page, end_page)
 
     def fully_populated(self, first_page: int, end_page: int) -> bool:

@@ -31,7 +31,7 @@ def test_reported_memory_is_read_where_the_kernel_reports(bench, tmp_path, monke
     assert bench.reported_mib() is None
 
 
-def test_a_run_that_writes_no_result_stops_with_one_line(bench, monkeypatch):
+def test_a_run_that_writes_no_result_stops_with_one_line(bench):
     """A migration that could not write its result (here: an unknown
     scenario) ends the benchmark with what ran and how it exited, not a
     traceback."""
