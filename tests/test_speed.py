@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from migrate.tools.ceilings import crc_throughput, landing_throughput, landing_times
+from migrate.tools.ceilings import crc_throughput, landing_times
 from migrate.tools.speed import _first_store_note, floor_ms, markdown
 
 CEILINGS = {
@@ -85,7 +85,6 @@ def test_ceilings_measure_and_clean_up():
     before = len(os.listdir("/proc/self/fd"))
     assert crc_throughput(4 << 20, repeat=1) > 0
     for preallocated in (False, True):
-        assert landing_throughput(preallocated, size=8 << 20, repeat=1) > 0
         times = landing_times(preallocated, size=8 << 20, repeat=2)
         assert len(times) == 2 and all(t > 0 for t in times)
     assert len(os.listdir("/proc/self/fd")) == before  # every memfd closed

@@ -3,15 +3,12 @@ loopback TCP between two processes, zstd on a sample of guest data, CRC32 in
 the digest's pieces, storing into guest RAM (fresh or preallocated), and the
 tag conversions of the tag-ioctl path."""
 
-import mmap
 import multiprocessing
 import os
 import socket
 import time
 
 import zstandard
-
-from hosts.memory import populate
 
 CHUNK = 1 << 20
 
@@ -119,38 +116,32 @@ def crc_throughput(sample_bytes: int = 64 << 20, repeat: int = 3) -> float:
 
 
 def landing_times(preallocated: bool, size: int = 256 << 20, repeat: int = 3, huge_pages: bool = True) -> list[float]:
-    """Seconds to store ``size`` bytes in 1 MiB blocks into a file of guest
-    RAM, once per repeat, each time a new file: into fresh memory, which the
-    kernel must allocate and zero first, or into memory allocated and
-    touched beforehand.  The file is the one a destination's RAM goes in by
-    default: on huge pages where this host can give them (hugemem.py), else
-    a memfd.  The first store into fresh memory may take memory the
-    hypervisor took back (free page reporting); the later ones reuse what
-    the first just freed."""
-    from hosts.hugemem import huge_page_file
+    """Seconds to store ``size`` bytes in 1 MiB blocks into guest RAM as a
+    destination does, once per repeat, each time new RAM: fresh memory,
+    which the kernel must allocate and zero first, or memory allocated and
+    touched beforehand.  The RAM is a destination's by default (on huge
+    pages where this host can give them, hosts/memory.py), and each block
+    lands where the destination would put it: through the mapping, or with
+    pwrite() into the file (GuestMemory.stores_in_place).  The first store
+    into fresh memory may take memory the hypervisor took back (free page
+    reporting); the later ones reuse what the first just freed."""
+    from hosts.memory import GuestMemory
 
     block = os.urandom(CHUNK)
     times = []
     for _ in range(repeat):
-        fd, mount, _ = huge_page_file(size) if huge_pages else (None, None, "")
-        if fd is None:
-            fd = os.memfd_create("landing-ceiling", os.MFD_CLOEXEC)
+        memory = GuestMemory(size, "landing-ceiling", huge_pages=huge_pages)
         try:
-            os.ftruncate(fd, size)
             if preallocated:  # as --prealloc does: allocated and touched
-                with mmap.mmap(fd, size) as ram:
-                    populate(ram, fd, 0, size)
+                memory.prefault(0, memory.npages)
+            in_place, data, fd = memory.stores_in_place(0, memory.npages), memory.data, memory.data_fd
             t0 = time.perf_counter()
             for o in range(0, size, CHUNK):
-                os.pwrite(fd, block, o)
+                if in_place:
+                    data[o : o + CHUNK] = block
+                else:
+                    os.pwrite(fd, block, o)
             times.append(time.perf_counter() - t0)
         finally:
-            os.close(fd)
-            if mount is not None:
-                os.close(mount)
+            memory.close()
     return times
-
-
-def landing_throughput(preallocated: bool, size: int = 256 << 20, repeat: int = 3, huge_pages: bool = True) -> float:
-    """Bytes per second of landing_times, best of ``repeat``."""
-    return size / min(landing_times(preallocated, size, repeat, huge_pages))
